@@ -1,0 +1,1 @@
+"""Sub-commands of the ``xshare`` CLI: one module per command (see :mod:`xshare.cli`)."""

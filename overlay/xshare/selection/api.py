@@ -1,0 +1,128 @@
+"""``select``: the stable entry point of the selection core."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xshare.selection.common import Batch, active_experts, assign_replicas, gate_scores, route
+from xshare.selection.config import SelectorConfig
+from xshare.selection.registry import get_policy
+from xshare.selection.types import Placement, Routing, as_placement
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_args(
+    router_logits: Tensor, top_k: int, config: SelectorConfig, groups: Tensor | None, num_tokens: object
+) -> None:
+    if not isinstance(router_logits, Tensor):
+        raise ValueError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if router_logits.ndim != 2:
+        raise ValueError(f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}")
+    if router_logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"router_logits must be a float tensor, got {router_logits.dtype}")
+    num_experts = router_logits.shape[1]
+    if num_experts < 1:
+        raise ValueError("router_logits has no experts (E = 0)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k = {top_k} exceeds the number of experts E = {num_experts}")
+    if not isinstance(config, SelectorConfig):
+        raise ValueError(f"config must be a SelectorConfig, got {type(config).__name__}")
+    if config.warmup_k > top_k:
+        raise ValueError(f"warmup_k = {config.warmup_k} exceeds top_k = {top_k}")
+    if groups is not None:
+        if not isinstance(groups, Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+            raise ValueError("groups must be an integer tensor [T]")
+        if groups.shape != (router_logits.shape[0],):
+            raise ValueError(f"groups must have shape [T] = [{router_logits.shape[0]}], got {tuple(groups.shape)}")
+        if groups.device != router_logits.device:
+            raise ValueError(f"groups is on {groups.device}, router_logits on {router_logits.device}")
+    if num_tokens is not None and not isinstance(num_tokens, (int, Tensor)):
+        raise ValueError(f"num_tokens must be an int or a 0-d tensor, got {type(num_tokens).__name__}")
+
+
+def select(
+    router_logits: Tensor,
+    top_k: int,
+    config: SelectorConfig,
+    *,
+    groups: Tensor | None = None,
+    placement: Placement | Tensor | None = None,
+    num_tokens: int | Tensor | None = None,
+    validate: bool = True,
+) -> Routing:
+    """Select the experts of one MoE layer for one forward batch.
+
+    router_logits  float [T, E]; ``-inf`` marks an expert a token cannot use.
+    top_k          experts per token (each token keeps exactly top_k distinct experts whenever at
+                   least top_k are usable).
+    config         a :class:`SelectorConfig`.
+    groups         int [T]: the request of each token (speculative verify batches), or None.
+    placement      int [E] (GPU of each expert), an int [E, R] replica table of GPUs (-1 padded),
+                   or a :class:`Placement`; required by GPU-aware policies.
+    num_tokens     rows >= num_tokens are padding (CUDA graphs): they do not count in the batch's
+                   statistics and are routed like 'topk'. An int, or a 0-d device tensor.
+    validate       check values too (NaN/+inf logits, placement ids); this synchronises with the
+                   host, so the serving hot path passes False (shapes and types are always checked,
+                   and non-finite logits are then treated as unusable).
+
+    Raises ValueError naming the bad argument.
+    """
+    _check_args(router_logits, top_k, config, groups, num_tokens)
+    num_rows, num_experts = router_logits.shape
+    device = router_logits.device
+    policy = get_policy(config.policy)
+    # A Placement passes through; a tensor is converted here (host work: build it once for serving).
+    placement = as_placement(placement, num_experts)
+    if placement is not None and placement.slot_gpu.device != device:
+        placement = placement.to(device)
+    if policy.needs_placement and placement is None:
+        raise ValueError(f"placement is required by policy {config.policy!r}")
+    logits = router_logits.float()
+    if validate and num_rows:
+        if bool(torch.isnan(logits).any()):
+            raise ValueError("router_logits contains NaN")
+        if bool(torch.isposinf(logits).any()):
+            raise ValueError("router_logits contains +inf")
+    usable = torch.isfinite(logits)
+    rows = torch.arange(num_rows, device=device)
+    if num_tokens is None:
+        valid = torch.ones(num_rows, dtype=torch.bool, device=device)
+    else:
+        valid = rows < torch.as_tensor(num_tokens, device=device)
+
+    batch = Batch(
+        logits=torch.where(usable, logits, torch.full_like(logits, float("-inf"))),
+        scores=gate_scores(logits, usable, config.scoring),
+        usable=usable,
+        valid=valid,
+        top_k=top_k,
+        config=config,
+        budget=config.budget_for(num_experts),
+        groups=None if groups is None else groups.long(),
+        placement=placement,
+    )
+    vanilla = get_policy("topk")
+    if num_tokens is None:
+        # The batch size is a static shape: decide on the host.
+        chosen = policy if config.applies_to(num_rows) else vanilla
+        tiers = chosen.tiers(batch)
+        strategy = chosen.replica_strategy
+    else:
+        # Padded batch (CUDA graphs): decide on the device.
+        n = torch.as_tensor(num_tokens, device=device)
+        in_range = n >= config.min_tokens
+        if config.max_tokens is not None:
+            in_range = in_range & (n <= config.max_tokens)
+        base = vanilla.tiers(batch)
+        tiers = torch.where(in_range & valid.unsqueeze(1), policy.tiers(batch), base)
+        strategy = policy.replica_strategy
+    ids, weights = route(batch, tiers)
+    active = active_experts(ids, valid, num_experts)
+    physical = None
+    if placement is not None and placement.has_replicas:
+        physical = assign_replicas(ids, active, placement, strategy)
+    return Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=physical)

@@ -1,0 +1,207 @@
+"""Shared, vectorised building blocks of the policies.
+
+Everything here works on whole tensors with static shapes: no Python loop over tokens or experts,
+no host synchronisation (no ``.item()``, ``.tolist()``, ``nonzero()``, no ``bool(tensor)``), so a
+policy built from these pieces can be captured in a CUDA graph. Tie-breaking is always by the lower
+expert index (stable sorts, and integer ranking keys that cannot tie).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from xshare.selection.config import SelectorConfig
+from xshare.selection.types import Placement
+
+# SGLang's torch-native top-k adds this to the sum before renormalising (topk.py).
+RENORMALIZE_EPS = 1e-20
+
+
+def gate_scores(logits: Tensor, usable: Tensor, scoring: str) -> Tensor:
+    """Gate probabilities as the model computes them, 0 where an expert is unusable (float32).
+
+    A row whose experts are all unusable gets all-zero scores (not NaN).
+    """
+    z = torch.where(usable, logits, torch.full_like(logits, float("-inf")))
+    if scoring == "softmax":
+        p = torch.softmax(z, dim=-1)
+    else:
+        p = torch.sigmoid(z)
+    return torch.where(usable, p, torch.zeros_like(p))
+
+
+def preference_rank(scores: Tensor, usable: Tensor) -> Tensor:
+    """rank[t, e] = position of expert e in token t's own order (usable by score desc, index asc)."""
+    key = torch.where(usable, scores, torch.full_like(scores, -1.0))
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    pos = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return rank.scatter_(-1, order, pos)
+
+
+def positions_by_score(score: Tensor, candidate: Tensor) -> Tensor:
+    """Position of each candidate in descending ``score`` order (ties: lower index first), over the
+    last dim; non-candidates get positions after every candidate."""
+    key = torch.where(candidate, score, torch.full_like(score, float("-inf")))
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    pos = torch.empty_like(order)
+    return pos.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+
+
+def top_by_score(score: Tensor, forced: Tensor, total: Tensor | int, allowed: Tensor | None = None) -> Tensor:
+    """The exact maximiser of sum(score[S]) s.t. forced ⊆ S ⊆ forced ∪ allowed, |S| <= max(total, |forced|).
+
+    Works on the last dim (leading dims are independent rows). ``score`` must be >= 0, which makes
+    "fill up to the budget" optimal. ``total`` may be a device tensor (a runtime knob).
+    """
+    cand = ~forced if allowed is None else (allowed & ~forced)
+    fill = (torch.as_tensor(total, device=score.device) - forced.sum(-1)).clamp_min(0)
+    pos = positions_by_score(score, cand)
+    return forced | (cand & (pos < fill.unsqueeze(-1)))
+
+
+def top_by_score_capped(
+    score: Tensor, forced: Tensor, total: Tensor | int, group: Tensor, cap: Tensor, allowed: Tensor | None = None
+) -> Tensor:
+    """Like :func:`top_by_score` with a per-group cap: |S ∩ g| <= max(cap[g], |forced ∩ g|).
+
+    ``score`` [E] >= 0, ``group`` int64 [E] in [0, G), ``cap`` int64 [G]. The feasible sets form a
+    truncated partition matroid, so greedy in score order is exact; it is computed without a loop:
+    a candidate is admissible iff fewer than the group's spare capacity better candidates share its
+    group, and the best ``fill`` admissible candidates are taken.
+    """
+    num_groups = cap.shape[0]
+    cand = ~forced if allowed is None else (allowed & ~forced)
+    onehot = group.unsqueeze(-1) == torch.arange(num_groups, device=group.device)  # [E, G]
+    forced_per_group = (onehot & forced.unsqueeze(-1)).sum(0)  # [G]
+    spare = (torch.maximum(cap, forced_per_group) - forced_per_group)  # [G] >= 0
+    key = torch.where(cand, score, torch.full_like(score, float("-inf")))
+    order = torch.argsort(key, descending=True, stable=True)
+    sorted_onehot = (onehot & cand.unsqueeze(-1))[order]  # [E, G]
+    within = (sorted_onehot.long().cumsum(0) * sorted_onehot).sum(-1) - 1  # 0-based rank in own group
+    admissible_sorted = cand[order] & (within < spare[group[order]])
+    admissible = torch.empty_like(admissible_sorted).scatter_(0, order, admissible_sorted)
+    return top_by_score(score, forced, total, allowed=admissible)
+
+
+def same_group_matrix(groups: Tensor, valid: Tensor) -> Tensor:
+    """float32 [T, T]: 1 where token u is a valid token of token t's request."""
+    same = (groups.unsqueeze(1) == groups.unsqueeze(0)) & valid.unsqueeze(0)
+    return same.to(torch.float32)
+
+
+@dataclass
+class Batch:
+    """One layer's batch as the policies see it (built by :func:`xshare.selection.select`)."""
+
+    logits: Tensor  # float32 [T, E]; unusable entries are -inf
+    scores: Tensor  # float32 [T, E]; gate scores, 0 where unusable
+    usable: Tensor  # bool [T, E]
+    valid: Tensor  # bool [T]: rows that count in batch statistics (False for CUDA-graph padding)
+    top_k: int
+    config: SelectorConfig
+    budget: int  # m, resolved against E
+    groups: Tensor | None  # int64 [T] request id per token, or None
+    placement: Placement | None
+    _rank: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def rank(self) -> Tensor:
+        if self._rank is None:
+            self._rank = preference_rank(self.scores, self.usable)
+        return self._rank
+
+    def own_topk(self, k: int) -> Tensor:
+        """bool [T, E]: each token's own top-k usable experts (all rows)."""
+        return (self.rank < k) & self.usable
+
+    def batch_union(self, mask: Tensor) -> Tensor:
+        """bool [E]: union of ``mask`` [T, E] over the valid rows."""
+        return (mask & self.valid.unsqueeze(1)).any(0)
+
+    def column_sums(self, scores: Tensor | None = None) -> Tensor:
+        """float32 [E]: the batch's summed gate scores over the valid rows."""
+        s = self.scores if scores is None else scores
+        return (s * self.valid.unsqueeze(1)).sum(0)
+
+    def warmup(self) -> Tensor:
+        """bool [E]: W = the union of every valid token's top-k0 experts."""
+        return self.batch_union(self.own_topk(self.config.warmup_k))
+
+    def group_matrix(self) -> Tensor:
+        """float32 [T, T] same-request matrix (each token its own request when groups is None)."""
+        if self.groups is None:
+            return torch.diag(self.valid.to(torch.float32))
+        return same_group_matrix(self.groups, self.valid)
+
+
+def tiers_inside(batch: Batch, *sets: Tensor) -> Tensor:
+    """Preference tiers for :func:`route`: a token prefers usable experts inside ``sets[0]``, then
+    inside ``sets[1]``, …, then any usable expert (its own top-k), then unusable ones.
+
+    Each set is bool [E] (the same for every token) or [T, E] (per token). Returns int64 [T, E].
+    """
+    tiers = batch.usable.long()
+    n = len(sets)
+    for i in reversed(range(n)):  # earlier sets win: they are written last
+        s = sets[i]
+        inside = batch.usable & (s if s.ndim == 2 else s.unsqueeze(0))
+        tiers = torch.where(inside, torch.full_like(tiers, n + 1 - i), tiers)
+    return tiers
+
+
+def route(batch: Batch, tiers: Tensor) -> tuple[Tensor, Tensor]:
+    """Each token's top_k distinct experts by (tier desc, score desc, index asc) and their weights.
+
+    Returns int32 ids [T, top_k] and float32 weights [T, top_k], renormalised when configured.
+    """
+    e = batch.num_experts
+    key = tiers * e + (e - 1 - batch.rank)  # unique per row: no ties
+    ids = torch.topk(key, batch.top_k, dim=-1, sorted=True).indices
+    weights = batch.scores.gather(1, ids)
+    if batch.config.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True, dtype=torch.float32) + RENORMALIZE_EPS)
+    return ids.to(torch.int32), weights.to(torch.float32)
+
+
+def active_experts(ids: Tensor, valid: Tensor, num_experts: int) -> Tensor:
+    """bool [E]: experts routed by at least one valid token."""
+    hits = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    src = valid.to(torch.int32).unsqueeze(1).expand_as(ids)
+    return hits.scatter_add_(0, ids.long().flatten(), src.flatten()) > 0
+
+
+def assign_replicas(ids: Tensor, active: Tensor, placement: Placement, strategy: str) -> Tensor:
+    """Physical slot of every (token, expert) assignment, int32 [T, top_k].
+
+    'least_loaded': all tokens of an expert go to one replica, the one on the GPU with the fewest
+    activated single-replica experts (ties: the expert's first replica). 'spread': token t uses
+    replica t mod (#replicas), like SGLang's rank-invariant dynamic dispatch.
+    """
+    replicas = placement.replicas
+    num_rep = (replicas >= 0).sum(-1)  # [E]
+    ids = ids.long()
+    if strategy == "least_loaded":
+        single = active & (num_rep == 1)
+        onehot = placement.primary_gpu.unsqueeze(-1) == torch.arange(placement.num_gpus, device=ids.device)
+        base = (onehot & single.unsqueeze(-1)).sum(0)  # [G]
+        big = torch.iinfo(torch.int64).max
+        load = torch.where(placement.replica_gpu >= 0, base[placement.replica_gpu.clamp_min(0)],
+                           torch.full_like(placement.replica_gpu, big))
+        choice = torch.argmin(load, dim=-1)  # first minimum = lower replica index
+        slot_of_expert = replicas.gather(1, choice.unsqueeze(-1)).squeeze(-1)
+        return slot_of_expert[ids].to(torch.int32)
+    t = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+    j = t % num_rep[ids]
+    return replicas[ids, j].to(torch.int32)

@@ -1,0 +1,1 @@
+"""One module per selection policy (discovered by xshare.selection.registry)."""

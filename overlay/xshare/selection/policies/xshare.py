@@ -1,0 +1,27 @@
+"""``xshare``: batch-level expert sharing (XShare, arXiv 2602.07265, §3.4).
+
+S = W ∪ the best experts by the batch's summed gate score, up to the budget m, where the warm-up
+W is the union of every token's top-k0 experts (always kept, even when |W| > m). S is the exact
+optimum of  max Σ_t Σ_{e∈S} p[t,e]  s.t.  W ⊆ S, |S| <= max(m, |W|)  (the objective is modular).
+Refinement: each token re-picks its top_k inside S (widening to its own best outside S only if S
+holds fewer than top_k of its usable experts); weights renormalised as the model does.
+"""
+
+from torch import Tensor
+
+from xshare.selection.common import Batch, tiers_inside, top_by_score
+from xshare.selection.registry import Policy, register_policy
+
+
+def xshare_set(batch: Batch) -> Tensor:
+    """bool [E]: the batch's expert set S."""
+    return top_by_score(batch.column_sums(), batch.warmup(), batch.budget)
+
+
+@register_policy
+class XShare(Policy):
+    name = "xshare"
+    summary = "warm-up top-k0 per token + greedy fill by batch gate mass up to budget m"
+
+    def tiers(self, batch: Batch) -> Tensor:
+        return tiers_inside(batch, xshare_set(batch))

@@ -1,0 +1,38 @@
+"""``xshare_ep``: GPU-aware XShare for expert parallelism.
+
+Experts live on G GPUs (``placement``); each GPU may contribute at most c experts (``gpu_cap``,
+default ceil(m / G)), so the slowest GPU's weight loading shrinks. S is the exact optimum of
+    max Σ_t Σ_{e∈S} p[t,e]  s.t.  W ⊆ S,  |S| <= max(m, |W|),  |S ∩ g| <= max(c, |W ∩ g|) ∀g
+(a truncated partition matroid: greedy by batch gate mass is exact). An expert with replicas is
+charged to the GPU of its first replica; all of its tokens then go to the replica on the
+least-loaded GPU.
+"""
+
+import torch
+from torch import Tensor
+
+from xshare.selection.common import Batch, tiers_inside, top_by_score_capped
+from xshare.selection.registry import Policy, register_policy
+
+
+def gpu_cap(batch: Batch) -> int:
+    """c: the configured cap, or ceil(m / G)."""
+    g = batch.placement.num_gpus
+    return batch.config.gpu_cap if batch.config.gpu_cap is not None else -(-batch.budget // g)
+
+
+def xshare_ep_set(batch: Batch) -> Tensor:
+    placement = batch.placement
+    cap = torch.full((placement.num_gpus,), gpu_cap(batch), dtype=torch.int64, device=batch.scores.device)
+    return top_by_score_capped(batch.column_sums(), batch.warmup(), batch.budget, placement.primary_gpu, cap)
+
+
+@register_policy
+class XShareEP(Policy):
+    name = "xshare_ep"
+    needs_placement = True
+    replica_strategy = "least_loaded"
+    summary = "xshare with a per-GPU cap on selected experts (cuts the peak GPU load under EP)"
+
+    def tiers(self, batch: Batch) -> Tensor:
+        return tiers_inside(batch, xshare_ep_set(batch))

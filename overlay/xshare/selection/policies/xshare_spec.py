@@ -1,0 +1,37 @@
+"""``xshare_spec``: hierarchical XShare for speculative decoding (verify batches).
+
+Stage 1, per request r (``groups``): S_r = W_r ∪ the best experts by the request's summed gate
+score, |S_r| <= max(m_r, |W_r|) (``group_budget``, default top_k), W_r = its tokens' top-k0.
+Stage 2, per batch: S = W ∪ the best experts of ∪_r S_r by the batch's summed gate score,
+|S| <= max(m, |W|), W = ∪_r W_r (exact for  max Σ p over S  s.t.  W ⊆ S ⊆ ∪_r S_r).
+A token of request r routes inside S_r ∩ S, widening to S, then to its own top_k, if it would
+otherwise have fewer than top_k usable experts. All requests are handled at once through a
+[T, T] same-request matrix: no loop over requests.
+"""
+
+import torch
+from torch import Tensor
+
+from xshare.selection.common import Batch, tiers_inside, top_by_score
+from xshare.selection.registry import Policy, register_policy
+
+
+def request_sets(batch: Batch) -> tuple[Tensor, Tensor]:
+    """(S_r, W_r) as bool [T, E]: row t holds the sets of token t's request."""
+    same = batch.group_matrix()  # [T, T]
+    w_r = (same @ batch.own_topk(batch.config.warmup_k).to(torch.float32)) > 0
+    g_r = same @ batch.scores  # each row: its request's column sums
+    m_r = batch.config.group_budget_for(batch.num_experts, batch.top_k)
+    return top_by_score(g_r, w_r, m_r), w_r
+
+
+@register_policy
+class XShareSpec(Policy):
+    name = "xshare_spec"
+    summary = "per-request sets (budget m_r) over draft tokens, then a batch set (budget m)"
+
+    def tiers(self, batch: Batch) -> Tensor:
+        s_r, w_r = request_sets(batch)
+        union = batch.batch_union(s_r)
+        s = top_by_score(batch.column_sums(), batch.batch_union(w_r), batch.budget, allowed=union)
+        return tiers_inside(batch, s_r & s.unsqueeze(0), s)
