@@ -6,6 +6,7 @@
 
 from xshare.selection.api import select
 from xshare.selection.config import SelectorConfig
+from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import Policy, available_policies, get_policy, register_policy
 from xshare.selection.types import Placement, Routing
 
@@ -14,6 +15,7 @@ __all__ = [
     "Policy",
     "Routing",
     "SelectorConfig",
+    "SelectorKnobs",
     "available_policies",
     "get_policy",
     "register_policy",

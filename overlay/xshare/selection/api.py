@@ -7,6 +7,7 @@ from torch import Tensor
 
 from xshare.selection.common import Batch, active_experts, assign_replicas, gate_scores, route
 from xshare.selection.config import SelectorConfig
+from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
 from xshare.selection.types import Placement, Routing, as_placement
 
@@ -52,6 +53,7 @@ def select(
     groups: Tensor | None = None,
     placement: Placement | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
+    knobs: SelectorKnobs | None = None,
     validate: bool = True,
 ) -> Routing:
     """Select the experts of one MoE layer for one forward batch.
@@ -65,6 +67,10 @@ def select(
                    or a :class:`Placement`; required by GPU-aware policies.
     num_tokens     rows >= num_tokens are padding (CUDA graphs): they do not count in the batch's
                    statistics and are routed like 'topk'. An int, or a 0-d device tensor.
+    knobs          :class:`SelectorKnobs` (device tensors, updated in place): when given, the
+                   numeric settings and the on/off switch are read from them instead of ``config``
+                   (``config`` still names the policy and the scoring), so a captured CUDA graph
+                   follows runtime changes. Implies the device-side batch-size gate.
     validate       check values too (NaN/+inf logits, placement ids); this synchronises with the
                    host, so the serving hot path passes False (shapes and types are always checked,
                    and non-finite logits are then treated as unusable).
@@ -73,6 +79,9 @@ def select(
     """
     _check_args(router_logits, top_k, config, groups, num_tokens)
     num_rows, num_experts = router_logits.shape
+    if knobs is not None and (knobs.num_experts != num_experts or knobs.top_k != top_k):
+        raise ValueError(f"knobs were made for E = {knobs.num_experts}, top_k = {knobs.top_k}; "
+                         f"got E = {num_experts}, top_k = {top_k}")
     device = router_logits.device
     policy = get_policy(config.policy)
     # A Placement passes through; a tensor is converted here (host work: build it once for serving).
@@ -94,6 +103,15 @@ def select(
     else:
         valid = rows < torch.as_tensor(num_tokens, device=device)
 
+    if knobs is None:
+        settings = {
+            "budget": config.budget_for(num_experts),
+            "warmup_k": config.warmup_k,
+            "group_budget": config.group_budget_for(num_experts, top_k),
+            "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap,
+        }
+    else:
+        settings = {k: getattr(knobs, k) for k in ("budget", "warmup_k", "group_budget", "gpu_cap")}
     batch = Batch(
         logits=torch.where(usable, logits, torch.full_like(logits, float("-inf"))),
         scores=gate_scores(logits, usable, config.scoring),
@@ -101,24 +119,26 @@ def select(
         valid=valid,
         top_k=top_k,
         config=config,
-        budget=config.budget_for(num_experts),
         groups=None if groups is None else groups.long(),
         placement=placement,
+        **settings,
     )
     vanilla = get_policy("topk")
-    if num_tokens is None:
-        # The batch size is a static shape: decide on the host.
+    if num_tokens is None and knobs is None:
+        # The batch size is a static shape and the settings are host values: decide on the host.
         chosen = policy if config.applies_to(num_rows) else vanilla
         tiers = chosen.tiers(batch)
         strategy = chosen.replica_strategy
     else:
-        # Padded batch (CUDA graphs): decide on the device.
-        n = torch.as_tensor(num_tokens, device=device)
-        in_range = n >= config.min_tokens
-        if config.max_tokens is not None:
-            in_range = in_range & (n <= config.max_tokens)
-        base = vanilla.tiers(batch)
-        tiers = torch.where(in_range & valid.unsqueeze(1), policy.tiers(batch), base)
+        # Padded batch (CUDA graphs) or device knobs: decide on the device, no host sync.
+        n = valid.sum()
+        if knobs is None:
+            apply = n >= config.min_tokens
+            if config.max_tokens is not None:
+                apply = apply & (n <= config.max_tokens)
+        else:
+            apply = knobs.enabled & (n >= knobs.min_tokens) & (n <= knobs.max_tokens)
+        tiers = torch.where(apply & valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
         strategy = policy.replica_strategy
     ids, weights = route(batch, tiers)
     active = active_experts(ids, valid, num_experts)

@@ -103,9 +103,12 @@ class Batch:
     valid: Tensor  # bool [T]: rows that count in batch statistics (False for CUDA-graph padding)
     top_k: int
     config: SelectorConfig
-    budget: int  # m, resolved against E
+    budget: int | Tensor  # m, resolved against E (a 0-d device tensor when knobs are used)
     groups: Tensor | None  # int64 [T] request id per token, or None
     placement: Placement | None
+    warmup_k: int | Tensor = 0  # k0
+    group_budget: int | Tensor = 0  # m_r, resolved
+    gpu_cap: int | Tensor = 0  # c; 0 = ceil(m / G)
     _rank: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -122,7 +125,7 @@ class Batch:
             self._rank = preference_rank(self.scores, self.usable)
         return self._rank
 
-    def own_topk(self, k: int) -> Tensor:
+    def own_topk(self, k: int | Tensor) -> Tensor:
         """bool [T, E]: each token's own top-k usable experts (all rows)."""
         return (self.rank < k) & self.usable
 
@@ -137,7 +140,7 @@ class Batch:
 
     def warmup(self) -> Tensor:
         """bool [E]: W = the union of every valid token's top-k0 experts."""
-        return self.batch_union(self.own_topk(self.config.warmup_k))
+        return self.batch_union(self.own_topk(self.warmup_k))
 
     def group_matrix(self) -> Tensor:
         """float32 [T, T] same-request matrix (each token its own request when groups is None)."""

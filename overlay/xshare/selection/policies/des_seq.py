@@ -24,7 +24,7 @@ class DESSeq(Policy):
             raise ValueError("warmup_k must be >= 1 for des_seq (it is DES-Seq's k)")
 
     def tiers(self, batch: Batch) -> Tensor:
-        own = batch.own_topk(batch.config.warmup_k)
+        own = batch.own_topk(batch.warmup_k)
         if batch.groups is None:
             return tiers_inside(batch, batch.batch_union(own))
         coreset = (batch.group_matrix() @ own.to(torch.float32)) > 0  # [T, E] per request

@@ -15,15 +15,17 @@ from xshare.selection.common import Batch, tiers_inside, top_by_score_capped
 from xshare.selection.registry import Policy, register_policy
 
 
-def gpu_cap(batch: Batch) -> int:
-    """c: the configured cap, or ceil(m / G)."""
-    g = batch.placement.num_gpus
-    return batch.config.gpu_cap if batch.config.gpu_cap is not None else -(-batch.budget // g)
+def gpu_cap(batch: Batch) -> Tensor:
+    """c as a 0-d tensor: the configured cap, or ceil(m / G) when it is 0 (unset)."""
+    device = batch.scores.device
+    cap = torch.as_tensor(batch.gpu_cap, dtype=torch.int64, device=device)
+    default = -(-torch.as_tensor(batch.budget, dtype=torch.int64, device=device) // batch.placement.num_gpus)
+    return torch.where(cap > 0, cap, default)
 
 
 def xshare_ep_set(batch: Batch) -> Tensor:
     placement = batch.placement
-    cap = torch.full((placement.num_gpus,), gpu_cap(batch), dtype=torch.int64, device=batch.scores.device)
+    cap = gpu_cap(batch).expand(placement.num_gpus)
     return top_by_score_capped(batch.column_sums(), batch.warmup(), batch.budget, placement.primary_gpu, cap)
 
 

@@ -19,10 +19,9 @@ from xshare.selection.registry import Policy, register_policy
 def request_sets(batch: Batch) -> tuple[Tensor, Tensor]:
     """(S_r, W_r) as bool [T, E]: row t holds the sets of token t's request."""
     same = batch.group_matrix()  # [T, T]
-    w_r = (same @ batch.own_topk(batch.config.warmup_k).to(torch.float32)) > 0
+    w_r = (same @ batch.own_topk(batch.warmup_k).to(torch.float32)) > 0
     g_r = same @ batch.scores  # each row: its request's column sums
-    m_r = batch.config.group_budget_for(batch.num_experts, batch.top_k)
-    return top_by_score(g_r, w_r, m_r), w_r
+    return top_by_score(g_r, w_r, batch.group_budget), w_r
 
 
 @register_policy

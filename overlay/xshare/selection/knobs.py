@@ -1,0 +1,82 @@
+"""Runtime knobs as device tensors, for serving under CUDA graphs.
+
+A captured decode graph replays the kernels it recorded with the tensors it recorded: a Python int
+baked into the graph at capture never changes. :class:`SelectorKnobs` holds every numeric setting of
+a :class:`~xshare.selection.SelectorConfig` in 0-d device tensors; :meth:`SelectorKnobs.update`
+writes new values **in place** (``copy_``), so the next replay follows the change without
+recapture. Pass them to :func:`xshare.selection.select` with ``knobs=``: the selector then reads
+budget, warm-up, per-request budget, per-GPU cap, the batch-size range and the on/off switch from
+these tensors only. The policy itself (which code runs) is a host decision: changing it needs a
+new capture (or no graphs), which the serving adapter handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from xshare.selection.config import SelectorConfig
+
+_NO_MAX = torch.iinfo(torch.int64).max
+
+
+def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool) -> dict[str, int | bool]:
+    if top_k < 1 or top_k > num_experts:
+        raise ValueError(f"top_k = {top_k} must be in [1, E = {num_experts}]")
+    if config.warmup_k > top_k:
+        raise ValueError(f"warmup_k = {config.warmup_k} exceeds top_k = {top_k}")
+    return {
+        "enabled": bool(enabled),
+        "budget": config.budget_for(num_experts),
+        "warmup_k": config.warmup_k,
+        "group_budget": config.group_budget_for(num_experts, top_k),
+        "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap,
+        "min_tokens": config.min_tokens,
+        "max_tokens": _NO_MAX if config.max_tokens is None else config.max_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class SelectorKnobs:
+    """0-d device tensors: enabled (bool), budget m, warmup_k, group_budget m_r, gpu_cap (0 = ceil(m/G)),
+    min_tokens, max_tokens (int64). Created once per (device, E, top_k); updated in place."""
+
+    enabled: Tensor
+    budget: Tensor
+    warmup_k: Tensor
+    group_budget: Tensor
+    gpu_cap: Tensor
+    min_tokens: Tensor
+    max_tokens: Tensor
+    num_experts: int
+    top_k: int
+
+    @classmethod
+    def create(
+        cls,
+        config: SelectorConfig,
+        num_experts: int,
+        top_k: int,
+        device: torch.device | str = "cpu",
+        *,
+        enabled: bool = True,
+    ) -> SelectorKnobs:
+        vals = _values(config, num_experts, top_k, enabled)
+        tensors = {
+            k: torch.tensor(v, dtype=torch.bool if k == "enabled" else torch.int64, device=device)
+            for k, v in vals.items()
+        }
+        return cls(**tensors, num_experts=num_experts, top_k=top_k)
+
+    def update(self, config: SelectorConfig, *, enabled: bool = True) -> None:
+        """Write ``config``'s values into the tensors in place (validated first: all or nothing)."""
+        vals = _values(config, self.num_experts, self.top_k, enabled)
+        for k, v in vals.items():
+            getattr(self, k).fill_(v)
+
+    def as_dict(self) -> dict[str, int | bool]:
+        """Host copy of the values (synchronises: for logging and tests, never in the hot path)."""
+        return {k: getattr(self, k).item() for k in
+                ("enabled", "budget", "warmup_k", "group_budget", "gpu_cap", "min_tokens", "max_tokens")}
