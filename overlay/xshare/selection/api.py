@@ -45,7 +45,7 @@ def _check_args(
         raise ValueError(f"num_tokens must be an int or a 0-d tensor, got {type(num_tokens).__name__}")
 
 
-def select(
+def prepare_batch(
     router_logits: Tensor,
     top_k: int,
     config: SelectorConfig,
@@ -55,28 +55,8 @@ def select(
     num_tokens: int | Tensor | None = None,
     knobs: SelectorKnobs | None = None,
     validate: bool = True,
-) -> Routing:
-    """Select the experts of one MoE layer for one forward batch.
-
-    router_logits  float [T, E]; ``-inf`` marks an expert a token cannot use.
-    top_k          experts per token (each token keeps exactly top_k distinct experts whenever at
-                   least top_k are usable).
-    config         a :class:`SelectorConfig`.
-    groups         int [T]: the request of each token (speculative verify batches), or None.
-    placement      int [E] (GPU of each expert), an int [E, R] replica table of GPUs (-1 padded),
-                   or a :class:`Placement`; required by GPU-aware policies.
-    num_tokens     rows >= num_tokens are padding (CUDA graphs): they do not count in the batch's
-                   statistics and are routed like 'topk'. An int, or a 0-d device tensor.
-    knobs          :class:`SelectorKnobs` (device tensors, updated in place): when given, the
-                   numeric settings and the on/off switch are read from them instead of ``config``
-                   (``config`` still names the policy and the scoring), so a captured CUDA graph
-                   follows runtime changes. Implies the device-side batch-size gate.
-    validate       check values too (NaN/+inf logits, placement ids); this synchronises with the
-                   host, so the serving hot path passes False (shapes and types are always checked,
-                   and non-finite logits are then treated as unusable).
-
-    Raises ValueError naming the bad argument.
-    """
+) -> Batch:
+    """Validate the arguments of :func:`select` and build the :class:`Batch` the policies see."""
     _check_args(router_logits, top_k, config, groups, num_tokens)
     num_rows, num_experts = router_logits.shape
     if knobs is not None and (knobs.num_experts != num_experts or knobs.top_k != top_k):
@@ -123,6 +103,46 @@ def select(
         placement=placement,
         **settings,
     )
+    return batch
+
+
+def select(
+    router_logits: Tensor,
+    top_k: int,
+    config: SelectorConfig,
+    *,
+    groups: Tensor | None = None,
+    placement: Placement | Tensor | None = None,
+    num_tokens: int | Tensor | None = None,
+    knobs: SelectorKnobs | None = None,
+    validate: bool = True,
+) -> Routing:
+    """Select the experts of one MoE layer for one forward batch.
+
+    router_logits  float [T, E]; ``-inf`` marks an expert a token cannot use.
+    top_k          experts per token (each token keeps exactly top_k distinct experts whenever at
+                   least top_k are usable).
+    config         a :class:`SelectorConfig`.
+    groups         int [T]: the request of each token (speculative verify batches), or None.
+    placement      int [E] (GPU of each expert), an int [E, R] replica table of GPUs (-1 padded),
+                   or a :class:`Placement`; required by GPU-aware policies.
+    num_tokens     rows >= num_tokens are padding (CUDA graphs): they do not count in the batch's
+                   statistics and are routed like 'topk'. An int, or a 0-d device tensor.
+    knobs          :class:`SelectorKnobs` (device tensors, updated in place): when given, the
+                   numeric settings and the on/off switch are read from them instead of ``config``
+                   (``config`` still names the policy and the scoring), so a captured CUDA graph
+                   follows runtime changes. Implies the device-side batch-size gate.
+    validate       check values too (NaN/+inf logits, placement ids); this synchronises with the
+                   host, so the serving hot path passes False (shapes and types are always checked,
+                   and non-finite logits are then treated as unusable).
+
+    Raises ValueError naming the bad argument.
+    """
+    batch = prepare_batch(router_logits, top_k, config, groups=groups, placement=placement,
+                          num_tokens=num_tokens, knobs=knobs, validate=validate)
+    policy = get_policy(config.policy)
+    num_rows, num_experts = batch.num_tokens, batch.num_experts
+    valid = batch.valid
     vanilla = get_policy("topk")
     if num_tokens is None and knobs is None:
         # The batch size is a static shape and the settings are host values: decide on the host.

@@ -3,7 +3,8 @@
 Per token t and each expert e in its top-K: r = z[t,e] - z[t,top1] (a log-probability ratio;
 pre-sigmoid scores for sigmoid routers), bin = clamp(floor(α·r), -β, 0). Batch score of e =
 Σ_t [e ∈ top-K_t] · B^bin (B = batch size), so confident votes dominate. High-confidence tokens
-(their second expert at least one bin below the first) always keep their top-1 expert. The kept
+(their second expert a full bin width below the first: r_2 < -1/α, bin <= -2; the top-1 itself is
+the only expert in bin 0) always keep their top-1 expert. The kept
 set is those top-1 experts plus the best by score up to the budget m (the paper sizes it
 dynamically; here the budget makes it comparable side by side). Tokens then re-pick their top_k
 inside it (the remapper); weights are renormalised as the model does.
@@ -39,7 +40,7 @@ def lynx_scores(batch: Batch) -> tuple[Tensor, Tensor]:
     second = (batch.rank == 1) & batch.usable
     second_bin = torch.where(second, bins, torch.zeros_like(bins)).sum(-1)
     has_second = second.any(-1)
-    confident = batch.valid & (~has_second | (second_bin <= -1))
+    confident = batch.valid & (~has_second | (second_bin <= -2))
     forced = (top1 & confident.unsqueeze(1)).any(0)
     return score, forced
 

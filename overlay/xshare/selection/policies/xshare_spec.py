@@ -24,13 +24,19 @@ def request_sets(batch: Batch) -> tuple[Tensor, Tensor]:
     return top_by_score(g_r, w_r, batch.group_budget), w_r
 
 
+def xshare_spec_sets(batch: Batch) -> tuple[Tensor, Tensor]:
+    """(S_r bool [T, E] per token's request, S bool [E] for the batch)."""
+    s_r, w_r = request_sets(batch)
+    union = batch.batch_union(s_r)
+    s = top_by_score(batch.column_sums(), batch.batch_union(w_r), batch.budget, allowed=union)
+    return s_r, s
+
+
 @register_policy
 class XShareSpec(Policy):
     name = "xshare_spec"
     summary = "per-request sets (budget m_r) over draft tokens, then a batch set (budget m)"
 
     def tiers(self, batch: Batch) -> Tensor:
-        s_r, w_r = request_sets(batch)
-        union = batch.batch_union(s_r)
-        s = top_by_score(batch.column_sums(), batch.batch_union(w_r), batch.budget, allowed=union)
+        s_r, s = xshare_spec_sets(batch)
         return tiers_inside(batch, s_r & s.unsqueeze(0), s)
