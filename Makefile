@@ -7,8 +7,8 @@ demo:
 
 test:
 	@bash scripts/bootstrap.sh
-	@.venv/bin/ruff check overlay tests scripts deploy
+	@.venv/bin/ruff check .
 	@.venv/bin/python -m pytest -q
 
 lint:
-	@.venv/bin/ruff check overlay tests scripts deploy
+	@.venv/bin/ruff check .
