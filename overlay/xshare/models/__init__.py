@@ -1,0 +1,1 @@
+"""Small model builders for tests and demos (no model hub: everything is built offline)."""

@@ -1,0 +1,142 @@
+"""Which ``sgl_kernel`` symbols does an installed SGLang import on the CPU, and does our stand-in
+provide them all?
+
+SGLang's CPU engine imports ``*_cpu`` functions from ``sgl_kernel`` at module level, inside
+``if _is_cpu:``-style blocks. A new SGLang release can add one; this check finds them by parsing
+SGLang's source (nothing is imported from sglang) and fails loudly, naming the missing symbol and
+where it is imported, instead of letting the server die later with an ImportError.
+
+    python -m xshare.sglang.cpu_check [--sglang-dir DIR] [--stand-in DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_SKIP_DIRS = {"multimodal_gen", "test", "tests"}
+
+
+@dataclass(frozen=True)
+class KernelImport:
+    """``from <module> import <name>`` found under a CPU-only module-level branch."""
+
+    module: str  # 'sgl_kernel' or 'sgl_kernel.sub'
+    name: str
+    where: str  # 'path/inside/sglang.py:line'
+
+    @property
+    def symbol(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+def _is_cpu_test(test: ast.expr) -> bool:
+    text = ast.unparse(test).lower()
+    return "cpu" in text and "amx" not in text and "arm" not in text
+
+
+def _imports_in(stmts: list[ast.stmt]) -> list[ast.ImportFrom]:
+    found = []
+    for stmt in stmts:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == "sgl_kernel" or node.module.startswith("sgl_kernel."):
+                    found.append(node)
+    return found
+
+
+def _cpu_branches(stmts: list[ast.stmt]) -> list[list[ast.stmt]]:
+    """Bodies of module-level ``if``/``elif`` branches whose condition names the CPU (not AMX/ARM)."""
+    bodies = []
+    for stmt in stmts:
+        node = stmt
+        while isinstance(node, ast.If):
+            if _is_cpu_test(node.test):
+                bodies.append(node.body)
+            if len(node.orelse) == 1 and isinstance(node.orelse[0], ast.If):
+                node = node.orelse[0]  # elif
+            else:
+                break
+    return bodies
+
+
+def find_cpu_kernel_imports(sglang_dir: Path) -> list[KernelImport]:
+    """Every ``from sgl_kernel... import X`` inside a module-level CPU branch of SGLang's source."""
+    sglang_dir = Path(sglang_dir)
+    found: list[KernelImport] = []
+    for path in sorted(sglang_dir.rglob("*.py")):
+        rel = path.relative_to(sglang_dir)
+        if _SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for body in _cpu_branches(tree.body):
+            for imp in _imports_in(body):
+                for alias in imp.names:
+                    found.append(KernelImport(imp.module, alias.name, f"{rel}:{imp.lineno}"))
+    return found
+
+
+def sglang_source_dir() -> Path:
+    """The installed sglang package directory (located without importing it)."""
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("sglang is not installed in this environment")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _provides(stand_in_dir: Path | None, module: str, name: str) -> bool:
+    saved = {k: v for k, v in sys.modules.items() if k == "sgl_kernel" or k.startswith("sgl_kernel.")}
+    for k in saved:
+        del sys.modules[k]
+    if stand_in_dir is not None:
+        sys.path.insert(0, str(stand_in_dir))
+    try:
+        mod = importlib.import_module(module)
+        return hasattr(mod, name)
+    except ImportError:
+        return False
+    finally:
+        if stand_in_dir is not None:
+            sys.path.remove(str(stand_in_dir))
+        for k in [k for k in sys.modules if k == "sgl_kernel" or k.startswith("sgl_kernel.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def missing_symbols(imports: list[KernelImport], stand_in_dir: Path | None = None) -> list[KernelImport]:
+    """The imports the ``sgl_kernel`` stand-in (in ``stand_in_dir``, else the installed one) lacks."""
+    return [imp for imp in imports if not _provides(stand_in_dir, imp.module, imp.name)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xshare.sglang.cpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sglang-dir", type=Path, default=None, help="sglang package directory (default: installed)")
+    parser.add_argument("--stand-in", type=Path, default=None,
+                        help="directory holding the sgl_kernel stand-in (default: the installed sgl_kernel)")
+    args = parser.parse_args(argv)
+    sglang_dir = args.sglang_dir or sglang_source_dir()
+    imports = find_cpu_kernel_imports(sglang_dir)
+    if not imports:
+        print(f"cpu_check: no CPU sgl_kernel imports found under {sglang_dir} (is this sglang's source?)",
+              file=sys.stderr)
+        return 1
+    missing = missing_symbols(imports, args.stand_in)
+    if missing:
+        for imp in missing:
+            print(f"cpu_check: MISSING sgl_kernel symbol {imp.symbol} (imported at sglang/{imp.where}); "
+                  "add it to overlay/cpu_shims/sgl_kernel", file=sys.stderr)
+        return 1
+    names = sorted({imp.symbol for imp in imports})
+    print(f"cpu_check: the sgl_kernel stand-in provides all {len(names)} CPU symbols sglang imports", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

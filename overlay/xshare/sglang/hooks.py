@@ -1,0 +1,263 @@
+"""The functions registered with SGLang's ``HookRegistry`` (SGLang 0.5.23 targets).
+
+* ``sglang.srt.layers.moe.topk._post_process_topk_ids`` (AROUND), the routing hook: rewrites the
+  logical ``topk_ids``/``topk_weights`` of one MoE layer before SGLang maps them to physical
+  experts, masks padded rows and records the expert distribution;
+* ``sglang.srt.model_executor.model_runner.ModelRunner.forward`` (AROUND): fills the per-forward
+  state (mode, draft worker, each row's request id) before the model runs; afterwards writes the
+  stats file and ends the trace batch;
+* ``...runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape`` (AROUND): the same
+  state while a decode / target-verify CUDA graph is captured;
+* ``sglang.srt.layers.moe.topk.TopK.empty_topk_output`` (AFTER, DeepEP global mode only): a
+  zero-token rank joins the layer's all-reduce.
+
+sglang is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+
+from xshare.sglang import runtime as rt_mod
+from xshare.sglang.runtime import ForwardState
+
+log = logging.getLogger("xshare.sglang")
+
+TOPK_MODULE = "sglang.srt.layers.moe.topk"
+POST_PROCESS_TARGET = f"{TOPK_MODULE}._post_process_topk_ids"
+EMPTY_TOPK_TARGET = f"{TOPK_MODULE}.TopK.empty_topk_output"
+FORWARD_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
+CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
+
+_SIGNATURES: dict[int, inspect.Signature] = {}
+
+
+def _signature(fn: Any) -> inspect.Signature:
+    sig = _SIGNATURES.get(id(fn))
+    if sig is None:
+        sig = inspect.signature(fn)
+        _SIGNATURES[id(fn)] = sig
+    return sig
+
+
+# -- routing -------------------------------------------------------------------------------------
+def post_process_topk_ids_hook(original: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``_post_process_topk_ids(topk_ids, topk_weights, topk_config, router_logits, layer_id,
+    num_token_non_padded=None, expert_location_dispatch_info=None, padded_rows_masked=False)``."""
+    runtime = rt_mod.get()
+    if runtime is None:
+        return original(*args, **kwargs)
+    try:
+        bound = _signature(original).bind(*args, **kwargs)
+        bound.apply_defaults()
+    except TypeError as exc:  # a different SGLang signature: never break serving
+        runtime.stats.count_fallback("signature")
+        runtime.log_once("signature", logging.ERROR, "xshare: cannot bind _post_process_topk_ids arguments: %s", exc)
+        return original(*args, **kwargs)
+    a = bound.arguments
+    changes = runtime.route(a, topk_config=a.get("topk_config"))
+    if changes:
+        a.update(changes)
+    return original(*bound.args, **bound.kwargs)
+
+
+# -- per-forward state ---------------------------------------------------------------------------
+def _mode_name(forward_mode: Any) -> str:
+    if forward_mode is None:
+        return "other"
+    if forward_mode.is_target_verify():
+        return "target_verify"
+    if forward_mode.is_decode():
+        return "decode"
+    if forward_mode.is_idle():
+        return "idle"
+    if forward_mode.is_extend():  # EXTEND, MIXED (prefill chunks), DLLM_EXTEND, SPLIT_PREFILL
+        return "extend"
+    return "other"
+
+
+def _tokens_per_req(forward_batch: Any, mode: str) -> int:
+    if mode != "target_verify":
+        return 1
+    spec = getattr(forward_batch, "spec_info", None)
+    for name in ("num_tokens_per_req", "draft_token_num"):
+        v = getattr(spec, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1
+
+
+def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
+    """Once per process, after SGLang's runtime context exists: placement source, a2a, E."""
+    if runtime.scattered_input is not None:
+        return
+    try:
+        from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
+
+        runtime.scattered_input = bool(is_moe_input_scattered_across_dp_ranks())
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        runtime.scattered_input = False
+        runtime.log_once("scattered", logging.WARNING, "xshare: cannot tell the MoE a2a backend (%s)", exc)
+    hf = getattr(getattr(model_runner, "model_config", None), "hf_text_config", None)
+    for name in ("num_experts", "n_routed_experts", "num_local_experts"):
+        v = getattr(hf, name, None)
+        if isinstance(v, int) and v > 0:
+            runtime.num_experts_hint = v
+            break
+    runtime.placement_source = _sglang_placement
+    if runtime.scattered_input and runtime.settings.deepep_mode == "global":
+        from sglang.srt.distributed.parallel_state import get_moe_ep_group
+
+        group = get_moe_ep_group()
+        runtime.all_reduce = group.all_reduce
+        log.info("xshare: DeepEP global mode: one all-reduce of 2E floats per MoE layer over the EP group")
+    elif runtime.scattered_input:
+        log.info("xshare: MoE rows are DP-local (a2a backend): per-rank local selection")
+
+
+def _forward_state(runtime: rt_mod.Runtime, model_runner: Any, forward_batch: Any, *, capturing: bool) -> ForwardState:
+    mode = _mode_name(getattr(forward_batch, "forward_mode", None))
+    tpr = _tokens_per_req(forward_batch, mode)
+    state = ForwardState(mode=mode, is_draft=bool(getattr(model_runner, "is_draft_worker", False)),
+                         tokens_per_req=tpr, capturing=capturing)
+    if runtime.scattered_input and runtime.all_reduce is not None:
+        gmode = _mode_name(getattr(forward_batch, "global_forward_mode", None) or forward_batch.forward_mode)
+        counts = getattr(forward_batch, "global_num_tokens_cpu", None)
+        rows = int(sum(counts)) if counts else None
+        state.global_mode, state.global_rows = gmode, rows
+        applies = gmode in runtime.modes() and not state.is_draft
+        if applies and rows is not None and not capturing:
+            applies = runtime.settings.selector.applies_to(rows)
+        state.global_applies = applies
+    return state
+
+
+def _fill_groups(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: Any) -> None:
+    """The per-forward device buffer of request ids (one per row), filled before the model runs."""
+    if state.mode not in ("decode", "target_verify") or runtime.settings.selector.policy != "xshare_spec":
+        return
+    bs = int(getattr(forward_batch, "batch_size", 0) or 0)
+    device = getattr(getattr(forward_batch, "input_ids", None), "device", None) or torch.device("cpu")
+    state.groups = runtime.group_ids(bs * state.tokens_per_req, state.tokens_per_req, device)
+
+
+def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``ModelRunner.forward(self, forward_batch, ...)``."""
+    runtime = rt_mod.get()
+    if runtime is None:
+        return original(self, forward_batch, *args, **kwargs)
+    state = None
+    try:
+        _init_process_facts(runtime, self)
+        state = _forward_state(runtime, self, forward_batch, capturing=False)
+        _fill_groups(runtime, state, forward_batch)
+        if runtime.trace is not None and not state.is_draft and state.mode in runtime.modes():
+            runtime.trace.begin_forward(getattr(forward_batch, "rids", None), state.tokens_per_req,
+                                        getattr(forward_batch, "positions", None))
+    except Exception as exc:  # noqa: BLE001 - the selector must never break a forward
+        runtime.stats.count_fallback("forward_state")
+        runtime.log_once("forward_state", logging.ERROR, "xshare: cannot read the forward batch: %s", exc,
+                         exc_info=True)
+    runtime.push(state)
+    try:
+        return original(self, forward_batch, *args, **kwargs)
+    finally:
+        runtime.pop()
+        try:
+            runtime.forward_ended(state)
+        except Exception as exc:  # noqa: BLE001
+            runtime.log_once("forward_end", logging.ERROR, "xshare: end-of-forward bookkeeping failed: %s", exc,
+                             exc_info=True)
+
+
+def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``DecodeCudaGraphRunner.capture_one_shape``: the routing hook is traced into the graph
+    with the captured mode (decode / target verify); batch-size limits are then read on the device."""
+    runtime = rt_mod.get()
+    if runtime is None:
+        return original(self, *args, **kwargs)
+    state = None
+    try:
+        mr = getattr(self, "model_runner", None)
+        _init_process_facts(runtime, mr)
+        mode = _mode_name(getattr(self, "capture_forward_mode", None))
+        state = ForwardState(mode=mode, is_draft=bool(getattr(mr, "is_draft_worker", False)),
+                             tokens_per_req=int(getattr(self, "captured_req_width", 1) or 1), capturing=True)
+        if runtime.scattered_input and runtime.all_reduce is not None:
+            state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
+    except Exception as exc:  # noqa: BLE001
+        runtime.log_once("capture_state", logging.ERROR, "xshare: cannot read the capture state: %s", exc)
+    runtime.push(state)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        runtime.pop()
+
+
+# -- DeepEP global mode: zero-token ranks ----------------------------------------------------------
+def empty_topk_output_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``TopK.empty_topk_output(self, device, *, layer_id=None)``: join the layer's all-reduce."""
+    runtime = rt_mod.get()
+    if runtime is None or runtime.all_reduce is None or not runtime.scattered_input:
+        return None
+    if getattr(self, "is_draft", False) or not runtime.settings.enabled:
+        return None
+    state = runtime.current
+    if state is None or not state.global_applies:
+        return None
+    device = args[0] if args else kwargs.get("device", "cpu")
+    num_experts = runtime.num_experts_hint
+    if num_experts is None:
+        runtime.log_once("no_e", logging.ERROR, "xshare: global mode cannot join: unknown number of experts")
+        return None
+    from xshare.sglang.global_stats import join_empty
+
+    join_empty(num_experts, runtime.all_reduce, device)
+    runtime.skip("empty_rank_joined")
+    return None
+
+
+# -- placement from SGLang's expert-location metadata -----------------------------------------------
+def _sglang_placement(layer_id: int, num_experts: int) -> Any:
+    """Placement of one layer from ``ExpertLocationMetadata`` (physical slot p on EP rank
+    p // num_local_physical_experts, redundant experts included), cached until EPLB changes it."""
+    from xshare.selection import Placement
+
+    runtime = rt_mod.get()
+    cache = runtime._placements if runtime is not None else {}
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        meta = get_global_expert_location_metadata()
+    except Exception:  # noqa: BLE001
+        meta = None
+    if meta is None or layer_id >= meta.num_layers or meta.num_logical_experts != num_experts:
+        ep_size = _ep_size()
+        key_tensor = None
+        cached = cache.get(layer_id)
+        if cached is not None and cached[0] is None and cached[1].num_gpus == ep_size:
+            return cached[1]
+        gpus = ep_size if num_experts % ep_size == 0 else 1
+        placement = Placement.contiguous(num_experts, gpus)
+        cache[layer_id] = (key_tensor, placement)
+        return placement
+    phy2log = meta.physical_to_logical_map_cpu[layer_id]
+    cached = cache.get(layer_id)
+    if cached is not None and cached[0] is not None and torch.equal(cached[0], phy2log):
+        return cached[1]
+    placement = Placement.from_physical(phy2log.clone(), meta.ep_size)
+    cache[layer_id] = (phy2log.clone(), placement)
+    return placement
+
+
+def _ep_size() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(get_parallel().moe_ep_size or 1)
+    except Exception:  # noqa: BLE001
+        return 1

@@ -1,0 +1,100 @@
+"""The SGLang plugin entry point (group ``sglang.srt.plugins``, name ``xshare``).
+
+SGLang calls :func:`register` in every process it starts (launcher, each scheduler = each TP/EP
+rank, detokenizer, DP controller) before it applies the registered hooks. :func:`register`:
+
+* reads the settings (``XSHARE_*`` / ``XSHARE_CONFIG``); a bad setting stops the process with a
+  message naming it (``SystemExit``, which SGLang's plugin loader does not swallow), so the
+  launcher refuses to start before any scheduler is spawned;
+* does nothing more unless ``XSHARE_ENABLE`` is on;
+* in a scheduler process (``run_scheduler_process``, or a Ray ``SchedulerActor`` once
+  ``patches/`` is applied) creates the process's :class:`~xshare.sglang.runtime.Runtime` and
+  registers the hooks of :mod:`xshare.sglang.hooks`. Other processes get no hooks (they never run
+  the model; this also spares them importing the model code). ``XSHARE_HOOK_ALL_PROCESSES=1``
+  registers them everywhere (for launchers that run the model in another kind of process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib import metadata
+from types import FrameType
+
+from xshare.sglang import PLUGIN_NAME, SGLANG_VERSION
+
+log = logging.getLogger("xshare.sglang")
+
+_SCHEDULER_FUNCS = {("sglang.srt.managers.scheduler", "run_scheduler_process"),
+                    ("sglang.srt.ray.scheduler_actor", "__init__")}
+_registered = False
+
+
+def _scheduler_frame() -> FrameType | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _SCHEDULER_FUNCS:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _rank_of(frame: FrameType | None) -> int:
+    if frame is None:
+        return 0
+    for name in ("moe_ep_rank", "tp_rank"):
+        v = frame.f_locals.get(name)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def refuse(message: str) -> None:
+    """Stop this process with ``message`` (printed once to stderr)."""
+    text = f"xshare: refusing to start: {message}"
+    log.error(text)
+    raise SystemExit(text)
+
+
+def register() -> None:
+    """Entry point called by SGLang's ``load_plugins()``."""
+    global _registered
+    from xshare.sglang.settings import SettingError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingError as exc:
+        refuse(str(exc))
+        return
+    if not settings.enabled:
+        log.info("xshare: plugin loaded, selector disabled (set XSHARE_ENABLE=1 to enable it)")
+        return
+    frame = _scheduler_frame()
+    if frame is None and os.environ.get("XSHARE_HOOK_ALL_PROCESSES", "") not in ("1", "true", "yes", "on"):
+        log.info("xshare: enabled (%s); hooks go into the scheduler processes", settings.describe())
+        return
+    if _registered:
+        return
+    try:
+        version = metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    if version != SGLANG_VERSION:
+        log.warning("xshare: written for sglang %s, running on %s: the hook targets may have moved",
+                    SGLANG_VERSION, version)
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from xshare.sglang import hooks, runtime
+
+    rank = _rank_of(frame)
+    runtime.install(settings, rank=rank)
+    HookRegistry.register(hooks.POST_PROCESS_TARGET, hooks.post_process_topk_ids_hook, HookType.AROUND)
+    HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)
+    HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)
+    if settings.deepep_mode == "global":
+        HookRegistry.register(hooks.EMPTY_TOPK_TARGET, hooks.empty_topk_output_hook, HookType.AFTER)
+    _registered = True
+    log.info("xshare: %s plugin registered its hooks in pid %d (rank %d): %s", PLUGIN_NAME, os.getpid(), rank,
+             settings.describe())
