@@ -1,0 +1,418 @@
+"""Replay a trace through :func:`xshare.selection.select` and measure what each policy does.
+
+For every replayed layer and batch, each policy setting (and the vanilla ``topk`` reference) is run
+through the selection core exactly as the server runs it, one forward batch per call; the metrics
+are then computed for all batches of the layer at once (vectorised tensors):
+
+    activated experts  distinct experts routed by at least one token of the batch
+    gate mass kept     sum of the stored probabilities of each token's final experts / sum of its
+                       stored top-K probabilities (over the batch's tokens; unknown probabilities = 0)
+    top-1 kept         share of tokens whose own stored top-1 expert is among their final experts
+    GPU load           activated physical experts per GPU under the placement (a replicated expert
+                       counts once per replica that receives tokens); peak = the busiest GPU
+    tokens per GPU     token-expert assignments per GPU (max / mean)
+    a2a volume         tokens each GPU sends to / receives from other GPUs (token i starts on GPU i mod G)
+
+Averages are over layers and batches (``../shared/traces/README.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xshare.eval.batching import Batches
+from xshare.eval.costmodel import CostModel
+from xshare.eval.traces import Trace
+from xshare.selection import Placement, SelectorConfig, select
+
+KNOBS = ("budget", "warmup_k", "group_budget", "gpu_cap")
+# The settings each policy reads (a knob a policy ignores is not swept for it). A policy not listed
+# here (registered later) is swept over every knob.
+POLICY_KNOBS: dict[str, tuple[str, ...]] = {
+    "topk": (),
+    "xshare": ("budget", "warmup_k"),
+    "xshare_ep": ("budget", "warmup_k", "gpu_cap"),
+    "xshare_spec": ("budget", "warmup_k", "group_budget"),
+    "lynx": ("budget",),
+    "des_vote": ("budget",),
+    "des_seq": ("warmup_k",),
+    "oea": ("warmup_k",),
+}
+
+
+def knobs_of(policy: str) -> tuple[str, ...]:
+    return POLICY_KNOBS.get(policy, KNOBS)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep. ``batch`` None = the recorded batches; a knob None = the default."""
+
+    policy: str
+    batch: int | None
+    budget: int | float | None = None
+    warmup_k: int | None = None
+    group_budget: int | float | None = None
+    gpu_cap: int | None = None
+
+    def config(self) -> SelectorConfig:
+        kw: dict[str, Any] = {"policy": self.policy}
+        for k in KNOBS:
+            v = getattr(self, k)
+            if v is not None:
+                kw[k] = v
+        return SelectorConfig(**kw)
+
+    def label(self) -> str:
+        parts = [self.policy]
+        if self.budget is not None:
+            parts.append(f"m={self.budget}")
+        if self.warmup_k is not None:
+            parts.append(f"k0={self.warmup_k}")
+        if self.group_budget is not None:
+            parts.append(f"mr={self.group_budget}")
+        if self.gpu_cap is not None:
+            parts.append(f"cap={self.gpu_cap}")
+        return " ".join(parts)
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, list[str]]]:
+    """'oea:warmup_k=1,2,3;budget=16' -> ('oea', {'warmup_k': ['1', '2', '3'], 'budget': ['16']})."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    overrides: dict[str, list[str]] = {}
+    if rest.strip():
+        for item in rest.split(";"):
+            key, eq, values = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in KNOBS:
+                raise ValueError(f"--policy {spec!r}: expected NAME:knob=v1,v2;knob=v with knob in {', '.join(KNOBS)}")
+            vals = [v.strip() for v in values.split(",") if v.strip()]
+            if not vals:
+                raise ValueError(f"--policy {spec!r}: no value for {key}")
+            overrides[key] = vals
+    return name, overrides
+
+
+def make_settings(policies: Sequence[tuple[str, dict[str, Sequence[Any]]]], batches: Sequence[int | None],
+                  axes: dict[str, Sequence[Any]]) -> list[Setting]:
+    """The cartesian product of the knobs each policy reads, per batch size (deduplicated, ordered).
+
+    ``policies``: (name, overrides) pairs; an override replaces the global axis for that policy.
+    ``axes``: knob -> values (an empty list = the SelectorConfig default).
+    """
+    out: dict[Setting, None] = {}
+    for b in batches:
+        for p, overrides in policies:
+            combos: list[dict[str, Any]] = [{}]
+            for k in knobs_of(p):
+                values = list(overrides.get(k, axes.get(k, ()))) or [None]
+                combos = [{**c, k: v} for c in combos for v in values]
+            for c in combos:
+                out[Setting(policy=p, batch=b, **c)] = None
+    return list(out)
+
+
+@dataclass
+class Plan:
+    """Everything a replay needs; picklable (worker processes get a copy)."""
+
+    trace: Trace
+    layers: list[int]
+    batches: dict[int | None, Batches]
+    settings: list[Setting]
+    placements: list[Placement]  # one per replayed layer
+    cost: CostModel | None = None
+
+    def settings_for(self, bkey: int | None) -> list[Setting]:
+        return [s for s in self.settings if s.batch == bkey]
+
+
+@dataclass
+class LayerStats:
+    """Per-batch metrics of one setting on one layer (numpy, [NB] unless noted)."""
+
+    active: np.ndarray
+    peak: np.ndarray
+    peak_over_mean: np.ndarray
+    tokens_max_over_mean: np.ndarray
+    mass: np.ndarray
+    top1: np.ndarray
+    gpu_active_mean: np.ndarray  # [G]
+    moe_seconds: np.ndarray | None
+    select_seconds: float
+    calls: int
+
+
+def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, sizes: list[int],
+           placement: Placement) -> tuple[Tensor, Tensor | None, float]:
+    """Run select() on every batch of a layer; ids/physical padded to [NB, W, k] with 0."""
+    nb, width = logits.shape[0], logits.shape[1]
+    k = plan.trace.top_k
+    ids = torch.zeros((nb, width, k), dtype=torch.int64)
+    phys: Tensor | None = None
+    seconds = 0.0
+    clock = time.perf_counter
+    for b in range(nb):
+        n = sizes[b]
+        t0 = clock()
+        r = select(logits[b, :n], k, cfg, groups=groups[b, :n], placement=placement, validate=False)
+        seconds += clock() - t0
+        ids[b, :n] = r.topk_ids
+        if r.physical_ids is not None:
+            if phys is None:
+                phys = torch.zeros((nb, width, k), dtype=torch.int64)
+            phys[b, :n] = r.physical_ids
+    return ids, phys, seconds
+
+
+def layer_metrics(ids: Tensor, phys: Tensor | None, valid: Tensor, tokens: Tensor, probs: Tensor,
+                  stored_ids: Tensor, placement: Placement, cost: CostModel | None) -> dict[str, Any]:
+    """Metrics of every batch of one layer at once.
+
+    ids [NB, W, k] routed logical experts, phys [NB, W, k] physical slots or None, valid bool
+    [NB, W], tokens [NB, W] token indices, probs [T, E] stored probabilities, stored_ids [T, K]
+    the recorded top-K (highest first).
+    """
+    nb, width, _ = ids.shape
+    num_experts = probs.shape[1]
+    tok = tokens.clamp_min(0)
+    vk = valid.unsqueeze(-1)
+    n_valid = valid.sum(1)
+    # activated experts
+    idx = torch.where(vk, ids, torch.full_like(ids, num_experts)).reshape(nb, -1)
+    act = torch.zeros((nb, num_experts + 1), dtype=torch.bool).scatter_(1, idx, True)[:, :num_experts]
+    active = act.sum(1)
+    # gate mass kept and top-1 kept
+    p = probs[tok]  # [NB, W, E]
+    kept = (p.gather(2, ids) .sum(-1) * valid).sum(1)
+    total = (p.gather(2, stored_ids[tok]).sum(-1) * valid).sum(1)
+    mass = torch.where(total > 0, kept / total.clamp_min(1e-30), torch.ones_like(total))
+    top1 = ((ids == stored_ids[tok][..., :1]).any(-1) & valid).sum(1) / n_valid.clamp_min(1)
+    # GPU load under the placement (physical slots)
+    slots = phys if phys is not None else placement.replicas[ids, 0]
+    num_slots, g = placement.num_slots, placement.num_gpus
+    sidx = torch.where(vk, slots, torch.full_like(slots, num_slots)).reshape(nb, -1)
+    act_slots = torch.zeros((nb, num_slots + 1), dtype=torch.bool).scatter_(1, sidx, True)[:, :num_slots]
+    gpu_active = torch.zeros((nb, g), dtype=torch.float64).index_add_(1, placement.slot_gpu, act_slots.double())
+    gpu = placement.slot_gpu[slots]
+    gidx = torch.where(vk, gpu, torch.full_like(gpu, g))
+    gpu_assign = torch.zeros((nb, g + 1), dtype=torch.float64).scatter_add_(
+        1, gidx.reshape(nb, -1), torch.ones(gidx.numel() // nb, dtype=torch.float64).expand(nb, -1))[:, :g]
+    peak = gpu_active.max(1).values
+    out = {
+        "active": active.numpy().astype(np.int32),
+        "peak": peak.numpy().astype(np.int32),
+        "peak_over_mean": (peak / gpu_active.mean(1).clamp_min(1e-12)).numpy().astype(np.float32),
+        "tokens_max_over_mean": (gpu_assign.max(1).values / gpu_assign.mean(1).clamp_min(1e-12)).numpy()
+        .astype(np.float32),
+        "mass": mass.numpy().astype(np.float32),
+        "top1": top1.numpy().astype(np.float32),
+        "gpu_active_mean": gpu_active.mean(0).numpy(),
+        "moe_seconds": None,
+    }
+    if cost is not None:
+        # all-to-all: token i of a batch starts on GPU i mod G and is sent once to every other GPU
+        # holding one of its experts
+        on_gpu = torch.zeros((nb, width, g + 1), dtype=torch.bool).scatter_(2, gidx, True)[..., :g]
+        origin = torch.arange(width) % g
+        remote = on_gpu & (torch.arange(g) != origin.unsqueeze(-1)) & vk
+        received = remote.sum(1).double()
+        sent = torch.zeros((nb, g), dtype=torch.float64).index_add_(1, origin, remote.sum(-1).double())
+        out["moe_seconds"] = cost.layer_times(gpu_active.numpy(), gpu_assign.numpy(), sent.numpy(),
+                                              received.numpy(), n_valid.numpy())
+    return out
+
+
+VANILLA = "topk"
+
+
+def replay_unit(plan: Plan, bkey: int | None, li: int,
+                tick: Callable[[int], None] | None = None) -> dict[Setting, LayerStats]:
+    """All settings of one batch size on one layer (plus the vanilla reference)."""
+    trace = plan.trace
+    layer = plan.layers[li]
+    batches = plan.batches[bkey]
+    tokens = torch.from_numpy(batches.tokens)
+    valid = tokens >= 0
+    tok = tokens.clamp_min(0)
+    sizes = valid.sum(1).tolist()
+    logits = trace.layer_logits(layer)[tok]  # [NB, W, E]
+    groups = torch.from_numpy(trace.seq_ids)[tok]
+    probs = trace.layer_probs(layer)
+    stored = torch.from_numpy(trace.topk_ids[layer])
+    placement = plan.placements[li]
+    settings = [Setting(VANILLA, bkey)] + [s for s in plan.settings_for(bkey) if s != Setting(VANILLA, bkey)]
+    out: dict[Setting, LayerStats] = {}
+    for s in settings:
+        ids, phys, seconds = _route(plan, s.config(), logits, groups, sizes, placement)
+        m = layer_metrics(ids, phys, valid, tokens, probs, stored, placement, plan.cost)
+        out[s] = LayerStats(**m, select_seconds=seconds, calls=len(sizes))
+        if tick is not None:
+            tick(1)
+    return out
+
+
+_WORKER_PLAN: Plan | None = None
+
+
+def _init_worker(plan: Plan) -> None:
+    global _WORKER_PLAN
+    torch.set_num_threads(1)
+    _WORKER_PLAN = plan
+
+
+def _worker_unit(bkey: int | None, li: int) -> tuple[int | None, int, dict[Setting, LayerStats]]:
+    assert _WORKER_PLAN is not None
+    return bkey, li, replay_unit(_WORKER_PLAN, bkey, li)
+
+
+@dataclass
+class ReplayResult:
+    plan: Plan
+    stats: dict[Setting, list[LayerStats]] = field(default_factory=dict)  # per replayed layer, in order
+    wall_seconds: float = 0.0
+
+
+def replay(plan: Plan, jobs: int = 1, progress: bool | None = None) -> ReplayResult:
+    """Run every (batch size, layer) unit, in ``jobs`` processes; a tqdm bar when ``progress``."""
+    from tqdm import tqdm
+
+    units = [(b, li) for b in plan.batches for li in range(len(plan.layers))]
+    per_unit = {b: 1 + len([s for s in plan.settings_for(b) if s.policy != VANILLA]) for b in plan.batches}
+    total = sum(per_unit[b] for b, _ in units)
+    collected: dict[tuple[int | None, int], dict[Setting, LayerStats]] = {}
+    t0 = time.perf_counter()
+    disable = None if progress is None else not progress  # None: only on a terminal
+    bar = tqdm(total=total, desc="xshare eval", unit="layer-setting", disable=disable, leave=False)
+    threads = torch.get_num_threads()
+    try:
+        if jobs <= 1 or len(units) == 1:
+            torch.set_num_threads(1)
+            for b, li in units:
+                collected[(b, li)] = replay_unit(plan, b, li, tick=bar.update)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(plan,)) as pool:
+                futs = [pool.submit(_worker_unit, b, li) for b, li in units]
+                for f in as_completed(futs):
+                    b, li, res = f.result()
+                    collected[(b, li)] = res
+                    bar.update(per_unit[b])
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    result = ReplayResult(plan=plan, wall_seconds=time.perf_counter() - t0)
+    for b in plan.batches:
+        for li in range(len(plan.layers)):
+            for s, st in collected[(b, li)].items():
+                result.stats.setdefault(s, []).append(st)
+    return result
+
+
+# -- summaries -------------------------------------------------------------------------------------
+def _f(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _stack(stats: Iterable[LayerStats], name: str) -> np.ndarray:
+    return np.stack([getattr(s, name) for s in stats])  # [L', NB]
+
+
+def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
+    """The result row of one setting (the stable JSON schema; see docs/eval.md)."""
+    plan = result.plan
+    trace = plan.trace
+    num_experts = trace.num_experts
+    stats = result.stats[setting]
+    van = result.stats[Setting(VANILLA, setting.batch)]
+    cfg = setting.config()
+    knobs = knobs_of(setting.policy)
+    g = plan.placements[0].num_gpus
+    budget = cfg.budget_for(num_experts) if "budget" in knobs else None
+    gpu_cap = None
+    if "gpu_cap" in knobs:
+        gpu_cap = cfg.gpu_cap if cfg.gpu_cap is not None else -(-cfg.budget_for(num_experts) // g)
+    active = _stack(stats, "active")
+    v_active = _stack(van, "active")
+    peak = _stack(stats, "peak")
+    v_peak = _stack(van, "peak")
+    batches = plan.batches[setting.batch]
+    row: dict[str, Any] = {
+        "policy": setting.policy,
+        "label": setting.label(),
+        "batch": setting.batch,
+        "batch_tokens_mean": _f(batches.sizes.mean()),
+        "num_batches": batches.num_batches,
+        "budget": budget,
+        "budget_arg": setting.budget if "budget" in knobs else None,
+        "warmup_k": cfg.warmup_k if "warmup_k" in knobs else None,
+        "group_budget": (cfg.group_budget_for(num_experts, trace.top_k) if "group_budget" in knobs else None),
+        "gpus": g,
+        "gpu_cap": gpu_cap,
+        "active_experts_mean": _f(active.mean()),
+        "active_experts_p50": _f(np.percentile(active, 50)),
+        "active_experts_p95": _f(np.percentile(active, 95)),
+        "active_experts_max": int(active.max()),
+        "vanilla_active_experts_mean": _f(v_active.mean()),
+        "reduction": _f(1.0 - active.mean() / v_active.mean()),
+        "mass_kept": _f(_stack(stats, "mass").mean()),
+        "top1_kept": _f(_stack(stats, "top1").mean()),
+        "peak_gpu_experts_mean": _f(peak.mean()),
+        "peak_gpu_experts_max": int(peak.max()),
+        "vanilla_peak_gpu_experts_mean": _f(v_peak.mean()),
+        "peak_ratio": _f(v_peak.mean() / peak.mean()),
+        "peak_over_mean_gpu": _f(_stack(stats, "peak_over_mean").mean()),
+        "vanilla_peak_over_mean_gpu": _f(_stack(van, "peak_over_mean").mean()),
+        "tokens_per_gpu_max_over_mean": _f(_stack(stats, "tokens_max_over_mean").mean()),
+        "vanilla_tokens_per_gpu_max_over_mean": _f(_stack(van, "tokens_max_over_mean").mean()),
+        "selector_ms_per_layer": _f(1e3 * sum(s.select_seconds for s in stats) / sum(s.calls for s in stats)),
+        "vanilla_selector_ms_per_layer": _f(1e3 * sum(s.select_seconds for s in van) / sum(s.calls for s in van)),
+        "gpu_load_mean": [_f(x) for x in np.mean([s.gpu_active_mean for s in stats], 0)],
+        "vanilla_gpu_load_mean": [_f(x) for x in np.mean([s.gpu_active_mean for s in van], 0)],
+        "per_layer": {
+            "layer": [trace.layer_names[i] for i in plan.layers],
+            "active_experts_mean": [_f(x) for x in active.mean(1)],
+            "vanilla_active_experts_mean": [_f(x) for x in v_active.mean(1)],
+            "mass_kept": [_f(x) for x in _stack(stats, "mass").mean(1)],
+            "top1_kept": [_f(x) for x in _stack(stats, "top1").mean(1)],
+            "peak_gpu_experts_mean": [_f(x) for x in peak.mean(1)],
+        },
+    }
+    cost = plan.cost
+    if cost is not None:
+        n_layers = len(plan.layers)
+        moe_sum = _stack(stats, "moe_seconds").sum(0)
+        v_moe_sum = _stack(van, "moe_seconds").sum(0)
+        selector = setting.policy != VANILLA
+        step = cost.step_seconds(moe_sum, n_layers, selector=selector)
+        v_step = cost.step_seconds(v_moe_sum, n_layers, selector=False)
+        non_moe = cost.non_moe_seconds()
+        row.update({
+            "modelled_moe_ms_per_step": _f(1e3 * (step.mean() - non_moe)),
+            "vanilla_modelled_moe_ms_per_step": _f(1e3 * (v_step.mean() - non_moe)),
+            "modelled_step_ms": _f(1e3 * step.mean()),
+            "vanilla_modelled_step_ms": _f(1e3 * v_step.mean()),
+            "moe_speedup": _f((v_step.mean() - non_moe) / (step.mean() - non_moe)),
+            "otps_ratio": _f(v_step.mean() / step.mean()),
+        })
+    else:
+        row.update({k: None for k in ("modelled_moe_ms_per_step", "vanilla_modelled_moe_ms_per_step",
+                                      "modelled_step_ms", "vanilla_modelled_step_ms", "moe_speedup", "otps_ratio")})
+    return row
+
+
+def summarise_all(result: ReplayResult) -> list[dict[str, Any]]:
+    return [summarise(result, s) for s in result.plan.settings]
