@@ -5,7 +5,8 @@
 #   3. sglang==0.5.23 and torchvision==0.28.0 with --no-deps (their metadata pins CUDA packages),
 #   4. the CPU stand-ins from overlay/cpu_shims/ copied into site-packages: a pure-torch
 #      `sgl_kernel` module and `xshare_cpu_fixes` (+ .pth) that lets torchvision import beside CPU torch,
-#   5. a check that the stand-in provides every `sgl_kernel` symbol this sglang imports on the CPU
+#   5. patches/*.patch applied to the installed sglang (patches/README.md),
+#   6. a check that the stand-in provides every `sgl_kernel` symbol this sglang imports on the CPU
 #      (python -m xshare.sglang.cpu_check; fails naming the missing symbol), and an import smoke test.
 # Run by scripts/bootstrap.sh (with XSHARE_VENV set); idempotent: it returns at once when the stamp
 # in the venv matches this script, the requirement files and the stand-ins.
@@ -26,7 +27,8 @@ if [ ! -x "$py" ]; then
   exit 1
 fi
 
-want="$(cat "${BASH_SOURCE[0]}" "$reqs" "$cons" "$shims"/sgl_kernel/*.py "$shims"/xshare_cpu_fixes.* | sha256sum | cut -d' ' -f1)"
+want="$(cat "${BASH_SOURCE[0]}" "$reqs" "$cons" "$shims"/sgl_kernel/*.py "$shims"/xshare_cpu_fixes.* \
+  "$root"/patches/*.patch "$root"/patches/apply.sh | sha256sum | cut -d' ' -f1)"
 installed_version() {
   "$py" -c "import importlib.metadata as m; print(m.version('sglang'))" 2>/dev/null || true
 }
@@ -47,6 +49,9 @@ rm -rf "$site/sgl_kernel"
 cp -r "$shims/sgl_kernel" "$site/sgl_kernel"
 find "$site/sgl_kernel" -name '__pycache__' -prune -exec rm -rf {} +
 cp "$shims/xshare_cpu_fixes.py" "$shims/xshare_cpu_fixes.pth" "$site/"
+
+# Patches for what the plugin hooks cannot reach (patches/README.md); idempotent.
+bash "$root/patches/apply.sh" --python "$py"
 
 # The stand-in must cover every sgl_kernel symbol this sglang imports on the CPU.
 PYTHONPATH="$root/overlay${PYTHONPATH:+:$PYTHONPATH}" "$py" -m xshare.sglang.cpu_check

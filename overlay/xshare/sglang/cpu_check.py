@@ -73,7 +73,10 @@ def find_cpu_kernel_imports(sglang_dir: Path) -> list[KernelImport]:
         if _SKIP_DIRS.intersection(rel.parts[:-1]):
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            text = path.read_text(encoding="utf-8")
+            if "sgl_kernel" not in text:
+                continue
+            tree = ast.parse(text, filename=str(path))
         except (SyntaxError, UnicodeDecodeError):
             continue
         for body in _cpu_branches(tree.body):

@@ -1,0 +1,177 @@
+"""The adapter's routing decision (xshare.sglang.runtime / hooks) on plain tensors.
+
+SGLang's objects are stood in for by small namespaces with the attributes the adapter reads; the
+real server path is covered by test_sglang_e2e*.py.
+"""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from xshare.selection import SelectorConfig
+from xshare.sglang import hooks
+from xshare.sglang import runtime as rt
+from xshare.sglang.settings import PluginSettings
+
+E, K = 16, 4
+
+
+def topk_config(shared=0, **kw):
+    cfg = dict(top_k=K + shared, num_shared_topk_slots=shared, allow_routed_experts_capture=True,
+               scoring_func="softmax", renormalize=True, custom_routing_function=None, correction_bias=None,
+               use_grouped_topk=False, num_expert_group=None, topk_group=None, routed_scaling_factor=None)
+    cfg.update(kw)
+    return SimpleNamespace(**cfg)
+
+
+def vanilla(logits, k=K):
+    w, ids = torch.topk(torch.softmax(logits.float(), -1), k, dim=-1)
+    return ids, w / w.sum(-1, keepdim=True)
+
+
+def call_args(logits, shared=0, ids_dtype=torch.int64):
+    ids, w = vanilla(logits)
+    if shared:
+        ids = torch.cat([ids, torch.full((ids.shape[0], shared), E, dtype=ids.dtype)], 1)
+        w = torch.cat([w, torch.full((w.shape[0], shared), 2.5)], 1)
+    return {"topk_ids": ids.to(ids_dtype), "topk_weights": w.float(), "router_logits": logits, "layer_id": 3,
+            "num_token_non_padded": None, "expert_location_dispatch_info": None}
+
+
+def make_runtime(**kw):
+    sel = kw.pop("selector", SelectorConfig(policy="xshare", budget=4, warmup_k=0))
+    return rt.Runtime(PluginSettings(enabled=True, selector=sel, **kw))
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, E, generator=g) * 2
+
+
+def test_decode_batch_is_rewritten_within_budget(logits):
+    runtime = make_runtime()
+    runtime.push(rt.ForwardState(mode="decode"))
+    args = call_args(logits)
+    out = runtime.route(args, topk_config=topk_config())
+    assert out is not None
+    ids, w = out["topk_ids"], out["topk_weights"]
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == (12, K)
+    assert torch.unique(ids).numel() <= 4 < torch.unique(args["topk_ids"]).numel()
+    assert torch.allclose(w.sum(-1), torch.ones(12), atol=1e-5)
+    assert (torch.sort(ids, 1).values[:, 1:] != torch.sort(ids, 1).values[:, :-1]).all()  # distinct per token
+    snap = runtime.stats.snapshot()
+    assert snap["applied"] == 1 and snap["layers"]["3"]["activated"] == torch.unique(ids).numel()
+    assert snap["layers"]["3"]["vanilla_activated"] == torch.unique(args["topk_ids"]).numel()
+    assert args["topk_ids"] is not ids  # out of place: SGLang's own tensors are untouched
+
+
+def test_budget_at_least_e_reproduces_vanilla(logits):
+    runtime = make_runtime(selector=SelectorConfig(policy="xshare", budget=E))
+    runtime.push(rt.ForwardState(mode="decode"))
+    args = call_args(logits)
+    out = runtime.route(args, topk_config=topk_config())
+    assert torch.equal(out["topk_ids"], args["topk_ids"])
+    assert torch.allclose(out["topk_weights"], args["topk_weights"], atol=1e-6)
+
+
+def test_shared_expert_columns_are_left_alone(logits):
+    runtime = make_runtime()
+    runtime.push(rt.ForwardState(mode="decode"))
+    args = call_args(logits, shared=1, ids_dtype=torch.int32)
+    out = runtime.route(args, topk_config=topk_config(shared=1))
+    assert out["topk_ids"].dtype == torch.int32 and out["topk_ids"].shape == (12, K + 1)
+    assert torch.equal(out["topk_ids"][:, -1], args["topk_ids"][:, -1])
+    assert torch.equal(out["topk_weights"][:, -1], args["topk_weights"][:, -1])
+    assert torch.unique(out["topk_ids"][:, :K]).numel() <= 4
+
+
+@pytest.mark.parametrize(
+    ("state", "cfg", "reason"),
+    [
+        (rt.ForwardState(mode="extend"), {}, "mode_extend"),
+        (rt.ForwardState(mode="idle"), {}, "mode_idle"),
+        (rt.ForwardState(mode="decode", is_draft=True), {}, "draft_layer"),
+        (rt.ForwardState(mode="decode"), {"allow_routed_experts_capture": False}, "draft_layer"),
+        (None, {}, "no_forward_state"),
+        (rt.ForwardState(mode="decode"), {"correction_bias": torch.zeros(E)}, "unsupported_correction_bias"),
+        (rt.ForwardState(mode="decode"), {"scoring_func": "sqrtsoftplus"}, "unsupported_scoring_sqrtsoftplus"),
+        (rt.ForwardState(mode="decode"), {"use_grouped_topk": True, "num_expert_group": 4, "topk_group": 2},
+         "unsupported_grouped_topk"),
+    ],
+)
+def test_not_applicable_calls_are_left_to_sglang(logits, state, cfg, reason):
+    runtime = make_runtime()
+    runtime.push(state)
+    assert runtime.route(call_args(logits), topk_config=topk_config(**cfg)) is None
+    assert runtime.stats.skipped[reason] == 1 and runtime.stats.applied == 0
+
+
+def test_prefill_when_asked_and_batch_size_range(logits):
+    runtime = make_runtime(apply_prefill=True)
+    runtime.push(rt.ForwardState(mode="extend"))
+    assert runtime.route(call_args(logits), topk_config=topk_config()) is not None
+    runtime = make_runtime(selector=SelectorConfig(policy="xshare", budget=4, min_tokens=16))
+    runtime.push(rt.ForwardState(mode="decode"))
+    assert runtime.route(call_args(logits), topk_config=topk_config()) is None
+    assert runtime.stats.skipped["batch_size"] == 1
+
+
+def test_injected_fault_falls_back_and_is_counted(logits, caplog):
+    runtime = make_runtime(fault_inject="every:2")
+    runtime.push(rt.ForwardState(mode="decode"))
+    with caplog.at_level(logging.ERROR, logger="xshare.sglang"):
+        results = [runtime.route(call_args(logits), topk_config=topk_config()) for _ in range(6)]
+    assert [r is None for r in results] == [False, True, False, True, False, True]
+    assert runtime.stats.fallbacks == {"InjectedFault": 3} and runtime.stats.applied == 3
+    assert sum("selector failed" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_xshare_spec_groups_follow_tokens_per_request():
+    runtime = make_runtime(selector=SelectorConfig(policy="xshare_spec", budget=E, group_budget=K, warmup_k=0))
+    groups = runtime.group_ids(12, 3, torch.device("cpu"))
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert runtime.group_ids(6, 3, torch.device("cpu")).data_ptr() == groups.data_ptr()  # one buffer
+
+
+def test_update_settings_swaps_the_active_config(logits):
+    runtime = make_runtime()
+    runtime.push(rt.ForwardState(mode="decode"))
+    first = runtime.route(call_args(logits), topk_config=topk_config())
+    assert torch.unique(first["topk_ids"]).numel() <= 4
+    runtime.update_settings(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=6,
+                                                                                  warmup_k=0)))
+    second = runtime.route(call_args(logits), topk_config=topk_config())
+    assert 4 < torch.unique(second["topk_ids"]).numel() <= 6
+    knobs = next(iter(runtime._knobs.values()))
+    assert knobs.as_dict()["budget"] == 6
+    runtime.update_settings(PluginSettings(enabled=False))
+    assert runtime.route(call_args(logits), topk_config=topk_config()) is None
+
+
+def _fake_post_process(topk_ids, topk_weights, topk_config, router_logits, layer_id, num_token_non_padded=None,
+                       expert_location_dispatch_info=None, padded_rows_masked=False):
+    return topk_ids, topk_weights, expert_location_dispatch_info
+
+
+def test_hook_binds_positional_and_keyword_arguments(logits):
+    rt.install(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4, warmup_k=0)))
+    try:
+        rt.get().push(rt.ForwardState(mode="decode"))
+        a = call_args(logits)
+        ids, w, info = hooks.post_process_topk_ids_hook(
+            _fake_post_process, a["topk_ids"], a["topk_weights"], topk_config(), logits, 3,
+            expert_location_dispatch_info="info")
+        assert torch.unique(ids).numel() <= 4 and info == "info"
+        ids2, _, _ = hooks.post_process_topk_ids_hook(
+            _fake_post_process, topk_ids=a["topk_ids"], topk_weights=a["topk_weights"], topk_config=topk_config(),
+            router_logits=logits, layer_id=3)
+        assert torch.equal(ids, ids2)
+    finally:
+        rt.uninstall()
+    # without a runtime (plugin disabled / other process) the call passes through untouched
+    out = hooks.post_process_topk_ids_hook(_fake_post_process, a["topk_ids"], a["topk_weights"], topk_config(),
+                                           logits, 3)
+    assert out[0] is a["topk_ids"]
