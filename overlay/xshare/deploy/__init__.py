@@ -1,0 +1,16 @@
+"""Deployment helpers for XShare on SGLang.
+
+* :mod:`xshare.deploy.launcher` -- multi-node launcher on Ray (``xshare launch``): one placement group with one
+  bundle per node, one agent actor per node running ``sglang.launch_server`` (through ``xshare serve``) with
+  ``--nnodes/--node-rank/--dist-init-addr``, log streaming, health checks, whole-group restarts, clean shutdown.
+* :mod:`xshare.deploy.standin` -- a documented stand-in server with SGLang's multi-node command line; it forms a
+  real ``torch.distributed`` gloo group over ``--dist-init-addr`` (used to test the multi-node wiring on a CPU).
+* :mod:`xshare.deploy.metrics_exporter` -- serves a Prometheus multiprocess directory over HTTP: SGLang serves
+  ``/metrics`` only on node 0, so nodes with ``--node-rank`` >= 1 need it for their per-GPU metrics.
+* :mod:`xshare.deploy.dashboard` -- builds the Grafana dashboard (``dashboards/xshare-sglang.json``).
+* :mod:`xshare.deploy.promql` -- the dashboard's PromQL checks: parse with promtool, list metric names,
+  compare with a live scrape.
+
+Nothing here is imported by the selection core or the SGLang plugin. Ray, grafana-foundation-sdk and
+promql-parser are imported lazily by the modules that need them (``scripts/install_deploy_tools.sh``).
+"""

@@ -1,0 +1,299 @@
+"""The Grafana dashboard for XShare on SGLang (``dashboards/xshare-sglang.json``).
+
+Built with grafana-foundation-sdk's builders (``scripts/install_deploy_tools.sh`` installs it)::
+
+    python -m xshare.deploy.dashboard                # (re)write dashboards/xshare-sglang.json
+    python -m xshare.deploy.dashboard --check        # exit 1 if the committed file differs from a fresh build
+
+The committed JSON is what Grafana imports and what the Helm chart ships as a ConfigMap (the chart's
+``dashboards/`` folder is a link to the repository's). Panels read the plugin's metrics (:data:`XSHARE_METRICS`,
+the contract of the metrics issue: every series has label ``rank``) and SGLang's own ``sglang:*`` metrics.
+Variables: ``datasource``, ``model`` (SGLang's ``model_name``), ``instance`` (every scraped pod or process, leader
+and workers) and ``layer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+UID = "xshare-sglang"
+TITLE = "XShare on SGLang: MoE expert activation and peak GPU load"
+DEFAULT_OUT = Path(__file__).resolve().parents[3] / "dashboards" / "xshare-sglang.json"
+
+#: The plugin's metrics as exposed on /metrics (counters with their ``_total`` suffix): name -> (type, labels).
+XSHARE_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "xshare:active_experts": ("histogram", ("rank", "layer")),
+    "xshare:vanilla_active_experts": ("histogram", ("rank", "layer")),
+    "xshare:gpu_active_experts": ("gauge", ("rank", "layer", "gpu")),
+    "xshare:gpu_tokens": ("gauge", ("rank", "layer", "gpu")),
+    "xshare:peak_gpu_active_experts": ("histogram", ("rank",)),
+    "xshare:vanilla_peak_gpu_active_experts": ("histogram", ("rank",)),
+    "xshare:peak_mean_ratio": ("histogram", ("rank",)),
+    "xshare:mass_kept": ("histogram", ("rank",)),
+    "xshare:top1_kept": ("histogram", ("rank",)),
+    "xshare:selector_calls_total": ("counter", ("rank",)),
+    "xshare:fallbacks_total": ("counter", ("rank", "reason")),
+    "xshare:selector_seconds": ("histogram", ("rank",)),
+    "xshare:config_info": ("gauge", ("rank", "policy", "version")),
+    "xshare:budget": ("gauge", ("rank",)),
+    "xshare:warmup_k": ("gauge", ("rank",)),
+    "xshare:group_budget": ("gauge", ("rank",)),
+    "xshare:gpu_cap": ("gauge", ("rank",)),
+    "xshare:enabled": ("gauge", ("rank",)),
+    "xshare:config_changes_total": ("counter", ("rank", "result")),
+}
+
+_X = 'instance=~"$instance"'
+_XL = 'instance=~"$instance", layer=~"$layer"'
+_S = 'instance=~"$instance", model_name=~"$model"'
+_RI = "$__rate_interval"
+
+
+def _q(name: str, sel: str, q: float) -> str:
+    return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{sel}}}[{_RI}])))"
+
+
+def _mean(name: str, sel: str, by: str = "") -> str:
+    agg = f"sum by ({by}) " if by else "sum "
+    return f"{agg}(rate({name}_sum{{{sel}}}[{_RI}])) / {agg}(rate({name}_count{{{sel}}}[{_RI}]))"
+
+
+def build() -> dict[str, Any]:
+    """The dashboard as a JSON-ready dict (deterministic)."""
+    from grafana_foundation_sdk.builders import common as cb
+    from grafana_foundation_sdk.builders import dashboard as db
+    from grafana_foundation_sdk.builders import heatmap, stat, table, timeseries
+    from grafana_foundation_sdk.builders import prometheus as prom
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common
+    from grafana_foundation_sdk.models import dashboard as dm
+
+    ds = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+    def target(expr: str, legend: str, ref: str, instant: bool = False, fmt: str | None = None) -> Any:
+        t = prom.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(ds)
+        if instant:
+            t = t.instant()
+        if fmt:
+            t = t.format(fmt)
+        return t
+
+    def ts(title: str, desc: str, unit: str, targets: list[tuple[str, str]], w: int = 12, h: int = 8,
+           stepped: bool = False) -> Any:
+        p = (timeseries.Panel().title(title).description(desc).unit(unit).datasource(ds).span(w).height(h)
+             .legend(cb.VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+                     .placement(common.LegendPlacement.BOTTOM).show_legend(True).calcs(["mean", "max", "lastNotNull"])))
+        if stepped:
+            p = p.line_interpolation(common.LineInterpolation.STEP_AFTER)
+        for i, (expr, legend) in enumerate(targets):
+            p = p.with_target(target(expr, legend, chr(ord("A") + i)))
+        return p
+
+    peak = "xshare:peak_gpu_active_experts"
+    vpeak = "xshare:vanilla_peak_gpu_active_experts"
+    b = (
+        db.Dashboard(TITLE)
+        .uid(UID)
+        .description("Batch-aware MoE expert selection (XShare) on SGLang: activated experts per GPU and layer, "
+                     "peak GPU load against vanilla top-k routing, gate mass kept, fallbacks, the budget in force, "
+                     "and SGLang's throughput and latency.")
+        .tags(["xshare", "sglang", "moe"])
+        .refresh("10s")
+        .time("now-30m", "now")
+        .timezone("browser")
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .editable()
+        .with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(
+            db.QueryVariable("model").label("Model").datasource(ds)
+            .query("label_values(sglang:num_requests_total, model_name)")
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+        )
+        .with_variable(
+            db.QueryVariable("instance").label("Instance").datasource(ds)
+            .query("label_values(xshare:config_info, instance)")
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+        )
+        .with_variable(
+            db.QueryVariable("layer").label("Layer").datasource(ds)
+            .query('label_values(xshare:gpu_active_experts{instance=~"$instance"}, layer)')
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.NUMERICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+        )
+        # -- peak GPU load -------------------------------------------------------------------------------
+        .with_row(db.Row("Peak GPU load: XShare vs vanilla top-k"))
+        .with_panel(ts(
+            "Peak per-GPU activated experts",
+            "Per layer and forward, the largest number of activated experts on one GPU (EP rank): the load that "
+            "sets the step time. p95 and max (highest histogram bucket) of the policy in force against what "
+            "vanilla top-k would have activated on the same batches.",
+            "short",
+            [(_q(peak, _X, 0.95), "XShare p95"), (_q(vpeak, _X, 0.95), "vanilla p95"),
+             (_q(peak, _X, 1.0), "XShare max"), (_q(vpeak, _X, 1.0), "vanilla max"),
+             (_mean(peak, _X), "XShare mean"), (_mean(vpeak, _X), "vanilla mean")],
+            w=16, h=9))
+        .with_panel(
+            stat.Panel().title("Peak reduction vs vanilla").datasource(ds).span(8).height(9).unit("percentunit")
+            .description("1 - mean peak per-GPU activated experts (XShare) / the same for vanilla top-k.")
+            .with_target(target(f"1 - ({_mean(peak, _X)}) / ({_mean(vpeak, _X)})", "reduction", "A"))
+        )
+        .with_panel(ts(
+            "Peak / mean per-GPU activated experts",
+            "Imbalance across GPUs: max over GPUs divided by the mean over GPUs, per layer and forward.",
+            "short",
+            [(_q("xshare:peak_mean_ratio", _X, 0.5), "p50"), (_q("xshare:peak_mean_ratio", _X, 0.95), "p95")],
+            w=24, h=7))
+        # -- per GPU -------------------------------------------------------------------------------------
+        .with_row(db.Row("Per GPU"))
+        .with_panel(
+            heatmap.Panel().title("Activated experts per GPU").datasource(ds).span(16).height(10)
+            .description("Mean activated experts on each GPU over the plugin's flush window, averaged over the "
+                         "selected layers and ranks. Rows are GPUs (EP ranks).")
+            .calculate(False)
+            .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.UNKNOWN).value("experts"))
+            .color(heatmap.HeatmapColorOptions().mode("scheme").scheme("Oranges").fill("dark-orange")
+                   .scale("exponential").exponent(0.5).steps(64).reverse(False))
+            .y_axis(heatmap.YAxisConfig().axis_label("GPU"))
+            .cell_values(heatmap.CellValues().decimals(1))
+            .with_target(target(f"avg by (gpu) (xshare:gpu_active_experts{{{_XL}}})", "GPU {{gpu}}", "A"))
+        )
+        .with_panel(ts(
+            "Max vs mean GPU (activated experts)",
+            "Max and mean over GPUs of the per-GPU activated experts gauge (selected layers).",
+            "short",
+            [(f"max(avg by (gpu) (xshare:gpu_active_experts{{{_XL}}}))", "max GPU"),
+             (f"avg(avg by (gpu) (xshare:gpu_active_experts{{{_XL}}}))", "mean GPU")],
+            w=8, h=10))
+        .with_panel(ts(
+            "Tokens routed per GPU",
+            "Tokens routed to each GPU (EP rank), mean over the flush window, summed over the selected layers.",
+            "short",
+            [(f"sum by (gpu) (xshare:gpu_tokens{{{_XL}}})", "GPU {{gpu}}")],
+            w=24, h=8))
+        # -- per layer -----------------------------------------------------------------------------------
+        .with_row(db.Row("Per layer"))
+        .with_panel(ts(
+            "Activated experts per layer (policy in force)",
+            "Distinct experts activated per forward in each MoE layer, mean over forwards.",
+            "short",
+            [(_mean("xshare:active_experts", _XL, "layer"), "layer {{layer}}")]))
+        .with_panel(ts(
+            "Activated experts per layer (vanilla top-k)",
+            "What vanilla top-k routing would have activated on the same batches.",
+            "short",
+            [(_mean("xshare:vanilla_active_experts", _XL, "layer"), "layer {{layer}}")]))
+        # -- quality and fallbacks -----------------------------------------------------------------------
+        .with_row(db.Row("Quality and fallbacks"))
+        .with_panel(ts(
+            "Gate mass kept",
+            "Fraction of the router's gate mass kept by the selection (1 = vanilla), and the fraction of tokens "
+            "that kept their top-1 expert.",
+            "percentunit",
+            [(_mean("xshare:mass_kept", _X), "mass kept (mean)"), (_q("xshare:mass_kept", _X, 0.05), "mass kept p05"),
+             (_mean("xshare:top1_kept", _X), "top-1 kept (mean)")],
+            w=8))
+        .with_panel(ts(
+            "Fallbacks and selector calls",
+            "Selector calls per second and fallbacks to vanilla routing per second, by reason.",
+            "ops",
+            [(f"sum by (reason) (rate(xshare:fallbacks_total{{{_X}}}[{_RI}]))", "fallback: {{reason}}"),
+             (f"sum(rate(xshare:selector_calls_total{{{_X}}}[{_RI}]))", "selector calls")],
+            w=8))
+        .with_panel(ts(
+            "Selector latency",
+            "Time spent in the selector per call.",
+            "s",
+            [(_q("xshare:selector_seconds", _X, 0.5), "p50"), (_q("xshare:selector_seconds", _X, 0.99), "p99")],
+            w=8))
+        # -- configuration in force ----------------------------------------------------------------------
+        .with_row(db.Row("Configuration in force"))
+        .with_panel(ts(
+            "Budget per rank",
+            "The expert budget in force on each rank (changed at run time with `xshare admin set`).",
+            "short",
+            [(f"xshare:budget{{{_X}}}", "{{instance}} rank {{rank}}")],
+            w=12, stepped=True))
+        .with_panel(ts(
+            "Enabled, warm-up k, GPU cap, group budget",
+            "The other knobs in force per rank.",
+            "short",
+            [(f"xshare:enabled{{{_X}}}", "enabled {{instance}} rank {{rank}}"),
+             (f"xshare:warmup_k{{{_X}}}", "warmup k {{instance}} rank {{rank}}"),
+             (f"xshare:gpu_cap{{{_X}}}", "GPU cap {{instance}} rank {{rank}}"),
+             (f"xshare:group_budget{{{_X}}}", "group budget {{instance}} rank {{rank}}")],
+            w=12, stepped=True))
+        .with_panel(
+            table.Panel().title("Policy and version per rank").datasource(ds).span(12).height(7)
+            .with_target(target(f"max by (instance, rank, policy, version) (xshare:config_info{{{_X}}})", "", "A",
+                                instant=True, fmt="table"))
+        )
+        .with_panel(ts(
+            "Configuration changes",
+            "Run-time configuration changes (admin endpoint) per interval, by result.",
+            "short",
+            [(f"sum by (result) (increase(xshare:config_changes_total{{{_X}}}[{_RI}]))", "{{result}}")],
+            w=12, h=7))
+        # -- SGLang --------------------------------------------------------------------------------------
+        .with_row(db.Row("SGLang throughput and latency"))
+        .with_panel(ts(
+            "Generation throughput", "Decode tokens per second (SGLang scheduler).", "short",
+            [(f"sum by (instance) (sglang:gen_throughput{{{_S}}})", "{{instance}}")], w=8))
+        .with_panel(ts(
+            "End-to-end request latency", "", "s",
+            [(_q("sglang:e2e_request_latency_seconds", _S, q), f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99)],
+            w=8))
+        .with_panel(ts(
+            "Time to first token", "", "s",
+            [(_q("sglang:time_to_first_token_seconds", _S, q), f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99)],
+            w=8))
+        .with_panel(ts(
+            "Time per output token", "", "s",
+            [(_q("sglang:request_time_per_output_token_seconds", _S, q), f"p{int(q * 100)}")
+             for q in (0.5, 0.9, 0.99)],
+            w=8))
+        .with_panel(ts(
+            "Running and queued requests", "", "short",
+            [(f"sum(sglang:num_running_reqs{{{_S}}})", "running"), (f"sum(sglang:num_queue_reqs{{{_S}}})", "queued")],
+            w=8))
+        .with_panel(ts(
+            "KV cache token usage", "", "percentunit",
+            [(f"max by (instance) (sglang:token_usage{{{_S}}})", "{{instance}}")], w=8))
+    )
+    out = json.loads(json.dumps(b.build(), cls=JSONEncoder, sort_keys=True))
+    for i, panel in enumerate(out["panels"], start=1):  # the builders leave ids unset; Grafana wants them unique
+        panel["id"] = i
+    return out
+
+
+def render(d: dict[str, Any]) -> str:
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xshare.deploy.dashboard", description="Build the Grafana dashboard.")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--check", action="store_true", help="compare with --out instead of writing it")
+    args = p.parse_args(argv)
+    text = render(build())
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run python -m xshare.deploy.dashboard", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

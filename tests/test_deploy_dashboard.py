@@ -1,0 +1,248 @@
+"""The Grafana dashboard (dashboards/xshare-sglang.json) and its PromQL checks.
+
+promtool (Debian `prometheus`, scripts/ci_system_deps.sh) parses every expression; outside CI a machine
+without it skips those tests with the reason, in CI (CI=true) they fail instead. The metric names the
+dashboard reads are compared with a real scrape: of a prometheus_client exporter serving the metrics
+contract over HTTP here, and of a live SGLang server in tests/test_deploy_launcher.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xshare.deploy import promql
+from xshare.deploy.dashboard import XSHARE_METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
+DASH = ROOT / "dashboards" / "xshare-sglang.json"
+
+#: SGLang 0.5.23 metrics the dashboard reads, with their types (sglang/srt/observability/metrics_collector.py).
+SGLANG_METRICS = {
+    "sglang:num_requests_total": "counter",
+    "sglang:gen_throughput": "gauge",
+    "sglang:num_running_reqs": "gauge",
+    "sglang:num_queue_reqs": "gauge",
+    "sglang:token_usage": "gauge",
+    "sglang:e2e_request_latency_seconds": "histogram",
+    "sglang:time_to_first_token_seconds": "histogram",
+    "sglang:request_time_per_output_token_seconds": "histogram",
+}
+
+
+def need_promtool() -> str:
+    exe = shutil.which("promtool")
+    if exe:
+        return exe
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("promtool missing in CI: scripts/ci_system_deps.sh must install the Debian 'prometheus' package")
+    pytest.skip("promtool not installed (run scripts/ci_system_deps.sh as root: apt-get install prometheus)")
+
+
+@pytest.fixture(scope="module")
+def dash() -> dict:
+    return json.loads(DASH.read_text())
+
+
+def _all_panels(d):
+    for p in d["panels"]:
+        yield p
+        yield from p.get("panels") or []
+
+
+# -- the file -----------------------------------------------------------------------------------------
+def test_committed_json_is_the_generator_output(dash):
+    pytest.importorskip("grafana_foundation_sdk", reason="installed by scripts/install_deploy_tools.sh")
+    from xshare.deploy.dashboard import build, render
+
+    assert render(build()) == DASH.read_text(), "run: python -m xshare.deploy.dashboard"
+    r = subprocess.run([sys.executable, "-m", "xshare.deploy.dashboard", "--check", "--out", str(DASH)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_mode_detects_a_stale_file(tmp_path):
+    pytest.importorskip("grafana_foundation_sdk", reason="installed by scripts/install_deploy_tools.sh")
+    stale = tmp_path / "d.json"
+    stale.write_text(DASH.read_text().replace("Peak reduction vs vanilla", "Peak reduction"))
+    r = subprocess.run([sys.executable, "-m", "xshare.deploy.dashboard", "--check", "--out", str(stale)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "out of date" in r.stderr
+
+
+def test_loads_as_a_grafana_dashboard_model(dash):
+    pytest.importorskip("grafana_foundation_sdk", reason="installed by scripts/install_deploy_tools.sh")
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard, Panel, RowPanel
+
+    model = Dashboard.from_json(dash)
+    assert model.uid == "xshare-sglang" and model.title == dash["title"]
+    assert len(model.panels) == len(dash["panels"])
+    for m, raw in zip(model.panels, dash["panels"], strict=True):
+        assert isinstance(m, RowPanel if raw["type"] == "row" else Panel)
+        if raw["type"] != "row":
+            assert m.type_val == raw["type"] and len(m.targets) == len(raw["targets"])
+    # the model round-trips to the same JSON: nothing in the file is outside Grafana's schema
+    again = json.loads(json.dumps(model, cls=JSONEncoder, sort_keys=True))
+    assert again == dash
+
+
+def test_layout_ids_and_variables(dash):
+    ids = [p["id"] for p in _all_panels(dash)]
+    assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
+    cells = set()
+    for p in _all_panels(dash):
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"panel {p['title']!r} overlaps another at {(x, y)}"
+                cells.add((x, y))
+    names = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "instance", "model", "layer"} <= set(names)
+    for v in ("instance", "model", "layer"):
+        assert names[v]["multi"] and names[v]["includeAll"] and names[v]["allValue"] == ".*"
+    for p in _all_panels(dash):
+        for t in p.get("targets") or []:
+            assert t["datasource"]["uid"] == "${datasource}"
+            if t["expr"].find("xshare:") >= 0 or t["expr"].find("sglang:") >= 0:
+                assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
+            if "sglang:" in t["expr"]:
+                assert 'model_name=~"$model"' in t["expr"], (p["title"], t["expr"])
+
+
+def test_panels_the_issue_asks_for(dash):
+    by_title = {p["title"]: p for p in _all_panels(dash)}
+    peak = by_title["Peak per-GPU activated experts"]
+    exprs = " ".join(t["expr"] for t in peak["targets"])
+    assert "histogram_quantile(0.95" in exprs and "histogram_quantile(1.0" in exprs
+    assert "xshare:vanilla_peak_gpu_active_experts_bucket" in exprs and "xshare:peak_gpu_active_experts_bucket" in exprs
+    assert by_title["Activated experts per GPU"]["type"] == "heatmap"
+    assert "by (gpu)" in by_title["Activated experts per GPU"]["targets"][0]["expr"]
+    assert "by (layer)" in by_title["Activated experts per layer (policy in force)"]["targets"][0]["expr"]
+    assert "xshare:mass_kept" in json.dumps(by_title["Gate mass kept"])
+    assert "xshare:fallbacks_total" in json.dumps(by_title["Fallbacks and selector calls"])
+    assert "xshare:budget" in by_title["Budget per rank"]["targets"][0]["expr"]
+    assert "{{rank}}" in by_title["Budget per rank"]["targets"][0]["legendFormat"]
+    sglang = " ".join(t["expr"] for p in _all_panels(dash) for t in p.get("targets") or [] if "sglang:" in t["expr"])
+    assert "sglang:gen_throughput" in sglang and "sglang:e2e_request_latency_seconds_bucket" in sglang
+    # every metric of the contract is on the dashboard
+    read = set(promql.dashboard_metrics(dash))
+    for name in XSHARE_METRICS:
+        assert any(r == name or r.startswith(name + "_") for r in read), f"{name} is on no panel"
+
+
+# -- PromQL -------------------------------------------------------------------------------------------
+def test_every_expression_parses_with_promtool(dash):
+    exe = need_promtool()
+    queries = promql.dashboard_queries(dash)
+    assert len(queries) >= 40
+    assert any(q.where.startswith("variable 'layer'") for q in queries)
+    ok, out = promql.promtool_check(queries, exe)
+    assert ok, out
+    assert "SUCCESS" in out
+
+
+def test_promtool_check_names_the_broken_panel(dash):
+    exe = need_promtool()
+    broken = copy.deepcopy(dash)
+    panel = next(p for p in broken["panels"] if p["title"] == "Gate mass kept")
+    panel["targets"][0]["expr"] = 'sum(rate(xshare:mass_kept_sum{instance=~"$instance"}[$__rate_interval])'
+    ok, out = promql.promtool_check(promql.dashboard_queries(broken), exe)
+    assert not ok
+    assert "Gate mass kept" in out and "parse error" in out
+
+
+def test_substitute_and_metric_names():
+    e = 'sum by (gpu) (rate(a:b_bucket{instance=~"$instance",layer=~"${layer:regex}"}[$__rate_interval])) ' \
+        '/ on(rank) group_left c:d + {__name__="e_total", job="[[job]]"}'
+    s = promql.substitute(e)
+    assert "$" not in s and "[[" not in s and "[1m]" in s and 'layer=~"x"' in s
+    assert promql.metric_names(e) == {"a:b_bucket", "c:d", "e_total"}
+    with pytest.raises(ValueError, match="cannot parse"):
+        promql.metric_names("sum(rate(x[1m])")
+
+
+def test_variable_queries_are_checked():
+    d = {"panels": [], "templating": {"list": [
+        {"type": "query", "name": "a", "query": "label_values(foo:bar{x=\"1\"}, instance)"},
+        {"type": "query", "name": "b", "query": {"query": "label_values(job)", "refId": "B"}},
+        {"type": "query", "name": "c", "query": "query_result(max(baz))"},
+        {"type": "datasource", "name": "ds", "query": "prometheus"},
+    ]}}
+    qs = promql.dashboard_queries(d)
+    assert [(q.where, q.expr) for q in qs] == [("variable 'a'", 'foo:bar{x="1"}'), ("variable 'c'", "max(baz)")]
+
+
+# -- metric names against a real scrape ---------------------------------------------------------------
+def _exporter(skip: set[str] = frozenset()):
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+    reg = CollectorRegistry()
+    metrics = {}
+    for name, (kind, labels) in XSHARE_METRICS.items():
+        if name in skip:
+            continue
+        cls = {"histogram": Histogram, "gauge": Gauge, "counter": Counter}[kind]
+        metrics[name] = cls(name, f"contract metric {name}", list(labels), registry=reg)
+    for name, kind in SGLANG_METRICS.items():
+        if name in skip:
+            continue
+        cls = {"histogram": Histogram, "gauge": Gauge, "counter": Counter}[kind]
+        metrics[name] = cls(name, name, ["model_name", "tp_rank"], registry=reg)
+    # one series each, so every family has samples
+    for name, m in metrics.items():
+        labels = XSHARE_METRICS[name][1] if name in XSHARE_METRICS else ("model_name", "tp_rank")
+        child = m.labels(*["0"] * len(labels))
+        if hasattr(child, "observe"):
+            child.observe(3)
+        elif hasattr(child, "set"):
+            child.set(1)
+        else:
+            child.inc()
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=reg)
+    return server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
+
+
+def test_names_match_a_scrape_of_the_metrics_contract(dash):
+    server, url = _exporter()
+    try:
+        text = promql.scrape(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    exposed = promql.scrape_names(text)
+    assert "xshare:selector_calls_total" in exposed and "xshare:peak_gpu_active_experts_bucket" in exposed
+    assert promql.missing_metrics(dash, exposed) == {}
+    # promtool parses the exposition; its only lint is the colon in the names, a convention SGLang's own
+    # `sglang:*` metrics share (Prometheus reserves colons for recording rules)
+    exe = shutil.which("promtool")
+    if exe or os.environ.get("CI", "").lower() == "true":
+        r = subprocess.run([need_promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
+        problems = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+        assert problems and all(line.endswith("metric names should not contain ':'") for line in problems), problems
+
+
+def test_checker_reports_a_metric_the_scrape_lacks(dash, tmp_path):
+    server, url = _exporter(skip={"xshare:gpu_tokens", "sglang:gen_throughput"})
+    try:
+        missing = promql.missing_metrics(dash, promql.scrape_names(promql.scrape(url)))
+        assert set(missing) == {"xshare:gpu_tokens", "sglang:gen_throughput"}
+        assert missing["xshare:gpu_tokens"] == ["panel 'Tokens routed per GPU' target A"]
+        # the command-line form, as CI or a user runs it against a live server
+        r = subprocess.run([sys.executable, "-m", "xshare.deploy.promql", str(DASH), "--scrape", url, "--no-promtool"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "missing metric xshare:gpu_tokens" in r.stdout
+        r = subprocess.run([sys.executable, "-m", "xshare.deploy.promql", str(DASH), "--scrape", url, "--no-promtool",
+                            "--prefix", "sglang:"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "xshare:gpu_tokens" not in r.stdout and "sglang:gen_throughput" in r.stdout
+    finally:
+        server.shutdown()
+        server.server_close()

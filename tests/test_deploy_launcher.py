@@ -1,0 +1,287 @@
+"""The Ray launcher (xshare.deploy.launcher, `xshare launch`) on a real local Ray cluster.
+
+Two Ray nodes on loopback (ray.cluster_utils.Cluster, 2 fake GPUs each). The multi-node wiring runs the
+documented stand-in (xshare.deploy.standin: a real torch.distributed gloo group over --dist-init-addr), because
+SGLang 0.5.23 cannot form a multi-node group on this CPU machine (deploy/README.md, "Multi-node SGLang on a CPU").
+The single-node path runs a real SGLang server (test_real_sglang_single_node).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from xshare.deploy.launcher import STANDIN_SERVER_CMD, LaunchConfig, LaunchError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ray must keep 127.0.0.1 as the cluster address (deployment.md §4.3): without this, ray.init(address=127.0.0.1:P)
+# is rewritten to the eth0 address and hangs. Read once, when ray is imported: set it before any import of ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+# -- pure logic ---------------------------------------------------------------------------------------
+def test_argv_wiring_per_rank():
+    cfg = LaunchConfig(server_args=["--model-path", "/m", "--tp", "16"], server_cmd="{python} -m xshare.cli serve",
+                       nnodes=2, port=31000)
+    a0 = cfg.argv(0, "10.0.0.1:5000", python="/py")
+    a1 = cfg.argv(1, "10.0.0.1:5000", python="/py")
+    assert a0[:4] == ["/py", "-m", "xshare.cli", "serve"]
+    assert a0[4:8] == ["--model-path", "/m", "--tp", "16"]
+    assert a0[8:] == ["--nnodes", "2", "--node-rank", "0", "--dist-init-addr", "10.0.0.1:5000",
+                      "--host", "0.0.0.0", "--port", "31000"]
+    assert a1[8:] == ["--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:5000"]
+    single = LaunchConfig(server_args=["--model-path", "/m"], nnodes=1).argv(0, None, python="/py")
+    assert "--nnodes" not in single and single[-4:] == ["--host", "0.0.0.0", "--port", "30000"]
+    with pytest.raises(ValueError, match="dist_init_addr"):
+        cfg.argv(1, None)
+
+
+def test_bundles_and_backoff():
+    cfg = LaunchConfig(nnodes=3, gpus_per_node=8, cpus_per_node=4, resources_per_node={"rdma": 1},
+                       rank0_on_head=True, backoff_initial=2, backoff_factor=3, backoff_max=20)
+    b = cfg.bundles()
+    assert len(b) == 3 and b[1] == {"CPU": 4.0, "GPU": 8.0, "rdma": 1.0}
+    assert b[0]["node:__internal_head__"] == 0.001 and "node:__internal_head__" not in b[2]
+    assert [cfg.backoff(i) for i in (1, 2, 3, 4)] == [2, 6, 18, 20]
+    assert "GPU" not in LaunchConfig(nnodes=1).bundles()[0]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"nnodes": 0}, "nnodes"),
+        ({"port": 0}, "port"),
+        ({"dist_port": 70000}, "dist_port"),
+        ({"server_args": ["--model-path", "m", "--node-rank", "1"]}, "--node-rank"),
+        ({"server_args": ["--port=8000"]}, "--port"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"health_path": "health"}, "health_path"),
+        ({"gpus_per_node": -1}, "gpus_per_node"),
+        ({"server_cmd": "  "}, "server_cmd"),
+    ],
+)
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LaunchConfig(**kw).validate()
+
+
+def test_cli_rejects_reserved_flag():
+    r = subprocess.run([sys.executable, "-m", "xshare.cli", "launch", "--nnodes", "2", "--", "--nnodes", "3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--nnodes is set by the launcher" in r.stderr
+
+
+# -- real Ray cluster ---------------------------------------------------------------------------------
+def _ray_pids() -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"gcs_server" in cmd or b"raylet" in cmd:
+            out.add(int(p.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray", reason="ray is installed by scripts/install_deploy_tools.sh")
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before this module set the variable
+    before = _ray_pids()
+    c = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "include_dashboard": False,
+                                                      "num_cpus": 1, "num_gpus": 2})
+    c.add_node(node_ip_address="127.0.0.1", num_cpus=1, num_gpus=2)
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in _ray_pids() - before):
+            time.sleep(0.2)
+        left = [p for p in _ray_pids() - before if _alive(p)]
+        assert not left, f"Ray processes left after cluster shutdown: {left}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Run:
+    """Runs a RayLauncher in a thread; collects streamed log lines."""
+
+    def __init__(self, cfg: LaunchConfig):
+        from xshare.deploy.launcher import RayLauncher
+
+        self.lines: list[tuple[int, str]] = []
+        self.launcher = RayLauncher(cfg, log_sink=lambda r, line: self.lines.append((r, line)),
+                                    status_sink=lambda m: None)
+        self.rc: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._target, daemon=True)
+        self.thread.start()
+
+    def _target(self):
+        try:
+            self.rc = self.launcher.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test
+            self.error = e
+
+    def finish(self, timeout: float = 60) -> int | None:
+        self.launcher.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "launcher did not shut down"
+        if self.error:
+            raise self.error
+        return self.rc
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.e2e
+def test_two_node_group_health_logs_restart_and_clean_shutdown(cluster):
+    port = _free_port()
+    cfg = LaunchConfig(server_cmd=STANDIN_SERVER_CMD, server_args=["--model-path", "/models/tiny", "--tp", "4"],
+                       nnodes=2, gpus_per_node=2, host="127.0.0.1", port=port, env={"XSHARE_BUDGET": "0.5"},
+                       health_interval=0.3, poll_interval=0.2, max_restarts=2, backoff_initial=0.5,
+                       stop_grace=5, startup_timeout=90, pg_timeout=60)
+    run = _Run(cfg)
+    launcher = run.launcher
+    try:
+        started = launcher.wait_for("started", 90)
+        launcher.wait_for("healthy", 90, attempt=1)
+        # STRICT_SPREAD: the two ranks live on two different Ray nodes
+        assert len(set(started["node_ids"])) == 2
+        dist_addr = started["dist_init_addr"]
+        assert dist_addr.startswith("127.0.0.1:") and int(dist_addr.split(":")[1]) > 0
+        info = _get_json(f"http://127.0.0.1:{port}/info")
+        assert info["nnodes"] == 2 and info["node_rank"] == 0 and info["dist_init_addr"] == dist_addr
+        assert info["allreduce_sum"] == 3  # a real gloo all-reduce of rank+1 over both ranks
+        assert info["extra_args"] == ["--model-path", "/models/tiny", "--tp", "4"]
+        assert info["xshare_env"] == {"XSHARE_BUDGET": "0.5"}
+        assert len(info["cuda_visible_devices"].split(",")) == 2  # the bundle's 2 (fake) GPUs
+        # logs of both ranks stream back to the driver
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and {r for r, line in run.lines if "group formed" in line} != {0, 1}:
+            time.sleep(0.2)
+        assert {r for r, line in run.lines if "group formed" in line} == {0, 1}
+
+        # kill rank 1's server: the whole group restarts, with a new rank 0 too
+        old_pids = started["pids"]
+        os.kill(old_pids[1], signal.SIGKILL)
+        ev = launcher.wait_for("node_exit", 30, attempt=1)
+        assert ev["rank"] in (0, 1)  # rank 1 died; rank 0's heartbeat may notice first
+        restart = launcher.wait_for("restart", 30)
+        assert restart["restart"] == 1 and restart["backoff_s"] == 0.5
+        started2 = launcher.wait_for("started", 60, count=2)
+        launcher.wait_for("healthy", 90, attempt=2)
+        assert not set(started2["pids"]) & set(old_pids)
+        assert not any(_alive(p) for p in old_pids), "a rank of the first group survived the restart"
+        assert _get_json(f"http://127.0.0.1:{port}/info")["allreduce_sum"] == 3
+    finally:
+        rc = run.finish()
+    assert rc == 0
+    assert launcher.events[-1]["type"] == "placement_group_removed"
+    pids = [p for e in launcher.events if e["type"] == "started" for p in e["pids"]]
+    assert pids and not any(_alive(p) for p in pids), "a server process outlived the launcher"
+
+
+@pytest.mark.e2e
+def test_gives_up_after_bounded_restarts_with_backoff(cluster):
+    cfg = LaunchConfig(server_cmd=STANDIN_SERVER_CMD, server_args=["--exit-after", "0.2", "--exit-code", "7"],
+                       nnodes=2, gpus_per_node=1, host="127.0.0.1", port=_free_port(), health_interval=0.3,
+                       poll_interval=0.1, max_restarts=2, backoff_initial=0.4, backoff_factor=2, stop_grace=3,
+                       startup_timeout=60, pg_timeout=60)
+    run = _Run(cfg)
+    run.thread.join(120)
+    assert not run.thread.is_alive()
+    assert run.error is None and run.rc == 1
+    ev = run.launcher.events
+    kinds = [e["type"] for e in ev]
+    assert kinds.count("started") == 3 and kinds.count("restart") == 2 and kinds[-2:] == ["gave_up",
+                                                                                          "placement_group_removed"]
+    exits = [e for e in ev if e["type"] == "node_exit"]
+    assert len(exits) == 3 and all(e["returncode"] in (7, 5) for e in exits)
+    assert [e["backoff_s"] for e in ev if e["type"] == "restart"] == [0.4, 0.8]
+    # the waits really happened: from each restart decision to the next start
+    for i, e in enumerate(ev):
+        if e["type"] == "restart":
+            nxt = next(x for x in ev[i:] if x["type"] == "started")
+            assert nxt["time"] - e["time"] >= e["backoff_s"] - 0.05
+    assert any("exiting with 7" in line for _, line in run.lines)
+
+
+@pytest.mark.e2e
+def test_infeasible_placement_group_is_a_clear_error(cluster):
+    from xshare.deploy.launcher import RayLauncher
+
+    cfg = LaunchConfig(server_cmd=STANDIN_SERVER_CMD, nnodes=3, gpus_per_node=2, pg_timeout=3)
+    launcher = RayLauncher(cfg, status_sink=lambda m: None)
+    with pytest.raises(LaunchError, match=r"need 3 distinct nodes .* 2 alive node"):
+        launcher.run()
+
+
+@pytest.mark.e2e
+def test_cli_launch_and_sigterm(cluster):
+    """`xshare launch` as a process (the user's command), stopped by SIGTERM like a pod or systemd would."""
+    port = _free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
+           "--gpus-per-node", "1", "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3",
+           "--server-cmd", STANDIN_SERVER_CMD, "--env", "XSHARE_POLICY=xshare", "--stop-grace", "5",
+           "--", "--model-path", "/models/tiny"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("healthy" in line for line in out):
+            assert proc.poll() is None, "".join(out)
+            time.sleep(0.3)
+        assert any(line.startswith("[xshare launch] healthy") for line in out), "".join(out)
+        info = _get_json(f"http://127.0.0.1:{port}/info")
+        assert info["xshare_env"] == {"XSHARE_POLICY": "xshare"} and info["nnodes"] == 2
+        started = next(line for line in out if line.startswith("[xshare launch] started"))
+        pids = [int(p) for p in json.loads(started.split("pids=")[1].split(" node_ids")[0])]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        reader.join(5)
+    text = "".join(out)
+    assert rc == 0, text
+    assert any(line.startswith("[node 1] standin rank 1/2: group formed") for line in out), text
+    assert "placement_group_removed" in text
+    assert not any(_alive(p) for p in pids)
