@@ -218,3 +218,44 @@ def test_real_traces_xshare_and_xshare_ep_figures(tmp_path, capsys):
     assert ep["peak_ratio"] >= 1.7
     assert rows["topk"]["otps_ratio"] == 1.0 and xs["otps_ratio"] is not None  # DeepSeek-V2-Lite preset
     assert "DeepSeek-V2-Lite" in out
+
+
+def test_replays_a_shard_of_the_live_recorder(tmp_path, capsys):
+    """A trace written by the SGLang plugin's recorder (router logits, recorded batches) replays as is."""
+    import torch
+
+    from xshare.sglang.trace import TraceRecorder
+
+    rec = TraceRecorder(tmp_path / "rec", max_tokens=10_000, flush_tokens=10_000, meta={"model": "toy"})
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        rids = [f"r{(step + i) % 9}" for i in range(6)]
+        rec.begin_forward(rids, 1, torch.full((6,), step))
+        for layer in (3, 4):
+            rec.add_layer(layer, torch.randn(6, 16, generator=gen), 4, "softmax")
+        rec.end_forward()
+    shard = rec.flush()
+    out_json = tmp_path / "r.json"
+    rc, _, err = _run(capsys, "--trace", shard, "--policy", "topk", "--policy", "xshare", "--budget", 8, "--gpus", 4,
+                      "--json", out_json)
+    assert rc == 0, err
+    doc = json.loads(out_json.read_text())
+    assert doc["settings"]["batching"]["recorded"]["batches"] == 12
+    assert doc["settings"]["traces"]["files"][0]["router_logits"] is True
+    xs = next(r for r in doc["results"] if r["policy"] == "xshare")
+    assert xs["active_experts_max"] <= 8 < xs["vanilla_active_experts_mean"]
+    assert xs["per_layer"]["layer"] == [3, 4]
+
+
+def test_all_skips_settings_a_policy_rejects_but_a_named_policy_fails(tmp_path, capsys):
+    a, _ = _traces(tmp_path)
+    out_json = tmp_path / "r.json"
+    rc, _, err = _run(capsys, "--trace", a, "--batch", 4, "--gpus", 4, "--budget", 6, "--policy", "all",
+                      "--warmup-k", 0, "--warmup-k", 2, "--json", out_json)
+    assert rc == 0, err
+    assert "skipped oea k0=0" in err and "skipped des_seq k0=0" in err
+    labels = {r["label"] for r in json.loads(out_json.read_text())["results"]}
+    assert {"oea k0=2", "xshare m=6 k0=0", "xshare m=6 k0=2"} <= labels and "oea k0=0" not in labels
+    rc, _, err = _run(capsys, "--trace", a, "--batch", 4, "--gpus", 4, "--policy", "oea", "--warmup-k", 0,
+                      *_outputs(tmp_path))
+    _assert_failed_cleanly(rc, err, tmp_path, "--policy oea", "warmup_k must be >= 1")

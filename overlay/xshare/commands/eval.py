@@ -161,7 +161,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     from xshare.eval.batching import decode_batches, recorded_batches
     from xshare.eval.costmodel import GPUS, MODELS, CostModel, match_model
     from xshare.eval.placements import EPLBOptions, build_placements
-    from xshare.eval.replay import KNOBS, Plan, Setting, knobs_of, make_settings
+    from xshare.eval.replay import Plan, Setting, knobs_of, make_settings
     from xshare.eval.traces import load_traces, parse_layers
 
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--save-placement", args.save_placement)):
@@ -237,7 +237,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     if args.eplb_trace:
         if args.placement != "eplb":
             raise UsageError("--eplb-trace needs --placement eplb")
-        calibration = load_traces(args.eplb_trace, top_k=k)
+        calibration = load_traces(args.eplb_trace)
         for key, a, b in (("num_experts", calibration.num_experts, e), ("top_k", calibration.top_k, k)):
             if a != b:
                 raise UsageError(f"{calibration.paths[0]}: key 'meta': {key} = {a} but the replayed trace has {b}")
@@ -274,7 +274,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
                 raise UsageError(str(err)) from None
     plan = Plan(trace=trace, layers=layers, batches=batches, settings=valid, placements=placements, cost=cost)
     return {"plan": plan, "placement_info": pinfo, "phy2log": phy2log, "notes": notes, "model_note": model_note,
-            "knobs": {n: list(knobs_of(n)) for n, _, _ in policies}, "axes": axes, "KNOBS": KNOBS}
+            "knobs": {n: list(knobs_of(n)) for n, _, _ in policies}, "axes": axes}
 
 
 def _settings_doc(args: argparse.Namespace, built: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def _settings_doc(args: argparse.Namespace, built: dict[str, Any], wall: float) 
         "top_k": trace.top_k,
         "placement": built["placement_info"],
         "policy_knobs": built["knobs"],
-        "sweep": {k: v for k, v in built["axes"].items()},
+        "sweep": dict(built["axes"]),
         "cost_model": None if plan.cost is None else plan.cost.describe(),
         "cost_model_note": built["model_note"],
         "notes": built["notes"],

@@ -237,6 +237,7 @@ def layer_metrics(ids: Tensor, phys: Tensor | None, valid: Tensor, tokens: Tenso
 VANILLA = "topk"
 
 
+@torch.inference_mode()
 def replay_unit(plan: Plan, bkey: int | None, li: int,
                 tick: Callable[[int], None] | None = None) -> dict[Setting, LayerStats]:
     """All settings of one batch size on one layer (plus the vanilla reference)."""
