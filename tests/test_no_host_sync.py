@@ -1,0 +1,149 @@
+"""The selector's hot path never synchronises with the host (what CUDA-graph capture requires).
+
+Two independent proofs on the CPU:
+* on ``device='meta'`` tensors (shapes, no data) any data-dependent step — ``.item()``, ``bool(t)``,
+  ``nonzero()``, boolean-mask indexing, a host copy — raises, so running every policy there end to end
+  shows the path is data-independent;
+* on real CPU tensors, the Tensor methods that read values back to Python are patched to raise while
+  the selector runs.
+The fused kernel's host side (argument binding and launch) is checked the same way, with the two
+kernel launches recorded instead of run (there is no GPU here; the kernels themselves are checked
+against the reference in test_kernel_interpret.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from xshare.selection import Placement, SelectorConfig, SelectorKnobs, available_policies, get_policy, select
+from xshare.selection.kernels import dispatch, fused_select
+
+T, E, TOP_K, G = 12, 16, 4, 4
+
+
+def _config(policy: str) -> SelectorConfig:
+    return SelectorConfig(policy=policy, budget=6, warmup_k=1)
+
+
+def _inputs(policy: str, device: str, *, replicas: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(T, E, generator=gen).to(device)
+    cfg = _config(policy)
+    kw = {
+        "knobs": SelectorKnobs.create(cfg, E, TOP_K, device),
+        "num_tokens": torch.tensor(T - 3, device=device),
+        "validate": False,
+    }
+    if policy == "xshare_spec":
+        kw["groups"] = (torch.arange(T) // 3).to(device)
+    if get_policy(policy).needs_placement or replicas:
+        if replicas:  # 20 slots on 4 GPUs: 4 experts have a second replica
+            p2l = torch.cat([torch.arange(E), torch.tensor([0, 5, 9, 13])])
+            kw["placement"] = Placement.from_physical(p2l, G, E).to(device)
+        else:
+            kw["placement"] = Placement.contiguous(E, G).to(device)
+    return {"router_logits": logits, "top_k": TOP_K, "config": cfg, **kw}
+
+
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero")
+
+
+@contextlib.contextmanager
+def _forbid_host_sync(monkeypatch: pytest.MonkeyPatch):
+    calls: list[str] = []
+
+    def make(name: str):
+        def forbidden(self, *args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host synchronisation: Tensor.{name}() called in the hot path")
+        return forbidden
+
+    with monkeypatch.context() as m:
+        for name in _SYNC_METHODS:
+            m.setattr(torch.Tensor, name, make(name))
+        m.setattr(torch, "nonzero", make("torch.nonzero"))
+        yield calls
+
+
+@pytest.mark.parametrize("policy", available_policies())
+def test_every_policy_runs_on_meta_tensors(policy):
+    kw = _inputs(policy, "meta")
+    routing = select(**kw)
+    assert routing.topk_ids.device.type == "meta"
+    assert routing.topk_ids.shape == (T, TOP_K) and routing.topk_ids.dtype == torch.int32
+    assert routing.topk_weights.shape == (T, TOP_K) and routing.topk_weights.dtype == torch.float32
+    assert routing.active.shape == (E,) and routing.active.dtype == torch.bool
+
+
+def test_replica_assignment_runs_on_meta_tensors():
+    kw = _inputs("xshare_ep", "meta", replicas=True)
+    routing = select(**kw)
+    assert routing.physical_ids is not None and routing.physical_ids.device.type == "meta"
+
+
+def test_meta_tensors_do_catch_a_host_sync():
+    # the proof above only means something if meta tensors refuse value reads
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        bool(torch.ones(2, device="meta").any())
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        select(**{**_inputs("xshare", "meta"), "validate": True})  # validation reads values: not the hot path
+
+
+@pytest.mark.parametrize("policy", available_policies())
+def test_no_value_reads_on_cpu(policy, monkeypatch):
+    kw = _inputs(policy, "cpu", replicas=policy == "xshare_ep")
+    expected = select(**kw)
+    with _forbid_host_sync(monkeypatch) as calls:
+        routing = select(**kw)
+    assert calls == []
+    assert torch.equal(routing.topk_ids, expected.topk_ids)
+
+
+def test_the_sync_guard_fires(monkeypatch):
+    kw = _inputs("xshare", "cpu")
+    with _forbid_host_sync(monkeypatch) as calls, pytest.raises(AssertionError, match="host synchronisation"):
+        select(**{**kw, "validate": True})
+    assert calls and calls[0] == "__bool__"
+
+
+class _Recorder:
+    """Stands in for a compiled kernel: records each launch (grid, arguments) instead of running it
+    (and writes valid expert ids, so the replica assignment after the launches has something to read)."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.log.append((grid, kwargs))
+            if "ids_ptr" in kwargs:
+                kwargs["ids_ptr"].zero_()
+        return launch
+
+
+@pytest.mark.parametrize("policy", ["xshare", "xshare_ep"])
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_fused_host_path_is_sync_free(policy, device, monkeypatch):
+    kw = _inputs(policy, device, replicas=policy == "xshare_ep")
+    log: list = []
+    monkeypatch.setattr(dispatch, "_kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
+    with _forbid_host_sync(monkeypatch) as calls:
+        routing = fused_select(**kw, backend="triton")
+    assert calls == []
+    assert len(log) == 2  # exactly two launches: the batch set, then the routing grid
+    (set_grid, set_args), (route_grid, route_args) = log
+    assert set_grid == (1,) and route_grid[0] >= 1
+    knobs = kw["knobs"]
+    # every runtime knob reaches the kernels as a device tensor (read at replay), never as a host value
+    assert set_args["budget_ptr"] is knobs.budget and set_args["warmup_ptr"] is knobs.warmup_k
+    assert set_args["cap_ptr"] is knobs.gpu_cap
+    assert route_args["enabled_ptr"] is knobs.enabled and route_args["min_ptr"] is knobs.min_tokens
+    assert route_args["max_ptr"] is knobs.max_tokens
+    assert set_args["KNOBS"] and route_args["KNOBS"] and set_args["NT_MODE"] == 2
+    assert set_args["nt_ptr"].device.type == device
+    assert routing.topk_ids.device.type == device and routing.topk_ids.shape == (T, TOP_K)
+    if policy == "xshare_ep":
+        assert routing.physical_ids is not None and routing.physical_ids.shape == (T, TOP_K)
