@@ -65,6 +65,8 @@ def test_decode_batch_is_rewritten_within_budget(logits):
     snap = runtime.stats.snapshot()
     assert snap["applied"] == 1 and snap["layers"]["3"]["activated"] == torch.unique(ids).numel()
     assert snap["layers"]["3"]["vanilla_activated"] == torch.unique(args["topk_ids"]).numel()
+    changed = (torch.sort(ids, 1).values != torch.sort(args["topk_ids"], 1).values).any(1).sum()
+    assert 0 < snap["layers"]["3"]["changed_tokens"] == changed
     assert args["topk_ids"] is not ids  # out of place: SGLang's own tensors are untouched
 
 
@@ -75,6 +77,7 @@ def test_budget_at_least_e_reproduces_vanilla(logits):
     out = runtime.route(args, topk_config=topk_config())
     assert torch.equal(out["topk_ids"], args["topk_ids"])
     assert torch.allclose(out["topk_weights"], args["topk_weights"], atol=1e-6)
+    assert runtime.stats.snapshot()["layers"]["3"]["changed_tokens"] == 0
 
 
 def test_shared_expert_columns_are_left_alone(logits):
@@ -175,3 +178,48 @@ def test_hook_binds_positional_and_keyword_arguments(logits):
     out = hooks.post_process_topk_ids_hook(_fake_post_process, a["topk_ids"], a["topk_weights"], topk_config(),
                                            logits, 3)
     assert out[0] is a["topk_ids"]
+
+
+@pytest.mark.parametrize("policy", ["topk", "xshare", "xshare_ep", "xshare_spec", "lynx", "des_vote", "des_seq",
+                                    "oea"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_adapter_selection_matches_the_core_without_ties(policy, padded):
+    from xshare.selection import Placement, select
+    from xshare.selection.knobs import SelectorKnobs
+    from xshare.sglang import selecting
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(10, E, generator=g) * 3
+    config = SelectorConfig(policy=policy, budget=6, warmup_k=1)
+    placement = Placement.contiguous(E, 4) if policy == "xshare_ep" else None
+    groups = torch.arange(10) // 2
+    nt = torch.tensor(8) if padded else None
+    knobs = SelectorKnobs.create(config, E, K)
+    ref = select(logits, K, config, groups=groups, placement=placement, num_tokens=nt, knobs=knobs)
+    sg_ids = vanilla(logits)[0]
+    batch = selecting.prepare(logits, K, config, sglang_ids=sg_ids, groups=groups, placement=placement,
+                              num_tokens=nt, knobs=knobs)
+    got = selecting.finish(batch, config, num_tokens=nt, knobs=knobs)
+    assert torch.equal(got.topk_ids, ref.topk_ids) and torch.equal(got.topk_weights, ref.topk_weights)
+    assert torch.equal(got.active, ref.active)
+
+
+def test_exact_ties_are_broken_as_sglang_broke_them():
+    runtime = make_runtime(selector=SelectorConfig(policy="xshare", budget=E, warmup_k=1))
+    runtime.push(rt.ForwardState(mode="decode"))
+    logits = torch.full((3, E), -2.0)
+    logits[:, 5] = 3.0
+    logits[:, [2, 9, 11, 14]] = 1.0  # four experts tie for the last three places
+    sglang_ids = torch.tensor([[5, 14, 9, 11], [5, 11, 2, 14], [5, 2, 9, 11]])  # whatever SGLang picked
+    probs = torch.softmax(logits, -1)
+    w = probs.gather(1, sglang_ids)
+    args = {"topk_ids": sglang_ids.clone(), "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": logits,
+            "layer_id": 0, "num_token_non_padded": None}
+    out = runtime.route(args, topk_config=topk_config())
+    assert torch.equal(out["topk_ids"], sglang_ids)  # same experts, same column order
+    assert torch.equal(out["topk_weights"], args["topk_weights"])
+    assert runtime.stats.snapshot()["layers"]["0"]["changed_tokens"] == 0
+    # the core alone breaks the tie by the lower index: a different (equally scored) expert
+    from xshare.selection import select
+
+    assert not torch.equal(select(logits, K, SelectorConfig(policy="xshare", budget=E)).topk_ids, sglang_ids)

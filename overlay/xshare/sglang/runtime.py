@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xshare.selection import Placement, SelectorConfig, get_policy, select
+from xshare.selection import Placement, SelectorConfig, get_policy
 from xshare.selection.common import active_experts
 from xshare.selection.knobs import SelectorKnobs
+from xshare.sglang import selecting
 from xshare.sglang.global_stats import AllReduce, finish_global, prepare_global
 from xshare.sglang.settings import PluginSettings
 from xshare.sglang.stats import SelectorStats, write_json_atomic
@@ -255,8 +256,8 @@ class Runtime:
         if global_mode:
             # Every rank joins the all-reduce, even if its own part failed: otherwise the group hangs.
             try:
-                batch, local = prepare_global(logits, top_k, config, placement=placement,
-                                              num_tokens=num_token_non_padded)
+                batch, local = prepare_global(logits, top_k, config, sglang_ids=topk_ids[:, :top_k],
+                                              placement=placement, num_tokens=num_token_non_padded)
             except Exception:
                 self._join(num_experts, logits.device)
                 raise
@@ -270,8 +271,9 @@ class Runtime:
                 groups = state.groups if state.groups is not None and state.groups.shape[0] == num_rows else \
                     self.group_ids(num_rows, state.tokens_per_req, logits.device)
             self._fault()
-            routing = select(logits, top_k, config, groups=groups, placement=placement,
-                             num_tokens=num_token_non_padded, knobs=knobs, validate=False)
+            batch = selecting.prepare(logits, top_k, config, sglang_ids=topk_ids[:, :top_k], groups=groups,
+                                      placement=placement, num_tokens=num_token_non_padded, knobs=knobs)
+            routing = selecting.finish(batch, config, num_tokens=num_token_non_padded, knobs=knobs)
 
         new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
         weights = routing.topk_weights
@@ -284,8 +286,10 @@ class Runtime:
         w_out[:, :top_k] = weights.to(w_out.dtype)
 
         valid = _valid_rows(num_rows, num_token_non_padded, logits.device)
-        vanilla = active_experts(topk_ids[:, :top_k].clamp_min(0), valid, num_experts)
-        self.stats.record_layer(layer_id, routing.active, vanilla, valid.sum())
+        old_ids = topk_ids[:, :top_k].to(torch.int64)
+        vanilla = active_experts(old_ids.clamp_min(0), valid, num_experts)
+        changed = (torch.sort(old_ids, 1).values != torch.sort(routing.topk_ids.to(torch.int64), 1).values).any(1)
+        self.stats.record_layer(layer_id, routing.active, vanilla, valid.sum(), (changed & valid).sum())
         if not self.first_applied_logged:
             self.first_applied_logged = True
             log.info("xshare: selector active in scheduler pid %d (rank %d): %s", os.getpid(), self.rank,
