@@ -356,7 +356,8 @@ def run(args: argparse.Namespace) -> int:
           f"sequences; E={trace.num_experts}, top-{trace.top_k})")
     print(f"layers: {len(plan.layers)} of {trace.num_layers}; {bat}; seed {args.seed}")
     pinfo = built["placement_info"]
-    print(f"placement: {pinfo['kind']}, {pinfo['num_gpus']} GPUs, {pinfo['num_physical']} physical slots"
+    gpus = pinfo["num_gpus"]
+    print(f"placement: {pinfo['kind']}, {gpus} GPU{'' if gpus == 1 else 's'}, {pinfo['num_physical']} physical slots"
           + (f" ({pinfo['redundant']} redundant, EPLB {pinfo['mode']})" if pinfo["kind"] == "eplb" else ""))
     print()
     print(report.text_table(rows))

@@ -120,7 +120,10 @@ def make_settings(policies: Sequence[tuple[str, dict[str, Sequence[Any]]]], batc
                 combos = [{**c, k: v} for c in combos for v in values]
             for c in combos:
                 out[Setting(policy=p, batch=b, **c)] = None
-    return list(out)
+    # rows of one policy together (a policy named twice, e.g. 'all' and 'oea:warmup_k=...', merges)
+    first = {p: i for i, (p, _) in reversed(list(enumerate(policies)))}
+    batch_order = {b: i for i, b in enumerate(batches)}
+    return sorted(out, key=lambda s: (batch_order[s.batch], first[s.policy]))
 
 
 @dataclass
