@@ -190,14 +190,15 @@ def test_lws_group(chart):
         assert "worker-index" in idx["valueFrom"]["fieldRef"]["fieldPath"]
         # $(VAR) references resolve only against variables defined in the container's env or by LWS
         assert c["env"][0]["name"] == "LWS_WORKER_INDEX"
-    assert "--host" in leader["args"] and "--host" not in worker["args"]
+    # every rank gets --host/--port: node rank 0 serves the API there, the others SGLang's per-node server
+    # (/health, and /metrics of that node's processes with --enable-metrics)
+    for c in (leader, worker):
+        assert c["args"][-4:] == ["--host", "0.0.0.0", "--port", "30000"]
+        assert c["ports"][0] == {"name": "http", "containerPort": 30000, "protocol": "TCP"}
+    assert list(workers) == ["sglang"]
     assert "readinessProbe" in leader and "startupProbe" in leader
-    assert not any(p in worker for p in ("readinessProbe", "livenessProbe", "startupProbe"))
-    # worker metrics: SGLang serves /metrics only on node 0; the sidecar serves the worker's multiprocess dir
-    exp = workers["metrics-exporter"]
-    assert exp["command"][-1] == "xshare.deploy.metrics_exporter" and exp["ports"][0]["name"] == "metrics"
-    assert env_of(worker)["PROMETHEUS_MULTIPROC_DIR"] == "/xshare-metrics"
-    assert {m["mountPath"] for m in exp["volumeMounts"]} == {"/xshare-metrics"}
+    assert "readinessProbe" not in worker and worker["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert worker["startupProbe"]["httpGet"]["path"] == "/health"
     assert t["leaderTemplate"]["metadata"]["labels"]["xshare.io/role"] == "leader"
     assert t["workerTemplate"]["metadata"]["labels"]["xshare.io/role"] == "worker"
     vols = {v["name"]: v for v in t["leaderTemplate"]["spec"]["volumes"]}
@@ -206,7 +207,7 @@ def test_lws_group(chart):
     assert svc["spec"]["selector"]["xshare.io/role"] == "leader"
     assert svc["spec"]["selector"]["app.kubernetes.io/instance"] == "xs"
     pm = one(objs, "PodMonitor")
-    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["http", "metrics"]
+    assert [(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]] == [("http", "/metrics")]
     sel = pm["spec"]["selector"]["matchLabels"]
     assert "xshare.io/role" not in sel  # every pod, leader and workers
     for tmpl in (t["leaderTemplate"], t["workerTemplate"]):
@@ -252,16 +253,18 @@ def test_ray_cluster_runs_the_launcher(chart):
     args._extra = extra
     cfg = build_config(args)
     assert (cfg.nnodes, cfg.gpus_per_node, cfg.port, cfg.rank0_on_head) == (2, 8, 30000, True)
-    assert cfg.worker_metrics_port == 30001 and cfg.max_restarts == 5 and cfg.pg_timeout == 1800
+    assert cfg.worker_port == 30000 and cfg.max_restarts == 5 and cfg.pg_timeout == 1800
     assert cfg.server_cmd == "python3 -m sglang.launch_server"
     sa = cfg.server_args
     assert sa[sa.index("--model-path") + 1] == "/models/Qwen3-235B-A22B" and sa[sa.index("--tp-size") + 1] == "16"
     assert cfg.argv(1, "10.0.0.1:1234")[-6:] == ["--nnodes", "2", "--node-rank", "1", "--dist-init-addr",
                                                  "10.0.0.1:1234"]
-    assert [p["name"] for p in wc["ports"]] == ["metrics"]
+    assert wc["ports"] == [{"name": "http", "containerPort": 30000, "protocol": "TCP"}]
     assert env_of(wc)["XSHARE_POLICY"] == "xshare_ep"  # the agents' servers inherit the worker pod's env
     assert "--block" in wc["args"][0]
-    assert [e["port"] for e in one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"]] == ["http", "metrics"]
+    pm = one(objs, "PodMonitor")
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["http"]
+    assert all(wg["template"]["metadata"]["labels"][k] == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
 
 
 # -- schemas: core kinds (kubernetes-validate) and custom resources (their CRDs) ----------------------

@@ -1,9 +1,10 @@
 """The Ray launcher (xshare.deploy.launcher, `xshare launch`) on a real local Ray cluster.
 
-Two Ray nodes on loopback (ray.cluster_utils.Cluster, 2 fake GPUs each). The multi-node wiring runs the
-documented stand-in (xshare.deploy.standin: a real torch.distributed gloo group over --dist-init-addr), because
-SGLang 0.5.23 cannot form a multi-node group on this CPU machine (deploy/README.md, "Multi-node SGLang on a CPU").
-The single-node path runs a real SGLang server (test_real_sglang_single_node).
+Two Ray nodes on loopback (ray.cluster_utils.Cluster, 2 fake GPUs each). Restarts, backoff and shutdown are
+exercised fast with the documented stand-in (xshare.deploy.standin: a real torch.distributed gloo group over
+--dist-init-addr, exiting on demand).
+Real SGLang servers run too: a two-node group (--tp 2 --nnodes 2 on the CPU, gloo on loopback) started by the
+launcher (test_real_sglang_two_node_group), whose live /metrics also checks the dashboard's metric names.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def test_argv_wiring_per_rank():
     assert a0[8:] == ["--nnodes", "2", "--node-rank", "0", "--dist-init-addr", "10.0.0.1:5000",
                       "--host", "0.0.0.0", "--port", "31000"]
     assert a1[8:] == ["--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:5000"]
+    assert cfg.argv(1, "10.0.0.1:5000", python="/py", node_port=4242)[14:] == ["--host", "0.0.0.0", "--port", "4242"]
     single = LaunchConfig(server_args=["--model-path", "/m"], nnodes=1).argv(0, None, python="/py")
     assert "--nnodes" not in single and single[-4:] == ["--host", "0.0.0.0", "--port", "30000"]
     with pytest.raises(ValueError, match="dist_init_addr"):
@@ -285,3 +287,120 @@ def test_cli_launch_and_sigterm(cluster):
     assert any(line.startswith("[node 1] standin rank 1/2: group formed") for line in out), text
     assert "placement_group_removed" in text
     assert not any(_alive(p) for p in pids)
+
+
+# -- real SGLang servers: a two-node group on the CPU ------------------------------------------------
+def _group_members(pgid: int) -> set[int]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.add(int(p.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def live_group(cluster, tmp_path_factory):
+    """`xshare serve` (SGLang 0.5.23 on the CPU, the plugin on, a tiny Qwen3-MoE) on two Ray nodes: --tp 2 over
+    --nnodes 2, a gloo group on loopback, started and supervised by the Ray launcher."""
+    import importlib.util
+    from importlib import metadata
+
+    try:
+        metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        pytest.skip("sglang is not installed (scripts/install_sglang_cpu.sh)")
+    if importlib.util.find_spec("xshare.commands.serve") is None:
+        pytest.skip("xshare serve is not available")
+    model = tmp_path_factory.mktemp("tiny") / "tiny-moe"
+    r = subprocess.run([sys.executable, "-m", "xshare.cli", "tiny-model", str(model)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    port = _free_port()
+    cfg = LaunchConfig(server_args=["--xshare-policy", "xshare", "--xshare-budget", "4", "--device", "cpu",
+                                    "--model-path", str(model), "--tp", "2", "--enable-metrics", "--sleep-on-idle",
+                                    "--skip-server-warmup"],
+                       # SGLang's CPU engine wants one NUMA node per TP rank unless the cores are given explicitly
+                       env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
+                       nnodes=2, host="127.0.0.1", port=port, health_interval=1, poll_interval=0.5,
+                       max_restarts=0, stop_grace=30, startup_timeout=420, pg_timeout=60)
+    run = _Run(cfg)
+    members: set[int] = set()
+    try:
+        started = run.launcher.wait_for("started", 60)
+        run.launcher.wait_for("healthy", 420)
+        for pid in started["pids"]:
+            members |= _group_members(pid)
+        yield run, started, members
+    finally:
+        members |= {p for e in run.launcher.events if e["type"] == "started" for p in e["pids"]}
+        assert run.finish(120) == 0
+        left = [p for p in members if _alive(p)]
+        assert not left, f"SGLang processes left after shutdown: {left}"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_real_sglang_two_node_group(live_group):
+    run, started, members = live_group
+    assert len(set(started["node_ids"])) == 2 and len(started["pids"]) == 2
+    assert len(members) >= 5  # rank 0: server, scheduler, detokenizer; rank 1: launcher process, scheduler
+    url0, url1 = started["node_urls"]
+    req = urllib.request.Request(url0 + "/generate", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"text": "def hello(name):",
+                                                  "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).encode())
+    with urllib.request.urlopen(req, timeout=180) as r:
+        out = json.loads(r.read())
+    assert len(out["output_ids"]) == 8
+    # logs of both nodes streamed back through the agents; the plugin runs in both ranks' schedulers
+    def active(rank):
+        return [line for r, line in list(run.lines) if r == rank and "xshare: selector active" in line]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (active(0) and active(1)):
+        time.sleep(0.5)
+    for rank in (0, 1):
+        assert active(rank), [line for r, line in run.lines if r == rank][-20:]
+        assert f"(rank {rank}): policy=xshare budget=4" in active(rank)[0]
+    assert any("The server is fired up" in line for r, line in run.lines if r == 0)
+    # node 1 serves its own /health and /metrics (SGLang's per-node server), with its TP rank's series
+    with urllib.request.urlopen(url1 + "/health", timeout=10) as r:
+        assert r.status == 200
+    from xshare.deploy import promql
+
+    text1 = promql.scrape(url1 + "/metrics")
+    assert 'tp_rank="1"' in text1 and 'tp_rank="0"' not in text1
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_dashboard_sglang_metrics_exist_on_a_live_server(live_group):
+    from xshare.deploy import promql
+
+    _, started, _ = live_group
+    dash = json.loads((ROOT / "dashboards" / "xshare-sglang.json").read_text())
+    exposed = set()
+    for url in started["node_urls"]:
+        exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
+    assert any(n.startswith("sglang:") for n in exposed)
+    assert promql.missing_metrics(dash, exposed, ("sglang:",)) == {}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
+    """Runs once the plugin exports its metrics (the metrics issue); until then it skips, saying so."""
+    from xshare.deploy import promql
+
+    _, started, _ = live_group
+    dash = json.loads((ROOT / "dashboards" / "xshare-sglang.json").read_text())
+    exposed = set()
+    for url in started["node_urls"]:
+        exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
+    if not any(n.startswith("xshare:") for n in exposed):
+        pytest.skip("the plugin exports no xshare:* metrics on /metrics yet (metrics/admin issue not landed)")
+    assert promql.missing_metrics(dash, exposed, ("xshare:",)) == {}

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--dist-port", type=int, default=0, help="port of --dist-init-addr on rank 0 (0: a free one)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every node's server, e.g. XSHARE_BUDGET=0.5 (repeatable)")
-    s.add_argument("--worker-metrics-port", type=int, default=None,
-                   help="serve the Prometheus multiprocess metrics of ranks >= 1 on this port")
+    s.add_argument("--worker-port", type=int, default=0,
+                   help="--port of ranks >= 1 (SGLang's per-node /health and /metrics; 0: a free port per node)")
     h = parser.add_argument_group("supervision")
     h.add_argument("--health-path", default="/health", help="rank 0 health endpoint (default: %(default)s)")
     h.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds until rank 0 must be healthy")
@@ -83,7 +83,7 @@ def build_config(args: argparse.Namespace) -> LaunchConfig:
         stop_grace=args.stop_grace,
         pg_timeout=args.pg_timeout,
         rank0_on_head=args.rank0_on_head,
-        worker_metrics_port=args.worker_metrics_port,
+        worker_port=args.worker_port,
     )
     cfg.validate()
     return cfg

@@ -5,8 +5,6 @@
   ``--nnodes/--node-rank/--dist-init-addr``, log streaming, health checks, whole-group restarts, clean shutdown.
 * :mod:`xshare.deploy.standin` -- a documented stand-in server with SGLang's multi-node command line; it forms a
   real ``torch.distributed`` gloo group over ``--dist-init-addr`` (used to test the multi-node wiring on a CPU).
-* :mod:`xshare.deploy.metrics_exporter` -- serves a Prometheus multiprocess directory over HTTP: SGLang serves
-  ``/metrics`` only on node 0, so nodes with ``--node-rank`` >= 1 need it for their per-GPU metrics.
 * :mod:`xshare.deploy.dashboard` -- builds the Grafana dashboard (``dashboards/xshare-sglang.json``).
 * :mod:`xshare.deploy.promql` -- the dashboard's PromQL checks: parse with promtool, list metric names,
   compare with a live scrape.

@@ -16,7 +16,9 @@ One model instance = one group of ``nnodes`` processes started with SGLang's own
 5. shutdown sends SIGTERM to every rank's process group, SIGKILL after ``stop_grace`` seconds, kills the agents and
    removes the placement group. The server processes also get ``PR_SET_PDEATHSIG`` so they die with their agent.
 
-Ray's own ``CUDA_VISIBLE_DEVICES`` handling gives each agent (and so its server) the bundle's GPUs.
+Ray's own ``CUDA_VISIBLE_DEVICES`` handling gives each agent (and so its server) the bundle's GPUs. Ranks >= 1 get
+``--host/--port`` too: SGLang runs a small server there (``/health``, and ``/metrics`` for that node's processes
+with ``--enable-metrics``); ``worker_port`` fixes its port, else each node picks a free one.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class LaunchConfig:
     stop_grace: float = 30.0
     pg_timeout: float = 300.0
     rank0_on_head: bool = False
-    worker_metrics_port: int | None = None
+    worker_port: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -91,13 +93,11 @@ class LaunchConfig:
             raise ValueError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if self.cpus_per_node <= 0:
             raise ValueError(f"cpus_per_node must be > 0, got {self.cpus_per_node}")
-        for name in ("port", "dist_port"):
+        for name in ("port", "dist_port", "worker_port"):
             v = getattr(self, name)
             if not 0 <= v <= 65535 or (name == "port" and v == 0):
                 hint = "" if name == "port" else ", or 0 for a free one"
                 raise ValueError(f"{name} must be a TCP port (1..65535{hint}), got {v}")
-        if self.worker_metrics_port is not None and not 1 <= self.worker_metrics_port <= 65535:
-            raise ValueError(f"worker_metrics_port must be a TCP port, got {self.worker_metrics_port}")
         for name in ("max_restarts", "max_health_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -137,8 +137,11 @@ class LaunchConfig:
             out[0]["node:__internal_head__"] = 0.001
         return out
 
-    def argv(self, rank: int, dist_init_addr: str | None, python: str = sys.executable) -> list[str]:
-        """The command line of node ``rank``."""
+    def argv(self, rank: int, dist_init_addr: str | None, python: str = sys.executable,
+             node_port: int | None = None) -> list[str]:
+        """The command line of node ``rank``. Rank 0 serves HTTP on ``host:port``; SGLang's other ranks run only a
+        small health server on their ``--port`` (default 30000), so ``node_port`` gives them one of their own
+        (needed when several "nodes" share a machine, as in tests)."""
         cmd = [python if tok == "{python}" else tok.replace("{python}", python) for tok in shlex.split(self.server_cmd)]
         out = cmd + list(self.server_args)
         if self.nnodes > 1:
@@ -147,6 +150,8 @@ class LaunchConfig:
             out += ["--nnodes", str(self.nnodes), "--node-rank", str(rank), "--dist-init-addr", dist_init_addr]
         if rank == 0:
             out += ["--host", self.host, "--port", str(self.port)]
+        elif node_port is not None:
+            out += ["--host", self.host, "--port", str(node_port)]
         return out
 
 
@@ -177,7 +182,6 @@ class NodeAgent:
         self._seq = 0
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        self._exporter: Any = None
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -198,23 +202,12 @@ class NodeAgent:
             s.bind(("", 0))
             return int(s.getsockname()[1])
 
-    def start(self, argv: list[str], env: dict[str, str], metrics_port: int | None = None) -> int:
-        """Start the server; returns its pid. ``metrics_port``: also serve this node's Prometheus
-        multiprocess directory on that port (for ranks >= 1, whose metrics SGLang does not serve)."""
+    def start(self, argv: list[str], env: dict[str, str]) -> int:
+        """Start the server; returns its pid."""
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError(f"rank {self.rank}: a server is already running (pid {self._proc.pid})")
         full_env = dict(os.environ)
         full_env.update(env)
-        if metrics_port is not None:
-            import tempfile
-
-            from xshare.deploy.metrics_exporter import start_exporter
-
-            mdir = full_env.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix=f"xshare-metrics-r{self.rank}-")
-            os.makedirs(mdir, exist_ok=True)
-            full_env["PROMETHEUS_MULTIPROC_DIR"] = mdir
-            if self._exporter is None:
-                self._exporter = start_exporter(mdir, "0.0.0.0", metrics_port)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self._proc = subprocess.Popen(
             argv,
@@ -276,11 +269,6 @@ class NodeAgent:
         if self._reader is not None:
             self._reader.join(timeout=2)
         return rc
-
-    def shutdown_exporter(self) -> None:
-        if self._exporter is not None:
-            self._exporter.shutdown()
-            self._exporter = None
 
 
 _AGENT_CLASS: Any = None
@@ -439,11 +427,16 @@ class RayLauncher:
             infos = ray.get([a.info.remote() for a in self._agents], timeout=cfg.pg_timeout)
             dist_port = cfg.dist_port or ray.get(self._agents[0].free_port.remote())
             dist_addr = f"{infos[0]['ip']}:{dist_port}" if cfg.nnodes > 1 else None
+            # ranks >= 1: SGLang's per-node server (/health, and /metrics with --enable-metrics) on worker_port, or
+            # on a free port of their node
+            node_ports = [None] + (
+                [cfg.worker_port] * (cfg.nnodes - 1) if cfg.worker_port
+                else ray.get([a.free_port.remote() for a in self._agents[1:]])
+            )
             pids = []
             for r, agent in enumerate(self._agents):
-                argv = cfg.argv(r, dist_addr, python=infos[r]["python"])
-                mport = cfg.worker_metrics_port if (r > 0 and cfg.worker_metrics_port) else None
-                pids.append(ray.get(agent.start.remote(argv, dict(cfg.env), mport)))
+                argv = cfg.argv(r, dist_addr, python=infos[r]["python"], node_port=node_ports[r])
+                pids.append(ray.get(agent.start.remote(argv, dict(cfg.env))))
         except ray.exceptions.RayError as e:
             self._stop_group()
             return f"agent failure during start: {e}"
@@ -454,6 +447,10 @@ class RayLauncher:
             "pids": pids,
             "nodes": infos,
             "url": f"http://{http_host}:{cfg.port}",
+            "node_urls": [f"http://{http_host}:{cfg.port}"] + [
+                f"http://{infos[r]['ip'] if cfg.host in ('0.0.0.0', '::', '') else cfg.host}:{node_ports[r]}"
+                for r in range(1, cfg.nnodes)
+            ],
         }
         self._event(
             "started",
@@ -461,6 +458,7 @@ class RayLauncher:
             dist_init_addr=dist_addr,
             pids=pids,
             node_ids=[i["node_id"] for i in infos],
+            node_urls=self.group["node_urls"],
         )
         reason = self._supervise(self.group["url"] + cfg.health_path)
         self._stop_group()
@@ -539,10 +537,6 @@ class RayLauncher:
         except Exception:  # noqa: BLE001 - best effort after a failure
             pass
         for a in self._agents:
-            try:
-                ray.get(a.shutdown_exporter.remote(), timeout=10)
-            except ray.exceptions.RayError:
-                pass
             ray.kill(a, no_restart=True)
         self._agents = []
         self._event("stopped", attempt=self.attempt, returncodes=codes)

@@ -156,6 +156,21 @@ livenessProbe:
   failureThreshold: {{ $p.liveness.failureThreshold }}
 {{- end -}}
 
+{{/* Node ranks >= 1: their server answers /health once the node's schedulers are up (no readiness: no Service) */}}
+{{- define "xshare.workerProbes" -}}
+{{- $p := .Values.probes -}}
+startupProbe:
+  httpGet: {path: /health, port: http}
+  periodSeconds: {{ $p.startup.periodSeconds }}
+  timeoutSeconds: {{ $p.startup.timeoutSeconds }}
+  failureThreshold: {{ $p.startup.failureThreshold }}
+livenessProbe:
+  httpGet: {path: /health, port: http}
+  periodSeconds: {{ $p.liveness.periodSeconds }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
+  failureThreshold: {{ $p.liveness.failureThreshold }}
+{{- end -}}
+
 {{- define "xshare.volumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
