@@ -31,10 +31,13 @@ pytestmark = [
 
 
 def _compile(kernel, args: dict, num_warps: int, constexpr_names: set[str]):
+    # as a launch specialises: None and (unless marked do_not_specialize) an int 1 become constants
+    keep = {p.name for p in kernel.params if p.do_not_specialize}
     signature, constexprs = {}, {}
     for name in kernel.arg_names:
         value = args[name]
-        if name in constexpr_names or value is None:
+        is_one = isinstance(value, int) and not isinstance(value, bool) and value == 1 and name not in keep
+        if name in constexpr_names or value is None or is_one:
             signature[name] = "constexpr"
             constexprs[name] = value
         else:

@@ -34,11 +34,9 @@ _MAX = tl.standard._elementwise_max
 _ADD = tl.standard._sum_combine
 
 
-_SCALARS = ["T", "stride_t", "stride_e", "nt_val", "budget_val", "warmup_val", "cap_val", "enabled_val", "min_val",
-            "max_val"]
-
-
-@triton.jit(do_not_specialize=_SCALARS)
+# Runtime integers the kernels convert with .to(): never specialised into constexprs (Triton would turn
+# a 1 into a constant; T = 1 is common in decode). Each kernel lists only its own parameters.
+@triton.jit(do_not_specialize=["T", "nt_val", "budget_val", "warmup_val", "cap_val"])
 def _batch_set_kernel(
     logits_ptr, stride_t, stride_e,
     scores_ptr, set_ptr, active_ptr, group_ptr,
@@ -144,7 +142,7 @@ def _batch_set_kernel(
     tl.store(active_ptr + offs_e, tl.full([BLOCK_E], 0, tl.int8), mask=e_ok)
 
 
-@triton.jit(do_not_specialize=_SCALARS)
+@triton.jit(do_not_specialize=["T", "nt_val", "enabled_val", "min_val", "max_val"])
 def _route_kernel(
     scores_ptr, set_ptr, ids_ptr, weights_ptr, active_ptr,
     nt_ptr, nt_val, enabled_ptr, enabled_val, min_ptr, min_val, max_ptr, max_val,
