@@ -41,7 +41,7 @@ _RADIX_TILE = 8192  # elements of a [groups, 2^D, experts] counting tile of the 
 def _triton() -> Any | None:
     try:
         from xshare.selection.kernels import _triton_select
-    except ImportError:  # Triton not installed: the torch path serves
+    except (ImportError, AttributeError):  # no Triton, or one without the combine functions used: torch serves
         return None
     return _triton_select
 
