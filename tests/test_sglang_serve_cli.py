@@ -78,3 +78,12 @@ def test_command_line_exit_code_and_message():
     r = subprocess.run([sys.executable, "-m", "xshare.cli", "serve", "--xshare-print-command", "--model-path", "m",
                         "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "SGLANG_USE_CPU_ENGINE=1" in r.stdout and "sglang.launch_server" in r.stdout
+
+
+def test_cpu_thread_binding_for_several_ranks():
+    assert serve.cpu_thread_binding(["--model-path", "m"], [0, 1]) is None
+    assert serve.cpu_thread_binding(["--tp", "2"], [0, 1]) == "0|1"
+    assert serve.cpu_thread_binding(["--tp-size", "2", "--dp", "2"], [0, 1]) == "0|1|0|1"
+    assert serve.cpu_thread_binding(["--tensor-parallel-size=2"], list(range(8))) == "0-3|4-7"
+    assert serve.cpu_thread_binding(["--tp", "3"], [0, 1, 2, 5, 6, 7, 8]) == "0-2|5-6|7-8"
+    assert serve.cpu_thread_binding(["--tp", "2"], [0, 2, 4, 6]) == "0,2|4,6"

@@ -7,7 +7,8 @@ bad value stops before SGLang starts), every other argument goes to ``python -m
 sglang.launch_server`` unchanged, and this process is replaced by SGLang's (signals reach it
 directly). With ``--device cpu`` it also sets what SGLang's CPU engine needs
 (``SGLANG_USE_CPU_ENGINE=1``, ``--attention-backend torch_native`` and a bounded KV cache unless
-given) and checks that the installed ``sgl_kernel`` stand-in covers this sglang.
+given, one group of cores per rank when there are several) and checks that the installed
+``sgl_kernel`` stand-in covers this sglang.
 """
 
 from __future__ import annotations
@@ -98,6 +99,40 @@ def plugin_installed() -> bool:
     return any(ep.name == PLUGIN_NAME for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
+_SIZE_FLAGS = (("--tp", "--tp-size", "--tensor-parallel-size"), ("--dp", "--dp-size", "--data-parallel-size"),
+               ("--pp", "--pp-size", "--pipeline-parallel-size"))
+
+
+def cpu_thread_binding(argv: list[str], cores: list[int]) -> str | None:
+    """SGLANG_CPU_OMP_THREADS_BIND for a CPU launch with several ranks (tp * dp * pp): the
+    available cores split into one contiguous group per rank (shared round robin when there are
+    fewer cores than ranks). None for a single rank (SGLang's default binding then works)."""
+    ranks = 1
+    for names in _SIZE_FLAGS:
+        for name in names:
+            v = _option_value(argv, name)
+            if v is not None:
+                try:
+                    ranks *= max(1, int(v))
+                except ValueError:
+                    pass
+                break
+    if ranks <= 1 or not cores:
+        return None
+    cores = sorted(cores)
+    if len(cores) < ranks:
+        return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
+    per, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        n = per + (1 if r < extra else 0)
+        chunk = cores[start:start + n]
+        start += n
+        groups.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 and chunk[-1] - chunk[0] == n - 1
+                      else ",".join(map(str, chunk)))
+    return "|".join(groups)
+
+
 @functools.lru_cache(maxsize=1)
 def _missing_cpu_symbols() -> tuple:
     from xshare.sglang.cpu_check import find_cpu_kernel_imports, missing_symbols, sglang_source_dir
@@ -140,6 +175,10 @@ def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[lis
         raise ValueError("the xshare SGLang plugin entry point is not installed (reinstall: pip install -e .)")
     if _option_value(extra, "--device") == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+            binding = cpu_thread_binding(extra, sorted(os.sched_getaffinity(0)))
+            if binding is not None:
+                env["SGLANG_CPU_OMP_THREADS_BIND"] = binding
         for flag, value in CPU_DEFAULTS:
             if not _has_option(extra, flag):
                 extra += [flag, value]

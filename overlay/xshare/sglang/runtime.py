@@ -289,7 +289,8 @@ class Runtime:
         old_ids = topk_ids[:, :top_k].to(torch.int64)
         vanilla = active_experts(old_ids.clamp_min(0), valid, num_experts)
         changed = (torch.sort(old_ids, 1).values != torch.sort(routing.topk_ids.to(torch.int64), 1).values).any(1)
-        self.stats.record_layer(layer_id, routing.active, vanilla, valid.sum(), (changed & valid).sum())
+        self.stats.record_layer(layer_id, routing.active, vanilla, valid.sum(), (changed & valid).sum(),
+                                _checksum(routing.topk_ids, valid))
         if not self.first_applied_logged:
             self.first_applied_logged = True
             log.info("xshare: selector active in scheduler pid %d (rank %d): %s", os.getpid(), self.rank,
@@ -301,6 +302,13 @@ class Runtime:
             # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
             out["expert_location_dispatch_info"] = None
         return out
+
+
+def _checksum(ids: Tensor, valid: Tensor) -> Tensor:
+    """int64: sum over valid rows t and columns j of (id + 1) * (t + 1) * (j + 1) (order-sensitive)."""
+    rows = torch.arange(1, ids.shape[0] + 1, device=ids.device).unsqueeze(1)
+    cols = torch.arange(1, ids.shape[1] + 1, device=ids.device).unsqueeze(0)
+    return ((ids.to(torch.int64) + 1) * rows * cols * valid.unsqueeze(1)).sum()
 
 
 def _valid_rows(num_rows: int, num_token_non_padded: Tensor | int | None, device: torch.device) -> Tensor:

@@ -50,21 +50,23 @@ class SelectorStats:
         self.forwards += 1
 
     def record_layer(self, layer_id: int, active: Tensor, vanilla_active: Tensor, num_tokens: Tensor | int,
-                     changed_tokens: Tensor | int = 0) -> None:
+                     changed_tokens: Tensor | int = 0, checksum: Tensor | int = 0) -> None:
         """One applied call: ``active``/``vanilla_active`` bool [E] (selected / SGLang's own top-k);
-        ``changed_tokens``: tokens whose expert set differs from SGLang's own top-k."""
+        ``changed_tokens``: tokens whose expert set differs from SGLang's own top-k; ``checksum``: a
+        position-weighted sum of the chosen ids (equal on every rank that made the same decisions)."""
         self.applied += 1
         sums = self._layers.get(layer_id)
         if sums is None or sums["activated"].device != active.device:
             z = torch.zeros((), dtype=torch.int64, device=active.device)
             sums = {"calls": z.clone(), "activated": z.clone(), "vanilla_activated": z.clone(), "tokens": z.clone(),
-                    "changed_tokens": z.clone()}
+                    "changed_tokens": z.clone(), "checksum": z.clone()}
             self._layers[layer_id] = sums
         sums["calls"] += 1
         sums["activated"] += active.sum()
         sums["vanilla_activated"] += vanilla_active.sum()
         sums["tokens"] += torch.as_tensor(num_tokens, device=active.device).to(torch.int64)
         sums["changed_tokens"] += torch.as_tensor(changed_tokens, device=active.device).to(torch.int64)
+        sums["checksum"] += torch.as_tensor(checksum, device=active.device).to(torch.int64)
 
     # -- reading ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
