@@ -213,6 +213,12 @@ def test_lws_group(chart):
     for tmpl in (t["leaderTemplate"], t["workerTemplate"]):
         assert all(tmpl["metadata"]["labels"][k] == v for k, v in sel.items())
     assert pm["spec"]["namespaceSelector"]["matchNames"] == ["llm"]
+    # the colon-restoring relabeling, the same rule the dashboard tests run on a real Prometheus
+    from xshare.deploy.promql import COLON_RESTORE_RELABEL as rule
+
+    (mr,) = pm["spec"]["podMetricsEndpoints"][0]["metricRelabelings"]
+    assert mr == {"sourceLabels": rule["source_labels"], "regex": rule["regex"], "targetLabel": rule["target_label"],
+                  "replacement": rule["replacement"]}
 
 
 def test_dashboard_configmap(chart):
@@ -346,7 +352,8 @@ def _strict(schema):
 
 
 def _crd_validator(filename, version):
-    docs = [d for d in yaml.safe_load_all((CRDS / filename).read_text()) if d]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are large
+    docs = [d for d in yaml.load_all((CRDS / filename).read_text(), Loader=loader) if d]
     (crd,) = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
     (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     schema = _strict(ver["schema"]["openAPIV3Schema"])

@@ -392,6 +392,43 @@ def test_dashboard_sglang_metrics_exist_on_a_live_server(live_group):
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_real_prometheus_scrapes_the_group_with_the_charts_relabeling(live_group):
+    """Debian's Prometheus scraping both nodes: SGLang's names arrive escaped (sglang_x) unless relabeled as the
+    chart's PodMonitor does; with it, the dashboard's SGLang queries evaluate on real data."""
+    import shutil
+
+    from xshare.deploy import panel_png, promql
+
+    if not shutil.which("prometheus"):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("prometheus missing in CI: scripts/ci_system_deps.sh installs it")
+        pytest.skip("prometheus not installed (scripts/ci_system_deps.sh)")
+    _, started, _ = live_group
+    targets = [u.split("//", 1)[1] for u in started["node_urls"]]
+    dash = json.loads((ROOT / "dashboards" / "xshare-sglang.json").read_text())
+    with panel_png.LocalPrometheus(targets, raw_job=True) as prom:
+        deadline = time.monotonic() + 60
+        up = []
+        while time.monotonic() < deadline:
+            up = prom.targets_up()
+            if len(up) == 4 and all(t["health"] == "up" for t in up):
+                break
+            time.sleep(0.5)
+        assert len(up) == 4 and all(t["health"] == "up" for t in up), up
+        time.sleep(3)
+        end = time.time()
+        raw = panel_png.query_range(prom.url, '{job="raw", __name__=~"sglang.num_requests_total"}', end - 2, end, 1)
+        assert {r["metric"]["__name__"] for r in raw} == {"sglang_num_requests_total"}
+        for q in promql.dashboard_queries(dash):
+            if "sglang:" in q.expr and not q.where.startswith("variable"):
+                panel_png.query_range(prom.url, panel_png.substitute(q.expr, {}, "5s"), end - 5, end, 1)  # evaluates
+        for expr in ("sglang:num_requests_total", 'sum(sglang:num_running_reqs{model_name=~".*"})',
+                     "sglang:token_usage"):
+            assert panel_png.query_range(prom.url, expr, end - 2, end, 1), expr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
     """Runs once the plugin exports its metrics (the metrics issue); until then it skips, saying so."""
     from xshare.deploy import promql

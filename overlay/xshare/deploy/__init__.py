@@ -7,7 +7,8 @@
   real ``torch.distributed`` gloo group over ``--dist-init-addr`` (used to test the multi-node wiring on a CPU).
 * :mod:`xshare.deploy.dashboard` -- builds the Grafana dashboard (``dashboards/xshare-sglang.json``).
 * :mod:`xshare.deploy.promql` -- the dashboard's PromQL checks: parse with promtool, list metric names,
-  compare with a live scrape.
+  compare with a live scrape; the relabeling that restores ``:`` in scraped names.
+* :mod:`xshare.deploy.panel_png` -- one panel drawn from real scraped data (a loopback Prometheus + matplotlib).
 
 Nothing here is imported by the selection core or the SGLang plugin. Ray, grafana-foundation-sdk and
 promql-parser are imported lazily by the modules that need them (``scripts/install_deploy_tools.sh``).

@@ -24,6 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Prometheus metric relabeling that undoes prometheus_client's name escaping. prometheus_client (0.26) answers a
+#: scrape whose Accept header asks for OpenMetrics 1.0 without ``escaping=allow-utf-8`` (what Prometheus 2.x sends)
+#: with ``escaping=underscores`` and writes ``sglang:gen_throughput`` as ``sglang_gen_throughput``; every SGLang and
+#: XShare metric name has exactly one colon, after its prefix, so this restores them. The Helm chart's PodMonitor
+#: carries the same rule (as ``metricRelabelings``).
+COLON_RESTORE_RELABEL = {
+    "source_labels": ["__name__"],
+    "regex": "(sglang|xshare)_(.+)",
+    "target_label": "__name__",
+    "replacement": "${1}:${2}",
+}
+
 _GRAFANA_DURATIONS = {
     "__rate_interval": "1m",
     "__interval": "30s",
