@@ -24,6 +24,10 @@ PINS=(
   "jsonschema==4.26.0"
   "PyYAML==6.0.3"
   "prometheus_client==0.26.0"
+  # transitive (ray, kubernetes-validate) not pinned by requirements/*.txt
+  "filelock==4.2.11"
+  "msgpack==1.2.4"
+  "importlib_resources==7.1.0"
 )
 
 if [ ! -x "$py" ]; then

@@ -37,13 +37,18 @@ SGLANG_METRICS = {
 }
 
 
-def need_promtool() -> str:
-    exe = shutil.which("promtool")
+def need_binary(name: str) -> str:
+    """promtool / prometheus (Debian 'prometheus'): a failure in CI, a skip with the reason elsewhere."""
+    exe = shutil.which(name)
     if exe:
         return exe
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("promtool missing in CI: scripts/ci_system_deps.sh must install the Debian 'prometheus' package")
-    pytest.skip("promtool not installed (run scripts/ci_system_deps.sh as root: apt-get install prometheus)")
+        pytest.fail(f"{name} missing in CI: scripts/ci_system_deps.sh must install the Debian 'prometheus' package")
+    pytest.skip(f"{name} not installed (run scripts/ci_system_deps.sh as root: apt-get install prometheus)")
+
+
+def need_promtool() -> str:
+    return need_binary("promtool")
 
 
 @pytest.fixture(scope="module")
@@ -259,9 +264,7 @@ def test_panels_evaluate_on_a_real_prometheus_and_the_key_panel_draws(dash, tmp_
 
     from xshare.deploy import panel_png
 
-    if not shutil.which("prometheus"):
-        need_promtool()  # fails in CI, skips elsewhere (same package)
-        pytest.skip("prometheus not installed")
+    need_binary("prometheus")
     reg = CollectorRegistry()
     m = {}
     for name, (kind, labels) in {**XSHARE_METRICS, **{n: (k, ("model_name", "tp_rank")) for n, k in
