@@ -262,7 +262,7 @@ def test_cli_launch_and_sigterm(cluster):
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
            "--gpus-per-node", "1", "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3",
-           "--server-cmd", STANDIN_SERVER_CMD, "--env", "XSHARE_POLICY=xshare", "--stop-grace", "5",
+           "--server-cmd", STANDIN_SERVER_CMD, "--env", "XSHARE_POLICY=xshare", "--stop-grace", "5", "--rank0-on-head",
            "--", "--model-path", "/models/tiny"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
@@ -278,6 +278,11 @@ def test_cli_launch_and_sigterm(cluster):
         assert info["xshare_env"] == {"XSHARE_POLICY": "xshare"} and info["nnodes"] == 2
         started = next(line for line in out if line.startswith("[xshare launch] started"))
         pids = [int(p) for p in json.loads(started.split("pids=")[1].split(" node_ids")[0])]
+        node_ids = json.loads(started.split("node_ids=")[1].split(" node_urls")[0].replace("'", '"'))
+        import ray
+
+        head = [n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"]]
+        assert node_ids[0] == head[0] and node_ids[1] != head[0]  # --rank0-on-head
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
