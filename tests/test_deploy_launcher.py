@@ -446,3 +446,32 @@ def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
     if not any(n.startswith("xshare:") for n in exposed):
         pytest.skip("the plugin exports no xshare:* metrics on /metrics yet (metrics/admin issue not landed)")
     assert promql.missing_metrics(dash, exposed, ("xshare:",)) == {}
+
+
+@pytest.mark.e2e
+def test_killed_driver_leaves_no_server(cluster):
+    """`xshare launch` killed with SIGKILL (no cleanup runs): Ray ends its actors, and PR_SET_PDEATHSIG the servers."""
+    port = _free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
+           "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3", "--server-cmd", STANDIN_SERVER_CMD]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(line.startswith("[xshare launch] healthy") for line in out):
+            assert proc.poll() is None, "".join(out)
+            time.sleep(0.3)
+        started = next(line for line in out if line.startswith("[xshare launch] started"))
+        pids = [int(p) for p in json.loads(started.split("pids=")[1].split(" node_ids")[0])]
+        assert all(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        reader.join(5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in pids), "a server outlived its killed launcher"
