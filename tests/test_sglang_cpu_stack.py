@@ -183,3 +183,19 @@ def test_tiny_model_is_deterministic_and_loadable(tmp_path):
         build_tiny_moe(tmp_path / "c")
     with pytest.raises(ValueError, match="top_k"):
         TinyMoeSpec(num_experts=4, top_k=8)
+
+
+def test_cpu_check_cache_is_keyed_by_the_installation(tmp_path):
+    from xshare.sglang import cpu_check
+
+    cache = tmp_path / "cache.json"
+    assert cpu_check.cached_missing_symbols(cache) == []
+    data = json.loads(cache.read_text())
+    assert data["key"]["sglang"] == "0.5.23" and data["key"]["stand_in"]
+    # a cached answer is reused only for the same key
+    data["missing"] = [{"module": "sgl_kernel", "name": "pretend_cpu", "where": "x.py:1"}]
+    cache.write_text(json.dumps(data))
+    assert [m.symbol for m in cpu_check.cached_missing_symbols(cache)] == ["sgl_kernel.pretend_cpu"]
+    data["key"]["stand_in"] = "other"
+    cache.write_text(json.dumps(data))
+    assert cpu_check.cached_missing_symbols(cache) == []

@@ -135,9 +135,9 @@ def cpu_thread_binding(argv: list[str], cores: list[int]) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _missing_cpu_symbols() -> tuple:
-    from xshare.sglang.cpu_check import find_cpu_kernel_imports, missing_symbols, sglang_source_dir
+    from xshare.sglang.cpu_check import cached_missing_symbols
 
-    return tuple(missing_symbols(find_cpu_kernel_imports(sglang_source_dir())))
+    return tuple(cached_missing_symbols())
 
 
 def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import hashlib
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 _SKIP_DIRS = {"multimodal_gen", "test", "tests"}
@@ -116,6 +120,41 @@ def _provides(stand_in_dir: Path | None, module: str, name: str) -> bool:
 def missing_symbols(imports: list[KernelImport], stand_in_dir: Path | None = None) -> list[KernelImport]:
     """The imports the ``sgl_kernel`` stand-in (in ``stand_in_dir``, else the installed one) lacks."""
     return [imp for imp in imports if not _provides(stand_in_dir, imp.module, imp.name)]
+
+
+def _installed_stand_in_digest() -> str | None:
+    spec = importlib.util.find_spec("sgl_kernel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    h = hashlib.sha256()
+    for path in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def cached_missing_symbols(cache_file: Path | None = None) -> list[KernelImport]:
+    """:func:`missing_symbols` for the installed sglang and stand-in, remembered in a small JSON
+    file in the environment (keyed by sglang's version and location and the stand-in's content),
+    so that launching a server does not re-parse sglang's source every time."""
+    sglang_dir = sglang_source_dir()
+    try:
+        version = metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    key = {"sglang": version, "dir": str(sglang_dir), "stand_in": _installed_stand_in_digest()}
+    cache_file = cache_file or Path(sys.prefix) / ".xshare-cpu-check.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return [KernelImport(**m) for m in cached["missing"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    missing = missing_symbols(find_cpu_kernel_imports(sglang_dir))
+    try:
+        cache_file.write_text(json.dumps({"key": key, "missing": [dataclasses.asdict(m) for m in missing]}))
+    except OSError:
+        pass
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
