@@ -223,3 +223,46 @@ def test_exact_ties_are_broken_as_sglang_broke_them():
     from xshare.selection import select
 
     assert not torch.equal(select(logits, K, SelectorConfig(policy="xshare", budget=E)).topk_ids, sglang_ids)
+
+
+def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, logits):
+    """Placement from SGLang's ExpertLocationMetadata (redundant experts included), cached until
+    EPLB rewrites the map; with replicas the hook passes physical ids and disables SGLang's remap."""
+    import sys
+
+    import sglang.srt.eplb  # noqa: F401 - the real parent package; its expert_location module is faked
+
+    from xshare.selection import Placement
+
+    num_slots, ep = 20, 4  # 16 logical experts + 4 redundant, 5 slots per EP rank
+    p2l = torch.stack([torch.cat([torch.arange(E), torch.tensor([0, 5, 10, 15])]) for _ in range(2)])
+    meta = SimpleNamespace(physical_to_logical_map_cpu=p2l, ep_size=ep, num_layers=2, num_logical_experts=E)
+    fake = SimpleNamespace(get_global_expert_location_metadata=lambda: meta)
+    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.expert_location", fake)
+    runtime = rt.install(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare_ep", budget=8,
+                                                                               warmup_k=0)))
+    try:
+        runtime.placement_source = hooks._sglang_placement
+        first = hooks._sglang_placement(1, E)
+        ref = Placement.from_physical(p2l[1], ep)
+        assert torch.equal(first.slot_gpu, ref.slot_gpu) and torch.equal(first.replicas, ref.replicas)
+        assert first.has_replicas and first.num_gpus == ep
+        assert hooks._sglang_placement(1, E) is first  # cached
+        p2l[1, 16] = 3  # EPLB moved a replica (in place)
+        assert hooks._sglang_placement(1, E) is not first
+        runtime.push(rt.ForwardState(mode="decode"))
+        args = call_args(logits)
+        args["layer_id"] = 1
+        out = runtime.route(args, topk_config=topk_config())
+        assert out["expert_location_dispatch_info"] is None
+        phys = out["topk_ids"]
+        assert phys.min() >= 0 and phys.max() < num_slots
+        logical = p2l[1][phys]
+        assert torch.unique(logical).numel() <= 8
+        placement = hooks._sglang_placement(1, E)
+        per_gpu = torch.zeros(ep, dtype=torch.int64)
+        for e in torch.unique(logical).tolist():
+            per_gpu[placement.primary_gpu[e]] += 1
+        assert per_gpu.max() <= 2  # gpu_cap = ceil(8 / 4)
+    finally:
+        rt.uninstall()
