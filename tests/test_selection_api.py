@@ -251,3 +251,16 @@ def test_prepare_batch_rank_is_preference_order():
     logits = torch.tensor([[0.0, 2.0, 2.0, float("-inf"), 1.0]])
     b = prepare_batch(logits, 2, SelectorConfig(policy="topk", budget=1))
     assert b.rank.tolist() == [[3, 0, 1, 4, 2]]  # ties: lower index first; unusable last
+
+
+def test_prefer_breaks_exact_ties_in_the_given_order():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0], [2.0, 1.0, 1.0, 1.0]])
+    cfg = SelectorConfig(policy="topk", budget=1)
+    assert select(logits, 2, cfg).topk_ids.tolist() == [[0, 1], [0, 1]]  # default: lower index
+    prefer = torch.tensor([[2, 1], [0, 3]])
+    r = select(logits, 2, cfg, prefer=prefer)
+    assert r.topk_ids.tolist() == [[2, 1], [0, 3]]
+    # a preference never overrides a strictly higher score
+    assert select(logits, 2, cfg, prefer=torch.tensor([[3, -1], [3, 2]])).topk_ids.tolist() == [[0, 1], [0, 3]]
+    with pytest.raises(ValueError, match="prefer"):
+        select(logits, 2, cfg, prefer=torch.tensor([1, 2]))

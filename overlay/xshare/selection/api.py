@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, active_experts, assign_replicas, gate_scores, route
+from xshare.selection.common import Batch, active_experts, assign_replicas, gate_scores, preference_rank, route
 from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
@@ -54,6 +54,7 @@ def prepare_batch(
     placement: Placement | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
     knobs: SelectorKnobs | None = None,
+    prefer: Tensor | None = None,
     validate: bool = True,
 ) -> Batch:
     """Validate the arguments of :func:`select` and build the :class:`Batch` the policies see."""
@@ -103,6 +104,10 @@ def prepare_batch(
         placement=placement,
         **settings,
     )
+    if prefer is not None:
+        if not isinstance(prefer, Tensor) or prefer.ndim != 2 or prefer.shape[0] != num_rows:
+            raise ValueError(f"prefer must be an int tensor [T, k] with T = {num_rows}")
+        batch._rank = preference_rank(batch.scores, batch.usable, prefer)
     return batch
 
 
@@ -115,6 +120,7 @@ def select(
     placement: Placement | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
     knobs: SelectorKnobs | None = None,
+    prefer: Tensor | None = None,
     validate: bool = True,
 ) -> Routing:
     """Select the experts of one MoE layer for one forward batch.
@@ -132,6 +138,9 @@ def select(
                    numeric settings and the on/off switch are read from them instead of ``config``
                    (``config`` still names the policy and the scoring), so a captured CUDA graph
                    follows runtime changes. Implies the device-side batch-size gate.
+    prefer         int [T, k] (-1 = none): among experts with exactly equal scores, these come
+                   first (in this order) instead of the lower index; the serving adapter passes the
+                   engine's own top-k so ties resolve as the engine resolved them.
     validate       check values too (NaN/+inf logits, placement ids); this synchronises with the
                    host, so the serving hot path passes False (shapes and types are always checked,
                    and non-finite logits are then treated as unusable).
@@ -139,14 +148,33 @@ def select(
     Raises ValueError naming the bad argument.
     """
     batch = prepare_batch(router_logits, top_k, config, groups=groups, placement=placement,
-                          num_tokens=num_tokens, knobs=knobs, validate=validate)
+                          num_tokens=num_tokens, knobs=knobs, prefer=prefer, validate=validate)
+    return finish_routing(batch, num_tokens=num_tokens, knobs=knobs)
+
+
+def finish_routing(
+    batch: Batch,
+    *,
+    num_tokens: int | Tensor | None = None,
+    knobs: SelectorKnobs | None = None,
+    decided: bool = False,
+) -> Routing:
+    """The second half of :func:`select`: apply the policy (or vanilla, per the batch-size gate and
+    the on/off knob), route, and assign replicas.
+
+    ``decided``: the caller already decided that the policy applies (e.g. from a group-wide batch
+    size); padded rows still route like 'topk'.
+    """
+    config = batch.config
     policy = get_policy(config.policy)
-    num_rows, num_experts = batch.num_tokens, batch.num_experts
-    valid = batch.valid
     vanilla = get_policy("topk")
-    if num_tokens is None and knobs is None:
+    valid = batch.valid
+    if decided:
+        tiers = torch.where(valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
+        strategy = policy.replica_strategy
+    elif num_tokens is None and knobs is None:
         # The batch size is a static shape and the settings are host values: decide on the host.
-        chosen = policy if config.applies_to(num_rows) else vanilla
+        chosen = policy if config.applies_to(batch.num_tokens) else vanilla
         tiers = chosen.tiers(batch)
         strategy = chosen.replica_strategy
     else:
@@ -161,8 +189,8 @@ def select(
         tiers = torch.where(apply & valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
         strategy = policy.replica_strategy
     ids, weights = route(batch, tiers)
-    active = active_experts(ids, valid, num_experts)
+    active = active_experts(ids, valid, batch.num_experts)
     physical = None
-    if placement is not None and placement.has_replicas:
-        physical = assign_replicas(ids, active, placement, strategy)
+    if batch.placement is not None and batch.placement.has_replicas:
+        physical = assign_replicas(ids, active, batch.placement, strategy)
     return Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=physical)

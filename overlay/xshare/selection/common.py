@@ -33,12 +33,27 @@ def gate_scores(logits: Tensor, usable: Tensor, scoring: str) -> Tensor:
     return torch.where(usable, p, torch.zeros_like(p))
 
 
-def preference_rank(scores: Tensor, usable: Tensor) -> Tensor:
-    """rank[t, e] = position of expert e in token t's own order (usable by score desc, index asc)."""
-    key = torch.where(usable, scores, torch.full_like(scores, -1.0))
-    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+def preference_rank(scores: Tensor, usable: Tensor, prefer: Tensor | None = None) -> Tensor:
+    """rank[t, e] = position of expert e in token t's own order: usable first, then score desc, then
+    (among exactly equal scores) the experts listed in ``prefer[t]`` in that order, then index asc.
+
+    ``prefer`` int [T, k] (-1 = none) lets a caller reproduce another implementation's tie order,
+    e.g. the serving engine's own top-k picks, so that a policy keeping every expert routes bitwise
+    like the engine. Without it, ties go to the lower index.
+    """
+    num_rows, num_experts = scores.shape
+    order = torch.arange(num_experts, device=scores.device).expand(num_rows, num_experts)
+    if prefer is not None and prefer.numel():
+        k = prefer.shape[1]
+        slot = torch.full((num_rows, num_experts + 1), k, dtype=torch.int64, device=scores.device)
+        ids = prefer.to(torch.int64)
+        ids = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))  # -1 -> a spare column
+        slot.scatter_(1, ids, torch.arange(k, device=scores.device).expand(num_rows, k))
+        order = torch.argsort(slot[:, :num_experts], dim=-1, stable=True)  # preferred first, then index
+    key = torch.where(usable, scores, torch.full_like(scores, -1.0)).gather(1, order)
+    order = order.gather(1, torch.argsort(key, dim=-1, descending=True, stable=True))
     rank = torch.empty_like(order)
-    pos = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    pos = torch.arange(num_experts, device=scores.device).expand_as(order)
     return rank.scatter_(-1, order, pos)
 
 
