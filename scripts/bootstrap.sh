@@ -11,6 +11,9 @@ cons="$root/requirements/constraints.txt"
 
 stamp_inputs=("$root/pyproject.toml" "$root/requirements/"*.txt "$root/scripts/bootstrap.sh")
 for extra in "$root"/scripts/install_*.sh; do [ -e "$extra" ] && stamp_inputs+=("$extra"); done
+# What the install scripts copy or apply into site-packages (CPU stand-ins, SGLang patches).
+while IFS= read -r f; do stamp_inputs+=("$f"); done < <(find "$root/overlay/cpu_shims" "$root/patches" -type f \
+  ! -name '*.pyc' 2>/dev/null | sort)
 want="$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1)"
 if [ -f "$venv/.xshare-stamp" ] && [ "$(cat "$venv/.xshare-stamp")" = "$want" ]; then
   exit 0
