@@ -235,13 +235,17 @@ def _sglang_placement(layer_id: int, num_experts: int) -> Any:
         meta = get_global_expert_location_metadata()
     except Exception:  # noqa: BLE001
         meta = None
-    if meta is None or layer_id >= meta.num_layers or meta.num_logical_experts != num_experts:
+    sim = runtime.settings.sim_gpus if runtime is not None else None
+    if meta is None or layer_id >= meta.num_layers or meta.num_logical_experts != num_experts or (
+            sim and int(getattr(meta, "ep_size", 1) or 1) == 1):
         ep_size = _ep_size()
         key_tensor = None
-        cached = cache.get(layer_id)
-        if cached is not None and cached[0] is None and cached[1].num_gpus == ep_size:
-            return cached[1]
         gpus = ep_size if num_experts % ep_size == 0 else 1
+        if gpus == 1 and runtime is not None and runtime.settings.sim_gpus:
+            gpus = runtime.settings.sim_gpus  # XSHARE_SIM_GPUS: a contiguous placement over N virtual GPUs
+        cached = cache.get(layer_id)
+        if cached is not None and cached[0] is None and cached[1].num_gpus == gpus:
+            return cached[1]
         placement = Placement.contiguous(num_experts, gpus)
         cache[layer_id] = (key_tensor, placement)
         return placement

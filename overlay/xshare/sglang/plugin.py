@@ -17,6 +17,7 @@ rank, detokenizer, DP controller) before it applies the registered hooks. :func:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 from importlib import metadata
@@ -67,12 +68,18 @@ def register() -> None:
     except SettingError as exc:
         refuse(str(exc))
         return
-    if not settings.enabled:
+    from xshare.sglang import admin
+
+    admin_on = admin.admin_configured()
+    if not settings.enabled and not admin_on:
         log.info("xshare: plugin loaded, selector disabled (set XSHARE_ENABLE=1 to enable it)")
         return
     frame = _scheduler_frame()
     if frame is None and os.environ.get("XSHARE_HOOK_ALL_PROCESSES", "") not in ("1", "true", "yes", "on"):
-        log.info("xshare: enabled (%s); hooks go into the scheduler processes", settings.describe())
+        if multiprocessing.parent_process() is None:  # the launcher, which serves HTTP
+            admin.install_routes(settings)
+        log.info("xshare: %s (%s); hooks go into the scheduler processes",
+                 "enabled" if settings.enabled else "disabled, admin API on", settings.describe())
         return
     if _registered:
         return
@@ -89,7 +96,13 @@ def register() -> None:
     from xshare.sglang import hooks, runtime
 
     rank = _rank_of(frame)
-    runtime.install(settings, rank=rank)
+    rt = runtime.install(settings, rank=rank)
+    try:
+        admin.scheduler_setup(rt)
+    except Exception as exc:  # noqa: BLE001 - observability never stops serving
+        log.error("xshare: metrics/admin setup failed in pid %d: %s", os.getpid(), exc, exc_info=True)
+    HookRegistry.register(admin.UPDATE_HANDLERS_TARGET, admin.update_handlers_hook, HookType.AFTER)
+    HookRegistry.register(admin.ON_IDLE_TARGET, admin.on_idle_hook, HookType.AFTER)
     HookRegistry.register(hooks.POST_PROCESS_TARGET, hooks.post_process_topk_ids_hook, HookType.AROUND)
     HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)
     HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from xshare.selection.knobs import SelectorKnobs
 from xshare.sglang import selecting
 from xshare.sglang.global_stats import AllReduce, finish_global, prepare_global
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.stats import SelectorStats, write_json_atomic
+from xshare.sglang.stats import SelectorStats, call_figures, write_json_atomic
 from xshare.sglang.trace import TraceRecorder
 
 log = logging.getLogger("xshare.sglang")
@@ -75,6 +76,13 @@ class Runtime:
         self.scattered_input: bool | None = None  # MoE rows are a DP-local shard (a2a backend)
         self.num_experts_hint: int | None = None
         self.trace: TraceRecorder | None = None
+        # Observability (xshare.sglang.metrics / xshare.sglang.admin): the config version, the
+        # Prometheus exporter (only with SGLang's --enable-metrics) and the admin state directory.
+        self.version = 0
+        self.metrics: Any = None
+        self.observe = False  # record the per-call metric window (set by enable_observability)
+        self._flush_pending = False
+        self._last_flush = 0
         if settings.trace_dir is not None:
             self.trace = TraceRecorder(settings.trace_dir, max_tokens=settings.trace_max_tokens,
                                        flush_tokens=settings.trace_flush_tokens, rank=rank)
@@ -144,6 +152,8 @@ class Runtime:
         s = self.settings
         if s.stats_dir is not None and self.stats.forwards % s.stats_every == 0:
             self.write_stats()
+        if self.observe and (self._flush_pending or self.stats.forwards - self._last_flush >= s.metrics_flush_every):
+            self.flush_metrics()
 
     def write_stats(self) -> None:
         s = self.settings
@@ -154,11 +164,42 @@ class Runtime:
                      "policy": s.selector.policy, "budget": s.selector.budget})
         write_json_atomic(s.stats_dir / f"xshare-stats-{os.getpid()}.json", snap)
 
+    # -- observability ------------------------------------------------------------------------------
+    def enable_observability(self, exporter: Any) -> None:
+        """Record the per-call window and flush it to ``exporter`` (:class:`xshare.sglang.metrics.Exporter`)."""
+        self.metrics = exporter
+        self.observe = True
+        exporter.config_changed(self)
+
+    def flush_metrics(self) -> None:
+        """Drain the device window into the exporter (the only host synchronisation of the metrics)."""
+        if self.metrics is None:
+            return
+        self._flush_pending = False
+        self._last_flush = self.stats.forwards
+        try:
+            self.metrics.flush(self)
+        except Exception as exc:  # noqa: BLE001 - metrics never break serving
+            self.log_once("metrics_flush", logging.ERROR, "xshare: metrics flush failed: %s", exc, exc_info=True)
+
+    def set_config(self, settings: PluginSettings, version: int) -> None:
+        """Apply a config from the admin endpoint (at a forward-batch boundary) and report it."""
+        self.update_settings(settings)
+        self.version = version
+        if self.metrics is not None:
+            self.metrics.config_changed(self)
+
+    def effective_config(self) -> dict[str, Any]:
+        s = self.settings
+        out = s.selector.to_dict()
+        out["enabled"] = s.enabled
+        return out
+
     # -- placement for GPU-aware policies ----------------------------------------------------------
     def placement_for(self, layer_id: int, num_experts: int, device: torch.device) -> Placement:
         placement = self.placement_source(layer_id, num_experts) if self.placement_source else None
         if placement is None:
-            placement = Placement.contiguous(num_experts, 1)
+            placement = Placement.contiguous(num_experts, self.settings.sim_gpus or 1)
         if placement.slot_gpu.device != device:
             placement = placement.to(device)
         return placement
@@ -221,7 +262,11 @@ class Runtime:
                 self.skip("batch_size")
                 return None
         try:
-            return self._route(args, topk_config, state, global_mode)
+            t0 = time.perf_counter()
+            out = self._route(args, topk_config, state, global_mode)
+            if self.observe and out is not None:
+                self.stats.record_seconds(time.perf_counter() - t0)
+            return out
         except Exception as exc:  # serving never fails because of the selector
             reason = type(exc).__name__
             self.stats.count_fallback(reason)
@@ -291,8 +336,13 @@ class Runtime:
         changed = (torch.sort(old_ids, 1).values != torch.sort(routing.topk_ids.to(torch.int64), 1).values).any(1)
         self.stats.record_layer(layer_id, routing.active, vanilla, valid.sum(), (changed & valid).sum(),
                                 _checksum(routing.topk_ids, valid))
+        if self.observe:
+            mp = placement if placement is not None else self.placement_for(layer_id, num_experts, logits.device)
+            self.stats.record_figures(call_figures(layer_id, logits, old_ids, routing.topk_ids, routing.active, vanilla,
+                                                   valid, mp.primary_gpu, mp.num_gpus, scoring))
         if not self.first_applied_logged:
             self.first_applied_logged = True
+            self._flush_pending = True
             log.info("xshare: selector active in scheduler pid %d (rank %d): %s", os.getpid(), self.rank,
                      s.describe())
             if s.stats_dir is not None:

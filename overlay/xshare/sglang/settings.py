@@ -23,6 +23,8 @@ an environment variable overrides the same key of the file.
 | XSHARE_TRACE_MAX_TOKENS | stop recording after this many tokens (per process) | 65536 |
 | XSHARE_TRACE_FLUSH_TOKENS | write a trace shard every N recorded tokens | 4096 |
 | XSHARE_FAULT_INJECT | tests only: ``always`` or ``every:N`` raises inside the selector | none |
+| XSHARE_SIM_GPUS | without SGLang EP: experts placed contiguously over N virtual GPUs (metrics, xshare_ep) | none |
+| XSHARE_METRICS_FLUSH_EVERY | flush the device-side metric window to Prometheus every N forwards | 16 |
 
 Bad values raise :class:`SettingError`, whose message names the variable (or the file and key).
 """
@@ -44,7 +46,7 @@ CONFIG_ENV = "XSHARE_CONFIG"
 # setting name -> kind; the environment variable is PREFIX + name.upper()
 _SELECTOR_KEYS = ("policy", "budget", "warmup_k", "group_budget", "gpu_cap", "min_tokens", "max_tokens", "extra")
 _PLUGIN_KEYS = ("enable", "apply_prefill", "deepep_mode", "stats_dir", "stats_every", "trace_dir",
-                "trace_max_tokens", "trace_flush_tokens", "fault_inject")
+                "trace_max_tokens", "trace_flush_tokens", "fault_inject", "sim_gpus", "metrics_flush_every")
 KEYS = _PLUGIN_KEYS + _SELECTOR_KEYS
 DEEPEP_MODES = ("local", "global")
 GLOBAL_MODE_POLICIES = ("topk", "xshare", "xshare_ep")
@@ -68,6 +70,8 @@ class PluginSettings:
     trace_max_tokens: int = 65536
     trace_flush_tokens: int = 4096
     fault_inject: str | None = None  # None | 'always' | 'every:N'
+    sim_gpus: int | None = None  # virtual GPUs of the contiguous placement used without SGLang EP
+    metrics_flush_every: int = 16
 
     def describe(self) -> str:
         s = self.selector
@@ -256,7 +260,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
         trace_flush_tokens=_parse_int(raw.get("trace_flush_tokens", 4096), _where("trace_flush_tokens", origin),
                                       minimum=1),
         fault_inject=fault,
+        sim_gpus=_parse_optional_int(raw.get("sim_gpus"), _where("sim_gpus", origin)) if _positive_or_none(
+            raw.get("sim_gpus"), _where("sim_gpus", origin)) else None,
+        metrics_flush_every=_parse_int(raw.get("metrics_flush_every", 16), _where("metrics_flush_every", origin),
+                                       minimum=1),
     )
+
+
+def _positive_or_none(value: Any, where: str) -> bool:
+    """True if ``value`` is an integer >= 1; False if unset/none; raises otherwise."""
+    n = _parse_optional_int(value, where)
+    if n is None:
+        return False
+    if n < 1:
+        raise SettingError(f"{where}={value!r}: expected an integer >= 1 or none")
+    return True
 
 
 def settings_env(values: Mapping[str, Any]) -> dict[str, str]:

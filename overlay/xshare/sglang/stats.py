@@ -3,7 +3,12 @@
 Host counters (calls, skips and fallbacks by reason) are plain ints. Per-layer sums that come from
 device tensors (activated experts with and without the selector, tokens) accumulate in device
 tensors, so the hot path never synchronises with the host; :meth:`SelectorStats.snapshot` reads them.
-A later metrics exporter (Prometheus) or admin endpoint reads :meth:`snapshot`.
+:meth:`snapshot` reads them.
+
+The metrics window (:meth:`SelectorStats.record_figures` / :meth:`SelectorStats.drain_window`): one
+row of per-call figures (:data:`WINDOW_FIELDS`, then activated experts and tokens per GPU) is written
+into a persistent device ring buffer at a device-side index (``index_copy_``: no host
+synchronisation, and CUDA-graph safe); the exporter drains it every N forwards, the only sync.
 """
 
 from __future__ import annotations
@@ -19,6 +24,46 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# Columns of one window row; then num_gpus columns of activated experts per GPU, then num_gpus of tokens per GPU.
+WINDOW_FIELDS = ("layer", "active", "vanilla_active", "peak_gpu", "vanilla_peak_gpu", "peak_mean_ratio",
+                 "mass_kept", "top1_kept", "tokens")
+WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
+
+
+def call_figures(layer_id: int, logits: Tensor, vanilla_ids: Tensor, chosen_ids: Tensor, active: Tensor,
+                 vanilla_active: Tensor, valid: Tensor, expert_gpu: Tensor, num_gpus: int,
+                 scoring: str = "softmax") -> Tensor:
+    """One window row (float32 [len(WINDOW_FIELDS) + 2 * num_gpus], on the logits' device) for one applied call.
+
+    ``vanilla_ids``/``chosen_ids`` int [T, k]: SGLang's own top-k and the policy's; ``active`` /
+    ``vanilla_active`` bool [E]; ``valid`` bool [T] (non-padded rows); ``expert_gpu`` int64 [E]: the
+    GPU of each logical expert. Mass kept: per token, the gate probability of its chosen experts over
+    that of its own top-k, averaged over valid tokens; top-1 kept: the share of valid tokens whose
+    highest-scoring expert is among their chosen ones. Pure tensor ops, no host synchronisation.
+    """
+    dev = logits.device
+    lg = logits.float()
+    probs = torch.softmax(lg, dim=-1) if scoring == "softmax" else torch.sigmoid(lg)
+    chosen = chosen_ids.to(torch.int64).clamp(0, lg.shape[1] - 1)
+    vanilla = vanilla_ids.to(torch.int64).clamp(0, lg.shape[1] - 1)
+    validf = valid.to(torch.float32)
+    n_valid = validf.sum().clamp_min(1.0)
+    kept = probs.gather(1, chosen).sum(1) / probs.gather(1, vanilla).sum(1).clamp_min(1e-30)
+    mass_kept = (kept.clamp(max=1.0) * validf).sum() / n_valid
+    top1 = lg.argmax(1, keepdim=True)
+    top1_kept = ((chosen == top1).any(1).to(torch.float32) * validf).sum() / n_valid
+    gpu = expert_gpu.to(device=dev, dtype=torch.int64)
+    gpu_active = torch.zeros(num_gpus, device=dev).index_add_(0, gpu, active.to(torch.float32))
+    gpu_vanilla = torch.zeros(num_gpus, device=dev).index_add_(0, gpu, vanilla_active.to(torch.float32))
+    hits = torch.zeros(lg.shape[0], num_gpus, device=dev).scatter_(1, gpu[chosen], 1.0)
+    gpu_tokens = (hits * validf.unsqueeze(1)).sum(0)
+    n_active = gpu_active.sum()
+    peak = gpu_active.max()
+    ratio = torch.where(n_active > 0, peak * num_gpus / n_active.clamp_min(1.0), torch.ones((), device=dev))
+    head = torch.stack([torch.full((), float(layer_id), device=dev), n_active, vanilla_active.to(torch.float32).sum(),
+                        peak, gpu_vanilla.max(), ratio, mass_kept, top1_kept, validf.sum()])
+    return torch.cat([head, gpu_active, gpu_tokens])
+
 
 class SelectorStats:
     """Counters of one process. Thread-safe for the host counters; device sums are updated in the
@@ -33,6 +78,12 @@ class SelectorStats:
         self.forwards = 0  # model forwards seen by the forward hook
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
+        # metrics window (see the module docstring)
+        self._window: Tensor | None = None
+        self._window_idx: Tensor | None = None  # int64 device scalar: rows written so far
+        self._window_read = 0  # rows drained so far (host)
+        self.window_dropped = 0
+        self._seconds: list[float] = []  # host-measured selector time per applied call
 
     # -- hot path ---------------------------------------------------------------------------
     def count_call(self) -> None:
@@ -67,6 +118,41 @@ class SelectorStats:
         sums["tokens"] += torch.as_tensor(num_tokens, device=active.device).to(torch.int64)
         sums["changed_tokens"] += torch.as_tensor(changed_tokens, device=active.device).to(torch.int64)
         sums["checksum"] += torch.as_tensor(checksum, device=active.device).to(torch.int64)
+
+    def record_figures(self, row: Tensor) -> None:
+        """Append one :func:`call_figures` row to the device ring buffer (no host synchronisation)."""
+        win = self._window
+        if win is None or win.shape[1] != row.shape[0] or win.device != row.device:
+            self._window = win = torch.zeros(WINDOW_CAPACITY, row.shape[0], dtype=torch.float32, device=row.device)
+            self._window_idx = torch.zeros((), dtype=torch.int64, device=row.device)
+            self._window_read = 0
+        pos = torch.remainder(self._window_idx, WINDOW_CAPACITY).view(1)
+        win.index_copy_(0, pos, row.view(1, -1).to(torch.float32))
+        self._window_idx += 1
+
+    def record_seconds(self, seconds: float) -> None:
+        self._seconds.append(seconds)
+        if len(self._seconds) > WINDOW_CAPACITY:
+            del self._seconds[: len(self._seconds) - WINDOW_CAPACITY]
+
+    def drain_window(self) -> Tensor:
+        """Rows recorded since the last drain, oldest first (float32 CPU [n, F]); synchronises once."""
+        if self._window is None or self._window_idx is None:
+            return torch.zeros(0, len(WINDOW_FIELDS))
+        written = int(self._window_idx.item())
+        start = self._window_read
+        if written - start > WINDOW_CAPACITY:
+            self.window_dropped += written - start - WINDOW_CAPACITY
+            start = written - WINDOW_CAPACITY
+        self._window_read = written
+        if written == start:
+            return torch.zeros(0, self._window.shape[1])
+        pos = torch.arange(start, written, device=self._window.device) % WINDOW_CAPACITY
+        return self._window.index_select(0, pos).cpu()
+
+    def drain_seconds(self) -> list[float]:
+        out, self._seconds = self._seconds, []
+        return out
 
     # -- reading ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

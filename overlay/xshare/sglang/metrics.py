@@ -1,0 +1,179 @@
+"""Prometheus metrics of the selector, in SGLang's multiprocess registry (``xshare:*`` names).
+
+SGLang's ``--enable-metrics`` sets ``PROMETHEUS_MULTIPROC_DIR`` before it spawns the schedulers and
+serves every process's series on ``/metrics`` (``MultiProcessCollector``). ``prometheus_client``
+must be imported only after that variable is set (its value class is fixed at import), so it is
+imported here lazily, from :func:`create` in a scheduler process. Metrics are created with
+``registry=None``: in multiprocess mode the values go to the mmap files that SGLang's collector
+reads, and no process-local registry is involved (so a second exporter never clashes).
+
+Every series carries ``rank`` (the scheduler's TP rank). Recording never synchronises the device:
+the routing hook writes one row of figures per applied call into a device ring buffer
+(:meth:`xshare.sglang.stats.SelectorStats.record_figures`); :meth:`Exporter.flush` drains it every
+``XSHARE_METRICS_FLUSH_EVERY`` forwards (default 16), after the first applied forward and when the
+scheduler goes idle. Label cardinality: see docs/observability.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any
+
+from xshare.sglang.stats import WINDOW_FIELDS
+
+log = logging.getLogger("xshare.sglang")
+
+COUNT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+RATIO_BUCKETS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0)
+FRACTION_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+
+# name -> (type, labels after 'rank', help); the contract the dashboard (dashboards/) reads
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "xshare:active_experts": ("histogram", ("layer",), "Activated experts per layer per forward (policy in force)"),
+    "xshare:vanilla_active_experts": ("histogram", ("layer",), "Experts vanilla top-k would have activated"),
+    "xshare:gpu_active_experts": ("gauge", ("layer", "gpu"),
+                                  "Activated experts on one GPU (EP rank), mean over the last flush window"),
+    "xshare:gpu_tokens": ("gauge", ("layer", "gpu"), "Tokens routed to one GPU, mean over the last flush window"),
+    "xshare:peak_gpu_active_experts": ("histogram", (), "Max over GPUs of activated experts, per layer per forward"),
+    "xshare:vanilla_peak_gpu_active_experts": ("histogram", (), "Max over GPUs of activated experts, vanilla top-k"),
+    "xshare:peak_mean_ratio": ("histogram", (), "Peak / mean activated experts per GPU, per layer per forward"),
+    "xshare:mass_kept": ("histogram", (), "Gate mass kept (fraction of the tokens' own top-k mass), per layer call"),
+    "xshare:top1_kept": ("histogram", (), "Fraction of tokens keeping their top-1 expert, per layer call"),
+    "xshare:selector_calls_total": ("counter", (), "Routing hook calls (MoE layer calls seen)"),
+    "xshare:fallbacks_total": ("counter", ("reason",), "Selector failures routed by SGLang's top-k, by reason"),
+    "xshare:selector_seconds": ("histogram", (), "Host time of one selector call (launch time on a GPU)"),
+    "xshare:config_info": ("gauge", ("policy", "version"), "1 for the config in force (0 for earlier ones)"),
+    "xshare:budget": ("gauge", (), "Expert budget per layer and batch (resolved to experts when E is known)"),
+    "xshare:warmup_k": ("gauge", (), "Warm-up experts every token keeps"),
+    "xshare:group_budget": ("gauge", (), "Per-request budget of xshare_spec (0 = unset)"),
+    "xshare:gpu_cap": ("gauge", (), "Per-GPU cap of xshare_ep (0 = unset)"),
+    "xshare:enabled": ("gauge", (), "1 when the selector is on"),
+    "xshare:config_changes_total": ("counter", ("result",), "Admin config changes by result"),
+}
+_BUCKETS = {"xshare:active_experts": COUNT_BUCKETS, "xshare:vanilla_active_experts": COUNT_BUCKETS,
+            "xshare:peak_gpu_active_experts": COUNT_BUCKETS, "xshare:vanilla_peak_gpu_active_experts": COUNT_BUCKETS,
+            "xshare:peak_mean_ratio": RATIO_BUCKETS, "xshare:mass_kept": FRACTION_BUCKETS,
+            "xshare:top1_kept": FRACTION_BUCKETS, "xshare:selector_seconds": SECONDS_BUCKETS}
+
+
+def multiprocess_dir() -> str | None:
+    d = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    return d if d and os.path.isdir(d) else None
+
+
+class Exporter:
+    """The selector's metrics for one scheduler rank. ``prometheus`` False: only the per-layer
+    summary of the last window is kept (for ``GET /xshare/stats``), nothing is exported."""
+
+    def __init__(self, rank: int, *, prometheus: bool = True, on_flush: Any = None) -> None:
+        self.rank = str(rank)
+        self.on_flush = on_flush  # callable(summary dict) after each flush (admin stats file)
+        self.m: dict[str, Any] = {}
+        self._calls = 0
+        self._fallbacks: dict[str, int] = {}
+        self._info_labels: tuple[str, str] | None = None
+        self.last: dict[str, Any] = {"layers": {}, "rows": 0}
+        if prometheus:
+            import prometheus_client as pc  # lazily: PROMETHEUS_MULTIPROC_DIR is set by now
+
+            for name, (kind, labels, doc) in METRICS.items():
+                names = ("rank", *labels)
+                if kind == "histogram":
+                    self.m[name] = pc.Histogram(name, doc, names, buckets=_BUCKETS[name], registry=None)
+                elif kind == "counter":
+                    self.m[name] = pc.Counter(name.removesuffix("_total"), doc, names, registry=None)
+                else:
+                    self.m[name] = pc.Gauge(name, doc, names, registry=None, multiprocess_mode="mostrecent")
+
+    def _metric(self, name: str, *labels: str) -> Any:
+        return self.m[name].labels(self.rank, *labels) if self.m else None
+
+    # -- config ------------------------------------------------------------------------------------
+    def config_changed(self, runtime: Any) -> None:
+        if not self.m:
+            return
+        s = runtime.settings
+        sel = s.selector
+        e = runtime.num_experts_hint
+        budget = sel.budget_for(e) if e else sel.budget
+        values = {"xshare:budget": budget, "xshare:warmup_k": sel.warmup_k,
+                  "xshare:group_budget": sel.group_budget or 0, "xshare:gpu_cap": sel.gpu_cap or 0,
+                  "xshare:enabled": 1 if s.enabled else 0}
+        for name, v in values.items():
+            self._metric(name).set(float(v))
+        labels = (sel.policy, str(runtime.version))
+        if self._info_labels is not None and self._info_labels != labels:
+            self._metric("xshare:config_info", *self._info_labels).set(0)
+        self._metric("xshare:config_info", *labels).set(1)
+        self._info_labels = labels
+
+    def config_change(self, result: str) -> None:
+        if self.m:
+            self._metric("xshare:config_changes_total", result).inc()
+
+    # -- the window ----------------------------------------------------------------------------------
+    def flush(self, runtime: Any) -> None:
+        stats = runtime.stats
+        rows = stats.drain_window()
+        seconds = stats.drain_seconds()
+        nf = len(WINDOW_FIELDS)
+        g = (rows.shape[1] - nf) // 2 if rows.numel() else 0
+        by_layer: dict[int, list[list[float]]] = defaultdict(list)
+        for r in rows.tolist():
+            by_layer[int(r[0])].append(r)
+        if self.m:
+            peak, vpeak = self._metric("xshare:peak_gpu_active_experts"), \
+                self._metric("xshare:vanilla_peak_gpu_active_experts")
+            ratio, mass, top1 = self._metric("xshare:peak_mean_ratio"), self._metric("xshare:mass_kept"), \
+                self._metric("xshare:top1_kept")
+            for layer, lrows in by_layer.items():
+                act = self._metric("xshare:active_experts", str(layer))
+                van = self._metric("xshare:vanilla_active_experts", str(layer))
+                for r in lrows:
+                    act.observe(r[1])
+                    van.observe(r[2])
+                    peak.observe(r[3])
+                    vpeak.observe(r[4])
+                    ratio.observe(r[5])
+                    mass.observe(r[6])
+                    top1.observe(r[7])
+                n = len(lrows)
+                for gpu in range(g):
+                    self._metric("xshare:gpu_active_experts", str(layer), str(gpu)).set(
+                        sum(r[nf + gpu] for r in lrows) / n)
+                    self._metric("xshare:gpu_tokens", str(layer), str(gpu)).set(
+                        sum(r[nf + g + gpu] for r in lrows) / n)
+            sec = self._metric("xshare:selector_seconds")
+            for s in seconds:
+                sec.observe(s)
+            calls = stats.calls
+            if calls > self._calls:
+                self._metric("xshare:selector_calls_total").inc(calls - self._calls)
+                self._calls = calls
+            for reason, count in dict(stats.fallbacks).items():
+                prev = self._fallbacks.get(reason, 0)
+                if count > prev:
+                    self._metric("xshare:fallbacks_total", reason).inc(count - prev)
+                    self._fallbacks[reason] = count
+        summary: dict[str, Any] = {"rows": int(rows.shape[0]), "forwards": stats.forwards, "calls": stats.calls,
+                                   "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,
+                                   "layers": {}}
+        for layer, lrows in sorted(by_layer.items()):
+            n = len(lrows)
+            fig = {f: sum(r[i] for r in lrows) / n for i, f in enumerate(WINDOW_FIELDS) if i > 0}
+            fig["calls"] = n
+            fig["gpu_active_experts"] = [sum(r[nf + j] for r in lrows) / n for j in range(g)]
+            fig["gpu_tokens"] = [sum(r[nf + g + j] for r in lrows) / n for j in range(g)]
+            summary["layers"][str(layer)] = fig
+        if rows.shape[0]:
+            self.last = summary
+        if self.on_flush is not None:
+            self.on_flush(self.last if not rows.shape[0] else summary)
+
+
+def create(rank: int, on_flush: Any = None) -> Exporter:
+    """An exporter for this scheduler: Prometheus series when SGLang runs with --enable-metrics."""
+    return Exporter(rank, prometheus=multiprocess_dir() is not None, on_flush=on_flush)
