@@ -45,6 +45,46 @@ def _check_args(
         raise ValueError(f"num_tokens must be an int or a 0-d tensor, got {type(num_tokens).__name__}")
 
 
+def check_inputs(
+    router_logits: Tensor,
+    top_k: int,
+    config: SelectorConfig,
+    *,
+    groups: Tensor | None = None,
+    placement: Placement | Tensor | None = None,
+    num_tokens: int | Tensor | None = None,
+    knobs: SelectorKnobs | None = None,
+    validate: bool = True,
+) -> Placement | None:
+    """Every check of :func:`select`'s arguments (ValueError naming the argument); returns the
+    placement normalised to a :class:`Placement` on the logits' device. Value checks that need a
+    host sync (NaN / +inf logits) run only with ``validate``."""
+    _check_args(router_logits, top_k, config, groups, num_tokens)
+    num_rows, num_experts = router_logits.shape
+    device = router_logits.device
+    if isinstance(num_tokens, Tensor) and (num_tokens.numel() != 1 or num_tokens.dtype.is_floating_point
+                                           or num_tokens.dtype == torch.bool):
+        raise ValueError("num_tokens must be an int or a 0-d integer tensor")
+    if knobs is not None:
+        if knobs.num_experts != num_experts or knobs.top_k != top_k:
+            raise ValueError(f"knobs were made for E = {knobs.num_experts}, top_k = {knobs.top_k}; "
+                             f"got E = {num_experts}, top_k = {top_k}")
+        if knobs.budget.device != device:
+            raise ValueError(f"knobs are on {knobs.budget.device}, router_logits on {device}")
+    # A Placement passes through; a tensor is converted here (host work: build it once for serving).
+    placement = as_placement(placement, num_experts)
+    if placement is not None and placement.slot_gpu.device != device:
+        placement = placement.to(device)
+    if get_policy(config.policy).needs_placement and placement is None:
+        raise ValueError(f"placement is required by policy {config.policy!r}")
+    if validate and num_rows:
+        if bool(torch.isnan(router_logits).any()):
+            raise ValueError("router_logits contains NaN")
+        if bool(torch.isposinf(router_logits).any()):
+            raise ValueError("router_logits contains +inf")
+    return placement
+
+
 def prepare_batch(
     router_logits: Tensor,
     top_k: int,
@@ -58,25 +98,11 @@ def prepare_batch(
     validate: bool = True,
 ) -> Batch:
     """Validate the arguments of :func:`select` and build the :class:`Batch` the policies see."""
-    _check_args(router_logits, top_k, config, groups, num_tokens)
+    placement = check_inputs(router_logits, top_k, config, groups=groups, placement=placement,
+                             num_tokens=num_tokens, knobs=knobs, validate=validate)
     num_rows, num_experts = router_logits.shape
-    if knobs is not None and (knobs.num_experts != num_experts or knobs.top_k != top_k):
-        raise ValueError(f"knobs were made for E = {knobs.num_experts}, top_k = {knobs.top_k}; "
-                         f"got E = {num_experts}, top_k = {top_k}")
     device = router_logits.device
-    policy = get_policy(config.policy)
-    # A Placement passes through; a tensor is converted here (host work: build it once for serving).
-    placement = as_placement(placement, num_experts)
-    if placement is not None and placement.slot_gpu.device != device:
-        placement = placement.to(device)
-    if policy.needs_placement and placement is None:
-        raise ValueError(f"placement is required by policy {config.policy!r}")
     logits = router_logits.float()
-    if validate and num_rows:
-        if bool(torch.isnan(logits).any()):
-            raise ValueError("router_logits contains NaN")
-        if bool(torch.isposinf(logits).any()):
-            raise ValueError("router_logits contains +inf")
     usable = torch.isfinite(logits)
     rows = torch.arange(num_rows, device=device)
     if num_tokens is None:

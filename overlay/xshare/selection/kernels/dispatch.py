@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xshare.selection.api import _check_args, select
+from xshare.selection.api import check_inputs, select
 from xshare.selection.common import assign_replicas
 from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import _NO_MAX, SelectorKnobs
 from xshare.selection.registry import get_policy
-from xshare.selection.types import Placement, Routing, as_placement
+from xshare.selection.types import Placement, Routing
 
 BACKENDS = ("auto", "torch", "triton")
 KERNEL_POLICIES = ("xshare", "xshare_ep")
@@ -239,28 +239,10 @@ def fused_select(
     if chosen == "torch":
         return select(router_logits, top_k, config, groups=groups, placement=placement, num_tokens=num_tokens,
                       knobs=knobs, validate=validate)
-    _check_args(router_logits, top_k, config, groups, num_tokens)
-    num_rows, num_experts = router_logits.shape
-    if knobs is not None and (knobs.num_experts != num_experts or knobs.top_k != top_k):
-        raise ValueError(f"knobs were made for E = {knobs.num_experts}, top_k = {knobs.top_k}; "
-                         f"got E = {num_experts}, top_k = {top_k}")
-    device = router_logits.device
+    placement = check_inputs(router_logits, top_k, config, groups=groups, placement=placement,
+                             num_tokens=num_tokens, knobs=knobs, validate=validate)
+    num_rows = router_logits.shape[0]
     policy = get_policy(config.policy)
-    placement = as_placement(placement, num_experts)
-    if placement is not None and placement.slot_gpu.device != device:
-        placement = placement.to(device)
-    if policy.needs_placement and placement is None:
-        raise ValueError(f"placement is required by policy {config.policy!r}")
-    if isinstance(num_tokens, Tensor) and (num_tokens.numel() != 1 or num_tokens.dtype.is_floating_point
-                                           or num_tokens.dtype == torch.bool):
-        raise ValueError("num_tokens must be an int or a 0-d integer tensor")
-    if knobs is not None and knobs.budget.device != device:
-        raise ValueError(f"knobs are on {knobs.budget.device}, router_logits on {device}")
-    if validate and num_rows:
-        if bool(torch.isnan(router_logits).any()):
-            raise ValueError("router_logits contains NaN")
-        if bool(torch.isposinf(router_logits).any()):
-            raise ValueError("router_logits contains +inf")
     if num_rows == 0:  # nothing to launch
         return select(router_logits, top_k, config, groups=groups, placement=placement, num_tokens=num_tokens,
                       knobs=knobs, validate=False)
