@@ -59,6 +59,10 @@ _BUCKETS = {"xshare:active_experts": COUNT_BUCKETS, "xshare:vanilla_active_exper
             "xshare:top1_kept": FRACTION_BUCKETS, "xshare:selector_seconds": SECONDS_BUCKETS}
 
 
+INITIAL_FALLBACK_REASONS = ("signature", "forward_state")
+MAX_FALLBACK_REASONS = 16  # distinct reason labels per rank (exception type names); further ones count as 'other'
+
+
 def multiprocess_dir() -> str | None:
     d = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
     return d if d and os.path.isdir(d) else None
@@ -74,6 +78,7 @@ class Exporter:
         self.m: dict[str, Any] = {}
         self._calls = 0
         self._fallbacks: dict[str, int] = {}
+        self._labeled: set[str] = set(INITIAL_FALLBACK_REASONS)
         self._info_labels: tuple[str, str] | None = None
         self.last: dict[str, Any] = {"layers": {}, "rows": 0}
         if prometheus:
@@ -87,6 +92,13 @@ class Exporter:
                     self.m[name] = pc.Counter(name.removesuffix("_total"), doc, names, registry=None)
                 else:
                     self.m[name] = pc.Gauge(name, doc, names, registry=None, multiprocess_mode="mostrecent")
+            # Series that exist from the start (at 0), so rate()/increase() and dashboards see them before
+            # the first event.
+            for reason in INITIAL_FALLBACK_REASONS:
+                self._metric("xshare:fallbacks_total", reason).inc(0)
+            for result in ("applied", "rejected"):
+                self._metric("xshare:config_changes_total", result).inc(0)
+            self._metric("xshare:selector_calls_total").inc(0)
 
     def _metric(self, name: str, *labels: str) -> Any:
         return self.m[name].labels(self.rank, *labels) if self.m else None
@@ -156,7 +168,10 @@ class Exporter:
             for reason, count in dict(stats.fallbacks).items():
                 prev = self._fallbacks.get(reason, 0)
                 if count > prev:
-                    self._metric("xshare:fallbacks_total", reason).inc(count - prev)
+                    if reason not in self._labeled and len(self._labeled) < MAX_FALLBACK_REASONS:
+                        self._labeled.add(reason)
+                    label = reason if reason in self._labeled else "other"
+                    self._metric("xshare:fallbacks_total", label).inc(count - prev)
                     self._fallbacks[reason] = count
         summary: dict[str, Any] = {"rows": int(rows.shape[0]), "forwards": stats.forwards, "calls": stats.calls,
                                    "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,

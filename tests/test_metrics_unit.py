@@ -1,0 +1,121 @@
+"""The metrics window on tensors: per-call figures against their definitions, the device ring buffer (no host sync
+until drain, overflow counted), the admin config validation (fields named), and the exporter in a real
+prometheus_client multiprocess directory (a subprocess, so this process's prometheus_client stays untouched)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xshare.selection import Placement, SelectorConfig, select
+from xshare.sglang import admin
+from xshare.sglang.stats import WINDOW_CAPACITY, WINDOW_FIELDS, SelectorStats, call_figures
+
+F = {f: i for i, f in enumerate(WINDOW_FIELDS)}
+
+
+def _case(seed=0, t=6, e=16, k=4, budget=5, gpus=4):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, e, generator=g)
+    vanilla = torch.topk(logits, k, dim=1).indices
+    r = select(logits, k, SelectorConfig(policy="xshare", budget=budget, warmup_k=0))
+    van_active = torch.zeros(e, dtype=torch.bool)
+    van_active[vanilla.flatten()] = True
+    valid = torch.ones(t, dtype=torch.bool)
+    valid[-1] = False  # one padded row
+    pl = Placement.contiguous(e, gpus)
+    return logits, vanilla, r, van_active, valid, pl
+
+
+def test_call_figures_match_their_definitions():
+    logits, vanilla, r, van_active, valid, pl = _case()
+    row = call_figures(3, logits, vanilla, r.topk_ids, r.active, van_active, valid, pl.primary_gpu, pl.num_gpus)
+    assert row.shape == (len(WINDOW_FIELDS) + 2 * 4,)
+    assert row[F["layer"]] == 3 and row[F["active"]] == r.active.sum() and row[F["vanilla_active"]] == van_active.sum()
+    per_gpu = [int(r.active[i * 4:(i + 1) * 4].sum()) for i in range(4)]
+    assert row[len(WINDOW_FIELDS):len(WINDOW_FIELDS) + 4].tolist() == per_gpu
+    assert row[F["peak_gpu"]] == max(per_gpu)
+    assert row[F["peak_mean_ratio"]] == pytest.approx(max(per_gpu) / (sum(per_gpu) / 4))
+    p = torch.softmax(logits, 1)
+    kept = [(p[i, r.topk_ids[i]].sum() / p[i, vanilla[i]].sum()).item() for i in range(5)]
+    assert row[F["mass_kept"]].item() == pytest.approx(sum(kept) / 5, rel=1e-5)
+    top1 = [int(logits[i].argmax()) in r.topk_ids[i].tolist() for i in range(5)]
+    assert row[F["top1_kept"]].item() == pytest.approx(sum(top1) / 5)
+    tokens = [sum(any(int(x) // 4 == gpu for x in r.topk_ids[i]) for i in range(5)) for gpu in range(4)]
+    assert row[len(WINDOW_FIELDS) + 4:].tolist() == tokens
+    assert row[F["tokens"]] == 5
+
+
+def test_vanilla_routing_keeps_all_mass():
+    logits, vanilla, _, van_active, valid, pl = _case()
+    row = call_figures(0, logits, vanilla, vanilla, van_active, van_active, valid, pl.primary_gpu, 4)
+    assert row[F["mass_kept"]].item() == pytest.approx(1.0) and row[F["top1_kept"]].item() == 1.0
+    assert row[F["active"]] == row[F["vanilla_active"]] and row[F["peak_gpu"]] == row[F["vanilla_peak_gpu"]]
+
+
+def test_ring_buffer_drains_in_order_and_counts_overflow():
+    st = SelectorStats()
+    assert st.drain_window().shape[0] == 0
+    for i in range(5):
+        st.record_figures(torch.full((len(WINDOW_FIELDS) + 2,), float(i)))
+    rows = st.drain_window()
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4] and st.drain_window().shape[0] == 0
+    n = WINDOW_CAPACITY + 7
+    for i in range(n):
+        st.record_figures(torch.full((len(WINDOW_FIELDS) + 2,), float(i)))
+    rows = st.drain_window()
+    assert rows.shape[0] == WINDOW_CAPACITY and st.window_dropped == 7
+    assert rows[0, 0] == 7 and rows[-1, 0] == n - 1
+
+
+@pytest.mark.parametrize("update, field", [
+    ({"budget": 17}, "budget"), ({"budget": 3}, "budget"), ({"budget": 0.1}, "budget"), ({"policy": "nope"}, "policy"),
+    ({"warmup_k": -1}, "warmup_k"), ({"gpu_cap": 0}, "gpu_cap"), ({"enabled": None}, "enabled"),
+])
+def test_build_config_names_the_field(update, field):
+    cur = {**{k: v for k, v in SelectorConfig(budget=8).to_dict().items() if k in admin.CONFIG_FIELDS},
+           "enabled": True}
+    with pytest.raises(admin.ConfigInvalid) as exc:
+        admin.build_config(cur, update, replace_all=False, top_k=4, num_experts=16)
+    assert exc.value.field == field
+
+
+def test_build_config_patch_and_put():
+    cur = {**{k: v for k, v in SelectorConfig(budget=8, warmup_k=2).to_dict().items() if k in admin.CONFIG_FIELDS},
+           "enabled": True}
+    new = admin.build_config(cur, {"budget": 4}, replace_all=False, top_k=4, num_experts=16)
+    assert new["budget"] == 4 and new["warmup_k"] == 2 and new["enabled"] is True
+    put = admin.build_config(cur, {"budget": 0.5}, replace_all=True, top_k=4, num_experts=16)
+    assert put["budget"] == 0.5 and put["warmup_k"] == SelectorConfig().warmup_k
+    assert cur["budget"] == 8  # the input is not modified
+
+
+def test_exporter_writes_the_contract_into_a_multiprocess_dir(tmp_path):
+    code = r"""
+import json, sys, torch
+from xshare.sglang import metrics, runtime
+from xshare.sglang.settings import load_settings
+from xshare.sglang.stats import WINDOW_FIELDS
+rt = runtime.install(load_settings({"XSHARE_ENABLE": "1", "XSHARE_BUDGET": "4"}), rank=1)
+rt.num_experts_hint = 16
+rt.enable_observability(metrics.create(1))
+row = torch.zeros(len(WINDOW_FIELDS) + 4); row[1] = 4; row[2] = 9; row[3] = 3; row[5] = 1.5; row[6] = 0.9
+rt.stats.record_figures(row); rt.stats.calls = 5; rt.stats.fallbacks["ValueError"] = 2
+rt.flush_metrics()
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)
+print(generate_latest(reg).decode())
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert 'xshare:active_experts_sum{layer="0",rank="1"} 4.0' in text
+    assert 'xshare:vanilla_active_experts_sum{layer="0",rank="1"} 9.0' in text
+    assert 'xshare:gpu_active_experts{gpu="1",layer="0",rank="1"} 0.0' in text
+    assert 'xshare:selector_calls_total{rank="1"} 5.0' in text
+    assert 'xshare:fallbacks_total{rank="1",reason="ValueError"} 2.0' in text
+    assert 'xshare:config_info{policy="xshare",rank="1",version="0"} 1.0' in text
+    assert 'xshare:budget{rank="1"} 4.0' in text and 'xshare:enabled{rank="1"} 1.0' in text
