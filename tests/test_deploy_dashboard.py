@@ -216,6 +216,12 @@ def _exporter(skip: set[str] = frozenset()):
     return server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
 
 
+def test_dashboard_contract_is_the_plugins():
+    """The names, types and labels the dashboard assumes are the ones the plugin's exporter declares."""
+    metrics = pytest.importorskip("xshare.sglang.metrics", reason="the plugin's metrics module")
+    assert {n: (t, ("rank", *labels)) for n, (t, labels, _doc) in metrics.METRICS.items()} == XSHARE_METRICS
+
+
 def test_names_match_a_scrape_of_the_metrics_contract(dash):
     server, url = _exporter()
     try:

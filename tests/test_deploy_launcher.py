@@ -294,7 +294,46 @@ def test_cli_launch_and_sigterm(cluster):
     assert not any(_alive(p) for p in pids)
 
 
+@pytest.mark.e2e
+def test_killed_driver_leaves_no_server(cluster):
+    """`xshare launch` killed with SIGKILL (no cleanup runs): Ray ends its actors, and PR_SET_PDEATHSIG the servers."""
+    port = _free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
+           "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3", "--server-cmd", STANDIN_SERVER_CMD,
+           "--pg-timeout", "60"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(line.startswith("[xshare launch] healthy") for line in out):
+            assert proc.poll() is None, "".join(out)
+            time.sleep(0.3)
+        started = [line for line in out if line.startswith("[xshare launch] started")]
+        assert started, "".join(out)
+        pids = [int(p) for p in json.loads(started[0].split("pids=")[1].split(" node_ids")[0])]
+        assert all(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        reader.join(5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in pids), "a server outlived its killed launcher"
+    # and Ray released the dead driver's placement group and actors
+    import ray
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 2:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2, ray.available_resources()
+
+
 # -- real SGLang servers: a two-node group on the CPU ------------------------------------------------
+# (keep these last: the module-scoped group holds both nodes' CPUs until the module ends)
 def _group_members(pgid: int) -> set[int]:
     out = set()
     for p in Path("/proc").iterdir():
@@ -445,33 +484,12 @@ def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
         exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
     if not any(n.startswith("xshare:") for n in exposed):
         pytest.skip("the plugin exports no xshare:* metrics on /metrics yet (metrics/admin issue not landed)")
-    assert promql.missing_metrics(dash, exposed, ("xshare:",)) == {}
+    missing = promql.missing_metrics(dash, exposed, ("xshare:",))
+    # A labelled counter has no series until its first increment (prometheus_client's multiprocess mode writes
+    # nothing before), so fallbacks and config changes are absent from a healthy server that had none: accept
+    # exactly those, when the plugin declares them as counters.
+    from xshare.sglang.metrics import METRICS
 
+    quiet = {n for n in missing if n.endswith("_total") and METRICS.get(n, ("",))[0] == "counter" and METRICS[n][1]}
+    assert set(missing) - quiet == set(), missing
 
-@pytest.mark.e2e
-def test_killed_driver_leaves_no_server(cluster):
-    """`xshare launch` killed with SIGKILL (no cleanup runs): Ray ends its actors, and PR_SET_PDEATHSIG the servers."""
-    port = _free_port()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
-           "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3", "--server-cmd", STANDIN_SERVER_CMD]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(line.startswith("[xshare launch] healthy") for line in out):
-            assert proc.poll() is None, "".join(out)
-            time.sleep(0.3)
-        started = next(line for line in out if line.startswith("[xshare launch] started"))
-        pids = [int(p) for p in json.loads(started.split("pids=")[1].split(" node_ids")[0])]
-        assert all(_alive(p) for p in pids)
-    finally:
-        proc.kill()
-        proc.wait(30)
-        reader.join(5)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.5)
-    assert not any(_alive(p) for p in pids), "a server outlived its killed launcher"
