@@ -2,7 +2,8 @@
 
 Either query a running Prometheus (``--prometheus URL``), or let this command run one: ``--targets HOST:PORT,...``
 starts the Debian ``prometheus`` binary on loopback with a 1 s scrape of those ``/metrics`` endpoints for
-``--duration`` seconds (drive traffic meanwhile), then evaluates the panel's PromQL over that window with
+``--duration`` seconds (drive traffic meanwhile, or let ``--load N`` send SGLang ``/generate`` requests from N
+clients), then evaluates the panel's PromQL over that window with
 ``query_range`` and plots every series (legend from the panel's ``legendFormat``) to a PNG::
 
     python -m xshare.deploy.panel_png --targets 127.0.0.1:30000 --duration 120 \\
@@ -88,7 +89,8 @@ def panel_series(prom: str, panel: dict[str, Any], variables: dict[str, str], ra
     return out
 
 
-def plot(series: list[tuple[str, list[float], list[float]]], title: str, unit: str, out: Path) -> None:
+def plot(series: list[tuple[str, list[float], list[float]]], title: str, unit: str, out: Path,
+         note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,9 +100,9 @@ def plot(series: list[tuple[str, list[float], list[float]]], title: str, unit: s
     t0 = min((ts[0] for _, ts, _ in series if ts), default=0.0)
     for name, ts, vs in series:
         ax.plot([t - t0 for t in ts], vs, label=name, linewidth=1.6)
-    ax.set_title(title)
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
     ax.set_xlabel("seconds")
-    ax.set_ylabel(unit)
+    ax.set_ylabel("" if unit in ("short", "none") else unit)
     ax.grid(alpha=0.3)
     if series:
         ax.legend(loc="best", fontsize=8)
@@ -110,6 +112,40 @@ def plot(series: list[tuple[str, list[float], list[float]]], title: str, unit: s
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(out)
+
+
+_PROMPTS = ("def hello(name):", "import os\n", "class Foo:\n    def", "for i in range(10):", "# compute the sum of",
+            "with open(path) as f:", "try:\n    x =", "def fib(n):")
+
+
+def drive_load(url: str, seconds: float, concurrency: int, seed: int = 0) -> int:
+    """Send SGLang ``/generate`` requests from ``concurrency`` clients for ``seconds``; returns the number done."""
+    import random
+    import threading
+
+    end = time.time() + seconds
+    done = [0] * concurrency
+
+    def client(i: int) -> None:
+        rnd = random.Random(seed + i)
+        while time.time() < end:
+            body = json.dumps({"text": rnd.choice(_PROMPTS),
+                               "sampling_params": {"max_new_tokens": rnd.randint(16, 48), "temperature": 0.8}})
+            req = urllib.request.Request(url.rstrip("/") + "/generate", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    r.read()
+                done[i] += 1
+            except OSError:
+                time.sleep(1)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done)
 
 
 class LocalPrometheus:
@@ -187,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=2.0)
     p.add_argument("--rate-interval", default="10s")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--note", default="", help="a second title line (what was scraped)")
+    p.add_argument("--load", type=int, default=0, metavar="CLIENTS",
+                   help="with --targets: send SGLang /generate requests to the first target from this many clients")
     args = p.parse_args(argv)
     try:
         dash = json.loads(args.dashboard.read_text())
@@ -207,14 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         series = panel_series(args.prometheus, panel, variables, args.rate_interval, end - args.duration, end,
                               args.step)
     else:
-        with LocalPrometheus([t.strip() for t in args.targets.split(",") if t.strip()]) as prom:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        with LocalPrometheus(targets) as prom:
             start = time.time()
-            time.sleep(args.duration)
+            if args.load > 0:
+                n = drive_load(f"http://{targets[0]}", args.duration, args.load)
+                print(f"panel_png: {n} requests sent to {targets[0]}", file=sys.stderr)
+            else:
+                time.sleep(args.duration)
             series = panel_series(prom.url, panel, variables, args.rate_interval, start, time.time(), args.step)
     if not series:
         print(f"panel_png: the panel's queries returned no data over {args.duration} s", file=sys.stderr)
         return 1
-    plot(series, args.panel, unit, args.out)
+    plot(series, args.panel, unit, args.out, args.note)
     print(f"{args.out}: {len(series)} series")
     return 0
 
