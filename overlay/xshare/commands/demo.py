@@ -1,0 +1,172 @@
+"""``xshare demo``: the selector in a real SGLang server, off then on, switched at runtime.
+
+    xshare demo                      # the trained tiny model from the cache (built on first use)
+    xshare demo --model-dir DIR --budget 0.5 --problems 32
+
+Steps: build or load the trained tiny Qwen3-MoE (:func:`xshare.models.train_tiny.ensure_model`);
+start ONE SGLang server on the CPU with the plugin loaded, the selector off, the admin endpoint on
+(a fresh random ``XSHARE_ADMIN_TOKEN``) and ``--enable-metrics``; send a batch of held-out problems
+from ``--clients`` concurrent clients (greedy); turn the selector on at runtime (``PUT
+/xshare/config``); send the same batch again; print a table (activated experts per layer, peak
+experts on one of the simulated GPUs, tokens/s, exact match; off vs on) and the ``xshare:`` lines of
+``/metrics``; stop the server and check that none of its processes is left. Exit code 0 only if
+every request was answered and the server stopped cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "demo"
+HELP = "start a real SGLang server with the plugin, send a batch with the selector off then on, print the figures"
+
+_METRIC_PREFIXES = ("xshare:enabled", "xshare:config_info", "xshare:budget", "xshare:warmup_k",
+                    "xshare:active_experts_sum", "xshare:active_experts_count", "xshare:vanilla_active_experts_sum",
+                    "xshare:peak_gpu_active_experts_sum", "xshare:peak_gpu_active_experts_count",
+                    "xshare:vanilla_peak_gpu_active_experts_sum", "xshare:gpu_active_experts",
+                    "xshare:mass_kept_sum", "xshare:selector_calls_total", "xshare:fallbacks_total",
+                    "xshare:config_changes_total")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", metavar="DIR", help="trained tiny model (default: the cache; built if missing)")
+    p.add_argument("--policy", default="xshare", help="policy switched on at runtime (default xshare)")
+    p.add_argument("--budget", default=None,
+                   help="its budget: int or fraction of E (default: the plugin's default, XSHARE_BUDGET)")
+    p.add_argument("--warmup-k", type=int, default=None, help="its warm-up k0 (default: the plugin's default)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--problems", type=int, default=48, help="held-out problems in the batch (default 48)")
+    p.add_argument("--seed", type=int, default=0, help="held-out sample seed (default 0)")
+    p.add_argument("--sim-gpus", type=int, default=4, help="simulated EP size for the per-GPU figures (default 4)")
+    p.add_argument("--dtype", default="float32", help="server --dtype (default float32)")
+    p.add_argument("--log", metavar="FILE", help="keep the server log here (default: a temporary file, shown on error)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+
+
+def _selector(args: argparse.Namespace) -> Any:
+    from xshare.bench.serve import Setting, parse_budget
+    from xshare.sglang.settings import load_settings
+
+    defaults = load_settings({}).selector  # the plugin's shipped defaults
+    budget = parse_budget(args.budget) if args.budget is not None else defaults.budget
+    warmup = args.warmup_k if args.warmup_k is not None else defaults.warmup_k
+    from xshare.selection import available_policies
+
+    if args.policy not in available_policies() or args.policy in ("xshare_spec", "xshare_ep"):
+        raise ValueError(f"--policy must be one of {', '.join(p for p in available_policies() if p not in ('xshare_spec', 'xshare_ep'))}, got {args.policy!r}")  # noqa: E501
+    return Setting(f"on ({args.policy}, budget {budget}, k0 {warmup})", True, args.policy, budget, warmup)
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from xshare.bench import serve as B
+    from xshare.bench._common import format_table, write_json_atomic
+    from xshare.models import tasks as T
+
+    try:
+        on = _selector(args)
+        for name in ("clients", "problems", "sim_gpus"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    except ValueError as e:
+        print(f"xshare demo: error: {e}", file=sys.stderr)
+        return 2
+    off = B.Setting("off", False)
+    t0 = time.monotonic()
+    problems = T.heldout(args.problems, seed=args.seed)
+    prompts = [p.prompt for p in problems]
+    max_new = T.MAX_ANSWER_CHARS + 1
+    tmp = tempfile.TemporaryDirectory(prefix="xshare-demo-")
+    log_path = Path(args.log) if args.log else Path(tmp.name) / "server.log"
+    srv = None
+    results: dict[str, Any] = {}
+    leftovers: list[int] = []
+    server_pid = None
+    ok = False
+    try:
+        model = B.resolve_model(args.model_dir)
+        print(f"[{time.monotonic() - t0:5.1f}s] model: {model}")
+        token = secrets.token_hex(16)
+        print(f"[{time.monotonic() - t0:5.1f}s] starting SGLang with the xshare plugin (selector off, admin endpoint, "
+              f"--enable-metrics, {args.sim_gpus} simulated GPUs) ...", flush=True)
+        srv = B.start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=log_path, dtype=args.dtype)
+        client = B.Client(srv.base_url, token)
+        print(f"[{time.monotonic() - t0:5.1f}s] server ready at {srv.base_url} ({srv.startup_seconds:.0f} s)",
+              flush=True)
+        client.set_config(off)
+        B.run_waves(client, [p.prompt for p in T.heldout(args.clients, seed=10_000)], args.clients, max_new)  # warm-up
+        for setting in (off, on):
+            if setting.enabled:
+                reply = client.set_config(setting)
+                print(f"[{time.monotonic() - t0:5.1f}s] PUT /xshare/config -> v{reply['version']}: "
+                      f"{reply['config']} (applied on {len(reply['ranks'])} rank(s) while serving)", flush=True)
+            before = B.settled_metrics(client)
+            batch = B.run_waves(client, prompts, args.clients, max_new)
+            after = B.settled_metrics(client)
+            figs = B.window_figures(before, after)
+            results[setting.name] = {"batch": batch, "figures": figs,
+                                     "accuracy": T.accuracy(problems, batch.texts)}
+            print(f"[{time.monotonic() - t0:5.1f}s] {setting.name}: {batch.requests}/{len(prompts)} answered by "
+                  f"{args.clients} concurrent clients in {batch.wall_seconds:.1f} s", flush=True)
+        metrics_text = client.metrics_text()
+        ok = True
+    except (RuntimeError, OSError, ValueError) as e:
+        print(f"xshare demo: error: {e}", file=sys.stderr)
+        if srv is not None or log_path.exists():
+            print("server log (tail):\n" + (srv.log_tail(4000) if srv is not None else ""), file=sys.stderr)
+    finally:
+        if srv is not None:
+            server_pid = srv.proc.pid if srv.proc is not None else None
+            leftovers = srv.stop()
+            print(f"[{time.monotonic() - t0:5.1f}s] server stopped "
+                  f"({'cleanly' if not leftovers else f'left processes {leftovers}, killed'})")
+        tmp.cleanup()
+    if not ok:
+        return 1
+
+    r_off, r_on = results[off.name], results[on.name]
+    van = r_on["figures"]["vanilla_per_layer"]
+    rows_out = []
+    headers = ["selector", "experts/layer", "peak GPU", "tok/s", "decode tok/s", "exact match", *T.TASKS]
+    table_rows = []
+    for name, r, layers, peak in (
+            ("off", r_off, van, r_on["figures"]["vanilla_peak_gpu_experts"]),
+            (on.name, r_on, r_on["figures"]["activated_per_layer"], r_on["figures"]["peak_gpu_experts"])):
+        b = r["batch"]
+        tps = b.completion_tokens / b.wall_seconds if b.wall_seconds else 0.0
+        dps = args.clients * b.decode_tokens / b.decode_seconds if b.decode_seconds else 0.0
+        rows_out.append({"setting": name, "requests": b.requests, "activated_per_layer": layers,
+                         "peak_gpu_experts": peak, "tokens_per_s": tps, "decode_tokens_per_s": dps,
+                         "accuracy": r["accuracy"]})
+        table_rows.append([name, "/".join(f"{x:.1f}" for x in layers) if layers else "-",
+                           "-" if peak is None else f"{peak:.1f}", f"{tps:.1f}", f"{dps:.1f}",
+                           f"{100 * r['accuracy']['overall']:.1f}%",
+                           *[f"{100 * r['accuracy'].get(t, 0.0):.0f}" for t in T.TASKS]])
+    print()
+    print(format_table(headers, table_rows))
+    ratio = rows_out[1]["decode_tokens_per_s"] / rows_out[0]["decode_tokens_per_s"] \
+        if rows_out[0]["decode_tokens_per_s"] else float("nan")
+    print(f"decode tokens/s on/off = {ratio:.3f}; experts/layer = mean activated experts per MoE layer per decode "
+          f"forward ('off': what SGLang's top-k activates on the same batches, recorded during the 'on' run); "
+          f"peak GPU = most experts on one of {args.sim_gpus} simulated EP GPUs")
+    print("\n/metrics (xshare:*):")
+    for line in metrics_text.splitlines():
+        if line.startswith(_METRIC_PREFIXES) and "_bucket" not in line:
+            print("  " + line)
+    print(f"\ndone in {time.monotonic() - t0:.0f} s")
+    if args.json:
+        write_json_atomic(args.json, {"rows": rows_out, "decode_ratio": ratio, "leftover_processes": leftovers,
+                                      "server_pid": server_pid,
+                                      "seconds": time.monotonic() - t0})
+    failed = [r["setting"] for r in rows_out if r["requests"] != len(prompts)]
+    if failed or leftovers:
+        print(f"xshare demo: FAILED: unanswered requests in {failed}; leftover processes {leftovers}",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,67 @@
+"""End to end: ``xshare demo`` on a real SGLang CPU server (trained tiny model, selector off then on at runtime).
+
+The model is the project's trained tiny Qwen3-MoE at a short recipe (``DEMO_CFG``: the default shape, few
+training steps) so the test does not wait for the full training; the demo itself is the README's command.
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from xshare.models import train_tiny as tt
+from xshare.sglang.server import group_processes
+
+pytestmark = pytest.mark.e2e
+
+DEMO_CFG = tt.TinyConfig(steps=60, threads=1)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    return tt.ensure_model(tmp_path_factory.getbasetemp() / "tiny-trained-60", DEMO_CFG, log=None, eval_problems=0)
+
+
+def test_demo_end_to_end(trained_model, tmp_path):
+    out_json = tmp_path / "demo.json"
+    proc = subprocess.run([sys.executable, "-m", "xshare.cli", "demo", "--model-dir", str(trained_model),
+                           "--problems", "32", "--budget", "8", "--json", str(out_json),
+                           "--log", str(tmp_path / "server.log")],
+                          capture_output=True, text=True, timeout=600)
+    print(proc.stdout[-6000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    # the runtime switch went through the admin endpoint
+    assert re.search(r"PUT /xshare/config -> v\d+: .*'enabled': True", out), out
+    doc = json.loads(out_json.read_text())
+    off, on = doc["rows"]
+    assert off["setting"] == "off" and on["setting"].startswith("on (xshare")
+    assert off["requests"] == on["requests"] == 32  # every request answered, both runs
+    assert len(off["activated_per_layer"]) == len(on["activated_per_layer"]) == DEMO_CFG.num_layers
+    for a_on, a_off in zip(on["activated_per_layer"], off["activated_per_layer"], strict=True):
+        assert a_on <= 8 + 1e-9 < a_off, (on, off)  # budget 8 < what vanilla top-k activates at 16 clients
+    assert on["peak_gpu_experts"] < off["peak_gpu_experts"]
+    for r in (off, on):
+        assert r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert 0 <= r["accuracy"]["overall"] <= 1 and set(r["accuracy"]) >= {"add", "copy", "overall"}
+    # the table and the metrics lines
+    assert re.search(r"^off\s+\S+/\S+/\S+\s+", out, re.M) and "exact match" in out
+    for name in ("xshare:enabled", "xshare:active_experts_sum{layer=\"0\"", "xshare:selector_calls_total",
+                 "xshare:config_changes_total"):
+        assert any(line.strip().startswith(name) for line in out.splitlines()), name
+    enabled = [line for line in out.splitlines() if line.strip().startswith("xshare:enabled")]
+    assert enabled and float(enabled[0].split()[-1]) == 1.0
+    assert "server stopped (cleanly)" in out
+    assert not doc["leftover_processes"]
+    assert doc["server_pid"] and not group_processes(doc["server_pid"]), "server processes left behind"
+
+
+def test_demo_refuses_bad_arguments():
+    proc = subprocess.run([sys.executable, "-m", "xshare.cli", "demo", "--budget", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--budget" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "xshare.cli", "demo", "--policy", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--policy" in proc.stderr
