@@ -484,7 +484,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 of the budgeted policies (default 1)")
     p.add_argument("--no-topk", action="store_true", help="leave out the topk setting")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
-    p.add_argument("--problems", type=int, default=160, help="held-out problems per setting and round (160)")
+    p.add_argument("--problems", type=int, default=80, help="held-out problems per setting and round (80)")
     p.add_argument("--seed", type=int, default=0, help="held-out sample seed (default 0)")
     p.add_argument("--rounds", type=int, default=2, help="rounds over all settings, interleaved (default 2)")
     p.add_argument("--sim-gpus", type=int, default=4, help="simulated EP size for peak GPU load (default 4)")
