@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import random
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 # Tokenizer alphabet (one token per character) and special tokens.
@@ -142,12 +142,23 @@ def is_heldout(problem: Problem | str) -> bool:
     return h % 100 < HELDOUT_PERCENT
 
 
-def training_problems(seed: int, tasks: Sequence[str] | None = None) -> Iterator[Problem]:
-    """An endless deterministic stream of training problems, tasks round-robin, none held out."""
+def training_problems(seed: int, tasks: Sequence[str] | None = None,
+                      weights: Mapping[str, int] | None = None) -> Iterator[Problem]:
+    """An endless deterministic stream of training problems, none held out: tasks round-robin,
+    each task ``weights[task]`` times per cycle (default 1; e.g. ``{"add": 2}`` for the harder one)."""
     names = _check_tasks(tasks)
+    weights = dict(weights or {})
+    for task, w in weights.items():
+        if task not in names:
+            raise ValueError(f"weights: task {task!r} is not among the tasks {list(names)}")
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ValueError(f"weights[{task!r}] must be an int >= 0, got {w!r}")
+    cycle = [t for t in names for _ in range(weights.get(t, 1))]
+    if not cycle:
+        raise ValueError("weights leave no task to train on")
     rng = random.Random(f"xshare-train-{seed}")
     while True:
-        for task in names:
+        for task in cycle:
             while True:
                 p = make_problem(task, rng)
                 if not is_heldout(p):
