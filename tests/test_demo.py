@@ -27,7 +27,7 @@ def trained_model(tmp_path_factory):
 def test_demo_end_to_end(trained_model, tmp_path):
     out_json = tmp_path / "demo.json"
     proc = subprocess.run([sys.executable, "-m", "xshare.cli", "demo", "--model-dir", str(trained_model),
-                           "--problems", "32", "--budget", "8", "--json", str(out_json),
+                           "--problems", "32", "--budget", "8", "--warmup-k", "0", "--json", str(out_json),
                            "--log", str(tmp_path / "server.log")],
                           capture_output=True, text=True, timeout=600)
     print(proc.stdout[-6000:])
@@ -41,7 +41,9 @@ def test_demo_end_to_end(trained_model, tmp_path):
     assert off["requests"] == on["requests"] == 32  # every request answered, both runs
     assert len(off["activated_per_layer"]) == len(on["activated_per_layer"]) == DEMO_CFG.num_layers
     for a_on, a_off in zip(on["activated_per_layer"], off["activated_per_layer"], strict=True):
-        assert a_on <= 8 + 1e-9 < a_off, (on, off)  # budget 8 < what vanilla top-k activates at 16 clients
+        # budget 8, no warm-up (the warm-up union may exceed the budget): at most 8 experts per layer,
+        # fewer than what vanilla top-k activates at 16 clients
+        assert a_on <= 8 + 1e-9 < a_off, (on, off)
     assert on["peak_gpu_experts"] < off["peak_gpu_experts"]
     for r in (off, on):
         assert r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
