@@ -3,6 +3,8 @@
 
 demo:
 	@bash scripts/bootstrap.sh
+	@# set-up, once per machine: train the tiny MoE into the cache (about 10-16 min on 2 cores; loads afterwards)
+	@OMP_WAIT_POLICY=PASSIVE .venv/bin/xshare train-tiny
 	@.venv/bin/xshare demo
 
 test:
