@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "train-tiny"
+_NO_BUDGET = ("oea", "des_seq")
 HELP = "train (or load) the tiny Qwen3-MoE model on synthetic tasks; --check, --eval (offline, per policy), --profile"
 
 
@@ -37,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="selection policy (repeatable; 'off' = the model's own routing; default: off, xshare)")
     g.add_argument("--budget", action="append", metavar="M",
                    help="experts per layer: int or fraction of E (repeatable; default 0.5); ignored by off/topk")
-    g.add_argument("--warmup-k", type=int, default=1, help="xshare/des warm-up k0 (default 1)")
+    g.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 of the budgeted policies (default 1)")
+    g.add_argument("--oea-k0", type=int, action="append", metavar="K0",
+                   help="k0 of oea / des_seq, which have no budget (repeatable; default 1 and 2)")
     g.add_argument("--problems", type=int, default=500, help="held-out problems (default 500, tasks balanced)")
     g.add_argument("--seed", type=int, default=0, help="held-out sample seed (default 0)")
     g.add_argument("--batch-size", type=int, default=16, help="decode batch size (default 16)")
@@ -87,6 +90,10 @@ def _selectors(args: argparse.Namespace) -> list[tuple[str, Any]]:
             raise ValueError(f"--policy {pol!r}: unknown; known: off, {', '.join(sorted(known))}")
         if pol == "topk":
             out.append(("topk", SelectorConfig("topk")))
+            continue
+        if pol in _NO_BUDGET:  # these read the warm-up k0 instead of a budget
+            for k0 in args.oea_k0 or [1, 2]:
+                out.append((f"{pol}:k0={k0}", SelectorConfig(pol, warmup_k=k0)))
             continue
         for b in budgets:
             budget: int | float = float(b) if "." in b else int(b)
