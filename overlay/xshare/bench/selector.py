@@ -36,6 +36,7 @@ from torch import Tensor
 
 from xshare.bench._common import Timer, format_table, int_list, write_json_atomic
 from xshare.selection import Placement, SelectorConfig, available_policies, get_policy, select
+from xshare.selection.config import parse_count
 from xshare.selection.kernels import fused_select, kernel_supports, triton_available
 
 MODE = "selector"
@@ -127,15 +128,6 @@ def moe_experts(x: Tensor, ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor
 
 # -- the run ------------------------------------------------------------------------------------------
 
-def _parse_budget(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--budget must be an int or a fraction in (0, 1], got {text!r}") from None
 
 
 def _check(args: argparse.Namespace) -> SelectorConfig:
@@ -153,7 +145,7 @@ def _check(args: argparse.Namespace) -> SelectorConfig:
     if args.warmup_k > min(args.top_k):
         raise ValueError(f"--warmup-k {args.warmup_k} exceeds the smallest --top-k {min(args.top_k)}")
     try:
-        config = SelectorConfig(policy=args.policy, budget=_parse_budget(args.budget), warmup_k=args.warmup_k)
+        config = SelectorConfig(policy=args.policy, budget=parse_count(args.budget, "--budget"), warmup_k=args.warmup_k)
     except ValueError as e:
         raise ValueError(f"selector settings: {e}") from None
     if args.policy == "xshare_spec":

@@ -113,24 +113,10 @@ def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_
 
 
 def parse_budget(text: str) -> int | float:
-    try:
-        v: int | float = int(text)
-    except ValueError:
-        v = _fraction(text)
-        return v
-    if v < 1:
-        raise ValueError(f"--budget: an int budget must be >= 1, got {text!r}")
-    return v
+    """--budget: an int >= 1 or a fraction of E in (0, 1] (ValueError naming the flag)."""
+    from xshare.selection.config import parse_count
 
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ValueError(f"--budget: {text!r} is not an int or a fraction") from None
-    if not 0 < v <= 1:
-        raise ValueError(f"--budget: a fraction must be in (0, 1], got {text!r}")
-    return v
+    return parse_count(text, "--budget")
 
 
 # -- the model --------------------------------------------------------------------------------------

@@ -93,19 +93,13 @@ class UsageError(ValueError):
 
 
 def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | float:
+    from xshare.selection.config import parse_count
+
     try:
-        value: int | float = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UsageError(f"{flag} {text!r}: expected an int or a fraction in (0, 1]") from None
-        if not 0 < value <= 1:
-            raise UsageError(f"{flag} {text}: a fraction must be in (0, 1]") from None
-        return value
-    if value < 1:
-        raise UsageError(f"{flag} {value}: must be >= 1")
-    if value > num_experts:
+        value = parse_count(text, flag)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if isinstance(value, int) and value > num_experts:
         raise UsageError(f"{flag} {value} exceeds the number of experts E = {num_experts} of {where}")
     return value
 

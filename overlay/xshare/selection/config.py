@@ -34,6 +34,26 @@ def _check_budget(name: str, value: object, *, optional: bool) -> None:
     raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {type(value).__name__}")
 
 
+def parse_count(text: str, name: str = "budget") -> int | float:
+    """A budget written as text (a CLI flag): an int >= 1, or a fraction of E in (0, 1].
+
+    Raises ValueError whose message starts with ``name`` and the text.
+    """
+    try:
+        count = int(text)
+    except ValueError:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise ValueError(f"{name} {text!r}: expected an int >= 1 or a fraction in (0, 1]") from None
+        if not 0 < fraction <= 1:  # also rejects NaN
+            raise ValueError(f"{name} {text}: a fraction must be in (0, 1]") from None
+        return fraction
+    if count < 1:
+        raise ValueError(f"{name} {text}: must be >= 1")
+    return count
+
+
 def resolve_count(value: int | float, num_experts: int) -> int:
     """An absolute count (clamped to ``num_experts``) or a fraction of ``num_experts`` (rounded up)."""
     if _is_int(value):
