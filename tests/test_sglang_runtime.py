@@ -139,17 +139,19 @@ def test_xshare_spec_groups_follow_tokens_per_request():
     assert runtime.group_ids(6, 3, torch.device("cpu")).data_ptr() == groups.data_ptr()  # one buffer
 
 
-def test_update_settings_swaps_the_active_config(logits):
-    runtime = make_runtime()
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_update_settings_swaps_the_active_config(logits, cpu_kernel):
+    runtime = make_runtime(cpu_kernel=cpu_kernel)
     runtime.push(rt.ForwardState(mode="decode"))
     first = runtime.route(call_args(logits), topk_config=topk_config())
     assert torch.unique(first["topk_ids"]).numel() <= 4
-    runtime.update_settings(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=6,
-                                                                                  warmup_k=0)))
+    runtime.update_settings(PluginSettings(enabled=True, cpu_kernel=cpu_kernel,
+                                           selector=SelectorConfig(policy="xshare", budget=6, warmup_k=0)))
     second = runtime.route(call_args(logits), topk_config=topk_config())
     assert 4 < torch.unique(second["topk_ids"]).numel() <= 6
-    knobs = next(iter(runtime._knobs.values()))
-    assert knobs.as_dict()["budget"] == 6
+    if not cpu_kernel:  # the device knobs of the torch path follow in place
+        knobs = next(iter(runtime._knobs.values()))
+        assert knobs.as_dict()["budget"] == 6
     runtime.update_settings(PluginSettings(enabled=False))
     assert runtime.route(call_args(logits), topk_config=topk_config()) is None
 

@@ -23,6 +23,13 @@ from torch import Tensor
 
 from xshare.selection import Placement, SelectorConfig, get_policy
 from xshare.selection.common import active_experts
+from xshare.selection.kernels.cpu import (
+    cpu_figures,
+    cpu_kernel_available,
+    cpu_kernel_problem,
+    cpu_kernel_supports,
+    cpu_route,
+)
 from xshare.selection.knobs import SelectorKnobs
 from xshare.sglang import selecting
 from xshare.sglang.global_stats import AllReduce, finish_global, prepare_global
@@ -66,6 +73,7 @@ class Runtime:
         self._knobs: dict[tuple, SelectorKnobs] = {}
         self._configs: dict[tuple, SelectorConfig] = {}
         self._placements: dict[int, tuple[Tensor | None, Placement]] = {}
+        self._sim_placements: dict[tuple[int, int], Placement] = {}  # contiguous stand-ins, by (E, GPUs)
         self._group_buffers: dict[tuple, Tensor] = {}
         self._logged: set[str] = set()
         self._fault_calls = 0
@@ -199,7 +207,10 @@ class Runtime:
     def placement_for(self, layer_id: int, num_experts: int, device: torch.device) -> Placement:
         placement = self.placement_source(layer_id, num_experts) if self.placement_source else None
         if placement is None:
-            placement = Placement.contiguous(num_experts, self.settings.sim_gpus or 1)
+            key = (num_experts, self.settings.sim_gpus or 1)
+            placement = self._sim_placements.get(key)
+            if placement is None:
+                placement = self._sim_placements[key] = Placement.contiguous(*key)
         if placement.slot_gpu.device != device:
             placement = placement.to(device)
         return placement
@@ -275,6 +286,45 @@ class Runtime:
                           "(logged once per error type, counted in fallbacks)", reason, exc, exc_info=True)
             return None
 
+    def _first_applied(self) -> None:
+        if not self.first_applied_logged:
+            self.first_applied_logged = True
+            self._flush_pending = True
+            log.info("xshare: selector active in scheduler pid %d (rank %d): %s", os.getpid(), self.rank,
+                     self.settings.describe())
+            if self.settings.stats_dir is not None:
+                self.write_stats()
+
+    def _use_cpu_kernel(self, config: SelectorConfig, logits: Tensor, state: ForwardState) -> bool:
+        """The C fast path serves this call: CPU tensors, a policy it implements, and it builds here."""
+        if not self.settings.cpu_kernel or state.capturing or not cpu_kernel_supports(config, logits):
+            return False
+        if cpu_kernel_available():
+            return True
+        self.log_once("cpu_kernel", logging.WARNING, "xshare: the CPU fast path is unavailable (%s); "
+                      "the torch reference routes instead", cpu_kernel_problem())
+        return False
+
+    def _route_cpu(self, args: dict[str, Any], config: SelectorConfig, layer_id: int, top_k: int, shared: int,
+                   topk_config: Any) -> dict:
+        """The same decision as the torch path below, in one C call (xshare.selection.kernels.cpu);
+        the per-call figures are host numbers (the CPU is the host: nothing to keep on a device)."""
+        topk_ids: Tensor = args["topk_ids"]
+        logits: Tensor = args["router_logits"]
+        num_experts = logits.shape[1]
+        self._fault()
+        res = cpu_route(logits, top_k, config, prefer=topk_ids[:, :top_k] if shared else topk_ids,
+                        num_tokens=args.get("num_token_non_padded"))
+        routing = res.routing
+        self.stats.record_layer_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()),
+                                     res.num_valid, res.changed_tokens, res.checksum)
+        if self.observe:
+            mp = self.placement_for(layer_id, num_experts, logits.device)
+            self.stats.record_figures(cpu_figures(res, layer_id, mp.primary_gpu, mp.num_gpus))
+        self._first_applied()
+        return _merge_routing(topk_ids, args["topk_weights"], top_k, routing.topk_ids, routing.topk_weights,
+                              topk_config)
+
     def _join(self, num_experts: int, device: torch.device) -> None:
         from xshare.sglang.global_stats import join_empty
 
@@ -296,6 +346,8 @@ class Runtime:
         policy = get_policy(config.policy)
         if self.trace is not None and not state.capturing and num_rows:
             self.trace.add_layer(layer_id, logits, top_k, scoring)
+        if not global_mode and self._use_cpu_kernel(config, logits, state):
+            return self._route_cpu(args, config, layer_id, top_k, shared, topk_config)
         placement = self.placement_for(layer_id, num_experts, logits.device) if policy.needs_placement else None
 
         if global_mode:
@@ -321,14 +373,7 @@ class Runtime:
             routing = selecting.finish(batch, config, num_tokens=num_token_non_padded, knobs=knobs)
 
         new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
-        weights = routing.topk_weights
-        scale = _routed_scaling(topk_config)
-        if scale is not None:
-            weights = weights * scale
-        ids_out = topk_ids.clone()
-        w_out = topk_weights.clone()
-        ids_out[:, :top_k] = new_ids.to(ids_out.dtype)
-        w_out[:, :top_k] = weights.to(w_out.dtype)
+        out = _merge_routing(topk_ids, topk_weights, top_k, new_ids, routing.topk_weights, topk_config)
 
         valid = _valid_rows(num_rows, num_token_non_padded, logits.device)
         old_ids = topk_ids[:, :top_k].to(torch.int64)
@@ -340,18 +385,26 @@ class Runtime:
             mp = placement if placement is not None else self.placement_for(layer_id, num_experts, logits.device)
             self.stats.record_figures(call_figures(layer_id, logits, old_ids, routing.topk_ids, routing.active, vanilla,
                                                    valid, mp.primary_gpu, mp.num_gpus, scoring))
-        if not self.first_applied_logged:
-            self.first_applied_logged = True
-            self._flush_pending = True
-            log.info("xshare: selector active in scheduler pid %d (rank %d): %s", os.getpid(), self.rank,
-                     s.describe())
-            if s.stats_dir is not None:
-                self.write_stats()
-        out = {"topk_ids": ids_out, "topk_weights": w_out}
+        self._first_applied()
         if routing.physical_ids is not None:
             # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
             out["expert_location_dispatch_info"] = None
         return out
+
+
+def _merge_routing(topk_ids: Tensor, topk_weights: Tensor, top_k: int, new_ids: Tensor, weights: Tensor,
+                   topk_config: Any) -> dict[str, Tensor]:
+    """SGLang's outputs with the first top_k columns replaced (shared-expert slots kept), out of place."""
+    scale = _routed_scaling(topk_config)
+    if scale is not None:
+        weights = weights * scale
+    if topk_ids.shape[1] == top_k:
+        return {"topk_ids": new_ids.to(topk_ids.dtype), "topk_weights": weights.to(topk_weights.dtype)}
+    ids_out = topk_ids.clone()
+    w_out = topk_weights.clone()
+    ids_out[:, :top_k] = new_ids.to(ids_out.dtype)
+    w_out[:, :top_k] = weights.to(w_out.dtype)
+    return {"topk_ids": ids_out, "topk_weights": w_out}
 
 
 def _checksum(ids: Tensor, valid: Tensor) -> Tensor:

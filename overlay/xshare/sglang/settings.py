@@ -46,7 +46,8 @@ CONFIG_ENV = "XSHARE_CONFIG"
 # setting name -> kind; the environment variable is PREFIX + name.upper()
 _SELECTOR_KEYS = ("policy", "budget", "warmup_k", "group_budget", "gpu_cap", "min_tokens", "max_tokens", "extra")
 _PLUGIN_KEYS = ("enable", "apply_prefill", "deepep_mode", "stats_dir", "stats_every", "trace_dir",
-                "trace_max_tokens", "trace_flush_tokens", "fault_inject", "sim_gpus", "metrics_flush_every")
+                "trace_max_tokens", "trace_flush_tokens", "fault_inject", "sim_gpus", "metrics_flush_every",
+                "cpu_kernel")
 KEYS = _PLUGIN_KEYS + _SELECTOR_KEYS
 DEEPEP_MODES = ("local", "global")
 GLOBAL_MODE_POLICIES = ("topk", "xshare", "xshare_ep")
@@ -72,6 +73,7 @@ class PluginSettings:
     fault_inject: str | None = None  # None | 'always' | 'every:N'
     sim_gpus: int | None = None  # virtual GPUs of the contiguous placement used without SGLang EP
     metrics_flush_every: int = 16
+    cpu_kernel: bool = True  # CPU tensors: the C fast path (xshare.selection.kernels.cpu) where it applies
 
     def describe(self) -> str:
         s = self.selector
@@ -264,6 +266,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
             raw.get("sim_gpus"), _where("sim_gpus", origin)) else None,
         metrics_flush_every=_parse_int(raw.get("metrics_flush_every", 16), _where("metrics_flush_every", origin),
                                        minimum=1),
+        cpu_kernel=_parse_bool(raw.get("cpu_kernel", True), _where("cpu_kernel", origin)),
     )
 
 

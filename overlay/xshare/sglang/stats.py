@@ -28,6 +28,7 @@ from torch import Tensor
 WINDOW_FIELDS = ("layer", "active", "vanilla_active", "peak_gpu", "vanilla_peak_gpu", "peak_mean_ratio",
                  "mass_kept", "top1_kept", "tokens")
 WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
+_LAYER_SUMS = ("calls", "activated", "vanilla_activated", "tokens", "changed_tokens", "checksum")
 
 
 def call_figures(layer_id: int, logits: Tensor, vanilla_ids: Tensor, chosen_ids: Tensor, active: Tensor,
@@ -78,6 +79,7 @@ class SelectorStats:
         self.forwards = 0  # model forwards seen by the forward hook
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
+        self._host_layers: dict[int, dict[str, int]] = {}  # layer -> host sums (CPU fast path)
         # metrics window (see the module docstring)
         self._window: Tensor | None = None
         self._window_idx: Tensor | None = None  # int64 device scalar: rows written so far
@@ -109,8 +111,7 @@ class SelectorStats:
         sums = self._layers.get(layer_id)
         if sums is None or sums["activated"].device != active.device:
             z = torch.zeros((), dtype=torch.int64, device=active.device)
-            sums = {"calls": z.clone(), "activated": z.clone(), "vanilla_activated": z.clone(), "tokens": z.clone(),
-                    "changed_tokens": z.clone(), "checksum": z.clone()}
+            sums = {k: z.clone() for k in _LAYER_SUMS}
             self._layers[layer_id] = sums
         sums["calls"] += 1
         sums["activated"] += active.sum()
@@ -118,6 +119,20 @@ class SelectorStats:
         sums["tokens"] += torch.as_tensor(num_tokens, device=active.device).to(torch.int64)
         sums["changed_tokens"] += torch.as_tensor(changed_tokens, device=active.device).to(torch.int64)
         sums["checksum"] += torch.as_tensor(checksum, device=active.device).to(torch.int64)
+
+    def record_layer_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
+                          changed_tokens: int = 0, checksum: int = 0) -> None:
+        """:meth:`record_layer` with host numbers (the CPU fast path: no tensor op per counter)."""
+        self.applied += 1
+        sums = self._host_layers.get(layer_id)
+        if sums is None:
+            sums = self._host_layers[layer_id] = dict.fromkeys(_LAYER_SUMS, 0)
+        sums["calls"] += 1
+        sums["activated"] += active
+        sums["vanilla_activated"] += vanilla_active
+        sums["tokens"] += num_tokens
+        sums["changed_tokens"] += changed_tokens
+        sums["checksum"] += checksum
 
     def record_figures(self, row: Tensor) -> None:
         """Append one :func:`call_figures` row to the device ring buffer (no host synchronisation)."""
@@ -158,8 +173,10 @@ class SelectorStats:
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter (synchronises with the device)."""
         layers = {}
-        for layer_id, sums in sorted(self._layers.items()):
-            vals = {k: int(v.item()) for k, v in sums.items()}
+        for layer_id in sorted(set(self._layers) | set(self._host_layers)):
+            vals = dict(self._host_layers.get(layer_id) or dict.fromkeys(_LAYER_SUMS, 0))
+            for k, v in (self._layers.get(layer_id) or {}).items():
+                vals[k] += int(v.item())
             n = max(vals["calls"], 1)
             vals["mean_activated"] = vals["activated"] / n
             vals["mean_vanilla_activated"] = vals["vanilla_activated"] / n

@@ -1,0 +1,228 @@
+"""The selector's CPU fast path: ``xshare`` / ``topk`` routing of one layer in one C call.
+
+On the CPU a tensor op costs microseconds whatever its size, and the torch reference spends about
+a hundred of them per layer (ranks, sets, routing, bookkeeping): ~0.4-0.8 ms, as much as a small
+model's expert loop saves. ``_cpu_select.c`` does the same decision in one pass over the rows; the
+gate scores, the column sums and the renormalised weights stay in torch, so the result is the
+reference's bit for bit (tested against :func:`xshare.selection.select` with ``prefer``).
+
+The C file is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``)
+into ``$XSHARE_CACHE_DIR/kernels`` (default ``~/.cache/xshare/kernels``), named by the hash of the
+source and the compiler, and loaded with ctypes: no Python or torch headers, no build step at
+install time. Without a compiler :func:`cpu_kernel_available` is False (with the reason in
+:func:`cpu_kernel_problem`) and callers use the torch reference.
+
+    from xshare.selection.kernels.cpu import cpu_route, cpu_kernel_supports
+    out = cpu_route(router_logits, top_k, config, prefer=engine_ids, num_tokens=n, apply=True)
+    out.routing            # Routing (ids int32, weights float32, active bool [E])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from xshare.selection.common import RENORMALIZE_EPS, gate_scores
+from xshare.selection.config import SelectorConfig
+from xshare.selection.types import Routing
+
+CPU_KERNEL_POLICIES = ("xshare", "topk")
+SOURCE = Path(__file__).with_name("_cpu_select.c")
+CACHE_ENV = "XSHARE_CACHE_DIR"
+_ERRORS = {-2: "prefer holds an expert id > E", -3: "an expert id is out of range", -4: "out of memory",
+           -5: "NaN or +inf logits"}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_problem: str | None = None
+_loaded = False
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base) if base else Path.home() / ".cache" / "xshare") / "kernels"
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    tag = hashlib.sha256(src + cc.encode() + version.encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"cpu_select-{tag}.so"
+    if lib.is_file():
+        return lib
+    with open(out_dir / ".build.lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)  # several scheduler processes may start at once
+        if lib.is_file():
+            return lib
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, "-O2", "-std=c99", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
+            os.replace(tmp, lib)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _problem, _loaded
+    with _lock:
+        if _loaded:
+            return _lib
+        _loaded = True
+        cc = _compiler()
+        if cc is None:
+            _problem = "no C compiler (set CC, or install gcc)"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _problem = f"building {SOURCE.name} failed: {exc}"
+            return None
+        lib.xshare_cpu_plain.argtypes = [_I, _I, _I, _P]
+        lib.xshare_cpu_plain.restype = _I
+        lib.xshare_cpu_route.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P]
+        lib.xshare_cpu_route.restype = _I
+        lib.xshare_cpu_figures.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P]
+        lib.xshare_cpu_figures.restype = _I
+        _lib = lib
+        return lib
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the C fast path is built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def cpu_kernel_problem() -> str | None:
+    """Why the fast path is not available (None when it is, or before the first attempt)."""
+    _load()
+    return _problem
+
+
+def cpu_kernel_supports(config: SelectorConfig, router_logits: Tensor, groups: Tensor | None = None) -> bool:
+    """Whether :func:`cpu_route` implements this call (policy, device, no request groups)."""
+    return (config.policy in CPU_KERNEL_POLICIES and router_logits.device.type == "cpu" and groups is None
+            and router_logits.ndim == 2 and router_logits.shape[1] >= 1)
+
+
+@dataclass
+class CpuRouting:
+    """What one :func:`cpu_route` call gives: the routing and the adapter's per-call figures."""
+
+    routing: Routing
+    scores: Tensor  # float32 [T, E] gate scores (0 where unusable)
+    logits: Tensor  # float32 [T, E] contiguous
+    prefer: Tensor | None  # int32 [T, k] contiguous (the engine's own top-k)
+    in_set: Tensor  # bool [E]: the policy's set S (all False when it did not apply)
+    vanilla_active: Tensor  # bool [E]: experts of ``prefer`` on valid rows
+    changed_tokens: int  # valid rows whose expert set differs from ``prefer``
+    checksum: int  # see xshare.sglang.runtime._checksum
+    num_valid: int
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, prefer: Tensor | None = None,
+              num_tokens: int | Tensor | None = None, apply: bool | None = None,
+              budget: int | None = None, warmup_k: int | None = None) -> CpuRouting:
+    """The routing of :func:`xshare.selection.select` (``config.policy`` in :data:`CPU_KERNEL_POLICIES`,
+    same ``prefer`` and ``num_tokens``) on CPU tensors. ``apply`` overrides the batch-size gate
+    (default: ``config.applies_to(valid rows)``); ``budget`` / ``warmup_k`` override the config's
+    (host values: the CPU has no graphs to keep them in device tensors for). Shapes and types are
+    the caller's to check (:func:`xshare.selection.api.check_inputs`); raises RuntimeError if the
+    fast path is not available or the call fails."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"CPU selector kernel unavailable: {_problem}")
+    num_rows, num_experts = router_logits.shape
+    logits = router_logits.float().contiguous()
+    softmax = config.scoring == "softmax"
+    if lib.xshare_cpu_plain(num_rows, num_experts, int(softmax), logits.data_ptr()) == 0:
+        # finite or -inf logits: the plain softmax / sigmoid is gate_scores bit for bit
+        scores = torch.softmax(logits, dim=-1) if softmax else torch.sigmoid(logits)
+    else:
+        scores = gate_scores(logits, torch.isfinite(logits), config.scoring).contiguous()
+    n_valid = num_rows if num_tokens is None else max(0, min(num_rows, int(num_tokens)))
+    if apply is None:
+        apply = config.applies_to(n_valid)
+    apply = bool(apply) and config.policy != "topk"
+    m = config.budget_for(num_experts) if budget is None else int(budget)
+    k0 = config.warmup_k if warmup_k is None else int(warmup_k)
+    if not apply:
+        colsum = scores  # not read
+    elif n_valid == num_rows:
+        colsum = scores.sum(0)
+    else:  # the reference's expression, so that the sums are bitwise the same
+        colsum = (scores * (torch.arange(num_rows) < n_valid).unsqueeze(1)).sum(0)
+    pref = None
+    if prefer is not None and prefer.numel():
+        pref = prefer if prefer.dtype == torch.int32 else prefer.to(torch.int32)
+        pref = pref.contiguous()
+    ids = torch.empty(num_rows, top_k, dtype=torch.int32)
+    flags = torch.empty(3, num_experts, dtype=torch.bool)  # S, active, vanilla active
+    counts = (ctypes.c_int64 * 2)()
+    base = flags.data_ptr()
+    rc = lib.xshare_cpu_route(num_rows, num_experts, top_k, 0 if pref is None else pref.shape[1], logits.data_ptr(),
+                              scores.data_ptr(), colsum.data_ptr(), _ptr(pref), n_valid, int(apply), m, k0,
+                              ids.data_ptr(), base, base + num_experts, base + 2 * num_experts, counts)
+    if rc != 0:
+        raise RuntimeError(f"CPU selector kernel: {_ERRORS.get(rc, f'error {rc}')}")
+    weights = scores.gather(1, ids.long())
+    if config.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True, dtype=torch.float32) + RENORMALIZE_EPS)
+    in_set, active, vanilla_active = flags.unbind(0)
+    return CpuRouting(routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None),
+                      scores=scores, logits=logits, prefer=pref, in_set=in_set, vanilla_active=vanilla_active,
+                      changed_tokens=counts[0], checksum=counts[1], num_valid=n_valid)
+
+
+def cpu_figures(out: CpuRouting, layer_id: int, expert_gpu: Tensor, num_gpus: int) -> Tensor:
+    """The metrics row of :func:`xshare.sglang.stats.call_figures` for one :func:`cpu_route` result
+    (float32 [9 + 2 * num_gpus]); ``expert_gpu`` int64 [E] (GPU of each expert)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"CPU selector kernel unavailable: {_problem}")
+    num_rows, num_experts = out.scores.shape
+    top_k = out.routing.topk_ids.shape[1]
+    if out.prefer is None:
+        raise ValueError("cpu_figures needs the engine's own top-k (prefer)")
+    gpu = expert_gpu.to(torch.int64).contiguous()
+    row = torch.empty(9 + 2 * num_gpus, dtype=torch.float32)
+    rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.prefer.shape[1], num_gpus, int(layer_id),
+                                _ptr(out.logits), _ptr(out.scores), _ptr(out.routing.topk_ids), _ptr(out.prefer),
+                                _ptr(out.routing.active), _ptr(out.vanilla_active), out.num_valid, _ptr(gpu),
+                                _ptr(row))
+    if rc != 0:
+        raise RuntimeError(f"CPU selector kernel: {_ERRORS.get(rc, f'error {rc}')}")
+    return row
