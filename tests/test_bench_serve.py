@@ -47,6 +47,10 @@ def test_metrics_difference_gives_per_layer_means():
             f'xshare:peak_gpu_active_experts_sum{{rank="0"}} {peak * 2 * n}',
             f'xshare:peak_gpu_active_experts_count{{rank="0"}} {2 * n}',
             'xshare:active_experts_bucket{layer="0",le="4.0",rank="0"} 3.0',
+            f'xshare:forwards_total{{mode="decode",rank="0"}} {n}',
+            f'xshare:forward_seconds_total{{mode="decode",rank="0"}} {0.02 * n}',
+            f'xshare:moe_seconds_total{{mode="decode",rank="0"}} {0.02 * act0 / 10 * n}',
+            f'xshare:forward_seconds_total{{mode="extend",rank="0"}} {5.0 * n}',
             'sglang:other 1.0'])
     before = B.parse_metrics(text(10, 8, 8, 3))
     after = B.parse_metrics(text(30, 7, 6, 2.5))  # 20 more forwards at 6.5 / 5 experts
@@ -55,7 +59,10 @@ def test_metrics_difference_gives_per_layer_means():
     assert f["activated_per_layer"] == pytest.approx([6.5, 5.0])
     assert f["vanilla_per_layer"][0] == pytest.approx(20.0) and f["vanilla_per_layer"][1] is None
     assert f["peak_gpu_experts"] == pytest.approx((2.5 * 60 - 3 * 20) / 40)
+    assert f["decode_forward_ms"] == pytest.approx(20.0)  # extend time does not count
+    assert f["moe_share_decode"] == pytest.approx((0.014 * 30 - 0.016 * 10) / (0.02 * 20))
     assert B.window_figures(before, before)["activated_per_layer"] is None
+    assert B.window_figures(before, before)["moe_share_decode"] is None
 
 
 def test_bad_arguments_write_nothing(tmp_path):
@@ -78,6 +85,7 @@ def test_tiny_sweep_end_to_end(tmp_path_factory, tmp_path):
     doc = json.loads((out / "serve.json").read_text())
     assert set(doc) == {"meta", "settings", "rows", "errors"} and doc["errors"] == []
     assert doc["meta"]["leftover_processes"] == [] and doc["meta"]["clients"] == 8
+    assert doc["meta"]["server_threads"] == 1
     rows = {r["name"]: r for r in doc["rows"]}
     assert list(rows) == ["off", "xshare@8"]
     off, xs = rows["off"], rows["xshare@8"]
@@ -86,6 +94,7 @@ def test_tiny_sweep_end_to_end(tmp_path_factory, tmp_path):
         assert r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert set(r["accuracy"]) >= {"add", "brackets", "copy", "reverse", "sort", "overall"}
         assert len(r["activated_per_layer"]) == SMALL_CFG.num_layers
+        assert 0 < r["moe_share_decode"] < 1 and r["decode_forward_ms"] > 0  # XSHARE_PROFILE in the server
     assert off["decode_tokens_per_s_ratio"] == pytest.approx(1.0) and xs["decode_tokens_per_s_ratio"] > 0
     assert all(a <= 8 + 1e-9 for a in xs["activated_per_layer"])
     assert xs["activated"] < off["activated"]  # vanilla top-k of 8 concurrent requests activates more than 8

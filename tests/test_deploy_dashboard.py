@@ -187,6 +187,9 @@ def test_variable_queries_are_checked():
 
 
 # -- metric names against a real scrape ---------------------------------------------------------------
+_LABEL_VALUES = {"mode": "decode"}  # the values the panels select; every other label gets "0"
+
+
 def _exporter(skip: set[str] = frozenset()):
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -205,7 +208,7 @@ def _exporter(skip: set[str] = frozenset()):
     # one series each, so every family has samples
     for name, m in metrics.items():
         labels = XSHARE_METRICS[name][1] if name in XSHARE_METRICS else ("model_name", "tp_rank")
-        child = m.labels(*["0"] * len(labels))
+        child = m.labels(*[_LABEL_VALUES.get(lab, "0") for lab in labels])
         if hasattr(child, "observe"):
             child.observe(3)
         elif hasattr(child, "set"):
@@ -287,7 +290,7 @@ def test_panels_evaluate_on_a_real_prometheus_and_the_key_panel_draws(dash, tmp_
                 for gpu in ("0", "1"):
                     values = {"rank": "0", "layer": str(int(gpu)), "gpu": gpu, "reason": "empty_batch",
                               "result": "ok", "policy": "xshare", "version": "0.1.0", "model_name": "tiny",
-                              "tp_rank": "0"}
+                              "tp_rank": "0", "mode": "decode"}
                     child = metric.labels(*[values[k] for k in labels])
                     if "vanilla" in name and "peak" in name:
                         child.observe(rnd.randint(6, 8))

@@ -103,7 +103,10 @@ rt.num_experts_hint = 16
 rt.enable_observability(metrics.create(1))
 row = torch.zeros(len(WINDOW_FIELDS) + 4); row[1] = 4; row[2] = 9; row[3] = 3; row[5] = 1.5; row[6] = 0.9
 rt.stats.record_figures(row); rt.stats.calls = 5; rt.stats.fallbacks["ValueError"] = 2
+rt.stats.record_forward_time("decode", 0.25); rt.stats.record_moe_time("decode", 0.125)
 rt.flush_metrics()
+rt.stats.record_forward_time("decode", 0.25); rt.stats.record_moe_time("decode", 0.125)
+rt.flush_metrics()  # counters carry the difference since the last flush
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)
 print(generate_latest(reg).decode())
@@ -119,3 +122,6 @@ print(generate_latest(reg).decode())
     assert 'xshare:fallbacks_total{rank="1",reason="ValueError"} 2.0' in text
     assert 'xshare:config_info{policy="xshare",rank="1",version="0"} 1.0' in text
     assert 'xshare:budget{rank="1"} 4.0' in text and 'xshare:enabled{rank="1"} 1.0' in text
+    assert 'xshare:forward_seconds_total{mode="decode",rank="1"} 0.5' in text
+    assert 'xshare:moe_seconds_total{mode="decode",rank="1"} 0.25' in text
+    assert 'xshare:forwards_total{mode="decode",rank="1"} 2.0' in text

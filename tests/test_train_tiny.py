@@ -116,6 +116,38 @@ def test_sorted_experts_match_the_library_loop():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_padding_rows_skip_the_experts_without_changing_loss_or_gradients():
+    """Right padding + causal attention + no labels on padding: the skip only drops wasted work."""
+    import itertools
+
+    from xshare.models import tasks as T
+
+    model = _decisive_random_model()
+    tok = tt.build_tokenizer()
+    problems = list(itertools.islice(T.training_problems(0, SMALL.tasks, {}), 12))
+    batch = tt.training_batch(tok, problems)
+    assert (batch["attention_mask"] == 0).any()  # the batch does hold padding
+
+    def loss_and_grads(skip):
+        model.zero_grad(set_to_none=True)
+        with tt.experts_implementation(model, tt.SORTED_EXPERTS):
+            if skip:
+                with tt._skip_padding(batch["attention_mask"]):
+                    out = model(**batch, output_router_logits=True, use_cache=False)
+            else:
+                out = model(**batch, output_router_logits=True, use_cache=False)
+            out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full_loss, full = loss_and_grads(False)
+    skip_loss, skipped = loss_and_grads(True)
+    torch.testing.assert_close(skip_loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert full.keys() == skipped.keys()
+    for name in full:
+        torch.testing.assert_close(skipped[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert tt._TRAIN_TOKEN_MASK[0] is None  # the mask never outlives the block
+
+
 def test_training_learns():
     """60 steps on addition: the answer loss falls well below its start (answers are digits)."""
     cfg = SMALL.replace(steps=60, batch_size=16, lr=1e-2, warmup_steps=10, tasks=["add"])

@@ -57,6 +57,7 @@ HELP = "a real SGLang server: selector off vs policies and budgets (tokens/s, ex
 
 DEFAULT_POLICIES = ("xshare", "lynx", "des_vote", "oea")
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
+SERVER_THREADS = 1
 DEFAULT_OEA_K0 = (1, 2)
 BUDGETED = ("xshare", "xshare_ep", "lynx", "des_vote", "des_seq")
 SUPPORTED = BUDGETED + ("oea", "topk")
@@ -210,8 +211,14 @@ def _hist_mean(now: dict, before: dict, name: str, labels: str = "") -> float | 
     return s / c if c > 0 else None
 
 
+def _mode_total(snapshot: dict, name: str, mode: str) -> float:
+    return sum(v for (n, lab), v in snapshot.items() if n == name and f'mode="{mode}"' in lab.split(","))
+
+
 def window_figures(before: dict, now: dict) -> dict[str, Any]:
     """Per-setting figures from two /metrics snapshots."""
+    fwd_s, moe_s, fwd_n = (_mode_total(now, n, "decode") - _mode_total(before, n, "decode") for n in
+                           ("xshare:forward_seconds_total", "xshare:moe_seconds_total", "xshare:forwards_total"))
     layers = sorted({int(lab.split('"')[1]) for (n, lab) in now if n == "xshare:active_experts_count" and lab})
     act = [_hist_mean(now, before, "xshare:active_experts", f'layer="{i}"') for i in layers]
     van = [_hist_mean(now, before, "xshare:vanilla_active_experts", f'layer="{i}"') for i in layers]
@@ -225,6 +232,9 @@ def window_figures(before: dict, now: dict) -> dict[str, Any]:
         "vanilla_peak_gpu_experts": _hist_mean(now, before, "xshare:vanilla_peak_gpu_active_experts"),
         "mass_kept": _hist_mean(now, before, "xshare:mass_kept"),
         "top1_kept": _hist_mean(now, before, "xshare:top1_kept"),
+        # XSHARE_PROFILE (the bench turns it on): host time of decode forwards and of their MoE blocks
+        "decode_forward_ms": 1e3 * fwd_s / fwd_n if fwd_n > 0 else None,
+        "moe_share_decode": moe_s / fwd_s if fwd_s > 0 else None,
     }
 
 
@@ -245,15 +255,28 @@ def settled_metrics(client: Client, timeout: float = 20.0) -> dict[tuple[str, st
 
 def start_server(model_dir: str | os.PathLike, *, token: str, sim_gpus: int, log_path: str | os.PathLike | None,
                  dtype: str = "float32", extra_env: dict[str, str] | None = None, port: int | None = None,
+                 threads: int | None = SERVER_THREADS,
                  startup_timeout: float = 300.0) -> Any:
-    """A real SGLang server with the plugin, selector off, admin endpoint and /metrics on."""
+    """A real SGLang server with the plugin, selector off, admin endpoint and /metrics on.
+
+    ``threads``: OMP_NUM_THREADS of the server (None or 0: the environment's). One by default: on a
+    small CPU the scheduler shares the cores with the tokenizer, the detokenizer, the HTTP server and
+    the clients, and a second torch thread mostly waits for a core (twice the decode speed measured
+    on 2 cores with one thread, selector off)."""
     from xshare.sglang.server import ServerProcess
 
-    env = {"XSHARE_ADMIN_TOKEN": token, "XSHARE_SIM_GPUS": str(sim_gpus), **(extra_env or {})}
+    env = {"XSHARE_ADMIN_TOKEN": token, "XSHARE_SIM_GPUS": str(sim_gpus), "XSHARE_PROFILE": "1", **(extra_env or {})}
+    if threads:  # torch threads of the server's processes (the scheduler runs the model)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     srv = ServerProcess(model_dir, port, xshare_args=["--xshare-disable"],
                         sglang_args=["--enable-metrics", "--dtype", dtype], env=env, log_path=log_path,
                         startup_timeout=startup_timeout)
     return srv.start()
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server-threads", type=int, default=SERVER_THREADS, metavar="N",
+                   help=f"OMP_NUM_THREADS of the server (default {SERVER_THREADS}; 0 = the environment's)")
 
 
 # -- one batch --------------------------------------------------------------------------------------
@@ -401,12 +424,14 @@ def _f(v: float | None, spec: str = ".1f") -> str:
 
 
 def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
-    headers = ["setting", "experts/layer", "peak GPU", "tok/s", "decode tok/s", "x off", "exact", "d pts",
-               *tasks]
+    headers = ["setting", "experts/layer", "peak GPU", "fwd ms", "MoE %", "tok/s", "decode tok/s", "x off", "exact",
+               "d pts", *tasks]
     out = []
     for r in rows:
         layers = "/".join(_f(a) for a in r["activated_per_layer"]) if r.get("activated_per_layer") else "-"
-        out.append([r["name"], layers, _f(r.get("peak_gpu_experts")), _f(r.get("tokens_per_s")),
+        share = r.get("moe_share_decode")
+        out.append([r["name"], layers, _f(r.get("peak_gpu_experts")), _f(r.get("decode_forward_ms")),
+                    _f(None if share is None else 100 * share, ".0f"), _f(r.get("tokens_per_s")),
                     _f(r.get("decode_tokens_per_s")), _f(r.get("decode_tokens_per_s_ratio"), ".3f"),
                     _f(100 * r["accuracy"]["overall"]), _f(r.get("accuracy_delta_points"), "+.1f"),
                     *[_f(100 * r["accuracy"].get(t, 0.0), ".0f") for t in tasks]])
@@ -475,6 +500,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds over all settings, interleaved (default 2)")
     p.add_argument("--sim-gpus", type=int, default=4, help="simulated EP size for peak GPU load (default 4)")
     p.add_argument("--dtype", default="float32", help="server --dtype (default float32)")
+    add_threads_argument(p)
     p.add_argument("--token", help="admin token for --url (default $XSHARE_ADMIN_TOKEN)")
 
 
@@ -518,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
             token = secrets.token_hex(16)
             print(f"xshare bench serve: starting the server on {model} ...", flush=True)
             srv = start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=out / "server.log",
-                               dtype=args.dtype)
+                               dtype=args.dtype, threads=args.server_threads)
             print(f"  ready in {srv.startup_seconds:.0f} s ({srv.base_url})", flush=True)
             client = Client(srv.base_url, token)
             model_desc = _model_desc(model)
@@ -535,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
         leftovers = srv.stop() if srv is not None else []
     meta = {"clients": args.clients, "problems": len(problems), "seed": args.seed, "rounds": args.rounds,
             "max_new_tokens": T.MAX_ANSWER_CHARS + 1, "sim_gpus": args.sim_gpus, "dtype": args.dtype,
+            "server_threads": args.server_threads,
             "model": model_desc, "cpu_count": os.cpu_count(), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "seconds": round(time.monotonic() - t_start, 1),
             "server_startup_seconds": srv.startup_seconds if srv is not None else None,

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="held-out sample seed (default 0)")
     p.add_argument("--sim-gpus", type=int, default=4, help="simulated EP size for the per-GPU figures (default 4)")
     p.add_argument("--dtype", default="float32", help="server --dtype (default float32)")
+    from xshare.bench.serve import add_threads_argument
+
+    add_threads_argument(p)
     p.add_argument("--log", metavar="FILE", help="keep the server log here (default: a temporary file, shown on error)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         token = secrets.token_hex(16)
         print(f"[{time.monotonic() - t0:5.1f}s] starting SGLang with the xshare plugin (selector off, admin endpoint, "
               f"--enable-metrics, {args.sim_gpus} simulated GPUs) ...", flush=True)
-        srv = B.start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=log_path, dtype=args.dtype)
+        srv = B.start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=log_path, dtype=args.dtype,
+                             threads=args.server_threads)
         client = B.Client(srv.base_url, token)
         print(f"[{time.monotonic() - t0:5.1f}s] server ready at {srv.base_url} ({srv.startup_seconds:.0f} s)",
               flush=True)

@@ -45,6 +45,9 @@ XSHARE_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "xshare:gpu_cap": ("gauge", ("rank",)),
     "xshare:enabled": ("gauge", ("rank",)),
     "xshare:config_changes_total": ("counter", ("rank", "result")),
+    "xshare:forwards_total": ("counter", ("rank", "mode")),
+    "xshare:forward_seconds_total": ("counter", ("rank", "mode")),
+    "xshare:moe_seconds_total": ("counter", ("rank", "mode")),
 }
 
 _X = 'instance=~"$instance"'
@@ -211,6 +214,21 @@ def build() -> dict[str, Any]:
             "s",
             [(_q("xshare:selector_seconds", _X, 0.5), "p50"), (_q("xshare:selector_seconds", _X, 0.99), "p99")],
             w=8))
+        .with_panel(ts(
+            "MoE share of decode time (XSHARE_PROFILE=1)",
+            "Host time in the MoE blocks over host time in decode forwards. Empty unless the plugin runs with "
+            "XSHARE_PROFILE=1; host clock, so meaningful on CPU servers (launch time on a GPU).",
+            "percentunit",
+            [(f'sum(rate(xshare:moe_seconds_total{{{_X}, mode="decode"}}[{_RI}])) / '
+              f'sum(rate(xshare:forward_seconds_total{{{_X}, mode="decode"}}[{_RI}]))', "MoE share of decode")],
+            w=12))
+        .with_panel(ts(
+            "Decode forward time (XSHARE_PROFILE=1)",
+            "Mean host time of one decode forward (whole model), per instance.",
+            "s",
+            [(f'sum by (instance) (rate(xshare:forward_seconds_total{{{_X}, mode="decode"}}[{_RI}])) / '
+              f'sum by (instance) (rate(xshare:forwards_total{{{_X}, mode="decode"}}[{_RI}]))', "{{instance}}")],
+            w=12))
         # -- configuration in force ----------------------------------------------------------------------
         .with_row(db.Row("Configuration in force"))
         .with_panel(ts(

@@ -48,7 +48,7 @@ WEIGHTS = "model.safetensors"
 SORTED_EXPERTS = "xshare_sorted"
 CACHE_ENV = "XSHARE_CACHE_DIR"
 MODEL_DIR_ENV = "XSHARE_TINY_MODEL"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: padding rows skip the experts in training; fused AdamW
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,12 +66,12 @@ class TinyConfig:
     head_dim: int = 32
     num_experts: int = 32
     top_k: int = 4
-    moe_intermediate_size: int = 256
+    moe_intermediate_size: int = 512
     max_position_embeddings: int = 64
     router_aux_loss_coef: float = 0.01
     # training
     seed: int = 0
-    steps: int = 2500
+    steps: int = 1600
     batch_size: int = 64
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -216,14 +216,36 @@ def _fork_rng(seed: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # experts forward used for training: sorted per-expert loop (as SGLang's moe_forward_native)
 # --------------------------------------------------------------------------------------------
+_TRAIN_TOKEN_MASK: list[torch.Tensor | None] = [None]  # flat bool [B*T] of the batch being trained
+
+
+@contextlib.contextmanager
+def _skip_padding(attention_mask: torch.Tensor) -> Iterator[None]:
+    """Padding rows skip the experts while the block runs. Right padding and causal attention: no
+    real token ever reads a padding row, and padding carries no label, so the loss and every
+    gradient are those of the full computation; only the wasted expert work goes."""
+    _TRAIN_TOKEN_MASK[0] = attention_mask.reshape(-1).bool()
+    try:
+        yield
+    finally:
+        _TRAIN_TOKEN_MASK[0] = None
+
+
 def sorted_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Same function as transformers' eager ``Qwen3MoeExperts.forward``, fewer ops on the CPU."""
+    """Same function as transformers' eager ``Qwen3MoeExperts.forward``, fewer ops on the CPU
+    (and, while training, no expert work on padding rows: :func:`_skip_padding`)."""
     num_tokens, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
+    weights = top_k_weights.reshape(-1)
+    token = torch.arange(num_tokens * k, device=flat.device) // k
+    mask = _TRAIN_TOKEN_MASK[0]
+    if mask is not None and mask.shape[0] == num_tokens:
+        keep = mask.repeat_interleave(k)
+        flat, weights, token = flat[keep], weights[keep], token[keep]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    token = order // k
+    token = token[order]
     x = hidden_states[token]
     # unbind once: indexing the stacked parameter per expert would make autograd build a full-size
     # zero gradient for every expert (quadratic in the number of experts)
@@ -234,7 +256,7 @@ def sorted_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, t
             continue
         gate, up = F.linear(xs, w13[e]).chunk(2, dim=-1)
         outs.append(F.linear(self.act_fn(gate) * up, w2[e]))
-    y = torch.cat(outs) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
+    y = torch.cat(outs) * weights[order, None].to(hidden_states.dtype)
     return torch.zeros_like(hidden_states).index_add_(0, token, y)
 
 
@@ -332,7 +354,7 @@ def train(cfg: TinyConfig, *, log: Callable[[str], None] | None = None, log_ever
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)
     stream = T.training_problems(cfg.seed, cfg.tasks, dict(cfg.task_weights))
     res = TrainResult(model=model, tokenizer=tokenizer, seconds=0.0)
     window: list[float] = []
@@ -343,8 +365,9 @@ def train(cfg: TinyConfig, *, log: Callable[[str], None] | None = None, log_ever
             batch = training_batch(tokenizer, list(itertools.islice(stream, cfg.batch_size)))
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
-            out = model(**batch, output_router_logits=True, use_cache=False)
-            out.loss.backward()
+            with _skip_padding(batch["attention_mask"]):
+                out = model(**batch, output_router_logits=True, use_cache=False)
+                out.loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ TOPK_MODULE = "sglang.srt.layers.moe.topk"
 POST_PROCESS_TARGET = f"{TOPK_MODULE}._post_process_topk_ids"
 EMPTY_TOPK_TARGET = f"{TOPK_MODULE}.TopK.empty_topk_output"
 FORWARD_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
+MOE_FORWARD_TARGET = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.forward"
 CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
 
 _SIGNATURES: dict[int, inspect.Signature] = {}
@@ -109,6 +111,14 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
             runtime.num_experts_hint = v
             break
     runtime.placement_source = _sglang_placement
+    if str(getattr(model_runner, "device", "")) == "cpu" and runtime.settings.cpu_kernel:
+        from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
+
+        if cpu_kernel_available():  # built (or loaded from the cache) now, not in the first decode step
+            log.info("xshare: CPU selector kernel ready (xshare/topk layers route in one C call)")
+        else:
+            runtime.log_once("cpu_kernel", logging.WARNING, "xshare: the CPU fast path is unavailable (%s); "
+                             "the torch reference routes instead", cpu_kernel_problem())
     if runtime.scattered_input and runtime.settings.deepep_mode == "global":
         from sglang.srt.distributed.parallel_state import get_moe_ep_group
 
@@ -163,15 +173,33 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
         runtime.log_once("forward_state", logging.ERROR, "xshare: cannot read the forward batch: %s", exc,
                          exc_info=True)
     runtime.push(state)
+    t0 = time.perf_counter()
     try:
         return original(self, forward_batch, *args, **kwargs)
     finally:
+        if runtime.settings.profile:
+            runtime.stats.record_forward_time(state.mode if state is not None else "unknown",
+                                              time.perf_counter() - t0)
         runtime.pop()
         try:
             runtime.forward_ended(state)
         except Exception as exc:  # noqa: BLE001
             runtime.log_once("forward_end", logging.ERROR, "xshare: end-of-forward bookkeeping failed: %s", exc,
                              exc_info=True)
+
+
+def moe_forward_hook(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``FusedMoE.forward`` (registered with XSHARE_PROFILE only): the MoE block's host time,
+    per forward mode. On the CPU that is its compute time; on a GPU it is launch time (asynchronous)."""
+    runtime = rt_mod.get()
+    if runtime is None:
+        return original(self, *args, **kwargs)
+    t0 = time.perf_counter()
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        state = runtime.current
+        runtime.stats.record_moe_time(state.mode if state is not None else "unknown", time.perf_counter() - t0)
 
 
 def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -52,6 +52,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "xshare:gpu_cap": ("gauge", (), "Per-GPU cap of xshare_ep (0 = unset)"),
     "xshare:enabled": ("gauge", (), "1 when the selector is on"),
     "xshare:config_changes_total": ("counter", ("result",), "Admin config changes by result"),
+    "xshare:forwards_total": ("counter", ("mode",), "Model forwards, by forward mode (XSHARE_PROFILE=1)"),
+    "xshare:forward_seconds_total": ("counter", ("mode",), "Host seconds in model forwards, by forward mode "
+                                     "(XSHARE_PROFILE=1)"),
+    "xshare:moe_seconds_total": ("counter", ("mode",),
+                                 "Host seconds in MoE blocks, by forward mode (XSHARE_PROFILE=1)"),
 }
 _BUCKETS = {"xshare:active_experts": COUNT_BUCKETS, "xshare:vanilla_active_experts": COUNT_BUCKETS,
             "xshare:peak_gpu_active_experts": COUNT_BUCKETS, "xshare:vanilla_peak_gpu_active_experts": COUNT_BUCKETS,
@@ -78,6 +83,7 @@ class Exporter:
         self.m: dict[str, Any] = {}
         self._calls = 0
         self._fallbacks: dict[str, int] = {}
+        self._profile: dict[str, tuple[int, float, float]] = {}  # mode -> (forwards, forward s, MoE s) exported
         self._labeled: set[str] = set(INITIAL_FALLBACK_REASONS)
         self._info_labels: tuple[str, str] | None = None
         self.last: dict[str, Any] = {"layers": {}, "rows": 0}
@@ -161,6 +167,15 @@ class Exporter:
             sec = self._metric("xshare:selector_seconds")
             for s in seconds:
                 sec.observe(s)
+            for mode, (n, fs, _mc, ms) in list(stats.profile.items()):
+                prev_n, prev_fs, prev_ms = self._profile.get(mode, (0, 0.0, 0.0))
+                if n > prev_n:
+                    self._metric("xshare:forwards_total", mode).inc(n - prev_n)
+                if fs > prev_fs:
+                    self._metric("xshare:forward_seconds_total", mode).inc(fs - prev_fs)
+                if ms > prev_ms:
+                    self._metric("xshare:moe_seconds_total", mode).inc(ms - prev_ms)
+                self._profile[mode] = (n, fs, ms)
             calls = stats.calls
             if calls > self._calls:
                 self._metric("xshare:selector_calls_total").inc(calls - self._calls)

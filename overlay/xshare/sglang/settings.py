@@ -47,7 +47,7 @@ CONFIG_ENV = "XSHARE_CONFIG"
 _SELECTOR_KEYS = ("policy", "budget", "warmup_k", "group_budget", "gpu_cap", "min_tokens", "max_tokens", "extra")
 _PLUGIN_KEYS = ("enable", "apply_prefill", "deepep_mode", "stats_dir", "stats_every", "trace_dir",
                 "trace_max_tokens", "trace_flush_tokens", "fault_inject", "sim_gpus", "metrics_flush_every",
-                "cpu_kernel")
+                "cpu_kernel", "profile")
 KEYS = _PLUGIN_KEYS + _SELECTOR_KEYS
 DEEPEP_MODES = ("local", "global")
 GLOBAL_MODE_POLICIES = ("topk", "xshare", "xshare_ep")
@@ -74,6 +74,7 @@ class PluginSettings:
     sim_gpus: int | None = None  # virtual GPUs of the contiguous placement used without SGLang EP
     metrics_flush_every: int = 16
     cpu_kernel: bool = True  # CPU tensors: the C fast path (xshare.selection.kernels.cpu) where it applies
+    profile: bool = False  # time model forwards and the MoE blocks in them (host clock; see docs/sglang.md)
 
     def describe(self) -> str:
         s = self.selector
@@ -267,6 +268,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
         metrics_flush_every=_parse_int(raw.get("metrics_flush_every", 16), _where("metrics_flush_every", origin),
                                        minimum=1),
         cpu_kernel=_parse_bool(raw.get("cpu_kernel", True), _where("cpu_kernel", origin)),
+        profile=_parse_bool(raw.get("profile", False), _where("profile", origin)),
     )
 
 

@@ -86,6 +86,8 @@ class SelectorStats:
         self._window_read = 0  # rows drained so far (host)
         self.window_dropped = 0
         self._seconds: list[float] = []  # host-measured selector time per applied call
+        # XSHARE_PROFILE: forward mode -> [forwards, forward seconds, MoE block calls, MoE seconds]
+        self.profile: dict[str, list[float]] = {}
 
     # -- hot path ---------------------------------------------------------------------------
     def count_call(self) -> None:
@@ -133,6 +135,26 @@ class SelectorStats:
         sums["tokens"] += num_tokens
         sums["changed_tokens"] += changed_tokens
         sums["checksum"] += checksum
+
+    def record_forward_time(self, mode: str, seconds: float) -> None:
+        """One model forward of ``mode`` took ``seconds`` (host clock; XSHARE_PROFILE)."""
+        p = self.profile.setdefault(mode, [0, 0.0, 0, 0.0])
+        p[0] += 1
+        p[1] += seconds
+
+    def record_moe_time(self, mode: str, seconds: float) -> None:
+        """One MoE block call inside a forward of ``mode`` took ``seconds`` (XSHARE_PROFILE)."""
+        p = self.profile.setdefault(mode, [0, 0.0, 0, 0.0])
+        p[2] += 1
+        p[3] += seconds
+
+    def profile_snapshot(self) -> dict[str, dict[str, float]]:
+        """Per forward mode: forwards, forward_seconds, moe_calls, moe_seconds, moe_share."""
+        out = {}
+        for mode, (n, fs, mc, ms) in sorted(self.profile.items()):
+            out[mode] = {"forwards": int(n), "forward_seconds": fs, "moe_calls": int(mc), "moe_seconds": ms,
+                         "moe_share": ms / fs if fs > 0 else None}
+        return out
 
     def record_figures(self, row: Tensor) -> None:
         """Append one :func:`call_figures` row to the device ring buffer (no host synchronisation)."""
@@ -193,6 +215,7 @@ class SelectorStats:
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
                 "layers": layers,
+                "profile": self.profile_snapshot(),
             }
 
 
