@@ -51,14 +51,16 @@ def layer_call(draw):
     if draw(st.booleans()):
         prefer = prefer[:, torch.randperm(k, generator=g)]  # the engine's column order is its own
     prefer = prefer.to(draw(st.sampled_from([torch.int32, torch.int64])))
-    cfg = SelectorConfig(policy=draw(st.sampled_from(["xshare", "xshare", "topk"])), budget=draw(st.integers(1, e)),
-                         warmup_k=draw(st.integers(0, k)), scoring=draw(st.sampled_from(["softmax", "sigmoid"])),
+    policy = draw(st.sampled_from(["xshare", "xshare", "topk", "lynx", "des_vote", "oea"]))
+    cfg = SelectorConfig(policy=policy, budget=draw(st.integers(1, e)),
+                         warmup_k=draw(st.integers(1 if policy == "oea" else 0, k)),
+                         scoring=draw(st.sampled_from(["softmax", "sigmoid"])),
                          renormalize=draw(st.booleans()), min_tokens=draw(st.sampled_from([1, 1, 6])))
     num_tokens = draw(st.one_of(st.none(), st.integers(0, t)))
     return logits, k, cfg, prefer, num_tokens
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(layer_call())
 def test_cpu_route_is_the_reference(call):
     logits, k, cfg, prefer, num_tokens = call
@@ -122,7 +124,9 @@ def test_supports_only_its_policies_on_cpu_tensors():
     logits = torch.randn(4, 8)
     assert K.cpu_kernel_supports(SelectorConfig(policy="xshare", budget=3), logits)
     assert K.cpu_kernel_supports(SelectorConfig(policy="topk"), logits)
-    assert not K.cpu_kernel_supports(SelectorConfig(policy="lynx", budget=3), logits)
+    assert K.cpu_kernel_supports(SelectorConfig(policy="lynx", budget=3), logits)  # a set policy
+    assert not K.cpu_kernel_supports(SelectorConfig(policy="xshare_ep", budget=3), logits)  # needs a placement
+    assert not K.cpu_kernel_supports(SelectorConfig(policy="des_seq", warmup_k=1), logits)  # per-request sets
     assert not K.cpu_kernel_supports(SelectorConfig(policy="xshare", budget=3), logits, groups=torch.zeros(4))
     assert not K.cpu_kernel_supports(SelectorConfig(policy="xshare", budget=3), torch.randn(4, 8, device="meta"))
 
@@ -172,7 +176,7 @@ def _topk_config(k):
                            routed_scaling_factor=None)
 
 
-@pytest.mark.parametrize("policy", ["xshare", "topk"])
+@pytest.mark.parametrize("policy", ["xshare", "topk", "lynx", "des_vote", "oea"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_adapter_paths_agree(policy, padded):
     """The serving adapter with the fast path on and off: same routing, counters and metric rows."""

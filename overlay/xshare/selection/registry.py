@@ -36,7 +36,19 @@ class Policy:
         """Raise ValueError naming the setting when ``config`` is invalid for this policy."""
 
     def tiers(self, batch: Batch) -> Tensor:
-        raise NotImplementedError
+        """Default for a set policy: every token prefers :meth:`batch_set`, then its own order."""
+        from xshare.selection.common import tiers_inside
+
+        s = self.batch_set(batch)
+        if s is None:
+            raise NotImplementedError(f"policy {self.name!r} defines neither tiers() nor batch_set()")
+        return tiers_inside(batch, s)
+
+    def batch_set(self, batch: Batch) -> Tensor | None:
+        """bool [E]: the one expert set every token of the batch prefers (a *set policy*), or None
+        when the policy's preferences are not of that form. Set policies get :meth:`tiers` for free,
+        and the CPU fast path (:mod:`xshare.selection.kernels.cpu`) routes them in C."""
+        return None
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:

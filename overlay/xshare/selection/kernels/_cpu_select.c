@@ -2,7 +2,8 @@
  * call (built at first use by xshare/selection/kernels/cpu.py with the system C compiler, loaded
  * with ctypes; plain C99, no Python or torch headers).
  *
- * Same result as xshare.selection.select with `prefer` (the engine's own top-k) on the same inputs:
+ * Same result as xshare.selection.select with `prefer` (the engine's own top-k) on the same inputs
+ * (and, given the set S a set policy chose, the routing of any set policy: lynx, des_vote, oea):
  * the gate scores, the batch's column sums and the weights stay in torch (bit-identical floating
  * point); this file does the comparisons, the sets and the bookkeeping that cost the torch path
  * ~100 small tensor ops:
@@ -94,14 +95,16 @@ int xshare_cpu_plain(int T, int E, int softmax, const float *logits) {
  *   logits [T,E] f32 (usable = finite), scores [T,E] f32 (gate scores, 0 where unusable),
  *   colsum [E] f32 (column sums of scores over the valid rows), prefer [T,PK] i32 or NULL,
  *   n_valid: rows >= n_valid are padding; apply: whether the policy applies to this batch;
- *   budget (>= 1), k0 (>= 0).
+ *   budget (>= 1), k0 (>= 0); given_set [E] u8 or NULL: the set S of another set policy (computed
+ *   by the policy in torch); NULL = the xshare set from k0 and budget.
  * Out: ids [T,K] i32, in_set [E] u8 (S; all 0 when not applied), active [E] u8 (experts routed
  *   by a valid row), vanilla_active [E] u8 (experts of prefer[:, :K] on valid rows, ids < 0 count
  *   as 0), counts [2] i64: rows whose expert set differs from prefer[:, :K], checksum
  *   sum over valid t, j of (ids[t,j] + 1) * (t + 1) * (j + 1).
  */
 int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const float *scores, const float *colsum,
-                     const int32_t *prefer, int n_valid, int apply, int budget, int k0, int32_t *ids,
+                     const int32_t *prefer, int n_valid, int apply, int budget, int k0,
+                     const uint8_t *given_set, int32_t *ids,
                      uint8_t *in_set, uint8_t *active, uint8_t *vanilla_active, int64_t *counts) {
     float *key = malloc(sizeof(float) * (size_t)E);
     int32_t *slot = malloc(sizeof(int32_t) * (size_t)E);
@@ -118,7 +121,9 @@ int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const flo
     if (n_valid < 0) n_valid = 0;
     for (int e = 0; e < E; e++) in_set[e] = 0, active[e] = 0, vanilla_active[e] = 0;
 
-    if (apply) {
+    if (apply && given_set != NULL) {
+        for (int e = 0; e < E; e++) in_set[e] = given_set[e] != 0;
+    } else if (apply) {
         /* warm-up W: each valid row's first k0 positions of its own order, usable ones only */
         for (int t = 0; t < n_valid && k0 > 0; t++) {
             status = row_order(t, E, PK, logits, scores, prefer, key, slot, usable);

@@ -1,4 +1,6 @@
-"""The selector's CPU fast path: ``xshare`` / ``topk`` routing of one layer in one C call.
+"""The selector's CPU fast path: ``xshare`` / ``topk`` routing of one layer in one C call, and the
+routing of every other *set policy* (``lynx``, ``des_vote``, ``oea``: :meth:`Policy.batch_set`) once
+the policy has picked its set in torch.
 
 On the CPU a tensor op costs microseconds whatever its size, and the torch reference spends about
 a hundred of them per layer (ranks, sets, routing, bookkeeping): ~0.4-0.8 ms, as much as a small
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -34,8 +37,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from xshare.selection.api import prepare_batch
 from xshare.selection.common import RENORMALIZE_EPS, gate_scores
 from xshare.selection.config import SelectorConfig
+from xshare.selection.registry import Policy, get_policy
 from xshare.selection.types import Routing
 
 CPU_KERNEL_POLICIES = ("xshare", "topk")
@@ -109,7 +114,7 @@ def _load() -> ctypes.CDLL | None:
             return None
         lib.xshare_cpu_plain.argtypes = [_I, _I, _I, _P]
         lib.xshare_cpu_plain.restype = _I
-        lib.xshare_cpu_route.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P]
+        lib.xshare_cpu_route.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]
         lib.xshare_cpu_route.restype = _I
         lib.xshare_cpu_figures.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P]
         lib.xshare_cpu_figures.restype = _I
@@ -128,9 +133,20 @@ def cpu_kernel_problem() -> str | None:
     return _problem
 
 
+def _set_policy(name: str) -> Policy | None:
+    """The policy if it is a set policy the C routing can finish (it overrides ``batch_set`` and
+    needs no placement), else None."""
+    policy = get_policy(name)
+    if type(policy).batch_set is Policy.batch_set or policy.needs_placement:
+        return None
+    return policy
+
+
 def cpu_kernel_supports(config: SelectorConfig, router_logits: Tensor, groups: Tensor | None = None) -> bool:
-    """Whether :func:`cpu_route` implements this call (policy, device, no request groups)."""
-    return (config.policy in CPU_KERNEL_POLICIES and router_logits.device.type == "cpu" and groups is None
+    """Whether :func:`cpu_route` implements this call: CPU tensors, no request groups, and the
+    policy is ``xshare``/``topk`` (all in C) or another set policy (its set in torch, the rest in C)."""
+    return ((config.policy in CPU_KERNEL_POLICIES or _set_policy(config.policy) is not None)
+            and router_logits.device.type == "cpu" and groups is None
             and router_logits.ndim == 2 and router_logits.shape[1] >= 1)
 
 
@@ -166,20 +182,33 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     if lib is None:
         raise RuntimeError(f"CPU selector kernel unavailable: {_problem}")
     num_rows, num_experts = router_logits.shape
-    logits = router_logits.float().contiguous()
-    softmax = config.scoring == "softmax"
-    if lib.xshare_cpu_plain(num_rows, num_experts, int(softmax), logits.data_ptr()) == 0:
-        # finite or -inf logits: the plain softmax / sigmoid is gate_scores bit for bit
-        scores = torch.softmax(logits, dim=-1) if softmax else torch.sigmoid(logits)
-    else:
-        scores = gate_scores(logits, torch.isfinite(logits), config.scoring).contiguous()
     n_valid = num_rows if num_tokens is None else max(0, min(num_rows, int(num_tokens)))
     if apply is None:
         apply = config.applies_to(n_valid)
     apply = bool(apply) and config.policy != "topk"
     m = config.budget_for(num_experts) if budget is None else int(budget)
     k0 = config.warmup_k if warmup_k is None else int(warmup_k)
-    if not apply:
+    given_set = None
+    if apply and config.policy not in CPU_KERNEL_POLICIES:
+        policy = _set_policy(config.policy)
+        if policy is None:
+            raise ValueError(f"policy {config.policy!r} is not a set policy: the CPU kernel cannot route it")
+        # the policy picks its set in torch, on the batch the reference builds; C routes
+        batch = prepare_batch(router_logits, top_k, config, num_tokens=None if num_tokens is None else n_valid,
+                              prefer=prefer, validate=False)
+        if budget is not None or warmup_k is not None:
+            batch = dataclasses.replace(batch, budget=m, warmup_k=k0)
+        given_set = policy.batch_set(batch).contiguous()
+        logits, scores = batch.logits.contiguous(), batch.scores.contiguous()
+    else:
+        logits = router_logits.float().contiguous()
+        softmax = config.scoring == "softmax"
+        if lib.xshare_cpu_plain(num_rows, num_experts, int(softmax), logits.data_ptr()) == 0:
+            # finite or -inf logits: the plain softmax / sigmoid is gate_scores bit for bit
+            scores = torch.softmax(logits, dim=-1) if softmax else torch.sigmoid(logits)
+        else:
+            scores = gate_scores(logits, torch.isfinite(logits), config.scoring).contiguous()
+    if not apply or given_set is not None:
         colsum = scores  # not read
     elif n_valid == num_rows:
         colsum = scores.sum(0)
@@ -195,7 +224,7 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     base = flags.data_ptr()
     rc = lib.xshare_cpu_route(num_rows, num_experts, top_k, 0 if pref is None else pref.shape[1], logits.data_ptr(),
                               scores.data_ptr(), colsum.data_ptr(), _ptr(pref), n_valid, int(apply), m, k0,
-                              ids.data_ptr(), base, base + num_experts, base + 2 * num_experts, counts)
+                              _ptr(given_set), ids.data_ptr(), base, base + num_experts, base + 2 * num_experts, counts)
     if rc != 0:
         raise RuntimeError(f"CPU selector kernel: {_ERRORS.get(rc, f'error {rc}')}")
     weights = scores.gather(1, ids.long())

@@ -9,7 +9,7 @@ warm-up: a minority token can lose its top-1 expert. The "block" of parallel tok
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside, top_by_score
+from xshare.selection.common import Batch, top_by_score
 from xshare.selection.registry import Policy, register_policy
 
 
@@ -18,7 +18,7 @@ class DESVote(Policy):
     name = "des_vote"
     summary = "coreset = top-m experts by saliency-weighted top-K votes; no warm-up"
 
-    def tiers(self, batch: Batch) -> Tensor:
+    def batch_set(self, batch: Batch) -> Tensor:
         votes = batch.column_sums(batch.scores * batch.own_topk(batch.top_k))
         none = torch.zeros_like(votes, dtype=torch.bool)
-        return tiers_inside(batch, top_by_score(votes, none, batch.budget, allowed=votes > 0))
+        return top_by_score(votes, none, batch.budget, allowed=votes > 0)

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside, top_by_score
+from xshare.selection.common import Batch, top_by_score
 from xshare.selection.config import SelectorConfig
 from xshare.selection.registry import Policy, register_policy
 
@@ -59,6 +59,6 @@ class Lynx(Policy):
         if config.extra.get("lynx_beta", 1.0) < 0:
             raise ValueError("extra['lynx_beta'] must be >= 0")
 
-    def tiers(self, batch: Batch) -> Tensor:
+    def batch_set(self, batch: Batch) -> Tensor:
         score, forced = lynx_scores(batch)
-        return tiers_inside(batch, top_by_score(score, forced, batch.budget, allowed=score > 0))
+        return top_by_score(score, forced, batch.budget, allowed=score > 0)

@@ -9,7 +9,7 @@ batch set size follows from k0 (OEA's additive counterpart to XShare's budgeted 
 
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside
+from xshare.selection.common import Batch
 from xshare.selection.config import SelectorConfig
 from xshare.selection.registry import Policy, register_policy
 
@@ -23,5 +23,5 @@ class OEA(Policy):
         if config.warmup_k < 1:
             raise ValueError("warmup_k must be >= 1 for oea (it is OEA's k0)")
 
-    def tiers(self, batch: Batch) -> Tensor:
-        return tiers_inside(batch, batch.warmup())
+    def batch_set(self, batch: Batch) -> Tensor:
+        return batch.warmup()

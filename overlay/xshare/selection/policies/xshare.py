@@ -9,7 +9,7 @@ holds fewer than top_k of its usable experts); weights renormalised as the model
 
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside, top_by_score
+from xshare.selection.common import Batch, top_by_score
 from xshare.selection.registry import Policy, register_policy
 
 
@@ -23,5 +23,5 @@ class XShare(Policy):
     name = "xshare"
     summary = "warm-up top-k0 per token + greedy fill by batch gate mass up to budget m"
 
-    def tiers(self, batch: Batch) -> Tensor:
-        return tiers_inside(batch, xshare_set(batch))
+    def batch_set(self, batch: Batch) -> Tensor:
+        return xshare_set(batch)
