@@ -371,7 +371,7 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
         a = acc[s.name]
         texts = [t for rnd in a["texts"] for t in rnd]
         probs = [p for _ in a["texts"] for p in problems]
-        figs = _merge_windows(a["windows"])
+        figs = merge_windows(a["windows"])
         row = {**s.to_dict(), "requests": a["requests"], "expected_requests": rounds * len(problems),
                "completion_tokens": a["completion_tokens"], "decode_tokens": a["decode_tokens"],
                "wall_seconds": round(a["wall_seconds"], 3),
@@ -386,7 +386,7 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
     return {"rows": rows, "errors": errors}
 
 
-def _merge_windows(windows: list[tuple[dict, dict]]) -> dict[str, Any]:
+def merge_windows(windows: list[tuple[dict, dict]]) -> dict[str, Any]:
     """Pool several (before, after) snapshot pairs: sum the differences, then take means."""
     before: dict = {}
     after: dict = {}
