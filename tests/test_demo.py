@@ -38,7 +38,9 @@ def test_demo_end_to_end(trained_model, tmp_path):
     doc = json.loads(out_json.read_text())
     off, on = doc["rows"]
     assert off["setting"] == "off" and on["setting"].startswith("on (xshare")
-    assert off["requests"] == on["requests"] == 32  # every request answered, both runs
+    assert off["requests"] == on["requests"] == 3 * 32  # every request answered, both settings, 3 rounds
+    rounds = re.findall(r"round (\d)/3 (off|on)", out)
+    assert rounds == [("1", "off"), ("1", "on"), ("2", "on"), ("2", "off"), ("3", "off"), ("3", "on")], rounds
     assert len(off["activated_per_layer"]) == len(on["activated_per_layer"]) == DEMO_CFG.num_layers
     for a_on, a_off in zip(on["activated_per_layer"], off["activated_per_layer"], strict=True):
         # budget 8, no warm-up (the warm-up union may exceed the budget): at most 8 experts per layer,
