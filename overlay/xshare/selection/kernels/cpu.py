@@ -172,8 +172,8 @@ def _ptr(t: Tensor | None) -> int | None:
 def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, prefer: Tensor | None = None,
               num_tokens: int | Tensor | None = None, apply: bool | None = None,
               budget: int | None = None, warmup_k: int | None = None) -> CpuRouting:
-    """The routing of :func:`xshare.selection.select` (``config.policy`` in :data:`CPU_KERNEL_POLICIES`,
-    same ``prefer`` and ``num_tokens``) on CPU tensors. ``apply`` overrides the batch-size gate
+    """The routing of :func:`xshare.selection.select` (same ``prefer`` and ``num_tokens``) on CPU
+    tensors, for a policy :func:`cpu_kernel_supports` accepts. ``apply`` overrides the batch-size gate
     (default: ``config.applies_to(valid rows)``); ``budget`` / ``warmup_k`` override the config's
     (host values: the CPU has no graphs to keep them in device tensors for). Shapes and types are
     the caller's to check (:func:`xshare.selection.api.check_inputs`); raises RuntimeError if the
