@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import os
 import re
 import secrets
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xshare._http import request
 from xshare.bench._common import format_table, write_json_atomic
 
 MODE = "serve"
@@ -145,21 +143,8 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: Any = None, auth: bool = False) -> tuple[int, Any]:
-        headers = {"Content-Type": "application/json"}
-        if auth and self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                raw = r.read()
-                return r.status, (json.loads(raw) if raw and path != "/metrics" else raw.decode())
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                return exc.code, json.loads(raw)
-            except ValueError:
-                return exc.code, raw.decode(errors="replace")
+        return request(self.base_url + path, method, self.token if auth else None, body, self.timeout,
+                       text=path == "/metrics")
 
     def generate(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
         status, out = self._request("POST", "/generate", {

@@ -16,9 +16,9 @@ import json
 import os
 import sys
 import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
+
+from xshare._http import request
 
 NAME = "admin"
 HELP = "read or change a running server's selector config (/xshare admin endpoint)"
@@ -58,25 +58,6 @@ def _token(args: argparse.Namespace) -> str | None:
         except OSError as exc:
             raise SystemExit(f"xshare admin: --token-file {args.token_file}: {exc}") from None
     return os.environ.get("XSHARE_ADMIN_TOKEN") or None
-
-
-def request(url: str, method: str, token: str | None, body: dict[str, Any] | None = None,
-            timeout: float = 60.0) -> tuple[int, Any]:
-    """(HTTP status, parsed JSON reply)."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
 
 
 def run(args: argparse.Namespace) -> int:
