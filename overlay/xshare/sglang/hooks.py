@@ -111,14 +111,9 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
             runtime.num_experts_hint = v
             break
     runtime.placement_source = _sglang_placement
-    if str(getattr(model_runner, "device", "")) == "cpu" and runtime.settings.cpu_kernel:
-        from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
-
-        if cpu_kernel_available():  # built (or loaded from the cache) now, not in the first decode step
-            log.info("xshare: CPU selector kernel ready (xshare/topk layers route in one C call)")
-        else:
-            runtime.log_once("cpu_kernel", logging.WARNING, "xshare: the CPU fast path is unavailable (%s); "
-                             "the torch reference routes instead", cpu_kernel_problem())
+    # built (or loaded from the cache) now, not in the first decode step
+    if str(getattr(model_runner, "device", "")) == "cpu" and runtime.cpu_kernel_ready():
+        log.info("xshare: CPU selector kernel ready (set policies route in one C call)")
     if runtime.scattered_input and runtime.settings.deepep_mode == "global":
         from sglang.srt.distributed.parallel_state import get_moe_ep_group
 

@@ -295,15 +295,19 @@ class Runtime:
             if self.settings.stats_dir is not None:
                 self.write_stats()
 
-    def _use_cpu_kernel(self, config: SelectorConfig, logits: Tensor, state: ForwardState) -> bool:
-        """The C fast path serves this call: CPU tensors, a policy it implements, and it builds here."""
-        if not self.settings.cpu_kernel or state.capturing or not cpu_kernel_supports(config, logits):
+    def cpu_kernel_ready(self) -> bool:
+        """Whether the C fast path is built and on (builds it on the first call; says once why not)."""
+        if not self.settings.cpu_kernel:
             return False
         if cpu_kernel_available():
             return True
         self.log_once("cpu_kernel", logging.WARNING, "xshare: the CPU fast path is unavailable (%s); "
                       "the torch reference routes instead", cpu_kernel_problem())
         return False
+
+    def _use_cpu_kernel(self, config: SelectorConfig, logits: Tensor, state: ForwardState) -> bool:
+        """The C fast path serves this call: CPU tensors, a policy it implements, and it builds here."""
+        return not state.capturing and cpu_kernel_supports(config, logits) and self.cpu_kernel_ready()
 
     def _route_cpu(self, args: dict[str, Any], config: SelectorConfig, layer_id: int, top_k: int, shared: int,
                    topk_config: Any) -> dict:

@@ -99,27 +99,31 @@ def _build(cc: str) -> Path:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _problem, _loaded
+    if _loaded:  # the hot path: no lock once the first attempt is over
+        return _lib
     with _lock:
-        if _loaded:
-            return _lib
-        _loaded = True
-        cc = _compiler()
-        if cc is None:
-            _problem = "no C compiler (set CC, or install gcc)"
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build(cc)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _problem = f"building {SOURCE.name} failed: {exc}"
-            return None
-        lib.xshare_cpu_plain.argtypes = [_I, _I, _I, _P]
-        lib.xshare_cpu_plain.restype = _I
-        lib.xshare_cpu_route.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]
-        lib.xshare_cpu_route.restype = _I
-        lib.xshare_cpu_figures.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P]
-        lib.xshare_cpu_figures.restype = _I
-        _lib = lib
-        return lib
+        if not _loaded:
+            _lib, _problem = _open()
+            _loaded = True  # set last: a lock-free reader never sees a half-done attempt
+        return _lib
+
+
+def _open() -> tuple[ctypes.CDLL | None, str | None]:
+    """Build (or find in the cache) and load the library: (library, None) or (None, why not)."""
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (set CC, or install gcc)"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, f"building {SOURCE.name} failed: {exc}"
+    lib.xshare_cpu_plain.argtypes = [_I, _I, _I, _P]
+    lib.xshare_cpu_plain.restype = _I
+    lib.xshare_cpu_route.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]
+    lib.xshare_cpu_route.restype = _I
+    lib.xshare_cpu_figures.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P]
+    lib.xshare_cpu_figures.restype = _I
+    return lib, None
 
 
 def cpu_kernel_available() -> bool:
