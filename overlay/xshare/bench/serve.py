@@ -275,6 +275,14 @@ class BatchResult:
     requests: int = 0
     errors: list[str] = field(default_factory=list)
 
+    @classmethod
+    def pool(cls, batches: Sequence[BatchResult]) -> BatchResult:
+        """Several rounds of the same prompts as one result (texts concatenated, counts summed)."""
+        out = cls(texts=[t for b in batches for t in b.texts], errors=[e for b in batches for e in b.errors])
+        for name in ("completion_tokens", "decode_tokens", "decode_seconds", "wall_seconds", "requests"):
+            setattr(out, name, sum(getattr(b, name) for b in batches))
+        return out
+
 
 def run_waves(client: Client, prompts: Sequence[str], clients: int, max_new_tokens: int) -> BatchResult:
     """Send ``prompts`` from ``clients`` threads, one request per client per wave."""
@@ -330,9 +338,8 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
     if warmup_requests:
         warm = [p.prompt for p in T.heldout(warmup_requests, seed=10_000)]
         run_waves(client, warm, clients, max_new_tokens)
-    acc: dict[str, dict[str, Any]] = {s.name: {"texts": [], "completion_tokens": 0, "decode_tokens": 0,
-                                               "decode_seconds": 0.0, "wall_seconds": 0.0, "requests": 0,
-                                               "windows": []} for s in settings}
+    batches: dict[str, list[BatchResult]] = {s.name: [] for s in settings}
+    windows: dict[str, list[tuple[dict, dict]]] = {s.name: [] for s in settings}
     errors: list[str] = []
     for r in range(rounds):
         for s in _round_order(settings, r):
@@ -340,11 +347,8 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
             before = settled_metrics(client)
             b = run_waves(client, prompts, clients, max_new_tokens)
             after = settled_metrics(client)
-            a = acc[s.name]
-            a["texts"].append(b.texts)
-            for k in ("completion_tokens", "decode_tokens", "decode_seconds", "wall_seconds", "requests"):
-                a[k] += getattr(b, k)
-            a["windows"].append((before, after))
+            batches[s.name].append(b)
+            windows[s.name].append((before, after))
             errors.extend(f"{s.name}: {e}" for e in b.errors)
             if log is not None:
                 dps = clients * b.decode_tokens / b.decode_seconds if b.decode_seconds else 0.0
@@ -353,19 +357,15 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
     client.set_config(settings[0])
     rows = []
     for s in settings:
-        a = acc[s.name]
-        texts = [t for rnd in a["texts"] for t in rnd]
-        probs = [p for _ in a["texts"] for p in problems]
-        figs = merge_windows(a["windows"])
-        row = {**s.to_dict(), "requests": a["requests"], "expected_requests": rounds * len(problems),
-               "completion_tokens": a["completion_tokens"], "decode_tokens": a["decode_tokens"],
-               "wall_seconds": round(a["wall_seconds"], 3),
-               "tokens_per_s": a["completion_tokens"] / a["wall_seconds"] if a["wall_seconds"] else None,
-               "decode_tokens_per_s": clients * a["decode_tokens"] / a["decode_seconds"] if a["decode_seconds"]
-               else None,
-               "accuracy": T.accuracy(probs, texts),
-               "outputs_identical_across_rounds": all(t == a["texts"][0] for t in a["texts"]),
-               **figs}
+        a = BatchResult.pool(batches[s.name])
+        row = {**s.to_dict(), "requests": a.requests, "expected_requests": rounds * len(problems),
+               "completion_tokens": a.completion_tokens, "decode_tokens": a.decode_tokens,
+               "wall_seconds": round(a.wall_seconds, 3),
+               "tokens_per_s": a.completion_tokens / a.wall_seconds if a.wall_seconds else None,
+               "decode_tokens_per_s": clients * a.decode_tokens / a.decode_seconds if a.decode_seconds else None,
+               "accuracy": T.accuracy(list(problems) * rounds, a.texts),
+               "outputs_identical_across_rounds": all(b.texts == batches[s.name][0].texts for b in batches[s.name]),
+               **merge_windows(windows[s.name])}
         rows.append(row)
     _fill_off(rows)
     return {"rows": rows, "errors": errors}

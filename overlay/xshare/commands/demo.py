@@ -128,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{batch.requests}/{len(prompts)} answered by {args.clients} concurrent clients in "
                       f"{batch.wall_seconds:.1f} s", flush=True)
         for name, rs in runs.items():
-            pooled = B.BatchResult(texts=[t for b, _, _ in rs for t in b.texts])
-            for field in ("completion_tokens", "decode_tokens", "decode_seconds", "wall_seconds", "requests"):
-                setattr(pooled, field, sum(getattr(b, field) for b, _, _ in rs))
+            pooled = B.BatchResult.pool([b for b, _, _ in rs])
             results[name] = {"batch": pooled, "figures": B.merge_windows([(bf, af) for _, bf, af in rs]),
                              "accuracy": T.accuracy(problems * len(rs), pooled.texts)}
         metrics_text = client.metrics_text()
