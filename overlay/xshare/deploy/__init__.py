@@ -5,7 +5,8 @@
   ``--nnodes/--node-rank/--dist-init-addr``, log streaming, health checks, whole-group restarts, clean shutdown.
 * :mod:`xshare.deploy.standin` -- a documented stand-in server with SGLang's multi-node command line; it forms a
   real ``torch.distributed`` gloo group over ``--dist-init-addr`` (used to test the multi-node wiring on a CPU).
-* :mod:`xshare.deploy.dashboard` -- builds the Grafana dashboard (``dashboards/xshare-sglang.json``).
+* :mod:`xshare.deploy.dashboard` -- builds the Grafana dashboard (the Helm chart's
+  ``dashboards/xshare-sglang.json``; the repository's ``dashboards/`` links to it).
 * :mod:`xshare.deploy.promql` -- the dashboard's PromQL checks: parse with promtool, list metric names,
   compare with a live scrape; the relabeling that restores ``:`` in scraped names.
 * :mod:`xshare.deploy.panel_png` -- one panel drawn from real scraped data (a loopback Prometheus + matplotlib).

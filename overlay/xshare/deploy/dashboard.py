@@ -1,15 +1,15 @@
-"""The Grafana dashboard for XShare on SGLang (``dashboards/xshare-sglang.json``).
+"""The Grafana dashboard for XShare on SGLang (``deploy/k8s/xshare-sglang/dashboards/xshare-sglang.json``).
 
 Built with grafana-foundation-sdk's builders (``scripts/install_deploy_tools.sh`` installs it)::
 
-    python -m xshare.deploy.dashboard                # (re)write dashboards/xshare-sglang.json
+    python -m xshare.deploy.dashboard                # (re)write the chart's dashboards/xshare-sglang.json
     python -m xshare.deploy.dashboard --check        # exit 1 if the committed file differs from a fresh build
 
-The committed JSON is what Grafana imports and what the Helm chart ships as a ConfigMap (the chart's
-``dashboards/`` folder is a link to the repository's). Panels read the plugin's metrics (:data:`XSHARE_METRICS`,
-the contract of the metrics issue: every series has label ``rank``) and SGLang's own ``sglang:*`` metrics.
-Variables: ``datasource``, ``model`` (SGLang's ``model_name``), ``instance`` (every scraped pod or process, leader
-and workers) and ``layer``.
+The committed JSON lives inside the Helm chart, which ships it as a ConfigMap (so ``helm package`` carries it);
+``dashboards/xshare-sglang.json`` at the repository root is a link to it, the file to import in Grafana. Panels
+read the plugin's metrics (:data:`XSHARE_METRICS`, the contract of :mod:`xshare.sglang.metrics`: every series has
+label ``rank``) and SGLang's own ``sglang:*`` metrics. Variables: ``datasource``, ``model`` (SGLang's
+``model_name``), ``instance`` (every scraped pod or process, leader and workers) and ``layer``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 
 UID = "xshare-sglang"
 TITLE = "XShare on SGLang: MoE expert activation and peak GPU load"
-DEFAULT_OUT = Path(__file__).resolve().parents[3] / "dashboards" / "xshare-sglang.json"
+#: The chart's copy, the only one (the repository's dashboards/xshare-sglang.json links to it).
+DEFAULT_OUT = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "xshare-sglang" / "dashboards" / f"{UID}.json"
 
 #: The plugin's metrics as exposed on /metrics (counters with their ``_total`` suffix): name -> (type, labels).
 XSHARE_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -305,11 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out} is out of date: run python -m xshare.deploy.dashboard", file=sys.stderr)
             return 1
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    out = args.out.resolve()  # through dashboards/xshare-sglang.json, the link: write the chart's file, keep the link
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
-    tmp.replace(args.out)
-    print(args.out)
+    tmp.replace(out)
+    print(out)
     return 0
 
 
