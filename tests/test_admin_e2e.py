@@ -6,9 +6,7 @@ Server: the tiny Qwen3-MoE (16 experts, top-4, 2 MoE layers), ``--enable-metrics
 
 import concurrent.futures as cf
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +15,8 @@ import urllib.request
 
 import pytest
 
-from xshare.models.tiny_moe import TinyMoeSpec, build_tiny_moe
+from conftest import require_binary, running, wait_targets_up
+from xshare.models.tiny_moe import TinyMoeSpec
 from xshare.sglang.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -27,30 +26,20 @@ SPEC = TinyMoeSpec()
 PROMPTS = [f"def {n}(a, b):\n    return" for n in ("add", "sub", "mul", "div", "load", "save", "read", "send")]
 
 
-def _need(binary):
-    if shutil.which(binary):
-        return shutil.which(binary)
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{binary} missing in CI: scripts/ci_system_deps.sh installs the Debian package prometheus")
-    pytest.skip(f"{binary} not installed (apt-get install prometheus)")
+PROMETHEUS = "the Debian package prometheus: scripts/ci_system_deps.sh"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("xshare-admin")
-    model = build_tiny_moe(work / "tiny-moe", SPEC)
     (work / "token").write_text(TOKEN + "\n")
-    srv = ServerProcess(model, xshare_args=["--xshare-policy", "xshare", "--xshare-budget", "16",
-                                            "--xshare-warmup-k", "0"],
-                        sglang_args=["--enable-metrics"],
-                        env={"XSHARE_ADMIN_TOKEN_FILE": str(work / "token"), "XSHARE_SIM_GPUS": "4",
-                             "XSHARE_METRICS_FLUSH_EVERY": "2"},
-                        log_path=work / "server.log")
-    srv.start()
-    print(f"\nserver ready in {srv.startup_seconds:.1f} s")
-    yield srv
-    leftovers = srv.stop()
-    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+    with running(ServerProcess(tiny_model, xshare_args=["--xshare-policy", "xshare", "--xshare-budget", "16",
+                                                        "--xshare-warmup-k", "0"],
+                               sglang_args=["--enable-metrics"],
+                               env={"XSHARE_ADMIN_TOKEN_FILE": str(work / "token"), "XSHARE_SIM_GPUS": "4",
+                                    "XSHARE_METRICS_FLUSH_EVERY": "2"},
+                               log_path=work / "server.log")) as srv:
+        yield srv
 
 
 def call(srv, method, path, body=None, token=TOKEN, raw=None):
@@ -121,7 +110,7 @@ def test_metrics_appear_and_move_with_traffic(server):
 def test_promtool_passes_on_a_live_scrape(server, tmp_path):
     """promtool 2.42 parses the scrape; its only finding on xshare series is the style lint on ':' in names, which
     the metric contract (like SGLang's own sglang:* names) uses on purpose (docs/observability.md)."""
-    promtool = _need("promtool")
+    promtool = require_binary("promtool", PROMETHEUS)
     traffic(server, n=2, tokens=4)
     text = scrape(server)
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
@@ -260,18 +249,12 @@ def test_cli_client(server, tmp_path):
 
 
 def test_real_prometheus_scrapes_and_peak_gpu_query_returns_data(server):
-    _need("prometheus")
+    require_binary("prometheus", PROMETHEUS)
     from xshare.deploy import panel_png
 
     target = server.base_url.split("//", 1)[1]
     with panel_png.LocalPrometheus([target]) as prom:
-        deadline = time.monotonic() + 60
-        up = []
-        while time.monotonic() < deadline:
-            up = prom.targets_up()
-            if up and all(t["health"] == "up" for t in up):
-                break
-            time.sleep(0.5)
+        up = wait_targets_up(prom, timeout=60)
         assert up and all(t["health"] == "up" for t in up), up
         traffic(server, n=8, tokens=8)
         time.sleep(3)

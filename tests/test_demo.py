@@ -1,7 +1,8 @@
 """End to end: ``xshare demo`` on a real SGLang CPU server (trained tiny model, selector off then on at runtime).
 
-The model is the project's trained tiny Qwen3-MoE at a short recipe (``DEMO_CFG``: the default shape, few
-training steps) so the test does not wait for the full training; the demo itself is the README's command.
+The model is the project's trained tiny Qwen3-MoE at a short recipe (the default shape, few training steps: the
+``trained_model`` fixture of tests/conftest.py) so the test does not wait for the full training; the demo itself is
+the README's command.
 """
 
 import json
@@ -11,20 +12,12 @@ import sys
 
 import pytest
 
-from xshare.models import train_tiny as tt
-from xshare.sglang.server import group_processes
+from conftest import group_processes
 
 pytestmark = pytest.mark.e2e
 
-DEMO_CFG = tt.TinyConfig(steps=60, threads=1)
 
-
-@pytest.fixture(scope="session")
-def trained_model(tmp_path_factory):
-    return tt.ensure_model(tmp_path_factory.getbasetemp() / "tiny-trained-60", DEMO_CFG, log=None, eval_problems=0)
-
-
-def test_demo_end_to_end(trained_model, tmp_path):
+def test_demo_end_to_end(trained_model, short_recipe, tmp_path):
     out_json = tmp_path / "demo.json"
     proc = subprocess.run([sys.executable, "-m", "xshare.cli", "demo", "--model-dir", str(trained_model),
                            "--problems", "32", "--budget", "8", "--warmup-k", "0", "--json", str(out_json),
@@ -41,7 +34,7 @@ def test_demo_end_to_end(trained_model, tmp_path):
     assert off["requests"] == on["requests"] == 3 * 32  # every request answered, both settings, 3 rounds
     rounds = re.findall(r"round (\d)/3 (off|on)", out)
     assert rounds == [("1", "off"), ("1", "on"), ("2", "on"), ("2", "off"), ("3", "off"), ("3", "on")], rounds
-    assert len(off["activated_per_layer"]) == len(on["activated_per_layer"]) == DEMO_CFG.num_layers
+    assert len(off["activated_per_layer"]) == len(on["activated_per_layer"]) == short_recipe.num_layers
     for a_on, a_off in zip(on["activated_per_layer"], off["activated_per_layer"], strict=True):
         # budget 8, no warm-up (the warm-up union may exceed the budget): at most 8 experts per layer,
         # fewer than what vanilla top-k activates at 16 clients

@@ -1,8 +1,8 @@
-"""The Grafana dashboard (dashboards/xshare-sglang.json) and its PromQL checks.
+"""The Grafana dashboard (the Helm chart's dashboards/xshare-sglang.json) and its PromQL checks.
 
 promtool (Debian `prometheus`, scripts/ci_system_deps.sh) parses every expression; outside CI a machine
-without it skips those tests with the reason, in CI (CI=true) they fail instead. The metric names the
-dashboard reads are compared with a real scrape: of a prometheus_client exporter serving the metrics
+without it skips those tests with the reason, in CI (CI=true) they fail instead (conftest.require_binary). The
+metric names the dashboard reads are compared with a real scrape: of a prometheus_client exporter serving the metrics
 contract over HTTP here, and of a live SGLang server in tests/test_deploy_launcher.py.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DASHBOARD as DASH
+from conftest import ROOT, in_ci, require_binary, require_module, wait_targets_up
 from xshare.deploy import promql
 from xshare.deploy.dashboard import XSHARE_METRICS
 
-ROOT = Path(__file__).resolve().parents[1]
-DASH = ROOT / "dashboards" / "xshare-sglang.json"
+DEPLOY_TOOLS = "installed by scripts/install_deploy_tools.sh"
+PROMETHEUS = "run scripts/ci_system_deps.sh as root: apt-get install prometheus"
 
 #: SGLang 0.5.23 metrics the dashboard reads, with their types (sglang/srt/observability/metrics_collector.py).
 SGLANG_METRICS = {
@@ -37,18 +38,8 @@ SGLANG_METRICS = {
 }
 
 
-def need_binary(name: str) -> str:
-    """promtool / prometheus (Debian 'prometheus'): a failure in CI, a skip with the reason elsewhere."""
-    exe = shutil.which(name)
-    if exe:
-        return exe
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{name} missing in CI: scripts/ci_system_deps.sh must install the Debian 'prometheus' package")
-    pytest.skip(f"{name} not installed (run scripts/ci_system_deps.sh as root: apt-get install prometheus)")
-
-
 def need_promtool() -> str:
-    return need_binary("promtool")
+    return require_binary("promtool", PROMETHEUS)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def _all_panels(d):
 
 # -- the file -----------------------------------------------------------------------------------------
 def test_committed_json_is_the_generator_output(dash):
-    pytest.importorskip("grafana_foundation_sdk", reason="installed by scripts/install_deploy_tools.sh")
+    require_module("grafana_foundation_sdk", DEPLOY_TOOLS)
     from xshare.deploy.dashboard import build, render
 
     assert render(build()) == DASH.read_text(), "run: python -m xshare.deploy.dashboard"
@@ -73,8 +64,33 @@ def test_committed_json_is_the_generator_output(dash):
     assert r.returncode == 0, r.stderr
 
 
+def test_one_copy_inside_the_chart():
+    """The chart carries the file itself (``helm package`` ships it, tests/test_deploy_helm.py); the repository's
+    dashboards/xshare-sglang.json, the file to import in Grafana, is a link to it; the generator writes it."""
+    from xshare.deploy.dashboard import DEFAULT_OUT
+
+    assert DASH.is_file() and not DASH.is_symlink() and not DASH.parent.is_symlink()
+    link = ROOT / "dashboards" / "xshare-sglang.json"
+    assert link.is_symlink() and link.resolve() == DASH.resolve()
+    assert DEFAULT_OUT == DASH
+
+
+def test_writing_through_the_link_keeps_the_link(tmp_path):
+    require_module("grafana_foundation_sdk", DEPLOY_TOOLS)
+    from xshare.deploy.dashboard import build, main, render
+
+    real = tmp_path / "chart" / "dashboards" / "xshare-sglang.json"
+    real.parent.mkdir(parents=True)
+    real.write_text("{}\n")
+    link = tmp_path / "dashboards" / "xshare-sglang.json"
+    link.parent.mkdir()
+    link.symlink_to(Path("..") / "chart" / "dashboards" / "xshare-sglang.json")
+    assert main(["--out", str(link)]) == 0
+    assert link.is_symlink() and real.read_text() == render(build())
+
+
 def test_check_mode_detects_a_stale_file(tmp_path):
-    pytest.importorskip("grafana_foundation_sdk", reason="installed by scripts/install_deploy_tools.sh")
+    require_module("grafana_foundation_sdk", DEPLOY_TOOLS)
     stale = tmp_path / "d.json"
     stale.write_text(DASH.read_text().replace("Peak reduction vs vanilla", "Peak reduction"))
     r = subprocess.run([sys.executable, "-m", "xshare.deploy.dashboard", "--check", "--out", str(stale)],
@@ -83,7 +99,7 @@ def test_check_mode_detects_a_stale_file(tmp_path):
 
 
 def test_loads_as_a_grafana_dashboard_model(dash):
-    pytest.importorskip("grafana_foundation_sdk", reason="installed by scripts/install_deploy_tools.sh")
+    require_module("grafana_foundation_sdk", DEPLOY_TOOLS)
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
     from grafana_foundation_sdk.models.dashboard import Dashboard, Panel, RowPanel
 
@@ -191,6 +207,7 @@ _LABEL_VALUES = {"mode": "decode"}  # the values the panels select; every other 
 
 
 def _exporter(skip: set[str] = frozenset()):
+    require_module("prometheus_client", DEPLOY_TOOLS)
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
     reg = CollectorRegistry()
@@ -221,7 +238,7 @@ def _exporter(skip: set[str] = frozenset()):
 
 def test_dashboard_contract_is_the_plugins():
     """The names, types and labels the dashboard assumes are the ones the plugin's exporter declares."""
-    metrics = pytest.importorskip("xshare.sglang.metrics", reason="the plugin's metrics module")
+    from xshare.sglang import metrics
     assert {n: (t, ("rank", *labels)) for n, (t, labels, _doc) in metrics.METRICS.items()} == XSHARE_METRICS
 
 
@@ -237,8 +254,7 @@ def test_names_match_a_scrape_of_the_metrics_contract(dash):
     assert promql.missing_metrics(dash, exposed) == {}
     # promtool parses the exposition; its only lint is the colon in the names, a convention SGLang's own
     # `sglang:*` metrics share (Prometheus reserves colons for recording rules)
-    exe = shutil.which("promtool")
-    if exe or os.environ.get("CI", "").lower() == "true":
+    if shutil.which("promtool") or in_ci():
         r = subprocess.run([need_promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
         problems = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
         assert problems and all(line.endswith("metric names should not contain ':'") for line in problems), problems
@@ -269,11 +285,12 @@ def test_panels_evaluate_on_a_real_prometheus_and_the_key_panel_draws(dash, tmp_
     import threading
     import time
 
+    require_binary("prometheus", PROMETHEUS)
+    require_module("prometheus_client", DEPLOY_TOOLS)
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
     from xshare.deploy import panel_png
 
-    need_binary("prometheus")
     reg = CollectorRegistry()
     m = {}
     for name, (kind, labels) in {**XSHARE_METRICS, **{n: (k, ("model_name", "tp_rank")) for n, k in
@@ -310,12 +327,7 @@ def test_panels_evaluate_on_a_real_prometheus_and_the_key_panel_draws(dash, tmp_
     try:
         with panel_png.LocalPrometheus([f"127.0.0.1:{server.server_address[1]}"], raw_job=True) as prom:
             start = time.time()
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                up = prom.targets_up()
-                if len(up) == 2 and all(t["health"] == "up" for t in up) and time.time() - start > 8:
-                    break
-                time.sleep(0.5)
+            up = wait_targets_up(prom, 2, timeout=30, settle=8)
             assert len(up) == 2 and all(t["health"] == "up" for t in up), up
             end = time.time()
             # Prometheus 2.x negotiates OpenMetrics and prometheus_client escapes ':' to '_': without the chart's

@@ -11,19 +11,22 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is installed by scripts/install_deploy_tools.sh")
-yaml = pytest.importorskip("yaml")
-kv = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
+from conftest import DASHBOARD, ROOT, SHARED, require_module
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DEPLOY_TOOLS = "installed by scripts/install_deploy_tools.sh"
+helm = require_module("helm_python", f"helm-python-sdk, {DEPLOY_TOOLS}")
+yaml = require_module("yaml", DEPLOY_TOOLS)
+kv = require_module("kubernetes_validate", DEPLOY_TOOLS)
+jsonschema = require_module("jsonschema", DEPLOY_TOOLS)
+
 CHART = ROOT / "deploy" / "k8s" / "xshare-sglang"
 EXAMPLES = ROOT / "deploy" / "k8s" / "examples"
 CRDS = SHARED / "crds"
@@ -227,10 +230,28 @@ def test_dashboard_configmap(chart):
     cm = one(objs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "LLM"}
-    assert cm["data"] == {"xshare-sglang.json": (ROOT / "dashboards" / "xshare-sglang.json").read_text()}
+    assert cm["data"] == {"xshare-sglang.json": DASHBOARD.read_text()}
     assert json.loads(cm["data"]["xshare-sglang.json"])["uid"] == "xshare-sglang"
     assert not any(k.startswith("ConfigMap/") for k in render(chart, {"dashboard": {"enabled": False}}))
     assert not any(k.startswith("PodMonitor/") for k in render(chart, {"metrics": {"podMonitor": {"enabled": False}}}))
+
+
+def test_helm_package_carries_the_dashboard(tmp_path):
+    """`helm package` of the chart folder on its own (copied out of the repository with its links kept as links, as
+    a chart repository or a vendoring step gets it) writes an archive that holds the dashboard, and the chart loaded
+    back from that archive renders the dashboard ConfigMap from it."""
+    alone = tmp_path / "src" / "xshare-sglang"
+    shutil.copytree(CHART, alone, symlinks=True)
+    archive = helm.package(alone, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        member = "xshare-sglang/dashboards/xshare-sglang.json"
+        assert member in names, names
+        data = tar.extractfile(member).read().decode()
+    assert data == DASHBOARD.read_text()
+    assert [n for n in names if n.startswith("xshare-sglang/dashboards/")] == [member]  # nothing else of dashboards/
+    with helm.Chart.load(archive) as packaged:
+        assert one(render(packaged), "ConfigMap")["data"] == {"xshare-sglang.json": data}
 
 
 def test_ray_cluster_runs_the_launcher(chart):

@@ -9,6 +9,7 @@ launcher (test_real_sglang_two_node_group), whose live /metrics also checks the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,13 +18,14 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import DASHBOARD, alive, free_port, group_processes, require_binary, require_module, wait_targets_up
 from xshare.deploy.launcher import STANDIN_SERVER_CMD, LaunchConfig, LaunchError
 
-ROOT = Path(__file__).resolve().parents[1]
 # Ray must keep 127.0.0.1 as the cluster address (deployment.md §4.3): without this, ray.init(address=127.0.0.1:P)
 # is rewritten to the eth0 address and hangs. Read once, when ray is imported: set it before any import of ray.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -97,17 +99,9 @@ def _ray_pids() -> set[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    ray = pytest.importorskip("ray", reason="ray is installed by scripts/install_deploy_tools.sh")
+    ray = require_module("ray", "installed by scripts/install_deploy_tools.sh")
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
@@ -124,18 +118,10 @@ def cluster():
         ray.shutdown()
         c.shutdown()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(p) for p in _ray_pids() - before):
+        while time.monotonic() < deadline and any(alive(p) for p in _ray_pids() - before):
             time.sleep(0.2)
-        left = [p for p in _ray_pids() - before if _alive(p)]
+        left = [p for p in _ray_pids() - before if alive(p)]
         assert not left, f"Ray processes left after cluster shutdown: {left}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Run:
@@ -172,9 +158,31 @@ def _get_json(url: str) -> dict:
         return json.loads(r.read())
 
 
+@contextlib.contextmanager
+def _launch_process(cmd: list[str], until: str, stop: signal.Signals) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`xshare launch` as a process (the user's command): its output lines collected by a thread; waits up to 120 s
+    for a line that starts with ``until`` (the caller asserts on what came), then yields; at exit sends ``stop``
+    and reaps it."""
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(line.startswith(until) for line in out):
+            assert proc.poll() is None, "".join(out)
+            time.sleep(0.3)
+        yield proc, out
+    finally:
+        proc.send_signal(stop)
+        proc.wait(60 if stop == signal.SIGTERM else 30)
+        reader.join(5)
+
+
 @pytest.mark.e2e
 def test_two_node_group_health_logs_restart_and_clean_shutdown(cluster):
-    port = _free_port()
+    port = free_port()
     cfg = LaunchConfig(server_cmd=STANDIN_SERVER_CMD, server_args=["--model-path", "/models/tiny", "--tp", "4"],
                        nnodes=2, gpus_per_node=2, host="127.0.0.1", port=port, env={"XSHARE_BUDGET": "0.5"},
                        health_interval=0.3, poll_interval=0.2, max_restarts=2, backoff_initial=0.5,
@@ -210,20 +218,20 @@ def test_two_node_group_health_logs_restart_and_clean_shutdown(cluster):
         started2 = launcher.wait_for("started", 60, count=2)
         launcher.wait_for("healthy", 90, attempt=2)
         assert not set(started2["pids"]) & set(old_pids)
-        assert not any(_alive(p) for p in old_pids), "a rank of the first group survived the restart"
+        assert not any(alive(p) for p in old_pids), "a rank of the first group survived the restart"
         assert _get_json(f"http://127.0.0.1:{port}/info")["allreduce_sum"] == 3
     finally:
         rc = run.finish()
     assert rc == 0
     assert launcher.events[-1]["type"] == "placement_group_removed"
     pids = [p for e in launcher.events if e["type"] == "started" for p in e["pids"]]
-    assert pids and not any(_alive(p) for p in pids), "a server process outlived the launcher"
+    assert pids and not any(alive(p) for p in pids), "a server process outlived the launcher"
 
 
 @pytest.mark.e2e
 def test_gives_up_after_bounded_restarts_with_backoff(cluster):
     cfg = LaunchConfig(server_cmd=STANDIN_SERVER_CMD, server_args=["--exit-after", "0.2", "--exit-code", "7"],
-                       nnodes=2, gpus_per_node=1, host="127.0.0.1", port=_free_port(), health_interval=0.3,
+                       nnodes=2, gpus_per_node=1, host="127.0.0.1", port=free_port(), health_interval=0.3,
                        poll_interval=0.1, max_restarts=2, backoff_initial=0.4, backoff_factor=2, stop_grace=3,
                        startup_timeout=60, pg_timeout=60)
     run = _Run(cfg)
@@ -258,21 +266,12 @@ def test_infeasible_placement_group_is_a_clear_error(cluster):
 @pytest.mark.e2e
 def test_cli_launch_and_sigterm(cluster):
     """`xshare launch` as a process (the user's command), stopped by SIGTERM like a pod or systemd would."""
-    port = _free_port()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    port = free_port()
     cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
            "--gpus-per-node", "1", "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3",
            "--server-cmd", STANDIN_SERVER_CMD, "--env", "XSHARE_POLICY=xshare", "--stop-grace", "5", "--rank0-on-head",
            "--", "--model-path", "/models/tiny"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("healthy" in line for line in out):
-            assert proc.poll() is None, "".join(out)
-            time.sleep(0.3)
+    with _launch_process(cmd, "[xshare launch] healthy", signal.SIGTERM) as (proc, out):
         assert any(line.startswith("[xshare launch] healthy") for line in out), "".join(out)
         info = _get_json(f"http://127.0.0.1:{port}/info")
         assert info["xshare_env"] == {"XSHARE_POLICY": "xshare"} and info["nnodes"] == 2
@@ -283,46 +282,30 @@ def test_cli_launch_and_sigterm(cluster):
 
         head = [n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"]]
         assert node_ids[0] == head[0] and node_ids[1] != head[0]  # --rank0-on-head
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(60)
-        reader.join(5)
+    rc = proc.returncode
     text = "".join(out)
     assert rc == 0, text
     assert any(line.startswith("[node 1] standin rank 1/2: group formed") for line in out), text
     assert "placement_group_removed" in text
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 @pytest.mark.e2e
 def test_killed_driver_leaves_no_server(cluster):
     """`xshare launch` killed with SIGKILL (no cleanup runs): Ray ends its actors, and PR_SET_PDEATHSIG the servers."""
-    port = _free_port()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    port = free_port()
     cmd = [sys.executable, "-m", "xshare.cli", "launch", "--address", cluster.address, "--nnodes", "2",
            "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.3", "--server-cmd", STANDIN_SERVER_CMD,
            "--pg-timeout", "60"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(line.startswith("[xshare launch] healthy") for line in out):
-            assert proc.poll() is None, "".join(out)
-            time.sleep(0.3)
+    with _launch_process(cmd, "[xshare launch] healthy", signal.SIGKILL) as (_, out):
         started = [line for line in out if line.startswith("[xshare launch] started")]
         assert started, "".join(out)
         pids = [int(p) for p in json.loads(started[0].split("pids=")[1].split(" node_ids")[0])]
-        assert all(_alive(p) for p in pids)
-    finally:
-        proc.kill()
-        proc.wait(30)
-        reader.join(5)
+        assert all(alive(p) for p in pids)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.5)
-    assert not any(_alive(p) for p in pids), "a server outlived its killed launcher"
+    assert not any(alive(p) for p in pids), "a server outlived its killed launcher"
     # and Ray released the dead driver's placement group and actors
     import ray
 
@@ -334,37 +317,16 @@ def test_killed_driver_leaves_no_server(cluster):
 
 # -- real SGLang servers: a two-node group on the CPU ------------------------------------------------
 # (keep these last: the module-scoped group holds both nodes' CPUs until the module ends)
-def _group_members(pgid: int) -> set[int]:
-    out = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.add(int(p.name))
-    return out
-
-
 @pytest.fixture(scope="module")
 def live_group(cluster, tmp_path_factory):
     """`xshare serve` (SGLang 0.5.23 on the CPU, the plugin on, a tiny Qwen3-MoE) on two Ray nodes: --tp 2 over
     --nnodes 2, a gloo group on loopback, started and supervised by the Ray launcher."""
-    import importlib.util
-    from importlib import metadata
-
-    try:
-        metadata.version("sglang")
-    except metadata.PackageNotFoundError:
-        pytest.skip("sglang is not installed (scripts/install_sglang_cpu.sh)")
-    if importlib.util.find_spec("xshare.commands.serve") is None:
-        pytest.skip("xshare serve is not available")
+    require_module("sglang", "scripts/install_sglang_cpu.sh", load=False)
     model = tmp_path_factory.mktemp("tiny") / "tiny-moe"
     r = subprocess.run([sys.executable, "-m", "xshare.cli", "tiny-model", str(model)], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    port = _free_port()
+    port = free_port()
     cfg = LaunchConfig(server_args=["--xshare-policy", "xshare", "--xshare-budget", "4", "--device", "cpu",
                                     "--model-path", str(model), "--tp", "2", "--enable-metrics", "--sleep-on-idle",
                                     "--skip-server-warmup"],
@@ -378,12 +340,12 @@ def live_group(cluster, tmp_path_factory):
         started = run.launcher.wait_for("started", 60)
         run.launcher.wait_for("healthy", 420)
         for pid in started["pids"]:
-            members |= _group_members(pid)
+            members |= set(group_processes(pid))
         yield run, started, members
     finally:
         members |= {p for e in run.launcher.events if e["type"] == "started" for p in e["pids"]}
         assert run.finish(120) == 0
-        left = [p for p in members if _alive(p)]
+        left = [p for p in members if alive(p)]
         assert not left, f"SGLang processes left after shutdown: {left}"
 
 
@@ -426,7 +388,7 @@ def test_dashboard_sglang_metrics_exist_on_a_live_server(live_group):
     from xshare.deploy import promql
 
     _, started, _ = live_group
-    dash = json.loads((ROOT / "dashboards" / "xshare-sglang.json").read_text())
+    dash = json.loads(DASHBOARD.read_text())
     exposed = set()
     for url in started["node_urls"]:
         exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
@@ -439,25 +401,14 @@ def test_dashboard_sglang_metrics_exist_on_a_live_server(live_group):
 def test_real_prometheus_scrapes_the_group_with_the_charts_relabeling(live_group, tmp_path):
     """Debian's Prometheus scraping both nodes: SGLang's names arrive escaped (sglang_x) unless relabeled as the
     chart's PodMonitor does; with it, the dashboard's SGLang queries evaluate on real data."""
-    import shutil
-
     from xshare.deploy import panel_png, promql
 
-    if not shutil.which("prometheus"):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("prometheus missing in CI: scripts/ci_system_deps.sh installs it")
-        pytest.skip("prometheus not installed (scripts/ci_system_deps.sh)")
+    require_binary("prometheus", "the Debian package prometheus: scripts/ci_system_deps.sh")
     _, started, _ = live_group
     targets = [u.split("//", 1)[1] for u in started["node_urls"]]
-    dash = json.loads((ROOT / "dashboards" / "xshare-sglang.json").read_text())
+    dash = json.loads(DASHBOARD.read_text())
     with panel_png.LocalPrometheus(targets, raw_job=True) as prom:
-        deadline = time.monotonic() + 60
-        up = []
-        while time.monotonic() < deadline:
-            up = prom.targets_up()
-            if len(up) == 4 and all(t["health"] == "up" for t in up):
-                break
-            time.sleep(0.5)
+        up = wait_targets_up(prom, 4, timeout=60)
         assert len(up) == 4 and all(t["health"] == "up" for t in up), up
         time.sleep(3)
         end = time.time()
@@ -469,9 +420,8 @@ def test_real_prometheus_scrapes_the_group_with_the_charts_relabeling(live_group
         for expr in ("sglang:num_requests_total", 'sum(sglang:num_running_reqs{model_name=~".*"})',
                      "sglang:token_usage"):
             assert panel_png.query_range(prom.url, expr, end - 2, end, 1), expr
-        if not any(n.startswith("xshare:") for n in promql.scrape_names(promql.scrape(started["node_urls"][0]
-                                                                                       + "/metrics"))):
-            return  # the plugin's metrics are not exported yet: no key panel to draw
+        exposed = promql.scrape_names(promql.scrape(started["node_urls"][0] + "/metrics"))
+        assert any(n.startswith("xshare:") for n in exposed), f"rank 0 exports no xshare:* metrics: {sorted(exposed)}"
         # the key panel on real routing: 12 s of traffic from 4 clients, budget 4 of 16 experts
         load_start = time.time()
         assert panel_png.drive_load(started["node_urls"][0], 12, 4) > 0
@@ -490,16 +440,15 @@ def test_real_prometheus_scrapes_the_group_with_the_charts_relabeling(live_group
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
-    """Runs once the plugin exports its metrics (the metrics issue); until then it skips, saying so."""
+    """The plugin's xshare:* series on both nodes of a live group: every one the dashboard reads is there."""
     from xshare.deploy import promql
 
     _, started, _ = live_group
-    dash = json.loads((ROOT / "dashboards" / "xshare-sglang.json").read_text())
+    dash = json.loads(DASHBOARD.read_text())
     exposed = set()
     for url in started["node_urls"]:
         exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
-    if not any(n.startswith("xshare:") for n in exposed):
-        pytest.skip("the plugin exports no xshare:* metrics on /metrics yet (metrics/admin issue not landed)")
+    assert any(n.startswith("xshare:") for n in exposed), f"the group exports no xshare:* metrics: {sorted(exposed)}"
     missing = promql.missing_metrics(dash, exposed, ("xshare:",))
     # A labelled counter has no series until its first increment (prometheus_client's multiprocess mode writes
     # nothing before), so fallbacks and config changes are absent from a healthy server that had none: accept

@@ -1,16 +1,15 @@
 """``xshare eval`` end to end: options, outputs, bad input, and the figures on the real traces."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import SHARED, require_path
 from xshare.cli import main
 from xshare.eval.report import ROW_KEYS, SCHEMA
 from xshare.eval.synth import synthetic_trace, write_synthetic_trace
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TRACES = [SHARED / "traces" / "esft_intent.npz", SHARED / "traces" / "esft_summary.npz"]
 
 
@@ -203,9 +202,10 @@ def test_output_folder_must_exist(tmp_path, capsys):
     assert rc == 2 and "--json" in err
 
 
-@pytest.mark.skipif(not all(p.exists() for p in TRACES), reason="../shared/traces not present")
 def test_real_traces_xshare_and_xshare_ep_figures(tmp_path, capsys):
-    """The issue's figures on three of the 26 layers (the closing note reports all 26)."""
+    """The documented figures (docs/eval.md) on three of the 26 layers."""
+    for path in TRACES:
+        require_path(path, "the recorded routing traces, in the shared folder next to the repository")
     out_json = tmp_path / "real.json"
     rc, out, err = _run(capsys, "--trace", TRACES[0], "--trace", TRACES[1], "--layers", "0,12,25", "--batch", 16,
                         "--policy", "topk", "--policy", "xshare", "--policy", "xshare_ep", "--budget", 32,

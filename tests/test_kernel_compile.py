@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from conftest import missing, require_module
+
+triton = require_module("triton", "requirements/dev.txt")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -24,10 +26,9 @@ from xshare.selection import Placement, SelectorConfig, SelectorKnobs  # noqa: E
 from xshare.selection.kernels import _triton_select, prepare_launch  # noqa: E402
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (_BIN / "ptxas").exists(), reason="Triton's NVIDIA backend (ptxas) is not installed"),
-]
+if not (_BIN / "ptxas").exists():  # shipped in the triton wheel (no GPU needed): a failure in CI
+    missing(f"Triton's NVIDIA backend (ptxas) is not installed in {_BIN}")
+pytestmark = pytest.mark.slow
 
 
 def _compile(kernel, args: dict, num_warps: int, constexpr_names: set[str]):

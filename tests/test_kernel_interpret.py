@@ -14,7 +14,9 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from conftest import require_module
+
+require_module("triton", "requirements/dev.txt")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -17,19 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from xshare.models.tiny_moe import TinyMoeSpec, build_tiny_moe
-from xshare.sglang.server import ServerProcess, free_port, group_processes
+from conftest import free_port, group_processes, running
+from xshare.eval.traces import load_trace
+from xshare.models.tiny_moe import TinyMoeSpec
+from xshare.sglang.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
 BUDGET = 4
 SPEC = TinyMoeSpec()
 PROMPTS = [f"def {name}(x, y):\n    return" for name in ("add", "sub", "mul", "load", "save", "parse", "send", "read")]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_moe(tmp_path_factory.getbasetemp() / "tiny-moe", SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, workdir):
-    srv = ServerProcess(
+    with running(ServerProcess(
         tiny_model,
         xshare_args=["--xshare-policy", "xshare", "--xshare-budget", str(BUDGET), "--xshare-warmup-k", "0",
                      "--xshare-stats-dir", str(workdir / "stats"), "--xshare-stats-every", "1",
@@ -47,12 +44,8 @@ def server(tiny_model, workdir):
                      "--xshare-trace-max-tokens", "2048"],
         env={"XSHARE_FAULT_INJECT": "every:7"},
         log_path=workdir / "server.log",
-    )
-    srv.start()
-    print(f"\nserver ready in {srv.startup_seconds:.1f} s")
-    yield srv
-    leftovers = srv.stop()
-    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+    )) as srv:
+        yield srv
 
 
 def stats_files(workdir):
@@ -141,10 +134,6 @@ def test_trace_recorder_writes_replayable_shards(server, workdir):
             assert data[key].shape == (num_tokens,)
         assert len(np.unique(data["batch_ids"])) < num_tokens  # batches of several tokens were recorded
         total += num_tokens
-        try:
-            from xshare.eval.traces import load_trace
-        except ImportError:
-            continue
         trace = load_trace(path)
         assert trace.num_tokens == num_tokens and trace.has_router_logits
     assert total >= 32

@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from xshare.models.tiny_moe import TinyMoeSpec, build_tiny_moe
+from conftest import running
+from xshare.models.tiny_moe import TinyMoeSpec
 from xshare.sglang.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -21,20 +22,12 @@ PROMPTS = ["def hello(name):", "import os\nimport sys\n", "class Buffer:\n    de
            "# load the config", "return self.value +", "print(\"batch", "while not done:"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_moe(tmp_path_factory.getbasetemp() / "tiny-moe", SPEC)
-
-
 def _run(srv: ServerProcess) -> dict:
-    with srv:
-        print(f"\n{srv.cmd[4:srv.cmd.index('--model-path')]} ready in {srv.startup_seconds:.1f} s")
+    with running(srv, str(srv.cmd[4:srv.cmd.index("--model-path")])):
         sequential = [srv.generate(p, max_new_tokens=16)["output_ids"] for p in PROMPTS[:4]]
         with cf.ThreadPoolExecutor(len(PROMPTS)) as ex:
             batched = list(ex.map(lambda p: srv.generate(p, max_new_tokens=16)["output_ids"], PROMPTS))
         completion = srv.completion(PROMPTS[0], max_tokens=16)["choices"][0]["text"]
-        leftovers = srv.stop()
-    assert not leftovers
     return {"sequential": sequential, "batched": batched, "completion": completion}
 
 

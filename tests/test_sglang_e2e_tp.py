@@ -8,17 +8,10 @@ import json
 
 import pytest
 
-from xshare.models.tiny_moe import TinyMoeSpec, build_tiny_moe
+from conftest import running
 from xshare.sglang.server import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-SPEC = TinyMoeSpec()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_moe(tmp_path_factory.getbasetemp() / "tiny-moe", SPEC)
 
 
 def test_two_ranks_load_the_plugin_and_decide_identically(tiny_model, tmp_path):
@@ -27,16 +20,13 @@ def test_two_ranks_load_the_plugin_and_decide_identically(tiny_model, tmp_path):
                                                  "--xshare-warmup-k", "0", "--xshare-stats-dir", str(stats_dir),
                                                  "--xshare-stats-every", "1"],
                         sglang_args=["--tp", "2"], log_path=tmp_path / "server.log", startup_timeout=400)
-    with srv:
-        print(f"\ntp=2 server ready in {srv.startup_seconds:.1f} s")
+    with running(srv, "tp=2 server"):
         prompts = [f"def f{i}(x):" for i in range(6)]
         with cf.ThreadPoolExecutor(len(prompts)) as ex:
             outs = list(ex.map(lambda p: srv.generate(p, max_new_tokens=12), prompts))
         assert all(len(o["output_ids"]) == 12 for o in outs)
         schedulers = {pid for pid, title in srv.children() if "sglang::scheduler" in title}
         stats = [json.loads(p.read_text()) for p in sorted(stats_dir.glob("xshare-stats-*.json"))]
-        leftovers = srv.stop()
-    assert not leftovers
     assert len(stats) == 2 and {s["pid"] for s in stats} == schedulers
     assert sorted(s["rank"] for s in stats) == [0, 1]
     a, b = stats
