@@ -12,20 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import missing
-from xshare.selection import SelectorConfig
+from xshare.selection import SelectorConfig, engine
 from xshare.selection.kernels import cpu as K
 from xshare.sglang import runtime as rt
-from xshare.sglang import selecting
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.stats import call_figures
+from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
 
 if not K.cpu_kernel_available():  # it needs a C compiler (CC, cc, gcc or clang)
     missing(f"no CPU kernel: {K.cpu_kernel_problem()}")
 
 
 def reference(logits, top_k, cfg, prefer, num_tokens):
-    batch = selecting.prepare(logits, top_k, cfg, sglang_ids=prefer, num_tokens=num_tokens)
-    return selecting.finish(batch, cfg, num_tokens=num_tokens)
+    call = engine.LayerCall(logits, top_k, engine.LayerRouting(cfg.scoring, cfg.renormalize), engine_ids=prefer,
+                            num_tokens=num_tokens)
+    return engine.decide(call, cfg).routing
 
 
 @st.composite
@@ -79,7 +79,7 @@ def test_cpu_route_is_the_reference(call):
     assert torch.equal(out.vanilla_active, vanilla)
     changed = (torch.sort(old, 1).values != torch.sort(ref.topk_ids.long(), 1).values).any(1) & valid
     assert out.changed_tokens == int(changed.sum())
-    assert out.checksum == int(rt._checksum(ref.topk_ids, valid))
+    assert out.checksum == int(routing_checksum(ref.topk_ids, valid))
     assert out.num_valid == int(valid.sum())
 
 
@@ -111,7 +111,7 @@ def test_figures_match_the_adapter_figures():
         valid = torch.arange(t) < out.num_valid
         want = call_figures(3, logits, prefer, out.routing.topk_ids, out.routing.active, out.vanilla_active, valid,
                             expert_gpu, gpus)
-        got = K.cpu_figures(out, 3, expert_gpu, gpus)
+        got = cpu_call_figures(out, 3, expert_gpu, gpus)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xshare.selection import Placement, SelectorConfig, select
-from xshare.sglang.global_stats import global_select, join_empty
+from xshare.selection.group_stats import global_select, join_empty
 
 E, K, LAYERS = 16, 4, 3
 

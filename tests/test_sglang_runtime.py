@@ -4,6 +4,7 @@ SGLang's objects are stood in for by small namespaces with the attributes the ad
 real server path is covered by test_sglang_e2e*.py.
 """
 
+import functools
 import logging
 from types import SimpleNamespace
 
@@ -186,9 +187,8 @@ def test_hook_binds_positional_and_keyword_arguments(logits):
                                     "oea"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_adapter_selection_matches_the_core_without_ties(policy, padded):
-    from xshare.selection import Placement, select
+    from xshare.selection import Placement, engine, select
     from xshare.selection.knobs import SelectorKnobs
-    from xshare.sglang import selecting
 
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(10, E, generator=g) * 3
@@ -199,9 +199,9 @@ def test_adapter_selection_matches_the_core_without_ties(policy, padded):
     knobs = SelectorKnobs.create(config, E, K)
     ref = select(logits, K, config, groups=groups, placement=placement, num_tokens=nt, knobs=knobs)
     sg_ids = vanilla(logits)[0]
-    batch = selecting.prepare(logits, K, config, sglang_ids=sg_ids, groups=groups, placement=placement,
-                              num_tokens=nt, knobs=knobs)
-    got = selecting.finish(batch, config, num_tokens=nt, knobs=knobs)
+    call = engine.LayerCall(logits, K, engine_ids=sg_ids, groups=groups, placement=placement, num_tokens=nt,
+                            knobs=knobs)
+    got = engine.decide(call, config).routing
     assert torch.equal(got.topk_ids, ref.topk_ids) and torch.equal(got.topk_weights, ref.topk_weights)
     assert torch.equal(got.active, ref.active)
 
@@ -235,6 +235,7 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
     import sglang.srt.eplb  # noqa: F401 - the real parent package; its expert_location module is faked
 
     from xshare.selection import Placement
+    from xshare.sglang.placement import sglang_placement
 
     num_slots, ep = 20, 4  # 16 logical experts + 4 redundant, 5 slots per EP rank
     p2l = torch.stack([torch.cat([torch.arange(E), torch.tensor([0, 5, 10, 15])]) for _ in range(2)])
@@ -244,14 +245,14 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
     runtime = rt.install(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare_ep", budget=8,
                                                                                warmup_k=0)))
     try:
-        runtime.placement_source = hooks._sglang_placement
-        first = hooks._sglang_placement(1, E)
+        runtime.placements.source = functools.partial(sglang_placement, runtime.placements)
+        first = sglang_placement(runtime.placements, 1, E)
         ref = Placement.from_physical(p2l[1], ep)
         assert torch.equal(first.slot_gpu, ref.slot_gpu) and torch.equal(first.replicas, ref.replicas)
         assert first.has_replicas and first.num_gpus == ep
-        assert hooks._sglang_placement(1, E) is first  # cached
+        assert sglang_placement(runtime.placements, 1, E) is first  # cached
         p2l[1, 16] = 3  # EPLB moved a replica (in place)
-        assert hooks._sglang_placement(1, E) is not first
+        assert sglang_placement(runtime.placements, 1, E) is not first
         runtime.push(rt.ForwardState(mode="decode"))
         args = call_args(logits)
         args["layer_id"] = 1
@@ -261,7 +262,7 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
         assert phys.min() >= 0 and phys.max() < num_slots
         logical = p2l[1][phys]
         assert torch.unique(logical).numel() <= 8
-        placement = hooks._sglang_placement(1, E)
+        placement = sglang_placement(runtime.placements, 1, E)
         per_gpu = torch.zeros(ep, dtype=torch.int64)
         for e in torch.unique(logical).tolist():
             per_gpu[placement.primary_gpu[e]] += 1

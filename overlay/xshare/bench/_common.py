@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
+
+from xshare._io import write_json_atomic  # noqa: F401 - the benchmarks' output writer
 
 
 def int_list(name: str, *, minimum: int = 1) -> Callable[[str], list[int]]:
@@ -26,21 +24,6 @@ def int_list(name: str, *, minimum: int = 1) -> Callable[[str], list[int]]:
         return values
 
     return parse
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` all at once (a temp file renamed into place): no partial file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

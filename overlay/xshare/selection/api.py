@@ -9,6 +9,7 @@ from xshare.selection.common import Batch, active_experts, assign_replicas, gate
 from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
+from xshare.selection.registry import validate as validate_config
 from xshare.selection.types import Placement, Routing, as_placement
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,7 +76,7 @@ def check_inputs(
     placement = as_placement(placement, num_experts)
     if placement is not None and placement.slot_gpu.device != device:
         placement = placement.to(device)
-    if get_policy(config.policy).needs_placement and placement is None:
+    if validate_config(config).needs_placement and placement is None:
         raise ValueError(f"placement is required by policy {config.policy!r}")
     if validate and num_rows:
         if bool(torch.isnan(router_logits).any()):

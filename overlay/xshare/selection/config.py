@@ -1,4 +1,11 @@
-"""The selector's configuration: immutable, validated at construction."""
+"""The selector's configuration: plain, immutable data, its fields checked at construction.
+
+The fields, their types, ranges and defaults are :data:`xshare.selection.schema.SELECTOR_FIELDS`
+(one definition); a test keeps this dataclass equal to it. Whether the named policy exists and
+accepts these values is checked where a config is used (:func:`xshare.selection.registry.validate`,
+called by :func:`xshare.selection.select`, the plugin's settings, the admin endpoint and the CLIs),
+so this module imports no policy.
+"""
 
 from __future__ import annotations
 
@@ -9,54 +16,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-SCORINGS = ("softmax", "sigmoid")
+from xshare.selection.schema import SELECTOR, SELECTOR_FIELDS, is_int, parse_count
 
+__all__ = ["SCORINGS", "SelectorConfig", "parse_count", "resolve_count"]
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_budget(name: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if _is_int(value):
-        if value < 1:
-            raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {value!r}")
-        return
-    if isinstance(value, float):
-        if not (0.0 < value <= 1.0) or math.isnan(value):
-            raise ValueError(f"{name} as a fraction of the experts must be in (0, 1], got {value!r}")
-        return
-    raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {type(value).__name__}")
-
-
-def parse_count(text: str, name: str = "budget") -> int | float:
-    """A budget written as text (a CLI flag): an int >= 1, or a fraction of E in (0, 1].
-
-    Raises ValueError whose message starts with ``name`` and the text.
-    """
-    try:
-        count = int(text)
-    except ValueError:
-        try:
-            fraction = float(text)
-        except ValueError:
-            raise ValueError(f"{name} {text!r}: expected an int >= 1 or a fraction in (0, 1]") from None
-        if not 0 < fraction <= 1:  # also rejects NaN
-            raise ValueError(f"{name} {text}: a fraction must be in (0, 1]") from None
-        return fraction
-    if count < 1:
-        raise ValueError(f"{name} {text}: must be >= 1")
-    return count
+SCORINGS = SELECTOR["scoring"].choices
 
 
 def resolve_count(value: int | float, num_experts: int) -> int:
     """An absolute count (clamped to ``num_experts``) or a fraction of ``num_experts`` (rounded up)."""
-    if _is_int(value):
+    if is_int(value):
         return min(int(value), num_experts)
     return max(1, min(num_experts, math.ceil(float(value) * num_experts - 1e-9)))
 
@@ -78,44 +47,23 @@ class SelectorConfig:
     extra         policy-specific numeric knobs (validated by the policy), e.g. Lynx's bins.
     """
 
-    policy: str = "xshare"
-    budget: int | float = 0.5
-    warmup_k: int = 1
-    group_budget: int | float | None = None
-    gpu_cap: int | None = None
-    scoring: str = "softmax"
-    renormalize: bool = True
-    min_tokens: int = 1
-    max_tokens: int | None = None
+    policy: str = SELECTOR["policy"].default
+    budget: int | float = SELECTOR["budget"].default
+    warmup_k: int = SELECTOR["warmup_k"].default
+    group_budget: int | float | None = SELECTOR["group_budget"].default
+    gpu_cap: int | None = SELECTOR["gpu_cap"].default
+    scoring: str = SELECTOR["scoring"].default
+    renormalize: bool = SELECTOR["renormalize"].default
+    min_tokens: int = SELECTOR["min_tokens"].default
+    max_tokens: int | None = SELECTOR["max_tokens"].default
     extra: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from xshare.selection.registry import get_policy  # late: policies import this module
-
-        if not isinstance(self.policy, str):
-            raise ValueError(f"policy must be a string, got {type(self.policy).__name__}")
-        policy = get_policy(self.policy)  # raises ValueError naming 'policy'
-        _check_budget("budget", self.budget, optional=False)
-        _check_budget("group_budget", self.group_budget, optional=True)
-        if not _is_int(self.warmup_k) or self.warmup_k < 0:
-            raise ValueError(f"warmup_k must be an int >= 0, got {self.warmup_k!r}")
-        if self.gpu_cap is not None and (not _is_int(self.gpu_cap) or self.gpu_cap < 1):
-            raise ValueError(f"gpu_cap must be an int >= 1 or None, got {self.gpu_cap!r}")
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if not isinstance(self.renormalize, bool):
-            raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < self.min_tokens):
+        for f in SELECTOR_FIELDS:  # in schema order: the first bad field is named
+            f.validate(getattr(self, f.name))
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
             raise ValueError(f"max_tokens must be None or an int >= min_tokens, got {self.max_tokens!r}")
-        if not isinstance(self.extra, Mapping):
-            raise ValueError(f"extra must be a mapping of str to number, got {type(self.extra).__name__}")
-        for k, v in self.extra.items():
-            if not isinstance(k, str) or not _is_real(v):
-                raise ValueError(f"extra[{k!r}] must map a str to a number, got {v!r}")
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
-        policy.validate_config(self)
 
     def budget_for(self, num_experts: int) -> int:
         """m for a layer of ``num_experts`` experts."""

@@ -1,6 +1,12 @@
 """Policy registry. A policy is one module in :mod:`xshare.selection.policies` that defines a
 :class:`Policy` subclass decorated with :func:`register_policy`; modules are discovered, so adding a
-policy touches no other file."""
+policy touches no other file.
+
+A policy declares its traits (the settings it reads, whether it uses request groups, whether
+DeepEP global mode can derive its set from all-reduced statistics, which kernels implement it, how
+a sweep varies it): every caller (the serving adapter, ``xshare eval``, the benchmarks, the
+settings and the admin endpoint) asks the policy instead of keeping a list of names.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,14 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
+from xshare.selection.config import SelectorConfig
+from xshare.selection.schema import SWEEP_FIELDS
+
 if TYPE_CHECKING:
     from xshare.selection.common import Batch
-    from xshare.selection.config import SelectorConfig
+
+GROUP_USES = ("none", "optional", "required")
+KERNELS = ("cpu", "triton")
 
 _REGISTRY: dict[str, Policy] = {}
 _DISCOVERED = False
@@ -27,13 +38,40 @@ class Policy:
     """
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # The knobs of xshare.selection.schema.SWEEP_FIELDS this policy reads: only these are swept
+    # for it, and a setting it ignores is shown as unused.
+    knobs: ClassVar[tuple[str, ...]] = ("budget", "warmup_k")
+    # The knob a one-dimensional sweep (xshare bench serve) varies; None = nothing to vary.
+    sweep_knob: ClassVar[str | None] = "budget"
+    # Request groups (the request of each row, e.g. a speculative verify batch's draft tokens):
+    # 'none' (ignored), 'optional' (used when the engine has them), 'required' (meaningless without).
+    groups: ClassVar[str] = "none"
     needs_placement: ClassVar[bool] = False
+    # DeepEP global mode: the set depends on the batch only through the all-reduced statistics
+    # (column sums of gate scores and warm-up counts), so every rank can derive the same set.
+    global_stats: ClassVar[bool] = False
+    # Kernels that compute this policy's whole decision natively ('cpu': the C fast path, whose set
+    # is XShare's; 'triton': the fused GPU kernel). Set policies (batch_set) are also routed by the
+    # CPU kernel given their set.
+    kernels: ClassVar[frozenset[str]] = frozenset()
     # how tokens of a replicated expert are spread over its replicas: 'spread' | 'least_loaded'
     replica_strategy: ClassVar[str] = "spread"
-    summary: ClassVar[str] = ""
+    # Routes every token to its own top-k (the baseline): engines may leave such a call alone.
+    vanilla: ClassVar[bool] = False
+    color: ClassVar[str | None] = None  # plot colour (matplotlib name); None = from the palette
 
     def validate_config(self, config: SelectorConfig) -> None:  # noqa: B027 - optional hook
         """Raise ValueError naming the setting when ``config`` is invalid for this policy."""
+
+    @property
+    def is_set_policy(self) -> bool:
+        """Whether the policy overrides :meth:`batch_set` (one set for the whole batch)."""
+        return type(self).batch_set is not Policy.batch_set
+
+    def uses_groups(self) -> bool:
+        """Whether the engine should pass request groups to this policy."""
+        return self.groups != "none"
 
     def tiers(self, batch: Batch) -> Tensor:
         """Default for a set policy: every token prefers :meth:`batch_set`, then its own order."""
@@ -51,9 +89,25 @@ class Policy:
         return None
 
 
+def _check_traits(cls: type[Policy]) -> None:
+    sweepable = {f.name for f in SWEEP_FIELDS}
+    bad = [k for k in cls.knobs if k not in sweepable]
+    if bad:
+        raise ValueError(f"policy {cls.name!r}: unknown knob(s) {bad}; knobs are {sorted(sweepable)}")
+    if cls.sweep_knob is not None and cls.sweep_knob not in cls.knobs:
+        raise ValueError(f"policy {cls.name!r}: sweep_knob {cls.sweep_knob!r} is not one of its knobs {cls.knobs}")
+    if cls.groups not in GROUP_USES:
+        raise ValueError(f"policy {cls.name!r}: groups must be one of {GROUP_USES}, got {cls.groups!r}")
+    if not set(cls.kernels) <= set(KERNELS):
+        raise ValueError(f"policy {cls.name!r}: kernels must be a subset of {KERNELS}, got {sorted(cls.kernels)}")
+    if cls.replica_strategy not in ("spread", "least_loaded"):
+        raise ValueError(f"policy {cls.name!r}: replica_strategy {cls.replica_strategy!r}")
+
+
 def register_policy(cls: type[Policy]) -> type[Policy]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    _check_traits(cls)
     if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
         raise ValueError(f"policy {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls()
@@ -83,3 +137,27 @@ def get_policy(name: str) -> Policy:
 def available_policies() -> list[str]:
     _discover()
     return sorted(_REGISTRY)
+
+
+def all_policies() -> list[Policy]:
+    """Every registered policy, by name."""
+    return [get_policy(n) for n in available_policies()]
+
+
+def validate(config: SelectorConfig) -> Policy:
+    """The config's policy, after checking that it exists and accepts ``config`` (ValueError
+    naming the setting otherwise). Called wherever a config is used."""
+    if not isinstance(config, SelectorConfig):
+        raise ValueError(f"config must be a SelectorConfig, got {type(config).__name__}")
+    try:
+        policy = get_policy(config.policy)
+    except ValueError as exc:
+        raise ValueError(f"policy: {exc}") from None
+    policy.validate_config(config)
+    return policy
+
+
+def validated(config: SelectorConfig) -> SelectorConfig:
+    """``config`` itself, after :func:`validate`."""
+    validate(config)
+    return config

@@ -11,11 +11,14 @@
 * ``sglang.srt.layers.moe.topk.TopK.empty_topk_output`` (AFTER, DeepEP global mode only): a
   zero-token rank joins the layer's all-reduce.
 
-sglang is imported inside the functions only.
+sglang is imported inside the functions only; this module reads the names of SGLang's forward-level
+objects (forward batch, model runner, CUDA-graph runner), :mod:`xshare.sglang.topk_call` those of a
+layer's top-k call.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -23,7 +26,10 @@ from typing import Any
 
 import torch
 
+from xshare.selection import get_policy
+from xshare.selection.group_stats import join_empty
 from xshare.sglang import runtime as rt_mod
+from xshare.sglang.placement import sglang_placement
 from xshare.sglang.runtime import ForwardState
 
 log = logging.getLogger("xshare.sglang")
@@ -110,7 +116,7 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
         if isinstance(v, int) and v > 0:
             runtime.num_experts_hint = v
             break
-    runtime.placement_source = _sglang_placement
+    runtime.placements.source = functools.partial(sglang_placement, runtime.placements)
     # built (or loaded from the cache) now, not in the first decode step
     if str(getattr(model_runner, "device", "")) == "cpu" and runtime.cpu_kernel_ready():
         log.info("xshare: CPU selector kernel ready (set policies route in one C call)")
@@ -143,7 +149,7 @@ def _forward_state(runtime: rt_mod.Runtime, model_runner: Any, forward_batch: An
 
 def _fill_groups(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: Any) -> None:
     """The per-forward device buffer of request ids (one per row), filled before the model runs."""
-    if state.mode not in ("decode", "target_verify") or runtime.settings.selector.policy != "xshare_spec":
+    if state.mode not in ("decode", "target_verify") or not get_policy(runtime.settings.selector.policy).uses_groups():
         return
     bs = int(getattr(forward_batch, "batch_size", 0) or 0)
     device = getattr(getattr(forward_batch, "input_ids", None), "device", None) or torch.device("cpu")
@@ -237,54 +243,6 @@ def empty_topk_output_hook(result: Any, self: Any, *args: Any, **kwargs: Any) ->
     if num_experts is None:
         runtime.log_once("no_e", logging.ERROR, "xshare: global mode cannot join: unknown number of experts")
         return None
-    from xshare.sglang.global_stats import join_empty
-
     join_empty(num_experts, runtime.all_reduce, device)
     runtime.skip("empty_rank_joined")
     return None
-
-
-# -- placement from SGLang's expert-location metadata -----------------------------------------------
-def _sglang_placement(layer_id: int, num_experts: int) -> Any:
-    """Placement of one layer from ``ExpertLocationMetadata`` (physical slot p on EP rank
-    p // num_local_physical_experts, redundant experts included), cached until EPLB changes it."""
-    from xshare.selection import Placement
-
-    runtime = rt_mod.get()
-    cache = runtime._placements if runtime is not None else {}
-    try:
-        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
-
-        meta = get_global_expert_location_metadata()
-    except Exception:  # noqa: BLE001
-        meta = None
-    sim = runtime.settings.sim_gpus if runtime is not None else None
-    if meta is None or layer_id >= meta.num_layers or meta.num_logical_experts != num_experts or (
-            sim and int(getattr(meta, "ep_size", 1) or 1) == 1):
-        ep_size = _ep_size()
-        key_tensor = None
-        gpus = ep_size if num_experts % ep_size == 0 else 1
-        if gpus == 1 and runtime is not None and runtime.settings.sim_gpus:
-            gpus = runtime.settings.sim_gpus  # XSHARE_SIM_GPUS: a contiguous placement over N virtual GPUs
-        cached = cache.get(layer_id)
-        if cached is not None and cached[0] is None and cached[1].num_gpus == gpus:
-            return cached[1]
-        placement = Placement.contiguous(num_experts, gpus)
-        cache[layer_id] = (key_tensor, placement)
-        return placement
-    phy2log = meta.physical_to_logical_map_cpu[layer_id]
-    cached = cache.get(layer_id)
-    if cached is not None and cached[0] is not None and torch.equal(cached[0], phy2log):
-        return cached[1]
-    placement = Placement.from_physical(phy2log.clone(), meta.ep_size)
-    cache[layer_id] = (phy2log.clone(), placement)
-    return placement
-
-
-def _ep_size() -> int:
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        return int(get_parallel().moe_ep_size or 1)
-    except Exception:  # noqa: BLE001
-        return 1

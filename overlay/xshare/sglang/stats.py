@@ -13,12 +13,10 @@ synchronisation, and CUDA-graph safe); the exporter drains it every N forwards, 
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,36 @@ WINDOW_FIELDS = ("layer", "active", "vanilla_active", "peak_gpu", "vanilla_peak_
                  "mass_kept", "top1_kept", "tokens")
 WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
 _LAYER_SUMS = ("calls", "activated", "vanilla_activated", "tokens", "changed_tokens", "checksum")
+
+
+def routing_checksum(ids: Tensor, valid: Tensor) -> Tensor:
+    """int64: sum over valid rows t and columns j of (id + 1) * (t + 1) * (j + 1): an order-sensitive
+    digest of a layer's routing, compared across tensor-parallel ranks (the CPU kernel computes the
+    same number in its routing pass)."""
+    rows = torch.arange(1, ids.shape[0] + 1, device=ids.device).unsqueeze(1)
+    cols = torch.arange(1, ids.shape[1] + 1, device=ids.device).unsqueeze(0)
+    return ((ids.to(torch.int64) + 1) * rows * cols * valid.unsqueeze(1)).sum()
+
+
+def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int) -> Tensor:
+    """The window row of :func:`call_figures` for one CPU-kernel routing (``CpuRouting``), computed
+    by the C library in one pass (float32 [len(WINDOW_FIELDS) + 2 * num_gpus])."""
+    from xshare.selection.kernels.cpu import kernel_error, library
+
+    lib = library()
+    num_rows, num_experts = out.scores.shape
+    top_k = out.routing.topk_ids.shape[1]
+    if out.prefer is None:
+        raise ValueError("cpu_call_figures needs the engine's own top-k (prefer)")
+    gpu = expert_gpu.to(torch.int64).contiguous()
+    row = torch.empty(len(WINDOW_FIELDS) + 2 * num_gpus, dtype=torch.float32)
+    ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
+    rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.prefer.shape[1], num_gpus, int(layer_id),
+                                ptr(out.logits), ptr(out.scores), ptr(out.routing.topk_ids), ptr(out.prefer),
+                                ptr(out.routing.active), ptr(out.vanilla_active), out.num_valid, ptr(gpu), ptr(row))
+    if rc != 0:
+        raise RuntimeError(kernel_error(rc))
+    return row
 
 
 def call_figures(layer_id: int, logits: Tensor, vanilla_ids: Tensor, chosen_ids: Tensor, active: Tensor,
@@ -217,10 +245,3 @@ class SelectorStats:
                 "layers": layers,
                 "profile": self.profile_snapshot(),
             }
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""The selector's fast path: a fused Triton kernel for ``xshare`` and ``xshare_ep``.
+"""The selector's fast path: a fused Triton kernel for the policies that declare it
+(``Policy.kernels``: ``xshare`` and ``xshare_ep``).
 
     from xshare.selection.kernels import fused_select
     routing = fused_select(router_logits, top_k, config, placement=..., num_tokens=..., knobs=...)
@@ -10,11 +11,11 @@ package imports without it (``triton_available()`` says whether the kernel can r
 
 from xshare.selection.kernels.dispatch import (
     BACKENDS,
-    KERNEL_POLICIES,
     MAX_EXPERTS,
     KernelLaunch,
     LaunchConfig,
     fused_select,
+    kernel_policies,
     kernel_supports,
     launch_config,
     prepare_launch,
@@ -23,11 +24,11 @@ from xshare.selection.kernels.dispatch import (
 
 __all__ = [
     "BACKENDS",
-    "KERNEL_POLICIES",
     "MAX_EXPERTS",
     "KernelLaunch",
     "LaunchConfig",
     "fused_select",
+    "kernel_policies",
     "kernel_supports",
     "launch_config",
     "prepare_launch",

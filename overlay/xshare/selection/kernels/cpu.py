@@ -43,7 +43,6 @@ from xshare.selection.config import SelectorConfig
 from xshare.selection.registry import Policy, get_policy
 from xshare.selection.types import Routing
 
-CPU_KERNEL_POLICIES = ("xshare", "topk")
 SOURCE = Path(__file__).with_name("_cpu_select.c")
 CACHE_ENV = "XSHARE_CACHE_DIR"
 _ERRORS = {-2: "prefer holds an expert id > E", -3: "an expert id is out of range", -4: "out of memory",
@@ -126,6 +125,19 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+def library() -> ctypes.CDLL:
+    """The loaded C library (RuntimeError saying why when it is unavailable)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"CPU selector kernel unavailable: {_problem}")
+    return lib
+
+
+def kernel_error(rc: int) -> str:
+    """The message of a C entry point's non-zero return code."""
+    return f"CPU selector kernel: {_ERRORS.get(rc, f'error {rc}')}"
+
+
 def cpu_kernel_available() -> bool:
     """Whether the C fast path is built and loaded (builds it on the first call)."""
     return _load() is not None
@@ -137,19 +149,25 @@ def cpu_kernel_problem() -> str | None:
     return _problem
 
 
+def _native(policy: Policy) -> bool:
+    """The C code computes this policy's whole decision (``'cpu' in Policy.kernels``)."""
+    return "cpu" in policy.kernels
+
+
 def _set_policy(name: str) -> Policy | None:
     """The policy if it is a set policy the C routing can finish (it overrides ``batch_set`` and
     needs no placement), else None."""
     policy = get_policy(name)
-    if type(policy).batch_set is Policy.batch_set or policy.needs_placement:
+    if not policy.is_set_policy or policy.needs_placement:
         return None
     return policy
 
 
 def cpu_kernel_supports(config: SelectorConfig, router_logits: Tensor, groups: Tensor | None = None) -> bool:
     """Whether :func:`cpu_route` implements this call: CPU tensors, no request groups, and the
-    policy is ``xshare``/``topk`` (all in C) or another set policy (its set in torch, the rest in C)."""
-    return ((config.policy in CPU_KERNEL_POLICIES or _set_policy(config.policy) is not None)
+    policy is one the C code decides itself (``Policy.kernels``) or another set policy (its set in
+    torch, the rest in C)."""
+    return ((_native(get_policy(config.policy)) or _set_policy(config.policy) is not None)
             and router_logits.device.type == "cpu" and groups is None
             and router_logits.ndim == 2 and router_logits.shape[1] >= 1)
 
@@ -165,7 +183,7 @@ class CpuRouting:
     in_set: Tensor  # bool [E]: the policy's set S (all False when it did not apply)
     vanilla_active: Tensor  # bool [E]: experts of ``prefer`` on valid rows
     changed_tokens: int  # valid rows whose expert set differs from ``prefer``
-    checksum: int  # see xshare.sglang.runtime._checksum
+    checksum: int  # order-sensitive digest of the ids over valid rows, computed in the same pass
     num_valid: int
 
 
@@ -189,11 +207,11 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     n_valid = num_rows if num_tokens is None else max(0, min(num_rows, int(num_tokens)))
     if apply is None:
         apply = config.applies_to(n_valid)
-    apply = bool(apply) and config.policy != "topk"
+    apply = bool(apply) and not get_policy(config.policy).vanilla
     m = config.budget_for(num_experts) if budget is None else int(budget)
     k0 = config.warmup_k if warmup_k is None else int(warmup_k)
     given_set = None
-    if apply and config.policy not in CPU_KERNEL_POLICIES:
+    if apply and not _native(get_policy(config.policy)):
         policy = _set_policy(config.policy)
         if policy is None:
             raise ValueError(f"policy {config.policy!r} is not a set policy: the CPU kernel cannot route it")
@@ -230,7 +248,7 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
                               scores.data_ptr(), colsum.data_ptr(), _ptr(pref), n_valid, int(apply), m, k0,
                               _ptr(given_set), ids.data_ptr(), base, base + num_experts, base + 2 * num_experts, counts)
     if rc != 0:
-        raise RuntimeError(f"CPU selector kernel: {_ERRORS.get(rc, f'error {rc}')}")
+        raise RuntimeError(kernel_error(rc))
     weights = scores.gather(1, ids.long())
     if config.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True, dtype=torch.float32) + RENORMALIZE_EPS)
@@ -238,24 +256,3 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     return CpuRouting(routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None),
                       scores=scores, logits=logits, prefer=pref, in_set=in_set, vanilla_active=vanilla_active,
                       changed_tokens=counts[0], checksum=counts[1], num_valid=n_valid)
-
-
-def cpu_figures(out: CpuRouting, layer_id: int, expert_gpu: Tensor, num_gpus: int) -> Tensor:
-    """The metrics row of :func:`xshare.sglang.stats.call_figures` for one :func:`cpu_route` result
-    (float32 [9 + 2 * num_gpus]); ``expert_gpu`` int64 [E] (GPU of each expert)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"CPU selector kernel unavailable: {_problem}")
-    num_rows, num_experts = out.scores.shape
-    top_k = out.routing.topk_ids.shape[1]
-    if out.prefer is None:
-        raise ValueError("cpu_figures needs the engine's own top-k (prefer)")
-    gpu = expert_gpu.to(torch.int64).contiguous()
-    row = torch.empty(9 + 2 * num_gpus, dtype=torch.float32)
-    rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.prefer.shape[1], num_gpus, int(layer_id),
-                                _ptr(out.logits), _ptr(out.scores), _ptr(out.routing.topk_ids), _ptr(out.prefer),
-                                _ptr(out.routing.active), _ptr(out.vanilla_active), out.num_valid, _ptr(gpu),
-                                _ptr(row))
-    if rc != 0:
-        raise RuntimeError(f"CPU selector kernel: {_ERRORS.get(rc, f'error {rc}')}")
-    return row

@@ -26,11 +26,10 @@ from xshare.selection.api import check_inputs, select
 from xshare.selection.common import assign_replicas
 from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import _NO_MAX, SelectorKnobs
-from xshare.selection.registry import get_policy
+from xshare.selection.registry import all_policies, get_policy
 from xshare.selection.types import Placement, Routing
 
 BACKENDS = ("auto", "torch", "triton")
-KERNEL_POLICIES = ("xshare", "xshare_ep")
 MAX_EXPERTS = 1024  # the index part of the int64 ranking keys; larger layers use the torch path
 
 _TILE_A = 4096  # elements of a [rows, experts] tile in the single-program set kernel
@@ -51,9 +50,15 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
+def kernel_policies() -> tuple[str, ...]:
+    """The policies the fused kernel implements (``'triton' in Policy.kernels``): XShare's set, with
+    the per-GPU cap for the policies that need a placement."""
+    return tuple(p.name for p in all_policies() if "triton" in p.kernels)
+
+
 def kernel_supports(config: SelectorConfig, num_experts: int) -> bool:
     """Whether the fused kernel implements this policy at this layer size."""
-    return config.policy in KERNEL_POLICIES and 1 <= num_experts <= MAX_EXPERTS
+    return config.policy in kernel_policies() and 1 <= num_experts <= MAX_EXPERTS
 
 
 def _next_pow2(n: int) -> int:
@@ -173,7 +178,7 @@ def prepare_launch(
         nt_mode, nt_ptr, nt_val = 2, num_tokens.to(device).reshape(()), 0
     else:
         nt_mode, nt_ptr, nt_val = 1, None, max(-1, min(int(num_tokens), num_rows))
-    capped = config.policy == "xshare_ep"
+    capped = get_policy(config.policy).needs_placement
     cfg = launch_config(num_rows, num_experts, top_k, scoring=config.scoring, renormalize=config.renormalize,
                         num_gpus=placement.num_gpus if capped and placement is not None else None,
                         nt_mode=nt_mode, knobs=knobs is not None)
@@ -210,8 +215,8 @@ def _resolve_backend(backend: str, router_logits: Tensor, config: SelectorConfig
     if backend == "auto":
         ok = router_logits.is_cuda and kernel_supports(config, num_experts) and triton_available()
         return "triton" if ok else "torch"
-    if config.policy not in KERNEL_POLICIES:
-        raise ValueError(f"backend='triton' implements policies {KERNEL_POLICIES}, not {config.policy!r}")
+    if config.policy not in kernel_policies():
+        raise ValueError(f"backend='triton' implements policies {kernel_policies()}, not {config.policy!r}")
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"backend='triton' supports 1..{MAX_EXPERTS} experts, got E = {num_experts}")
     return "triton"

@@ -17,6 +17,10 @@ from xshare.selection.registry import Policy, register_policy
 @register_policy
 class DESSeq(Policy):
     name = "des_seq"
+    knobs = ("warmup_k",)
+    sweep_knob = "warmup_k"
+    groups = "optional"
+    color = "tab:olive"
     summary = "coreset = union of top-k0 experts per request block; budget unused"
 
     def validate_config(self, config: SelectorConfig) -> None:

@@ -16,6 +16,8 @@ from xshare.selection.registry import Policy, register_policy
 @register_policy
 class DESVote(Policy):
     name = "des_vote"
+    knobs = ("budget",)
+    color = "tab:green"
     summary = "coreset = top-m experts by saliency-weighted top-K votes; no warm-up"
 
     def batch_set(self, batch: Batch) -> Tensor:

@@ -48,6 +48,8 @@ def lynx_scores(batch: Batch) -> tuple[Tensor, Tensor]:
 @register_policy
 class Lynx(Policy):
     name = "lynx"
+    knobs = ("budget",)
+    color = "tab:red"
     summary = "confidence-binned top-K votes (B^bin), confident tokens keep top-1; decode only"
 
     def validate_config(self, config: SelectorConfig) -> None:

@@ -17,6 +17,9 @@ from xshare.selection.registry import Policy, register_policy
 @register_policy
 class OEA(Policy):
     name = "oea"
+    knobs = ("warmup_k",)
+    sweep_knob = "warmup_k"
+    color = "tab:purple"
     summary = "union of top-k0 per token, others piggyback on it; budget unused"
 
     def validate_config(self, config: SelectorConfig) -> None:

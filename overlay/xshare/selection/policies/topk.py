@@ -9,6 +9,12 @@ from xshare.selection.registry import Policy, register_policy
 @register_policy
 class TopK(Policy):
     name = "topk"
+    knobs = ()
+    vanilla = True
+    sweep_knob = None
+    global_stats = True
+    kernels = frozenset({"cpu"})
+    color = "black"
     summary = "vanilla routing: each token's own top_k experts"
 
     def tiers(self, batch: Batch) -> Tensor:

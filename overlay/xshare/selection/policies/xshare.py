@@ -21,6 +21,10 @@ def xshare_set(batch: Batch) -> Tensor:
 @register_policy
 class XShare(Policy):
     name = "xshare"
+    knobs = ("budget", "warmup_k")
+    global_stats = True
+    kernels = frozenset({"cpu", "triton"})
+    color = "tab:blue"
     summary = "warm-up top-k0 per token + greedy fill by batch gate mass up to budget m"
 
     def batch_set(self, batch: Batch) -> Tensor:

@@ -32,6 +32,10 @@ def xshare_ep_set(batch: Batch) -> Tensor:
 @register_policy
 class XShareEP(Policy):
     name = "xshare_ep"
+    knobs = ("budget", "warmup_k", "gpu_cap")
+    global_stats = True
+    kernels = frozenset({"triton"})
+    color = "tab:orange"
     needs_placement = True
     replica_strategy = "least_loaded"
     summary = "xshare with a per-GPU cap on selected experts (cuts the peak GPU load under EP)"

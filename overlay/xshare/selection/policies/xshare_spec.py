@@ -35,6 +35,9 @@ def xshare_spec_sets(batch: Batch) -> tuple[Tensor, Tensor]:
 @register_policy
 class XShareSpec(Policy):
     name = "xshare_spec"
+    knobs = ("budget", "warmup_k", "group_budget")
+    groups = "required"
+    color = "tab:cyan"
     summary = "per-request sets (budget m_r) over draft tokens, then a batch set (budget m)"
 
     def tiers(self, batch: Batch) -> Tensor:

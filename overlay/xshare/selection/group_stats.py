@@ -10,24 +10,64 @@ the group must join that all-reduce in every applicable layer, including ranks w
 (SGLang's ``TopK.empty_topk_output`` path), or the group deadlocks; :func:`join_empty` is the
 zero-token contribution.
 
-Pure torch (+ torch.distributed through the ``all_reduce`` callable): no sglang import here.
-Supported policies: topk, xshare, xshare_ep (their set depends on the batch only through these
-statistics).
+Pure torch (+ torch.distributed through the ``all_reduce`` callable). Supported policies: those
+whose set depends on the batch only through these statistics (``Policy.global_stats``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from xshare.selection import Placement, Routing, SelectorConfig
+from xshare.selection.api import finish_routing, prepare_batch
 from xshare.selection.common import Batch
-from xshare.sglang.selecting import finish, local_statistics, prepare, with_group_statistics
+from xshare.selection.config import SelectorConfig
+from xshare.selection.registry import all_policies, get_policy
+from xshare.selection.types import Placement, Routing
 
-GLOBAL_POLICIES = ("topk", "xshare", "xshare_ep")
 AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the group; may be in place or not
+
+
+@dataclasses.dataclass
+class _GroupBatch(Batch):
+    """A Batch whose batch statistics (column sums, warm-up set) are a group's (DeepEP global mode)."""
+
+    global_sums: Tensor | None = None
+    global_warmup: Tensor | None = None
+
+    def column_sums(self, scores: Tensor | None = None) -> Tensor:
+        if scores is None and self.global_sums is not None:
+            return self.global_sums
+        return super().column_sums(scores)
+
+    def warmup(self) -> Tensor:
+        if self.global_warmup is not None:
+            return self.global_warmup
+        return super().warmup()
+
+
+def local_statistics(batch: Batch) -> Tensor:
+    """float32 [2E]: the batch's gate-score column sums, then its warm-up counts (tokens whose
+    top-k0 contains the expert): what DeepEP global mode all-reduces."""
+    own = batch.own_topk(batch.warmup_k) & batch.valid.unsqueeze(1)
+    return torch.cat([batch.column_sums(), own.sum(0).to(torch.float32)])
+
+
+def with_group_statistics(batch: Batch, group_stats: Tensor) -> Batch:
+    """The same batch, its batch statistics replaced by the group's (float32 [2E], all-reduced)."""
+    num_experts = batch.num_experts
+    if group_stats.shape != (2 * num_experts,):
+        raise ValueError(f"group statistics must have shape [2E] = [{2 * num_experts}], got {tuple(group_stats.shape)}")
+    return _GroupBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)},
+                       global_sums=group_stats[:num_experts], global_warmup=group_stats[num_experts:] > 0)
+
+
+def global_policies() -> list[str]:
+    """The policies DeepEP global mode supports (``Policy.global_stats``)."""
+    return [p.name for p in all_policies() if p.global_stats]
 
 
 def join_empty(num_experts: int, all_reduce: AllReduce, device: torch.device | str = "cpu") -> Tensor:
@@ -45,15 +85,19 @@ def prepare_global(
     num_tokens: int | Tensor | None = None,
 ) -> tuple[Batch, Tensor]:
     """This rank's batch and its float32 [2E] statistics (the all-reduce's input)."""
-    if config.policy not in GLOBAL_POLICIES:
-        raise ValueError(f"global mode supports policies {', '.join(GLOBAL_POLICIES)}; got {config.policy!r}")
-    batch = prepare(router_logits, top_k, config, sglang_ids=sglang_ids, placement=placement, num_tokens=num_tokens)
+    if not get_policy(config.policy).global_stats:
+        raise ValueError(f"global mode supports policies {', '.join(global_policies())}; got {config.policy!r}")
+    batch = prepare_batch(router_logits, top_k, config, placement=placement, num_tokens=num_tokens,
+                          prefer=sglang_ids, validate=False)
     return batch, local_statistics(batch)
 
 
 def finish_global(batch: Batch, group_stats: Tensor, config: SelectorConfig) -> Routing:
     """Route this rank's rows inside the set the group's (all-reduced) statistics determine."""
-    return finish(with_group_statistics(batch, group_stats), config, decided=True)
+    batch = with_group_statistics(batch, group_stats)
+    if config is not batch.config:
+        batch = dataclasses.replace(batch, config=config)
+    return finish_routing(batch, decided=True)
 
 
 def global_select(

@@ -1,0 +1,101 @@
+"""The admin endpoint's config changes: the request model (derived from the one settings schema)
+and the validation of a change against the served model, before anything is applied."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
+
+from xshare.selection import SelectorConfig, available_policies
+from xshare.selection.registry import validate
+from xshare.selection.schema import OPERATOR_FIELDS
+from xshare.selection.schema import Field as Setting
+
+CONFIG_FIELDS = tuple(f.name for f in OPERATOR_FIELDS)
+
+
+def _annotation(f: Setting) -> Any:
+    """The strict pydantic type of a setting (numbers are not coerced from strings or bools)."""
+    number = StrictInt | StrictFloat
+    return {"policy": StrictStr, "count": number, "int": StrictInt, "bool": StrictBool, "choice": StrictStr,
+            "mapping": dict[str, number], "path": StrictStr, "text": StrictStr}[f.kind]
+
+
+def _request_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {"enabled": (Optional[StrictBool], Field(None, description="selector on/off"))}  # noqa: UP045
+    for f in OPERATOR_FIELDS:
+        constraints = {"ge": f.minimum} if f.kind == "int" and f.minimum is not None else {}
+        fields[f.name] = (Optional[_annotation(f)], Field(None, description=f"{f.help} ({f.type_text})",  # noqa: UP045
+                                                          **constraints))
+    model = create_model("ConfigUpdate", __config__=ConfigDict(extra="forbid"), **fields)
+    model.__doc__ = ("A selector config (PUT: the whole config, PATCH: some fields), from the settings schema. "
+                     "Unknown fields are refused.")
+    return model
+
+
+ConfigUpdate = _request_model()
+
+
+class ConfigInvalid(ValueError):
+    def __init__(self, fieldname: str, message: str) -> None:
+        super().__init__(f"{fieldname}: {message}")
+        self.field = fieldname
+        self.message = message
+
+
+def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all: bool, top_k: int | None,
+                 num_experts: int | None) -> dict[str, Any]:
+    """The config after ``update`` (a dict of set fields), fully validated; raises :class:`ConfigInvalid`
+    naming the field. ``current``: {"enabled", and the selector fields}."""
+    base = {k: v for k, v in SelectorConfig().to_dict().items() if k in CONFIG_FIELDS} if replace_all else \
+        {k: current[k] for k in CONFIG_FIELDS}
+    enabled = update.get("enabled", current["enabled"])
+    if enabled is None:
+        raise ConfigInvalid("enabled", "must be true or false")
+    policy = update.get("policy", base["policy"])
+    if "policy" in update and policy is None:
+        raise ConfigInvalid("policy", "must be given")
+    if policy not in available_policies():
+        raise ConfigInvalid("policy", f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
+    cfg = SelectorConfig(policy=policy)
+    defaults = {f.name: f.default for f in OPERATOR_FIELDS}
+    merged = {**base, **{k: v for k, v in update.items() if k in CONFIG_FIELDS}}
+    if merged.get("budget") is None:
+        raise ConfigInvalid("budget", "must be given")
+    if merged.get("warmup_k") is None:
+        raise ConfigInvalid("warmup_k", "must be given")
+    for f in OPERATOR_FIELDS:  # a required field sent as null takes its default
+        if merged.get(f.name) is None and not f.optional:
+            merged[f.name] = defaults[f.name]
+    for key in CONFIG_FIELDS[1:]:
+        try:
+            cfg = cfg.replace(**{key: merged[key]})
+            validate(cfg)
+        except (ValueError, TypeError) as exc:
+            raise ConfigInvalid(key, str(exc)) from None
+    if num_experts:
+        budget = cfg.budget
+        resolved = budget if isinstance(budget, int) else cfg.budget_for(num_experts)
+        low = top_k or 1
+        if not (low <= resolved <= num_experts):
+            raise ConfigInvalid("budget", f"{budget!r} is outside [top_k, E] = [{low}, {num_experts}] for this model")
+    out = {k: v for k, v in cfg.to_dict().items() if k in CONFIG_FIELDS}
+    out["enabled"] = bool(enabled)
+    return out
+
+
+def settings_from_config(settings: Any, config: dict[str, Any]) -> Any:
+    """``settings`` (PluginSettings) with ``config``'s selector fields and on/off switch."""
+    sel = settings.selector.to_dict()
+    sel.update({k: config[k] for k in CONFIG_FIELDS})
+    return replace(settings, enabled=bool(config["enabled"]), selector=SelectorConfig.from_dict(sel))
+
+
+def config_of(settings: Any) -> dict[str, Any]:
+    out = {k: v for k, v in settings.selector.to_dict().items() if k in CONFIG_FIELDS}
+    out["enabled"] = bool(settings.enabled)
+    return out
+
+

@@ -1,0 +1,79 @@
+"""Expert placements for GPU-aware policies and the per-GPU metrics: SGLang's expert-location
+metadata (EP ranks, EPLB's redundant experts) when it has one, else a contiguous stand-in over the
+EP size or over ``XSHARE_SIM_GPUS`` virtual GPUs. Built on the host and cached per layer; the hot
+path only looks them up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from xshare.selection import Placement
+
+
+class PlacementCache:
+    """Per-process placements: ``source(layer_id, E)`` (SGLang's, set by the hooks) or stand-ins."""
+
+    def __init__(self, sim_gpus: Callable[[], int | None]) -> None:
+        self.sim_gpus = sim_gpus
+        self.source: Callable[[int, int], Placement | None] | None = None
+        self.layers: dict[int, tuple[Tensor | None, Placement]] = {}  # SGLang's, by layer
+        self._contiguous: dict[tuple[int, int], Placement] = {}  # stand-ins, by (E, GPUs)
+
+    def contiguous(self, num_experts: int, num_gpus: int) -> Placement:
+        key = (num_experts, num_gpus)
+        placement = self._contiguous.get(key)
+        if placement is None:
+            placement = self._contiguous[key] = Placement.contiguous(*key)
+        return placement
+
+    def for_layer(self, layer_id: int, num_experts: int, device: torch.device) -> Placement:
+        placement = self.source(layer_id, num_experts) if self.source else None
+        if placement is None:
+            placement = self.contiguous(num_experts, self.sim_gpus() or 1)
+        if placement.slot_gpu.device != device:
+            placement = placement.to(device)
+        return placement
+
+
+def sglang_placement(cache: PlacementCache, layer_id: int, num_experts: int) -> Placement:
+    """Placement of one layer from SGLang's ``ExpertLocationMetadata`` (physical slot p on EP rank
+    p // num_local_physical_experts, redundant experts included), cached until EPLB changes it."""
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        meta = get_global_expert_location_metadata()
+    except Exception:  # noqa: BLE001
+        meta = None
+    layers = cache.layers
+    sim_gpus = cache.sim_gpus()
+    if meta is None or layer_id >= meta.num_layers or meta.num_logical_experts != num_experts or (
+            sim_gpus and int(getattr(meta, "ep_size", 1) or 1) == 1):
+        ep_size = _ep_size()
+        gpus = ep_size if num_experts % ep_size == 0 else 1
+        if gpus == 1 and sim_gpus:
+            gpus = sim_gpus  # XSHARE_SIM_GPUS: a contiguous placement over N virtual GPUs
+        cached = layers.get(layer_id)
+        if cached is not None and cached[0] is None and cached[1].num_gpus == gpus:
+            return cached[1]
+        placement = Placement.contiguous(num_experts, gpus)
+        layers[layer_id] = (None, placement)
+        return placement
+    phy2log = meta.physical_to_logical_map_cpu[layer_id]
+    cached = layers.get(layer_id)
+    if cached is not None and cached[0] is not None and torch.equal(cached[0], phy2log):
+        return cached[1]
+    placement = Placement.from_physical(phy2log.clone(), meta.ep_size)
+    layers[layer_id] = (phy2log.clone(), placement)
+    return placement
+
+
+def _ep_size() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(get_parallel().moe_ep_size or 1)
+    except Exception:  # noqa: BLE001
+        return 1

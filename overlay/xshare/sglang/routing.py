@@ -1,0 +1,140 @@
+"""The routing decision of one ``_post_process_topk_ids`` call: whether the selector applies, the
+core's decision through the one seam (:func:`xshare.selection.engine.decide`), and the per-call
+bookkeeping (counters, the metrics window, the trace). Never raises: a failure is logged once,
+counted and left to SGLang's own top-k."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from xshare.selection import get_policy
+from xshare.selection.common import active_experts
+from xshare.selection.engine import Decision, decide, layer_config
+from xshare.selection.group_stats import join_empty
+from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
+from xshare.sglang.topk_call import TopkCall, is_draft_layer, layer_routing, unsupported_routing, valid_rows
+
+if TYPE_CHECKING:
+    from xshare.sglang.runtime import ForwardState, Runtime
+
+log = logging.getLogger("xshare.sglang")
+
+
+def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str, Any] | None:
+    """Replacement arguments for one call, or None to leave SGLang's routing unchanged."""
+    stats = runtime.stats
+    stats.count_call()
+    s = runtime.settings
+    state = runtime.current
+    if not s.enabled:
+        runtime.skip("disabled")
+        return None
+    if is_draft_layer(topk_config) or (state is not None and state.is_draft):
+        runtime.skip("draft_layer")
+        return None
+    if state is None:
+        runtime.skip("no_forward_state")
+        return None
+    global_mode = runtime.global_mode()
+    if global_mode:
+        if not state.global_applies:
+            runtime.skip("not_applicable_global")
+            return None
+    elif state.mode not in runtime.modes():
+        runtime.skip(f"mode_{state.mode}")
+        return None
+    unsupported = unsupported_routing(topk_config)
+    if unsupported is not None:
+        runtime.log_once(f"unsupported:{unsupported}", logging.WARNING,
+                         "xshare: layer routing uses %s; the selector leaves such layers to SGLang", unsupported)
+        runtime.skip(f"unsupported_{unsupported}")
+        if global_mode:  # still join the group's all-reduce
+            logits = args["router_logits"]
+            join_empty(logits.shape[1], runtime.all_reduce, logits.device)
+        return None
+    call = TopkCall.read(args, topk_config)
+    if not global_mode:
+        if call.num_rows == 0:
+            runtime.skip("empty")
+            return None
+        if not call.logits_match():
+            runtime.skip("no_router_logits")
+            return None
+        if not state.capturing and not s.selector.applies_to(call.num_rows):
+            runtime.skip("batch_size")
+            return None
+    try:
+        t0 = time.perf_counter()
+        out = _route(runtime, call, state, global_mode)
+        if runtime.observe and out is not None:
+            stats.record_seconds(time.perf_counter() - t0)
+        return out
+    except Exception as exc:  # serving never fails because of the selector
+        reason = type(exc).__name__
+        stats.count_fallback(reason)
+        runtime.log_once(f"fallback:{reason}", logging.ERROR,
+                         "xshare: selector failed (%s: %s); routing this call with SGLang's top-k "
+                         "(logged once per error type, counted in fallbacks)", reason, exc, exc_info=True)
+        return None
+
+
+def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool) -> dict[str, Any]:
+    s = runtime.settings
+    config = s.selector
+    policy = get_policy(config.policy)
+    logits = call.router_logits
+    device = logits.device
+    num_experts = call.num_experts
+    if runtime.trace is not None and not state.capturing and call.num_rows:
+        runtime.trace.add_layer(call.layer_id, logits, call.top_k, getattr(call.topk_config, "scoring_func",
+                                                                           "softmax"))
+    placement = runtime.placements.for_layer(call.layer_id, num_experts, device) if policy.needs_placement else None
+    groups = None
+    if policy.uses_groups() and not global_mode:
+        groups = state.groups if state.groups is not None and state.groups.shape[0] == call.num_rows else \
+            runtime.group_ids(call.num_rows, state.tokens_per_req, device)
+    all_reduce = runtime.all_reduce if global_mode else None
+    knobs = None
+    if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
+        knobs = runtime.knobs_for(layer_config(config, layer_routing(call.topk_config)), num_experts, call.top_k,
+                                  device)
+    base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
+    cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
+    decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
+    _record(runtime, call, decision, placement)
+    runtime.first_applied()
+    routing = decision.routing
+    new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
+    # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
+    return call.replace(new_ids, routing.topk_weights, physical=routing.physical_ids is not None)
+
+
+def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any) -> None:
+    """Counters and the metrics window for one applied call."""
+    stats = runtime.stats
+    routing = decision.routing
+    layer_id = call.layer_id
+    num_experts = call.num_experts
+    device = call.router_logits.device
+    res: Any = decision.cpu
+    if res is not None:
+        stats.record_layer_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()),
+                                res.num_valid, res.changed_tokens, res.checksum)
+        if runtime.observe:
+            mp = runtime.placements.for_layer(layer_id, num_experts, device)
+            stats.record_figures(cpu_call_figures(res, layer_id, mp.primary_gpu, mp.num_gpus))
+        return
+    valid = valid_rows(call.num_rows, call.num_token_non_padded, device)
+    old_ids = call.engine_ids.to(torch.int64)
+    vanilla = active_experts(old_ids.clamp_min(0), valid, num_experts)
+    changed = (torch.sort(old_ids, 1).values != torch.sort(routing.topk_ids.to(torch.int64), 1).values).any(1)
+    stats.record_layer(layer_id, routing.active, vanilla, valid.sum(), (changed & valid).sum(),
+                       routing_checksum(routing.topk_ids, valid))
+    if runtime.observe:
+        mp = placement if placement is not None else runtime.placements.for_layer(layer_id, num_experts, device)
+        stats.record_figures(call_figures(layer_id, call.router_logits, old_ids, routing.topk_ids, routing.active,
+                                          vanilla, valid, mp.primary_gpu, mp.num_gpus, decision.config.scoring))

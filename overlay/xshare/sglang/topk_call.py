@@ -1,0 +1,139 @@
+"""SGLang's side of one MoE layer call: the only module that reads the names of SGLang's top-k
+arguments and of its ``TopKConfig``.
+
+The routing hook wraps ``sglang.srt.layers.moe.topk._post_process_topk_ids(topk_ids, topk_weights,
+topk_config, router_logits, layer_id, num_token_non_padded=None, expert_location_dispatch_info=None,
+padded_rows_masked=False)``. :class:`TopkCall` reads those arguments once; :meth:`TopkCall.layer_call`
+turns them into the core's :class:`~xshare.selection.engine.LayerCall`, and :meth:`TopkCall.replace`
+writes a routing back as the replacement arguments. Duck-typed: sglang is imported only to ask
+whether the routed scaling factor is already in the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xshare.selection import Placement
+from xshare.selection.engine import LayerCall, LayerRouting
+from xshare.selection.knobs import SelectorKnobs
+
+
+def unsupported_routing(cfg: Any) -> str | None:
+    """Why a layer's routing is outside what the selector reproduces (None = supported)."""
+    if getattr(cfg, "custom_routing_function", None) is not None:
+        return "custom_routing_function"
+    if getattr(cfg, "correction_bias", None) is not None:
+        return "correction_bias"
+    if getattr(cfg, "scoring_func", "softmax") not in ("softmax", "sigmoid"):
+        return f"scoring_{cfg.scoring_func}"
+    if getattr(cfg, "use_grouped_topk", False):
+        groups = getattr(cfg, "num_expert_group", None) or 1
+        kept = getattr(cfg, "topk_group", None) or groups
+        if groups > 1 and kept < groups:
+            return "grouped_topk"
+    return None
+
+
+def routed_scaling(cfg: Any) -> float | None:
+    """The routed scaling factor SGLang already folded into topk_weights, if any."""
+    factor = getattr(cfg, "routed_scaling_factor", None)
+    if not factor or factor == 1.0:
+        return None
+    try:
+        from sglang.srt.layers.moe.topk import is_routed_scaling_factor_fused_in_topk
+    except ImportError:  # pragma: no cover - outside sglang
+        fused = bool(getattr(cfg, "apply_routed_scaling_factor_on_output", False))
+    else:
+        fused = is_routed_scaling_factor_fused_in_topk(cfg)
+    return float(factor) if fused else None
+
+
+def layer_routing(cfg: Any) -> LayerRouting:
+    """The core's description of the layer's router."""
+    return LayerRouting(scoring=getattr(cfg, "scoring_func", "softmax"),
+                        renormalize=bool(getattr(cfg, "renormalize", True)))
+
+
+def is_draft_layer(cfg: Any) -> bool:
+    """A speculative draft model's layer (SGLang does not capture its routed experts)."""
+    return not getattr(cfg, "allow_routed_experts_capture", True)
+
+
+def valid_rows(num_rows: int, num_token_non_padded: Tensor | int | None, device: torch.device) -> Tensor:
+    """bool [num_rows]: rows below ``num_token_non_padded`` (all when None)."""
+    rows = torch.arange(num_rows, device=device)
+    if num_token_non_padded is None:
+        return torch.ones(num_rows, dtype=torch.bool, device=device)
+    return rows < torch.as_tensor(num_token_non_padded, device=device)
+
+
+@dataclass(frozen=True)
+class TopkCall:
+    """The arguments of one ``_post_process_topk_ids`` call that the selector reads."""
+
+    topk_ids: Tensor  # int [T, top_k + shared slots]
+    topk_weights: Tensor  # float [T, top_k + shared slots]
+    router_logits: Tensor  # float [T, E]
+    topk_config: Any
+    layer_id: int
+    num_token_non_padded: Tensor | int | None
+    top_k: int  # routed experts (shared-expert slots excluded)
+    shared: int  # fused shared-expert slots after the routed ones
+
+    @classmethod
+    def read(cls, args: dict[str, Any], topk_config: Any) -> TopkCall:
+        topk_ids: Tensor = args["topk_ids"]
+        width = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
+        shared = int(getattr(topk_config, "num_shared_topk_slots", 0) or 0)
+        top_k = width - shared if (shared and width == getattr(topk_config, "top_k", None)) else width
+        return cls(topk_ids=topk_ids, topk_weights=args["topk_weights"], router_logits=args["router_logits"],
+                   topk_config=topk_config, layer_id=int(args.get("layer_id") or 0),
+                   num_token_non_padded=args.get("num_token_non_padded"), top_k=top_k,
+                   shared=shared if top_k != width else 0)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router_logits.shape[1])
+
+    @property
+    def engine_ids(self) -> Tensor:
+        """int [T, top_k]: SGLang's own routed picks (its tie order)."""
+        return self.topk_ids[:, :self.top_k] if self.shared else self.topk_ids
+
+    def logits_match(self) -> bool:
+        return self.router_logits.ndim == 2 and self.router_logits.shape[0] == self.num_rows
+
+    def layer_call(self, *, groups: Tensor | None = None, placement: Placement | None = None,
+                   knobs: SelectorKnobs | None = None, all_reduce: Any = None) -> LayerCall:
+        return LayerCall(router_logits=self.router_logits, top_k=self.top_k, layer=layer_routing(self.topk_config),
+                         layer_id=self.layer_id, engine_ids=self.engine_ids, num_tokens=self.num_token_non_padded,
+                         groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
+
+    def replace(self, new_ids: Tensor, weights: Tensor, *, physical: bool = False) -> dict[str, Any]:
+        """SGLang's outputs with the routed columns replaced (shared-expert slots kept), out of place,
+        the routed scaling factor applied as SGLang applies it. ``physical``: the ids are physical
+        slots the policy chose itself, so SGLang must not remap them again."""
+        scale = routed_scaling(self.topk_config)
+        if scale is not None:
+            weights = weights * scale
+        top_k = self.top_k
+        if self.topk_ids.shape[1] == top_k:
+            out: dict[str, Any] = {"topk_ids": new_ids.to(self.topk_ids.dtype),
+                                   "topk_weights": weights.to(self.topk_weights.dtype)}
+        else:
+            ids_out = self.topk_ids.clone()
+            w_out = self.topk_weights.clone()
+            ids_out[:, :top_k] = new_ids.to(ids_out.dtype)
+            w_out[:, :top_k] = weights.to(w_out.dtype)
+            out = {"topk_ids": ids_out, "topk_weights": w_out}
+        if physical:
+            out["expert_location_dispatch_info"] = None
+        return out
