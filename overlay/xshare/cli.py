@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def extra_providing(module: str) -> tuple[str, str] | None:
+    """``(distribution, extra)`` when ``module`` is installed by an optional extra of this package (the
+    ``[project.optional-dependencies]`` of pyproject.toml, read from the installed metadata), else None."""
+    from importlib import metadata
+
+    top = module.split(".")[0].lower().replace("-", "_")
+    for dist in metadata.packages_distributions().get(__package__, []):
+        for req in metadata.requires(dist) or []:
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)[^;]*;\s*extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+            if m and re.sub(r"[-.]", "_", m.group(1).lower()) == top:
+                return dist, m.group(2)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -51,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:  # a package of an optional extra: say which extra to install
+        found = extra_providing(exc.name or "")
+        if found is None:
+            raise
+        dist, extra = found
+        print(f"xshare {args.command}: error: {exc.name} is not installed; 'xshare {args.command}' needs the "
+              f"{extra} extra: pip install '{dist}[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -324,6 +324,12 @@ def _publish_plots(rows: list[dict[str, Any]], folder: str, title: str) -> list[
 
 
 def run(args: argparse.Namespace) -> int:
+    # the [eval] extra, before any work: xshare.cli names the extra to install when one of these is missing
+    import numpy  # noqa: F401
+    import tqdm  # noqa: F401
+
+    if args.plot:
+        import matplotlib  # noqa: F401
     from xshare.eval import report
     from xshare.eval.placements import placement_json
     from xshare.eval.replay import replay, summarise_all
