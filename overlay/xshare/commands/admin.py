@@ -17,23 +17,26 @@ import os
 import sys
 import urllib.error
 from pathlib import Path
+from typing import Any
 
 from xshare._http import request
 
 NAME = "admin"
 HELP = "read or change a running server's selector config (/xshare admin endpoint)"
 
-_SET_FIELDS = (("policy", str), ("budget", None), ("warmup_k", int), ("group_budget", None), ("gpu_cap", int),
-               ("min_tokens", int), ("max_tokens", int))
+def _set_fields() -> list[tuple[str, Any]]:
+    """The settings ``set`` can change: the operator's fields of the one schema (extra: JSON below)."""
+    from xshare.selection.schema import OPERATOR_FIELDS
 
+    def typed(f: Any) -> Any:
+        def parse(text: str) -> Any:
+            try:
+                return f.parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"{f.flag}: {exc}") from None
+        return parse
 
-def _number(text: str) -> int | float | None:
-    if text.strip().lower() in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+    return [(f.name, typed(f), f"{f.help} ({f.type_text})") for f in OPERATOR_FIELDS if f.kind != "mapping"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--token-file", type=Path, default=None, help="file holding the token (a Kubernetes Secret)")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--replace", action="store_true", help="set: PUT the whole config (unset fields -> defaults)")
-    for name, typ in _SET_FIELDS:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ or _number, default=argparse.SUPPRESS)
+    for name, typ, help_text in _set_fields():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=argparse.SUPPRESS,
+                            help=help_text)
     parser.add_argument("--extra", default=argparse.SUPPRESS, help="JSON object of policy knobs")
 
 
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.action in ("enable", "disable"):
         method, path = "POST", f"/xshare/{args.action}"
     else:
-        body = {name: getattr(args, name) for name, _ in _SET_FIELDS if hasattr(args, name)}
+        body = {name: getattr(args, name) for name, _, _ in _set_fields() if hasattr(args, name)}
         if hasattr(args, "extra"):
             try:
                 body["extra"] = json.loads(args.extra)
@@ -79,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"xshare admin: --extra: not JSON ({exc})", file=sys.stderr)
                 return 2
         if not body and not args.replace:
-            print("xshare admin set: give at least one of --policy --budget --warmup-k --group-budget --gpu-cap "
-                  "--min-tokens --max-tokens --extra", file=sys.stderr)
+            flags = " ".join(f"--{n.replace('_', '-')}" for n, _, _ in _set_fields())
+            print(f"xshare admin set: give at least one of {flags} --extra", file=sys.stderr)
             return 2
         method, path = ("PUT" if args.replace else "PATCH"), "/xshare/config"
     try:

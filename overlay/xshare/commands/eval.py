@@ -18,12 +18,25 @@ DEFAULT_WARMUP = 1
 DEFAULT_GPUS = 8
 
 
+def _policy_knobs_text() -> str:
+    """'topk: none; xshare: budget, warmup-k; ...' from each policy's declared knobs."""
+    from xshare.selection.registry import all_policies
+
+    return "; ".join(f"{p.name}: {', '.join(k.replace('_', '-') for k in p.knobs) or 'none'}" for p in all_policies())
+
+
+def _knob_help(name: str) -> str:
+    from xshare.selection.schema import SELECTOR
+
+    return SELECTOR[name].help
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (
         "Sweeps: --batch, --budget, --warmup-k and --gpu-cap are repeatable; every policy is run over the\n"
-        "knobs it reads (topk: none; xshare: budget, warmup-k; xshare_ep: + gpu-cap; xshare_spec: + group-budget;\n"
-        "lynx, des_vote: budget; oea, des_seq: warmup-k). Per-policy values: --policy 'oea:warmup_k=1,2,3'.\n\n"
+        f"knobs it reads ({_policy_knobs_text()}).\n"
+        "Per-policy values: --policy 'oea:warmup_k=1,2,3'.\n\n"
         "Example (both ESFT traces mixed, B = 16):\n"
         "  xshare eval --trace ../shared/traces/esft_intent.npz --trace ../shared/traces/esft_summary.npz \\\n"
         "      --policy topk --policy xshare --policy xshare_ep --budget 32 --gpu-cap 4 --gpus 8 --json out.json\n"
@@ -43,17 +56,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"decode batch size: B tokens from B different sequences (repeatable; default "
                         f"{DEFAULT_BATCH}); not allowed with traces that record their batches (batch_ids)")
     g.add_argument("--budget", action="append", metavar="M",
-                   help="experts kept per layer: an int <= E or a fraction in (0, 1] (repeatable; default "
+                   help=f"{_knob_help('budget')}: an int <= E or a fraction in (0, 1] (repeatable; default "
                         f"{DEFAULT_BUDGET})")
     g.add_argument("--warmup-k", action="append", type=int, metavar="K0",
-                   help=f"each token's top-k0 experts are always kept (repeatable; default {DEFAULT_WARMUP})")
-    g.add_argument("--group-budget", metavar="MR", help="per-request budget of xshare_spec (int or fraction)")
+                   help=f"{_knob_help('warmup_k')} (repeatable; default {DEFAULT_WARMUP})")
+    g.add_argument("--group-budget", metavar="MR", help=f"{_knob_help('group_budget')} (int or fraction)")
 
     g = p.add_argument_group("expert parallelism")
     g.add_argument("--gpus", type=int, default=DEFAULT_GPUS,
                    help=f"GPUs (EP size) of the placement (default {DEFAULT_GPUS})")
     g.add_argument("--gpu-cap", action="append", type=int, metavar="C",
-                   help="xshare_ep: max experts kept per GPU (repeatable; default ceil(budget / gpus))")
+                   help=f"{_knob_help('gpu_cap')} (repeatable)")
     g.add_argument("--placement", default="contiguous", metavar="contiguous|eplb|FILE",
                    help="expert placement: contiguous (e on GPU e // (E/G)), eplb (DeepSeek EPLB from measured "
                         "loads), or a JSON/.npy file with physical_to_logical_map [L, P] or [P]")

@@ -26,28 +26,18 @@ HELP = "launch an SGLang server (sglang.launch_server) with the XShare plugin en
 ALLOW_ENV = "XSHARE_ALLOW_ANY_SGLANG"
 CPU_DEFAULTS = (("--attention-backend", "torch_native"), ("--max-total-tokens", "8192"))
 
-# option -> setting name (see xshare.sglang.settings)
-_OPTIONS = {
-    "policy": ("--xshare-policy", str, "selection policy (xshare, xshare_ep, xshare_spec, lynx, ...)"),
-    "budget": ("--xshare-budget", str, "experts per layer and batch: an int >= 1 or a fraction in (0, 1]"),
-    "warmup_k": ("--xshare-warmup-k", str, "every token keeps its top-k0 experts"),
-    "group_budget": ("--xshare-group-budget", str, "per-request budget of xshare_spec"),
-    "gpu_cap": ("--xshare-gpu-cap", str, "per-GPU cap of xshare_ep"),
-    "min_tokens": ("--xshare-min-tokens", str, "smallest batch (tokens) the policy applies to"),
-    "max_tokens": ("--xshare-max-tokens", str, "largest batch (tokens) the policy applies to"),
-    "extra": ("--xshare-extra", str, "JSON object of policy knobs"),
-    "deepep_mode": ("--xshare-deepep-mode", str, "with --moe-a2a-backend deepep: local or global"),
-    "stats_dir": ("--xshare-stats-dir", str, "write the scheduler's stats file here"),
-    "stats_every": ("--xshare-stats-every", str, "write the stats file every N forwards"),
-    "trace_dir": ("--xshare-trace-dir", str, "record router-logit traces here (off when unset)"),
-    "trace_max_tokens": ("--xshare-trace-max-tokens", str, "stop recording after N tokens per process"),
-    "trace_flush_tokens": ("--xshare-trace-flush-tokens", str, "write a trace shard every N tokens"),
-}
+# The settings given as --xshare-<name> options: every setting of the schema (xshare.sglang.settings
+# FIELDS) except the on/off switch (--xshare-disable) and the bool switches, which are flags below.
+def _options() -> dict[str, tuple[str, type, str]]:
+    from xshare.sglang.settings import FIELDS
+
+    return {f.name: ("--xshare-" + f.name.replace("_", "-"), str, f"{f.help} ({f.type_text})")
+            for f in FIELDS if f.kind != "bool"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("xshare options (everything else goes to sglang.launch_server)")
-    for key, (flag, typ, help_text) in _OPTIONS.items():
+    for key, (flag, typ, help_text) in _options().items():
         g.add_argument(flag, dest=f"xs_{key}", type=typ, default=None, help=help_text)
     g.add_argument("--xshare-config", default=None, help="JSON file of settings (XSHARE_CONFIG)")
     g.add_argument("--xshare-apply-prefill", action="store_true", default=None, help="also select on prefill batches")
@@ -142,6 +132,7 @@ def _missing_cpu_symbols() -> tuple:
 
 def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The command and environment ``xshare serve`` runs; raises ValueError with a message."""
+    from xshare.selection.schema import parse_bool_text
     from xshare.sglang.settings import SettingError, load_settings, settings_env
 
     extra = list(getattr(args, "_extra", []) or [])
@@ -149,7 +140,8 @@ def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[lis
     if stray:
         raise ValueError(f"unknown xshare option(s): {' '.join(stray)} (see xshare serve --help)")
     env = dict(environ)
-    values = {k: getattr(args, f"xs_{k}") for k in _OPTIONS if getattr(args, f"xs_{k}") is not None}
+    options = _options()
+    values = {k: getattr(args, f"xs_{k}") for k in options if getattr(args, f"xs_{k}", None) is not None}
     if args.xshare_apply_prefill:
         values["apply_prefill"] = True
     values["enable"] = not args.xshare_disable
@@ -160,12 +152,12 @@ def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[lis
         load_settings(env)  # the plugin will read the same variables in every SGLang process
     except SettingError as exc:
         msg = str(exc)
-        for key, (flag, _, _) in _OPTIONS.items():
+        for key, (flag, _, _) in options.items():
             if key in values and msg.startswith(f"XSHARE_{key.upper()}="):
                 msg = f"{flag} / {msg}"
                 break
         raise ValueError(msg) from None
-    allow_any = args.xshare_allow_any_sglang or env.get(ALLOW_ENV, "") in ("1", "true", "yes", "on")
+    allow_any = args.xshare_allow_any_sglang or parse_bool_text(env.get(ALLOW_ENV, "")) is True
     problem = check_sglang_version(allow_any)
     if problem:
         raise ValueError(problem)

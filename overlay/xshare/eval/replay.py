@@ -33,25 +33,17 @@ from torch import Tensor
 from xshare.eval.batching import Batches
 from xshare.eval.costmodel import CostModel
 from xshare.eval.traces import Trace
-from xshare.selection import Placement, SelectorConfig, select
+from xshare.selection import Placement, SelectorConfig, get_policy
+from xshare.selection.engine import LayerCall, LayerRouting, decide
+from xshare.selection.registry import validated
+from xshare.selection.schema import SWEEP_FIELDS
 
-KNOBS = ("budget", "warmup_k", "group_budget", "gpu_cap")
-# The settings each policy reads (a knob a policy ignores is not swept for it). A policy not listed
-# here (registered later) is swept over every knob.
-POLICY_KNOBS: dict[str, tuple[str, ...]] = {
-    "topk": (),
-    "xshare": ("budget", "warmup_k"),
-    "xshare_ep": ("budget", "warmup_k", "gpu_cap"),
-    "xshare_spec": ("budget", "warmup_k", "group_budget"),
-    "lynx": ("budget",),
-    "des_vote": ("budget",),
-    "des_seq": ("warmup_k",),
-    "oea": ("warmup_k",),
-}
+KNOBS = tuple(f.name for f in SWEEP_FIELDS)  # the settings a sweep can vary (one schema)
 
 
 def knobs_of(policy: str) -> tuple[str, ...]:
-    return POLICY_KNOBS.get(policy, KNOBS)
+    """The knobs ``policy`` reads (``Policy.knobs``): only these are swept for it."""
+    return get_policy(policy).knobs
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class Setting:
             v = getattr(self, k)
             if v is not None:
                 kw[k] = v
-        return SelectorConfig(**kw)
+        return validated(SelectorConfig(**kw))
 
     def label(self) -> str:
         parts = [self.policy]
@@ -159,7 +151,8 @@ class LayerStats:
 
 def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, sizes: list[int],
            placement: Placement) -> tuple[Tensor, Tensor | None, float]:
-    """Run select() on every batch of a layer; ids/physical padded to [NB, W, k] with 0."""
+    """Route every batch of a layer through the core's one seam (:func:`xshare.selection.engine.decide`,
+    as the server does); ids/physical padded to [NB, W, k] with 0."""
     nb, width = logits.shape[0], logits.shape[1]
     k = plan.trace.top_k
     ids = torch.zeros((nb, width, k), dtype=torch.int64)
@@ -169,7 +162,9 @@ def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, size
     for b in range(nb):
         n = sizes[b]
         t0 = clock()
-        r = select(logits[b, :n], k, cfg, groups=groups[b, :n], placement=placement, validate=False)
+        call = LayerCall(logits[b, :n], k, LayerRouting(cfg.scoring, cfg.renormalize), groups=groups[b, :n],
+                         placement=placement)
+        r = decide(call, cfg).routing
         seconds += clock() - t0
         ids[b, :n] = r.topk_ids
         if r.physical_ids is not None:

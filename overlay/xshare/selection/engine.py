@@ -58,7 +58,8 @@ class LayerCall:
     engine_ids     int [T, k]: the engine's own picks, whose order breaks exact ties (or None).
     num_tokens     rows >= num_tokens are padding (an int or a 0-d device tensor; None = all valid).
     groups         int [T]: the request of each row (passed to policies that use request groups).
-    placement      :class:`Placement` of the layer's experts (GPU-aware policies).
+    placement      :class:`Placement` of the layer's experts: required by GPU-aware policies; with
+                   replicas, every policy's routing also gets physical slots.
     knobs          :class:`SelectorKnobs` (device tensors read instead of the config's numbers).
     all_reduce     DeepEP global mode: sums a float32 [2E] tensor over the EP group (or None).
     """
@@ -120,7 +121,7 @@ def prepare(call: LayerCall, config: SelectorConfig) -> Batch:
     """The :class:`Batch` the policies see for ``call`` (engine tie order, no host sync)."""
     policy = get_policy(config.policy)
     return prepare_batch(call.router_logits, call.top_k, config, groups=_groups_for(policy, call),
-                         placement=call.placement if policy.needs_placement else None, num_tokens=call.num_tokens,
+                         placement=call.placement, num_tokens=call.num_tokens,
                          knobs=call.knobs, prefer=call.engine_ids, validate=False)
 
 
