@@ -38,6 +38,7 @@ from xshare.bench._common import Timer, format_table, int_list, write_json_atomi
 from xshare.selection import Placement, SelectorConfig, available_policies, get_policy, select
 from xshare.selection.config import parse_count
 from xshare.selection.kernels import fused_select, kernel_supports, triton_available
+from xshare.selection.registry import validated
 
 MODE = "selector"
 HELP = "selector time vs vanilla top-k and vs the MoE layer's expert computation, over batch x experts x top-k"
@@ -145,11 +146,12 @@ def _check(args: argparse.Namespace) -> SelectorConfig:
     if args.warmup_k > min(args.top_k):
         raise ValueError(f"--warmup-k {args.warmup_k} exceeds the smallest --top-k {min(args.top_k)}")
     try:
-        config = SelectorConfig(policy=args.policy, budget=parse_count(args.budget, "--budget"), warmup_k=args.warmup_k)
+        config = validated(SelectorConfig(policy=args.policy, budget=parse_count(args.budget, "--budget"),
+                                          warmup_k=args.warmup_k))
     except ValueError as e:
         raise ValueError(f"selector settings: {e}") from None
-    if args.policy == "xshare_spec":
-        raise ValueError("--policy xshare_spec needs request groups; benchmark it with xshare_spec's own tools")
+    if get_policy(args.policy).groups == "required":
+        raise ValueError(f"--policy {args.policy} needs request groups, which this benchmark does not make")
     return config
 
 

@@ -11,10 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-COLORS = {
-    "topk": "black", "xshare": "tab:blue", "xshare_ep": "tab:orange", "xshare_spec": "tab:cyan",
-    "lynx": "tab:red", "des_vote": "tab:green", "des_seq": "tab:olive", "oea": "tab:purple",
-}
+PALETTE = ("tab:brown", "tab:pink", "tab:gray", "gold", "teal", "navy")  # policies without a colour of their own
 
 
 def _plt() -> Any:
@@ -27,7 +24,16 @@ def _plt() -> Any:
 
 
 def _color(policy: str) -> str:
-    return COLORS.get(policy, "tab:gray")
+    """The policy's own colour (``Policy.color``), else a stable one from the palette."""
+    from xshare.selection import available_policies, get_policy
+
+    try:
+        own = get_policy(policy).color
+    except ValueError:
+        return "tab:gray"
+    if own:
+        return own
+    return PALETTE[available_policies().index(policy) % len(PALETTE)]
 
 
 def _x_batch(r: dict[str, Any]) -> float:

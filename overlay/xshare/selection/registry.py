@@ -149,10 +149,7 @@ def validate(config: SelectorConfig) -> Policy:
     naming the setting otherwise). Called wherever a config is used."""
     if not isinstance(config, SelectorConfig):
         raise ValueError(f"config must be a SelectorConfig, got {type(config).__name__}")
-    try:
-        policy = get_policy(config.policy)
-    except ValueError as exc:
-        raise ValueError(f"policy: {exc}") from None
+    policy = get_policy(config.policy)  # ValueError: "unknown policy ..."
     policy.validate_config(config)
     return policy
 

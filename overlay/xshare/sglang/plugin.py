@@ -61,7 +61,8 @@ def refuse(message: str) -> None:
 def register() -> None:
     """Entry point called by SGLang's ``load_plugins()``."""
     global _registered
-    from xshare.sglang.settings import SettingError, load_settings
+    from xshare.selection.schema import parse_bool_text
+    from xshare.sglang.settings import HOOK_ALL_ENV, SettingError, load_settings
 
     try:
         settings = load_settings()
@@ -75,7 +76,7 @@ def register() -> None:
         log.info("xshare: plugin loaded, selector disabled (set XSHARE_ENABLE=1 to enable it)")
         return
     frame = _scheduler_frame()
-    if frame is None and os.environ.get("XSHARE_HOOK_ALL_PROCESSES", "") not in ("1", "true", "yes", "on"):
+    if frame is None and parse_bool_text(os.environ.get(HOOK_ALL_ENV, "")) is not True:
         if multiprocessing.parent_process() is None:  # the launcher, which serves HTTP
             admin.install_routes(settings)
         log.info("xshare: %s (%s); hooks go into the scheduler processes",

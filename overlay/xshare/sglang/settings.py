@@ -101,11 +101,23 @@ def env_name(key: str) -> str:
     return PREFIX + key.upper()
 
 
+HOOK_ALL_ENV = "XSHARE_HOOK_ALL_PROCESSES"
+# Variables read outside the settings (by the launcher-side plugin and the admin endpoint).
+OTHER_VARIABLES = (
+    (CONFIG_ENV, "path", "none", "JSON file of settings (keys: the names above in lower case, without the prefix)"),
+    (HOOK_ALL_ENV, "bool", "off", "register the hooks in every SGLang process, not only the schedulers"),
+    ("XSHARE_ADMIN_TOKEN", "text", "none", "bearer token of the admin endpoint (docs/observability.md)"),
+    ("XSHARE_ADMIN_TOKEN_FILE", "path", "none", "file holding that token (a Kubernetes Secret; read per request)"),
+    ("XSHARE_ADMIN_ALLOW_UNAUTHENTICATED_LOCAL", "bool", "off", "admin endpoint without a token, loopback only"),
+    ("XSHARE_ADMIN_STATE_DIR", "path", "a temp dir", "where the admin endpoint hands configs to the schedulers"),
+)
+
+
 def settings_table() -> str:
-    """The settings table of the docs: every variable, its values, default and meaning."""
-    extra = ["| `XSHARE_CONFIG` | path | none | JSON file of settings (keys: the names above in lower case, "
-             "without the prefix) |"]
-    return markdown_table(PLUGIN_FIELDS + OPERATOR_FIELDS) + "\n" + "\n".join(extra)
+    """The settings table of the docs: every variable, its values, default and meaning (the table
+    between the ``settings-table`` markers of docs/sglang.md; a test keeps them equal)."""
+    rows = [f"| `{name}` | {kind} | {default} | {meaning} |" for name, kind, default, meaning in OTHER_VARIABLES]
+    return markdown_table(PLUGIN_FIELDS + OPERATOR_FIELDS) + "\n" + "\n".join(rows)
 
 
 def _where(key: str, origin: Mapping[str, str]) -> str:
