@@ -60,7 +60,10 @@ def test_presets_agree_with_published_parameter_counts(key):
     active = m.top_k * m.moe_layers * m.params_per_expert + m.shared_params + m.non_moe_params
     # shapes reproduce the published active count (embeddings explain the rest)
     assert active == pytest.approx(m.active_params, rel=0.15)
-    assert match_model(m.num_experts, m.top_k) == key
+    # a trace of this shape picks the first preset of that shape (qwen3-235b-a22b shares qwen3-30b-a3b's)
+    first = next(k for k, p in MODELS.items() if (p.num_experts, p.top_k) == (m.num_experts, m.top_k))
+    assert match_model(m.num_experts, m.top_k) == first
+    assert match_model(128, 8) == "qwen3-30b-a3b"
 
 
 def test_unknown_shape_has_no_preset_and_bad_knobs_are_errors():
@@ -69,6 +72,22 @@ def test_unknown_shape_has_no_preset_and_bad_knobs_are_errors():
         CostModel(GPUS["h100"], MODELS["deepseek-v3"], 8, hbm_efficiency=1.5)
     with pytest.raises(ValueError, match="selector-us"):
         CostModel(GPUS["h100"], MODELS["deepseek-v3"], 8, selector_us=-1)
+
+
+def test_tensor_parallel_slices_and_calibration_terms():
+    m = MODELS["qwen3-235b-a22b"]
+    z = np.zeros((1, 1))
+    plain = CostModel(GPUS["h200"], m, 1, hbm_efficiency=1.0)
+    tp8 = CostModel(GPUS["h200"], m, 1, hbm_efficiency=1.0, tp=8, moe_fixed_us=20.0, expert_hbm_efficiency=0.5)
+    t1 = plain.layer_times(np.array([[10.0]]), np.array([[80.0]]), z, z, np.array([10]))[0]
+    t8 = tp8.layer_times(np.array([[10.0]]), np.array([[80.0]]), z, z, np.array([10]))[0]
+    # an eighth of each expert, at half the bandwidth, plus the fixed cost: 2/8 of the plain time + 20 us
+    assert t8 == pytest.approx(t1 * 2 / 8 + 20e-6)
+    assert tp8.non_moe_seconds() == pytest.approx(plain.non_moe_seconds() / 8)
+    assert plain.kv_seconds(16, 0) == 0 and plain.kv_seconds(16, 1000) == pytest.approx(
+        16 * 1000 * m.kv_bytes_per_token / 4.8e12)
+    with pytest.raises(ValueError, match="tp"):
+        CostModel(GPUS["h200"], m, 1, tp=0)
 
 
 def test_assumptions_are_stated():

@@ -5,11 +5,11 @@ Triton's interpreter. Every case compares with :func:`xshare.selection.select`: 
 identical ``active``, identical physical slots, weights within 1e-6. Inputs are randomised, with
 exact ties (discrete logits, duplicated experts and tokens), ``-inf`` entries, padding rows holding
 garbage, knob changes, both scorings, renormalisation on and off, and placements over 1..8 GPUs.
+The case generator lives in :mod:`xshare.selection.kernels.cases`, so that ``xshare bench gpu``
+replays the same cases on CUDA.
 """
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
@@ -23,73 +23,15 @@ from hypothesis import strategies as st  # noqa: E402
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs, select  # noqa: E402
 from xshare.selection.kernels import dispatch, fused_select, kernel_supports  # noqa: E402
-
-KINDS = ("normal", "discrete", "binary", "duplicated")
-
-
-def make_logits(gen: torch.Generator, num_rows: int, num_experts: int, kind: str, *, masked: bool) -> torch.Tensor:
-    if kind == "normal":
-        x = torch.randn(num_rows, num_experts, generator=gen) * 2
-    elif kind == "discrete":  # many exact ties inside each token
-        values = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
-        x = values[torch.randint(0, len(values), (num_rows, num_experts), generator=gen)]
-    elif kind == "binary":  # ties everywhere, also between the batch's column sums
-        x = torch.randint(0, 2, (num_rows, num_experts), generator=gen).float()
-    else:  # duplicated experts (tied column sums) and duplicated tokens
-        x = torch.randn(num_rows, num_experts, generator=gen)
-        src = torch.randint(0, num_experts, (max(1, num_experts // 3),), generator=gen)
-        dst = torch.randint(0, num_experts, (max(1, num_experts // 3),), generator=gen)
-        x[:, dst] = x[:, src].clone()
-        if num_rows > 1:
-            x[torch.randint(0, num_rows, (num_rows // 2,), generator=gen)] = x[0].clone()
-    if masked:
-        x = x.masked_fill(torch.rand(num_rows, num_experts, generator=gen) < 0.3, float("-inf"))
-        if num_rows > 2:
-            x[0] = float("-inf")  # a token with no usable expert
-            x[1, : num_experts - 1] = float("-inf")  # one usable expert (< top_k)
-    return x
+from xshare.selection.kernels.cases import compare, make_logits, random_case  # noqa: E402
 
 
 def assert_same(kw: dict) -> None:
     ref = select(**kw)
     got = fused_select(**kw, backend="triton")
+    assert not compare(ref, got), compare(ref, got)
     assert torch.equal(got.topk_ids, ref.topk_ids), (got.topk_ids, ref.topk_ids)
-    assert torch.equal(got.active, ref.active)
-    assert got.topk_ids.dtype == torch.int32 and got.topk_weights.dtype == torch.float32
     torch.testing.assert_close(got.topk_weights, ref.topk_weights, atol=1e-6, rtol=0)
-    if ref.physical_ids is None:
-        assert got.physical_ids is None
-    else:
-        assert torch.equal(got.physical_ids, ref.physical_ids)
-
-
-def random_case(seed: int, policy: str, scoring: str, renormalize: bool) -> dict:
-    rnd = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    num_experts = rnd.choice([5, 8, 16, 60, 64, 128])
-    top_k = min(num_experts, rnd.choice([1, 2, 4, 6, 8]))
-    num_rows = rnd.choice([1, 2, 3, 9, 16, 33])
-    config = SelectorConfig(
-        policy=policy, budget=rnd.choice([1, 3, 0.1, 0.25, 0.5, 1.0]), warmup_k=rnd.randint(0, min(2, top_k)),
-        scoring=scoring, renormalize=renormalize, gpu_cap=rnd.choice([None, None, 1, 3]),
-        min_tokens=rnd.choice([0, 1, 1, 4]), max_tokens=rnd.choice([None, None, 20]),
-    )
-    logits = make_logits(gen, num_rows, num_experts, rnd.choice(KINDS), masked=rnd.random() < 0.5)
-    kw: dict = {"router_logits": logits, "top_k": top_k, "config": config}
-    if policy == "xshare_ep":
-        gpus = min(num_experts, rnd.choice([1, 2, 4, 8]))
-        kw["placement"] = (Placement.contiguous(num_experts, gpus) if rnd.random() < 0.5 else
-                           Placement.from_expert_gpu(torch.randint(0, gpus, (num_experts,), generator=gen), gpus))
-    mode = rnd.choice(["none", "int", "tensor", "knobs"])
-    if mode != "none":
-        n = rnd.randint(0, num_rows)
-        kw["num_tokens"] = n if mode == "int" else torch.tensor(n)
-        if mode == "knobs":
-            kw["knobs"] = SelectorKnobs.create(config, num_experts, top_k, enabled=rnd.random() < 0.8)
-        if n < num_rows:  # padding rows hold garbage, as CUDA-graph padding may
-            logits[n:] = torch.where(torch.rand(num_rows - n, num_experts, generator=gen) < 0.5, float("nan"), 30.0)
-            kw["validate"] = False
-    return kw
 
 
 @pytest.mark.parametrize("policy", ["xshare", "xshare_ep"])

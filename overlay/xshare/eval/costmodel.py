@@ -23,6 +23,14 @@ Not modelled (stated with every result): KV-cache reads and attention FLOPs (the
 time to every policy, so leaving them out overstates the OTPS ratio), kernel launch gaps, overlap of
 communication with compute, grouped-GEMM tile waste at small token counts, DeepSeek-V3's grouped
 routing and bias correction, and the accuracy effect of a policy.
+
+Calibration (``CALIBRATION``, docs/costmodel.md): two more terms, off by default so that ``xshare
+eval`` keeps the plain roofline above: ``moe_fixed_us``, a fixed cost per fused-MoE call (launches,
+alignment, activation, reduction), and ``expert_hbm_efficiency``, the share of HBM bandwidth the
+fused-MoE kernel reaches while streaming expert weights. Both are fitted to SGLang's published H200
+kernel times (PR 11730, untuned fused MoE Triton kernel, Qwen3-235B-A22B FP8, TP 8):
+``t_layer = moe_fixed_us + max_g(max(bytes(g) / (HBM * expert_hbm_efficiency), FLOPs(g) / peak))``.
+``tp`` slices every expert over ``tp`` GPUs (bytes and FLOPs per GPU divided by ``tp``).
 """
 
 from __future__ import annotations
@@ -60,6 +68,10 @@ class ModelSpec:
     dense_bytes_per_param: float
     compute: str  # 'bf16' | 'fp8'
     source: str
+    # KV cache read per decode step (0 = not modelled): bytes per cached token over the layers that attend
+    # the whole context, and per request over the sliding-window layers (a constant window)
+    kv_bytes_per_token: float = 0.0
+    window_kv_bytes: float = 0.0
 
     @property
     def params_per_expert(self) -> int:
@@ -96,25 +108,37 @@ MODELS: dict[str, ModelSpec] = {
         shared_experts=2, total_params=15.7e9, active_params=2.4e9, expert_bytes_per_param=2.0,
         dense_bytes_per_param=2.0, compute="bf16",
         source="config.json: hidden 2048, moe_intermediate_size 1408, 27 layers (first dense), 64 routed + 2 shared, "
-               "top-6; 15.7B total / 2.4B active; BF16"),
+               "top-6; 15.7B total / 2.4B active; BF16",
+        kv_bytes_per_token=27 * (512 + 64) * 2.0),
     "deepseek-v3": ModelSpec(
         "DeepSeek-V3", num_experts=256, top_k=8, hidden=7168, moe_intermediate=2048, moe_layers=58,
         shared_experts=1, total_params=671e9, active_params=37e9, expert_bytes_per_param=1.0,
         dense_bytes_per_param=1.0, compute="fp8",
         source="config.json: hidden 7168, moe_intermediate_size 2048, 61 layers (first 3 dense), 256 routed + 1 "
-               "shared, top-8; 671B total / 37B active (without MTP); FP8 weights"),
+               "shared, top-8; 671B total / 37B active (without MTP); FP8 weights",
+        kv_bytes_per_token=61 * (512 + 64) * 2.0),
     "qwen3-30b-a3b": ModelSpec(
         "Qwen3-30B-A3B", num_experts=128, top_k=8, hidden=2048, moe_intermediate=768, moe_layers=48,
         shared_experts=0, total_params=30.5e9, active_params=3.3e9, expert_bytes_per_param=2.0,
         dense_bytes_per_param=2.0, compute="bf16",
         source="config.json: hidden 2048, moe_intermediate_size 768, 48 MoE layers, 128 experts, top-8; "
-               "30.5B total / 3.3B active; BF16"),
+               "30.5B total / 3.3B active; BF16",
+        kv_bytes_per_token=48 * 4 * 128 * 2 * 2.0),
+    "qwen3-235b-a22b": ModelSpec(
+        "Qwen3-235B-A22B", num_experts=128, top_k=8, hidden=4096, moe_intermediate=1536, moe_layers=94,
+        shared_experts=0, total_params=235e9, active_params=22e9, expert_bytes_per_param=1.0 + 4 / 128**2,
+        dense_bytes_per_param=1.0 + 4 / 128**2, compute="fp8",
+        source="config.json: hidden 4096, moe_intermediate_size 1536, 94 MoE layers, 128 experts, top-8; 235B total "
+               "/ 22B active; FP8 release (Qwen3-235B-A22B-FP8: e4m3 weights, one float32 scale per 128x128 block)",
+        kv_bytes_per_token=94 * 4 * 128 * 2 * 2.0),
     "gpt-oss-120b": ModelSpec(
         "GPT-OSS-120B", num_experts=128, top_k=4, hidden=2880, moe_intermediate=2880, moe_layers=36,
         shared_experts=0, total_params=116.8e9, active_params=5.1e9, expert_bytes_per_param=4.25 / 8,
         dense_bytes_per_param=2.0, compute="bf16",
         source="config.json: hidden 2880, intermediate_size 2880, 36 MoE layers, 128 experts, top-4; 116.8B total / "
-               "5.1B active; MXFP4 experts (4.25 bits/param incl. scales), BF16 rest, BF16 compute on Hopper"),
+               "5.1B active; MXFP4 experts (4.25 bits/param incl. scales), BF16 rest, BF16 compute on Hopper; "
+               "attention alternates full-context and 128-token sliding-window layers, 8 KV heads x 64",
+        kv_bytes_per_token=18 * 8 * 64 * 2 * 2.0, window_kv_bytes=18 * 128 * 8 * 64 * 2 * 2.0),
 }
 
 
@@ -137,17 +161,24 @@ class CostModel:
     selector_us: float = 10.0
     gpus_per_node: int = 8
     act_bytes: float = 2.0
+    tp: int = 1  # every expert sliced over this many GPUs (tensor parallel): bytes and FLOPs per GPU / tp
+    moe_fixed_us: float = 0.0  # fixed cost of one fused-MoE call (calibration; 0 = the plain roofline)
+    expert_hbm_efficiency: float | None = None  # HBM share while streaming expert weights (None = hbm_efficiency)
 
     def __post_init__(self) -> None:
         for name in ("hbm_efficiency", "flops_efficiency"):
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
-        for name in ("a2a_latency_us", "selector_us"):
+        if self.expert_hbm_efficiency is not None and not 0 < self.expert_hbm_efficiency <= 1:
+            raise ValueError(f"--expert-hbm-efficiency must be in (0, 1], got {self.expert_hbm_efficiency}")
+        for name in ("a2a_latency_us", "selector_us", "moe_fixed_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.num_gpus < 1:
             raise ValueError("--gpus must be >= 1")
+        if self.tp < 1:
+            raise ValueError("--tp must be >= 1")
 
     @property
     def peak_flops(self) -> float:
@@ -158,8 +189,19 @@ class CostModel:
         return self.gpu.hbm_bandwidth * self.hbm_efficiency
 
     @property
+    def expert_bandwidth(self) -> float:
+        """Bytes/s at which the fused-MoE kernel streams expert weights."""
+        eff = self.hbm_efficiency if self.expert_hbm_efficiency is None else self.expert_hbm_efficiency
+        return self.gpu.hbm_bandwidth * eff
+
+    @property
     def link_bandwidth(self) -> float:
         return self.gpu.nvlink_bandwidth if self.num_gpus <= self.gpus_per_node else self.gpu.network_bandwidth
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one routed expert held by one GPU (its 1/tp slice)."""
+        return self.model.params_per_expert * self.model.expert_bytes_per_param / self.tp
 
     def layer_times(self, gpu_active: np.ndarray, gpu_assign: np.ndarray, sent: np.ndarray, received: np.ndarray,
                     tokens: np.ndarray) -> np.ndarray:
@@ -169,20 +211,29 @@ class CostModel:
         tokens sent to / received from other GPUs); tokens: [N] tokens in each batch.
         """
         m = self.model
-        pe = m.params_per_expert
+        pe = m.params_per_expert / self.tp
         g = self.num_gpus
         tokens_here = np.asarray(tokens, dtype=np.float64)[:, None] / g  # DP attention: tokens per GPU
-        bytes_ = gpu_active * pe * m.expert_bytes_per_param + m.shared_experts * pe * m.expert_bytes_per_param
+        bytes_ = (np.asarray(gpu_active, dtype=np.float64) + m.shared_experts) * pe * m.expert_bytes_per_param
         flops = 2.0 * pe * gpu_assign + 2.0 * m.shared_experts * pe * tokens_here
-        t_gpu = np.maximum(bytes_ / self.bandwidth, flops / self.peak_flops)
-        t = t_gpu.max(-1)
+        t_gpu = np.maximum(bytes_ / self.expert_bandwidth, flops / self.peak_flops)
+        t = t_gpu.max(-1) + self.moe_fixed_us * 1e-6
         if g > 1:
             volume = np.maximum(sent, received).max(-1) * m.hidden * self.act_bytes
             t = t + 2.0 * (self.a2a_latency_us * 1e-6 + volume / self.link_bandwidth)
         return t
 
+    def kv_seconds(self, batch: int, context: float) -> float:
+        """KV-cache read of one decode step: ``batch`` requests with ``context`` cached tokens each
+        (sliding-window layers read their window); 0 when the preset has no KV figures."""
+        if batch < 0 or context < 0:
+            raise ValueError("--context must be >= 0")
+        m = self.model
+        window = m.window_kv_bytes if context > 0 else 0.0
+        return batch * (context * m.kv_bytes_per_token + window) / self.tp / self.bandwidth
+
     def non_moe_seconds(self) -> float:
-        return self.model.non_moe_params * self.model.dense_bytes_per_param / self.bandwidth
+        return self.model.non_moe_params * self.model.dense_bytes_per_param / self.tp / self.bandwidth
 
     def step_seconds(self, moe_layer_sum: np.ndarray, num_layers_replayed: int, selector: bool) -> np.ndarray:
         """Per batch: non-MoE time + the model's MoE layers (replayed layers' mean times moe_layers)."""
@@ -202,6 +253,9 @@ class CostModel:
             "flops_efficiency": self.flops_efficiency,
             "a2a_latency_us": self.a2a_latency_us,
             "selector_us": self.selector_us,
+            "tp": self.tp,
+            "moe_fixed_us": self.moe_fixed_us,
+            "expert_hbm_efficiency": self.expert_hbm_efficiency,
             "gpus_per_node": self.gpus_per_node,
             "activation_bytes": self.act_bytes,
             "link": "NVLink" if self.num_gpus <= self.gpus_per_node else "network",
@@ -228,9 +282,74 @@ class CostModel:
             f"{self.num_gpus} GPU(s), expert parallel; tokens start on GPU (index mod G) as under DP attention; "
             f"all-to-all = 2 x ({self.a2a_latency_us:g} us + max per-GPU volume x hidden x {self.act_bytes:g} B "
             "/ link)",
-            f"per MoE layer: max over GPUs of max(expert bytes / HBM, FLOPs / peak) + all-to-all + "
-            f"{self.selector_us:g} us selector (not for topk); every GPU reads the "
+            f"per MoE layer: {self.moe_fixed_us:g} us fixed + max over GPUs of max(expert bytes / "
+            f"(HBM x {self.expert_bandwidth / self.gpu.hbm_bandwidth:.3g}), FLOPs / peak) + all-to-all + "
+            f"{self.selector_us:g} us selector (not for topk); experts sliced over tp = {self.tp}; every GPU reads the "
             f"{m.non_moe_params / 1e9:.2f}B non-MoE params once per step",
             "not modelled: KV-cache reads, attention FLOPs (equal for all policies, so OTPS ratios are upper bounds), "
             "launch gaps, comm/compute overlap, GEMM tile waste, accuracy",
         ]
+
+
+# -- calibration on published H200 measurements ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Published fused-MoE kernel times of one MoE layer (vanilla routing) per batch size."""
+
+    source: str
+    model: str  # a MODELS key
+    gpu: str  # a GPUS key
+    tp: int
+    routing: str  # how the benchmark routed: 'uniform' = random gate logits
+    batch: tuple[int, ...]
+    kernel_us: tuple[float, ...]
+
+
+# SGLang PR 11730 ("add tuned fuse moe kernel for qwen3 235b fp8 on h200"), section "Without tuned kernel":
+# benchmark/kernels/fused_moe_triton/tuning_fused_moe_triton.py --model Qwen/Qwen3-235B-A22B-Instruct-2507
+# --tp-size 8 --dtype fp8_w8a8, default config BLOCK_SIZE_M 64 / N 128 / K 128, num_warps 4, num_stages 4.
+# That script routes random normal gate logits through the model's top-k: uniform routing.
+SGLANG_PR11730 = Measurement(
+    source="SGLang PR 11730, untuned fused MoE Triton kernel (default config), Qwen3-235B-A22B-Instruct-2507 "
+           "fp8_w8a8, TP 8, one H200, CUDA-graph replay",
+    model="qwen3-235b-a22b", gpu="h200", tp=8, routing="uniform",
+    batch=(1, 2, 4, 8, 16, 24, 32), kernel_us=(31.70, 36.56, 49.67, 66.87, 92.36, 117.38, 124.99),
+)
+
+# Fitted to SGLANG_PR11730 by fit_calibration() (least squares on the relative error; the test
+# tests/test_bench_costmodel.py re-fits and checks these rounded values): per fused-MoE call a fixed
+# 23.8 us, and expert weights streamed at 0.561 x 4.8 TB/s = 2.69 TB/s.
+CALIBRATION: dict[str, float] = {"moe_fixed_us": 23.8, "expert_hbm_efficiency": 0.561}
+
+
+def uniform_active(num_experts: int, top_k: int, batch: int | np.ndarray) -> np.ndarray:
+    """Expected distinct experts of a batch under uniform routing (each token a uniformly random
+    top_k-subset, independently): E * (1 - (1 - k/E)^B)."""
+    b = np.asarray(batch, dtype=np.float64)
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** b)
+
+
+def calibrated(gpu: str, model: str, *, num_gpus: int = 1, tp: int = 1, **kw: Any) -> CostModel:
+    """A CostModel with the CALIBRATION constants (any of them overridable through ``kw``)."""
+    if gpu not in GPUS:
+        raise ValueError(f"--gpu must be one of {', '.join(GPUS)}, got {gpu!r}")
+    if model not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    return CostModel(GPUS[gpu], MODELS[model], num_gpus, tp=tp, **{**CALIBRATION, **kw})
+
+
+def fit_calibration(meas: Measurement = SGLANG_PR11730, *, use: slice = slice(None)) -> dict[str, float]:
+    """Fit ``moe_fixed_us`` and ``expert_hbm_efficiency`` to ``meas`` (the points ``use`` selects):
+    t = fixed + N(B) * expert bytes / (HBM * eff), N(B) the uniform expected distinct experts,
+    by least squares on the relative error. Memory-bound by construction: at these batches the
+    FLOPs term is < 2% of the time (checked by the caller's tests)."""
+    m = MODELS[meas.model]
+    base = CostModel(GPUS[meas.gpu], m, 1, tp=meas.tp)
+    n = uniform_active(m.num_experts, m.top_k, np.asarray(meas.batch[use]))
+    t = np.asarray(meas.kernel_us[use], dtype=np.float64)
+    a = np.stack([np.ones_like(n), n], 1) / t[:, None]
+    (fixed, per_expert), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+    eff = base.expert_bytes / (per_expert * 1e-6) / GPUS[meas.gpu].hbm_bandwidth
+    return {"moe_fixed_us": float(fixed), "expert_hbm_efficiency": float(eff), "us_per_expert": float(per_expert)}
