@@ -1,8 +1,8 @@
 """The admin endpoint's HTTP side: routes on SGLang's FastAPI app, bearer-token authorization, and
 the all-or-none fan-out of a change to every scheduler rank (see :mod:`xshare.sglang.admin`)."""
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the route handlers' annotations (Request,
+# Depends) at run time, and those are imported inside AdminRoutes.add_to.
 import asyncio
 import glob
 import hmac
