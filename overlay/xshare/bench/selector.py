@@ -13,7 +13,7 @@ For every point of the grid B (tokens) x E (experts) x top_k, one run times, int
 
 On CUDA, top-k and both selectors are captured in a CUDA graph and replayed, as decode runs them
 (eager if capture fails; the mode is recorded). Ratios: ``select / topk`` and the selector's share
-of the MoE layer run with it, ``select / (select + experts_xshare)`` (the issue's goal: <= 5%).
+of the MoE layer run with it, ``select / (select + experts_xshare)`` (the goal: <= 5 %).
 Expert weights: ``--expert-pool`` distinct weight sets (expert e uses set e mod pool), so E = 256
 does not need E experts in memory; at realistic sizes one set (9 MiB in bf16 for H = 2048,
 I = 768) is far larger than the CPU caches, so each activated expert streams its weights from
@@ -47,7 +47,7 @@ DEFAULT_BATCH = [1, 8, 16, 32, 64]
 DEFAULT_EXPERTS = [64, 128, 256]
 DEFAULT_TOP_K = [4, 6, 8]
 GOAL_SHARE = 0.05
-FIGURE_POINT = (16, 128, 8)  # the figure: B = 16, E = 128, top_k = 8
+FIGURE_POINT = (16, 128, 8)  # the reference point: B = 16, E = 128, top_k = 8
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (
         "Grid: every combination of --batch x --experts x --top-k (top_k > E is skipped).\n"
-        "Quick single point (the issue's figure, Qwen3-30B-A3B expert size):\n"
+        "Quick single point (the reference point, Qwen3-30B-A3B expert size):\n"
         "  xshare bench selector --batch 16 --experts 128 --top-k 8 --hidden 2048 --moe-intermediate 768\n"
         "See docs/kernel.md."
     )

@@ -20,35 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xshare.sglang.metrics import METRICS
+
 UID = "xshare-sglang"
 TITLE = "XShare on SGLang: MoE expert activation and peak GPU load"
 #: The chart's copy, the only one (the repository's dashboards/xshare-sglang.json links to it).
 DEFAULT_OUT = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "xshare-sglang" / "dashboards" / f"{UID}.json"
 
-#: The plugin's metrics as exposed on /metrics (counters with their ``_total`` suffix): name -> (type, labels).
+#: The plugin's metrics as exposed on /metrics (counters with their ``_total`` suffix): name -> (type, labels),
+#: derived from the plugin's own definitions (:data:`xshare.sglang.metrics.METRICS`; every series has ``rank``).
 XSHARE_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "xshare:active_experts": ("histogram", ("rank", "layer")),
-    "xshare:vanilla_active_experts": ("histogram", ("rank", "layer")),
-    "xshare:gpu_active_experts": ("gauge", ("rank", "layer", "gpu")),
-    "xshare:gpu_tokens": ("gauge", ("rank", "layer", "gpu")),
-    "xshare:peak_gpu_active_experts": ("histogram", ("rank",)),
-    "xshare:vanilla_peak_gpu_active_experts": ("histogram", ("rank",)),
-    "xshare:peak_mean_ratio": ("histogram", ("rank",)),
-    "xshare:mass_kept": ("histogram", ("rank",)),
-    "xshare:top1_kept": ("histogram", ("rank",)),
-    "xshare:selector_calls_total": ("counter", ("rank",)),
-    "xshare:fallbacks_total": ("counter", ("rank", "reason")),
-    "xshare:selector_seconds": ("histogram", ("rank",)),
-    "xshare:config_info": ("gauge", ("rank", "policy", "version")),
-    "xshare:budget": ("gauge", ("rank",)),
-    "xshare:warmup_k": ("gauge", ("rank",)),
-    "xshare:group_budget": ("gauge", ("rank",)),
-    "xshare:gpu_cap": ("gauge", ("rank",)),
-    "xshare:enabled": ("gauge", ("rank",)),
-    "xshare:config_changes_total": ("counter", ("rank", "result")),
-    "xshare:forwards_total": ("counter", ("rank", "mode")),
-    "xshare:forward_seconds_total": ("counter", ("rank", "mode")),
-    "xshare:moe_seconds_total": ("counter", ("rank", "mode")),
+    name: (kind, ("rank", *labels)) for name, (kind, labels, _doc) in METRICS.items()
 }
 
 _X = 'instance=~"$instance"'

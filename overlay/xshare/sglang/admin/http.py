@@ -28,6 +28,7 @@ from xshare.sglang.admin.common import (
     state_dir,
 )
 from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config, config_of
+from xshare.sglang.model_shape import moe_shape
 
 log = logging.getLogger("xshare.sglang")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -101,18 +102,7 @@ def _model_facts() -> tuple[int | None, int | None]:
 
     gs = getattr(http_server, "_global_state", None)
     hf = getattr(getattr(getattr(gs, "tokenizer_manager", None), "model_config", None), "hf_text_config", None)
-    e = k = None
-    for name in ("num_experts", "n_routed_experts", "num_local_experts"):
-        v = getattr(hf, name, None)
-        if isinstance(v, int) and v > 0:
-            e = v
-            break
-    for name in ("num_experts_per_tok", "moe_top_k", "top_k"):
-        v = getattr(hf, name, None)
-        if isinstance(v, int) and v > 0:
-            k = v
-            break
-    return k, e
+    return moe_shape(hf)
 
 
 class AdminRoutes:
