@@ -7,7 +7,7 @@ from conftest import require_module
 require_module("transformers", "scripts/install_sglang_cpu.sh")
 
 from xshare.cli import main  # noqa: E402
-from xshare.models import train_tiny as tt  # noqa: E402
+from xshare.models.store import MANIFEST, model_intact, read_manifest  # noqa: E402
 
 SMALL = ["--set", "hidden_size=32", "--set", "head_dim=8", "--set", "num_layers=2", "--set", "num_experts=8",
          "--set", "top_k=2", "--set", "moe_intermediate_size=32", "--set", "steps=4", "--set", "batch_size=8",
@@ -18,10 +18,10 @@ def test_train_check_eval_profile(tmp_path, capsys):
     d = tmp_path / "model"
     assert main(["train-tiny", "--model-dir", str(d), *SMALL]) == 0
     out = json.loads(capsys.readouterr().out)
-    man = tt.read_manifest(d)
+    man = read_manifest(d)
     assert out["state_sha256"] == man["state_sha256"] and out["parameters"] == man["parameters"]
     assert man["config"]["steps"] == 4 and man["config"]["num_experts"] == 8
-    assert tt.model_intact(d)
+    assert model_intact(d)
 
     assert main(["train-tiny", "--model-dir", str(d), "--check"]) == 0
     chk = json.loads(capsys.readouterr().out)
@@ -50,7 +50,7 @@ def test_check_detects_a_different_model(tmp_path, capsys):
     d = tmp_path / "model"
     assert main(["train-tiny", "--model-dir", str(d), *SMALL]) == 0
     capsys.readouterr()
-    man_path = d / tt.MANIFEST
+    man_path = d / MANIFEST
     man = json.loads(man_path.read_text())
     man["state_sha256"] = "0" * 64
     man_path.write_text(json.dumps(man))

@@ -13,20 +13,39 @@ from conftest import require_module
 require_module("transformers", "scripts/install_sglang_cpu.sh")
 require_module("tokenizers", "scripts/install_sglang_cpu.sh")
 
+from xshare.models import cache  # noqa: E402
 from xshare.models import tasks as T  # noqa: E402
-from xshare.models import train_tiny as tt  # noqa: E402
+from xshare.models.cache import CACHE_ENV, MODEL_DIR_ENV, default_model_dir, ensure_model  # noqa: E402
+from xshare.models.config import TinyConfig, build_model  # noqa: E402
+from xshare.models.decode import greedy_decode  # noqa: E402
+from xshare.models.evaluation import evaluate, task_specialisation  # noqa: E402
+from xshare.models.experts import _TRAIN_TOKEN_MASK, SORTED_EXPERTS, experts_implementation, skip_padding  # noqa: E402
+from xshare.models.profiling import profile_decode  # noqa: E402
+from xshare.models.routing_override import RoutingOverride, moe_blocks  # noqa: E402
+from xshare.models.store import (  # noqa: E402
+    MANIFEST,
+    WEIGHTS,
+    load,
+    model_intact,
+    read_manifest,
+    save,
+    state_sha256,
+    weights_sha256,
+)
+from xshare.models.tokenizer import build_tokenizer, training_batch  # noqa: E402
+from xshare.models.training import train  # noqa: E402
 from xshare.selection import SelectorConfig  # noqa: E402
 
-SMALL = tt.TinyConfig(hidden_size=32, head_dim=8, num_heads=4, num_kv_heads=2, num_layers=2, num_experts=8,
+SMALL = TinyConfig(hidden_size=32, head_dim=8, num_heads=4, num_kv_heads=2, num_layers=2, num_experts=8,
                       top_k=2, moe_intermediate_size=32, steps=6, batch_size=8, warmup_steps=2, threads=1)
 
 
-def _decisive_random_model(cfg: tt.TinyConfig = SMALL, seed: int = 0):
+def _decisive_random_model(cfg: TinyConfig = SMALL, seed: int = 0):
     """A random model whose greedy tokens are far from ties (large output logits) and vary."""
-    model = tt.build_model(cfg.replace(seed=seed))
+    model = build_model(cfg.replace(seed=seed))
     with torch.no_grad():
         model.lm_head.weight.mul_(200.0)
-        for block in tt._moe_blocks(model):
+        for block in moe_blocks(model):
             block.gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed + 1))
             block.experts.down_proj.mul_(50.0)
     return model.eval()
@@ -36,7 +55,7 @@ def _decisive_random_model(cfg: tt.TinyConfig = SMALL, seed: int = 0):
 def test_tokenizer_round_trip_one_token_per_character(tmp_path):
     from transformers import AutoTokenizer
 
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     assert [tok.convert_ids_to_tokens(i) for i in range(4)] == list(T.SPECIALS)
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     text = "".join(T.ALPHABET)
@@ -54,9 +73,9 @@ def test_tokenizer_round_trip_one_token_per_character(tmp_path):
 
 
 def test_training_batch_masks_prompt_and_padding():
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     probs = [T.Problem("add", "A:1+2=", "3"), T.Problem("copy", "C:abcd=", "abcd")]
-    b = tt.training_batch(tok, probs)
+    b = training_batch(tok, probs)
     assert b["input_ids"].shape == (2, 12)
     assert b["attention_mask"].sum(1).tolist() == [8, 12]
     assert tok.decode(b["labels"][0][b["labels"][0] >= 0]) == "3<eos>"
@@ -67,28 +86,28 @@ def test_training_batch_masks_prompt_and_padding():
 # -- config ---------------------------------------------------------------------------------------
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="top_k"):
-        tt.TinyConfig(num_experts=4, top_k=8)
+        TinyConfig(num_experts=4, top_k=8)
     with pytest.raises(ValueError, match="hidden_size"):
-        tt.TinyConfig(hidden_size=0)
+        TinyConfig(hidden_size=0)
     with pytest.raises(ValueError, match="num_kv_heads"):
-        tt.TinyConfig(num_heads=4, num_kv_heads=3)
+        TinyConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="lr"):
-        tt.TinyConfig(lr=float("nan"))
+        TinyConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        tt.TinyConfig(max_position_embeddings=8)
+        TinyConfig(max_position_embeddings=8)
     with pytest.raises(ValueError, match="unknown task"):
-        tt.TinyConfig(tasks=("add", "nope"))
+        TinyConfig(tasks=("add", "nope"))
     with pytest.raises(ValueError, match="unknown TinyConfig key"):
-        tt.TinyConfig.from_dict({"hidden": 3})
-    cfg = tt.TinyConfig()
-    assert tt.TinyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert cfg.identity() == tt.TinyConfig().identity()
+        TinyConfig.from_dict({"hidden": 3})
+    cfg = TinyConfig()
+    assert TinyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.identity() == TinyConfig().identity()
     assert cfg.identity() != cfg.replace(seed=1).identity()
 
 
 def test_default_model_is_sized_for_expert_dominated_decode():
-    cfg = tt.TinyConfig()
-    model = tt.build_model(cfg.replace(steps=1))
+    cfg = TinyConfig()
+    model = build_model(cfg.replace(steps=1))
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert experts / total > 0.9  # expert weights dominate the parameters (and the bytes read per decode step)
@@ -97,23 +116,23 @@ def test_default_model_is_sized_for_expert_dominated_decode():
 
 # -- training -------------------------------------------------------------------------------------
 def test_short_training_is_bit_for_bit_reproducible():
-    a = tt.train(SMALL)
-    b = tt.train(SMALL)
-    c = tt.train(SMALL.replace(seed=1))
-    assert tt.state_sha256(a.model) == tt.state_sha256(b.model)
-    assert tt.state_sha256(a.model) != tt.state_sha256(c.model)
-    assert tt.state_sha256(a.model) != tt.state_sha256(tt.build_model(SMALL))  # it did train
+    a = train(SMALL)
+    b = train(SMALL)
+    c = train(SMALL.replace(seed=1))
+    assert state_sha256(a.model) == state_sha256(b.model)
+    assert state_sha256(a.model) != state_sha256(c.model)
+    assert state_sha256(a.model) != state_sha256(build_model(SMALL))  # it did train
     assert len(a.losses) == 1 and a.losses == b.losses
 
 
 def test_sorted_experts_match_the_library_loop():
     model = _decisive_random_model()
-    block = tt._moe_blocks(model)[0]
+    block = moe_blocks(model)[0]
     x = torch.randn(37, SMALL.hidden_size, generator=torch.Generator().manual_seed(0))
     _, w, idx = block.gate(x)
-    with tt.experts_implementation(model, "eager"):
+    with experts_implementation(model, "eager"):
         ref = block.experts(x, idx, w)
-    with tt.experts_implementation(model, tt.SORTED_EXPERTS):
+    with experts_implementation(model, SORTED_EXPERTS):
         got = block.experts(x, idx, w)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -125,16 +144,16 @@ def test_padding_rows_skip_the_experts_without_changing_loss_or_gradients():
     from xshare.models import tasks as T
 
     model = _decisive_random_model()
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     problems = list(itertools.islice(T.training_problems(0, SMALL.tasks, {}), 12))
-    batch = tt.training_batch(tok, problems)
+    batch = training_batch(tok, problems)
     assert (batch["attention_mask"] == 0).any()  # the batch does hold padding
 
     def loss_and_grads(skip):
         model.zero_grad(set_to_none=True)
-        with tt.experts_implementation(model, tt.SORTED_EXPERTS):
+        with experts_implementation(model, SORTED_EXPERTS):
             if skip:
-                with tt._skip_padding(batch["attention_mask"]):
+                with skip_padding(batch["attention_mask"]):
                     out = model(**batch, output_router_logits=True, use_cache=False)
             else:
                 out = model(**batch, output_router_logits=True, use_cache=False)
@@ -147,13 +166,13 @@ def test_padding_rows_skip_the_experts_without_changing_loss_or_gradients():
     assert full.keys() == skipped.keys()
     for name in full:
         torch.testing.assert_close(skipped[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert tt._TRAIN_TOKEN_MASK[0] is None  # the mask never outlives the block
+    assert _TRAIN_TOKEN_MASK[0] is None  # the mask never outlives the block
 
 
 def test_training_learns():
     """60 steps on addition: the answer loss falls well below its start (answers are digits)."""
     cfg = SMALL.replace(steps=60, batch_size=16, lr=1e-2, warmup_steps=10, tasks=["add"])
-    res = tt.train(cfg, log_every=20)
+    res = train(cfg, log_every=20)
     assert len(res.losses) == 3
     assert res.losses[-1] < 0.75 * res.losses[0]
 
@@ -162,121 +181,121 @@ def test_training_learns():
 def test_save_load_and_intact_check(tmp_path):
     from safetensors import safe_open
 
-    res = tt.train(SMALL)
-    d = tt.save(res, SMALL, tmp_path / "m")
-    assert tt.model_intact(d, SMALL) and not tt.model_intact(d, SMALL.replace(seed=5))
-    man = tt.read_manifest(d)
-    assert man["state_sha256"] == tt.state_sha256(res.model)
-    assert man["weights_sha256"] == tt.weights_sha256(d)
+    res = train(SMALL)
+    d = save(res, SMALL, tmp_path / "m")
+    assert model_intact(d, SMALL) and not model_intact(d, SMALL.replace(seed=5))
+    man = read_manifest(d)
+    assert man["state_sha256"] == state_sha256(res.model)
+    assert man["weights_sha256"] == weights_sha256(d)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["eos_token_id"] == 2
     assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == 2
-    with safe_open(str(d / tt.WEIGHTS), "pt") as f:  # per-expert weights, the layout SGLang loads
+    with safe_open(str(d / WEIGHTS), "pt") as f:  # per-expert weights, the layout SGLang loads
         assert "model.layers.0.mlp.experts.7.gate_proj.weight" in f.keys()
-    model, tok = tt.load(d)
-    assert tt.state_sha256(model) == man["state_sha256"]
+    model, tok = load(d)
+    assert state_sha256(model) == man["state_sha256"]
     assert tok.padding_side == "left"
     # a damaged file is detected
-    with open(d / tt.WEIGHTS, "r+b") as f:
+    with open(d / WEIGHTS, "r+b") as f:
         f.seek(-4, os.SEEK_END)
         f.write(b"\0\0\0\1")
-    assert not tt.model_intact(d)
+    assert not model_intact(d)
 
 
 def test_ensure_model_trains_once_then_loads(tmp_path, monkeypatch):
     cfg = SMALL.replace(steps=3)
-    d = tt.ensure_model(tmp_path / "m", cfg, log=None, eval_problems=10)
-    man = tt.read_manifest(d)
+    d = ensure_model(tmp_path / "m", cfg, log=None, eval_problems=10)
+    man = read_manifest(d)
     assert man["heldout"]["problems"] == 10 and 0.0 <= man["heldout"]["accuracy"]["overall"] <= 1.0
     calls = []
-    monkeypatch.setattr(tt, "train", lambda *a, **k: calls.append(1))
-    assert tt.ensure_model(d, cfg, log=None) == d and not calls  # loaded, not retrained
+    monkeypatch.setattr(cache, "train", lambda *a, **k: calls.append(1))
+    assert ensure_model(d, cfg, log=None) == d and not calls  # loaded, not retrained
     other = tmp_path / "foreign"
     other.mkdir()
     (other / "x.txt").write_text("not a model")
     with pytest.raises(FileExistsError, match="refusing"):
-        tt.ensure_model(other, cfg, log=None)
+        ensure_model(other, cfg, log=None)
     assert (other / "x.txt").read_text() == "not a model"
 
 
 def test_default_model_dir_uses_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(tt.CACHE_ENV, str(tmp_path))
-    monkeypatch.delenv(tt.MODEL_DIR_ENV, raising=False)
-    assert tt.default_model_dir() == tmp_path / f"tiny-moe-{tt.TinyConfig().identity()}"
-    monkeypatch.setenv(tt.MODEL_DIR_ENV, str(tmp_path / "x"))
-    assert tt.default_model_dir() == tmp_path / "x"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
+    assert default_model_dir() == tmp_path / f"tiny-moe-{TinyConfig().identity()}"
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path / "x"))
+    assert default_model_dir() == tmp_path / "x"
 
 
 # -- offline evaluation ---------------------------------------------------------------------------
 def test_greedy_decode_matches_transformers_generate():
     model = _decisive_random_model()
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     probs = T.heldout(10, seed=2)
     enc = tok([p.prompt for p in probs], return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
     ref = [tok.decode(x[enc.input_ids.shape[1]:], skip_special_tokens=True) for x in out]
-    mine = tt.greedy_decode(model, tok, [p.prompt for p in probs], max_new_tokens=6)
+    mine = greedy_decode(model, tok, [p.prompt for p in probs], max_new_tokens=6)
     assert [tok.decode(g, skip_special_tokens=True) for g in mine] == ref
     assert len({r for r in ref}) > 1  # the check is not vacuous
 
 
 def test_left_padding_and_batching_do_not_change_vanilla_outputs():
     model = _decisive_random_model()
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     probs = T.heldout(10, seed=5)
-    one = tt.evaluate(model, tok, probs, batch_size=1, return_texts=True)
-    many = tt.evaluate(model, tok, probs, batch_size=5, return_texts=True)
+    one = evaluate(model, tok, probs, batch_size=1, return_texts=True)
+    many = evaluate(model, tok, probs, batch_size=5, return_texts=True)
     assert one["texts"] == many["texts"]
     assert one["decode"]["mean_rows"] == 1.0 and many["decode"]["mean_rows"] > 1.0
 
 
 def test_topk_selector_reproduces_the_model_routing():
     model = _decisive_random_model()
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     probs = T.heldout(10, seed=6)
-    off = tt.evaluate(model, tok, probs, batch_size=10, return_texts=True)
-    topk = tt.evaluate(model, tok, probs, batch_size=10, selector=SelectorConfig("topk"), return_texts=True)
+    off = evaluate(model, tok, probs, batch_size=10, return_texts=True)
+    topk = evaluate(model, tok, probs, batch_size=10, selector=SelectorConfig("topk"), return_texts=True)
     assert off["texts"] == topk["texts"]
     assert topk["decode"]["activated"] == topk["decode"]["vanilla"] == off["decode"]["activated"]
 
 
 def test_xshare_override_limits_activated_experts_on_live_rows():
     model = _decisive_random_model()
-    tok = tt.build_tokenizer()
+    tok = build_tokenizer()
     probs = T.heldout(10, seed=7)
-    off = tt.evaluate(model, tok, probs, batch_size=10, return_texts=True)
+    off = evaluate(model, tok, probs, batch_size=10, return_texts=True)
     sel = SelectorConfig("xshare", budget=2, warmup_k=0)
-    on = tt.evaluate(model, tok, probs, batch_size=10, selector=sel, return_texts=True)
+    on = evaluate(model, tok, probs, batch_size=10, selector=sel, return_texts=True)
     assert off["decode"]["vanilla"] > 2
     assert on["decode"]["activated_per_layer"] == [2.0] * SMALL.num_layers  # exactly the budget, every step
     assert on["decode"]["vanilla"] > on["decode"]["activated"]
     assert on["texts"] != off["texts"]  # the override reaches the experts
     assert on["prefill"]["activated"] == on["prefill"]["vanilla"]  # prefill untouched by default
-    pre = tt.evaluate(model, tok, probs, batch_size=10, selector=sel, select_prefill=True)
+    pre = evaluate(model, tok, probs, batch_size=10, selector=sel, select_prefill=True)
     assert pre["prefill"]["activated"] == 2.0
 
 
 def test_finished_rows_do_not_count():
     model = _decisive_random_model()
-    with tt.RoutingOverride(model, SelectorConfig("xshare", budget=2, warmup_k=0)) as ov:
+    with RoutingOverride(model, SelectorConfig("xshare", budget=2, warmup_k=0)) as ov:
         rows = torch.arange(4)
         live = torch.tensor([True, False, True, False])
         ov.begin_forward("decode", live, rows, torch.zeros(4, dtype=torch.long))
         x = torch.randn(4, 1, SMALL.hidden_size, generator=torch.Generator().manual_seed(3))
-        block = tt._moe_blocks(model)[0]
+        block = moe_blocks(model)[0]
         y = block(x)
         active, vanilla, rows_counted = ov.records["decode"][-1][0]
         assert rows_counted == 2 and active == 2 and vanilla <= 2 * SMALL.top_k
         # the finished rows do not influence the live rows: same result as a batch of the live rows only
         ov.begin_forward("decode", torch.ones(2, dtype=torch.bool), torch.arange(2), torch.zeros(2, dtype=torch.long))
         torch.testing.assert_close(block(x[live]), y[live])
-    assert "forward" not in vars(tt._moe_blocks(model)[0].gate)  # the override is removed on exit
+    assert "forward" not in vars(moe_blocks(model)[0].gate)  # the override is removed on exit
 
 
 def test_task_specialisation_summary():
     usage = [[[10, 0, 0, 0], [0, 0, 5, 5]], [[1, 1, 1, 1], [1, 1, 1, 1]]]
-    s = tt.task_specialisation(usage, tasks=("a", "b"))
+    s = task_specialisation(usage, tasks=("a", "b"))
     assert s["layers"][0]["mean_tv_distance"] == 1.0
     assert s["layers"][1]["mean_tv_distance"] == 0.0
     assert s["layers"][0]["top_experts"]["a"][0] == 0
@@ -285,8 +304,8 @@ def test_task_specialisation_summary():
 
 def test_profile_decode_reports_a_share():
     model = _decisive_random_model()
-    tok = tt.build_tokenizer()
-    r = tt.profile_decode(model, tok, T.heldout(8, seed=1), steps=3, repeats=1)
+    tok = build_tokenizer()
+    r = profile_decode(model, tok, T.heldout(8, seed=1), steps=3, repeats=1)
     assert 0.0 < r["moe_share"] < 1.0 and r["moe_ms"] < r["step_ms"]
 
 
@@ -294,9 +313,9 @@ def test_profile_decode_reports_a_share():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_trained_model_reaches_90_percent_on_heldout():
-    d = tt.ensure_model()
-    model, tok = tt.load(d)
+    d = ensure_model()
+    model, tok = load(d)
     probs = T.heldout(100, seed=11)
-    res = tt.evaluate(model, tok, probs)
+    res = evaluate(model, tok, probs)
     assert res["accuracy"]["overall"] >= 0.9, res["accuracy"]
-    assert Path(d, tt.MANIFEST).is_file()
+    assert Path(d, MANIFEST).is_file()

@@ -122,15 +122,16 @@ def parse_budget(text: str) -> int | float:
 def resolve_model(model_dir: str | os.PathLike | None, log: Callable[[str], None] | None = print) -> Path:
     """The trained tiny model: ``model_dir`` as it is if it holds a model (config.json and weights),
     else built there with the default config; without ``model_dir`` the default cache
-    (:func:`xshare.models.train_tiny.ensure_model`: loaded if intact, else trained)."""
-    from xshare.models import train_tiny as tt
+    (:func:`xshare.models.cache.ensure_model`: loaded if intact, else trained)."""
+    from xshare.models.cache import ensure_model
+    from xshare.models.store import WEIGHTS
 
     if model_dir is None:
-        return tt.ensure_model(log=log)
+        return ensure_model(log=log)
     d = Path(model_dir)
-    if (d / "config.json").is_file() and (d / tt.WEIGHTS).is_file():
+    if (d / "config.json").is_file() and (d / WEIGHTS).is_file():
         return d
-    return tt.ensure_model(d, log=log)
+    return ensure_model(d, log=log)
 
 
 # -- the server and its endpoints ---------------------------------------------------------------------
@@ -567,8 +568,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _model_desc(model: Path) -> dict[str, Any]:
-    from xshare.models import train_tiny as tt
+    from xshare.models.store import read_manifest
 
-    man = tt.read_manifest(model) or {}
+    man = read_manifest(model) or {}
     return {"dir": str(model), "identity": man.get("identity"), "config": man.get("config"),
             "heldout_offline": man.get("heldout")}

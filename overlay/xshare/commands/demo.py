@@ -3,7 +3,7 @@
     xshare demo                      # the trained tiny model from the cache (built on first use)
     xshare demo --model-dir DIR --budget 0.5 --problems 32   # budget default: DEMO_BUDGET (0.25 of E)
 
-Steps: build or load the trained tiny Qwen3-MoE (:func:`xshare.models.train_tiny.ensure_model`);
+Steps: build or load the trained tiny Qwen3-MoE (:func:`xshare.models.cache.ensure_model`);
 start ONE SGLang server on the CPU with the plugin loaded, the selector off, the admin endpoint on
 (a fresh random ``XSHARE_ADMIN_TOKEN``) and ``--enable-metrics``; send a batch of held-out problems
 from ``--clients`` concurrent clients (greedy); turn the selector on at runtime (``PUT

@@ -1,4 +1,8 @@
-"""``xshare tiny-model DIR``: build the tiny, deterministic Qwen3-MoE test model (no hub)."""
+"""``xshare tiny-model DIR``: build the tiny, deterministic Qwen3-MoE test model (no hub), untrained.
+
+The fast way to a model for serving tests: :func:`xshare.models.tiny_moe.build_tiny_moe`, through the
+same builder as the trained model of ``xshare train-tiny`` (:mod:`xshare.models.architecture`).
+"""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from xshare.models.train_tiny import TinyConfig
+    from xshare.models.config import TinyConfig
 
     over: dict[str, Any] = {}
     for item in args.set:
@@ -70,7 +70,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _model_dir(args: argparse.Namespace, cfg: Any) -> Path:
-    from xshare.models.train_tiny import default_model_dir
+    from xshare.models.cache import default_model_dir
 
     return Path(args.model_dir) if args.model_dir else default_model_dir(cfg)
 
@@ -122,7 +122,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from xshare.models import tasks as T
-    from xshare.models import train_tiny as tt
+    from xshare.models.cache import check_reproducible, ensure_model
+    from xshare.models.config import TinyConfig
+    from xshare.models.evaluation import evaluate, task_specialisation
+    from xshare.models.experts import SORTED_EXPERTS
+    from xshare.models.profiling import profile_decode
+    from xshare.models.store import load, model_intact, read_manifest
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -133,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     if args.check:
-        res = tt.check_reproducible(model_dir, log=log)
+        res = check_reproducible(model_dir, log=log)
         print(json.dumps(res, indent=2))
         if not res["match"] and not res["same_platform"]:
             log("the platform (torch build / CPU instruction set) differs from the manifest's: "
@@ -142,18 +147,18 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.eval or args.profile:
         selectors = _selectors(args) if args.eval else []
-        if not tt.model_intact(model_dir):
+        if not model_intact(model_dir):
             raise FileNotFoundError(f"{model_dir}: no intact trained model (run 'xshare train-tiny' first)")
-        model, tok = tt.load(model_dir)
-        problems = T.heldout(args.problems, seed=args.seed, tasks=tt.TinyConfig.from_dict(
-            tt.read_manifest(model_dir)["config"]).tasks)
+        model, tok = load(model_dir)
+        problems = T.heldout(args.problems, seed=args.seed, tasks=TinyConfig.from_dict(
+            read_manifest(model_dir)["config"]).tasks)
         if args.profile:
             import torch
 
             threads = torch.get_num_threads()
             out: dict[str, Any] = {"model_dir": str(model_dir), "threads": threads}
-            for impl in ("eager", tt.SORTED_EXPERTS):
-                out[impl] = tt.profile_decode(model, tok, problems[:args.batch_size], experts_impl=impl)
+            for impl in ("eager", SORTED_EXPERTS):
+                out[impl] = profile_decode(model, tok, problems[:args.batch_size], experts_impl=impl)
                 log(f"{impl}: step {out[impl]['step_ms']:.2f} ms, MoE {out[impl]['moe_ms']:.2f} ms "
                     f"({100 * out[impl]['moe_share']:.0f} %)")
             print(json.dumps(out, indent=2))
@@ -161,10 +166,10 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         results = []
         for name, sel in selectors:
-            ev = tt.evaluate(model, tok, problems, selector=sel, batch_size=args.batch_size,
-                             select_prefill=args.select_prefill)
+            ev = evaluate(model, tok, problems, selector=sel, batch_size=args.batch_size,
+                          select_prefill=args.select_prefill)
             ev["name"] = name
-            spec = tt.task_specialisation(ev.pop("usage_decode"))
+            spec = task_specialisation(ev.pop("usage_decode"))
             if sel is None:
                 ev["specialisation"] = spec
             results.append(ev)
@@ -182,14 +187,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.force and model_dir.exists():
-        man = tt.read_manifest(model_dir)
+        man = read_manifest(model_dir)
         if man is None and any(model_dir.iterdir()):
             raise FileExistsError(f"{model_dir} is not empty and holds no tiny-model manifest; refusing to replace it")
         import shutil
 
         shutil.rmtree(model_dir)
-    d = tt.ensure_model(model_dir, cfg, log=log)
-    man = tt.read_manifest(d)
+    d = ensure_model(model_dir, cfg, log=log)
+    man = read_manifest(d)
     print(json.dumps({"model_dir": str(d), **{k: man[k] for k in
                      ("identity", "parameters", "state_sha256", "weights_sha256", "train_seconds", "final_loss")},
                       "heldout": man.get("heldout")}, indent=2))

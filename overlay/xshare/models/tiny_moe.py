@@ -2,8 +2,11 @@
 
 Nothing is downloaded: the byte-level BPE tokenizer is trained on a synthetic, seeded corpus of
 Python-like text generated here, and the weights are drawn from a seeded generator (no
-dependence on the library's own initialisers). The same arguments give the same files, byte for
-byte, on the same library versions; ``manifest.json`` records the arguments and file hashes.
+dependence on the library's own initialisers: :class:`xshare.models.architecture.ScaledInit`).
+The model is built by the same builder as the trained tiny model
+(:func:`xshare.models.architecture.build_qwen3_moe`), in its own shape (:class:`TinyMoeSpec`).
+The same arguments give the same files, byte for byte, on the same library versions;
+``manifest.json`` records the arguments and file hashes.
 
 The defaults make routing matter: 16 experts, top-4, router logits of unit scale (decisive
 top-k), and expert outputs large enough that a different expert choice can change the greedy
@@ -16,12 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from xshare.models.architecture import DTYPES, ScaledInit, build_qwen3_moe, qwen3_moe_config
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -71,7 +73,7 @@ class TinyMoeSpec:
             raise ValueError(f"num_heads = {self.num_heads} must be a multiple of num_kv_heads = {self.num_kv_heads}")
         if self.vocab_size < 300:
             raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges + specials), got {self.vocab_size}")
-        if self.dtype not in ("bfloat16", "float32", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 
 
@@ -129,21 +131,24 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):  # noqa: ANN201 (Pre
     return fast
 
 
-def _init_weights(model: torch.nn.Module, spec: TinyMoeSpec) -> None:
-    """Every parameter from one seeded generator, in name order (independent of library initialisers)."""
-    gen = torch.Generator().manual_seed(spec.seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight") and p.ndim == 1:
-                p.fill_(1.0)
-                continue
-            fan_in = p.shape[-1]
-            std = 1.0 / math.sqrt(fan_in)
-            if "mlp.gate.weight" in name:  # the router
-                std *= spec.router_scale
-            elif ".experts." in name and "down_proj" in name:
-                std *= spec.expert_scale
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+def model_config(spec: TinyMoeSpec, vocab_size: int, eos_token_id: int):  # noqa: ANN201 (Qwen3MoeConfig)
+    """The Hugging Face config of ``spec``'s model (``eos_token_id`` also serves as BOS and padding)."""
+    return qwen3_moe_config(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -164,34 +169,12 @@ def build_tiny_moe(out_dir: str | Path, spec: TinyMoeSpec | None = None) -> Path
     if out.exists() and any(out.iterdir()) and existing is None:
         raise FileExistsError(f"{out} is not empty and holds no tiny-model manifest; refusing to overwrite it")
 
-    from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import GenerationConfig
 
-    torch.manual_seed(spec.seed)
     tokenizer = build_tokenizer(spec.vocab_size, spec.seed)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        max_position_embeddings=spec.max_position_embeddings,
-        moe_intermediate_size=spec.moe_intermediate_size,
-        num_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        tie_word_embeddings=False,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    model = Qwen3MoeForCausalLM(config)
-    _init_weights(model, spec)
-    model = model.to(getattr(torch, spec.dtype))
-    model.config.dtype = spec.dtype
+    model = build_qwen3_moe(model_config(spec, len(tokenizer), eos), seed=spec.seed,
+                            init=ScaledInit(spec.router_scale, spec.expert_scale), dtype=spec.dtype)
 
     tmp = out.with_name(out.name + ".tmp-build")
     if tmp.exists():

@@ -1,0 +1,147 @@
+"""The trained tiny model's configuration: :class:`TinyConfig` (shape and training recipe, the model's
+identity) and the model it describes (:func:`build_model`, through the one builder of
+:mod:`xshare.models.architecture`).
+
+The same :class:`TinyConfig` on the same torch build, CPU instruction set and thread count gives the
+same weights bit for bit (:func:`xshare.models.store.weights_sha256`). :meth:`TinyConfig.identity`
+names the model's cache directory (``tiny-moe-<identity>``, :func:`xshare.models.cache.default_model_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from xshare.models import tasks as T
+from xshare.models.architecture import build_qwen3_moe, qwen3_moe_config
+
+FORMAT_VERSION = 2  # 2: padding rows skip the experts in training; fused AdamW
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Model shape and training recipe. Every field takes part in the model's identity (hash)."""
+
+    # model (Qwen3-MoE)
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    num_experts: int = 32
+    top_k: int = 4
+    moe_intermediate_size: int = 512
+    max_position_embeddings: int = 64
+    router_aux_loss_coef: float = 0.01
+    # training
+    seed: int = 0
+    steps: int = 1600
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    threads: int = 2
+    tasks: tuple[str, ...] = T.TASKS
+    task_weights: tuple[tuple[str, int], ...] = (("add", 2),)  # problems per round-robin cycle (default 1)
+
+    def __post_init__(self) -> None:
+        ints = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts", "top_k",
+                "moe_intermediate_size", "max_position_embeddings", "steps", "batch_size", "threads")
+        for name in ints:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TinyConfig.{name} must be an int >= 1, got {v!r}")
+        for name in ("warmup_steps", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"TinyConfig.{name} must be an int >= 0, got {v!r}")
+        for name in ("router_aux_loss_coef", "lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"TinyConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"TinyConfig.lr must be > 0, got {self.lr!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"TinyConfig.top_k = {self.top_k} exceeds num_experts = {self.num_experts}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TinyConfig.num_heads = {self.num_heads} must be a multiple of "
+                             f"num_kv_heads = {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"TinyConfig.head_dim must be even (rotary embedding), got {self.head_dim}")
+        longest = T.MAX_PROMPT_CHARS + T.MAX_ANSWER_CHARS + 1
+        if self.max_position_embeddings < longest:
+            raise ValueError(f"TinyConfig.max_position_embeddings must be >= {longest} (longest problem), "
+                             f"got {self.max_position_embeddings}")
+        object.__setattr__(self, "tasks", T._check_tasks(tuple(self.tasks)))
+        try:
+            given = dict(self.task_weights)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"TinyConfig.task_weights must be (task, int) pairs, got {self.task_weights!r}") from exc
+        unknown = sorted(str(t) for t in given if t not in T.TASKS)
+        if unknown:
+            raise ValueError(f"TinyConfig.task_weights: unknown task(s) {unknown}; known tasks: {list(T.TASKS)}")
+        # weights of known tasks that are not trained (tasks=...) are dropped; canonical order
+        weights = tuple(sorted((t, w) for t, w in given.items() if t in self.tasks))
+        object.__setattr__(self, "task_weights", weights)
+        next(T.training_problems(self.seed, self.tasks, dict(weights)))  # validates the weights
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        d["task_weights"] = dict(self.task_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TinyConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a TinyConfig must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TinyConfig key(s) {unknown}; known: {sorted(known)}")
+        kw = dict(d)
+        if "tasks" in kw:
+            kw["tasks"] = tuple(kw["tasks"])
+        if isinstance(kw.get("task_weights"), dict):
+            kw["task_weights"] = tuple(kw["task_weights"].items())
+        return cls(**kw)
+
+    def replace(self, **kw: Any) -> TinyConfig:
+        return TinyConfig.from_dict({**self.to_dict(), **kw})
+
+    def identity(self) -> str:
+        """A short hash of the config and the recipe version (names cache directories)."""
+        blob = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def model_config(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeConfig)
+    """The Hugging Face config of ``cfg``'s model (the character tokenizer's vocabulary and special ids)."""
+    ids = {name: i for i, name in enumerate(T.SPECIALS)}
+    return qwen3_moe_config(
+        vocab_size=len(T.SPECIALS) + len(T.ALPHABET),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,  # unused: every layer is sparse
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        bos_token_id=ids[T.BOS],
+        eos_token_id=ids[T.EOS],
+        pad_token_id=ids[T.PAD],
+    )
+
+
+def build_model(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeForCausalLM)
+    """A freshly initialised model (float32, the library's initialisers), deterministic in ``cfg.seed``."""
+    return build_qwen3_moe(model_config(cfg), seed=cfg.seed)
