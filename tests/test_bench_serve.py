@@ -7,27 +7,29 @@ import sys
 
 import pytest
 
-from xshare.bench import serve as B
+from xshare.bench.serve.grid import build_settings, parse_budget
+from xshare.bench.serve.metrics import parse_metrics, window_figures
+from xshare.bench.serve.sweep import _round_order
 
 
 def test_settings_grid():
-    s = B.build_settings(["xshare", "oea"], [0.25, 8], [1, 2])
+    s = build_settings(["xshare", "oea"], [0.25, 8], [1, 2])
     assert [x.name for x in s] == ["off", "topk", "xshare@0.25", "xshare@8", "oea@k0=1", "oea@k0=2"]
     assert not s[0].enabled and s[0].body()["enabled"] is False
     assert s[2].body() == {"enabled": True, "policy": "xshare", "budget": 0.25, "warmup_k": 1}
     assert s[4].to_dict()["budget"] is None and s[4].to_dict()["warmup_k"] == 1
     with pytest.raises(ValueError, match="--policy"):
-        B.build_settings(["nope"], [0.5], [1])
+        build_settings(["nope"], [0.5], [1])
     with pytest.raises(ValueError, match="--budget"):
-        B.parse_budget("1.5")
+        parse_budget("1.5")
     with pytest.raises(ValueError, match="--budget"):
-        B.parse_budget("x")
-    assert B.parse_budget("8") == 8 and B.parse_budget("0.5") == 0.5
+        parse_budget("x")
+    assert parse_budget("8") == 8 and parse_budget("0.5") == 0.5
 
 
 def test_round_order_interleaves_and_keeps_off_first():
-    s = B.build_settings(["xshare"], [0.25, 0.5], [1])
-    orders = [[x.name for x in B._round_order(s, r)] for r in range(3)]
+    s = build_settings(["xshare"], [0.25, 0.5], [1])
+    orders = [[x.name for x in _round_order(s, r)] for r in range(3)]
     assert all(o[0] == "off" and sorted(o) == sorted(x.name for x in s) for o in orders)
     assert len({tuple(o) for o in orders}) == 3
 
@@ -49,17 +51,17 @@ def test_metrics_difference_gives_per_layer_means():
             f'xshare:moe_seconds_total{{mode="decode",rank="0"}} {0.02 * act0 / 10 * n}',
             f'xshare:forward_seconds_total{{mode="extend",rank="0"}} {5.0 * n}',
             'sglang:other 1.0'])
-    before = B.parse_metrics(text(10, 8, 8, 3))
-    after = B.parse_metrics(text(30, 7, 6, 2.5))  # 20 more forwards at 6.5 / 5 experts
-    f = B.window_figures(before, after)
+    before = parse_metrics(text(10, 8, 8, 3))
+    after = parse_metrics(text(30, 7, 6, 2.5))  # 20 more forwards at 6.5 / 5 experts
+    f = window_figures(before, after)
     assert f["forwards"] == 20
     assert f["activated_per_layer"] == pytest.approx([6.5, 5.0])
     assert f["vanilla_per_layer"][0] == pytest.approx(20.0) and f["vanilla_per_layer"][1] is None
     assert f["peak_gpu_experts"] == pytest.approx((2.5 * 60 - 3 * 20) / 40)
     assert f["decode_forward_ms"] == pytest.approx(20.0)  # extend time does not count
     assert f["moe_share_decode"] == pytest.approx((0.014 * 30 - 0.016 * 10) / (0.02 * 20))
-    assert B.window_figures(before, before)["activated_per_layer"] is None
-    assert B.window_figures(before, before)["moe_share_decode"] is None
+    assert window_figures(before, before)["activated_per_layer"] is None
+    assert window_figures(before, before)["moe_share_decode"] is None
 
 
 def test_bad_arguments_write_nothing(tmp_path):

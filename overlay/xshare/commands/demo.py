@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="held-out sample seed (default 0)")
     p.add_argument("--sim-gpus", type=int, default=4, help="simulated EP size for the per-GPU figures (default 4)")
     p.add_argument("--dtype", default="float32", help="server --dtype (default float32)")
-    from xshare.bench.serve import add_threads_argument
+    from xshare.bench.serve.server import add_threads_argument
 
     add_threads_argument(p)
     p.add_argument("--log", metavar="FILE", help="keep the server log here (default: a temporary file, shown on error)")
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _selector(args: argparse.Namespace) -> Any:
-    from xshare.bench.serve import Setting, parse_budget
+    from xshare.bench.serve.grid import Setting, parse_budget
     from xshare.sglang.settings import load_settings
 
     defaults = load_settings({}).selector  # the plugin's shipped defaults
@@ -77,8 +77,12 @@ def _selector(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from xshare.bench import serve as B
     from xshare.bench._common import format_table, write_json_atomic
+    from xshare.bench.serve.client import Client
+    from xshare.bench.serve.grid import Setting
+    from xshare.bench.serve.metrics import merge_windows, settled_metrics
+    from xshare.bench.serve.server import resolve_model, start_server
+    from xshare.bench.serve.waves import BatchResult, run_waves
     from xshare.models import tasks as T
 
     try:
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"xshare demo: error: {e}", file=sys.stderr)
         return 2
-    off = B.Setting("off", False)
+    off = Setting("off", False)
     t0 = time.monotonic()
     problems = T.heldout(args.problems, seed=args.seed)
     prompts = [p.prompt for p in problems]
@@ -102,18 +106,18 @@ def run(args: argparse.Namespace) -> int:
     server_pid = None
     ok = False
     try:
-        model = B.resolve_model(args.model_dir)
+        model = resolve_model(args.model_dir)
         print(f"[{time.monotonic() - t0:5.1f}s] model: {model}")
         token = secrets.token_hex(16)
         print(f"[{time.monotonic() - t0:5.1f}s] starting SGLang with the xshare plugin (selector off, admin endpoint, "
               f"--enable-metrics, {args.sim_gpus} simulated GPUs) ...", flush=True)
-        srv = B.start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=log_path, dtype=args.dtype,
-                             threads=args.server_threads)
-        client = B.Client(srv.base_url, token)
+        srv = start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=log_path, dtype=args.dtype,
+                           threads=args.server_threads)
+        client = Client(srv.base_url, token)
         print(f"[{time.monotonic() - t0:5.1f}s] server ready at {srv.base_url} ({srv.startup_seconds:.0f} s)",
               flush=True)
         client.set_config(off)
-        B.run_waves(client, [p.prompt for p in T.heldout(args.clients, seed=10_000)], args.clients, max_new)  # warm-up
+        run_waves(client, [p.prompt for p in T.heldout(args.clients, seed=10_000)], args.clients, max_new)  # warm-up
         runs: dict[str, list[tuple[Any, dict, dict]]] = {off.name: [], on.name: []}
         for r in range(args.rounds):  # interleaved, so that drifts of a shared CPU hit both settings
             for setting in ((off, on) if r % 2 == 0 else (on, off)):
@@ -121,15 +125,15 @@ def run(args: argparse.Namespace) -> int:
                 if setting.enabled and r == 0:
                     print(f"[{time.monotonic() - t0:5.1f}s] PUT /xshare/config -> v{reply['version']}: "
                           f"{reply['config']} (applied on {len(reply['ranks'])} rank(s) while serving)", flush=True)
-                before = B.settled_metrics(client)
-                batch = B.run_waves(client, prompts, args.clients, max_new)
-                runs[setting.name].append((batch, before, B.settled_metrics(client)))
+                before = settled_metrics(client)
+                batch = run_waves(client, prompts, args.clients, max_new)
+                runs[setting.name].append((batch, before, settled_metrics(client)))
                 print(f"[{time.monotonic() - t0:5.1f}s] round {r + 1}/{args.rounds} {setting.name}: "
                       f"{batch.requests}/{len(prompts)} answered by {args.clients} concurrent clients in "
                       f"{batch.wall_seconds:.1f} s", flush=True)
         for name, rs in runs.items():
-            pooled = B.BatchResult.pool([b for b, _, _ in rs])
-            results[name] = {"batch": pooled, "figures": B.merge_windows([(bf, af) for _, bf, af in rs]),
+            pooled = BatchResult.pool([b for b, _, _ in rs])
+            results[name] = {"batch": pooled, "figures": merge_windows([(bf, af) for _, bf, af in rs]),
                              "accuracy": T.accuracy(problems * len(rs), pooled.texts)}
         metrics_text = client.metrics_text()
         ok = True

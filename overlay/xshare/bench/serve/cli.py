@@ -1,0 +1,130 @@
+"""``xshare bench serve``'s command line: arguments, their checks, and the run (server, sweep, report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from xshare.bench._common import write_json_atomic
+from xshare.bench.serve.client import Client
+from xshare.bench.serve.grid import (
+    DEFAULT_BUDGETS,
+    DEFAULT_OEA_K0,
+    DEFAULT_POLICIES,
+    Setting,
+    build_settings,
+    parse_budget,
+)
+from xshare.bench.serve.report import describe_model, plot, table
+from xshare.bench.serve.server import add_threads_argument, resolve_model, start_server
+from xshare.bench.serve.sweep import sweep
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("Example (the issue's sweep):\n"
+                "  xshare bench serve --out results/serve\n"
+                "  xshare bench serve --policy xshare --budget 0.5 --problems 32 --rounds 1 --out /tmp/quick\n"
+                "See docs/benchmark.md.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for serve.json and the plots")
+    p.add_argument("--model-dir", metavar="DIR", help="trained tiny model (default: the cache; built if missing)")
+    p.add_argument("--url", metavar="URL",
+                   help="use a running server (started with --enable-metrics and XSHARE_ADMIN_TOKEN) "
+                        "instead of starting one")
+    p.add_argument("--policy", action="append", metavar="NAME",
+                   help=f"policy (repeatable; default {', '.join(DEFAULT_POLICIES)}); off and topk always run")
+    p.add_argument("--budget", action="append", metavar="M",
+                   help="budget of budgeted policies: int or fraction of E (repeatable; default 0.25, 0.5, 0.75)")
+    p.add_argument("--oea-k0", action="append", type=int, metavar="K0", help="oea warm-up k0 (repeatable; 1, 2)")
+    p.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 of the budgeted policies (default 1)")
+    p.add_argument("--no-topk", action="store_true", help="leave out the topk setting")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--problems", type=int, default=80, help="held-out problems per setting and round (80)")
+    p.add_argument("--seed", type=int, default=0, help="held-out sample seed (default 0)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over all settings, interleaved (default 2)")
+    p.add_argument("--sim-gpus", type=int, default=4, help="simulated EP size for peak GPU load (default 4)")
+    p.add_argument("--dtype", default="float32", help="server --dtype (default float32)")
+    add_threads_argument(p)
+    p.add_argument("--token", help="admin token for --url (default $XSHARE_ADMIN_TOKEN)")
+
+
+def _check(args: argparse.Namespace) -> tuple[list[Setting], list[Any]]:
+    from xshare.models import tasks as T
+
+    for name in ("clients", "problems", "rounds", "sim_gpus"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    budgets = [parse_budget(b) for b in (args.budget or [str(b) for b in DEFAULT_BUDGETS])]
+    k0 = args.oea_k0 or list(DEFAULT_OEA_K0)
+    if any(k < 1 for k in k0):
+        raise ValueError(f"--oea-k0 must be >= 1, got {k0}")
+    settings = build_settings(args.policy or list(DEFAULT_POLICIES), budgets, k0, warmup_k=args.warmup_k,
+                              include_topk=not args.no_topk)
+    return settings, T.heldout(args.problems, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xshare.models import tasks as T
+
+    try:
+        settings, problems = _check(args)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: exists and is not a directory")
+    except ValueError as e:
+        print(f"xshare bench serve: error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    srv = None
+    t_start = time.monotonic()
+    load_before = os.getloadavg()
+    try:
+        if args.url:
+            token = args.token or os.environ.get("XSHARE_ADMIN_TOKEN")
+            client = Client(args.url, token)
+            model_desc: dict[str, Any] = {"url": args.url}
+        else:
+            model = resolve_model(args.model_dir)
+            token = secrets.token_hex(16)
+            print(f"xshare bench serve: starting the server on {model} ...", flush=True)
+            srv = start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=out / "server.log",
+                               dtype=args.dtype, threads=args.server_threads)
+            print(f"  ready in {srv.startup_seconds:.0f} s ({srv.base_url})", flush=True)
+            client = Client(srv.base_url, token)
+            model_desc = describe_model(model)
+        print(f"  {len(settings)} settings x {args.rounds} rounds x {len(problems)} problems, "
+              f"{args.clients} clients", flush=True)
+        res = sweep(client, settings, problems, clients=args.clients, rounds=args.rounds,
+                    max_new_tokens=T.MAX_ANSWER_CHARS + 1)
+    except (RuntimeError, OSError, ValueError) as e:
+        print(f"xshare bench serve: error: {e}", file=sys.stderr)
+        if srv is not None:
+            print(srv.log_tail(3000), file=sys.stderr)
+        return 1
+    finally:
+        leftovers = srv.stop() if srv is not None else []
+    meta = {"clients": args.clients, "problems": len(problems), "seed": args.seed, "rounds": args.rounds,
+            "max_new_tokens": T.MAX_ANSWER_CHARS + 1, "sim_gpus": args.sim_gpus, "dtype": args.dtype,
+            "server_threads": args.server_threads,
+            "model": model_desc, "cpu_count": os.cpu_count(), "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "seconds": round(time.monotonic() - t_start, 1),
+            "server_startup_seconds": srv.startup_seconds if srv is not None else None,
+            "leftover_processes": leftovers, "tasks": list(T.TASKS)}
+    doc = {"meta": meta, "settings": [s.to_dict() for s in settings], "rows": res["rows"], "errors": res["errors"]}
+    write_json_atomic(out / "serve.json", doc)
+    plots = plot(res["rows"], out)
+    print(table(res["rows"], T.TASKS))
+    print(f"decode tok/s = {args.clients} x decode tokens / decode seconds per request (meta_info); x off = its ratio "
+          f"to off; experts/layer from /metrics; peak GPU = max experts on one of {args.sim_gpus} simulated GPUs")
+    print(f"wrote {out / 'serve.json'}, " + ", ".join(str(p) for p in plots))
+    incomplete = [r["name"] for r in res["rows"] if r["requests"] != r["expected_requests"]]
+    if res["errors"] or incomplete or leftovers:
+        print(f"xshare bench serve: FAILED: {len(res['errors'])} request errors, incomplete settings {incomplete}, "
+              f"leftover processes {leftovers}", file=sys.stderr)
+        return 1
+    return 0
