@@ -623,6 +623,8 @@ def _warm(ctx: Context, parts: list[str]) -> dict[str, Any]:
     import multiprocessing as mp
 
     jobs = _warm_jobs(ctx, parts)
+    if not jobs:
+        return {"jobs": 0, "seconds": 0.0}
     t0 = time.monotonic()
     argd = {k: v for k, v in vars(ctx.args).items() if not k.startswith("_")}
     chunks = [(argd, jobs[i::ctx.jobs]) for i in range(ctx.jobs) if jobs[i::ctx.jobs]]
