@@ -67,10 +67,13 @@ def _selector(args: argparse.Namespace) -> Any:
     defaults = load_settings({}).selector  # the plugin's shipped defaults
     budget = parse_budget(args.budget) if args.budget is not None else DEMO_BUDGET
     warmup = args.warmup_k if args.warmup_k is not None else defaults.warmup_k
-    from xshare.selection import available_policies
+    from xshare.bench.serve.grid import supported
+    from xshare.selection import get_policy
 
-    if args.policy not in available_policies() or args.policy in ("xshare_spec", "xshare_ep"):
-        raise ValueError(f"--policy must be one of {', '.join(p for p in available_policies() if p not in ('xshare_spec', 'xshare_ep'))}, got {args.policy!r}")  # noqa: E501
+    # a policy the one-server demo can show: no request groups needed, no GPU placement needed
+    allowed = [p for p in supported() if not get_policy(p).needs_placement]
+    if args.policy not in allowed:
+        raise ValueError(f"--policy must be one of {', '.join(allowed)}, got {args.policy!r}")
     return Setting(f"on ({args.policy}, budget {budget}, k0 {warmup})", True, args.policy, budget, warmup)
 
 

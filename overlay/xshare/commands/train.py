@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 NAME = "train-tiny"
-_NO_BUDGET = ("oea", "des_seq")
 HELP = "train (or load) the tiny Qwen3-MoE model on synthetic tasks; --check, --eval (offline, per policy), --profile"
 
 
@@ -76,7 +75,9 @@ def _model_dir(args: argparse.Namespace, cfg: Any) -> Path:
 
 
 def _selectors(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    from xshare.selection import SelectorConfig, available_policies
+    from xshare.selection import SelectorConfig, available_policies, get_policy
+    from xshare.selection.registry import validated
+    from xshare.selection.schema import parse_count
 
     policies = args.policy or ["off", "xshare"]
     budgets = args.budget or ["0.5"]
@@ -88,28 +89,25 @@ def _selectors(args: argparse.Namespace) -> list[tuple[str, Any]]:
             continue
         if pol not in known:
             raise ValueError(f"--policy {pol!r}: unknown; known: off, {', '.join(sorted(known))}")
-        if pol == "topk":
-            out.append(("topk", SelectorConfig("topk")))
+        policy = get_policy(pol)
+        if policy.sweep_knob is None:
+            out.append((pol, validated(SelectorConfig(pol))))
             continue
-        if pol in _NO_BUDGET:  # these read the warm-up k0 instead of a budget
+        if policy.sweep_knob == "warmup_k":  # these read the warm-up k0 instead of a budget
             for k0 in args.oea_k0 or [1, 2]:
-                out.append((f"{pol}:k0={k0}", SelectorConfig(pol, warmup_k=k0)))
+                out.append((f"{pol}:k0={k0}", validated(SelectorConfig(pol, warmup_k=k0))))
             continue
         for b in budgets:
-            budget: int | float = float(b) if "." in b else int(b)
-            cfg = SelectorConfig(pol, budget=budget, warmup_k=args.warmup_k)
-            out.append((f"{pol}@{b}", cfg))
+            cfg = SelectorConfig(pol, budget=parse_count(b, "--budget"), warmup_k=args.warmup_k)
+            out.append((f"{pol}@{b}", validated(cfg)))
     return out
 
 
 def _write_json(path: str | None, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
     if path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        from xshare._io import write_json_atomic
+
+        write_json_atomic(path, data)
 
 
 def run(args: argparse.Namespace) -> int:

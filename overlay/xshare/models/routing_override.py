@@ -73,7 +73,7 @@ class RoutingOverride:
         self.records[phase].append(self._current)
 
     def _route(self, gate: torch.nn.Module, layer: int, hidden_states: torch.Tensor) -> tuple:
-        from xshare.selection import select
+        from xshare.selection.engine import LayerCall, LayerRouting, decide
 
         hs = hidden_states.reshape(-1, gate.hidden_dim)
         logits = F.linear(hs, gate.weight)
@@ -89,7 +89,9 @@ class RoutingOverride:
         active = vanilla_active
         if self.selector is not None and rows.numel() and (self.phase == "decode" or self.select_prefill):
             groups = self.groups[rows] if self.groups is not None else None
-            r = select(logits[rows].float(), self.top_k, self.selector, groups=groups)
+            call = LayerCall(logits[rows].float(), self.top_k, LayerRouting("softmax", bool(self.norm_topk_prob)),
+                             groups=groups)
+            r = decide(call, self.selector).routing
             top_i = top_i.clone()
             top_v = top_v.clone()
             top_i[rows] = r.topk_ids.long()

@@ -27,7 +27,7 @@ from xshare.bench.serve.sweep import sweep
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = ("Example (the issue's sweep):\n"
+    p.epilog = ("Example (the full sweep of docs/benchmark.md):\n"
                 "  xshare bench serve --out results/serve\n"
                 "  xshare bench serve --policy xshare --budget 0.5 --problems 32 --rounds 1 --out /tmp/quick\n"
                 "See docs/benchmark.md.")
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"policy (repeatable; default {', '.join(DEFAULT_POLICIES)}); off and topk always run")
     p.add_argument("--budget", action="append", metavar="M",
                    help="budget of budgeted policies: int or fraction of E (repeatable; default 0.25, 0.5, 0.75)")
-    p.add_argument("--oea-k0", action="append", type=int, metavar="K0", help="oea warm-up k0 (repeatable; 1, 2)")
+    p.add_argument("--oea-k0", action="append", type=int, metavar="K0",
+                   help="warm-up k0 of the policies swept over it (oea, des_seq; repeatable; default 1, 2)")
     p.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 of the budgeted policies (default 1)")
     p.add_argument("--no-topk", action="store_true", help="leave out the topk setting")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")

@@ -1,4 +1,5 @@
-"""The settings grid of ``xshare bench serve``: ``off``, ``topk``, each budgeted policy x budget, ``oea`` x k0."""
+"""The settings grid of ``xshare bench serve``: ``off``, ``topk``, and each policy over the knob it
+declares for a sweep (``Policy.sweep_knob``: budget policies x budgets, warm-up policies x k0)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xshare.selection import available_policies, get_policy
+
 DEFAULT_POLICIES = ("xshare", "lynx", "des_vote", "oea")
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
-DEFAULT_OEA_K0 = (1, 2)
-BUDGETED = ("xshare", "xshare_ep", "lynx", "des_vote", "des_seq")
-SUPPORTED = BUDGETED + ("oea", "topk")
+DEFAULT_OEA_K0 = (1, 2)  # k0 values of the policies swept over their warm-up
+
+
+def supported() -> list[str]:
+    """Policies a served benchmark can run: all but those that need request groups of several
+    tokens (speculative verify batches, which plain decode does not make)."""
+    return [p for p in available_policies() if get_policy(p).groups != "required"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,10 @@ class Setting:
         return {"enabled": self.enabled, "policy": self.policy, "budget": self.budget, "warmup_k": self.warmup_k}
 
     def to_dict(self) -> dict[str, Any]:
+        knobs = get_policy(self.policy).knobs if self.enabled else ()
         return {"name": self.name, "enabled": self.enabled, "policy": self.policy if self.enabled else None,
-                "budget": self.budget if self.enabled and self.policy in BUDGETED else None,
-                "warmup_k": self.warmup_k if self.enabled and self.policy != "topk" else None}
+                "budget": self.budget if "budget" in knobs else None,
+                "warmup_k": self.warmup_k if "warmup_k" in knobs else None}
 
 
 def _fmt_budget(b: int | float) -> str:
@@ -39,21 +47,25 @@ def _fmt_budget(b: int | float) -> str:
 
 def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_k0: Sequence[int], *,
                    warmup_k: int = 1, include_topk: bool = True) -> list[Setting]:
-    """``off`` (always first), ``topk`` (optional), each budgeted policy x budget, ``oea`` x k0."""
+    """``off`` (always first), ``topk`` (optional), then each policy over its ``sweep_knob``: the
+    budgets, or the warm-up values ``oea_k0``; a policy without one runs once."""
     out = [Setting("off", False)]
     if include_topk:
         out.append(Setting("topk", True, "topk"))
     for p in policies:
-        if p not in SUPPORTED:
-            raise ValueError(f"--policy: {p!r} is not supported here; choose from {', '.join(SUPPORTED)}")
-        if p == "topk":
+        if p not in supported():
+            raise ValueError(f"--policy: {p!r} is not supported here; choose from {', '.join(supported())}")
+        policy = get_policy(p)
+        if policy.vanilla:
             if not include_topk:
-                out.append(Setting("topk", True, "topk"))
+                out.append(Setting(p, True, p))
             continue
-        if p == "oea":
-            out.extend(Setting(f"oea@k0={k}", True, "oea", warmup_k=k) for k in oea_k0)
-        else:
+        if policy.sweep_knob == "budget":
             out.extend(Setting(f"{p}@{_fmt_budget(b)}", True, p, b, warmup_k) for b in budgets)
+        elif policy.sweep_knob == "warmup_k":
+            out.extend(Setting(f"{p}@k0={k}", True, p, warmup_k=k) for k in oea_k0)
+        else:
+            out.append(Setting(p, True, p, warmup_k=warmup_k))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate settings: {names}")
