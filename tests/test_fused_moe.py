@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import require_module
+from conftest import missing, require_module
 
 triton = require_module("triton", "requirements/dev.txt")
 
@@ -95,9 +95,10 @@ _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (_BIN / "ptxas").exists(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 @pytest.mark.parametrize("shape", [(2880, 2880, 4), (4096, 192, 8), (7168, 2048, 8)])
 def test_kernels_compile_for_sm90_without_spills(shape, tmp_path, monkeypatch):
+    if not (_BIN / "ptxas").exists():  # shipped in the triton wheel (no GPU needed): a failure in CI
+        missing(f"Triton's NVIDIA backend (ptxas) is not installed in {_BIN}")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
