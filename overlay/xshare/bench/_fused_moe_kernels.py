@@ -15,6 +15,8 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from xshare._triton import interpreted
+
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_up_kernel(
@@ -90,23 +92,10 @@ def _moe_down_kernel(
              mask=valid[:, None] & n_ok[None, :])
 
 
-_INTERPRETED: dict[str, Any] = {}
-
-
 def kernels(interpret: bool) -> tuple[Any, Any]:
     """(up, down): compiled, or wrapped for Triton's interpreter (CPU tensors)."""
     ks = (_moe_up_kernel, _moe_down_kernel)
     if not interpret:
         return ks
-    from triton.runtime.interpreter import InterpretedFunction
-
-    out = []
-    for k in ks:
-        if isinstance(k, InterpretedFunction):  # imported under TRITON_INTERPRET=1
-            out.append(k)
-            continue
-        name = k.fn.__name__
-        if name not in _INTERPRETED:
-            _INTERPRETED[name] = InterpretedFunction(k.fn)
-        out.append(_INTERPRETED[name])
-    return out[0], out[1]
+    up, down = interpreted(*ks)
+    return up, down

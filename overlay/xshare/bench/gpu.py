@@ -216,20 +216,28 @@ def _commit() -> str | None:
 # -- timing --------------------------------------------------------------------------------------------
 
 
+def _cuda_graph(fn: Callable[[], Any], inner: int = 1) -> tuple[Any, Any]:
+    """``fn`` warmed up twice on a side stream, then ``inner`` calls of it captured in one CUDA graph:
+    (the graph, what the last captured call returned)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 def _capture(fn: Callable[[], Any], inner: int) -> tuple[Callable[[], None], str]:
     """``inner`` calls of ``fn`` in one CUDA graph (warmed up on a side stream); eager if capture fails."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
-        torch.cuda.synchronize()
+        graph, _ = _cuda_graph(fn, inner)
         return graph.replay, "cuda-graph"
     except Exception:  # noqa: BLE001 - capture only changes how the call is timed; the mode is recorded
         torch.cuda.synchronize()
@@ -331,16 +339,7 @@ def _recorded(ctx: Context, backend: str, kw: dict[str, Any]) -> tuple[Callable[
         def call() -> Any:
             return fused_select(**kw, backend="triton") if backend == "triton" else select(**kw)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
-        torch.cuda.synchronize()
+        graph, out = _cuda_graph(call)
         return graph.replay, out, "cuda-graph"
     if backend == "torch":  # no graphs on the CPU: a replay is a call; results copied into fixed buffers
         first = select(**kw)
@@ -652,56 +651,64 @@ def _f(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _md_selector_vs_reference(p: dict[str, Any]) -> list[str]:
+    return ["| family | cases | passed |", "|---|---:|---:|",
+            *[f"| {f} | {v['cases']} | {v['passed']} |" for f, v in p["families"].items()],
+            "", f"**{p['status']}**: {p['passed']} of {p['run']} run ({p['cases']} planned) identical ids, "
+                f"weights within 1e-6; {len(p['failures'])} failures; {p['seconds']:.1f} s", ""]
+
+
+def _md_cuda_graph(p: dict[str, Any]) -> list[str]:
+    return ["| backend | policy | mode | replays | all equal to reference | distinct active |",
+            "|---|---|---|---:|---|---|",
+            *[f"| {r['backend']} | {r['policy']} | {r['mode']} | {r['replays']} | {r['equal']} | "
+              f"{r['distinct_active']} |" for r in p["runs"]],
+            "", f"**{p['status']}** (T, E, k = {p['shape']})", ""]
+
+
+def _md_selector_timing(p: dict[str, Any]) -> list[str]:
+    return ["| B | E | k | vanilla top-k | torch selector | fused kernel | kernel / top-k |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            *[f"| {q['batch']} | {q['experts']} | {q['top_k']} | {_f(q['topk_us'])} | {_f(q['select_us'])} | "
+              f"{_f(q['kernel_us'])} | {_f(q['kernel_over_topk'], '.2f')} |" for q in p["points"]],
+            "", f"{p['timing']}; {p['policy']}; {p['skipped']} points skipped (time budget)", ""]
+
+
+def _md_moe_layer(p: dict[str, Any]) -> list[str]:
+    out = ["| layer | B | active vanilla → xshare | vanilla µs | xshare µs | kernel speed-up | selector µs "
+           "| selector share | speed-up with selector | weights GB/s (vanilla) |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in p["rows"]:
+        v, x = r["vanilla"], r["xshare"]
+        out.append(f"| {r['model']} | {r['batch']} | {v['active_experts']:.1f} → {x['active_experts']:.1f} | "
+                   f"{_f(v['us'])} | {_f(x['us'])} | {_f(r['kernel_speedup'], '.2f')} | "
+                   f"{_f(r['selector_us'])} | {100 * r['selector_share']:.1f}% | "
+                   f"{_f(r['speedup_with_selector'], '.2f')} | {_f(v['weights_gb_per_s'], '.0f')} |")
+    return [*out, "", f"**{p['status']}**; {p['kernel']}; {p['routing']}; {p['skipped']} skipped", ""]
+
+
+# each part's section: (part, heading, the result key its table needs, the table and summary)
+_MD_SECTIONS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], list[str]]], ...] = (
+    ("selector_vs_reference", "1. Triton selector vs torch reference", "families", _md_selector_vs_reference),
+    ("cuda_graph", "2. CUDA graph: in-place knob changes, replays without recapture", "runs", _md_cuda_graph),
+    ("selector_timing", "3. Selector time per MoE layer call (µs)", "points", _md_selector_timing),
+    ("moe_layer", "4. MoE layer: vanilla vs the selector's routing", "rows", _md_moe_layer),
+)
+
+
 def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     out = [f"# xshare bench gpu: {meta.get('device')}", "",
            f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta.get('cuda')}, Python {meta['python']}, "
            f"commit {str(meta.get('commit'))[:12]}, mode {meta['mode']}; total {report.get('seconds', 0):.0f} s", ""]
     parts = report["parts"]
-    if "selector_vs_reference" in parts:
-        p = parts["selector_vs_reference"]
-        out += ["## 1. Triton selector vs torch reference", ""]
-        if "families" in p:
-            out += ["| family | cases | passed |", "|---|---:|---:|"]
-            out += [f"| {f} | {v['cases']} | {v['passed']} |" for f, v in p["families"].items()]
-            out += ["", f"**{p['status']}**: {p['passed']} of {p['run']} run ({p['cases']} planned) identical ids, "
-                        f"weights within 1e-6; {len(p['failures'])} failures; {p['seconds']:.1f} s", ""]
-        out += _error(p)
-    if "cuda_graph" in parts:
-        p = parts["cuda_graph"]
-        out += ["## 2. CUDA graph: in-place knob changes, replays without recapture", ""]
-        if "runs" in p:
-            out += ["| backend | policy | mode | replays | all equal to reference | distinct active |",
-                    "|---|---|---|---:|---|---|"]
-            out += [f"| {r['backend']} | {r['policy']} | {r['mode']} | {r['replays']} | {r['equal']} | "
-                    f"{r['distinct_active']} |" for r in p["runs"]]
-            out += ["", f"**{p['status']}** (T, E, k = {p['shape']})", ""]
-        out += _error(p)
-    if "selector_timing" in parts:
-        p = parts["selector_timing"]
-        out += ["## 3. Selector time per MoE layer call (µs)", ""]
-        if "points" in p:
-            out += ["| B | E | k | vanilla top-k | torch selector | fused kernel | kernel / top-k |",
-                    "|---:|---:|---:|---:|---:|---:|---:|"]
-            out += [f"| {q['batch']} | {q['experts']} | {q['top_k']} | {_f(q['topk_us'])} | {_f(q['select_us'])} | "
-                    f"{_f(q['kernel_us'])} | {_f(q['kernel_over_topk'], '.2f')} |" for q in p["points"]]
-            out += ["", f"{p['timing']}; {p['policy']}; {p['skipped']} points skipped (time budget)", ""]
-        out += _error(p)
-    if "moe_layer" in parts:
-        p = parts["moe_layer"]
-        out += ["## 4. MoE layer: vanilla vs the selector's routing", ""]
-        if "rows" in p:
-            out += ["| layer | B | active vanilla → xshare | vanilla µs | xshare µs | kernel speed-up | selector µs "
-                    "| selector share | speed-up with selector | weights GB/s (vanilla) |",
-                    "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in p["rows"]:
-                v, x = r["vanilla"], r["xshare"]
-                out.append(f"| {r['model']} | {r['batch']} | {v['active_experts']:.1f} → {x['active_experts']:.1f} | "
-                           f"{_f(v['us'])} | {_f(x['us'])} | {_f(r['kernel_speedup'], '.2f')} | "
-                           f"{_f(r['selector_us'])} | {100 * r['selector_share']:.1f}% | "
-                           f"{_f(r['speedup_with_selector'], '.2f')} | {_f(v['weights_gb_per_s'], '.0f')} |")
-            out += ["", f"**{p['status']}**; {p['kernel']}; {p['routing']}; {p['skipped']} skipped", ""]
-        out += _error(p)
+    for name, heading, needs, table in _MD_SECTIONS:
+        if name in parts:
+            p = parts[name]
+            out += [f"## {heading}", ""]
+            if needs in p:
+                out += table(p)
+            out += _error(p)
     return "\n".join(out) + "\n"
 
 

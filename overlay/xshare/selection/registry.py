@@ -89,6 +89,13 @@ class Policy:
         return None
 
 
+def require_warmup_k(config: SelectorConfig, policy: str, meaning: str) -> None:
+    """For a policy whose set is built from every token's top-k0 (k0 = ``warmup_k``, ``meaning``: what
+    its paper calls it): ValueError unless ``warmup_k >= 1`` (a policy's :meth:`Policy.validate_config`)."""
+    if config.warmup_k < 1:
+        raise ValueError(f"warmup_k must be >= 1 for {policy} (it is {meaning})")
+
+
 def _check_traits(cls: type[Policy]) -> None:
     sweepable = {f.name for f in SWEEP_FIELDS}
     bad = [k for k in cls.knobs if k not in sweepable]

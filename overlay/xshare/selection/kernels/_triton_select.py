@@ -19,7 +19,7 @@ per-GPU top-spare) is a radix select on these keys: D bits per step, the k-th la
 in ceil(KEY_BITS / D) counting passes, without a sort and without a loop over experts.
 
 The kernels use only Triton builtins (no ``tl.zeros``/``tl.sort``/helper ``@jit`` functions), so
-:func:`interpreted` can run them with Triton's interpreter on CPU tensors in any process.
+:func:`xshare._triton.interpreted` can run them with Triton's interpreter on CPU tensors in any process.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xshare._triton import interpreted
 from xshare.selection.api import check_inputs, select
 from xshare.selection.common import assign_replicas
 from xshare.selection.config import SelectorConfig
@@ -102,9 +103,6 @@ def launch_config(
     return LaunchConfig(set_c, route_c, set_warps=8 if block_e >= 512 else 4, route_warps=4, route_block_t=block_t_b)
 
 
-_INTERPRETED: dict[str, Any] = {}
-
-
 def _kernels(interpret: bool) -> tuple[Any, Any]:
     mod = _triton()
     if mod is None:
@@ -112,18 +110,8 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
     kernels = (mod._batch_set_kernel, mod._route_kernel)
     if not interpret:
         return kernels
-    from triton.runtime.interpreter import InterpretedFunction
-
-    out = []
-    for k in kernels:
-        if isinstance(k, InterpretedFunction):  # imported under TRITON_INTERPRET=1
-            out.append(k)
-            continue
-        name = k.fn.__name__
-        if name not in _INTERPRETED:
-            _INTERPRETED[name] = InterpretedFunction(k.fn)
-        out.append(_INTERPRETED[name])
-    return out[0], out[1]
+    set_kernel, route_kernel = interpreted(*kernels)
+    return set_kernel, route_kernel
 
 
 def _knob_args(config: SelectorConfig, knobs: SelectorKnobs | None, num_experts: int) -> dict[str, Any]:

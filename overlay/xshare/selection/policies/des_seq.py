@@ -11,7 +11,7 @@ from torch import Tensor
 
 from xshare.selection.common import Batch, tiers_inside
 from xshare.selection.config import SelectorConfig
-from xshare.selection.registry import Policy, register_policy
+from xshare.selection.registry import Policy, register_policy, require_warmup_k
 
 
 @register_policy
@@ -24,8 +24,7 @@ class DESSeq(Policy):
     summary = "coreset = union of top-k0 experts per request block; budget unused"
 
     def validate_config(self, config: SelectorConfig) -> None:
-        if config.warmup_k < 1:
-            raise ValueError("warmup_k must be >= 1 for des_seq (it is DES-Seq's k)")
+        require_warmup_k(config, self.name, "DES-Seq's k")
 
     def tiers(self, batch: Batch) -> Tensor:
         own = batch.own_topk(batch.warmup_k)

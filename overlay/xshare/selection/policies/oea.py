@@ -11,7 +11,7 @@ from torch import Tensor
 
 from xshare.selection.common import Batch
 from xshare.selection.config import SelectorConfig
-from xshare.selection.registry import Policy, register_policy
+from xshare.selection.registry import Policy, register_policy, require_warmup_k
 
 
 @register_policy
@@ -23,8 +23,7 @@ class OEA(Policy):
     summary = "union of top-k0 per token, others piggyback on it; budget unused"
 
     def validate_config(self, config: SelectorConfig) -> None:
-        if config.warmup_k < 1:
-            raise ValueError("warmup_k must be >= 1 for oea (it is OEA's k0)")
+        require_warmup_k(config, self.name, "OEA's k0")
 
     def batch_set(self, batch: Batch) -> Tensor:
         return batch.warmup()
