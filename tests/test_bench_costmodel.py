@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from xshare.cli import main
-from xshare.eval.costmodel import CALIBRATION, MODELS, SGLANG_PR11730, calibrated, fit_calibration, uniform_active
+from xshare.eval.costmodel import (
+    CALIBRATION,
+    GPUS,
+    MODELS,
+    SGLANG_PR11730,
+    CostModel,
+    fit_calibration,
+    uniform_active,
+)
 
 PUBLISHED = dict(zip(SGLANG_PR11730.batch, SGLANG_PR11730.kernel_us, strict=True))
 
@@ -39,8 +47,8 @@ def test_the_calibration_constants_are_the_fit_and_the_form_predicts_held_out_ba
     assert fit["expert_hbm_efficiency"] == pytest.approx(CALIBRATION["expert_hbm_efficiency"], abs=5e-4)
     # fitted on B <= 8 only, the same form predicts B = 16, 24, 32 within 10%
     early = fit_calibration(use=slice(0, 4))
-    cm = calibrated("h200", "qwen3-235b-a22b", tp=8, moe_fixed_us=early["moe_fixed_us"],
-                    expert_hbm_efficiency=early["expert_hbm_efficiency"])
+    cm = CostModel(GPUS["h200"], MODELS["qwen3-235b-a22b"], 1, tp=8, moe_fixed_us=early["moe_fixed_us"],
+                   expert_hbm_efficiency=early["expert_hbm_efficiency"])
     for b in (16, 24, 32):
         n = uniform_active(128, 8, b)
         z = np.zeros((1, 1))

@@ -48,7 +48,7 @@ def test_sigmoid_trace_logits_invert_the_probabilities(tmp_path):
 def test_router_logits_are_used_when_present(tmp_path):
     arrays = synthetic_trace(router_logits=True, num_experts=8, top_k=2)
     tr = load_trace(_save(tmp_path / "r.npz", arrays))
-    assert tr.has_router_logits
+    assert tr.describe()["files"][0]["router_logits"]
     z = arrays["router_logits"][0].astype(np.float32)
     assert np.allclose(tr.layer_logits(0).numpy(), z)
     assert np.allclose(tr.layer_probs(0).numpy(), torch.softmax(torch.from_numpy(z), -1).numpy(), atol=1e-6)

@@ -152,7 +152,7 @@ def test_update_settings_swaps_the_active_config(logits, cpu_kernel):
     assert 4 < torch.unique(second["topk_ids"]).numel() <= 6
     if not cpu_kernel:  # the device knobs of the torch path follow in place
         knobs = next(iter(runtime._knobs.values()))
-        assert knobs.as_dict()["budget"] == 6
+        assert knobs.budget.item() == 6
     runtime.update_settings(PluginSettings(enabled=False))
     assert runtime.route(call_args(logits), topk_config=topk_config()) is None
 

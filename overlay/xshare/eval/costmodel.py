@@ -331,15 +331,6 @@ def uniform_active(num_experts: int, top_k: int, batch: int | np.ndarray) -> np.
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** b)
 
 
-def calibrated(gpu: str, model: str, *, num_gpus: int = 1, tp: int = 1, **kw: Any) -> CostModel:
-    """A CostModel with the CALIBRATION constants (any of them overridable through ``kw``)."""
-    if gpu not in GPUS:
-        raise ValueError(f"--gpu must be one of {', '.join(GPUS)}, got {gpu!r}")
-    if model not in MODELS:
-        raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
-    return CostModel(GPUS[gpu], MODELS[model], num_gpus, tp=tp, **{**CALIBRATION, **kw})
-
-
 def fit_calibration(meas: Measurement = SGLANG_PR11730, *, use: slice = slice(None)) -> dict[str, float]:
     """Fit ``moe_fixed_us`` and ``expert_hbm_efficiency`` to ``meas`` (the points ``use`` selects):
     t = fixed + N(B) * expert bytes / (HBM * eff), N(B) the uniform expected distinct experts,

@@ -95,10 +95,6 @@ class Trace:
         return int(np.unique(self.seq_ids).size)
 
     @property
-    def has_router_logits(self) -> bool:
-        return any(p.router_logits is not None for p in self.parts)
-
-    @property
     def model(self) -> str:
         names = sorted({str(m.get("model", "?")) for m in self.meta})
         return " + ".join(names)

@@ -3,8 +3,9 @@ identity) and the model it describes (:func:`build_model`, through the one build
 :mod:`xshare.models.architecture`).
 
 The same :class:`TinyConfig` on the same torch build, CPU instruction set and thread count gives the
-same weights bit for bit (:func:`xshare.models.store.weights_sha256`). :meth:`TinyConfig.identity`
-names the model's cache directory (``tiny-moe-<identity>``, :func:`xshare.models.cache.default_model_dir`).
+same weights bit for bit (the manifest's ``weights_sha256``, :mod:`xshare.models.store`).
+:meth:`TinyConfig.identity` names the model's cache directory (``tiny-moe-<identity>``,
+:func:`xshare.models.cache.default_model_dir`).
 """
 
 from __future__ import annotations

@@ -39,11 +39,6 @@ def state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def weights_sha256(model_dir: str | os.PathLike) -> str:
-    """SHA-256 of the saved weights file."""
-    return _file_sha256(Path(model_dir) / WEIGHTS)
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

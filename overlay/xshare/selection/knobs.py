@@ -75,8 +75,3 @@ class SelectorKnobs:
         vals = _values(config, self.num_experts, self.top_k, enabled)
         for k, v in vals.items():
             getattr(self, k).fill_(v)
-
-    def as_dict(self) -> dict[str, int | bool]:
-        """Host copy of the values (synchronises: for logging and tests, never in the hot path)."""
-        return {k: getattr(self, k).item() for k in
-                ("enabled", "budget", "warmup_k", "group_budget", "gpu_cap", "min_tokens", "max_tokens")}

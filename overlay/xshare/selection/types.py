@@ -24,11 +24,6 @@ class Routing:
     active: Tensor
     physical_ids: Tensor | None = None
 
-    @property
-    def num_active(self) -> Tensor:
-        """0-d int64 tensor: activated experts (no host sync)."""
-        return self.active.sum()
-
 
 @dataclass(frozen=True)
 class Placement:
