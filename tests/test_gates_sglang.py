@@ -129,7 +129,7 @@ def test_plain_through_select_experts(dtype):
 BIASED = [  # (E, groups, keep, top_k, shared, renormalize, scaling_in_weights)
     (256, 8, 4, 8, 1, True, False),  # DeepSeek-V3/R1 with the fused shared slot
     (16, 4, 2, 3, 0, True, True),  # small grouped, factor inside the weights
-    (160, 1, 1, 8, 0, True, False),  # GLM-4.5 (one group)
+    (384, 1, 1, 8, 0, False, True),  # one group (GLM-4.5 / Kimi-K2 code path), Kimi-K2's 384 experts
 ]
 
 
@@ -141,7 +141,8 @@ def test_biased_grouped_equals_sglang(E, G, keep, k, shared, renorm, inw, dtype)
     cfg = topk.TopKConfig(top_k=k + shared, use_grouped_topk=True, num_expert_group=G, topk_group=keep,
                           renormalize=renorm, torch_native=True, correction_bias=b, routed_scaling_factor=2.5,
                           apply_routed_scaling_factor_on_output=inw,
-                          shared_experts=SharedExpertsConfig(num_fused_shared_experts=shared))
+                          shared_experts=SharedExpertsConfig(num_fused_shared_experts=shared),
+                          fused_shared_experts_scaling_factor=0.5 if shared else None)  # 1 / ep_size
     out = topk.select_experts(hidden(T), x, cfg)  # -> biased_grouped_topk_gpu -> biased_grouped_topk_impl
     spec = RouterSpec.from_topk_config(cfg)
     assert spec.gate == "biased_grouped" and spec.num_fused_shared_experts == shared
@@ -152,25 +153,14 @@ def test_biased_grouped_equals_sglang(E, G, keep, k, shared, renorm, inw, dtype)
         assert (route.topk_ids[:, -1] == E).all()
 
 
-def test_biased_grouped_impl_directly():
-    """Kimi-K2 shape (384 experts, one group, factor 2.827 in the weights, no renormalisation)."""
-    x = make_logits(T, 384, torch.float32, False, seed=4)
-    b = make_bias(384, 4)
-    w, i = topk.biased_grouped_topk_impl(hidden(T), x, b, 8, False, 1, 1, routed_scaling_factor=2.827,
-                                         apply_routed_scaling_factor_on_output=True)
-    spec = RouterSpec(scoring="sigmoid", correction_bias=b, num_expert_group=1, topk_group=1, renormalize=False,
-                      routed_scaling_factor=2.827, scaling_in_weights=True)
-    assert_same(reference_route(x, 8, spec), w, i)
-
-
 GROUPED = [  # (scoring, E, groups, keep, top_k, shared, renormalize, factor, scaling_in_weights)
     ("softmax", 160, 8, 3, 6, 0, False, 16.0, False),  # DeepSeek-V2
     ("sigmoid", 64, 8, 4, 6, 1, True, 2.5, True),
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scoring,E,G,keep,k,shared,renorm,rsf,inw", GROUPED)
+@pytest.mark.parametrize("scoring,E,G,keep,k,shared,renorm,rsf,inw,dtype",
+                         [(*GROUPED[0], dtype) for dtype in DTYPES] + [(*GROUPED[1], torch.float32)])
 def test_grouped_equals_grouped_topk_gpu(scoring, E, G, keep, k, shared, renorm, rsf, inw, dtype):
     x = make_logits(T, E, dtype, True, seed=5)
     w, i = topk.grouped_topk_gpu(hidden(T), x, k + shared, renorm, G, keep, num_fused_shared_experts=shared,
@@ -194,14 +184,44 @@ def test_llama4_custom_routing_function(dtype):
     assert_identity(x, 1, spec)
 
 
-def test_numeric_helpers_are_the_compiled_ones():
-    """The two emulations the compiled gates need are not what plain torch does (else they'd be moot)."""
-    x = make_logits(T, 40, torch.float32, False, seed=7).abs()
-    rowsum = inductor_row_sum(x)
-    assert rowsum.shape == (T, 1)
-    torch.testing.assert_close(rowsum, x.sum(-1, keepdim=True))
-    s = vector_sigmoid(x[:, :37])  # odd sizes: no scalar tail
-    torch.testing.assert_close(s, x[:, :37].sigmoid())
+def test_numeric_helpers():
+    """inductor_row_sum adds in the lane order it documents; vector_sigmoid is ATen's sigmoid."""
+    import numpy as np
+
+    from xshare.selection.gates import inductor_lanes
+
+    x = make_logits(T, 11, torch.float32, False, seed=7).abs()
+    got = inductor_row_sum(x)
+    assert got.shape == (T, 1) and got.dtype == torch.float32
+    lanes = inductor_lanes(x.device)
+    if lanes is None:
+        assert torch.equal(got, x.sum(-1, keepdim=True))
+    else:
+        a = np.zeros((T, -(-11 // lanes) * lanes), dtype=np.float32)
+        a[:, :11] = x.numpy()
+        acc = a[:, :lanes].copy()
+        for start in range(lanes, a.shape[1], lanes):
+            acc = (acc + a[:, start:start + lanes]).astype(np.float32)
+        while acc.shape[1] > 1:
+            half = acc.shape[1] // 2
+            acc = (acc[:, :half] + acc[:, half:]).astype(np.float32)
+        assert np.array_equal(got.numpy(), acc)
+    y = make_logits(64, 64, torch.float32, False, seed=8)  # a multiple of 64 elements: all vector anyway
+    assert torch.equal(vector_sigmoid(y), y.sigmoid())
+    torch.testing.assert_close(vector_sigmoid(y[:, :37]), y[:, :37].sigmoid(), rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2])
+def test_tiny_batches_and_eager_mode(rows):
+    """Empty and one-token batches; exact=False (eager softmax) picks the same experts here."""
+    exact = rows > 1  # keep the compiled softmax to the shapes it already has
+    for spec, E, k in (FAMILIES["dsv2_grouped_softmax"][0](32), 32, 3), (FAMILIES["dsv3_biased_grouped"][0](16), 16, 3):
+        x = make_logits(rows, E, torch.float32, False, seed=13)
+        r = reference_route(x, k, spec, torch.ones(E, dtype=torch.bool), exact=exact)
+        assert r.topk_ids.shape == (rows, k + spec.num_fused_shared_experts) and r.short.shape == (rows,)
+        loose = reference_route(x, k, spec, exact=False)
+        assert torch.equal(loose.topk_ids, r.topk_ids)
+        torch.testing.assert_close(loose.topk_weights, r.topk_weights, rtol=1e-6, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,17 +364,21 @@ def test_one_expert_groups_score_alone():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_router_scores_match_sglang(dtype):
     """reachable holds SGLang's routed experts; affinity/choice are what SGLang weights and ranks."""
-    E, G, keep, k = 64, 8, 4, 6
+    E, G, keep, k = 64, 8, 4, 6  # the compiled configuration of test_biased_grouped_equals_sglang[16-...]
     x = make_logits(T, E, dtype, False, seed=12)
     b = make_bias(E, 12)
-    w, i = topk.biased_grouped_topk_impl(hidden(T), x, b, k, False, G, keep)
-    spec = RouterSpec(scoring="sigmoid", correction_bias=b, num_expert_group=G, topk_group=keep, renormalize=False)
+    w, i = topk.biased_grouped_topk_impl(hidden(T), x, b, k, True, G, keep, routed_scaling_factor=2.5,
+                                         apply_routed_scaling_factor_on_output=True)
+    spec = RouterSpec(scoring="sigmoid", correction_bias=b, num_expert_group=G, topk_group=keep,
+                      routed_scaling_factor=2.5, scaling_in_weights=True)
     s = router_scores(x, spec)
     assert s.affinity.dtype == s.choice.dtype == torch.float32 and s.reachable.dtype == torch.bool
     assert s.reachable.gather(1, i.long()).all()
     assert (s.reachable.sum(-1) == keep * E // G).all()
-    assert torch.equal(s.affinity.gather(1, i.long()), w)
     assert torch.equal(s.affinity, x.float().sigmoid().to(dtype).float())
+    assert torch.equal(s.choice, (x.float().sigmoid() + b).float()) or dtype == torch.bfloat16
+    picked = s.affinity.gather(1, i.long()).double()
+    torch.testing.assert_close(w.double(), picked / picked.sum(-1, keepdim=True) * 2.5, rtol=1e-6, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,8 +61,9 @@ expert disallowed (rows with every expert allowed are SGLang's routing, verbatim
   columns and scaled exactly as SGLang does.
 
 A restricted row is *short* when its selected groups hold fewer than ``top_k`` usable experts; it
-is then routed like the unrestricted gate (SGLang's own routing of that row), so no disallowed or
--inf expert is ever given weight by the restriction; ``short`` reports those rows.
+is then routed exactly like the unrestricted gate (SGLang's own routing of that row, which may use
+disallowed experts; ``short`` reports those rows), rather than padded with -inf or disallowed
+experts that would carry weight.
 """
 
 from __future__ import annotations
@@ -230,12 +231,6 @@ class RouterSpec:
     def num_experts(self) -> int | None:
         """E when the spec knows it (from the bias), else None."""
         return None if self.correction_bias is None else int(self.correction_bias.numel())
-
-    @property
-    def weights_carry_scaling(self) -> bool:
-        """True when the returned weights include the routed scaling factor (SGLang's
-        is_routed_scaling_factor_fused_in_topk off AITER)."""
-        return self.scaling_in_weights
 
     def check(self, num_experts: int, top_k: int) -> None:
         """Validate against a layer of ``num_experts`` experts routing ``top_k`` experts per token
@@ -481,11 +476,12 @@ def _native(logits: Tensor, spec: RouterSpec, exact: bool) -> _Native:
 
 def _group_scores(choice: Tensor, usable: Tensor | None, gate: str, groups: int) -> Tensor:
     """[T, G] group scores in choice's dtype: SGLang's formula (usable None), or over usable experts."""
-    num_rows = choice.shape[0]
+    num_rows, num_experts = choice.shape
+    shape = (num_rows, groups, num_experts // groups)
     neg = torch.tensor(float("-inf"), dtype=choice.dtype, device=choice.device)
-    view = choice.view(num_rows, groups, -1)
+    view = choice.view(shape)
     if usable is not None:
-        view = torch.where(usable.view(num_rows, groups, -1), view, neg)
+        view = torch.where(usable.reshape(shape), view, neg)
     if gate == "grouped":
         return view.max(dim=-1).values
     top2 = view.topk(2, dim=-1).values.to(torch.float32)
@@ -622,7 +618,8 @@ def _finish_weights(w: Tensor, spec: RouterSpec, gate: str, top_k: int) -> Tenso
     """Renormalise and scale the gathered weights [T, W] exactly as the SGLang gate does (float32 out)."""
     rsf = spec.routed_scaling_factor
     if gate in ("plain", "llama4"):
-        # fused_topk_torch_native / the custom function, then select_experts' fold of the factor.
+        # fused_topk_torch_native / the custom function, then select_experts' eager, in-place fold of
+        # the factor (in the weights' dtype: bf16 weights stay bf16-rounded).
         if spec.renormalize:
             w = w / (w.sum(dim=-1, keepdim=True, dtype=torch.float32) + RENORMALIZE_EPS)
         if spec.scaling_in_weights:
@@ -646,15 +643,18 @@ def _finish_weights(w: Tensor, spec: RouterSpec, gate: str, top_k: int) -> Tenso
         if spec.renormalize:
             w = w / (inductor_row_sum(w[:, :top_k]) + RENORMALIZE_EPS)
         if spec.scaling_in_weights:
-            w = w * rsf
+            w = w.to(torch.float32) * rsf  # compiled: the product is not rounded to bf16
         return w.to(torch.float32)
-    # biased_grouped_topk_impl: the shared column is overwritten after renormalising and scaling.
+    # biased_grouped_topk_impl: the shared column is overwritten after renormalising and scaling,
+    # with a constant stored in the weights' dtype (bf16 when bf16 weights are not renormalised).
+    weights_dtype = torch.float32 if spec.renormalize else w.dtype
     if spec.renormalize:
         w = w / (inductor_row_sum(w[:, :top_k]) + RENORMALIZE_EPS)
-    if spec.scaling_in_weights:
-        w = w * rsf
     w = w.to(torch.float32)
+    if spec.scaling_in_weights:
+        w = w * rsf  # compiled: a bf16 weight times the factor is not rounded to bf16 (matched)
     if shared:
+        value = 1.0 if spec.scaling_in_weights or not rsf else 1.0 / rsf
         w = w.clone()
-        w[:, -1] = 1.0 if spec.scaling_in_weights or not rsf else 1.0 / rsf
+        w[:, -1] = torch.tensor(value, dtype=weights_dtype).item()
     return w
