@@ -16,7 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-topk = pytest.importorskip("sglang.srt.layers.moe.topk")
+from conftest import require_module
+
+topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
 from sglang.srt.configs.shared_experts import SharedExpertsConfig  # noqa: E402
 from sglang.srt.models.llama4 import Llama4MoE  # noqa: E402
 

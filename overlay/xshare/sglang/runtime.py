@@ -176,12 +176,6 @@ class Runtime:
         if self.metrics is not None:
             self.metrics.config_changed(self)
 
-    def effective_config(self) -> dict[str, Any]:
-        s = self.settings
-        out = s.selector.to_dict()
-        out["enabled"] = s.enabled
-        return out
-
     # -- the routing decision (xshare.sglang.routing) ----------------------------------------------
     def skip(self, reason: str) -> None:
         self.stats.count_skip(reason)
