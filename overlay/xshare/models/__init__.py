@@ -1,7 +1,7 @@
-"""The tiny Qwen3-MoE models: built offline (no model hub), one builder for both.
+"""The tiny MoE models: built offline (no model hub), one builder for all.
 
-* :mod:`~xshare.models.architecture`: the one builder (:func:`build_qwen3_moe`: Hugging Face config
-  and weight initialisation) of every tiny model here.
+* :mod:`~xshare.models.architecture`: the one builder (:func:`build_moe`: Hugging Face config and
+  weight initialisation) of every tiny model here.
 * The trained model: :mod:`~xshare.models.config` (:class:`TinyConfig`, shape and recipe),
   :mod:`~xshare.models.tokenizer` (character-level tokenizer, training batches),
   :mod:`~xshare.models.tasks` (the synthetic tasks), :mod:`~xshare.models.training`,
@@ -12,7 +12,8 @@
   router), :mod:`~xshare.models.decode` (greedy decoding, KV cache), :mod:`~xshare.models.evaluation`
   (exact match, activated experts, task specialisation), :mod:`~xshare.models.profiling` (MoE share
   of a decode step).
-* The untrained serving-test model: :mod:`~xshare.models.tiny_moe` (``xshare tiny-model``).
+* The untrained serving-test models: :mod:`~xshare.models.tiny_moe` (``xshare tiny-model``; presets
+  ``qwen3_moe``, ``glm45``, ``deepseek_v3_router`` on the GLM-4.5 architecture, ``mixtral``).
 
 Typical use::
 
