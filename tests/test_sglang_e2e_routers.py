@@ -13,7 +13,7 @@ Checked: every request gets its requested length (``ignore_eos``); the routing h
 per forward (hook calls = MoE-block calls = forwards x MoE layers); each skip reason covers every MoE layer of the
 forwards of one mode, as :data:`EXPECTED_SKIPS` says, and the other decode calls are applied on every MoE layer
 with no expert changed; after the disable every call is skipped as ``disabled``; the tokens are the same in both
-rounds.
+rounds. Then a third round at budget E/4 (``PATCH /xshare/config``): activated experts fall on every MoE layer.
 """
 
 from __future__ import annotations
@@ -39,19 +39,18 @@ PROMPTS = ["def hello(name):", "import os\nimport sys\n", "class Buffer:\n    de
 
 #: Per preset, the skip reasons of the selector-on round, each with the forward mode whose MoE-layer calls it
 #: accounts for, all of them: ``skipped[reason] == MoE layers x forwards of that mode``; decode calls not listed
-#: here are applied, on every MoE layer. Today the plugin leaves a router with a correction bias to SGLang
-#: (``xshare.sglang.topk_call.unsupported_routing`` checks the bias before the groups, so ``deepseek_v3_router``
-#: reports the bias, not ``unsupported_grouped_topk``). The router-families support will change the glm45 and
-#: deepseek_v3_router entries to ``{"mode_extend": "extend"}``: applied on every layer, as mixtral is now.
+#: here are applied, on every MoE layer (biased and grouped routers included).
 EXPECTED_SKIPS: dict[str, dict[str, str]] = {
-    "glm45": {"mode_extend": "extend", "unsupported_correction_bias": "decode"},
-    "deepseek_v3_router": {"mode_extend": "extend", "unsupported_correction_bias": "decode"},
+    "glm45": {"mode_extend": "extend"},
+    "deepseek_v3_router": {"mode_extend": "extend"},
     "mixtral": {"mode_extend": "extend"},
 }
 
 
-def admin(srv: ServerProcess, method: str, path: str) -> tuple[int, dict]:
-    req = urllib.request.Request(srv.base_url + path, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
+def admin(srv: ServerProcess, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", **({"Content-Type": "application/json"} if data else {})}
+    req = urllib.request.Request(srv.base_url + path, method=method, headers=headers, data=data)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -119,10 +118,17 @@ def served(request, tmp_path_factory):
         assert status == 200 and reply["config"]["enabled"] is False, reply
         off = one_round(srv)
         s2 = stats(stats_dir)
-    seen = {"name": name, "spec": spec, "model": model, "on": on, "off": off, "stats_on": delta(s0, s1),
-            "stats_off": delta(s1, s2), "seconds": time.monotonic() - t0}
+        budget = max(spec.top_k, spec.num_experts // 4)
+        status, reply = admin(srv, "PATCH", "/xshare/config", {"enabled": True, "budget": budget, "warmup_k": 0})
+        assert status == 200 and reply["config"]["budget"] == budget, reply
+        small = one_round(srv)
+        s3 = stats(stats_dir)
+    seen = {"name": name, "spec": spec, "model": model, "on": on, "off": off, "small": small, "budget": budget,
+            "stats_on": delta(s0, s1), "stats_off": delta(s1, s2), "stats_small": delta(s2, s3),
+            "short_rows": s3.get("short_rows", 0) - s2.get("short_rows", 0), "seconds": time.monotonic() - t0}
     print(f"\n{name}: {seen['seconds']:.0f} s; selector on: {json.dumps(seen['stats_on'], sort_keys=True)}; "
-          f"off: {json.dumps(seen['stats_off'], sort_keys=True)}")
+          f"off: {json.dumps(seen['stats_off'], sort_keys=True)}; budget {budget}: "
+          f"{json.dumps(seen['stats_small']['layers'], sort_keys=True)}, short rows {seen['short_rows']}")
     return seen
 
 
@@ -172,3 +178,17 @@ def test_greedy_tokens_identical_with_the_selector_on_and_off(served):
     on = [o["output_ids"] for o in served["on"]]
     off = [o["output_ids"] for o in served["off"]]
     assert on == off
+
+
+def test_a_budget_below_e_cuts_activated_experts_on_every_moe_layer(served):
+    """Budget E/4 without warm-up: each decode call activates at most the budget (rows that cannot be filled
+    inside their groups keep SGLang's routing and are counted), fewer experts than vanilla on every layer."""
+    st, m = served["stats_small"], served["budget"]
+    assert st["fallbacks_total"] == 0 and st["applied"] > 0, st
+    assert set(st["layers"]) == {str(i) for i in served["spec"].moe_layers}, st["layers"]
+    for layer, d in st["layers"].items():
+        assert d["activated"] < d["vanilla_activated"], (layer, d)
+        if served["short_rows"] == 0:
+            assert d["activated"] <= m * d["calls"], (layer, d, m)
+    for out in served["small"]:
+        assert len(out["output_ids"]) == NEW_TOKENS

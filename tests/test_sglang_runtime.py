@@ -22,7 +22,8 @@ E, K = 16, 4
 def topk_config(shared=0, **kw):
     cfg = dict(top_k=K + shared, num_shared_topk_slots=shared, allow_routed_experts_capture=True,
                scoring_func="softmax", renormalize=True, custom_routing_function=None, correction_bias=None,
-               use_grouped_topk=False, num_expert_group=None, topk_group=None, routed_scaling_factor=None)
+               use_grouped_topk=False, num_expert_group=None, topk_group=None, routed_scaling_factor=None,
+               apply_routed_scaling_factor_on_output=False, fused_shared_experts_scaling_factor=None)
     cfg.update(kw)
     return SimpleNamespace(**cfg)
 
@@ -100,10 +101,13 @@ def test_shared_expert_columns_are_left_alone(logits):
         (rt.ForwardState(mode="decode", is_draft=True), {}, "draft_layer"),
         (rt.ForwardState(mode="decode"), {"allow_routed_experts_capture": False}, "draft_layer"),
         (None, {}, "no_forward_state"),
-        (rt.ForwardState(mode="decode"), {"correction_bias": torch.zeros(E)}, "unsupported_correction_bias"),
-        (rt.ForwardState(mode="decode"), {"scoring_func": "sqrtsoftplus"}, "unsupported_scoring_sqrtsoftplus"),
-        (rt.ForwardState(mode="decode"), {"use_grouped_topk": True, "num_expert_group": 4, "topk_group": 2},
-         "unsupported_grouped_topk"),
+        # routers the selector does not know stay SGLang's (biased / grouped routers are selected:
+        # tests/test_sglang_router_families.py)
+        (rt.ForwardState(mode="decode"), {"custom_routing_function": lambda *a: None},
+         "unsupported_custom_routing_function"),
+        (rt.ForwardState(mode="decode"), {"scoring_func": "relu"}, "unsupported_scoring_relu"),
+        (rt.ForwardState(mode="decode"), {"use_grouped_topk": True, "num_expert_group": 5, "topk_group": 2},
+         "unsupported_router_config"),
     ],
 )
 def test_not_applicable_calls_are_left_to_sglang(logits, state, cfg, reason):

@@ -33,7 +33,8 @@ def gate_scores(logits: Tensor, usable: Tensor, scoring: str) -> Tensor:
     return torch.where(usable, p, torch.zeros_like(p))
 
 
-def preference_rank(scores: Tensor, usable: Tensor, prefer: Tensor | None = None) -> Tensor:
+def preference_rank(scores: Tensor, usable: Tensor, prefer: Tensor | None = None, *,
+                    floor: float = -1.0) -> Tensor:
     """rank[t, e] = position of expert e in token t's own order: usable first, then score desc, then
     (among exactly equal scores) the experts listed in ``prefer[t]`` in that order, then index asc.
 
@@ -50,7 +51,7 @@ def preference_rank(scores: Tensor, usable: Tensor, prefer: Tensor | None = None
         ids = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))  # -1 -> a spare column
         slot.scatter_(1, ids, torch.arange(k, device=scores.device).expand(num_rows, k))
         order = torch.argsort(slot[:, :num_experts], dim=-1, stable=True)  # preferred first, then index
-    key = torch.where(usable, scores, torch.full_like(scores, -1.0)).gather(1, order)
+    key = torch.where(usable, scores, torch.full_like(scores, floor)).gather(1, order)
     order = order.gather(1, torch.argsort(key, dim=-1, descending=True, stable=True))
     rank = torch.empty_like(order)
     pos = torch.arange(num_experts, device=scores.device).expand_as(order)

@@ -24,11 +24,13 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from xshare.selection.api import finish_routing, prepare_batch
-from xshare.selection.common import Batch
+from xshare.selection.api import check_inputs, finish_routing, prepare_batch
+from xshare.selection.common import Batch, active_experts, preference_rank
 from xshare.selection.config import SelectorConfig
+from xshare.selection.gates import RouterSpec, reference_route, router_scores
 from xshare.selection.group_stats import AllReduce, finish_global, join_empty, prepare_global
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import Policy, get_policy
@@ -53,7 +55,9 @@ class LayerCall:
 
     router_logits  float [T, E]; -inf marks an expert a token cannot use.
     top_k          routed experts per token (shared-expert slots excluded).
-    layer          the layer's :class:`LayerRouting`.
+    layer          the layer's router: a :class:`LayerRouting` (plain softmax / sigmoid top-k), or a
+                   :class:`~xshare.selection.gates.RouterSpec` (correction bias, expert groups, routed
+                   scaling, shared slot, recognised custom functions: see :func:`decide`).
     layer_id       the MoE layer's index (bookkeeping only).
     engine_ids     int [T, k]: the engine's own picks, whose order breaks exact ties (or None).
     num_tokens     rows >= num_tokens are padding (an int or a 0-d device tensor; None = all valid).
@@ -66,7 +70,7 @@ class LayerCall:
 
     router_logits: Tensor
     top_k: int
-    layer: LayerRouting = LayerRouting()
+    layer: LayerRouting | RouterSpec = LayerRouting()
     layer_id: int = 0
     engine_ids: Tensor | None = None
     num_tokens: int | Tensor | None = None
@@ -83,13 +87,33 @@ class Decision:
     routing: Routing
     config: SelectorConfig  # the config the layer was routed with (the layer's scoring applied)
     cpu: object | None = None  # xshare.selection.kernels.cpu.CpuRouting when the C fast path routed
+    # Router specs only: bool [T], the rows whose routing the policy changed (every other row keeps
+    # the engine's own routing verbatim), and int64 0-d, the restricted rows that could not be filled
+    # inside their groups from the set and kept the engine's routing (the fallback, counted).
+    replaced: Tensor | None = None
+    short_rows: Tensor | None = None
+
+
+def plain_layer(spec: RouterSpec) -> LayerRouting | None:
+    """The :class:`LayerRouting` of a spec the plain path routes (softmax / sigmoid top-k, no bias,
+    no groups, no custom function, no scaling inside the weights), else None."""
+    if spec.gate != "plain" or spec.correction_bias is not None or spec.scoring not in ("softmax", "sigmoid"):
+        return None
+    if spec.scaling_in_weights:
+        return None
+    return LayerRouting(spec.scoring, spec.renormalize)
 
 
 _LAYER_CONFIGS: dict[tuple[int, LayerRouting], tuple[SelectorConfig, SelectorConfig]] = {}
 
 
-def layer_config(config: SelectorConfig, layer: LayerRouting) -> SelectorConfig:
-    """``config`` with the layer's own scoring and renormalisation (cached per config and layer)."""
+def layer_config(config: SelectorConfig, layer: LayerRouting | RouterSpec) -> SelectorConfig:
+    """``config`` with the layer's own scoring and renormalisation (cached per config and layer). For
+    a :class:`RouterSpec` the config's scoring only says how figures read the logits (softmax for a
+    softmax gate, else sigmoid); the spec itself defines the gate."""
+    if isinstance(layer, RouterSpec):
+        layer = plain_layer(layer) or LayerRouting("softmax" if layer.scoring == "softmax" else "sigmoid",
+                                                   layer.renormalize)
     if config.scoring == layer.scoring and config.renormalize == layer.renormalize:
         return config
     key = (id(config), layer)
@@ -143,8 +167,17 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
     checkpoint   called once at the point where a failure leaves nothing half done (after DeepEP
                  global mode's all-reduce, before any routing): fault injection for tests.
 
+    A layer described by a :class:`~xshare.selection.gates.RouterSpec` (biased and grouped routers:
+    DeepSeek-V3, GLM-4.5, Kimi-K2, DeepSeek-V2, Llama-4, sqrtsoftplus) is routed by
+    :func:`decide_router`.
+
     Raises ValueError for a config or call the core cannot route; the caller falls back.
     """
+    if isinstance(call.layer, RouterSpec):
+        plain = plain_layer(call.layer)
+        if plain is None:
+            return decide_router(call, config, checkpoint=checkpoint)
+        call = dataclasses.replace(call, layer=plain)
     config = layer_config(config, call.layer)
     if call.all_reduce is not None:
         try:
@@ -169,3 +202,79 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
     if checkpoint is not None:
         checkpoint()
     return Decision(finish(batch, config, num_tokens=call.num_tokens, knobs=call.knobs), config)
+
+
+def decide_router(call: LayerCall, config: SelectorConfig, *,
+                  checkpoint: Callable[[], None] | None = None) -> Decision:
+    """The routing of a layer whose router is a :class:`~xshare.selection.gates.RouterSpec`.
+
+    The batch the policy sees (docs/selection.md, "Router families"): gate scores = the model's
+    affinities (the unbiased scores its weights come from), over the experts each token can reach
+    under its group limit (``reachable``); each token's own order = the router's choice score (the
+    biased score, then the engine's own picks for ties), so the warm-up keeps each token's top-k0 as
+    the model routes it. The policy's set (its top tiers) is then handed to the router as the experts
+    that exist (:func:`~xshare.selection.gates.reference_route`): the bias still chooses, at most
+    ``topk_group`` groups per token, weights renormalised and scaled as the engine does. Rows whose
+    every expert is allowed (the policy kept them all, padding, or the policy does not apply) keep
+    the engine's routing verbatim (``Decision.replaced`` False); a row that cannot be filled inside
+    its groups from the set keeps it too and is counted (``Decision.short_rows``).
+
+    Returns routing over the routed columns only (ids int32 [T, top_k], the shared slot excluded).
+    """
+    spec = call.layer
+    assert isinstance(spec, RouterSpec)
+    logits = call.router_logits
+    num_rows, num_experts = logits.shape
+    device = logits.device
+    spec.check(num_experts, call.top_k)
+    config = layer_config(config, spec)
+    policy = get_policy(config.policy)
+    placement = check_inputs(logits, call.top_k, config, groups=_groups_for(policy, call), placement=call.placement,
+                             num_tokens=call.num_tokens, knobs=call.knobs, validate=False)
+    exact = device.type == "cpu"
+    gs = router_scores(logits, spec, exact=exact)
+    usable = gs.reachable & torch.isfinite(gs.choice)
+    rows = torch.arange(num_rows, device=device)
+    valid = torch.ones(num_rows, dtype=torch.bool, device=device) if call.num_tokens is None else \
+        rows < torch.as_tensor(call.num_tokens, device=device)
+    knobs = call.knobs
+    if knobs is None:
+        values = {"budget": config.budget_for(num_experts), "warmup_k": config.warmup_k,
+                  "group_budget": config.group_budget_for(num_experts, call.top_k),
+                  "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap}
+    else:
+        values = {k: getattr(knobs, k) for k in ("budget", "warmup_k", "group_budget", "gpu_cap")}
+    choice = torch.where(usable, gs.choice, torch.full_like(gs.choice, float("-inf")))
+    batch = Batch(logits=choice, scores=torch.where(usable, gs.affinity, torch.zeros_like(gs.affinity)),
+                  usable=usable, valid=valid, top_k=call.top_k, config=config,
+                  groups=None if _groups_for(policy, call) is None else call.groups.long(), placement=placement,
+                  **values)
+    batch._rank = preference_rank(choice, usable, call.engine_ids, floor=float("-inf"))
+    if checkpoint is not None:
+        checkpoint()
+    n = valid.sum()
+    if knobs is None:
+        apply = (n >= config.min_tokens) & (torch.tensor(True, device=device) if config.max_tokens is None
+                                             else n <= config.max_tokens)
+    else:
+        apply = knobs.enabled & (n >= knobs.min_tokens) & (n <= knobs.max_tokens)
+    everything = torch.ones(num_rows, num_experts, dtype=torch.bool, device=device)
+    if policy.vanilla:
+        allowed = everything
+    else:
+        allowed = policy.tiers(batch) >= 2  # the policy's sets (tier 1: a token's own fallback; 0: unusable)
+    applies = apply & valid
+    allowed = torch.where(applies.unsqueeze(1), allowed, everything)
+    # A token with no reachable expert in the set keeps the engine's routing (counted with the short rows).
+    empty = applies & ~(allowed & usable).any(dim=1)
+    allowed = allowed | empty.unsqueeze(1)
+    out = reference_route(logits, call.top_k, spec, allowed=allowed, exact=exact)
+    restricted = ~allowed.all(dim=1)
+    replaced = restricted & ~out.short
+    ids = out.topk_ids[:, :call.top_k]
+    weights = out.topk_weights[:, :call.top_k]
+    if call.engine_ids is not None:  # unreplaced rows: the engine's own ids (its kernel, its order)
+        ids = torch.where(replaced.unsqueeze(1), ids, call.engine_ids[:, :call.top_k].to(ids.dtype))
+    active = active_experts(ids, valid, num_experts)
+    routing = Routing(topk_ids=ids.to(torch.int32), topk_weights=weights, active=active, physical_ids=None)
+    return Decision(routing, config, replaced=replaced, short_rows=((out.short | empty) & valid).sum())

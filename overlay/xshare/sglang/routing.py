@@ -16,7 +16,15 @@ from xshare.selection.common import active_experts
 from xshare.selection.engine import Decision, decide, layer_config
 from xshare.selection.group_stats import join_empty
 from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
-from xshare.sglang.topk_call import TopkCall, is_draft_layer, layer_routing, unsupported_routing, valid_rows
+from xshare.sglang.topk_call import (
+    TopkCall,
+    is_draft_layer,
+    is_router_spec_layer,
+    layer_routing,
+    router_spec,
+    unsupported_routing,
+    valid_rows,
+)
 
 if TYPE_CHECKING:
     from xshare.sglang.runtime import ForwardState, Runtime
@@ -56,7 +64,26 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             logits = args["router_logits"]
             join_empty(logits.shape[1], runtime.all_reduce, logits.device)
         return None
+    if (global_mode or state.capturing) and is_router_spec_layer(topk_config):
+        # Biased / grouped routers route in eager forwards, on each rank's own rows (for now).
+        reason = "router_spec_global_mode" if global_mode else "router_spec_cuda_graph"
+        runtime.log_once(f"unsupported:{reason}", logging.WARNING,
+                         "xshare: %s: the selector leaves biased / grouped routers to SGLang here", reason)
+        runtime.skip(f"unsupported_{reason}")
+        if global_mode:
+            logits = args["router_logits"]
+            join_empty(logits.shape[1], runtime.all_reduce, logits.device)
+        return None
     call = TopkCall.read(args, topk_config)
+    spec = router_spec(topk_config)[0]
+    if spec is not None and call.logits_match():
+        try:
+            spec.check(call.num_experts, call.top_k)  # host values only
+        except ValueError as exc:
+            runtime.log_once("unsupported:router_config", logging.WARNING,
+                             "xshare: layer router %s does not fit the layer (%s); left to SGLang", spec, exc)
+            runtime.skip("unsupported_router_config")
+            return None
     if not global_mode:
         if call.num_rows == 0:
             runtime.skip("empty")
@@ -108,6 +135,9 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     _record(runtime, call, decision, placement)
     runtime.first_applied()
     routing = decision.routing
+    if decision.replaced is not None:  # a router-spec layer: only the rows the policy changed
+        runtime.stats.record_short_rows(decision.short_rows)
+        return call.replace_rows(routing.topk_ids, routing.topk_weights, decision.replaced)
     new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
     # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
     return call.replace(new_ids, routing.topk_weights, physical=routing.physical_ids is not None)

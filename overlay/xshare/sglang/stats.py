@@ -107,6 +107,7 @@ class SelectorStats:
         self.forwards = 0  # model forwards seen by the forward hook
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
+        self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
         self._host_layers: dict[int, dict[str, int]] = {}  # layer -> host sums (CPU fast path)
         # metrics window (see the module docstring)
         self._window: Tensor | None = None
@@ -149,6 +150,13 @@ class SelectorStats:
         sums["tokens"] += torch.as_tensor(num_tokens, device=active.device).to(torch.int64)
         sums["changed_tokens"] += torch.as_tensor(changed_tokens, device=active.device).to(torch.int64)
         sums["checksum"] += torch.as_tensor(checksum, device=active.device).to(torch.int64)
+
+    def record_short_rows(self, rows: Tensor) -> None:
+        """Router-spec layers: rows the set could not fill inside their groups, which kept SGLang's
+        own routing (a 0-d device tensor; summed on the device, read by :meth:`snapshot`)."""
+        if self._short_rows is None or self._short_rows.device != rows.device:
+            self._short_rows = torch.zeros((), dtype=torch.int64, device=rows.device)
+        self._short_rows += rows.to(torch.int64)
 
     def record_layer_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
                           changed_tokens: int = 0, checksum: int = 0) -> None:
@@ -242,6 +250,7 @@ class SelectorStats:
                 "skipped": dict(self.skipped),
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
+                "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
                 "layers": layers,
                 "profile": self.profile_snapshot(),
             }

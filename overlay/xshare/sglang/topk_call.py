@@ -18,24 +18,59 @@ import torch
 from torch import Tensor
 
 from xshare.selection import Placement
-from xshare.selection.engine import LayerCall, LayerRouting
+from xshare.selection.engine import LayerCall, LayerRouting, plain_layer
+from xshare.selection.gates import SCORINGS, RouterSpec
 from xshare.selection.knobs import SelectorKnobs
+
+# RouterSpec per TopKConfig object (SGLang builds one per layer at load time): the spec is built and
+# validated once, not per call (its checks read the correction bias on the host).
+_SPECS: dict[int, tuple[Any, Any, RouterSpec | None, str | None]] = {}
+
+
+def _plain(cfg: Any) -> bool:
+    """A plain softmax / sigmoid top-k layer: no custom function, no bias, no groups."""
+    return (getattr(cfg, "custom_routing_function", None) is None and getattr(cfg, "correction_bias", None) is None
+            and not getattr(cfg, "use_grouped_topk", False)
+            and getattr(cfg, "scoring_func", "softmax") in ("softmax", "sigmoid"))
+
+
+def router_spec(cfg: Any) -> tuple[RouterSpec | None, str | None]:
+    """(the layer's :class:`RouterSpec`, None) for a layer that needs the router-spec path; (None,
+    None) for a plain top-k layer; (None, why) for a router the selector leaves to SGLang."""
+    if _plain(cfg):
+        return None, None
+    bias = getattr(cfg, "correction_bias", None)
+    hit = _SPECS.get(id(cfg))
+    if hit is not None and hit[0] is cfg and hit[1] is bias:
+        return hit[2], hit[3]
+    spec, why = None, None
+    scoring = getattr(cfg, "scoring_func", "softmax")
+    if scoring not in SCORINGS:
+        why = f"scoring_{scoring}"
+    else:
+        try:
+            spec = RouterSpec.from_topk_config(cfg)
+        except (ValueError, AttributeError, TypeError) as exc:
+            why = "custom_routing_function" if "custom_routing_function" in str(exc) else "router_config"
+        if spec is not None and plain_layer(spec) is not None:
+            spec = None  # e.g. a one-group gate without bias that routes like plain top-k: keep it plain
+    if len(_SPECS) > 4096:
+        _SPECS.clear()
+    _SPECS[id(cfg)] = (cfg, bias, spec, why)
+    return spec, why
 
 
 def unsupported_routing(cfg: Any) -> str | None:
-    """Why a layer's routing is outside what the selector reproduces (None = supported)."""
-    if getattr(cfg, "custom_routing_function", None) is not None:
-        return "custom_routing_function"
-    if getattr(cfg, "correction_bias", None) is not None:
-        return "correction_bias"
-    if getattr(cfg, "scoring_func", "softmax") not in ("softmax", "sigmoid"):
-        return f"scoring_{cfg.scoring_func}"
-    if getattr(cfg, "use_grouped_topk", False):
-        groups = getattr(cfg, "num_expert_group", None) or 1
-        kept = getattr(cfg, "topk_group", None) or groups
-        if groups > 1 and kept < groups:
-            return "grouped_topk"
-    return None
+    """Why a layer's routing is outside what the selector reproduces (None = supported): a custom
+    routing function the project does not recognise, a scoring function SGLang 0.5.23 does not have,
+    or a router configuration :class:`RouterSpec` refuses."""
+    return router_spec(cfg)[1]
+
+
+def is_router_spec_layer(cfg: Any) -> bool:
+    """Whether the layer needs the router-spec path (bias, groups, custom function, sqrtsoftplus,
+    scaling inside the weights) rather than the plain top-k path."""
+    return router_spec(cfg)[0] is not None
 
 
 def routed_scaling(cfg: Any) -> float | None:
@@ -52,8 +87,12 @@ def routed_scaling(cfg: Any) -> float | None:
     return float(factor) if fused else None
 
 
-def layer_routing(cfg: Any) -> LayerRouting:
-    """The core's description of the layer's router."""
+def layer_routing(cfg: Any) -> LayerRouting | RouterSpec:
+    """The core's description of the layer's router: a plain :class:`LayerRouting`, or the layer's
+    :class:`RouterSpec` when it needs the router-spec path."""
+    spec, _ = router_spec(cfg)
+    if spec is not None:
+        return spec
     return LayerRouting(scoring=getattr(cfg, "scoring_func", "softmax"),
                         renormalize=bool(getattr(cfg, "renormalize", True)))
 
@@ -116,6 +155,18 @@ class TopkCall:
         return LayerCall(router_logits=self.router_logits, top_k=self.top_k, layer=layer_routing(self.topk_config),
                          layer_id=self.layer_id, engine_ids=self.engine_ids, num_tokens=self.num_token_non_padded,
                          groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
+
+    def replace_rows(self, routed_ids: Tensor, routed_weights: Tensor, rows: Tensor) -> dict[str, Any]:
+        """Router-spec layers: SGLang's outputs with the routed columns of ``rows`` (bool [T]) replaced by
+        ``routed_ids`` / ``routed_weights`` [T, top_k] (already renormalised and scaled as SGLang's gate
+        does); every other row and the shared-expert slots stay SGLang's own, out of place."""
+        top_k = self.top_k
+        pick = rows.unsqueeze(1)
+        ids_out = self.topk_ids.clone()
+        w_out = self.topk_weights.clone()
+        ids_out[:, :top_k] = torch.where(pick, routed_ids.to(ids_out.dtype), self.topk_ids[:, :top_k])
+        w_out[:, :top_k] = torch.where(pick, routed_weights.to(w_out.dtype), self.topk_weights[:, :top_k])
+        return {"topk_ids": ids_out, "topk_weights": w_out}
 
     def replace(self, new_ids: Tensor, weights: Tensor, *, physical: bool = False) -> dict[str, Any]:
         """SGLang's outputs with the routed columns replaced (shared-expert slots kept), out of place,
