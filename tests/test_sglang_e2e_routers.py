@@ -125,7 +125,8 @@ def served(request, tmp_path_factory):
         s3 = stats(stats_dir)
     seen = {"name": name, "spec": spec, "model": model, "on": on, "off": off, "small": small, "budget": budget,
             "stats_on": delta(s0, s1), "stats_off": delta(s1, s2), "stats_small": delta(s2, s3),
-            "short_rows": s3.get("short_rows", 0) - s2.get("short_rows", 0), "seconds": time.monotonic() - t0}
+            "short_rows": s3.get("short_rows", 0) - s2.get("short_rows", 0), "coverage": s1.get("coverage"),
+            "seconds": time.monotonic() - t0}
     print(f"\n{name}: {seen['seconds']:.0f} s; selector on: {json.dumps(seen['stats_on'], sort_keys=True)}; "
           f"off: {json.dumps(seen['stats_off'], sort_keys=True)}; budget {budget}: "
           f"{json.dumps(seen['stats_small']['layers'], sort_keys=True)}, short rows {seen['short_rows']}")
@@ -192,3 +193,7 @@ def test_a_budget_below_e_cuts_activated_experts_on_every_moe_layer(served):
             assert d["activated"] <= m * d["calls"], (layer, d, m)
     for out in served["small"]:
         assert len(out["output_ids"]) == NEW_TOKENS
+
+
+def test_coverage_report_says_every_moe_layer_selects(served):
+    assert served["coverage"] == {str(i): "selects" for i in served["spec"].moe_layers}, served["coverage"]

@@ -182,3 +182,23 @@ def test_every_policy_works_on_a_grouped_biased_router(policy):
     routed = out["topk_ids"][:, :k].long()
     assert bool(torch.gather(gs.reachable, 1, routed).all())
     assert snap["layers"]["0"]["activated"] <= snap["layers"]["0"]["vanilla_activated"]
+
+
+def test_which_path_routes_each_family():
+    """Plain top-k layers: the C fast path on CPU tensors (or the torch reference); router-spec layers:
+    SGLang's gate reference, never the C kernel (which implements plain top-k only). The Triton kernel
+    is not used by the serving adapter at all (xshare bench only), and implements plain top-k."""
+    from xshare.selection.engine import LayerCall, LayerRouting, decide
+    from xshare.selection.kernels import kernel_supports
+    from xshare.selection.kernels.cpu import cpu_kernel_available
+
+    config = SelectorConfig(policy="xshare", budget=8, warmup_k=1)
+    x = _logits(32, torch.float32)
+    plain = decide(LayerCall(x, 4, LayerRouting("softmax", True)), config, cpu_kernel=True)
+    assert plain.replaced is None and (plain.cpu is not None) == cpu_kernel_available()
+    for family in FAMILIES:
+        cfg, e, k = _cfg(family)
+        spec = RouterSpec.from_topk_config(cfg, weight_dtype=torch.float32)
+        d = decide(LayerCall(_logits(e, torch.float32), k, spec), config, cpu_kernel=True)
+        assert d.cpu is None and d.replaced is not None, family
+    assert kernel_supports(config, 32) and not kernel_supports(config.replace(policy="lynx"), 32)

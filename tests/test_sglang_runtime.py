@@ -273,3 +273,52 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
         assert per_gpu.max() <= 2  # gpu_cap = ceil(8 / 4)
     finally:
         rt.uninstall()
+
+
+def test_coverage_per_layer_and_a_loud_warning_when_no_layer_selects(logits, caplog):
+    unknown = topk_config(custom_routing_function=lambda *a: None)
+    runtime = make_runtime()
+    for _ in range(rt.COVERAGE_CHECK_FORWARDS):
+        state = rt.ForwardState(mode="decode")
+        runtime.push(state)
+        runtime.route(call_args(logits), topk_config=unknown)
+        runtime.pop()
+        with caplog.at_level(logging.WARNING, logger="xshare.sglang"):
+            runtime.forward_ended(state)
+    assert runtime.stats.snapshot()["coverage"] == {"3": "unsupported_custom_routing_function"}
+    warned = [r.getMessage() for r in caplog.records if "selected on no MoE layer" in r.getMessage()]
+    assert len(warned) == 1 and "3: unsupported_custom_routing_function" in warned[0], warned
+
+    # a layer that selects is reported as such, and nothing is said
+    caplog.clear()
+    runtime = make_runtime()
+    state = rt.ForwardState(mode="decode")
+    runtime.push(state)
+    assert runtime.route(call_args(logits), topk_config=topk_config()) is not None
+    assert runtime.check_coverage() is None and runtime.stats.snapshot()["coverage"] == {"3": "selects"}
+
+    # the hook never called (a runner backend that bypasses select_experts)
+    runtime = make_runtime()
+    runtime._applicable_forwards = rt.COVERAGE_CHECK_FORWARDS
+    assert "never called" in runtime.check_coverage()
+    assert make_runtime(selector=SelectorConfig()).check_coverage() is not None  # enabled, nothing seen
+    off = rt.Runtime(PluginSettings(enabled=False))
+    assert off.check_coverage() is None
+
+
+def test_require_coverage_stops_after_the_first_decode_forward(logits):
+    unknown = topk_config(custom_routing_function=lambda *a: None)
+    runtime = make_runtime(require_coverage=True)
+    state = rt.ForwardState(mode="decode")
+    runtime.push(state)
+    runtime.route(call_args(logits), topk_config=unknown)
+    runtime.pop()
+    with pytest.raises(rt.CoverageRefused, match="selected on no MoE layer"):
+        runtime.forward_ended(state)
+    # a batch below min_tokens is not a coverage problem at the first forward
+    small = make_runtime(require_coverage=True, selector=SelectorConfig(policy="xshare", budget=4, min_tokens=64))
+    small.push(state)
+    small.route(call_args(logits), topk_config=topk_config())
+    small.pop()
+    small.forward_ended(state)
+    assert small.stats.snapshot()["skipped"] == {"batch_size": 1}

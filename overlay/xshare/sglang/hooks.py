@@ -181,6 +181,8 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
         runtime.pop()
         try:
             runtime.forward_ended(state)
+        except rt_mod.CoverageRefused:
+            raise  # XSHARE_REQUIRE_COVERAGE: the operator asked for a scheduler that stops
         except Exception as exc:  # noqa: BLE001
             runtime.log_once("forward_end", logging.ERROR, "xshare: end-of-forward bookkeeping failed: %s", exc,
                              exc_info=True)

@@ -190,6 +190,8 @@ class Exporter:
                     self._fallbacks[reason] = count
         summary: dict[str, Any] = {"rows": int(rows.shape[0]), "forwards": stats.forwards, "calls": stats.calls,
                                    "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,
+                                   "skipped": dict(stats.skipped),
+                                   "coverage": {str(k): v for k, v in sorted(stats.coverage.items())},
                                    "layers": {}}
         for layer, lrows in sorted(by_layer.items()):
             n = len(lrows)
@@ -200,8 +202,10 @@ class Exporter:
             summary["layers"][str(layer)] = fig
         if rows.shape[0]:
             self.last = summary
+        else:  # an empty window: keep the last window's figures, with today's coverage and skips
+            self.last = {**self.last, "coverage": summary["coverage"], "skipped": summary["skipped"]}
         if self.on_flush is not None:
-            self.on_flush(self.last if not rows.shape[0] else summary)
+            self.on_flush(self.last)
 
 
 def create(rank: int, on_flush: Any = None) -> Exporter:

@@ -43,6 +43,7 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         return None
     if is_draft_layer(topk_config) or (state is not None and state.is_draft):
         runtime.skip("draft_layer")
+        stats.note_layer(int(args.get("layer_id") or 0), "draft_layer")
         return None
     if state is None:
         runtime.skip("no_forward_state")
@@ -60,6 +61,7 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         runtime.log_once(f"unsupported:{unsupported}", logging.WARNING,
                          "xshare: layer routing uses %s; the selector leaves such layers to SGLang", unsupported)
         runtime.skip(f"unsupported_{unsupported}")
+        stats.note_layer(int(args.get("layer_id") or 0), f"unsupported_{unsupported}")
         if global_mode:  # still join the group's all-reduce
             logits = args["router_logits"]
             join_empty(logits.shape[1], runtime.all_reduce, logits.device)
@@ -70,6 +72,7 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         runtime.log_once(f"unsupported:{reason}", logging.WARNING,
                          "xshare: %s: the selector leaves biased / grouped routers to SGLang here", reason)
         runtime.skip(f"unsupported_{reason}")
+        stats.note_layer(int(args.get("layer_id") or 0), f"unsupported_{reason}")
         if global_mode:
             logits = args["router_logits"]
             join_empty(logits.shape[1], runtime.all_reduce, logits.device)
@@ -83,6 +86,7 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             runtime.log_once("unsupported:router_config", logging.WARNING,
                              "xshare: layer router %s does not fit the layer (%s); left to SGLang", spec, exc)
             runtime.skip("unsupported_router_config")
+            stats.note_layer(call.layer_id, "unsupported_router_config")
             return None
     if not global_mode:
         if call.num_rows == 0:
@@ -133,6 +137,7 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
     _record(runtime, call, decision, placement)
+    runtime.stats.note_layer(call.layer_id, "selects")
     runtime.first_applied()
     routing = decision.routing
     if decision.replaced is not None:  # a router-spec layer: only the rows the policy changed

@@ -33,8 +33,16 @@ from xshare.sglang.trace import TraceRecorder
 log = logging.getLogger("xshare.sglang")
 
 MODES_DEFAULT = ("decode", "target_verify")
+# After this many forwards in a mode the selector applies to, an enabled selector that selected on
+# no MoE layer says so (WARNING, once), with the reasons.
+COVERAGE_CHECK_FORWARDS = 32
 
-__all__ = ["ForwardState", "InjectedFault", "MODES_DEFAULT", "Runtime", "get", "install", "uninstall"]
+__all__ = ["CoverageRefused", "ForwardState", "InjectedFault", "MODES_DEFAULT", "Runtime", "get", "install",
+           "uninstall"]
+
+
+class CoverageRefused(RuntimeError):
+    """XSHARE_REQUIRE_COVERAGE: the selector is enabled but selects on no MoE layer; the scheduler stops."""
 
 
 @dataclass
@@ -65,6 +73,7 @@ class Runtime:
         self._logged: set[str] = set()
         self.fault = FaultInjector()
         self.first_applied_logged = False
+        self._applicable_forwards = 0
         self.placements = PlacementCache(lambda: self.settings.sim_gpus)
         # Set by the hooks once SGLang's runtime is up:
         self.all_reduce: AllReduce | None = None  # DeepEP global mode only
@@ -134,6 +143,12 @@ class Runtime:
 
     def forward_ended(self, state: ForwardState | None) -> None:
         self.stats.count_forward()
+        if state is not None and state.mode in self.modes() and not state.is_draft and not state.capturing:
+            self._applicable_forwards += 1
+            if self._applicable_forwards in (1, COVERAGE_CHECK_FORWARDS):
+                msg = self.check_coverage(final=self._applicable_forwards > 1)
+                if msg is not None and self.settings.require_coverage:
+                    raise CoverageRefused(f"{msg}; refusing to serve (XSHARE_REQUIRE_COVERAGE=1)")
         if self.trace is not None and state is not None and not state.capturing:
             self.trace.end_forward()
         s = self.settings
@@ -141,6 +156,28 @@ class Runtime:
             self.write_stats()
         if self.observe and (self._flush_pending or self.stats.forwards - self._last_flush >= s.metrics_flush_every):
             self.flush_metrics()
+
+    def check_coverage(self, *, final: bool = True) -> str | None:
+        """If the selector is enabled but has selected on no MoE layer, log it once (WARNING) with the
+        reasons; returns the message (None when it selects somewhere, or is off). ``final=False`` (after
+        the first decode forward) speaks only when the hook was never called or every layer seen has a
+        reason of its own (an unsupported router), not for a batch that was merely too small."""
+        st = self.stats
+        if not self.settings.enabled or st.applied:
+            return None
+        if not final and st.calls and (not st.coverage or any(v == "selects" for v in st.coverage.values())):
+            return None
+        if st.calls == 0:
+            msg = (f"xshare: the selector is enabled but the routing hook was never called in "
+                   f"{self._applicable_forwards} decode forwards: this MoE runner backend computes its routing "
+                   f"without SGLang's select_experts (docs/routers.md says what to set)")
+        else:
+            layers = ", ".join(f"{k}: {v}" for k, v in sorted(st.coverage.items())) or "none noted"
+            reasons = ", ".join(f"{r} x{n}" for r, n in st.skipped.most_common(4))
+            msg = (f"xshare: the selector is enabled but selected on no MoE layer in {self._applicable_forwards} "
+                   f"decode forwards; layers: {layers}; skip reasons: {reasons}")
+        self.log_once("coverage", logging.WARNING, "%s", msg)
+        return msg
 
     def write_stats(self) -> None:
         s = self.settings

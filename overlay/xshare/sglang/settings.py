@@ -56,6 +56,8 @@ PLUGIN_FIELDS: tuple[Field, ...] = (
     Field("cpu_kernel", "bool", True, "on CPU tensors, route with the C fast path where it applies",
           scope="plugin"),
     Field("profile", "bool", False, "time model forwards and their MoE blocks (host clock)", scope="plugin"),
+    Field("require_coverage", "bool", False, "refuse to serve (stop the scheduler) when the selector is enabled "
+          "but selects on no MoE layer after the first decode forward", scope="plugin"),
 )
 FIELDS: tuple[Field, ...] = PLUGIN_FIELDS + OPERATOR_FIELDS
 _BY_NAME = by_name(FIELDS)
@@ -89,6 +91,7 @@ class PluginSettings:
     metrics_flush_every: int = _default("metrics_flush_every")
     cpu_kernel: bool = _default("cpu_kernel")
     profile: bool = _default("profile")
+    require_coverage: bool = _default("require_coverage")
 
     def describe(self) -> str:
         s = self.selector

@@ -108,6 +108,8 @@ class SelectorStats:
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
+        # MoE layer -> "selects", or the reason the selector leaves the layer to SGLang (see note_layer)
+        self.coverage: dict[int, str] = {}
         self._host_layers: dict[int, dict[str, int]] = {}  # layer -> host sums (CPU fast path)
         # metrics window (see the module docstring)
         self._window: Tensor | None = None
@@ -150,6 +152,12 @@ class SelectorStats:
         sums["tokens"] += torch.as_tensor(num_tokens, device=active.device).to(torch.int64)
         sums["changed_tokens"] += torch.as_tensor(changed_tokens, device=active.device).to(torch.int64)
         sums["checksum"] += torch.as_tensor(checksum, device=active.device).to(torch.int64)
+
+    def note_layer(self, layer_id: int, status: str) -> None:
+        """The coverage of one MoE layer: ``"selects"`` once the policy was applied there, else the
+        last layer-inherent reason it was left to SGLang (an unsupported router, a draft layer)."""
+        if self.coverage.get(layer_id) != "selects":
+            self.coverage[layer_id] = status
 
     def record_short_rows(self, rows: Tensor) -> None:
         """Router-spec layers: rows the set could not fill inside their groups, which kept SGLang's
@@ -251,6 +259,7 @@ class SelectorStats:
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
                 "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
+                "coverage": {str(k): v for k, v in sorted(self.coverage.items())},
                 "layers": layers,
                 "profile": self.profile_snapshot(),
             }
