@@ -10,23 +10,14 @@ from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
 from xshare.selection.registry import validate as validate_config
-from xshare.selection.types import Placement, Routing, as_placement
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from xshare.selection.types import Placement, Routing, as_placement, check_router_logits
 
 
 def _check_args(
     router_logits: Tensor, top_k: int, config: SelectorConfig, groups: Tensor | None, num_tokens: object
 ) -> None:
-    if not isinstance(router_logits, Tensor):
-        raise ValueError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
-    if router_logits.ndim != 2:
-        raise ValueError(f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}")
-    if router_logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"router_logits must be a float tensor, got {router_logits.dtype}")
+    check_router_logits(router_logits)
     num_experts = router_logits.shape[1]
-    if num_experts < 1:
-        raise ValueError("router_logits has no experts (E = 0)")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     if top_k > num_experts:

@@ -76,6 +76,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xshare.selection.types import FLOAT_DTYPES, check_router_logits
+
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 CUSTOM_ROUTERS = ("llama4",)
 GATES = ("plain", "grouped", "biased_grouped", "llama4")
@@ -83,7 +85,7 @@ GATES = ("plain", "grouped", "biased_grouped", "llama4")
 # SGLang's _RENORMALIZE_SUM_EPSILON (topk.py): added to the routed-weight sum before dividing.
 RENORMALIZE_EPS = 1e-20
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = FLOAT_DTYPES
 # Eager ATen runs an elementwise op on one thread below this many elements (at::internal::GRAIN_SIZE
 # is 32768; a chunk of exactly that size may still be split), and its vector loop handles
 # 2 x Vectorized<float>::size() elements per step (<= 32 with AVX-512): chunks that are multiples of
@@ -434,15 +436,7 @@ class _Native:
     choice: Tensor  # what experts are ranked on
 
 
-def _check_logits(router_logits: Tensor) -> None:
-    if not isinstance(router_logits, Tensor):
-        raise ValueError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
-    if router_logits.ndim != 2:
-        raise ValueError(f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}")
-    if router_logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"router_logits must be a float tensor, got {router_logits.dtype}")
-    if router_logits.shape[1] < 1:
-        raise ValueError("router_logits has no experts (E = 0)")
+_check_logits = check_router_logits
 
 
 def _check_spec(spec: object) -> None:

@@ -7,6 +7,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_router_logits(router_logits: object) -> None:
+    """ValueError naming ``router_logits`` unless it is a 2-D float tensor [T, E] with E >= 1."""
+    if not isinstance(router_logits, Tensor):
+        raise ValueError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if router_logits.ndim != 2:
+        raise ValueError(f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}")
+    if router_logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"router_logits must be a float tensor, got {router_logits.dtype}")
+    if router_logits.shape[1] < 1:
+        raise ValueError("router_logits has no experts (E = 0)")
+
 
 @dataclass(frozen=True)
 class Routing:
