@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, active_experts, assign_replicas, gate_scores, preference_rank, route
+from xshare.selection.common import (
+    Batch,
+    active_experts,
+    assign_replicas,
+    gate_scores,
+    preference_rank,
+    route,
+    valid_rows,
+)
 from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
@@ -77,6 +85,28 @@ def check_inputs(
     return placement
 
 
+def batch_settings(config: SelectorConfig, knobs: SelectorKnobs | None, num_experts: int,
+                   top_k: int) -> dict[str, int | Tensor]:
+    """The numeric settings a :class:`Batch` holds: host values resolved against E from ``config``,
+    or the device tensors of ``knobs`` (CUDA-graph safe)."""
+    if knobs is None:
+        return {"budget": config.budget_for(num_experts), "warmup_k": config.warmup_k,
+                "group_budget": config.group_budget_for(num_experts, top_k),
+                "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap}
+    return {k: getattr(knobs, k) for k in ("budget", "warmup_k", "group_budget", "gpu_cap")}
+
+
+def applies_on_device(config: SelectorConfig, knobs: SelectorKnobs | None, num_valid: Tensor) -> Tensor:
+    """bool 0-d: the policy applies to a batch of ``num_valid`` rows (a device tensor): the batch-size
+    range and, with ``knobs``, the on/off switch, all read on the device (no host sync)."""
+    if knobs is not None:
+        return knobs.enabled & (num_valid >= knobs.min_tokens) & (num_valid <= knobs.max_tokens)
+    apply = num_valid >= config.min_tokens
+    if config.max_tokens is not None:
+        apply = apply & (num_valid <= config.max_tokens)
+    return apply
+
+
 def prepare_batch(
     router_logits: Tensor,
     top_k: int,
@@ -96,21 +126,7 @@ def prepare_batch(
     device = router_logits.device
     logits = router_logits.float()
     usable = torch.isfinite(logits)
-    rows = torch.arange(num_rows, device=device)
-    if num_tokens is None:
-        valid = torch.ones(num_rows, dtype=torch.bool, device=device)
-    else:
-        valid = rows < torch.as_tensor(num_tokens, device=device)
-
-    if knobs is None:
-        settings = {
-            "budget": config.budget_for(num_experts),
-            "warmup_k": config.warmup_k,
-            "group_budget": config.group_budget_for(num_experts, top_k),
-            "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap,
-        }
-    else:
-        settings = {k: getattr(knobs, k) for k in ("budget", "warmup_k", "group_budget", "gpu_cap")}
+    valid = valid_rows(num_rows, num_tokens, device)
     batch = Batch(
         logits=torch.where(usable, logits, torch.full_like(logits, float("-inf"))),
         scores=gate_scores(logits, usable, config.scoring),
@@ -120,7 +136,7 @@ def prepare_batch(
         config=config,
         groups=None if groups is None else groups.long(),
         placement=placement,
-        **settings,
+        **batch_settings(config, knobs, num_experts, top_k),
     )
     if prefer is not None:
         if not isinstance(prefer, Tensor) or prefer.ndim != 2 or prefer.shape[0] != num_rows:
@@ -197,13 +213,7 @@ def finish_routing(
         strategy = chosen.replica_strategy
     else:
         # Padded batch (CUDA graphs) or device knobs: decide on the device, no host sync.
-        n = valid.sum()
-        if knobs is None:
-            apply = n >= config.min_tokens
-            if config.max_tokens is not None:
-                apply = apply & (n <= config.max_tokens)
-        else:
-            apply = knobs.enabled & (n >= knobs.min_tokens) & (n <= knobs.max_tokens)
+        apply = applies_on_device(config, knobs, valid.sum())
         tiers = torch.where(apply & valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
         strategy = policy.replica_strategy
     ids, weights = route(batch, tiers)

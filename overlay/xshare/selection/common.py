@@ -20,6 +20,14 @@ from xshare.selection.types import Placement
 RENORMALIZE_EPS = 1e-20
 
 
+def valid_rows(num_rows: int, num_tokens: int | Tensor | None, device: torch.device | str) -> Tensor:
+    """bool [num_rows]: rows below ``num_tokens`` (an int or a 0-d device tensor; None = every row).
+    Rows at and beyond it are CUDA-graph padding."""
+    if num_tokens is None:
+        return torch.ones(num_rows, dtype=torch.bool, device=device)
+    return torch.arange(num_rows, device=device) < torch.as_tensor(num_tokens, device=device)
+
+
 def gate_scores(logits: Tensor, usable: Tensor, scoring: str) -> Tensor:
     """Gate probabilities as the model computes them, 0 where an expert is unusable (float32).
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from xshare.selection.api import check_inputs, finish_routing, prepare_batch
-from xshare.selection.common import Batch, active_experts, preference_rank
+from xshare.selection.api import applies_on_device, batch_settings, check_inputs, finish_routing, prepare_batch
+from xshare.selection.common import Batch, active_experts, preference_rank, valid_rows
 from xshare.selection.config import SelectorConfig
 from xshare.selection.gates import RouterSpec, reference_route, router_scores
 from xshare.selection.group_stats import AllReduce, finish_global, join_empty, prepare_global
@@ -234,30 +234,16 @@ def decide_router(call: LayerCall, config: SelectorConfig, *,
     exact = device.type == "cpu"
     gs = router_scores(logits, spec, exact=exact)
     usable = gs.reachable & torch.isfinite(gs.choice)
-    rows = torch.arange(num_rows, device=device)
-    valid = torch.ones(num_rows, dtype=torch.bool, device=device) if call.num_tokens is None else \
-        rows < torch.as_tensor(call.num_tokens, device=device)
-    knobs = call.knobs
-    if knobs is None:
-        values = {"budget": config.budget_for(num_experts), "warmup_k": config.warmup_k,
-                  "group_budget": config.group_budget_for(num_experts, call.top_k),
-                  "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap}
-    else:
-        values = {k: getattr(knobs, k) for k in ("budget", "warmup_k", "group_budget", "gpu_cap")}
+    valid = valid_rows(num_rows, call.num_tokens, device)
     choice = torch.where(usable, gs.choice, torch.full_like(gs.choice, float("-inf")))
     batch = Batch(logits=choice, scores=torch.where(usable, gs.affinity, torch.zeros_like(gs.affinity)),
                   usable=usable, valid=valid, top_k=call.top_k, config=config,
                   groups=None if _groups_for(policy, call) is None else call.groups.long(), placement=placement,
-                  **values)
+                  **batch_settings(config, call.knobs, num_experts, call.top_k))
     batch._rank = preference_rank(choice, usable, call.engine_ids, floor=float("-inf"))
     if checkpoint is not None:
         checkpoint()
-    n = valid.sum()
-    if knobs is None:
-        apply = (n >= config.min_tokens) & (torch.tensor(True, device=device) if config.max_tokens is None
-                                             else n <= config.max_tokens)
-    else:
-        apply = knobs.enabled & (n >= knobs.min_tokens) & (n <= knobs.max_tokens)
+    apply = applies_on_device(config, call.knobs, valid.sum())
     everything = torch.ones(num_rows, num_experts, dtype=torch.bool, device=device)
     if policy.vanilla:
         allowed = everything

@@ -12,19 +12,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from xshare.selection import get_policy
-from xshare.selection.common import active_experts
+from xshare.selection.common import active_experts, valid_rows
 from xshare.selection.engine import Decision, decide, layer_config
 from xshare.selection.group_stats import join_empty
 from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
-from xshare.sglang.topk_call import (
-    TopkCall,
-    is_draft_layer,
-    is_router_spec_layer,
-    layer_routing,
-    router_spec,
-    unsupported_routing,
-    valid_rows,
-)
+from xshare.sglang.topk_call import TopkCall, is_draft_layer, router_spec
 
 if TYPE_CHECKING:
     from xshare.sglang.runtime import ForwardState, Runtime
@@ -56,38 +48,21 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
     elif state.mode not in runtime.modes():
         runtime.skip(f"mode_{state.mode}")
         return None
-    unsupported = unsupported_routing(topk_config)
-    if unsupported is not None:
-        runtime.log_once(f"unsupported:{unsupported}", logging.WARNING,
-                         "xshare: layer routing uses %s; the selector leaves such layers to SGLang", unsupported)
-        runtime.skip(f"unsupported_{unsupported}")
-        stats.note_layer(int(args.get("layer_id") or 0), f"unsupported_{unsupported}")
-        if global_mode:  # still join the group's all-reduce
-            logits = args["router_logits"]
-            join_empty(logits.shape[1], runtime.all_reduce, logits.device)
-        return None
-    if (global_mode or state.capturing) and is_router_spec_layer(topk_config):
+    spec, unsupported = router_spec(topk_config)  # once per call: cached per layer
+    if unsupported is None and spec is not None and (global_mode or state.capturing):
         # Biased / grouped routers route in eager forwards, on each rank's own rows (for now).
-        reason = "router_spec_global_mode" if global_mode else "router_spec_cuda_graph"
-        runtime.log_once(f"unsupported:{reason}", logging.WARNING,
-                         "xshare: %s: the selector leaves biased / grouped routers to SGLang here", reason)
-        runtime.skip(f"unsupported_{reason}")
-        stats.note_layer(int(args.get("layer_id") or 0), f"unsupported_{reason}")
-        if global_mode:
-            logits = args["router_logits"]
-            join_empty(logits.shape[1], runtime.all_reduce, logits.device)
-        return None
-    call = TopkCall.read(args, topk_config)
-    spec = router_spec(topk_config)[0]
-    if spec is not None and call.logits_match():
+        unsupported = "router_spec_global_mode" if global_mode else "router_spec_cuda_graph"
+    call = None if unsupported is not None else TopkCall.read(args, topk_config)
+    if spec is not None and call is not None and call.logits_match():
         try:
             spec.check(call.num_experts, call.top_k)  # host values only
         except ValueError as exc:
-            runtime.log_once("unsupported:router_config", logging.WARNING,
-                             "xshare: layer router %s does not fit the layer (%s); left to SGLang", spec, exc)
-            runtime.skip("unsupported_router_config")
-            stats.note_layer(call.layer_id, "unsupported_router_config")
-            return None
+            unsupported = "router_config"
+            runtime.log_once("router_config", logging.WARNING, "xshare: layer router %s does not fit the layer: %s",
+                             spec, exc)
+    if unsupported is not None:
+        _leave_layer(runtime, args, unsupported, global_mode)
+        return None
     if not global_mode:
         if call.num_rows == 0:
             runtime.skip("empty")
@@ -113,6 +88,18 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         return None
 
 
+def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mode: bool) -> None:
+    """A layer the selector leaves to SGLang for a reason of its own: said once, counted, noted in the
+    coverage; in DeepEP global mode this rank still joins the group's all-reduce."""
+    runtime.log_once(f"unsupported:{reason}", logging.WARNING,
+                     "xshare: layer routing uses %s; the selector leaves such layers to SGLang", reason)
+    runtime.skip(f"unsupported_{reason}")
+    runtime.stats.note_layer(int(args.get("layer_id") or 0), f"unsupported_{reason}")
+    if global_mode:
+        logits = args["router_logits"]
+        join_empty(logits.shape[1], runtime.all_reduce, logits.device)
+
+
 def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool) -> dict[str, Any]:
     s = runtime.settings
     config = s.selector
@@ -131,8 +118,7 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     all_reduce = runtime.all_reduce if global_mode else None
     knobs = None
     if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
-        knobs = runtime.knobs_for(layer_config(config, layer_routing(call.topk_config)), num_experts, call.top_k,
-                                  device)
+        knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device)
     base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))

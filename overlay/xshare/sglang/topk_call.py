@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from xshare.selection import Placement
-from xshare.selection.engine import LayerCall, LayerRouting, plain_layer
+from xshare.selection.engine import LayerCall, LayerRouting
 from xshare.selection.gates import SCORINGS, RouterSpec
 from xshare.selection.knobs import SelectorKnobs
 
@@ -52,25 +52,10 @@ def router_spec(cfg: Any) -> tuple[RouterSpec | None, str | None]:
             spec = RouterSpec.from_topk_config(cfg)
         except (ValueError, AttributeError, TypeError) as exc:
             why = "custom_routing_function" if "custom_routing_function" in str(exc) else "router_config"
-        if spec is not None and plain_layer(spec) is not None:
-            spec = None  # e.g. a one-group gate without bias that routes like plain top-k: keep it plain
     if len(_SPECS) > 4096:
         _SPECS.clear()
     _SPECS[id(cfg)] = (cfg, bias, spec, why)
     return spec, why
-
-
-def unsupported_routing(cfg: Any) -> str | None:
-    """Why a layer's routing is outside what the selector reproduces (None = supported): a custom
-    routing function the project does not recognise, a scoring function SGLang 0.5.23 does not have,
-    or a router configuration :class:`RouterSpec` refuses."""
-    return router_spec(cfg)[1]
-
-
-def is_router_spec_layer(cfg: Any) -> bool:
-    """Whether the layer needs the router-spec path (bias, groups, custom function, sqrtsoftplus,
-    scaling inside the weights) rather than the plain top-k path."""
-    return router_spec(cfg)[0] is not None
 
 
 def routed_scaling(cfg: Any) -> float | None:
@@ -102,14 +87,6 @@ def is_draft_layer(cfg: Any) -> bool:
     return not getattr(cfg, "allow_routed_experts_capture", True)
 
 
-def valid_rows(num_rows: int, num_token_non_padded: Tensor | int | None, device: torch.device) -> Tensor:
-    """bool [num_rows]: rows below ``num_token_non_padded`` (all when None)."""
-    rows = torch.arange(num_rows, device=device)
-    if num_token_non_padded is None:
-        return torch.ones(num_rows, dtype=torch.bool, device=device)
-    return rows < torch.as_tensor(num_token_non_padded, device=device)
-
-
 @dataclass(frozen=True)
 class TopkCall:
     """The arguments of one ``_post_process_topk_ids`` call that the selector reads."""
@@ -122,6 +99,7 @@ class TopkCall:
     num_token_non_padded: Tensor | int | None
     top_k: int  # routed experts (shared-expert slots excluded)
     shared: int  # fused shared-expert slots after the routed ones
+    layer: LayerRouting | RouterSpec  # the layer's router (layer_routing), read once per call
 
     @classmethod
     def read(cls, args: dict[str, Any], topk_config: Any) -> TopkCall:
@@ -132,7 +110,7 @@ class TopkCall:
         return cls(topk_ids=topk_ids, topk_weights=args["topk_weights"], router_logits=args["router_logits"],
                    topk_config=topk_config, layer_id=int(args.get("layer_id") or 0),
                    num_token_non_padded=args.get("num_token_non_padded"), top_k=top_k,
-                   shared=shared if top_k != width else 0)
+                   shared=shared if top_k != width else 0, layer=layer_routing(topk_config))
 
     @property
     def num_rows(self) -> int:
@@ -152,7 +130,7 @@ class TopkCall:
 
     def layer_call(self, *, groups: Tensor | None = None, placement: Placement | None = None,
                    knobs: SelectorKnobs | None = None, all_reduce: Any = None) -> LayerCall:
-        return LayerCall(router_logits=self.router_logits, top_k=self.top_k, layer=layer_routing(self.topk_config),
+        return LayerCall(router_logits=self.router_logits, top_k=self.top_k, layer=self.layer,
                          layer_id=self.layer_id, engine_ids=self.engine_ids, num_tokens=self.num_token_non_padded,
                          groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
 
