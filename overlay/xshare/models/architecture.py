@@ -17,6 +17,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,6 +69,17 @@ class ScaledInit:
                         b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32) * self.bias_scale)
 
 
+def _decoder_fields(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                    head_dim: int, max_position_embeddings: int, top_k: int, bos_token_id: int, eos_token_id: int,
+                    pad_token_id: int) -> dict[str, Any]:
+    """The Hugging Face config fields every tiny architecture shares (untied embeddings)."""
+    return {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
+            "max_position_embeddings": max_position_embeddings, "num_experts_per_tok": top_k,
+            "tie_word_embeddings": False, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id}
+
+
 def qwen3_moe_config(  # noqa: ANN201 (transformers.Qwen3MoeConfig)
         *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
         num_kv_heads: int, head_dim: int, max_position_embeddings: int, moe_intermediate_size: int, num_experts: int,
@@ -78,23 +90,15 @@ def qwen3_moe_config(  # noqa: ANN201 (transformers.Qwen3MoeConfig)
 
     extra = {} if router_aux_loss_coef is None else {"router_aux_loss_coef": router_aux_loss_coef}
     return Qwen3MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
+        **_decoder_fields(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          max_position_embeddings=max_position_embeddings, top_k=top_k, bos_token_id=bos_token_id,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id),
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
         moe_intermediate_size=moe_intermediate_size,
         num_experts=num_experts,
-        num_experts_per_tok=top_k,
         decoder_sparse_step=1,
         norm_topk_prob=True,
-        tie_word_embeddings=False,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
         **extra,
     )
 
@@ -112,17 +116,13 @@ def glm4_moe_config(  # noqa: ANN201 (transformers.Glm4MoeConfig)
     from transformers import Glm4MoeConfig
 
     return Glm4MoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
+        **_decoder_fields(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          max_position_embeddings=max_position_embeddings, top_k=top_k, bos_token_id=bos_token_id,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id),
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
         moe_intermediate_size=moe_intermediate_size,
         n_routed_experts=num_experts,
-        num_experts_per_tok=top_k,
         n_group=n_group,
         topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor,
@@ -132,10 +132,6 @@ def glm4_moe_config(  # noqa: ANN201 (transformers.Glm4MoeConfig)
         num_nextn_predict_layers=0,
         attention_bias=False,
         use_qk_norm=False,
-        tie_word_embeddings=False,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
     )
 
 
@@ -149,21 +145,13 @@ def mixtral_config(  # noqa: ANN201 (transformers.MixtralConfig)
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
+        **_decoder_fields(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          max_position_embeddings=max_position_embeddings, top_k=top_k, bos_token_id=bos_token_id,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id),
         intermediate_size=moe_intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
         num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
         sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
     )
 
 
