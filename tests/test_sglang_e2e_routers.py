@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from conftest import running
+from xshare._http import request
 from xshare.models.architecture import MODEL_CLASSES
 from xshare.models.tiny_moe import PRESETS, build_tiny_moe
 from xshare.sglang.server import ServerProcess
@@ -48,14 +47,7 @@ EXPECTED_SKIPS: dict[str, dict[str, str]] = {
 
 
 def admin(srv: ServerProcess, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Authorization": f"Bearer {TOKEN}", **({"Content-Type": "application/json"} if data else {})}
-    req = urllib.request.Request(srv.base_url + path, method=method, headers=headers, data=data)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+    return request(srv.base_url + path, method, TOKEN, body, timeout=120)
 
 
 def stats(stats_dir) -> dict:
