@@ -18,6 +18,7 @@ from torch import Tensor
 
 from xshare.selection.config import SelectorConfig
 from xshare.selection.schema import SWEEP_FIELDS
+from xshare.selection.types import ModelShape
 
 if TYPE_CHECKING:
     from xshare.selection.common import Batch
@@ -151,17 +152,27 @@ def all_policies() -> list[Policy]:
     return [get_policy(n) for n in available_policies()]
 
 
-def validate(config: SelectorConfig) -> Policy:
+def validate(config: SelectorConfig, model: ModelShape | None = None) -> Policy:
     """The config's policy, after checking that it exists and accepts ``config`` (ValueError
-    naming the setting otherwise). Called wherever a config is used."""
+    naming the setting otherwise). Called wherever a config is used. With ``model`` (the served
+    model's shape), the config is also checked against it: the one place where a setting is
+    compared with the model's top_k, E and MoE layers."""
     if not isinstance(config, SelectorConfig):
         raise ValueError(f"config must be a SelectorConfig, got {type(config).__name__}")
     policy = get_policy(config.policy)  # ValueError: "unknown policy ..."
     policy.validate_config(config)
+    if model is not None:
+        check_for_model(config, model)
     return policy
 
 
-def validated(config: SelectorConfig) -> SelectorConfig:
+def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
+    """Raise ValueError naming the setting when ``config`` cannot apply to ``model``."""
+    if config.warmup_k > model.top_k:
+        raise ValueError(f"warmup_k = {config.warmup_k} exceeds the model's top_k = {model.top_k}")
+
+
+def validated(config: SelectorConfig, model: ModelShape | None = None) -> SelectorConfig:
     """``config`` itself, after :func:`validate`."""
-    validate(config)
+    validate(config, model)
     return config

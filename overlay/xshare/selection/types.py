@@ -10,6 +10,20 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a config is checked against on a served model (:func:`xshare.selection.registry.validate`).
+
+    num_experts  E: routed experts per MoE layer.
+    top_k        experts each token is routed to.
+    moe_layers   the model's MoE layer ids (decoder layer indices), in order; empty when unknown.
+    """
+
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...] = ()
+
+
 def check_router_logits(router_logits: object) -> None:
     """ValueError naming ``router_logits`` unless it is a 2-D float tensor [T, E] with E >= 1."""
     if not isinstance(router_logits, Tensor):
