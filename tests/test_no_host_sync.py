@@ -147,3 +147,75 @@ def test_fused_host_path_is_sync_free(policy, device, monkeypatch):
     assert routing.topk_ids.device.type == device and routing.topk_ids.shape == (T, TOP_K)
     if policy == "xshare_ep":
         assert routing.physical_ids is not None and routing.physical_ids.shape == (T, TOP_K)
+
+
+# Router families (biased / grouped gates, routed by SGLang's gate restricted to the set): the same two
+# proofs, so these layers can route inside captured CUDA graphs too.
+def _specs(device: str) -> dict:
+    from xshare.selection.gates import RouterSpec
+
+    gen = torch.Generator().manual_seed(3)
+    bias = (torch.randn(E, generator=gen) * 0.1).to(device)
+    return {
+        "biased_grouped": RouterSpec(scoring="sigmoid", correction_bias=bias, num_expert_group=4, topk_group=2,
+                                     routed_scaling_factor=2.5, num_fused_shared_experts=1,
+                                     fused_shared_experts_scaling_factor=1.0),
+        "one_group_bias": RouterSpec(scoring="sigmoid", correction_bias=bias, num_expert_group=1, topk_group=1,
+                                     routed_scaling_factor=2.5, scaling_in_weights=True),
+        "grouped_softmax": RouterSpec(scoring="softmax", num_expert_group=4, topk_group=2, renormalize=False,
+                                      routed_scaling_factor=16.0),
+        "plain_bias": RouterSpec(scoring="sigmoid", correction_bias=bias),
+        "sqrtsoftplus": RouterSpec(scoring="sqrtsoftplus"),
+        "llama4": RouterSpec(scoring="sigmoid", renormalize=False, custom="llama4"),
+    }
+
+
+def _router_call(family: str, policy: str, device: str):
+    from xshare.selection.engine import LayerCall
+    from xshare.selection.gates import reference_route
+
+    kw = _inputs(policy, device)
+    spec = _specs(device)[family]
+    top_k = 1 if family == "llama4" else TOP_K
+    logits = kw["router_logits"]
+    if device == "meta":
+        engine_ids = torch.empty(T, top_k, dtype=torch.int32, device=device)
+    else:
+        engine_ids = reference_route(logits, top_k, spec, exact=False).topk_ids[:, :top_k]
+    knobs = SelectorKnobs.create(kw["config"], E, top_k, device)
+    return LayerCall(router_logits=logits, top_k=top_k, layer=spec, engine_ids=engine_ids,
+                     num_tokens=kw["num_tokens"], groups=kw.get("groups"), placement=kw.get("placement"),
+                     knobs=knobs), kw["config"]
+
+
+ROUTER_FAMILIES = ["biased_grouped", "one_group_bias", "grouped_softmax", "plain_bias", "sqrtsoftplus", "llama4"]
+
+
+@pytest.mark.parametrize("family", ROUTER_FAMILIES)
+@pytest.mark.parametrize("policy", available_policies())
+def test_router_families_run_on_meta_tensors(family, policy):
+    from xshare.selection.engine import decide
+
+    call, config = _router_call(family, policy, "meta")
+    decision = decide(call, config)
+    assert decision.replaced is not None  # the router-spec path, not the plain one
+    assert decision.routing.topk_ids.device.type == "meta"
+    assert decision.routing.topk_ids.shape == (T, call.top_k)
+    assert decision.routing.topk_weights.shape == (T, call.top_k)
+    assert decision.short_rows.device.type == "meta"
+
+
+@pytest.mark.parametrize("family", ROUTER_FAMILIES)
+@pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "xshare_spec", "lynx", "topk"])
+def test_router_families_read_no_values_on_cpu(family, policy, monkeypatch):
+    from xshare.selection.engine import decide
+
+    call, config = _router_call(family, policy, "cpu")
+    expected = decide(call, config)
+    with _forbid_host_sync(monkeypatch) as calls:
+        got = decide(call, config)
+    assert calls == []
+    assert torch.equal(got.routing.topk_ids, expected.routing.topk_ids)
+    assert torch.equal(got.replaced, expected.replaced)
+    if policy != "topk" and family != "llama4":  # the budget (6 of 16) really restricted some rows
+        assert bool(expected.replaced.any())

@@ -79,3 +79,81 @@ def test_global_mode_equals_one_selection_over_all_ranks(tmp_path, rows, policy)
             local = [select(p, K, config, placement=placement) for p in parts]
             union = torch.stack([x.active for x in local]).any(0).sum()
             assert union >= ref.active.sum()
+
+
+# A biased, grouped router (DeepSeek-V3's: sigmoid + correction bias, 4 groups keep 2, routed scaling):
+# the same claim through the engine's router-spec path.
+def _spec():
+    from xshare.selection.gates import RouterSpec
+
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(9)) * 0.1
+    return RouterSpec(scoring="sigmoid", correction_bias=bias, num_expert_group=4, topk_group=2,
+                      routed_scaling_factor=2.5)
+
+
+def _router_worker(rank: int, world: int, init_file: str, rows: list[int], out_dir: str) -> None:
+    from xshare.selection.engine import LayerCall, decide
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = SelectorConfig(policy="xshare", budget=5, warmup_k=1)
+        calls = []
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(t.shape))
+            dist.all_reduce(t)
+            return t
+
+        results = []
+        for layer in range(LAYERS):
+            d = decide(LayerCall(_logits(layer, rows[rank], rank), K, _spec(), all_reduce=all_reduce), config)
+            results.append((d.routing.topk_ids, d.routing.topk_weights, d.replaced))
+        torch.save({"results": results, "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rows", [[7, 5], [6, 0]])
+def test_global_mode_on_a_biased_grouped_router(tmp_path, rows):
+    from xshare.selection.engine import LayerCall, decide
+
+    mp.start_processes(_router_worker, args=(2, str(tmp_path / "init"), rows, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    config = SelectorConfig(policy="xshare", budget=5, warmup_k=1)
+    for out in outs:
+        assert out["calls"] == [(2 * E,)] * LAYERS
+    changed = 0
+    for layer in range(LAYERS):
+        parts = [_logits(layer, n, r) for r, n in enumerate(rows) if n]
+        ref = decide(LayerCall(torch.cat(parts), K, _spec()), config)
+        start = 0
+        for r, n in enumerate(rows):
+            ids, weights, replaced = outs[r]["results"][layer]
+            assert ids.shape == (n, K)
+            assert torch.equal(ids, ref.routing.topk_ids[start:start + n]), (layer, r)
+            assert torch.allclose(weights, ref.routing.topk_weights[start:start + n], atol=1e-6)
+            changed += int(replaced.sum())
+            start += n
+    assert changed > 0  # the budget restricted rows: the set really came from the group
+
+
+@pytest.mark.parametrize("bad", ["policy", "top_k"])
+def test_a_failing_router_layer_still_joins_the_group_all_reduce(bad):
+    """A rank whose own part fails (a policy global mode cannot run, a layer the spec does not fit)
+    raises (the adapter falls back) but still joins the all-reduce once, so its peers do not hang."""
+    from xshare.selection.engine import LayerCall, decide
+    from xshare.selection.registry import all_policies
+
+    calls = []
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(t.shape))
+        return t
+
+    policy = next(p.name for p in all_policies() if not p.global_stats) if bad == "policy" else "xshare"
+    top_k = K if bad == "policy" else 2 * E  # more experts than the groups can hold
+    with pytest.raises(ValueError):
+        decide(LayerCall(_logits(0, 6, 0), top_k, _spec(), all_reduce=all_reduce),
+               SelectorConfig(policy=policy, budget=5, warmup_k=1))
+    assert calls == [(2 * E,)]

@@ -152,16 +152,42 @@ def test_an_unknown_custom_routing_function_is_left_to_sglang_and_counted():
     assert out is None and snap["skipped"] == {"unsupported_custom_routing_function": 1}
 
 
-def test_router_layers_are_left_to_sglang_under_cuda_graph_capture():
-    """Biased / grouped routers route in eager forwards only (for now); captured graphs keep SGLang's."""
-    cfg, e, k = _cfg("glm45")
-    x = _logits(e, torch.float32)
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm45", "deepseek_v2"])
+def test_router_layers_route_under_cuda_graph_capture_without_host_reads(family, monkeypatch):
+    """Inside CUDA-graph capture the routing of a biased / grouped layer reads its numbers from the
+    device knobs and never reads a tensor's value on the host; it equals the eager forward's."""
+    cfg, e, k = _cfg(family)
+    x = _logits(e, torch.float32, seed=4)
     ids, w = _sglang(cfg, x)
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=8)))
-    runtime.push(rt.ForwardState(mode="decode", capturing=True))
-    args = {"topk_ids": ids, "topk_weights": w, "router_logits": x, "layer_id": 0, "num_token_non_padded": None}
-    assert runtime.route(args, topk_config=cfg) is None
-    assert runtime.stats.snapshot()["skipped"] == {"unsupported_router_spec_cuda_graph": 1}
+    settings = PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=e // 4, warmup_k=1))
+
+    def route(capturing: bool):
+        runtime = rt.Runtime(settings)
+        runtime.push(rt.ForwardState(mode="decode", capturing=capturing))
+        args = {"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x, "layer_id": 0,
+                "num_token_non_padded": torch.tensor(T - 2)}
+        return runtime, runtime.route(args, topk_config=cfg)
+
+    eager_rt, eager = route(False)
+    reads: list[str] = []
+
+    def forbidden(name):
+        def read(self, *a, **kw):
+            reads.append(name)
+            raise AssertionError(f"Tensor.{name}() under capture")
+        return read
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"):
+            m.setattr(torch.Tensor, name, forbidden(name))
+        captured_rt, captured = route(True)
+    assert reads == []
+    snap = captured_rt.stats.snapshot()
+    assert captured is not None and snap["applied"] == 1 and snap["fallbacks_total"] == 0, snap
+    assert torch.equal(captured["topk_ids"], eager["topk_ids"])
+    assert torch.equal(captured["topk_weights"], eager["topk_weights"])
+    assert not torch.equal(captured["topk_ids"][:, :k], ids[:, :k])  # the budget changed the routing
+    assert snap["layers"]["0"]["activated"] == eager_rt.stats.snapshot()["layers"]["0"]["activated"]
 
 
 @pytest.mark.parametrize("policy", ["xshare", "lynx", "des_vote", "oea", "xshare_ep", "des_seq", "xshare_spec"])

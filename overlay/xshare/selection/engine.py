@@ -31,7 +31,15 @@ from xshare.selection.api import applies_on_device, batch_settings, check_inputs
 from xshare.selection.common import Batch, active_experts, preference_rank, valid_rows
 from xshare.selection.config import SelectorConfig
 from xshare.selection.gates import RouterSpec, reference_route, router_scores
-from xshare.selection.group_stats import AllReduce, finish_global, join_empty, prepare_global
+from xshare.selection.group_stats import (
+    AllReduce,
+    finish_global,
+    global_policies,
+    join_empty,
+    local_statistics,
+    prepare_global,
+    with_group_statistics,
+)
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import Policy, get_policy
 from xshare.selection.types import Placement, Routing
@@ -219,8 +227,29 @@ def decide_router(call: LayerCall, config: SelectorConfig, *,
     the engine's routing verbatim (``Decision.replaced`` False); a row that cannot be filled inside
     its groups from the set keeps it too and is counted (``Decision.short_rows``).
 
+    In DeepEP global mode (``call.all_reduce``) the policy's set comes from the group's statistics
+    (:mod:`xshare.selection.group_stats`: the affinity column sums over reachable experts and the
+    warm-up counts, one all-reduce of [2E] floats), as for plain layers.
+
     Returns routing over the routed columns only (ids int32 [T, top_k], the shared slot excluded).
     """
+    if call.all_reduce is None:
+        return _decide_router(call, config, checkpoint)
+    joined: list[bool] = []
+
+    def all_reduce(local: Tensor) -> Tensor:
+        joined.append(True)
+        return call.all_reduce(local)
+
+    try:
+        return _decide_router(dataclasses.replace(call, all_reduce=all_reduce), config, checkpoint)
+    except Exception:
+        if not joined:  # every rank joins the all-reduce, even if its own part failed: else the group hangs
+            join_empty(call.router_logits.shape[1], call.all_reduce, call.router_logits.device)
+        raise
+
+
+def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None) -> Decision:
     spec = call.layer
     assert isinstance(spec, RouterSpec)
     logits = call.router_logits
@@ -241,9 +270,17 @@ def decide_router(call: LayerCall, config: SelectorConfig, *,
                   groups=None if _groups_for(policy, call) is None else call.groups.long(), placement=placement,
                   **batch_settings(config, call.knobs, num_experts, call.top_k))
     batch._rank = preference_rank(choice, usable, call.engine_ids, floor=float("-inf"))
+    if call.all_reduce is not None:  # DeepEP global mode: the set from the group's statistics
+        if not policy.global_stats:
+            raise ValueError(f"global mode supports policies {', '.join(global_policies())}; "
+                             f"got {config.policy!r}")
+        batch = with_group_statistics(batch, call.all_reduce(local_statistics(batch)))
     if checkpoint is not None:
         checkpoint()
-    apply = applies_on_device(config, call.knobs, valid.sum())
+    if call.all_reduce is not None:  # the caller decided applicability from group-wide numbers
+        apply = torch.ones((), dtype=torch.bool, device=device)
+    else:
+        apply = applies_on_device(config, call.knobs, valid.sum())
     everything = torch.ones(num_rows, num_experts, dtype=torch.bool, device=device)
     if policy.vanilla:
         allowed = everything

@@ -68,6 +68,7 @@ experts that would carry weight.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -156,7 +157,7 @@ class RouterSpec:
             if bias.ndim != 1 or bias.numel() < 1:
                 shape = tuple(self.correction_bias.shape)
                 raise ValueError(f"correction_bias must have shape [E] or [1, E], got {shape}")
-            if bool(torch.isnan(bias).any()) or bool(torch.isposinf(bias).any()):
+            if _values_readable(bias) and (bool(torch.isnan(bias).any()) or bool(torch.isposinf(bias).any())):
                 raise ValueError("correction_bias contains NaN or +inf")
             object.__setattr__(self, "correction_bias", bias)
         for name in ("renormalize", "scaling_in_weights"):
@@ -301,6 +302,18 @@ class RouterSpec:
 def routed_top_k(topk_config: object) -> int:
     """The routed experts per token of an SGLang ``TopKConfig`` (its top_k less the shared slots)."""
     return int(topk_config.top_k) - int(getattr(topk_config, "num_shared_topk_slots", 0))
+
+
+def _values_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host here without breaking anything: not a shape-only
+    (meta) tensor, and not a CUDA tensor while a CUDA graph is being captured (a host read would end
+    the capture). A spec built under capture skips its value checks; SGLang builds its TopKConfig
+    once at load time, and the plugin reads it then (the coverage report), so that is an edge case."""
+    if t.device.type == "meta":
+        return False
+    if t.device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return True
 
 
 def _is_int(x: object) -> bool:
@@ -608,6 +621,12 @@ def reference_route(
     return GateRouting(ids.to(torch.int32), weights, short)
 
 
+@functools.lru_cache(maxsize=64)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (a host constant: computed once, never from device data)."""
+    return torch.tensor(value, dtype=dtype).item()
+
+
 def _finish_weights(w: Tensor, spec: RouterSpec, gate: str, top_k: int) -> Tensor:
     """Renormalise and scale the gathered weights [T, W] exactly as the SGLang gate does (float32 out)."""
     rsf = spec.routed_scaling_factor
@@ -650,5 +669,5 @@ def _finish_weights(w: Tensor, spec: RouterSpec, gate: str, top_k: int) -> Tenso
     if shared:
         value = 1.0 if spec.scaling_in_weights or not rsf else 1.0 / rsf
         w = w.clone()
-        w[:, -1] = torch.tensor(value, dtype=weights_dtype).item()
+        w[:, -1] = _rounded(value, weights_dtype)
     return w

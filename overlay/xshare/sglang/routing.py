@@ -49,9 +49,6 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         runtime.skip(f"mode_{state.mode}")
         return None
     spec, unsupported = router_spec(topk_config)  # once per call: cached per layer
-    if unsupported is None and spec is not None and (global_mode or state.capturing):
-        # Biased / grouped routers route in eager forwards, on each rank's own rows (for now).
-        unsupported = "router_spec_global_mode" if global_mode else "router_spec_cuda_graph"
     call = None if unsupported is not None else TopkCall.read(args, topk_config)
     if spec is not None and call is not None and call.logits_match():
         try:
