@@ -118,6 +118,7 @@ def served(request, tmp_path_factory):
     seen = {"name": name, "spec": spec, "model": model, "on": on, "off": off, "small": small, "budget": budget,
             "stats_on": delta(s0, s1), "stats_off": delta(s1, s2), "stats_small": delta(s2, s3),
             "short_rows": s3.get("short_rows", 0) - s2.get("short_rows", 0), "coverage": s1.get("coverage"),
+            "startup_coverage": s0.get("startup_coverage"), "log": (work / "server.log").read_text(),
             "seconds": time.monotonic() - t0}
     print(f"\n{name}: {seen['seconds']:.0f} s; selector on: {json.dumps(seen['stats_on'], sort_keys=True)}; "
           f"off: {json.dumps(seen['stats_off'], sort_keys=True)}; budget {budget}: "
@@ -189,3 +190,7 @@ def test_a_budget_below_e_cuts_activated_experts_on_every_moe_layer(served):
 
 def test_coverage_report_says_every_moe_layer_selects(served):
     assert served["coverage"] == {str(i): "selects" for i in served["spec"].moe_layers}, served["coverage"]
+    # and the start-up report, before any request, said every MoE layer would
+    layers = served["spec"].moe_layers
+    assert served["startup_coverage"] == {str(i): "ready" for i in layers}, served["startup_coverage"]
+    assert f"coverage at start-up (rank 0): {len(layers)} MoE layers: {len(layers)} ready" in served["log"]

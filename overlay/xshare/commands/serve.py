@@ -50,11 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_accepts_extra=True)
 
 
-def _err(msg: str) -> int:
-    print(f"xshare serve: {msg}", file=sys.stderr)
-    return 2
-
-
 def _option_value(argv: list[str], name: str) -> str | None:
     for i, a in enumerate(argv):
         if a == name and i + 1 < len(argv):
@@ -130,8 +125,10 @@ def _missing_cpu_symbols() -> tuple:
     return tuple(cached_missing_symbols())
 
 
-def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The command and environment ``xshare serve`` runs; raises ValueError with a message."""
+def build_launch(args: argparse.Namespace, environ: dict[str, str],
+                 module: str = "sglang.launch_server") -> tuple[list[str], dict[str, str]]:
+    """The command (``python -m <module> ...``) and environment ``xshare serve`` runs; raises
+    ValueError with a message."""
     from xshare.selection.schema import parse_bool_text
     from xshare.sglang.settings import SettingError, load_settings, settings_env
 
@@ -178,15 +175,16 @@ def build_launch(args: argparse.Namespace, environ: dict[str, str]) -> tuple[lis
         if missing:
             names = ", ".join(sorted({f"{m.symbol} (sglang/{m.where})" for m in missing}))
             raise ValueError(f"the sgl_kernel CPU stand-in lacks {names}; see overlay/cpu_shims/")
-    cmd = [sys.executable, "-m", "sglang.launch_server", *extra]
+    cmd = [sys.executable, "-m", module, *extra]
     return cmd, env
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, module: str = "sglang.launch_server", name: str = NAME) -> int:
     try:
-        cmd, env = build_launch(args, dict(os.environ))
+        cmd, env = build_launch(args, dict(os.environ), module)
     except ValueError as exc:
-        return _err(str(exc))
+        print(f"xshare {name}: {exc}", file=sys.stderr)
+        return 2
     if args.xshare_print_command:
         for k in sorted(env):
             if (k.startswith("XSHARE_") or k.startswith("SGLANG_")) and env.get(k) != os.environ.get(k):

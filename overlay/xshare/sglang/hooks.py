@@ -8,6 +8,8 @@
   stats file and ends the trace batch;
 * ``...runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape`` (AROUND): the same
   state while a decode / target-verify CUDA graph is captured;
+* ``sglang.srt.model_executor.model_runner.ModelRunner.load_model`` (AFTER): the start-up coverage
+  report (:mod:`xshare.sglang.coverage`) of the loaded model;
 * ``sglang.srt.layers.moe.topk.TopK.empty_topk_output`` (AFTER, DeepEP global mode only): a
   zero-token rank joins the layer's all-reduce.
 
@@ -40,6 +42,7 @@ POST_PROCESS_TARGET = f"{TOPK_MODULE}._post_process_topk_ids"
 EMPTY_TOPK_TARGET = f"{TOPK_MODULE}.TopK.empty_topk_output"
 FORWARD_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 MOE_FORWARD_TARGET = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.forward"
+LOAD_MODEL_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
 
 _SIGNATURES: dict[int, inspect.Signature] = {}
@@ -224,6 +227,25 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
         return original(self, *args, **kwargs)
     finally:
         runtime.pop()
+
+
+# -- the start-up coverage report ------------------------------------------------------------------
+def load_model_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``ModelRunner.load_model(self)``: the coverage report of the loaded model, before any
+    request (a draft model's runner is not reported: its layers are always left to SGLang)."""
+    runtime = rt_mod.get()
+    if runtime is None or bool(getattr(self, "is_draft_worker", False)):
+        return None
+    try:
+        from xshare.sglang.coverage import survey
+
+        statuses = survey(getattr(self, "model", None), str(getattr(self, "device", "cpu")).split(":")[0])
+    except Exception as exc:  # noqa: BLE001 - diagnostics only: serving goes on
+        runtime.log_once("startup_coverage", logging.ERROR, "xshare: cannot survey the model's MoE layers: %s", exc,
+                         exc_info=True)
+        return None
+    runtime.startup_coverage(statuses)  # raises CoverageRefused with XSHARE_REQUIRE_COVERAGE
+    return None
 
 
 # -- DeepEP global mode: zero-token ranks ----------------------------------------------------------

@@ -107,6 +107,7 @@ def register() -> None:
     HookRegistry.register(hooks.POST_PROCESS_TARGET, hooks.post_process_topk_ids_hook, HookType.AROUND)
     HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)
     HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)
+    HookRegistry.register(hooks.LOAD_MODEL_TARGET, hooks.load_model_hook, HookType.AFTER)
     if settings.profile:
         HookRegistry.register(hooks.MOE_FORWARD_TARGET, hooks.moe_forward_hook, HookType.AROUND)
     if settings.deepep_mode == "global":

@@ -24,6 +24,8 @@ from xshare.selection import SelectorConfig
 from xshare.selection.group_stats import AllReduce
 from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
 from xshare.selection.knobs import SelectorKnobs
+from xshare.sglang.coverage import reaches_no_layer
+from xshare.sglang.coverage import summary as coverage_summary
 from xshare.sglang.faults import FaultInjector, InjectedFault
 from xshare.sglang.placement import PlacementCache
 from xshare.sglang.settings import PluginSettings
@@ -165,7 +167,7 @@ class Runtime:
         st = self.stats
         if not self.settings.enabled or st.applied:
             return None
-        if not final and st.calls and (not st.coverage or any(v == "selects" for v in st.coverage.values())):
+        if not final and st.calls and (not st.coverage or not reaches_no_layer(st.coverage)):
             return None
         if st.calls == 0:
             msg = (f"xshare: the selector is enabled but the routing hook was never called in "
@@ -177,6 +179,23 @@ class Runtime:
             msg = (f"xshare: the selector is enabled but selected on no MoE layer in {self._applicable_forwards} "
                    f"decode forwards; layers: {layers}; skip reasons: {reasons}")
         self.log_once("coverage", logging.WARNING, "%s", msg)
+        return msg
+
+    def startup_coverage(self, statuses: dict[int, str]) -> str | None:
+        """The start-up coverage report of the loaded model (:mod:`xshare.sglang.coverage`): noted per
+        layer, logged (INFO; a WARNING when the enabled selector reaches no layer, naming why and what to
+        set); with ``require_coverage`` such a start raises :class:`CoverageRefused`. Returns the warning."""
+        for layer_id, status in statuses.items():
+            self.stats.coverage.setdefault(layer_id, status)
+        self.stats.startup_coverage = dict(statuses)
+        text = coverage_summary(statuses)
+        log.info("xshare: coverage at start-up (rank %d): %s", self.rank, text)
+        if not self.settings.enabled or not reaches_no_layer(statuses):
+            return None
+        msg = f"xshare: the selector is enabled but will select on no MoE layer of this model: {text}"
+        self.log_once("coverage", logging.WARNING, "%s", msg)
+        if self.settings.require_coverage:
+            raise CoverageRefused(f"{msg}; refusing to serve (XSHARE_REQUIRE_COVERAGE=1)")
         return msg
 
     def write_stats(self) -> None:

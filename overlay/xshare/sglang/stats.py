@@ -108,8 +108,10 @@ class SelectorStats:
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
-        # MoE layer -> "selects", or the reason the selector leaves the layer to SGLang (see note_layer)
+        # MoE layer -> "selects", "ready" (from the start-up report, not applied yet), or the reason the
+        # selector leaves the layer to SGLang (see note_layer; statuses: xshare.sglang.coverage)
         self.coverage: dict[int, str] = {}
+        self.startup_coverage: dict[int, str] = {}  # the start-up report, as it was at load time
         self._host_layers: dict[int, dict[str, int]] = {}  # layer -> host sums (CPU fast path)
         # metrics window (see the module docstring)
         self._window: Tensor | None = None
@@ -260,6 +262,7 @@ class SelectorStats:
                 "fallbacks_total": sum(self.fallbacks.values()),
                 "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
                 "coverage": {str(k): v for k, v in sorted(self.coverage.items())},
+                "startup_coverage": {str(k): v for k, v in sorted(self.startup_coverage.items())},
                 "layers": layers,
                 "profile": self.profile_snapshot(),
             }
