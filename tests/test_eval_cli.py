@@ -247,6 +247,56 @@ def test_replays_a_shard_of_the_live_recorder(tmp_path, capsys):
     assert xs["per_layer"]["layer"] == [3, 4]
 
 
+def test_a_recorded_biased_grouped_router_trace_replays_with_its_router(tmp_path, capsys):
+    """A trace the recorder wrote for a DeepSeek-V3-style router (sigmoid + correction bias, 4 groups keep
+    2) stores the routing description and the biases, its top-K is the router's own routing, and the
+    replay routes with that router: vanilla = the stored routing, a budget keeps every token inside its
+    groups."""
+    import torch
+
+    from xshare.eval.traces import load_trace
+    from xshare.selection.gates import RouterSpec, reference_route, router_scores
+    from xshare.sglang.trace import TraceRecorder
+
+    gen = torch.Generator().manual_seed(1)
+    specs = {layer: RouterSpec(scoring="sigmoid", correction_bias=torch.randn(16, generator=gen) * 0.5,
+                               num_expert_group=4, topk_group=2, routed_scaling_factor=2.5) for layer in (1, 2)}
+    rec = TraceRecorder(tmp_path / "rec", max_tokens=10_000, flush_tokens=10_000, meta={"model": "toy-v3"})
+    logits = {}
+    for step in range(10):
+        rec.begin_forward([f"r{(step + i) % 8}" for i in range(6)], 1, torch.full((6,), step))
+        for layer, spec in specs.items():
+            x = torch.randn(6, 16, generator=gen)
+            logits.setdefault(layer, []).append(x)
+            rec.add_layer(layer, x, 4, "sigmoid", router=spec)
+        rec.end_forward()
+    shard = rec.flush()
+    trace = load_trace(shard)
+    assert trace.router == specs[1].to_meta() and trace.correction_bias.shape == (2, 16)
+    for li, layer in enumerate((1, 2)):
+        spec = trace.layer_router(li)
+        assert torch.equal(spec.correction_bias, specs[layer].correction_bias.float())
+        x = torch.cat(logits[layer]).half().float()  # the trace stores float16 logits
+        own = reference_route(x, 4, specs[layer], exact=False).topk_ids.long()
+        stored = torch.from_numpy(trace.topk_ids[li])
+        assert torch.equal(torch.sort(stored, 1).values, torch.sort(own, 1).values)
+    out_json = tmp_path / "r.json"
+    rc, _, err = _run(capsys, "--trace", shard, "--policy", "topk", "--policy", "xshare", "--budget", 6, "--gpus", 4,
+                      "--json", out_json)
+    assert rc == 0, err
+    doc = json.loads(out_json.read_text())
+    vanilla = next(r for r in doc["results"] if r["policy"] == "topk")
+    assert vanilla["mass_kept"] == pytest.approx(1.0) and vanilla["top1_kept"] == pytest.approx(1.0)
+    xs = next(r for r in doc["results"] if r["policy"] == "xshare")
+    assert xs["active_experts_mean"] < vanilla["active_experts_mean"]
+    # which means something: plain sigmoid top-k (no bias, no groups) routes many tokens differently
+    x = torch.cat(logits[1]).half().float()
+    plain = torch.topk(router_scores(x, specs[1], exact=False).affinity, 4, dim=-1).indices
+    stored = torch.from_numpy(trace.topk_ids[0])
+    differs = (torch.sort(plain, 1).values != torch.sort(stored, 1).values).any(1)
+    assert differs.float().mean() > 0.2
+
+
 def test_all_skips_settings_a_policy_rejects_but_a_named_policy_fails(tmp_path, capsys):
     a, _ = _traces(tmp_path)
     out_json = tmp_path / "r.json"

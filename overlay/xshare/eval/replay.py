@@ -150,7 +150,7 @@ class LayerStats:
 
 
 def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, sizes: list[int],
-           placement: Placement) -> tuple[Tensor, Tensor | None, float]:
+           placement: Placement, layer: int = 0) -> tuple[Tensor, Tensor | None, float]:
     """Route every batch of a layer through the core's one seam (:func:`xshare.selection.engine.decide`,
     as the server does); ids/physical padded to [NB, W, k] with 0."""
     nb, width = logits.shape[0], logits.shape[1]
@@ -159,11 +159,11 @@ def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, size
     phys: Tensor | None = None
     seconds = 0.0
     clock = time.perf_counter
+    router = plan.trace.layer_router(layer) or LayerRouting(cfg.scoring, cfg.renormalize)
     for b in range(nb):
         n = sizes[b]
         t0 = clock()
-        call = LayerCall(logits[b, :n], k, LayerRouting(cfg.scoring, cfg.renormalize), groups=groups[b, :n],
-                         placement=placement)
+        call = LayerCall(logits[b, :n], k, router, groups=groups[b, :n], placement=placement)
         r = decide(call, cfg).routing
         seconds += clock() - t0
         ids[b, :n] = r.topk_ids
@@ -254,7 +254,7 @@ def replay_unit(plan: Plan, bkey: int | None, li: int,
     settings = [Setting(VANILLA, bkey)] + [s for s in plan.settings_for(bkey) if s != Setting(VANILLA, bkey)]
     out: dict[Setting, LayerStats] = {}
     for s in settings:
-        ids, phys, seconds = _route(plan, s.config(), logits, groups, sizes, placement)
+        ids, phys, seconds = _route(plan, s.config(), logits, groups, sizes, placement, layer)
         m = layer_metrics(ids, phys, valid, tokens, probs, stored, placement, plan.cost)
         out[s] = LayerStats(**m, select_seconds=seconds, calls=len(sizes))
         if tick is not None:

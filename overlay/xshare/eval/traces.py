@@ -9,7 +9,15 @@ Format (``../shared/traces/README.md``), one ``.npz`` per trace:
     batch_ids      int [T]           recorded forward batches (optional)
     router_logits  float16 [L, T, E] the full router logits (optional; written by the server's recorder)
     meta           0-d str (JSON)    needs ``num_experts`` and ``top_k``; ``scoring`` (softmax|sigmoid),
-                                     ``layers``, ``model`` are used when present
+                                     ``layers``, ``model`` are used when present; ``router`` (optional):
+                                     the layers' routing description when it is not a plain top-k
+                                     (:meth:`xshare.selection.gates.RouterSpec.to_meta`: correction
+                                     bias, expert groups, routed scaling, custom function)
+    correction_bias float [L, E]     the layers' correction biases (with a ``router`` that has one)
+
+With a ``router`` (written by the server's recorder for biased / grouped routers) the replay routes
+each layer as the server does for that router (:func:`xshare.selection.engine.decide_router`), and
+gate probabilities are the router's affinities.
 
 Without ``router_logits`` only a token's stored top-K probabilities are known: their logits are the
 log-probabilities (log-odds for sigmoid routers), and every other expert gets :data:`UNKNOWN_LOGIT`,
@@ -37,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from xshare.selection.gates import RouterSpec, router_scores
 
 REQUIRED_KEYS = ("topk_ids", "topk_weights", "seq_ids", "meta")
 # Logit of an expert outside a token's stored top-K: finite (usable), probability exactly 0 in float32
@@ -81,6 +91,16 @@ class Trace:
     batch_ids: np.ndarray | None  # int64 [T], disjoint across files, or None
     source: np.ndarray  # int64 [T]: index into paths
     parts: list[_Part] = field(default_factory=list)
+    router: dict[str, Any] | None = None  # meta 'router' (RouterSpec.to_meta), or None: plain top-k
+    correction_bias: np.ndarray | None = None  # float32 [L, E] with a router that has a bias
+
+    def layer_router(self, layer: int) -> RouterSpec | None:
+        """The layer's :class:`~xshare.selection.gates.RouterSpec` (None: a plain top-k router)."""
+        self._check_layer(layer)
+        if self.router is None:
+            return None
+        bias = None if self.correction_bias is None else torch.from_numpy(self.correction_bias[layer])
+        return RouterSpec.from_meta(self.router, bias)
 
     @property
     def num_layers(self) -> int:
@@ -152,7 +172,11 @@ class Trace:
             sl = slice(part.start, part.stop)
             if part.router_logits is not None:
                 z = torch.from_numpy(np.asarray(part.router_logits[layer], dtype=np.float32))
-                out[sl] = torch.softmax(z, -1) if self.scoring == "softmax" else torch.sigmoid(z)
+                spec = self.layer_router(layer)
+                if spec is not None:
+                    out[sl] = router_scores(z, spec, exact=False).affinity
+                else:
+                    out[sl] = torch.softmax(z, -1) if self.scoring == "softmax" else torch.sigmoid(z)
             else:
                 ids = torch.from_numpy(self.topk_ids[layer, sl])
                 out[sl] = out[sl].scatter(1, ids, torch.from_numpy(self.topk_weights[layer, sl]))
@@ -275,12 +299,38 @@ def load_trace(path: str | os.PathLike, top_k: int | None = None) -> Trace:
     layer_names = meta.get("layers")
     if not isinstance(layer_names, list) or len(layer_names) != num_layers:
         layer_names = list(range(num_layers))
+    router, bias = _router(path, meta, data, num_layers, num_experts, k)
     part = _Part(path=path, start=0, stop=num_tokens, router_logits=logits)
     return Trace(
         paths=(path,), num_experts=num_experts, top_k=k, scoring=meta["scoring"], layer_names=layer_names,
         meta=[meta], topk_ids=ids, topk_weights=w, seq_ids=seq_ids, positions=positions, batch_ids=batch_ids,
-        source=np.zeros(num_tokens, dtype=np.int64), parts=[part],
+        source=np.zeros(num_tokens, dtype=np.int64), parts=[part], router=router, correction_bias=bias,
     )
+
+
+def _router(path: str, meta: dict[str, Any], data: dict[str, np.ndarray], num_layers: int, num_experts: int,
+            top_k: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """meta 'router' and the 'correction_bias' array, checked by building every layer's spec."""
+    router = meta.get("router")
+    if router is None:
+        if "correction_bias" in data:
+            raise TraceError(path, "correction_bias", "present without a 'router' in meta")
+        return None, None
+    bias = None
+    if "correction_bias" in data:
+        bias = data["correction_bias"]
+        if not np.issubdtype(bias.dtype, np.floating) or bias.shape != (num_layers, num_experts):
+            raise TraceError(path, "correction_bias",
+                             f"expected a float array [L, E] = {(num_layers, num_experts)}, got {bias.dtype} "
+                             f"{bias.shape}")
+        bias = bias.astype(np.float32)
+    for layer in range(num_layers):
+        try:
+            spec = RouterSpec.from_meta(router, None if bias is None else torch.from_numpy(bias[layer]))
+            spec.check(num_experts, top_k)
+        except ValueError as exc:
+            raise TraceError(path, "meta", f"router: {exc}") from None
+    return router, bias
 
 
 def _dense(a: np.ndarray) -> np.ndarray:
@@ -301,6 +351,10 @@ def mix_traces(traces: Sequence[Trace]) -> Trace:
         if tr.num_layers != first.num_layers:
             raise TraceError(path, "topk_ids",
                              f"has {tr.num_layers} layers, {first.paths[0]} has {first.num_layers}")
+        if tr.router != first.router or (tr.correction_bias is None) != (first.correction_bias is None) or (
+                tr.correction_bias is not None and not np.array_equal(tr.correction_bias, first.correction_bias)):
+            raise TraceError(path, "meta", f"its router differs from {first.paths[0]}'s: traces of different "
+                                           "routers cannot be mixed")
         if (tr.batch_ids is None) != (first.batch_ids is None):
             has, lacks = (path, first.paths[0]) if tr.batch_ids is not None else (first.paths[0], path)
             raise TraceError(path, "batch_ids", f"present in {has} but not in {lacks}: recorded and unrecorded "
@@ -332,6 +386,7 @@ def mix_traces(traces: Sequence[Trace]) -> Trace:
         topk_weights=np.concatenate([tr.topk_weights for tr in traces], axis=1),
         seq_ids=np.concatenate(seq), positions=np.concatenate([tr.positions for tr in traces]),
         batch_ids=np.concatenate(bat) if bat else None, source=np.concatenate(src), parts=parts,
+        router=first.router, correction_bias=first.correction_bias,
     )
 
 

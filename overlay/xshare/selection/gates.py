@@ -221,6 +221,40 @@ class RouterSpec:
             parts.append(f"{name}={value}")
         return f"RouterSpec({', '.join(parts)})"
 
+    def to_meta(self) -> dict[str, object]:
+        """The spec as plain JSON values, the correction bias aside (a trace stores the biases of its
+        layers as an array): ``has_correction_bias`` says whether there is one."""
+        out: dict[str, object] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "correction_bias":
+                out["has_correction_bias"] = value is not None
+            elif name == "weight_dtype":
+                out[name] = None if value is None else str(value).removeprefix("torch.")
+            else:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, object], correction_bias: Tensor | None = None) -> RouterSpec:
+        """The spec :meth:`to_meta` wrote, with its bias. Raises ValueError naming the field."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"a router description must be a JSON object, got {type(meta).__name__}")
+        fields = dict(meta)
+        has_bias = fields.pop("has_correction_bias", correction_bias is not None)
+        if bool(has_bias) != (correction_bias is not None):
+            raise ValueError("the router description says has_correction_bias = "
+                             f"{bool(has_bias)} but a correction bias was {'not ' if has_bias else ''}given")
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown router field(s): {', '.join(unknown)}")
+        dtype = fields.get("weight_dtype")
+        if dtype is not None:
+            fields["weight_dtype"] = getattr(torch, str(dtype), None)
+            if not isinstance(fields["weight_dtype"], torch.dtype):
+                raise ValueError(f"weight_dtype must name a torch float dtype, got {dtype!r}")
+        return cls(correction_bias=correction_bias, **fields)
+
     @property
     def gate(self) -> str:
         """Which SGLang gate this spec runs: 'plain', 'grouped', 'biased_grouped' or 'llama4'."""

@@ -14,6 +14,7 @@ import torch
 from xshare.selection import get_policy
 from xshare.selection.common import active_experts, valid_rows
 from xshare.selection.engine import Decision, decide, layer_config
+from xshare.selection.gates import RouterSpec
 from xshare.selection.group_stats import join_empty
 from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
 from xshare.sglang.topk_call import TopkCall, is_draft_layer, router_spec
@@ -105,8 +106,10 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     device = logits.device
     num_experts = call.num_experts
     if runtime.trace is not None and not state.capturing and call.num_rows:
-        runtime.trace.add_layer(call.layer_id, logits, call.top_k, getattr(call.topk_config, "scoring_func",
-                                                                           "softmax"))
+        spec = call.layer if isinstance(call.layer, RouterSpec) else None
+        scoring = "sigmoid" if spec is not None and spec.scoring != "softmax" else \
+            getattr(call.topk_config, "scoring_func", "softmax")
+        runtime.trace.add_layer(call.layer_id, logits, call.top_k, scoring, router=spec)
     placement = runtime.placements.for_layer(call.layer_id, num_experts, device) if policy.needs_placement else None
     groups = None
     if policy.uses_groups() and not global_mode:

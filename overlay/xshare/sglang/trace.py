@@ -5,10 +5,14 @@ the selector sees, it keeps each MoE layer's router logits (float16) and, when t
 appends the batch to the pending trace: ``seq_ids`` (one id per request, stable across forwards),
 ``positions``, ``batch_ids`` (one id per forward), ``topk_ids`` / ``topk_weights`` (the model's own
 top-K and its softmax/sigmoid probabilities, not renormalised, as in the README) and
-``router_logits`` [L, T, E]. Every ``flush_tokens`` recorded tokens it writes a shard
-``trace-r<rank>-p<pid>-<n>.npz`` (each shard a complete trace file, written atomically); after
-``max_tokens`` tokens it writes the rest and stops. ``xshare eval`` replays the shards batch by
-batch. Recording copies logits to the host (a synchronisation): it is a diagnostic, not for
+``router_logits`` [L, T, E]; for layers whose router is not a plain top-k (a correction bias, expert
+groups, a recognised custom function) also the routing description (meta ``router``,
+:meth:`~xshare.selection.gates.RouterSpec.to_meta`) and the layers' biases (``correction_bias``
+[L, E]), with ``topk_ids`` the model's own routing (bias and groups included). Every
+``flush_tokens`` recorded tokens it writes a shard ``trace-r<rank>-p<pid>-<n>.npz`` (each shard a
+complete trace file, written atomically); after ``max_tokens`` tokens it writes the rest and stops.
+``xshare eval`` replays the shards batch by batch (with the routing description, when there is one).
+Recording copies logits to the host (a synchronisation): it is a diagnostic, not for
 latency-critical serving.
 """
 
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from xshare.selection.gates import RouterSpec, reference_route, router_scores
 
 log = logging.getLogger("xshare.sglang")
 
@@ -56,6 +62,7 @@ class TraceRecorder:
         self._pending_tokens = 0
         self._layer_ids: tuple[int, ...] | None = None
         self._next_batch = 0
+        self._routers: dict[int, RouterSpec] = {}  # layer -> its routing description (router-spec layers)
 
     # -- called by the runtime ------------------------------------------------------------------
     def begin_forward(self, rids: list[str] | None, tokens_per_req: int, positions: Tensor | None) -> None:
@@ -69,11 +76,16 @@ class TraceRecorder:
         self._current = _Forward(batch_id=self._next_batch, seq_ids=seq, positions=pos)
         self._next_batch += 1
 
-    def add_layer(self, layer_id: int, router_logits: Tensor, top_k: int, scoring: str) -> None:
+    def add_layer(self, layer_id: int, router_logits: Tensor, top_k: int, scoring: str,
+                  router: RouterSpec | None = None) -> None:
+        """One MoE layer's router logits; ``router``: the layer's routing description when it is not a
+        plain softmax / sigmoid top-k (biased, grouped, custom), stored in the trace with it."""
         cur = self._current
         if self.stopped or cur is None:
             return
         self.top_k, self.scoring = top_k, scoring
+        if router is not None and int(layer_id) not in self._routers:
+            self._routers[int(layer_id)] = router
         cur.layers[int(layer_id)] = router_logits.detach().to("cpu", torch.float16).numpy()
 
     def end_forward(self) -> None:
@@ -106,6 +118,35 @@ class TraceRecorder:
         if self.recorded >= self.max_tokens:
             self.stopped = True
 
+    def _router_arrays(self, z: Tensor, ids: Tensor, w: Tensor) -> tuple[dict[str, Any], np.ndarray | None] | None:
+        """For router-spec layers: the layers' routing description (meta ``router``, its bias as
+        float32 [L, E]), and the model's own routing written into ``ids`` / ``w`` [L, T, K] in place:
+        the experts its router picks (bias and groups included) with their affinities."""
+        if not self._routers or self._layer_ids is None:
+            return None
+        specs = [self._routers.get(lid) for lid in self._layer_ids]
+        first = next(s for s in specs if s is not None)
+        if any(s is None or s.to_meta() != first.to_meta() for s in specs):
+            self._warn_mixed_routers()
+            return None
+        for li, spec in enumerate(specs):
+            gs = router_scores(z[li], spec, exact=False)
+            own = reference_route(z[li], self.top_k, spec, exact=False).topk_ids[:, :self.top_k].long()
+            aff = gs.affinity.gather(1, own).clamp(0.0, 1.0)
+            order = torch.argsort(aff, dim=-1, descending=True, stable=True)
+            ids[li] = own.gather(1, order)
+            w[li] = aff.gather(1, order)
+        bias = None
+        if first.correction_bias is not None:
+            bias = np.stack([s.correction_bias.detach().to("cpu", torch.float32).numpy() for s in specs])
+        return first.to_meta(), bias
+
+    def _warn_mixed_routers(self) -> None:
+        if not getattr(self, "_mixed_warned", False):
+            self._mixed_warned = True
+            log.warning("xshare: the recorded layers have different router kinds; the trace stores no "
+                        "routing description (replays treat them as plain top-k)")
+
     def flush(self) -> Path | None:
         """Write the pending forwards as one shard (atomic); returns its path, or None if empty."""
         if not self._pending or self._layer_ids is None or self.top_k is None:
@@ -115,6 +156,7 @@ class TraceRecorder:
         z = torch.from_numpy(logits.astype(np.float32))
         probs = torch.softmax(z, dim=-1) if self.scoring == "softmax" else torch.sigmoid(z)
         w, ids = torch.topk(probs, self.top_k, dim=-1)
+        router_arrays = self._router_arrays(z, ids, w)
         meta = {
             **self.meta,
             "num_experts": int(logits.shape[-1]),
@@ -135,6 +177,11 @@ class TraceRecorder:
             "router_logits": logits.astype(np.float16),
             "meta": np.asarray(json.dumps(meta)),
         }
+        if router_arrays is not None:
+            meta["router"], bias = router_arrays
+            arrays["meta"] = np.asarray(json.dumps(meta))
+            if bias is not None:
+                arrays["correction_bias"] = bias
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"trace-r{self.rank}-p{os.getpid()}-{len(self.shards_written):04d}.npz"
         buf = io.BytesIO()
