@@ -10,8 +10,10 @@ Statuses (the values of ``Stats.coverage``, also the metric's ``state`` labels):
   function the project does not recognise, a scoring function it does not know, a router
   configuration that does not fit the layer); ``draft_layer``: a speculative draft model's layer;
 * ``bypassed_<backend>``: the routing never passes the hook: SGLang's ``triton_kernel`` runner
-  (GPT-OSS MXFP4 on Hopper), the ``flashinfer_trtllm`` / ``flashinfer_mxfp4`` runners that route
-  inside the MoE kernel (Blackwell), hash-routed layers (DeepSeek-V4's first layers).
+  (GPT-OSS MXFP4 on Hopper) where the plugin could not hook its routing function (the
+  ``triton_kernels`` package does not import, so that runner cannot run either), the
+  ``flashinfer_trtllm`` / ``flashinfer_mxfp4`` runners that route inside the MoE kernel
+  (Blackwell), hash-routed layers (DeepSeek-V4's first layers).
 
 :data:`WHAT_TO_SET` says, per bypassing backend, which SGLang option makes the routing visible. The
 one module that reads SGLang's TopK modules for this.
@@ -59,7 +61,10 @@ def layer_status(topk: Any, device_type: str) -> str:
         backend = getattr(cfg, "runner_backend", None)
         name = getattr(backend, "value", None) or str(backend or "unknown").lower()
         if fmt == "TRITON_KERNEL":
-            return "bypassed_triton_kernel"
+            from xshare.sglang.hooks import triton_routing_available
+
+            # the plugin hooks this runner's routing function wherever it can run
+            return READY if triton_routing_available() else "bypassed_triton_kernel"
         return "bypassed_flashinfer_mxfp4" if "mxfp4" in name else "bypassed_flashinfer_trtllm"
     _, why = router_spec(cfg)
     return READY if why is None else f"unsupported_{why}"

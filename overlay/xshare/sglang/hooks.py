@@ -8,6 +8,9 @@
   stats file and ends the trace batch;
 * ``...runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape`` (AROUND): the same
   state while a decode / target-verify CUDA graph is captured;
+* ``sglang.srt.layers.moe.topk.routing`` and ``TopK.forward_cuda`` (AROUND, only where the
+  ``triton_kernels`` package imports): the routing of SGLang's ``triton_kernel`` MoE runner (GPT-OSS
+  MXFP4 on Hopper), which never calls ``select_experts``;
 * ``sglang.srt.model_executor.model_runner.ModelRunner.load_model`` (AFTER): the start-up coverage
   report (:mod:`xshare.sglang.coverage`) of the loaded model;
 * ``sglang.srt.layers.moe.topk.TopK.empty_topk_output`` (AFTER, DeepEP global mode only): a
@@ -42,6 +45,8 @@ POST_PROCESS_TARGET = f"{TOPK_MODULE}._post_process_topk_ids"
 EMPTY_TOPK_TARGET = f"{TOPK_MODULE}.TopK.empty_topk_output"
 FORWARD_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 MOE_FORWARD_TARGET = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.forward"
+TRITON_ROUTING_TARGET = f"{TOPK_MODULE}.routing"
+TOPK_FORWARD_CUDA_TARGET = f"{TOPK_MODULE}.TopK.forward_cuda"
 LOAD_MODEL_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
 
@@ -227,6 +232,64 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
         return original(self, *args, **kwargs)
     finally:
         runtime.pop()
+
+
+# -- SGLang's triton_kernel MoE runner (GPT-OSS MXFP4 on Hopper) --------------------------------------
+def triton_routing_available() -> bool:
+    """Whether SGLang's ``triton_kernel`` runner can run here (the ``triton_kernels`` package imports),
+    so that its routing function exists and the plugin hooks it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("triton_kernels") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def topk_forward_cuda_hook(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``TopK.forward_cuda(self, hidden_states, router_logits, ...)``: remembers the layer whose
+    top-k runs, for :func:`triton_routing_hook` (SGLang's ``routing`` is not told the layer)."""
+    runtime = rt_mod.get()
+    if runtime is None:
+        return original(self, *args, **kwargs)
+    previous, runtime.current_topk = runtime.current_topk, self
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        runtime.current_topk = previous
+
+
+def triton_routing_hook(original: Any, logits: Any, n_expts_act: int, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``sglang.srt.layers.moe.topk.routing(logits, n_expts_act, sm_first=False, expt_indx=None,
+    simulated_ep=1, n_rows=None)``, the routing of the ``triton_kernel`` runner, which never calls
+    ``select_experts``. The selector's experts go in as ``expt_indx`` (triton_kernels' top-k then takes
+    exactly those, softmax over their logits as the layer would): the ragged metadata, gather/scatter
+    indices and gate scales are triton_kernels' own for that routing. Any failure routes the call
+    unchanged (counted in the fallbacks)."""
+    runtime = rt_mod.get()
+    layer = None if runtime is None else runtime.current_topk
+    if layer is None:
+        return original(logits, n_expts_act, *args, **kwargs)
+    try:
+        bound = _signature(original).bind(logits, n_expts_act, *args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+    except TypeError:
+        return original(logits, n_expts_act, *args, **kwargs)
+    if call.get("expt_indx") is not None or call.get("simulated_ep", 1) != 1:
+        return original(logits, n_expts_act, *args, **kwargs)
+    from xshare.sglang.routing import route_logits
+
+    ids = route_logits(runtime, layer, logits, int(n_expts_act), call.get("n_rows"))
+    if ids is None:
+        return original(logits, n_expts_act, *args, **kwargs)
+    try:
+        return original(**{**call, "expt_indx": ids})
+    except Exception as exc:  # noqa: BLE001 - serving never fails because of the selector
+        runtime.stats.count_fallback("triton_kernel_routing")
+        runtime.log_once("triton_kernel_routing", logging.ERROR, "xshare: triton_kernels routing refused the "
+                         "selector's experts (%s); routing with its own top-k", exc, exc_info=True)
+        return original(logits, n_expts_act, *args, **kwargs)
 
 
 # -- the start-up coverage report ------------------------------------------------------------------

@@ -86,6 +86,28 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         return None
 
 
+def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
+                 num_tokens: Any = None) -> torch.Tensor | None:
+    """For runner backends that route from the logits alone (SGLang's ``triton_kernel`` runner): the
+    selector's experts of one call as int16 [T, top_k], each row by descending logit, or None to keep
+    the backend's own top-k. The same decision as :func:`route` (``topk`` is the layer's SGLang
+    ``TopK`` module), with the layer's own top-k (of the logits) as SGLang's picks."""
+    cfg = getattr(topk, "topk_config", None)
+    if cfg is None or logits.ndim != 2:
+        return None
+    k = min(top_k, logits.shape[1])
+    order = torch.topk(logits, k, dim=-1)
+    weights = torch.softmax(order.values.float(), dim=-1)
+    args = {"topk_ids": order.indices.to(torch.int32), "topk_weights": weights, "router_logits": logits,
+            "layer_id": getattr(topk, "layer_id", 0), "num_token_non_padded": num_tokens}
+    out = route(runtime, args, cfg)
+    if out is None:
+        return None
+    ids = out["topk_ids"][:, :k].to(torch.int64)
+    rank = torch.argsort(logits.gather(1, ids), dim=-1, descending=True, stable=True)
+    return ids.gather(1, rank).to(torch.int16)
+
+
 def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mode: bool) -> None:
     """A layer the selector leaves to SGLang for a reason of its own: said once, counted, noted in the
     coverage; in DeepEP global mode this rank still joins the group's all-reduce."""

@@ -70,6 +70,7 @@ class Runtime:
         self.rank = rank
         self.stats = SelectorStats()
         self._stack: list[ForwardState | None] = []
+        self.current_topk: Any = None  # the SGLang TopK module running (triton_kernel runner routing only)
         self._knobs: dict[tuple, SelectorKnobs] = {}
         self._group_buffers: dict[tuple, Tensor] = {}
         self._logged: set[str] = set()
