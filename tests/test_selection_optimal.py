@@ -186,3 +186,65 @@ def test_placement_from_sglang_physical_layout():
     assert p.num_experts == 6 and p.num_slots == 8
     assert p.replicas[0].tolist() == [0, 4] and p.replica_gpu[0].tolist() == [0, 1]
     assert p.replicas[2].tolist() == [2, -1] and p.primary_gpu.tolist() == [0, 0, 0, 0, 1, 1]
+
+
+# Biased and grouped routers (DeepSeek-V3 / GLM-4.5 / DeepSeek-V2): the set objective is the batch's
+# affinity over each token's reachable experts (docs/selection.md, "Router families"), the warm-up is
+# each token's top-k0 by the router's own choice score; the set is still the exact optimum.
+@st.composite
+def router_instances(draw):
+    from xshare.selection.gates import RouterSpec
+
+    groups = draw(st.sampled_from([1, 2, 4]))
+    per_group = draw(st.sampled_from([2, 3]) if groups > 1 else st.sampled_from([4, 6, 8]))
+    e = groups * per_group
+    keep = draw(st.integers(1, groups))
+    top_k = draw(st.integers(1, min(4, keep * per_group)))
+    biased = draw(st.booleans())
+    t = draw(st.integers(1, 8))
+    vals = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=t * e, max_size=t * e))
+    logits = torch.tensor(vals, dtype=torch.float32).reshape(t, e)
+    if biased:
+        bias = torch.tensor(draw(st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=e, max_size=e)))
+        spec = RouterSpec(scoring="sigmoid", correction_bias=bias, num_expert_group=groups, topk_group=keep,
+                          routed_scaling_factor=2.5)
+    else:
+        spec = RouterSpec(scoring="softmax", num_expert_group=groups, topk_group=keep, renormalize=False)
+    warmup_k = draw(st.integers(0, top_k))
+    budget = draw(st.integers(1, e))
+    return logits, spec, top_k, warmup_k, budget
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(router_instances())
+def test_xshare_set_is_exact_optimum_on_biased_and_grouped_routers(inst):
+    from xshare.selection.engine import LayerCall, decide, router_batch
+    from xshare.selection.gates import router_scores
+
+    logits, spec, top_k, warmup_k, budget = inst
+    cfg = SelectorConfig(policy="xshare", budget=budget, warmup_k=warmup_k)
+    call = LayerCall(logits, top_k, spec)
+    batch = router_batch(call, cfg)
+    s = xshare_set(batch)
+    # the objective and the warm-up, computed here from the router's own scores
+    gs = router_scores(logits, spec)
+    gain = torch.where(gs.reachable, gs.affinity, torch.zeros_like(gs.affinity)).sum(0)
+    forced = torch.zeros(logits.shape[1], dtype=torch.bool)
+    if warmup_k:
+        choice = torch.where(gs.reachable, gs.choice, torch.full_like(gs.choice, float("-inf")))
+        order = torch.argsort(choice, dim=1, descending=True, stable=True)  # ties: the lower index first
+        forced[order[:, :warmup_k].flatten()] = True
+    assert torch.equal(batch.warmup(), forced)
+    limit = max(budget, int(forced.sum()))
+    assert not (forced & ~s).any() and int(s.sum()) <= limit
+    best = _brute_force(gain, forced, limit)
+    assert abs(float(gain[s].sum()) - best) <= 1e-5 * max(1.0, best)
+    # and the routing stays inside the set and the token's groups, or keeps the router's own (counted)
+    d = decide(call, cfg)
+    per_group = logits.shape[1] // spec.num_expert_group
+    for row, ids in enumerate(d.routing.topk_ids.long()):
+        assert bool(gs.reachable[row, ids].all())
+        assert len({int(i) // per_group for i in ids}) <= spec.topk_group
+        if d.replaced[row]:
+            assert bool(s[ids].all())
+    assert int(d.short_rows) == int((~d.replaced & ~s[d.routing.topk_ids.long()].all(1)).sum())

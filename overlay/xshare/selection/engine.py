@@ -249,9 +249,14 @@ def decide_router(call: LayerCall, config: SelectorConfig, *,
         raise
 
 
-def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None) -> Decision:
+def router_batch(call: LayerCall, config: SelectorConfig) -> Batch:
+    """The :class:`Batch` the policy sees for a router-spec call (:func:`decide_router`): scores = the
+    affinities over each token's reachable experts (0 elsewhere), usable = reachable (and a finite
+    choice score), each token's order = its choice score, then the engine's picks; ``config`` with
+    the layer's scoring applied (``batch.config``). Raises ValueError for a spec that does not fit."""
     spec = call.layer
-    assert isinstance(spec, RouterSpec)
+    if not isinstance(spec, RouterSpec):
+        raise ValueError(f"router_batch needs a RouterSpec layer, got {type(spec).__name__}")
     logits = call.router_logits
     num_rows, num_experts = logits.shape
     device = logits.device
@@ -260,8 +265,7 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     policy = get_policy(config.policy)
     placement = check_inputs(logits, call.top_k, config, groups=_groups_for(policy, call), placement=call.placement,
                              num_tokens=call.num_tokens, knobs=call.knobs, validate=False)
-    exact = device.type == "cpu"
-    gs = router_scores(logits, spec, exact=exact)
+    gs = router_scores(logits, spec, exact=device.type == "cpu")
     usable = gs.reachable & torch.isfinite(gs.choice)
     valid = valid_rows(num_rows, call.num_tokens, device)
     choice = torch.where(usable, gs.choice, torch.full_like(gs.choice, float("-inf")))
@@ -270,6 +274,21 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
                   groups=None if _groups_for(policy, call) is None else call.groups.long(), placement=placement,
                   **batch_settings(config, call.knobs, num_experts, call.top_k))
     batch._rank = preference_rank(choice, usable, call.engine_ids, floor=float("-inf"))
+    return batch
+
+
+def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None) -> Decision:
+    spec = call.layer
+    assert isinstance(spec, RouterSpec)
+    logits = call.router_logits
+    num_rows, num_experts = logits.shape
+    device = logits.device
+    exact = device.type == "cpu"
+    batch = router_batch(call, config)
+    config = batch.config
+    policy = get_policy(config.policy)
+    valid = batch.valid
+    usable = batch.usable
     if call.all_reduce is not None:  # DeepEP global mode: the set from the group's statistics
         if not policy.global_stats:
             raise ValueError(f"global mode supports policies {', '.join(global_policies())}; "
