@@ -29,13 +29,18 @@ def test_plugin_settings_defaults_are_the_schema_defaults():
 
 def test_every_field_round_trips_through_the_environment():
     values = {"enable": True, "policy": "xshare_ep", "budget": 0.25, "warmup_k": 2, "group_budget": 6, "gpu_cap": 3,
-              "min_tokens": 2, "max_tokens": 64, "extra": {"lynx_alpha": 0.5}, "stats_every": 4, "sim_gpus": 8,
+              "min_tokens": 2, "max_tokens": 64, "stats_every": 4, "sim_gpus": 8,
               "cpu_kernel": False, "deepep_mode": "global", "fault_inject": "every:3"}
     got = S.load_settings(S.settings_env(values))
     assert got.enabled and not got.cpu_kernel and got.sim_gpus == 8 and got.deepep_mode == "global"
     assert got.fault_inject == "every:3" and got.stats_every == 4
     assert got.selector == SelectorConfig(policy="xshare_ep", budget=0.25, warmup_k=2, group_budget=6, gpu_cap=3,
-                                          min_tokens=2, max_tokens=64, extra={"lynx_alpha": 0.5})
+                                          min_tokens=2, max_tokens=64)
+    # extra: the knobs of the policy that reads them (a policy refuses keys it does not read)
+    got = S.load_settings(S.settings_env({"policy": "lynx", "extra": {"lynx_alpha": 0.5}}))
+    assert got.selector == SelectorConfig(policy="lynx", extra={"lynx_alpha": 0.5})
+    with pytest.raises(S.SettingError, match="XSHARE_EXTRA.*reads no setting 'lynx_alpha'"):
+        S.load_settings(S.settings_env({"policy": "xshare_ep", "extra": {"lynx_alpha": 0.5}}))
 
 
 @pytest.mark.parametrize("f", [f for f in S.FIELDS if f.kind != "path"], ids=lambda f: f.name)  # any text is a path

@@ -79,10 +79,10 @@ def test_config_file_errors_name_file_and_key(tmp_path):
 
 
 def test_settings_env_round_trip():
-    env = settings_env({"enable": True, "policy": "xshare_ep", "budget": 0.25, "gpu_cap": 2, "extra": {"a": 1}})
-    assert env == {"XSHARE_ENABLE": "1", "XSHARE_POLICY": "xshare_ep", "XSHARE_BUDGET": "0.25",
-                   "XSHARE_GPU_CAP": "2", "XSHARE_EXTRA": '{"a": 1}'}
+    env = settings_env({"enable": True, "policy": "lynx", "budget": 0.25, "gpu_cap": 2, "extra": {"lynx_beta": 1}})
+    assert env == {"XSHARE_ENABLE": "1", "XSHARE_POLICY": "lynx", "XSHARE_BUDGET": "0.25",
+                   "XSHARE_GPU_CAP": "2", "XSHARE_EXTRA": '{"lynx_beta": 1}'}
     s = load_settings(env)
-    assert s.selector.policy == "xshare_ep" and s.selector.gpu_cap == 2 and dict(s.selector.extra) == {"a": 1}
+    assert s.selector.policy == "lynx" and s.selector.gpu_cap == 2 and dict(s.selector.extra) == {"lynx_beta": 1}
     with pytest.raises(SettingError, match="unknown setting"):
         settings_env({"budgett": 3})

@@ -26,6 +26,7 @@ class ToyLow(Policy):
     name = "toy_low"
     summary = "the m lowest-index experts"
     knobs = ("budget",)
+    extra_knobs = ("toy_reject",)
     color = "tab:pink"
 
     def validate_config(self, config) -> None:

@@ -43,6 +43,8 @@ class Policy:
     # The knobs of xshare.selection.schema.SWEEP_FIELDS this policy reads: only these are swept
     # for it, and a setting it ignores is shown as unused.
     knobs: ClassVar[tuple[str, ...]] = ("budget", "warmup_k")
+    # The keys of SelectorConfig.extra this policy reads; any other key is refused (validate()).
+    extra_knobs: ClassVar[tuple[str, ...]] = ()
     # The knob a one-dimensional sweep (xshare bench serve) varies; None = nothing to vary.
     sweep_knob: ClassVar[str | None] = "budget"
     # Request groups (the request of each row, e.g. a speculative verify batch's draft tokens):
@@ -160,6 +162,11 @@ def validate(config: SelectorConfig, model: ModelShape | None = None) -> Policy:
     if not isinstance(config, SelectorConfig):
         raise ValueError(f"config must be a SelectorConfig, got {type(config).__name__}")
     policy = get_policy(config.policy)  # ValueError: "unknown policy ..."
+    unknown = sorted(k for k in config.extra if k not in policy.extra_knobs)
+    if unknown:
+        known = ", ".join(policy.extra_knobs) or "none"
+        raise ValueError(f"extra: {config.policy} reads no setting {', '.join(repr(k[:64]) for k in unknown[:4])}"
+                         f"{' ...' if len(unknown) > 4 else ''} (its extra settings: {known})")
     policy.validate_config(config)
     if model is not None:
         check_for_model(config, model)
@@ -167,9 +174,21 @@ def validate(config: SelectorConfig, model: ModelShape | None = None) -> Policy:
 
 
 def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
-    """Raise ValueError naming the setting when ``config`` cannot apply to ``model``."""
-    if config.warmup_k > model.top_k:
-        raise ValueError(f"warmup_k = {config.warmup_k} exceeds the model's top_k = {model.top_k}")
+    """Raise ValueError naming the setting when ``config`` cannot apply to ``model``: the budget
+    (as resolved for E) in [top_k, E], warmup_k <= top_k, group_budget and gpu_cap <= E. The value
+    ranges of the schema (:data:`~xshare.selection.schema.INT_MAX`) are checked by the config itself."""
+    e, k = model.num_experts, model.top_k
+    budget = config.budget
+    resolved = config.budget_for(e)
+    if not k <= resolved <= e:
+        raise ValueError(f"budget {budget!r} is outside [top_k, E] = [{k}, {e}] for this model"
+                         + (f" (it resolves to {resolved})" if isinstance(budget, float) else ""))
+    if config.warmup_k > k:
+        raise ValueError(f"warmup_k = {config.warmup_k} exceeds the model's top_k = {k}")
+    if isinstance(config.group_budget, int) and config.group_budget > e:
+        raise ValueError(f"group_budget = {config.group_budget} exceeds the model's E = {e}")
+    if config.gpu_cap is not None and config.gpu_cap > e:
+        raise ValueError(f"gpu_cap = {config.gpu_cap} exceeds the model's E = {e}")
 
 
 def validated(config: SelectorConfig, model: ModelShape | None = None) -> SelectorConfig:

@@ -9,11 +9,11 @@ settings (``XSHARE_*``), the admin endpoint's request model, the ``--xshare-*`` 
 Kinds (``Field.kind``):
 
     policy   a registered policy name (checked against the registry where a config is used)
-    count    an int >= 1, or a fraction of the layer's experts in (0, 1]
-    int      an int >= ``minimum``
+    count    an int in [1, INT_MAX], or a fraction of the layer's experts in (0, 1]
+    int      an int in [``minimum``, ``maximum``] (``maximum`` defaults to INT_MAX)
     bool     true/false (text: 1/true/yes/on, 0/false/no/off)
     choice   one of ``choices``
-    mapping  a JSON object of str -> number
+    mapping  a JSON object of str -> finite number (at most MAPPING_MAX_KEYS keys)
     path     a filesystem path (text)
     text     free text, checked by ``check`` when given
 
@@ -32,6 +32,12 @@ ENV_PREFIX = "XSHARE_"
 TRUE_TEXT = ("1", "true", "yes", "on")
 FALSE_TEXT = ("0", "false", "no", "off", "")
 KINDS = ("policy", "count", "int", "bool", "choice", "mapping", "path", "text")
+# The largest int any int or count setting takes (unless its Field says less): far above any model's
+# expert count or batch, and far below int64, so no value can overflow a device tensor or a C call.
+INT_MAX = 2**31 - 1
+# A mapping setting (``extra``) holds at most this many keys of at most MAPPING_KEY_MAX characters.
+MAPPING_MAX_KEYS = 64
+MAPPING_KEY_MAX = 64
 # Where a field's value comes from: the operator (settings, admin, CLI) or the served layer.
 SCOPES = ("selector", "layer", "plugin")
 
@@ -83,8 +89,8 @@ def check_count(name: str, value: object, *, optional: bool) -> None:
     if value is None and optional:
         return
     if is_int(value):
-        if value < 1:
-            raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {value!r}")
+        if not 1 <= value <= INT_MAX:
+            raise ValueError(f"{name} must be an int in [1, {INT_MAX}] or a float in (0, 1], got {value!r}")
         return
     if isinstance(value, float):
         if not (0.0 < value <= 1.0) or math.isnan(value):
@@ -102,6 +108,7 @@ class Field:
     default: Any
     help: str
     minimum: int | None = None
+    maximum: int | None = None  # int kind: the largest value (None: INT_MAX)
     optional: bool = False
     choices: tuple[str, ...] = ()
     scope: str = "selector"
@@ -114,6 +121,11 @@ class Field:
             raise ValueError(f"field {self.name}: kind {self.kind!r} not in {KINDS}")
         if self.scope not in SCOPES:
             raise ValueError(f"field {self.name}: scope {self.scope!r} not in {SCOPES}")
+
+    @property
+    def int_max(self) -> int:
+        """The largest value of an int or count setting."""
+        return INT_MAX if self.maximum is None else self.maximum
 
     @property
     def env(self) -> str:
@@ -147,6 +159,8 @@ class Field:
             if not is_int(value) or value < low:
                 raise ValueError(f"{self.name} must be an int >= {low}{' or None' if self.optional else ''}, "
                                  f"got {value!r}")
+            if value > self.int_max:
+                raise ValueError(f"{self.name} must be an int <= {self.int_max}, got {value!r}")
         elif self.kind == "bool":
             if not isinstance(value, bool):
                 raise ValueError(f"{self.name} must be a bool, got {value!r}")
@@ -159,9 +173,17 @@ class Field:
         elif self.kind == "mapping":
             if not isinstance(value, Mapping):
                 raise ValueError(f"{self.name} must be a mapping of str to number, got {type(value).__name__}")
+            if len(value) > MAPPING_MAX_KEYS:
+                raise ValueError(f"{self.name} holds {len(value)} keys; at most {MAPPING_MAX_KEYS}")
             for k, v in value.items():
                 if not isinstance(k, str) or not is_real(v):
-                    raise ValueError(f"{self.name}[{k!r}] must map a str to a number, got {v!r}")
+                    raise ValueError(f"{self.name}[{k!r:.80}] must map a str to a number, got {v!r:.40}")
+                if len(k) > MAPPING_KEY_MAX:
+                    raise ValueError(f"{self.name}: key {k[:MAPPING_KEY_MAX]!r}... is longer than "
+                                     f"{MAPPING_KEY_MAX} characters")
+                if not math.isfinite(v) or abs(v) > INT_MAX:
+                    raise ValueError(f"{self.name}[{k!r}] must be a finite number of magnitude <= {INT_MAX}, "
+                                     f"got {v!r}")
         if self.check is not None:
             problem = self.check(value)
             if problem:

@@ -49,13 +49,11 @@ def lynx_scores(batch: Batch) -> tuple[Tensor, Tensor]:
 class Lynx(Policy):
     name = "lynx"
     knobs = ("budget",)
+    extra_knobs = ("lynx_alpha", "lynx_beta")
     color = "tab:red"
     summary = "confidence-binned top-K votes (B^bin), confident tokens keep top-1; decode only"
 
     def validate_config(self, config: SelectorConfig) -> None:
-        for key in config.extra:
-            if key.startswith("lynx_") and key not in ("lynx_alpha", "lynx_beta"):
-                raise ValueError(f"unknown Lynx setting extra[{key!r}] (lynx_alpha, lynx_beta)")
         if config.extra.get("lynx_alpha", 1.0) <= 0:
             raise ValueError("extra['lynx_alpha'] must be > 0")
         if config.extra.get("lynx_beta", 1.0) < 0:
