@@ -73,12 +73,13 @@ for cpu_kernel in (True, False):
 
 # the admin endpoint's validation
 from xshare.sglang.admin import ConfigInvalid, ConfigUpdate, build_config
+from xshare.selection.types import ModelShape
 cur = {**{k: v for k, v in SelectorConfig().to_dict().items() if k in ("policy", "budget", "warmup_k",
        "group_budget", "gpu_cap", "min_tokens", "max_tokens", "extra")}, "enabled": True}
 body = ConfigUpdate.model_validate({"policy": "toy_low", "budget": 6}).model_dump(exclude_unset=True)
-out["admin_policy"] = build_config(cur, body, replace_all=False, top_k=4, num_experts=16)["policy"]
+out["admin_policy"] = build_config(cur, body, replace_all=False, model=ModelShape(16, 4))["policy"]
 try:
-    build_config(cur, {"policy": "toy_low", "extra": {"toy_reject": 1}}, replace_all=False, top_k=4, num_experts=16)
+    build_config(cur, {"policy": "toy_low", "extra": {"toy_reject": 1}}, replace_all=False, model=ModelShape(16, 4))
     out["admin_refused"] = None
 except ConfigInvalid as exc:
     out["admin_refused"] = exc.field

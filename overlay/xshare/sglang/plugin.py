@@ -103,6 +103,7 @@ def register() -> None:
     except Exception as exc:  # noqa: BLE001 - observability never stops serving
         log.error("xshare: metrics/admin setup failed in pid %d: %s", os.getpid(), exc, exc_info=True)
     HookRegistry.register(admin.UPDATE_HANDLERS_TARGET, admin.update_handlers_hook, HookType.AFTER)
+    HookRegistry.register(admin.GET_STATE_TARGET, admin.get_internal_state_hook, HookType.AFTER)
     HookRegistry.register(admin.ON_IDLE_TARGET, admin.on_idle_hook, HookType.AFTER)
     HookRegistry.register(hooks.POST_PROCESS_TARGET, hooks.post_process_topk_ids_hook, HookType.AROUND)
     HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)

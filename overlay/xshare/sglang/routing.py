@@ -34,6 +34,11 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
     if not s.enabled:
         runtime.skip("disabled")
         return None
+    if runtime.diverged:  # off the group's config (admin): never route differently from the peers
+        runtime.skip("config_diverged")
+        runtime.log_once("diverged", logging.ERROR, "xshare: rank %d is not on its group's config: SGLang's "
+                         "routing until the next config change", runtime.group_rank)
+        return None
     if is_draft_layer(topk_config) or (state is not None and state.is_draft):
         runtime.skip("draft_layer")
         stats.note_layer(int(args.get("layer_id") or 0), "draft_layer")

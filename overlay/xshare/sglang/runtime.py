@@ -86,6 +86,15 @@ class Runtime:
         # Observability (xshare.sglang.metrics / xshare.sglang.admin): the config version, the
         # Prometheus exporter (only with SGLang's --enable-metrics) and the admin state directory.
         self.version = 0
+        self.config_source = "start-up settings"  # or "persisted", "admin change" (GET /xshare/config)
+        # The admin control path (xshare.sglang.admin.scheduler): this rank in the whole group, the
+        # key that signs config messages (the message source checks it), every rank's state as of the
+        # last change, and whether this rank is off its group's config (then it does not select).
+        self.group_rank = rank
+        self.channel_key = ""
+        self.group_view: list[dict[str, Any]] | None = None
+        self.diverged = False
+        self.last_summary: dict[str, Any] | None = None
         self.metrics: Any = None
         self.observe = False  # record the per-call metric window (set by enable_observability)
         self._flush_pending = False
@@ -226,12 +235,17 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - metrics never break serving
             self.log_once("metrics_flush", logging.ERROR, "xshare: metrics flush failed: %s", exc, exc_info=True)
 
-    def set_config(self, settings: PluginSettings, version: int) -> None:
-        """Apply a config from the admin endpoint (at a forward-batch boundary) and report it."""
+    def set_config(self, settings: PluginSettings, version: int, *, source: str = "admin change") -> None:
+        """Apply a config from the admin endpoint (at a forward-batch boundary) and report it. Raises
+        when the device knobs cannot take it (the caller goes back to the previous config)."""
         self.update_settings(settings)
         self.version = version
+        self.config_source = source
         if self.metrics is not None:
-            self.metrics.config_changed(self)
+            try:
+                self.metrics.config_changed(self)
+            except Exception as exc:  # noqa: BLE001 - metrics never decide a change
+                self.log_once("metrics_config", logging.ERROR, "xshare: config metrics failed: %s", exc)
 
     # -- the routing decision (xshare.sglang.routing) ----------------------------------------------
     def skip(self, reason: str) -> None:

@@ -3,24 +3,32 @@
 Routes on SGLang's own HTTP server (``sglang.srt.entrypoints.http_server.app``, added by the plugin's
 ``register()`` in the launcher process, which serves HTTP, before uvicorn starts):
 
-* ``GET /xshare/config``: every rank's effective config and version;
+* ``GET /xshare/config``: the config in force, its version and where it came from (start-up
+  settings, persisted, admin change), and every rank's version and config;
 * ``PUT /xshare/config`` (a whole config; fields left out take their defaults) and ``PATCH
-  /xshare/config`` (only the fields given): validated, then applied on all ranks at a forward-batch
-  boundary, all or none; the reply holds the new config and version;
+  /xshare/config`` (only the fields given): validated against the served model, then applied on all
+  ranks at a forward-batch boundary, all or none; a change that changes nothing is a no-op;
 * ``POST /xshare/enable`` / ``POST /xshare/disable``;
-* ``GET /xshare/stats``: each rank's per-layer figures over its last metrics window.
+* ``GET /xshare/stats``: each reporting rank's per-layer figures over its last metrics window.
 
-Control path (no new IPC type): the HTTP process validates the request fully, writes the new config
-atomically to ``<state dir>/config-v<N>.json`` and sends SGLang's own ``SetInternalStateReq``
-(``/set_internal_state``'s message, numeric values only) with ``{"xshare_config_version": N}``. SGLang
-fans it out to every DP rank, and scheduler TP rank 0 broadcasts it to its TP peers; each scheduler
-processes it in its event loop between forward batches, through the handler this module adds to
-``SchedulerInternalStateController._update_handlers`` (an AFTER hook): ``validate`` reads and checks
-the file, ``apply`` swaps the runtime's settings (:meth:`Runtime.set_config`, device knobs in place) and
-rewrites the rank's ``rank-<r>.json``. The HTTP process then waits until every rank file reports N;
-if a rank refused or did not answer, it sends the previous config again under a new version (revert)
-and answers 409. The state directory (``XSHARE_ADMIN_STATE_DIR``) is created by the HTTP process in
-``register()``, before the schedulers are spawned, so they inherit it.
+Control path (no shared filesystem, no new IPC type): the HTTP process validates the request fully
+and sends SGLang's own ``SetInternalStateReq`` carrying the whole config in one signed key
+(:func:`~xshare.sglang.admin.common.encode_message`). SGLang fans it out to every DP rank and scheduler
+TP rank 0 broadcasts it to its TP peers over the CPU group, across nodes; every rank handles it in its
+event loop between forward batches (:mod:`xshare.sglang.admin.scheduler`): checks it, applies it, and
+the ranks of the group exchange their outcome, all or none. The HTTP side then reads every rank's
+state back through ``get_internal_state`` and answers 200 only when all ``tp x pp x dp`` ranks (SGLang's
+world size) are on the new version; otherwise it sends the previous config again and answers 409
+naming the rank and why.
+
+SGLang's unauthenticated ``/set_internal_state`` cannot reach the config: the HTTP process refuses any
+``xshare*`` key there (403), and the message source checks the signature made with a per-start key
+that only the HTTP process and its schedulers hold (inherited through the environment; never logged,
+on a command line or in server_args).
+
+Persistence: with ``XSHARE_ADMIN_STATE_DIR`` the HTTP process keeps the config in force in
+``config.json`` there and re-applies it at the next start, before serving, unless the start-up
+settings changed meanwhile (then they win). Without it nothing is written anywhere.
 
 Authentication: ``XSHARE_ADMIN_TOKEN`` or ``XSHARE_ADMIN_TOKEN_FILE`` (read at each request, so a
 rotated Kubernetes Secret takes effect), ``Authorization: Bearer <token>`` compared with
@@ -32,6 +40,8 @@ loopback address.
 from xshare.sglang.admin.common import (
     ALLOW_LOCAL_ENV,
     CONTROL_KEY,
+    GET_STATE_TARGET,
+    MAX_BODY_BYTES,
     ON_IDLE_TARGET,
     STATE_DIR_ENV,
     TOKEN_ENV,
@@ -49,11 +59,11 @@ from xshare.sglang.admin.config import (
     settings_from_config,
 )
 from xshare.sglang.admin.http import AdminState, install_routes
-from xshare.sglang.admin.scheduler import on_idle_hook, scheduler_setup, update_handlers_hook, write_rank_file
+from xshare.sglang.admin.scheduler import get_internal_state_hook, on_idle_hook, scheduler_setup, update_handlers_hook
 
 __all__ = [
-    "ALLOW_LOCAL_ENV", "CONFIG_FIELDS", "CONTROL_KEY", "ON_IDLE_TARGET", "STATE_DIR_ENV", "TOKEN_ENV",
-    "TOKEN_FILE_ENV", "UPDATE_HANDLERS_TARGET", "AdminState", "ConfigInvalid", "ConfigUpdate", "admin_configured",
-    "build_config", "config_of", "install_routes", "on_idle_hook", "scheduler_setup", "settings_from_config",
-    "state_dir", "update_handlers_hook", "write_rank_file",
+    "ALLOW_LOCAL_ENV", "CONFIG_FIELDS", "CONTROL_KEY", "GET_STATE_TARGET", "MAX_BODY_BYTES", "ON_IDLE_TARGET",
+    "STATE_DIR_ENV", "TOKEN_ENV", "TOKEN_FILE_ENV", "UPDATE_HANDLERS_TARGET", "AdminState", "ConfigInvalid",
+    "ConfigUpdate", "admin_configured", "build_config", "config_of", "get_internal_state_hook", "install_routes",
+    "on_idle_hook", "scheduler_setup", "settings_from_config", "state_dir", "update_handlers_hook",
 ]

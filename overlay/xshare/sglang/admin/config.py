@@ -12,6 +12,7 @@ from xshare.selection import SelectorConfig, available_policies
 from xshare.selection.registry import validate
 from xshare.selection.schema import OPERATOR_FIELDS
 from xshare.selection.schema import Field as Setting
+from xshare.selection.types import ModelShape
 
 CONFIG_FIELDS = tuple(f.name for f in OPERATOR_FIELDS)
 
@@ -26,7 +27,7 @@ def _annotation(f: Setting) -> Any:
 def _request_model() -> type[BaseModel]:
     fields: dict[str, Any] = {"enabled": (Optional[StrictBool], Field(None, description="selector on/off"))}  # noqa: UP045
     for f in OPERATOR_FIELDS:
-        constraints = {"ge": f.minimum} if f.kind == "int" and f.minimum is not None else {}
+        constraints = {"ge": f.minimum or 0, "le": f.int_max} if f.kind == "int" else {}
         fields[f.name] = (Optional[_annotation(f)], Field(None, description=f"{f.help} ({f.type_text})",  # noqa: UP045
                                                           **constraints))
     model = create_model("ConfigUpdate", __config__=ConfigDict(extra="forbid"), **fields)
@@ -45,10 +46,11 @@ class ConfigInvalid(ValueError):
         self.message = message
 
 
-def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all: bool, top_k: int | None,
-                 num_experts: int | None) -> dict[str, Any]:
-    """The config after ``update`` (a dict of set fields), fully validated; raises :class:`ConfigInvalid`
-    naming the field. ``current``: {"enabled", and the selector fields}."""
+def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all: bool,
+                 model: ModelShape | None) -> dict[str, Any]:
+    """The config after ``update`` (a dict of set fields), fully validated, against the served ``model``
+    too (:func:`xshare.selection.registry.validate`); raises :class:`ConfigInvalid` naming the field.
+    ``current``: {"enabled", and the selector fields}."""
     base = {k: v for k, v in SelectorConfig().to_dict().items() if k in CONFIG_FIELDS} if replace_all else \
         {k: current[k] for k in CONFIG_FIELDS}
     enabled = update.get("enabled", current["enabled"])
@@ -75,12 +77,13 @@ def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all
             validate(cfg)
         except (ValueError, TypeError) as exc:
             raise ConfigInvalid(key, str(exc)) from None
-    if num_experts:
-        budget = cfg.budget
-        resolved = budget if isinstance(budget, int) else cfg.budget_for(num_experts)
-        low = top_k or 1
-        if not (low <= resolved <= num_experts):
-            raise ConfigInvalid("budget", f"{budget!r} is outside [top_k, E] = [{low}, {num_experts}] for this model")
+    if model is not None:
+        try:
+            validate(cfg, model)
+        except ValueError as exc:
+            text = str(exc)
+            named = [f for f in CONFIG_FIELDS if text.startswith(f)]
+            raise ConfigInvalid(max(named, key=len) if named else "config", text) from None
     out = {k: v for k, v in cfg.to_dict().items() if k in CONFIG_FIELDS}
     out["enabled"] = bool(enabled)
     return out

@@ -1,15 +1,17 @@
-"""The admin endpoint's HTTP side: routes on SGLang's FastAPI app, bearer-token authorization, and
-the all-or-none fan-out of a change to every scheduler rank (see :mod:`xshare.sglang.admin`)."""
+"""The admin endpoint's HTTP side: routes on SGLang's FastAPI app, bearer-token authorization, the
+all-or-none fan-out of a change to every scheduler rank, the persisted config and what keeps
+SGLang's own unauthenticated routes away from the selector's config (see :mod:`xshare.sglang.admin`)."""
 
 # No ``from __future__ import annotations``: FastAPI reads the route handlers' annotations (Request,
 # Depends) at run time, and those are imported inside AdminRoutes.add_to.
 import asyncio
-import glob
+import contextlib
 import hmac
 import json
 import logging
 import os
-import tempfile
+import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,15 @@ from xshare._io import write_json_atomic
 from xshare.sglang.admin.common import (
     ALLOW_LOCAL_ENV,
     APPLY_TIMEOUT_S,
-    CONTROL_KEY,
-    STATE_DIR_ENV,
+    CHANNEL_KEY_ENV,
+    MAX_BODY_BYTES,
+    PERSIST_FILE,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
+    VIEW_KEY,
     allow_unauthenticated_local,
+    encode_message,
+    is_reserved_key,
     state_dir,
 )
 from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config, config_of
@@ -32,18 +38,27 @@ from xshare.sglang.model_shape import moe_shape
 
 log = logging.getLogger("xshare.sglang")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+STARTUP, PERSISTED, ADMIN = "start-up settings", "persisted", "admin change"
 
 
 class AdminState:
-    """The HTTP process's view: the current config and version, and the change lock."""
+    """The HTTP process's view: the config in force, its version and origin, the change lock, and where
+    the config is persisted (``XSHARE_ADMIN_STATE_DIR``; None: not persisted)."""
 
-    def __init__(self, settings: Any, directory: Path) -> None:
+    def __init__(self, settings: Any, directory: Path | None) -> None:
         self.settings = settings
         self.dir = directory
+        self.startup = config_of(settings)  # the start-up settings' config
         self.version = 0
-        self.config = config_of(settings)
+        self.config = dict(self.startup)
+        self.source = STARTUP
         self.lock = asyncio.Lock()
+        self.channel_key = os.environ.get(CHANNEL_KEY_ENV, "")
         self._counter: Any = None
+
+    @property
+    def persist_path(self) -> Path | None:
+        return None if self.dir is None else self.dir / PERSIST_FILE
 
     def count(self, result: str) -> None:
         from xshare.sglang.metrics import METRICS, multiprocess_dir
@@ -57,25 +72,31 @@ class AdminState:
             self._counter = pc.Counter("xshare:config_changes", doc, ("rank", "result"), registry=None)
         self._counter.labels("http", result).inc()
 
-    def ranks(self) -> list[dict[str, Any]]:
-        out = []
-        for path in sorted(glob.glob(str(self.dir / "rank-*.json"))):
-            if path.endswith("-stats.json"):
-                continue
-            try:
-                out.append(json.loads(Path(path).read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue
-        return sorted(out, key=lambda r: r.get("rank", 0))
+    # -- persistence ----------------------------------------------------------------------------------
+    def persist(self, version: int, config: dict[str, Any], source: str) -> None:
+        """Write the config in force (OSError when the location cannot take it)."""
+        path = self.persist_path
+        if path is not None:
+            write_json_atomic(path, {"version": version, "config": config, "source": source,
+                                     "startup": self.startup, "time": time.time()}, sort_keys=True)
 
-    def rank_stats(self) -> list[dict[str, Any]]:
-        out = []
-        for path in sorted(glob.glob(str(self.dir / "rank-*-stats.json"))):
-            try:
-                out.append(json.loads(Path(path).read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue
-        return sorted(out, key=lambda r: r.get("rank", 0))
+    def restored(self) -> tuple[int, dict[str, Any], str, str]:
+        """(version, config, source, why) to start with: the persisted config when it was made from the
+        same start-up settings as this start, else the start-up settings."""
+        path = self.persist_path
+        if path is None:
+            return 0, dict(self.startup), STARTUP, "no XSHARE_ADMIN_STATE_DIR: the config is not persisted"
+        if not path.exists():
+            return 0, dict(self.startup), STARTUP, f"nothing persisted in {path} yet"
+        try:
+            data = json.loads(path.read_text())
+            version, config, startup = int(data["version"]), dict(data["config"]), dict(data["startup"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return 0, dict(self.startup), STARTUP, f"{path} is unreadable ({exc}): start-up settings"
+        if startup != self.startup:
+            return version + 1, dict(self.startup), STARTUP, (
+                f"{path} was made from other start-up settings: the new start-up settings win")
+        return version, config, PERSISTED, f"re-applied from {path}"
 
 
 _STATE: AdminState | None = None
@@ -96,18 +117,78 @@ def _token() -> str | None:
     return None
 
 
-def _model_facts() -> tuple[int | None, int | None]:
-    """(top_k, E) of the served model, from the tokenizer manager's model config."""
+def _tokenizer_manager() -> Any:
     from sglang.srt.entrypoints import http_server
 
-    gs = getattr(http_server, "_global_state", None)
-    hf = getattr(getattr(getattr(gs, "tokenizer_manager", None), "model_config", None), "hf_text_config", None)
-    return moe_shape(hf)
+    return http_server._global_state.tokenizer_manager
+
+
+def _model_shape() -> Any:
+    """The served model's :class:`~xshare.selection.types.ModelShape`, from the tokenizer manager's config."""
+    from xshare.selection.types import ModelShape
+
+    hf = getattr(getattr(_tokenizer_manager(), "model_config", None), "hf_text_config", None)
+    top_k, e = moe_shape(hf)
+    return ModelShape(num_experts=e, top_k=top_k) if e and top_k else None
+
+
+def expected_ranks() -> int:
+    """The scheduler ranks of the whole group, from SGLang's own view of the world size."""
+    from sglang.srt.server_args import compute_world_size
+
+    sa = _tokenizer_manager().server_args
+    return compute_world_size(dp_size=int(sa.dp_size or 1), tp_size=int(sa.tp_size or 1),
+                              pp_size=int(sa.pp_size or 1))
+
+
+async def group_state() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every rank's state, each reporting rank's last metrics summary), through SGLang's
+    get_internal_state (every DP rank answers for its TP group)."""
+    replies = await asyncio.wait_for(_tokenizer_manager().get_internal_state(), APPLY_TIMEOUT_S)
+    ranks: dict[int, dict[str, Any]] = {}
+    stats = []
+    for reply in replies:
+        part = (reply or {}).get(VIEW_KEY) or {}
+        for r in part.get("ranks") or []:
+            ranks[int(r["rank"])] = r
+        if part.get("stats"):
+            stats.append(part["stats"])
+    return [ranks[k] for k in sorted(ranks)], sorted(stats, key=lambda s: s.get("rank", 0))
+
+
+async def fan_out(state: AdminState, version: int, config: dict[str, Any], source: str) -> tuple[bool, str]:
+    """Send one config to every rank (SGLang's control path) and check that every rank of the group
+    is on it: (True, '') or (False, why, naming the rank)."""
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    key = encode_message(version, config, source, state.channel_key)
+    try:
+        replies = await asyncio.wait_for(
+            _tokenizer_manager().set_internal_state(SetInternalStateReq(server_args={key: 1})), APPLY_TIMEOUT_S)
+    except TimeoutError:
+        return False, f"the schedulers did not answer within {APPLY_TIMEOUT_S:.0f} s"
+    try:
+        ranks, _ = await group_state()
+    except TimeoutError:
+        return False, f"the schedulers did not report their state within {APPLY_TIMEOUT_S:.0f} s"
+    refused = [r for r in ranks if not r.get("ok", True)]
+    if refused:
+        return False, "; ".join(f"rank {r['rank']} ({r.get('node', '?')}) refused: {r.get('why')}" for r in refused)
+    if not replies or not all(replies):
+        return False, f"a scheduler group refused version {version} (replies {replies})"
+    expected = expected_ranks()
+    missing = sorted(set(range(expected)) - {int(r["rank"]) for r in ranks})
+    if missing:
+        return False, f"rank(s) {missing} of {expected} did not report"
+    behind = [r["rank"] for r in ranks if r.get("version") != version or r.get("config") != config]
+    if behind:
+        return False, f"rank(s) {behind} are not on version {version}"
+    return True, ""
 
 
 class AdminRoutes:
     """The /xshare routes' handlers (bound to one :class:`AdminState`), added to SGLang's app by
-    :func:`install_routes`. FastAPI imports stay inside the methods' module scope of use."""
+    :func:`install_routes`."""
 
     def __init__(self, state: AdminState) -> None:
         self.state = state
@@ -142,89 +223,120 @@ class AdminRoutes:
 
         self.state.count("invalid")
         return JSONResponse(status_code=422, content={"detail": [
-            {"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]})
+            {"loc": ["body", exc.field], "msg": exc.message[:500], "type": "value_error"}]})
 
-    def view(self) -> dict[str, Any]:
+    async def view(self) -> dict[str, Any]:
         state = self.state
-        ranks = state.ranks()
-        consistent = bool(ranks) and all(r.get("version") == state.version and r.get("config") == state.config
-                                         for r in ranks)
-        return {"version": state.version, "config": state.config, "ranks": ranks, "consistent": consistent}
+        try:
+            ranks, _ = await group_state()
+            expected = expected_ranks()
+        except TimeoutError:
+            ranks, expected = [], -1
+        consistent = len(ranks) == expected and all(
+            r.get("version") == state.version and r.get("config") == state.config and r.get("selecting", True)
+            for r in ranks)
+        return {"version": state.version, "config": state.config, "source": state.source,
+                "persisted_in": None if state.persist_path is None else str(state.persist_path),
+                "ranks": ranks, "expected_ranks": expected, "consistent": consistent}
 
     async def parse_body(self, request: Any) -> dict[str, Any] | Any:
-        """The validated fields of a PUT/PATCH body, or a 422 reply. Parsed here, not by FastAPI:
-        SGLang's app turns request validation errors into 400s."""
+        """The validated fields of a PUT/PATCH body, or a 413/422 reply. Parsed here, not by FastAPI:
+        SGLang's app turns request validation errors into 400s. Bodies over MAX_BODY_BYTES are not read."""
         from fastapi.responses import JSONResponse
 
-        try:
-            raw = await request.json()
-        except ValueError as exc:
+        def refuse(status: int, msg: str, kind: str) -> Any:
             self.state.count("invalid")
-            return JSONResponse(status_code=422, content={"detail": [
-                {"loc": ["body"], "msg": f"not a JSON body: {exc}", "type": "json_invalid"}]})
+            return JSONResponse(status_code=status, content={"detail": [{"loc": ["body"], "msg": msg, "type": kind}]})
+
+        too_big = f"the body exceeds {MAX_BODY_BYTES} bytes (a config is a few hundred)"
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return refuse(413, too_big, "too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return refuse(413, too_big, "too_large")
+        try:
+            raw = json.loads(bytes(body))
+        except ValueError as exc:
+            return refuse(422, f"not a JSON body: {str(exc)[:200]}", "json_invalid")
         try:
             return ConfigUpdate.model_validate(raw).model_dump(exclude_unset=True)
         except ValidationError as exc:
             self.state.count("invalid")
-            errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-            log.warning("xshare admin: config change refused: %s", errors)
+            errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"][:500], "type": e["type"]} for e in exc.errors()]
+            log.warning("xshare admin: config change refused: %s", json.dumps(errors)[:2000])
             return JSONResponse(status_code=422, content={"detail": errors})
 
-    # -- the change: validate, fan out to every rank, revert on failure ------------------------------
-    async def fan_out(self, config: dict[str, Any], version: int) -> tuple[bool, str]:
-        from sglang.srt.entrypoints import http_server
-        from sglang.srt.managers.io_struct import SetInternalStateReq
-
-        state = self.state
-        write_json_atomic(state.dir / f"config-v{version}.json", {"version": version, "config": config})
-        expected = {r.get("rank") for r in state.ranks()}
-        tm = http_server._global_state.tokenizer_manager
-        replies = await tm.set_internal_state(SetInternalStateReq(server_args={CONTROL_KEY: version}))
-        if not replies or not all(replies):
-            return False, f"a scheduler refused version {version} (replies {replies})"
-        deadline = time.monotonic() + APPLY_TIMEOUT_S
-        while True:
-            ranks = state.ranks()
-            behind = sorted(r.get("rank") for r in ranks if r.get("version") != version)
-            if not behind and {r.get("rank") for r in ranks} >= expected:
-                return True, ""
-            if time.monotonic() > deadline:
-                return False, f"rank(s) {behind} did not apply version {version} within {APPLY_TIMEOUT_S:.0f} s"
-            await asyncio.sleep(0.05)
-
+    # -- the change: validate, persist, fan out to every rank, revert on failure ----------------------
     async def change(self, update: dict[str, Any], caller: str, *, replace_all: bool, what: str) -> Any:
         from fastapi.responses import JSONResponse
 
         state = self.state
-        top_k, num_experts = _model_facts()
+        model = _model_shape()
         async with state.lock:
-            old = dict(state.config)
+            old, old_version, old_source = dict(state.config), state.version, state.source
             try:
-                new = build_config(old, update, replace_all=replace_all, top_k=top_k, num_experts=num_experts)
+                new = build_config(old, update, replace_all=replace_all, model=model)
             except ConfigInvalid as exc:
-                log.warning("xshare admin: %s from %s refused: %s", what, caller, exc)
+                log.warning("xshare admin: %s from %s refused: %s", what, caller, str(exc)[:500])
                 return self.invalid(exc)
-            version = state.version + 1
-            ok, why = await self.fan_out(new, version)
+            if new == old:  # a no-op change is a no-op: no new version, nothing sent
+                return {**await self.view(), "changed": False}
+            version = old_version + 1
+            try:
+                state.persist(version, new, ADMIN)
+            except OSError as exc:
+                state.count("failed")
+                log.error("xshare admin: %s from %s refused: cannot persist the config in %s: %s", what, caller,
+                          state.dir, exc)
+                return JSONResponse(status_code=503, content={
+                    "detail": f"cannot persist the config in {state.dir} ({type(exc).__name__}: {exc}); "
+                              f"the config in force is unchanged", **await self.view()})
+            ok, why = await fan_out(state, version, new, ADMIN)
             if not ok:
-                revert = version + 1
-                back, why_back = await self.fan_out(old, revert)
-                state.version = revert
+                back, why_back = await fan_out(state, old_version, old, old_source)
+                try:
+                    state.persist(old_version, old, old_source)
+                except OSError as exc:
+                    log.error("xshare admin: cannot persist the previous config again: %s", exc)
                 state.count("reverted" if back else "failed")
-                log.error("xshare admin: %s from %s failed (%s); reverted to the previous config as v%d%s", what,
-                          caller, why, revert, "" if back else f" (revert failed too: {why_back})")
-                return JSONResponse(status_code=409, content={"detail": why, "reverted": back, **self.view()})
-            state.version, state.config = version, new
+                log.error("xshare admin: %s from %s failed (%s); every rank went back to v%d%s", what, caller, why,
+                          old_version, "" if back else f" (the revert failed too: {why_back})")
+                return JSONResponse(status_code=409, content={"detail": why, "reverted": back, **await self.view()})
+            state.version, state.config, state.source = version, new, ADMIN
             state.count("applied")
-            log.info("xshare admin: %s from %s: config v%d -> v%d: %s -> %s", what, caller, version - 1, version,
+            log.info("xshare admin: %s from %s: config v%d -> v%d: %s -> %s", what, caller, old_version, version,
                      json.dumps(old, sort_keys=True), json.dumps(new, sort_keys=True))
-            return self.view()
+            return {**await self.view(), "changed": True}
 
     async def changed_by_body(self, request: Any, caller: str, *, replace_all: bool, what: str) -> Any:
         update = await self.parse_body(request)
         if not isinstance(update, dict):
             return update
         return await self.change(update, caller, replace_all=replace_all, what=what)
+
+    async def start(self) -> None:
+        """Before serving: put every rank on the persisted config (or the start-up settings), so ranks
+        started with other settings (another node's environment) join the group's config."""
+        state = self.state
+        version, config, source, why = state.restored()
+        async with state.lock:
+            ok, failure = await fan_out(state, version, config, source)
+            if not ok and source != STARTUP:
+                log.error("xshare admin: the persisted config was refused (%s): start-up settings", failure)
+                version, config, source = version + 1, dict(state.startup), STARTUP
+                ok, failure = await fan_out(state, version, config, source)
+            state.version, state.config, state.source = version, config, source
+            if ok:
+                with contextlib.suppress(OSError):
+                    if state.persist_path is not None and source != PERSISTED:
+                        state.persist(version, config, source)
+                log.info("xshare admin: every rank on config v%d (%s; %s)", version, source, why)
+            else:
+                log.error("xshare admin: the ranks are not on one config at start (%s); GET /xshare/config shows "
+                          "each rank", failure)
 
     # -- the routes --------------------------------------------------------------------------------
     def add_to(self, app: Any) -> None:
@@ -234,7 +346,7 @@ class AdminRoutes:
             return self.authorize(request)
 
         async def get_config(caller: str = Depends(caller_of)) -> dict[str, Any]:
-            return self.view()
+            return await self.view()
 
         async def put_config(request: Request, caller: str = Depends(caller_of)) -> Any:
             return await self.changed_by_body(request, caller, replace_all=True, what="PUT")
@@ -249,7 +361,8 @@ class AdminRoutes:
             return await self.change({"enabled": False}, caller, replace_all=False, what="disable")
 
         async def get_stats(caller: str = Depends(caller_of)) -> dict[str, Any]:
-            return {"version": self.state.version, "ranks": self.state.rank_stats()}
+            _, stats = await group_state()
+            return {"version": self.state.version, "ranks": stats}
 
         tags = ["xshare"]
         app.add_api_route("/xshare/config", get_config, methods=["GET"], tags=tags,
@@ -263,24 +376,98 @@ class AdminRoutes:
         app.add_api_route("/xshare/enable", enable, methods=["POST"], tags=tags, summary="Turn the selector on")
         app.add_api_route("/xshare/disable", disable, methods=["POST"], tags=tags, summary="Turn the selector off")
         app.add_api_route("/xshare/stats", get_stats, methods=["GET"], tags=tags,
-                          summary="Each rank's per-layer figures over its last metrics window")
+                          summary="Each reporting rank's per-layer figures over its last metrics window")
+
+
+# -- what keeps SGLang's own routes away from the config --------------------------------------------------
+class ReservedKeyGuard:
+    """ASGI middleware: SGLang's ``/set_internal_state`` (unauthenticated unless SGLang's
+    ``--admin-api-key`` is set) answers 403 for any ``xshare*`` key; only the admin route sends those."""
+
+    PATHS = ("/set_internal_state",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("path", "").rstrip("/") not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message)
+            more = message.get("more_body", False) and message.get("type") == "http.request"
+        body = b"".join(m.get("body", b"") for m in chunks)
+        try:
+            keys = list(((json.loads(body) or {}).get("server_args") or {}).keys())
+        except (ValueError, AttributeError):
+            keys = []
+        if any(is_reserved_key(k) for k in keys):
+            reply = json.dumps({"detail": "xshare settings change only through the authenticated /xshare/config"
+                                          " route"}).encode()
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(reply)).encode())]})
+            await send({"type": "http.response.body", "body": reply})
+            return
+        pending = list(chunks)
+
+        async def replay() -> Any:
+            return pending.pop(0) if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RedactQuery(logging.Filter):
+    """Access-log lines show no query string (a token sent as ``?token=...`` must not reach the log)."""
+
+    _QUERY = re.compile(r"\?[^\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(self._QUERY.sub("?<redacted>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = self._QUERY.sub("?<redacted>", record.msg)
+        return True
+
+
+def _redact_access_log() -> None:
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in logger.filters):
+        logger.addFilter(RedactQuery())
 
 
 def install_routes(settings: Any) -> None:
-    """Add the /xshare routes to SGLang's FastAPI app and create the state directory (HTTP process)."""
+    """In the HTTP process, before the schedulers are spawned: the channel key they inherit, the
+    /xshare routes, the /set_internal_state guard, the access-log redaction and the start-up sync."""
     global _STATE
     from sglang.srt.entrypoints import http_server
 
     if _STATE is not None:
         return
-    directory = state_dir()
-    if directory is None:
-        directory = Path(tempfile.mkdtemp(prefix="xshare-admin-"))
-        os.environ[STATE_DIR_ENV] = str(directory)  # inherited by the schedulers spawned next
-    directory.mkdir(parents=True, exist_ok=True)
-    state = _STATE = AdminState(settings, directory)
-    AdminRoutes(state).add_to(http_server.app)
+    os.environ.setdefault(CHANNEL_KEY_ENV, secrets.token_hex(32))  # inherited by the schedulers spawned next
+    state = _STATE = AdminState(settings, state_dir())
+    routes = AdminRoutes(state)
+    app = http_server.app
+    routes.add_to(app)
+    app.add_middleware(ReservedKeyGuard)
+    _redact_access_log()
+    original = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> Any:
+        async with original(a) as inner:
+            _redact_access_log()  # uvicorn configured its loggers by now
+            try:
+                await routes.start()
+            except Exception as exc:  # noqa: BLE001 - the admin side never stops the server from serving
+                log.error("xshare admin: start-up sync failed: %s", exc, exc_info=True)
+            yield inner
+
+    app.router.lifespan_context = lifespan
     log.info("xshare: admin routes on the HTTP server (/xshare/config, /xshare/stats, /xshare/enable|disable); "
-             "state in %s; auth: %s", directory,
+             "config persisted in %s; auth: %s", state.persist_path or "(nowhere: XSHARE_ADMIN_STATE_DIR unset)",
              "bearer token" if _token() is not None else
              ("loopback without token" if allow_unauthenticated_local() else "off"))
