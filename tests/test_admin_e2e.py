@@ -1,12 +1,18 @@
 """End to end: metrics and the admin endpoint on a real SGLang 0.5.23 CPU server (one server for the module).
 
 Server: the tiny Qwen3-MoE (16 experts, top-4, 2 MoE layers), ``--enable-metrics``, ``xshare`` starting at budget 16
-(= E: vanilla routing), warm-up 0, 4 simulated GPUs, metrics flushed every 2 forwards, an admin token from a file.
+(= E: vanilla routing), warm-up 0, 4 simulated GPUs, metrics flushed every 2 forwards, an admin token from a file,
+the config persisted in a state directory, the torch reference routing (``XSHARE_CPU_KERNEL=0``, the path every GPU
+takes), and injected faults: a change to budget 13 is refused by the scheduler, one to budget 11 raises in its apply
+step. The second half reproduces each way a careless or hostile operator could take the server down, go around the
+token, get nonsense accepted or wedge the endpoint, and checks that none of them does.
 """
 
 import concurrent.futures as cf
 import json
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,12 +39,16 @@ PROMETHEUS = "the Debian package prometheus: scripts/ci_system_deps.sh"
 def server(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("xshare-admin")
     (work / "token").write_text(TOKEN + "\n")
+    (work / "tmp").mkdir()
     with running(ServerProcess(tiny_model, xshare_args=["--xshare-policy", "xshare", "--xshare-budget", "16",
                                                         "--xshare-warmup-k", "0"],
                                sglang_args=["--enable-metrics"],
                                env={"XSHARE_ADMIN_TOKEN_FILE": str(work / "token"), "XSHARE_SIM_GPUS": "4",
-                                    "XSHARE_METRICS_FLUSH_EVERY": "2"},
+                                    "XSHARE_METRICS_FLUSH_EVERY": "2", "XSHARE_CPU_KERNEL": "0",
+                                    "XSHARE_ADMIN_STATE_DIR": str(work / "state"), "TMPDIR": str(work / "tmp"),
+                                    "XSHARE_FAULT_ADMIN": "refuse:budget=13,raise:budget=11"},
                                log_path=work / "server.log")) as srv:
+        srv.work = work
         yield srv
 
 
@@ -268,3 +278,200 @@ def test_real_prometheus_scrapes_and_peak_gpu_query_returns_data(server):
         res2 = panel_png.query_range(prom.url, q, end - 3, end, 1)
         print(f"PromQL {q}: {res2[:1]}")
         assert res2
+
+
+# -- nothing the admin endpoint accepts may take the server down, and nothing may go around it -----------------------
+def config_now(srv):
+    status, cfg = call(srv, "GET", "/xshare/config")
+    assert status == 200, cfg
+    return cfg
+
+
+def serves(srv, n=2, tokens=4):
+    """The server still completes requests (every process alive)."""
+    outs = [srv.generate(f"def g{i}(x):", max_new_tokens=tokens, ignore_eos=True) for i in range(n)]
+    assert all(len(o["output_ids"]) == tokens for o in outs)
+    assert srv.proc.poll() is None
+
+
+def test_an_accepted_change_never_kills_the_server(server):
+    """The three ways a change used to end the scheduler (and SGLang tore the server down): (a) warmup_k above
+    top_k after switching to xshare_spec, (b) int64 overflow in the device knobs (torch reference path), (c) the
+    rank's apply step raising. Each is refused (422) or reverted (409) and the server keeps serving."""
+    status, reply = call(server, "PUT", "/xshare/config", {"policy": "xshare_spec", "budget": 8, "warmup_k": 1})
+    assert status == 200 and reply["config"]["policy"] == "xshare_spec", reply
+    serves(server)
+    before = config_now(server)
+    status, reply = call(server, "PATCH", "/xshare/config", {"warmup_k": 5})  # (a) top_k = 4
+    assert status == 422 and "top_k = 4" in reply["detail"][0]["msg"], reply
+    for field in ("max_tokens", "warmup_k", "min_tokens", "gpu_cap", "budget"):  # (b)
+        status, reply = call(server, "PATCH", "/xshare/config", {field: 2**63})
+        assert status == 422, (field, reply)
+    serves(server)
+    status, reply = call(server, "PATCH", "/xshare/config", {"max_tokens": 2**31 - 1})  # the largest accepted
+    assert status == 200, reply
+    serves(server)
+    status, reply = call(server, "PATCH", "/xshare/config", {"budget": 11})  # (c) the apply step raises
+    assert status == 409 and reply["reverted"] and "rank 0" in reply["detail"] and "apply failed" in reply["detail"]
+    after = config_now(server)
+    assert after["config"]["budget"] == 8 and after["ranks"][0]["config"]["budget"] == 8 and after["consistent"]
+    status, reply = call(server, "PATCH", "/xshare/config", {"budget": 13})  # refused by the rank
+    assert status == 409 and reply["reverted"] and "refused" in reply["detail"], reply
+    assert config_now(server)["version"] == after["version"] > before["version"]
+    serves(server)
+    assert call(server, "PUT", "/xshare/config", {"policy": "xshare", "budget": 16, "warmup_k": 0})[0] == 200
+
+
+def test_sglang_set_internal_state_cannot_reach_the_config(server):
+    """SGLang's own /set_internal_state is unauthenticated (no --admin-api-key): it can neither change, select
+    (the old xshare_config_version key) nor corrupt the selector's config, whatever key it sends; SGLang's own
+    keys still work there."""
+    before = config_now(server)
+    forged = 'xshare_config 00 {"config":{"budget":4},"source":"x","version":99}'
+    for key in (forged, "xshare_config", "xshare_config_version", "XShare_anything", " xshare_config"):
+        status, reply = call(server, "POST", "/set_internal_state", {"server_args": {key: 1}}, token=None)
+        assert status == 403 and "/xshare/config" in json.dumps(reply), (key, status, reply)
+    status, reply = call(server, "POST", "/set_internal_state", {"server_args": {"pp_max_micro_batch_size": 1}},
+                         token=None)
+    assert status == 200 and reply == [True], reply
+    after = config_now(server)
+    assert after["version"] == before["version"] and after["config"] == before["config"]
+    assert after["ranks"] == before["ranks"] and after["consistent"]
+
+
+def test_nonsense_is_refused_and_a_no_op_is_a_no_op(server):
+    before = config_now(server)
+    cases = [({"warmup_k": 5}, "warmup_k"), ({"group_budget": 1000}, "group_budget"), ({"gpu_cap": 17}, "gpu_cap"),
+             ({"extra": {f"k{i}": 1.0 for i in range(65)}}, "extra"), ({"extra": {"alpha": 1.0}}, "extra"),
+             ({"policy": "lynx", "extra": {"lynx_gamma": 1.0}}, "extra"), ({"budget": 0.1}, "budget")]
+    for body, field in cases:
+        status, reply = call(server, "PATCH", "/xshare/config", body)
+        assert status == 422 and field in [str(x) for x in reply["detail"][0]["loc"]], (body, reply)
+    for body in ({}, {"budget": before["config"]["budget"]}):  # no change: no new version, nothing sent
+        status, reply = call(server, "PATCH", "/xshare/config", body)
+        assert status == 200 and reply["changed"] is False and reply["version"] == before["version"], reply
+    # the 13.9 MB extra: refused from its Content-Length with 413, before the body is read
+    body = json.dumps({"extra": {f"key{i:06d}": i for i in range(700_000)}}).encode()
+    t0 = time.monotonic()
+    status = raw_request(server, "PATCH", "/xshare/config", body, send=0)
+    took = time.monotonic() - t0
+    print(f"\n{len(body) / 1e6:.1f} MB PATCH: HTTP {status} in {took * 1000:.0f} ms")
+    assert status == 413
+    after = config_now(server)
+    assert after["version"] == before["version"] and after["config"] == before["config"]
+
+
+def raw_request(srv, method, path, body, *, send, token=TOKEN):
+    """Status of a request of which only the first ``send`` bytes of ``body`` are sent (raw socket)."""
+    host, port = srv.base_url.split("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        sock.sendall(head + body[:send])
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_the_state_location_never_wedges_the_endpoint(server):
+    """A leftover rank file of an earlier --tp 2 run is ignored (nothing reads rank files); an unwritable
+    persistence location gives a clear 503 with the config unchanged, and a deleted one is made again; no
+    /tmp/xshare-admin-* directory is ever made."""
+    state = server.work / "state"
+    (state / "rank-1.json").write_text(json.dumps({"rank": 1, "version": 0, "config": {}}))
+    t0 = time.monotonic()
+    status, reply = call(server, "PATCH", "/xshare/config", {"budget": 9})
+    assert status == 200 and reply["consistent"] and time.monotonic() - t0 < 30, reply
+    assert json.loads((state / "config.json").read_text())["config"]["budget"] == 9
+    before = config_now(server)
+    (state / "config.json").unlink()
+    (state / "config.json").mkdir()  # a directory in the way
+    status, reply = call(server, "PATCH", "/xshare/config", {"budget": 10})
+    assert status == 503 and "cannot persist" in reply["detail"] and "unchanged" in reply["detail"], reply
+    after = config_now(server)
+    assert after["version"] == before["version"] and after["config"]["budget"] == 9 and after["consistent"]
+    serves(server)
+    shutil.rmtree(state)  # deleted while serving
+    status, reply = call(server, "PATCH", "/xshare/config", {"budget": 16})
+    assert status == 200, reply
+    assert json.loads((state / "config.json").read_text())["config"]["budget"] == 16
+    assert not list((server.work / "tmp").glob("xshare-admin-*"))
+
+
+def test_a_flood_of_bad_admin_requests(server):
+    """2,000 unauthenticated and malformed requests while serving: every one 401/403/413/422, never a 500; the
+    serving throughput during the flood as a ratio of the baseline measured just before (printed, not asserted)."""
+    bad = [("GET", "/xshare/config", None, None), ("PATCH", "/xshare/config", {"budget": 4}, "wrong"),
+           ("POST", "/xshare/disable", None, None), ("PUT", "/xshare/config", {"budget": 4}, ""),
+           ("PATCH", "/xshare/config", b"{not json", TOKEN), ("PATCH", "/xshare/config", [1, 2], TOKEN),
+           ("PATCH", "/xshare/config", {"budget": "8"}, TOKEN), ("PATCH", "/xshare/config", {"nope": 1}, TOKEN),
+           ("PATCH", "/xshare/config", {"max_tokens": 2**64}, TOKEN), ("GET", "/xshare/stats", None, "x" * 5000)]
+
+    def one(i):
+        if i % 50 == 49:
+            return raw_request(server, "PATCH", "/xshare/config", b"x" * 100_000, send=0), None
+        method, path, body, token = bad[i % len(bad)]
+        raw = body if isinstance(body, bytes) else None
+        status, reply = call(server, method, path, None if raw else body, token=token, raw=raw)
+        return status, json.dumps(reply)
+
+    def tokens_per_s(n=8):
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda i: server.generate(f"def h{i}(x):", max_new_tokens=12, ignore_eos=True),
+                                 range(n)))
+        assert all(len(o["output_ids"]) == 12 for o in outs)
+        return n * 12 / (time.monotonic() - t0)
+
+    before = config_now(server)
+    base = tokens_per_s()
+    with cf.ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(one, i) for i in range(2000)]
+        during = tokens_per_s()
+        results = [f.result() for f in futs]
+    after_tp = tokens_per_s()
+    codes = {}
+    for status, _ in results:
+        codes[status] = codes.get(status, 0) + 1
+    print(f"\nflood of {len(results)} bad admin requests: {dict(sorted(codes.items()))}; serving {base:.1f} tok/s "
+          f"before, {during:.1f} during ({during / base:.2f}x), {after_tp:.1f} after ({after_tp / base:.2f}x)")
+    assert set(codes) <= {401, 403, 413, 422} and sum(codes.values()) == 2000
+    assert not any(TOKEN in (body or "") for _, body in results)
+    after = config_now(server)
+    assert after["version"] == before["version"] and after["config"] == before["config"]
+
+
+def test_the_secrets_appear_nowhere(server):
+    """The admin token (also sent in a query string) and the per-start channel key are in no log line, /metrics,
+    SGLang's server-info routes, error body or process command line."""
+    for path in (f"/xshare/config?token={TOKEN}", f"/health?access_token={TOKEN}"):
+        call(server, "GET", path, token=None)
+    status, body = call(server, "GET", "/xshare/config", token=TOKEN + "x")
+    assert status == 403 and TOKEN not in json.dumps(body)
+    schedulers = [pid for pid, title in server.children() if "sglang::scheduler" in title]
+    assert schedulers
+    environ = open(f"/proc/{schedulers[0]}/environ", "rb").read().split(b"\0")
+    keys = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"XSHARE_ADMIN_CHANNEL_KEY=")]
+    assert keys and len(keys[0]) == 64  # inherited from the HTTP process at spawn
+    secrets = [TOKEN, keys[0]]
+    texts = {"log": server.log_path.read_text(errors="replace"), "metrics": scrape(server)}
+    for route in ("/get_server_info", "/server_info", "/get_internal_state"):
+        try:
+            with urllib.request.urlopen(server.base_url + route, timeout=60) as r:
+                texts[route] = r.read().decode()
+        except urllib.error.HTTPError as exc:
+            texts[route] = exc.read().decode(errors="replace")
+    for pid in [server.proc.pid, *(p for p, _ in server.children())]:
+        try:
+            texts[f"cmdline {pid}"] = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+    assert "?<redacted>" in texts["log"]  # the query strings were logged without their value
+    leaks = [(where, i) for where, text in texts.items() for i, s in enumerate(secrets) if s in text]
+    print(f"\nsearched {len(texts)} places ({', '.join(texts)[:200]}...): leaks {leaks}")
+    assert not leaks
+    assert config_now(server)["consistent"]

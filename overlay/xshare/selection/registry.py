@@ -179,7 +179,7 @@ def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
     ranges of the schema (:data:`~xshare.selection.schema.INT_MAX`) are checked by the config itself."""
     e, k = model.num_experts, model.top_k
     budget = config.budget
-    resolved = config.budget_for(e)
+    resolved = budget if isinstance(budget, int) else config.budget_for(e)
     if not k <= resolved <= e:
         raise ValueError(f"budget {budget!r} is outside [top_k, E] = [{k}, {e}] for this model"
                          + (f" (it resolves to {resolved})" if isinstance(budget, float) else ""))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -53,10 +54,13 @@ class _Handlers(dict):
 
 # -- SGLang's parallel layout (read here only) -----------------------------------------------------------
 def _parallel() -> Any:
+    context = sys.modules.get("sglang.srt.runtime_context")  # loaded in every scheduler; not imported here
+    if context is None:
+        return None
     try:
-        from sglang.srt.runtime_context import get_parallel
-
-        return get_parallel()
+        p = context.get_parallel()
+        int(p.tp_size)  # a published context (not one outside a scheduler)
+        return p
     except Exception:  # noqa: BLE001 - no SGLang runtime (unit tests): one rank
         return None
 
@@ -64,9 +68,7 @@ def _parallel() -> Any:
 def _local_control(p: Any) -> bool:
     """Control messages go to every attention-DP leader (instead of TP rank 0 only)."""
     try:
-        from sglang.srt.runtime_context import get_exec
-
-        joiner = bool(get_exec().moe.is_ep_scale_joiner)
+        joiner = bool(sys.modules["sglang.srt.runtime_context"].get_exec().moe.is_ep_scale_joiner)
     except Exception:  # noqa: BLE001
         joiner = False
     return bool(getattr(p, "attn_dp_enabled", False)
