@@ -161,15 +161,15 @@ def test_plugin_accepts_the_rendered_settings(chart):
         env.pop("XSHARE_ADMIN_TOKEN_FILE")
         s = load_settings(env)
         assert s.enabled and s.selector.policy == "xshare_ep" and s.selector.budget == 0.5
-    values = {"xshare": {"policy": "xshare_spec", "budget": 16, "groupBudget": 0.25, "warmupK": 2,
-                         "applyPrefill": True, "extra": {"alpha": 0.5}, "env": {"stats_every": 32}}}
+    values = {"xshare": {"policy": "lynx", "budget": 16, "groupBudget": 0.25, "warmupK": 2,
+                         "applyPrefill": True, "extra": {"lynx_alpha": 0.5}, "env": {"stats_every": 32}}}
     c = one(render(chart, values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = env_of(c)
-    assert env["XSHARE_EXTRA"] == '{"alpha":0.5}' and env["XSHARE_STATS_EVERY"] == "32"
+    assert env["XSHARE_EXTRA"] == '{"lynx_alpha":0.5}' and env["XSHARE_STATS_EVERY"] == "32"
     env.pop("XSHARE_ADMIN_TOKEN_FILE")
     s = load_settings({k: v for k, v in env.items() if k.startswith("XSHARE_")})
     assert (s.selector.policy, s.selector.budget, s.selector.group_budget, s.selector.warmup_k) == (
-        "xshare_spec", 16, 0.25, 2)
+        "lynx", 16, 0.25, 2)
     assert s.apply_prefill and s.stats_every == 32
 
 
@@ -429,3 +429,27 @@ def test_crd_check_catches_broken_custom_resources(chart, crd_validators):
     bad = copy.deepcopy(rc)
     bad["spec"]["workerGroupSpecs"][0]["replicas"] = "one"
     assert any("replicas" in e for e in _check_cr(crd_validators, bad))
+
+
+def test_admin_state_on_the_pod_that_serves_http_only(chart):
+    """The config in force is kept where node rank 0's pod mounts XSHARE_ADMIN_STATE_DIR (emptyDir by default, an
+    existing claim with type pvc, nothing with none); worker pods get no state: nothing needs shared storage."""
+    t = one(render(chart, example("2x8-lws.yaml")), "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    leader = t["leaderTemplate"]["spec"]["containers"][0]
+    assert env_of(leader)["XSHARE_ADMIN_STATE_DIR"] == "/var/lib/xshare-admin"
+    assert {"name": "admin-state", "mountPath": "/var/lib/xshare-admin"} in leader["volumeMounts"]
+    vols = {v["name"]: v for v in t["leaderTemplate"]["spec"]["volumes"]}
+    assert vols["admin-state"] == {"name": "admin-state", "emptyDir": {}}
+    worker = t["workerTemplate"]["spec"]["containers"][0]
+    assert "XSHARE_ADMIN_STATE_DIR" not in env_of(worker)
+    assert "admin-state" not in {v["name"] for v in t["workerTemplate"]["spec"]["volumes"]}
+    dep = one(render(chart, {"admin": {"state": {"type": "pvc", "claimName": "xshare-state"}}}), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["admin-state"]["persistentVolumeClaim"] == {
+        "claimName": "xshare-state"}
+    off = one(render(chart, {"admin": {"state": {"type": "none"}}}), "Deployment")["spec"]["template"]["spec"]
+    assert "XSHARE_ADMIN_STATE_DIR" not in env_of(off["containers"][0])
+    assert "admin-state" not in {v["name"] for v in off["volumes"]}
+    ray = one(render(chart, example("2x8-ray.yaml")), "RayCluster")["spec"]
+    head = ray["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert env_of(head)["XSHARE_ADMIN_STATE_DIR"] == "/var/lib/xshare-admin"  # --rank0-on-head

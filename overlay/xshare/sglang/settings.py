@@ -109,10 +109,11 @@ HOOK_ALL_ENV = "XSHARE_HOOK_ALL_PROCESSES"
 OTHER_VARIABLES = (
     (CONFIG_ENV, "path", "none", "JSON file of settings (keys: the names above in lower case, without the prefix)"),
     (HOOK_ALL_ENV, "bool", "off", "register the hooks in every SGLang process, not only the schedulers"),
-    ("XSHARE_ADMIN_TOKEN", "text", "none", "bearer token of the admin endpoint (docs/observability.md)"),
+    ("XSHARE_ADMIN_TOKEN", "text", "none", "bearer token of the admin endpoint (Admin endpoint below)"),
     ("XSHARE_ADMIN_TOKEN_FILE", "path", "none", "file holding that token (a Kubernetes Secret; read per request)"),
     ("XSHARE_ADMIN_ALLOW_UNAUTHENTICATED_LOCAL", "bool", "off", "admin endpoint without a token, loopback only"),
-    ("XSHARE_ADMIN_STATE_DIR", "path", "a temp dir", "where the admin endpoint hands configs to the schedulers"),
+    ("XSHARE_ADMIN_STATE_DIR", "path", "none", "where the HTTP process persists the config in force (re-applied "
+                                               "at the next start); none: not persisted, nothing written"),
 )
 
 

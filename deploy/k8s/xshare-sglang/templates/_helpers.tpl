@@ -259,3 +259,34 @@ annotations:
 {{ toYaml . | indent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* The admin state of the pod that serves HTTP (node rank 0): XSHARE_ADMIN_STATE_DIR, its mount and volume */}}
+{{- define "xshare.adminStateOn" -}}
+{{- if and .Values.admin.enabled (ne .Values.admin.state.type "none") }}true{{ end -}}
+{{- end -}}
+
+{{- define "xshare.adminStateEnv" -}}
+{{- if include "xshare.adminStateOn" . }}
+- name: XSHARE_ADMIN_STATE_DIR
+  value: {{ .Values.admin.state.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "xshare.adminStateMount" -}}
+{{- if include "xshare.adminStateOn" . }}
+- name: admin-state
+  mountPath: {{ .Values.admin.state.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "xshare.adminStateVolume" -}}
+{{- if include "xshare.adminStateOn" . }}
+- name: admin-state
+{{- if eq .Values.admin.state.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "admin.state.claimName is required when admin.state.type is pvc" .Values.admin.state.claimName | quote }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}
+{{- end -}}
