@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from xshare.selection import Placement, SelectorConfig, select
+from xshare.selection.types import ModelShape
 from xshare.sglang import admin
 from xshare.sglang.stats import WINDOW_CAPACITY, WINDOW_FIELDS, SelectorStats, call_figures
 
@@ -78,16 +79,16 @@ def test_build_config_names_the_field(update, field):
     cur = {**{k: v for k, v in SelectorConfig(budget=8).to_dict().items() if k in admin.CONFIG_FIELDS},
            "enabled": True}
     with pytest.raises(admin.ConfigInvalid) as exc:
-        admin.build_config(cur, update, replace_all=False, top_k=4, num_experts=16)
+        admin.build_config(cur, update, replace_all=False, model=ModelShape(num_experts=16, top_k=4))
     assert exc.value.field == field
 
 
 def test_build_config_patch_and_put():
     cur = {**{k: v for k, v in SelectorConfig(budget=8, warmup_k=2).to_dict().items() if k in admin.CONFIG_FIELDS},
            "enabled": True}
-    new = admin.build_config(cur, {"budget": 4}, replace_all=False, top_k=4, num_experts=16)
+    new = admin.build_config(cur, {"budget": 4}, replace_all=False, model=ModelShape(num_experts=16, top_k=4))
     assert new["budget"] == 4 and new["warmup_k"] == 2 and new["enabled"] is True
-    put = admin.build_config(cur, {"budget": 0.5}, replace_all=True, top_k=4, num_experts=16)
+    put = admin.build_config(cur, {"budget": 0.5}, replace_all=True, model=ModelShape(num_experts=16, top_k=4))
     assert put["budget"] == 0.5 and put["warmup_k"] == SelectorConfig().warmup_k
     assert cur["budget"] == 8  # the input is not modified
 
