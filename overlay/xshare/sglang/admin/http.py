@@ -447,7 +447,7 @@ def install_routes(settings: Any) -> None:
 
     if _STATE is not None:
         return
-    os.environ.setdefault(CHANNEL_KEY_ENV, secrets.token_hex(32))  # inherited by the schedulers spawned next
+    os.environ[CHANNEL_KEY_ENV] = secrets.token_hex(32)  # a new one each start, inherited by the schedulers
     state = _STATE = AdminState(settings, state_dir())
     routes = AdminRoutes(state)
     app = http_server.app
