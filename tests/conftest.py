@@ -137,6 +137,17 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, short_recipe: Any) -
                         log=None, eval_problems=0)
 
 
+@pytest.fixture(scope="session")
+def trained_auxfree_model() -> Path:
+    """The aux-loss-free trained model (GLM-4.5 architecture, DeepSeek-V3's router; the full recipe of
+    :class:`~xshare.models.config.AuxFreeConfig`) from the cache, where ``make test``'s set-up trains it (trained
+    here if missing: about 8 minutes on 2 cores)."""
+    from xshare.models.cache import ensure_model
+    from xshare.models.config import AuxFreeConfig
+
+    return ensure_model(cfg=AuxFreeConfig(), log=None)
+
+
 # -- a running SGLang server -----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def running(srv: ServerProcess, label: str = "server") -> Iterator[ServerProcess]:

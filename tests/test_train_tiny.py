@@ -16,8 +16,8 @@ require_module("tokenizers", "scripts/install_sglang_cpu.sh")
 
 from xshare.models import cache  # noqa: E402
 from xshare.models import tasks as T  # noqa: E402
-from xshare.models.cache import CACHE_ENV, MODEL_DIR_ENV, default_model_dir, ensure_model  # noqa: E402
-from xshare.models.config import TinyConfig, build_model  # noqa: E402
+from xshare.models.cache import AUXFREE_DIR_ENV, CACHE_ENV, MODEL_DIR_ENV, default_model_dir, ensure_model  # noqa: E402
+from xshare.models.config import AuxFreeConfig, TinyConfig, build_model, config_from_dict  # noqa: E402
 from xshare.models.decode import greedy_decode  # noqa: E402
 from xshare.models.evaluation import evaluate, task_specialisation  # noqa: E402
 from xshare.models.experts import _TRAIN_TOKEN_MASK, SORTED_EXPERTS, experts_implementation, skip_padding  # noqa: E402
@@ -33,11 +33,23 @@ from xshare.models.store import (  # noqa: E402
     state_sha256,
 )
 from xshare.models.tokenizer import build_tokenizer, training_batch  # noqa: E402
-from xshare.models.training import train  # noqa: E402
+from xshare.models.training import (  # noqa: E402
+    BiasBalancer,
+    expert_load,
+    load_imbalance,
+    train,
+    update_correction_bias,
+)
 from xshare.selection import SelectorConfig  # noqa: E402
 
 SMALL = TinyConfig(hidden_size=32, head_dim=8, num_heads=4, num_kv_heads=2, num_layers=2, num_experts=8,
                       top_k=2, moe_intermediate_size=32, steps=6, batch_size=8, warmup_steps=2, threads=1)
+#: The aux-loss-free model's router in small: 16 experts in 4 groups of 4, 2 groups kept, top-4.
+SMALL_AUXFREE = AuxFreeConfig(hidden_size=32, head_dim=8, num_heads=4, num_kv_heads=2, num_layers=2, num_experts=16,
+                              n_group=4, topk_group=2, top_k=4, moe_intermediate_size=32, steps=6, batch_size=8,
+                              warmup_steps=2, threads=1, bias_update_speed=0.01)
+#: The shipped Qwen3-MoE model's identity: its cache directory ``tiny-moe-02728698c60d`` must stay valid.
+QWEN3_IDENTITY = "02728698c60d"
 
 
 def _decisive_random_model(cfg: TinyConfig = SMALL, seed: int = 0):
@@ -112,6 +124,161 @@ def test_default_model_is_sized_for_expert_dominated_decode():
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert experts / total > 0.9  # expert weights dominate the parameters (and the bytes read per decode step)
     assert model.config.num_experts == cfg.num_experts and model.config.num_experts_per_tok == cfg.top_k
+
+
+def test_auxfree_config_has_its_own_identity_and_leaves_the_first_models_unchanged(monkeypatch, tmp_path):
+    assert TinyConfig().identity() == QWEN3_IDENTITY and "arch" not in TinyConfig().to_dict()
+    cfg = AuxFreeConfig()
+    assert cfg.to_dict()["arch"] == "glm4_moe" and cfg.identity() != QWEN3_IDENTITY
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert config_from_dict(TinyConfig().to_dict()) == TinyConfig()
+    assert cfg.replace(steps=7).identity() != cfg.identity() and isinstance(cfg.replace(steps=7), AuxFreeConfig)
+    assert cfg.moe_layers == (0, 1, 2) and cfg.router_aux_loss_coef == 0
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path / "qwen3"))  # the first model's variable does not apply
+    monkeypatch.delenv(AUXFREE_DIR_ENV, raising=False)
+    assert default_model_dir(cfg) == tmp_path / f"tiny-auxfree-{cfg.identity()}"
+    monkeypatch.setenv(AUXFREE_DIR_ENV, str(tmp_path / "af"))
+    assert default_model_dir(cfg) == tmp_path / "af" and default_model_dir() == tmp_path / "qwen3"
+    for bad, field in (({"router_aux_loss_coef": 0.01}, "router_aux_loss_coef"), ({"n_group": 5}, "n_group"),
+                       ({"topk_group": 9}, "topk_group"), ({"top_k": 12, "topk_group": 1}, "top_k"),
+                       ({"bias_update_speed": -1.0}, "bias_update_speed"),
+                       ({"first_k_dense_replace": 3}, "first_k_dense_replace")):
+        with pytest.raises(ValueError, match=field):
+            AuxFreeConfig(**bad)
+    with pytest.raises(ValueError, match="AuxFreeConfig"):
+        AuxFreeConfig.from_dict({**cfg.to_dict(), "arch": "qwen3_moe"})
+
+
+def test_auxfree_model_is_glm45_with_deepseek_v3_router():
+    model = build_model(AuxFreeConfig(steps=1))
+    c = model.config
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
+    assert (c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group) == (32, 4, 8, 4)
+    assert c.routed_scaling_factor == 2.5 and c.norm_topk_prob and c.n_shared_experts == 1
+    blocks = moe_blocks(model)
+    assert len(blocks) == 3
+    for block in blocks:  # the correction bias: a float32 buffer at 0, never a parameter
+        bias = block.gate.e_score_correction_bias
+        assert bias.dtype == torch.float32 and not bias.requires_grad and bool((bias == 0).all())
+    assert not any("e_score_correction_bias" in n for n, _ in model.named_parameters())
+
+
+# -- aux-loss-free balancing ----------------------------------------------------------------------
+def test_bias_update_rule_is_deepseek_v3s():
+    bias = torch.tensor([0.0, 0.5, -0.25, 0.0])
+    load = torch.tensor([10, 2, 4, 4])  # mean 5
+    out = update_correction_bias(bias, load, 0.1)
+    torch.testing.assert_close(out, torch.tensor([-0.1, 0.6, -0.15, 0.1]))
+    torch.testing.assert_close(update_correction_bias(bias, torch.tensor([3, 3, 3, 3]), 0.1), bias)  # balanced
+    ids = torch.tensor([[0, 1], [0, 2], [3, 0]])
+    assert expert_load(ids, 5).tolist() == [3, 1, 1, 1, 0]
+    assert expert_load(ids, 5, torch.tensor([True, False, True])).tolist() == [2, 1, 0, 1, 0]
+    assert load_imbalance(torch.tensor([4, 4, 4])) == 1.0 and load_imbalance(torch.tensor([8, 2, 2])) == 2.0
+
+
+def test_bias_updates_balance_a_skewed_router_without_touching_its_weights():
+    """A router whose affinities favour a few experts: repeated bias updates on its own routing balance the
+    loads; the routed weights stay the unbiased affinities of the chosen experts, renormalised, x2.5."""
+    model = build_model(SMALL_AUXFREE)
+    gate = moe_blocks(model)[0].gate
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        gate.weight.normal_(0, 1.0, generator=gen)
+    x = torch.randn(256, SMALL_AUXFREE.hidden_size, generator=gen)
+    x[:, 0] += 2.0  # a shared direction: some experts win for most tokens
+    with torch.no_grad():
+        gate.weight[:, 0] = torch.linspace(-3.0, 3.0, SMALL_AUXFREE.num_experts)
+        logits0, _, ids0 = gate(x)
+        start = load_imbalance(expert_load(ids0, 16))
+        for _ in range(300):
+            _, _, ids = gate(x)
+            gate.e_score_correction_bias.copy_(update_correction_bias(gate.e_score_correction_bias,
+                                                                      expert_load(ids, 16), 0.01))
+        logits, weights, ids = gate(x)
+    end = load_imbalance(expert_load(ids, 16))
+    assert start > 2.0 and end < 1.5 and end < 0.6 * start, (start, end)
+    torch.testing.assert_close(logits, logits0)  # the bias never changes the affinities ...
+    assert bool((ids != ids0).any())  # ... only which experts are chosen
+    aff = torch.sigmoid(logits).gather(1, ids)
+    torch.testing.assert_close(weights, aff / aff.sum(1, keepdim=True) * 2.5)
+
+
+def test_auxfree_training_balances_with_the_bias_and_no_aux_loss():
+    """The trainer: the loss is the answer loss alone (no auxiliary term), the optimiser never sees the bias,
+    the bias moves by exactly the speed per step, the balancer counts real tokens only."""
+    import itertools
+
+    cfg = SMALL_AUXFREE
+    res = train(cfg)
+    for block in moe_blocks(res.model):
+        bias = block.gate.e_score_correction_bias
+        steps_moved = bias / cfg.bias_update_speed
+        assert bool((bias != 0).any())
+        # each step moves every bias by -speed, 0 or +speed: a whole number of steps within |steps| <= 6
+        torch.testing.assert_close(steps_moved, steps_moved.round(), atol=1e-4, rtol=0)
+        assert float(steps_moved.abs().max()) <= cfg.steps + 1e-4
+    assert len(res.aux_losses) == 1 and res.aux_losses[0] >= 1.0  # max/mean load, not a loss
+    # the model's loss on a batch is exactly the cross-entropy of the answer tokens
+    tok = build_tokenizer()
+    batch = training_batch(tok, list(itertools.islice(T.training_problems(0, cfg.tasks, {}), 8)))
+    with torch.no_grad():
+        out = res.model(**batch, use_cache=False)
+        logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+        ce = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ce)
+    assert getattr(out, "aux_loss", None) is None
+    # the balancer counts only the real tokens of a padded batch
+    model = build_model(cfg)
+    bal = BiasBalancer(model, 0.01)
+    model.train()
+    mask = batch["attention_mask"].reshape(-1).bool()
+    bal.valid = mask
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    assert [int(load.sum()) for load in bal.loads] == [int(mask.sum()) * cfg.top_k] * cfg.num_layers
+    bal.step()
+    assert all(load is None for load in bal.loads)
+    bal.close()
+
+
+def test_auxfree_training_is_bit_for_bit_reproducible(tmp_path):
+    a = train(SMALL_AUXFREE)
+    b = train(SMALL_AUXFREE)
+    assert state_sha256(a.model) == state_sha256(b.model)  # the biases (buffers) included
+    assert state_sha256(a.model) != state_sha256(train(SMALL_AUXFREE.replace(bias_update_speed=0.0)).model)
+    d = save(a, SMALL_AUXFREE, tmp_path / "m")
+    assert model_intact(d, SMALL_AUXFREE) and not model_intact(d, SMALL_AUXFREE.replace(seed=3))
+    man = read_manifest(d)
+    assert man["config"]["arch"] == "glm4_moe" and man["identity"] == SMALL_AUXFREE.identity()
+    assert json.loads((d / "config.json").read_text())["architectures"] == ["Glm4MoeForCausalLM"]
+    model, _ = load(d)
+    assert state_sha256(model) == man["state_sha256"]
+    torch.testing.assert_close(moe_blocks(model)[1].gate.e_score_correction_bias,
+                               moe_blocks(a.model)[1].gate.e_score_correction_bias, rtol=0, atol=0)
+
+
+def test_override_on_the_auxfree_router_keeps_its_routing_and_limits_experts():
+    """Offline evaluation of the DeepSeek-V3 router: off and topk route as the model's own gate (bias and
+    groups); xshare at a budget activates fewer experts on the live rows."""
+    model = build_model(SMALL_AUXFREE)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+        for block in moe_blocks(model):
+            block.gate.weight.normal_(0, 1.0, generator=gen)
+            block.gate.e_score_correction_bias.normal_(0, 0.1, generator=gen)
+            block.experts.down_proj.mul_(50.0)
+    model.eval()
+    tok = build_tokenizer()
+    probs = T.heldout(10, seed=6)
+    off = evaluate(model, tok, probs, batch_size=10, return_texts=True)
+    topk = evaluate(model, tok, probs, batch_size=10, selector=SelectorConfig("topk"), return_texts=True)
+    assert off["texts"] == topk["texts"] and len(set(off["texts"])) > 1
+    assert topk["decode"]["activated"] == off["decode"]["activated"] == off["decode"]["vanilla"]
+    on = evaluate(model, tok, probs, batch_size=10, selector=SelectorConfig("xshare", budget=6, warmup_k=0))
+    assert on["decode"]["activated"] < on["decode"]["vanilla"]
+    assert on["prefill"]["activated"] == on["prefill"]["vanilla"]
 
 
 # -- training -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""``xshare train-tiny``: train, check, evaluate and profile the tiny MoE model on synthetic tasks.
+"""``xshare train-tiny``: train, check, evaluate and profile the tiny MoE models on synthetic tasks.
 
     xshare train-tiny                              # train into the cache unless already there; print the manifest
+    xshare train-tiny --router deepseek_v3         # the aux-loss-free GLM-4.5-architecture model (DeepSeek-V3's router)
     xshare train-tiny --model-dir DIR --force      # (re)train into DIR
     xshare train-tiny --check                      # retrain fully and compare the weights' hash with the manifest
     xshare train-tiny --eval --policy topk --policy xshare --budget 8 --budget 12 --json out.json
@@ -18,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 NAME = "train-tiny"
-HELP = "train (or load) the tiny Qwen3-MoE model on synthetic tasks; --check, --eval (offline, per policy), --profile"
+HELP = ("train (or load) a tiny MoE model on synthetic tasks (Qwen3-MoE, or --router deepseek_v3: aux-loss-free "
+        "GLM-4.5); --check, --eval (offline, per policy), --profile")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from xshare.models.config import ROUTERS
+
+    p.add_argument("--router", choices=list(ROUTERS), default="softmax",
+                   help="which trained model: softmax (default: the Qwen3-MoE model, load-balancing loss) or "
+                        "deepseek_v3 (GLM-4.5 architecture with DeepSeek-V3's grouped sigmoid router, balanced by its "
+                        "correction bias without an auxiliary loss); --check and --eval read the model's manifest")
     p.add_argument("--model-dir", metavar="DIR",
-                   help="model directory (default: $XSHARE_TINY_MODEL or $XSHARE_CACHE_DIR/tiny-moe-<config hash>)")
+                   help="model directory (default: $XSHARE_TINY_MODEL or $XSHARE_CACHE_DIR/tiny-moe-<config hash>; "
+                        "--router deepseek_v3: $XSHARE_TINY_AUXFREE_MODEL or $XSHARE_CACHE_DIR/tiny-auxfree-<hash>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TinyConfig field (repeatable), e.g. --set steps=500 --set threads=1")
     p.add_argument("--force", action="store_true", help="retrain even if the directory holds this model")
@@ -55,8 +64,9 @@ def _parse_value(text: str) -> Any:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from xshare.models.config import TinyConfig
+    from xshare.models.config import ROUTERS
 
+    base = ROUTERS[args.router]()
     over: dict[str, Any] = {}
     for item in args.set:
         if "=" not in item:
@@ -65,7 +75,7 @@ def _config(args: argparse.Namespace) -> Any:
         over[k.strip()] = _parse_value(v.strip())
     if "tasks" in over and isinstance(over["tasks"], str):
         over["tasks"] = [t for t in over["tasks"].split(",") if t]
-    return TinyConfig().replace(**over) if over else TinyConfig()
+    return base.replace(**over) if over else base
 
 
 def _model_dir(args: argparse.Namespace, cfg: Any) -> Path:
@@ -121,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from xshare.models import tasks as T
     from xshare.models.cache import check_reproducible, ensure_model
-    from xshare.models.config import TinyConfig
+    from xshare.models.config import config_from_dict
     from xshare.models.evaluation import evaluate, task_specialisation
     from xshare.models.experts import SORTED_EXPERTS
     from xshare.models.profiling import profile_decode
@@ -148,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         if not model_intact(model_dir):
             raise FileNotFoundError(f"{model_dir}: no intact trained model (run 'xshare train-tiny' first)")
         model, tok = load(model_dir)
-        problems = T.heldout(args.problems, seed=args.seed, tasks=TinyConfig.from_dict(
+        problems = T.heldout(args.problems, seed=args.seed, tasks=config_from_dict(
             read_manifest(model_dir)["config"]).tasks)
         if args.profile:
             import torch

@@ -1,5 +1,6 @@
-"""The trained model's cache: :func:`ensure_model` trains it once into ``<cache>/tiny-moe-<config hash>``
-and loads it from there afterwards; :func:`check_reproducible` retrains and compares the hash.
+"""The trained models' cache: :func:`ensure_model` trains a model once into ``<cache>/tiny-moe-<config hash>``
+(the Qwen3-MoE model) or ``<cache>/tiny-auxfree-<config hash>`` (the aux-loss-free GLM-4.5 model) and loads it
+from there afterwards; :func:`check_reproducible` retrains and compares the hash.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from xshare.models import tasks as T
-from xshare.models.config import TinyConfig
+from xshare.models.config import AuxFreeConfig, TinyConfig, config_from_dict
 from xshare.models.evaluation import evaluate
 from xshare.models.store import MANIFEST, model_intact, platform_info, read_manifest, save, state_sha256
 from xshare.models.training import train
 
 CACHE_ENV = "XSHARE_CACHE_DIR"
 MODEL_DIR_ENV = "XSHARE_TINY_MODEL"
+#: The aux-loss-free model's directory, if set (the counterpart of :data:`MODEL_DIR_ENV`).
+AUXFREE_DIR_ENV = "XSHARE_TINY_AUXFREE_MODEL"
 
 
 def default_cache_dir() -> Path:
@@ -28,11 +31,13 @@ def default_cache_dir() -> Path:
 
 
 def default_model_dir(cfg: TinyConfig | None = None) -> Path:
-    """``$XSHARE_TINY_MODEL`` if set, else ``<cache>/tiny-moe-<config hash>``."""
-    env = os.environ.get(MODEL_DIR_ENV)
+    """``$XSHARE_TINY_MODEL`` if set, else ``<cache>/tiny-moe-<config hash>``; for an :class:`AuxFreeConfig`
+    ``$XSHARE_TINY_AUXFREE_MODEL`` if set, else ``<cache>/tiny-auxfree-<config hash>``."""
+    cfg = cfg or TinyConfig()
+    env = os.environ.get(AUXFREE_DIR_ENV if isinstance(cfg, AuxFreeConfig) else MODEL_DIR_ENV)
     if env:
         return Path(env)
-    return default_cache_dir() / f"tiny-moe-{(cfg or TinyConfig()).identity()}"
+    return default_cache_dir() / f"{cfg.cache_prefix}-{cfg.identity()}"
 
 
 def _lock(path: Path) -> Any:
@@ -69,7 +74,7 @@ def ensure_model(model_dir: str | os.PathLike | None = None, cfg: TinyConfig | N
             if man is None:
                 raise FileExistsError(f"{d} is not empty and holds no tiny-model manifest; refusing to replace it")
         if log is not None:
-            log(f"training the tiny MoE model ({cfg.identity()}) into {d}")
+            log(f"training the tiny {cfg.arch} model ({cfg.identity()}) into {d}")
         res = train(cfg, log=log)
         extra: dict[str, Any] = {}
         if eval_problems:
@@ -87,7 +92,7 @@ def check_reproducible(model_dir: str | os.PathLike, *, log: Callable[[str], Non
     man = read_manifest(model_dir)
     if man is None:
         raise FileNotFoundError(f"{model_dir}: no {MANIFEST}")
-    cfg = TinyConfig.from_dict(man["config"])
+    cfg = config_from_dict(man["config"])
     res = train(cfg, log=log)
     got = state_sha256(res.model)
     same_platform = platform_info() == man.get("platform")

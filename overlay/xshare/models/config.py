@@ -14,10 +14,10 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from xshare.models import tasks as T
-from xshare.models.architecture import build_qwen3_moe, qwen3_moe_config
+from xshare.models.architecture import build_moe, build_qwen3_moe, glm4_moe_config, qwen3_moe_config
 
 FORMAT_VERSION = 2  # 2: padding rows skip the experts in training; fused AdamW
 
@@ -25,6 +25,11 @@ FORMAT_VERSION = 2  # 2: padding rows skip the experts in training; fused AdamW
 @dataclass(frozen=True)
 class TinyConfig:
     """Model shape and training recipe. Every field takes part in the model's identity (hash)."""
+
+    #: The Hugging Face model_type (not a field: the Qwen3-MoE model's identity is unchanged).
+    arch: ClassVar[str] = "qwen3_moe"
+    #: The cache directory's prefix (``<cache>/<prefix>-<identity>``).
+    cache_prefix: ClassVar[str] = "tiny-moe"
 
     # model (Qwen3-MoE)
     hidden_size: int = 128
@@ -102,6 +107,9 @@ class TinyConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a TinyConfig must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        if cls.arch != TinyConfig.arch and d.pop("arch", cls.arch) != cls.arch:
+            raise ValueError(f"not a {cls.__name__} config (arch {cls.arch!r} expected)")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TinyConfig key(s) {unknown}; known: {sorted(known)}")
@@ -113,7 +121,7 @@ class TinyConfig:
         return cls(**kw)
 
     def replace(self, **kw: Any) -> TinyConfig:
-        return TinyConfig.from_dict({**self.to_dict(), **kw})
+        return type(self).from_dict({**self.to_dict(), **kw})
 
     def identity(self) -> str:
         """A short hash of the config and the recipe version (names cache directories)."""
@@ -121,13 +129,93 @@ class TinyConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def model_config(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeConfig)
+@dataclass(frozen=True)
+class AuxFreeConfig(TinyConfig):
+    """The second trained tiny model: DeepSeek-V3's aux-loss-free router on the GLM-4.5 architecture
+    (``Glm4MoeForCausalLM``, which SGLang's CPU path serves; DeepSeek-V3's own MLA attention it cannot:
+    docs/model.md), trained on the same tasks.
+
+    Router: sigmoid affinities; per token the ``topk_group`` of the ``n_group`` expert groups with the
+    highest sum of their two best biased affinities (affinity + ``e_score_correction_bias``) are kept and
+    the ``top_k`` best biased affinities among their experts routed; the weights are the unbiased
+    affinities of those experts, renormalised, times ``routed_scaling_factor``; ``n_shared_experts``
+    shared experts on every token; the first ``first_k_dense_replace`` layers dense. No auxiliary loss
+    (``router_aux_loss_coef`` must be 0): after every optimiser step each MoE layer's bias moves by
+    ``bias_update_speed`` towards balance, ``bias_e += speed * sign(mean load - load_e)`` over the
+    step's real (non-padding) tokens (:func:`xshare.models.training.update_correction_bias`)."""
+
+    arch: ClassVar[str] = "glm4_moe"
+    cache_prefix: ClassVar[str] = "tiny-auxfree"
+    #: The recipe version of this model (its own: the Qwen3-MoE model's FORMAT_VERSION stays as it is).
+    format_version: ClassVar[int] = 1
+
+    moe_intermediate_size: int = 256
+    router_aux_loss_coef: float = 0.0
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 0
+    bias_update_speed: float = 1e-3
+    steps: int = 1200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.router_aux_loss_coef != 0:
+            raise ValueError(f"AuxFreeConfig.router_aux_loss_coef must be 0 (the router is balanced by its "
+                             f"correction bias, without an auxiliary loss), got {self.router_aux_loss_coef!r}")
+        for name in ("n_group", "topk_group", "n_shared_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"AuxFreeConfig.{name} must be an int >= 1, got {v!r}")
+        if self.num_experts % self.n_group or self.num_experts // self.n_group < 2:
+            raise ValueError(f"AuxFreeConfig.num_experts = {self.num_experts} must split into n_group = "
+                             f"{self.n_group} groups of >= 2 experts (a group scores its two best)")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"AuxFreeConfig.topk_group = {self.topk_group} exceeds n_group = {self.n_group}")
+        if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+            raise ValueError(f"AuxFreeConfig.top_k = {self.top_k} exceeds the experts of topk_group = "
+                             f"{self.topk_group} groups")
+        v = self.first_k_dense_replace
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.num_layers:
+            raise ValueError(f"AuxFreeConfig.first_k_dense_replace must be an int in [0, num_layers), got {v!r}")
+        for name in ("routed_scaling_factor", "bias_update_speed"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"AuxFreeConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"AuxFreeConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, **super().to_dict()}
+
+    def identity(self) -> str:
+        blob = json.dumps({"format": self.format_version, **self.to_dict()}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.first_k_dense_replace, self.num_layers))
+
+
+#: The trained tiny models by router (``xshare train-tiny --router NAME``).
+ROUTERS: dict[str, type[TinyConfig]] = {"softmax": TinyConfig, "deepseek_v3": AuxFreeConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> TinyConfig:
+    """A manifest's config, of the class its ``arch`` names (none: the Qwen3-MoE :class:`TinyConfig`)."""
+    if isinstance(d, dict) and d.get("arch", TinyConfig.arch) == AuxFreeConfig.arch:
+        return AuxFreeConfig.from_dict(d)
+    return TinyConfig.from_dict(d)
+
+
+def model_config(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeConfig or Glm4MoeConfig)
     """The Hugging Face config of ``cfg``'s model (the character tokenizer's vocabulary and special ids)."""
     ids = {name: i for i, name in enumerate(T.SPECIALS)}
-    return qwen3_moe_config(
+    shape = dict(
         vocab_size=len(T.SPECIALS) + len(T.ALPHABET),
         hidden_size=cfg.hidden_size,
-        intermediate_size=4 * cfg.hidden_size,  # unused: every layer is sparse
+        intermediate_size=4 * cfg.hidden_size,  # the dense layers' (Qwen3-MoE: unused, every layer is sparse)
         num_layers=cfg.num_layers,
         num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads,
@@ -136,13 +224,20 @@ def model_config(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeConfig)
         moe_intermediate_size=cfg.moe_intermediate_size,
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,
-        router_aux_loss_coef=cfg.router_aux_loss_coef,
         bos_token_id=ids[T.BOS],
         eos_token_id=ids[T.EOS],
         pad_token_id=ids[T.PAD],
     )
+    if isinstance(cfg, AuxFreeConfig):
+        return glm4_moe_config(**shape, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                               routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=True,
+                               n_shared_experts=cfg.n_shared_experts, first_k_dense_replace=cfg.first_k_dense_replace)
+    return qwen3_moe_config(**shape, router_aux_loss_coef=cfg.router_aux_loss_coef)
 
 
-def build_model(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeForCausalLM)
-    """A freshly initialised model (float32, the library's initialisers), deterministic in ``cfg.seed``."""
+def build_model(cfg: TinyConfig):  # noqa: ANN201 (transformers.Qwen3MoeForCausalLM or Glm4MoeForCausalLM)
+    """A freshly initialised model (float32, the library's initialisers; the correction bias starts at 0),
+    deterministic in ``cfg.seed``."""
+    if isinstance(cfg, AuxFreeConfig):
+        return build_moe(model_config(cfg), seed=cfg.seed)
     return build_qwen3_moe(model_config(cfg), seed=cfg.seed)

@@ -1,8 +1,11 @@
 """Batch-aware selection in place of the router, for offline evaluation (HF transformers).
 
-:class:`RoutingOverride` replaces the router of every MoE layer by :func:`xshare.selection.select`
-over the batch's live rows (finished requests and left padding are excluded) and records the
-activated experts per layer and the per-task expert usage.
+:class:`RoutingOverride` replaces the router of every MoE layer by the selection core's decision
+(:func:`xshare.selection.engine.decide`) over the batch's live rows (finished requests and left padding
+are excluded) and records the activated experts per layer and the per-task expert usage. Two routers:
+Qwen3-MoE's softmax top-k, and the GLM-4.5 / DeepSeek-V3 router of the aux-loss-free model (sigmoid,
+correction bias, expert groups: the model's own gate routes, and the core gets the layer's
+:class:`~xshare.selection.gates.RouterSpec`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,23 @@ from xshare.models import tasks as T
 
 
 def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The sparse MoE blocks (router + experts) of a Qwen3-MoE model, in layer order."""
+    """The sparse MoE blocks (router + experts) of a Qwen3-MoE or GLM-4.5 model, in layer order."""
     return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+def router_spec(gate: torch.nn.Module) -> Any:
+    """The :class:`~xshare.selection.gates.RouterSpec` of a GLM-4.5 / DeepSeek-V3 router (transformers'
+    ``Glm4MoeTopkRouter``: the routed scaling factor is in its weights), or None for a softmax router."""
+    from xshare.models.architecture import CORRECTION_BIAS
+    from xshare.selection.gates import RouterSpec
+
+    bias = getattr(gate, CORRECTION_BIAS, None)
+    if not isinstance(bias, torch.Tensor):
+        return None
+    factor = float(gate.routed_scaling_factor)
+    return RouterSpec(scoring="sigmoid", correction_bias=bias.detach().float(), num_expert_group=int(gate.num_group),
+                      topk_group=int(gate.topk_group), renormalize=bool(gate.norm_topk_prob),
+                      routed_scaling_factor=None if factor == 1.0 else factor, scaling_in_weights=factor != 1.0)
 
 
 class RoutingOverride:
@@ -42,9 +60,10 @@ class RoutingOverride:
         if not self.blocks:
             raise ValueError("the model has no MoE layer (mlp.gate)")
         cfg = model.config
-        self.num_experts = cfg.num_experts
+        self.num_experts = int(getattr(self.blocks[0].gate, "num_experts", None) or cfg.num_experts)
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.specs = [router_spec(block.gate) for block in self.blocks]
         self.valid: torch.Tensor | None = None
         self.groups: torch.Tensor | None = None
         self.row_task: torch.Tensor | None = None
@@ -76,11 +95,17 @@ class RoutingOverride:
         from xshare.selection.engine import LayerCall, LayerRouting, decide
 
         hs = hidden_states.reshape(-1, gate.hidden_dim)
-        logits = F.linear(hs, gate.weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        top_v, top_i = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_v = top_v / top_v.sum(dim=-1, keepdim=True)
+        spec = self.specs[layer]
+        if spec is None:
+            logits = F.linear(hs, gate.weight)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+            top_v, top_i = torch.topk(probs, self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                top_v = top_v / top_v.sum(dim=-1, keepdim=True)
+            layer_routing: Any = LayerRouting("softmax", bool(self.norm_topk_prob))
+        else:  # the model's own gate (bias, groups, scaling), as in training
+            logits, top_v, top_i = type(gate).forward(gate, hs)
+            layer_routing = spec
         valid = self.valid if self.valid is not None else torch.ones(hs.shape[0], dtype=torch.bool)
         if valid.shape[0] != hs.shape[0]:
             raise RuntimeError(f"routing override: {valid.shape[0]} row flags for {hs.shape[0]} rows")
@@ -89,14 +114,20 @@ class RoutingOverride:
         active = vanilla_active
         if self.selector is not None and rows.numel() and (self.phase == "decode" or self.select_prefill):
             groups = self.groups[rows] if self.groups is not None else None
-            call = LayerCall(logits[rows].float(), self.top_k, LayerRouting("softmax", bool(self.norm_topk_prob)),
-                             groups=groups)
-            r = decide(call, self.selector).routing
+            call = LayerCall(logits[rows].float(), self.top_k, layer_routing, groups=groups,
+                             engine_ids=None if spec is None else top_i[rows])
+            d = decide(call, self.selector)
+            r = d.routing
+            new_i, new_v = r.topk_ids.long(), r.topk_weights.to(top_v.dtype)
+            if d.replaced is not None:  # a router-spec layer: only the rows the policy changed
+                keep = ~d.replaced.unsqueeze(1)
+                new_i = torch.where(keep, top_i[rows], new_i)
+                new_v = torch.where(keep, top_v[rows], new_v)
             top_i = top_i.clone()
             top_v = top_v.clone()
-            top_i[rows] = r.topk_ids.long()
-            top_v[rows] = r.topk_weights.to(top_v.dtype)
-            active = int(r.active.sum())
+            top_i[rows] = new_i
+            top_v[rows] = new_v
+            active = int(torch.unique(new_i).numel())
         if self._current is not None:
             self._current[layer] = (active, vanilla_active, int(rows.numel()))
         if self.row_task is not None and rows.numel():

@@ -95,7 +95,7 @@ def save(result: TrainResult, cfg: TinyConfig, out_dir: str | os.PathLike, *,
         gen.save_pretrained(tmp)
         files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
-            "format": FORMAT_VERSION,
+            "format": getattr(cfg, "format_version", FORMAT_VERSION),
             "identity": cfg.identity(),
             "config": cfg.to_dict(),
             "state_sha256": state_sha256(model),
@@ -138,13 +138,13 @@ def model_intact(model_dir: str | os.PathLike, cfg: TinyConfig | None = None) ->
 
 
 def load(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a model directory."""
-    from transformers import AutoTokenizer, Qwen3MoeForCausalLM
+    """(model in eval mode, tokenizer) from a model directory (Qwen3-MoE or the aux-loss-free GLM-4.5 model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(model_dir)
     if not (d / "config.json").is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d}: no model (config.json and {WEIGHTS} expected)")
-    model = Qwen3MoeForCausalLM.from_pretrained(d, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     model.eval()
     tok = AutoTokenizer.from_pretrained(d)
     tok.padding_side = "left"
