@@ -80,3 +80,32 @@ def test_bad_input_is_named_and_writes_nothing(tmp_path, capsys):
     assert (foreign / "keep.txt").read_text() == "x"
     assert main(["train-tiny", "--model-dir", str(d), "--eval", "--policy", "nope"]) == 2
     assert "'nope'" in capsys.readouterr().err
+
+
+SMALL_AUXFREE = ["--router", "deepseek_v3", "--set", "hidden_size=32", "--set", "head_dim=8", "--set", "num_layers=2",
+                 "--set", "num_experts=8", "--set", "n_group=4", "--set", "topk_group=2", "--set", "top_k=2",
+                 "--set", "moe_intermediate_size=32", "--set", "steps=4", "--set", "batch_size=8",
+                 "--set", "warmup_steps=1", "--set", "threads=1"]
+
+
+def test_router_deepseek_v3_trains_the_aux_loss_free_model(tmp_path, capsys):
+    d = tmp_path / "auxfree"
+    assert main(["train-tiny", "--model-dir", str(d), *SMALL_AUXFREE]) == 0
+    out = json.loads(capsys.readouterr().out)
+    man = read_manifest(d)
+    assert out["identity"] == man["identity"] and man["config"]["arch"] == "glm4_moe"
+    assert man["config"]["router_aux_loss_coef"] == 0 and man["config"]["n_group"] == 4
+    assert json.loads((d / "config.json").read_text())["architectures"] == ["Glm4MoeForCausalLM"]
+    assert len(man["aux_losses"]) == 1 and man["aux_losses"][0] >= 1.0  # max/mean expert load
+    # --check and --eval read the model's own config from the manifest (no --router needed)
+    assert main(["train-tiny", "--model-dir", str(d), "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["match"]
+    js = tmp_path / "eval.json"
+    assert main(["train-tiny", "--model-dir", str(d), "--eval", "--policy", "off", "--policy", "xshare",
+                 "--budget", "3", "--problems", "10", "--batch-size", "5", "--json", str(js)]) == 0
+    doc = json.loads(js.read_text())
+    assert [r["name"] for r in doc["results"]] == ["off", "xshare@3"]
+    # a Qwen3-MoE-only setting is refused for this model, by name
+    assert main(["train-tiny", "--model-dir", str(tmp_path / "x"), *SMALL_AUXFREE, "--set",
+                 "router_aux_loss_coef=0.01"]) == 2
+    assert "router_aux_loss_coef" in capsys.readouterr().err

@@ -148,6 +148,8 @@ class AuxFreeConfig(TinyConfig):
     cache_prefix: ClassVar[str] = "tiny-auxfree"
     #: The recipe version of this model (its own: the Qwen3-MoE model's FORMAT_VERSION stays as it is).
     format_version: ClassVar[int] = 1
+    #: The selector budget shipped for this model (``xshare`` policy, experts per layer; docs/model.md).
+    serving_budget: ClassVar[int] = 8
 
     moe_intermediate_size: int = 256
     router_aux_loss_coef: float = 0.0
