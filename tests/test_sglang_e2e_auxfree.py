@@ -10,7 +10,7 @@ Checked:
 * served with the selector off, the greedy tokens and their log-probabilities are those of the training-time
   forward (float32), so the exported weights, bias and router config load as trained;
 * the selector reaches every MoE layer (coverage ``selects``), and ``xshare`` at the budget shipped for this model
-  (:data:`xshare.models.config.AuxFreeConfig.serving_budget`) keeps held-out exact match within 1 point of the
+  (``AuxFreeConfig.serving_budget`` 10 with warm-up k0 ``serving_warmup_k`` 2) keeps held-out exact match within 1 point of the
   selector off, over :data:`PROBLEMS` problems from :data:`CLIENTS` concurrent clients, with at least 25 % fewer
   activated experts on every MoE layer than SGLang's own routing of the same batches (the server's counts).
 
@@ -46,6 +46,7 @@ CLIENTS = 16
 PROBE = 16  # problems whose tokens and log-probabilities are compared with the training-time forward
 MAX_NEW = T.MAX_ANSWER_CHARS + 1
 BUDGET = AuxFreeConfig.serving_budget
+WARMUP_K = AuxFreeConfig.serving_warmup_k
 
 
 def stats(stats_dir) -> dict:
@@ -89,7 +90,7 @@ def served(trained_auxfree_model, tmp_path_factory):
         s0 = stats(stats_dir)
         off = run_waves(client, prompts, CLIENTS, MAX_NEW)
         s1 = stats(stats_dir)
-        client.set_config(Setting("xshare", True, "xshare", BUDGET, warmup_k=1))
+        client.set_config(Setting("xshare", True, "xshare", BUDGET, warmup_k=WARMUP_K))
         on = run_waves(client, prompts, CLIENTS, MAX_NEW)
         s2 = stats(stats_dir)
     seen = {"problems": problems, "probe": probe, "off": off, "on": on,
@@ -97,7 +98,7 @@ def served(trained_auxfree_model, tmp_path_factory):
             "layers_on": layer_delta(s1, s2), "skipped_off": s1.get("skipped", {}), "coverage": s2.get("coverage"),
             "short_rows": s2.get("short_rows", 0) - s1.get("short_rows", 0),
             "fallbacks": s2.get("fallbacks_total", 0) - s0.get("fallbacks_total", 0)}
-    print(f"\nexact match off {seen['acc_off']['overall']:.3f}, xshare@{BUDGET} {seen['acc_on']['overall']:.3f}; "
+    print(f"\nexact match off {seen['acc_off']['overall']:.3f}, xshare@{BUDGET} k0={WARMUP_K} {seen['acc_on']['overall']:.3f}; "
           f"per layer (activated / vanilla): "
           + ", ".join(f"{k}: {d['activated'] / d['calls']:.2f} / {d['vanilla_activated'] / d['calls']:.2f}"
                       for k, d in sorted(seen["layers_on"].items()))

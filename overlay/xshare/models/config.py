@@ -148,8 +148,11 @@ class AuxFreeConfig(TinyConfig):
     cache_prefix: ClassVar[str] = "tiny-auxfree"
     #: The recipe version of this model (its own: the Qwen3-MoE model's FORMAT_VERSION stays as it is).
     format_version: ClassVar[int] = 1
-    #: The selector budget shipped for this model (``xshare`` policy, experts per layer; docs/model.md).
-    serving_budget: ClassVar[int] = 8
+    #: The selector setting shipped for this model (``xshare`` policy; docs/model.md): experts per layer and the
+    #: warm-up k0 (each token keeps its own top-2: this router's renormalised weights are flat, so an expert
+    #: swapped in for one of a token's two best costs accuracy; with k0 = 1 exact match falls by 3-4 points).
+    serving_budget: ClassVar[int] = 10
+    serving_warmup_k: ClassVar[int] = 2
 
     moe_intermediate_size: int = 256
     router_aux_loss_coef: float = 0.0
