@@ -9,10 +9,11 @@ Checked:
   training-time forward (transformers' gate);
 * served with the selector off, the greedy tokens and their log-probabilities are those of the training-time
   forward (float32), so the exported weights, bias and router config load as trained;
-* the selector reaches every MoE layer (coverage ``selects``), and ``xshare`` at the budget shipped for this model
-  (``AuxFreeConfig.serving_budget`` 10 with warm-up k0 ``serving_warmup_k`` 2) keeps held-out exact match within 1 point of the
-  selector off, over :data:`PROBLEMS` problems from :data:`CLIENTS` concurrent clients, with at least 25 % fewer
-  activated experts on every MoE layer than SGLang's own routing of the same batches (the server's counts).
+* the selector reaches every MoE layer (coverage ``selects``), and ``xshare`` at the setting shipped for this
+  model (``AuxFreeConfig.serving_budget`` 10 with warm-up k0 ``serving_warmup_k`` 2) keeps held-out exact match
+  within 1 point of the selector off, over :data:`PROBLEMS` problems from :data:`CLIENTS` concurrent clients,
+  with at least 25 % fewer activated experts on every MoE layer than SGLang's own routing of the same batches
+  (the server's counts).
 
 The model comes from the cache (``make test`` trains it first; trained here if missing, about 8 minutes).
 """
@@ -96,9 +97,11 @@ def served(trained_auxfree_model, tmp_path_factory):
     seen = {"problems": problems, "probe": probe, "off": off, "on": on,
             "acc_off": T.accuracy(problems, off.texts), "acc_on": T.accuracy(problems, on.texts),
             "layers_on": layer_delta(s1, s2), "skipped_off": s1.get("skipped", {}), "coverage": s2.get("coverage"),
+            "startup_coverage": s2.get("startup_coverage"),
             "short_rows": s2.get("short_rows", 0) - s1.get("short_rows", 0),
             "fallbacks": s2.get("fallbacks_total", 0) - s0.get("fallbacks_total", 0)}
-    print(f"\nexact match off {seen['acc_off']['overall']:.3f}, xshare@{BUDGET} k0={WARMUP_K} {seen['acc_on']['overall']:.3f}; "
+    print(f"\nexact match off {seen['acc_off']['overall']:.3f}, "
+          f"xshare@{BUDGET} k0={WARMUP_K} {seen['acc_on']['overall']:.3f}; "
           f"per layer (activated / vanilla): "
           + ", ".join(f"{k}: {d['activated'] / d['calls']:.2f} / {d['vanilla_activated'] / d['calls']:.2f}"
                       for k, d in sorted(seen["layers_on"].items()))
@@ -181,7 +184,9 @@ def test_served_tokens_and_logprobs_are_the_training_forwards(served, trained_au
 
 
 def test_selector_reaches_every_moe_layer(served):
-    assert served["coverage"] == {str(i): "selects" for i in AuxFreeConfig().moe_layers}, served["coverage"]
+    layers = AuxFreeConfig().moe_layers
+    assert served["coverage"] == {str(i): "selects" for i in layers}, served["coverage"]
+    assert served["startup_coverage"] == {str(i): "ready" for i in layers}, served["startup_coverage"]
     assert served["fallbacks"] == 0
     assert set(served["skipped_off"]) >= {"disabled"}
     assert not served["off"].errors and not served["on"].errors
