@@ -2,7 +2,9 @@
 
 * :mod:`~xshare.models.architecture`: the one builder (:func:`build_moe`: Hugging Face config and
   weight initialisation) of every tiny model here.
-* The trained model: :mod:`~xshare.models.config` (:class:`TinyConfig`, shape and recipe),
+* The trained models: :mod:`~xshare.models.config` (:class:`TinyConfig`, shape and recipe of the Qwen3-MoE model;
+  :class:`AuxFreeConfig`, the GLM-4.5-architecture model with DeepSeek-V3's router trained without an
+  auxiliary loss, ``xshare train-tiny --router deepseek_v3``),
   :mod:`~xshare.models.tokenizer` (character-level tokenizer, training batches),
   :mod:`~xshare.models.tasks` (the synthetic tasks), :mod:`~xshare.models.training`,
   :mod:`~xshare.models.experts` (the sorted per-expert forward used for training),
@@ -22,7 +24,7 @@ Typical use::
     model, tok = store.load(model_dir)
     res = evaluation.evaluate(model, tok, tasks.heldout(500), selector=SelectorConfig("xshare", budget=16))
 
-The trained model is a ``Qwen3MoeForCausalLM`` in Hugging Face format (safetensors, per-expert
-weights as SGLang loads them) with its own character-level tokenizer, so an SGLang server loads it
-from the directory alone. See docs/model.md.
+The trained models are a ``Qwen3MoeForCausalLM`` and a ``Glm4MoeForCausalLM`` in Hugging Face format
+(safetensors, per-expert weights as SGLang loads them) with their own character-level tokenizer, so an
+SGLang server loads each from its directory alone. See docs/model.md.
 """

@@ -1,7 +1,8 @@
 """The tiny MoE architectures: the one builder (config and weight initialisation) of every tiny model.
 
-Two models are built with it: the trained model (:func:`xshare.models.config.build_model`: the
-library's initialisers under a seeded RNG, float32, then trained by :mod:`xshare.models.training`)
+Two kinds of models are built with it: the trained models (:func:`xshare.models.config.build_model`: the
+library's initialisers under a seeded RNG, float32, then trained by :mod:`xshare.models.training`; the
+Qwen3-MoE model and the aux-loss-free GLM-4.5-architecture model)
 and the untrained serving-test models (:func:`xshare.models.tiny_moe.build_tiny_moe`: every weight
 from one seeded generator, :class:`ScaledInit`, bfloat16 by default). The trained model is
 ``Qwen3MoeForCausalLM`` with every layer sparse, top-k weights renormalised and untied embeddings;
