@@ -10,7 +10,7 @@ Checked:
 * served with the selector off, the greedy tokens and their log-probabilities are those of the training-time
   forward (float32), so the exported weights, bias and router config load as trained;
 * the selector reaches every MoE layer (coverage ``selects``), and ``xshare`` at the setting shipped for this
-  model (``AuxFreeConfig.serving_budget`` 10 with warm-up k0 ``serving_warmup_k`` 2) keeps held-out exact match
+  model (``AuxFreeConfig.serving_budget`` 8 with warm-up k0 ``serving_warmup_k`` 2) keeps held-out exact match
   within 1 point of the selector off, over :data:`PROBLEMS` problems from :data:`CLIENTS` concurrent clients,
   with at least 25 % fewer activated experts on every MoE layer than SGLang's own routing of the same batches
   (the server's counts).

@@ -151,7 +151,7 @@ class AuxFreeConfig(TinyConfig):
     #: The selector setting shipped for this model (``xshare`` policy; docs/model.md): experts per layer and the
     #: warm-up k0 (each token keeps its own top-2: this router's renormalised weights are flat, so an expert
     #: swapped in for one of a token's two best costs accuracy; with k0 = 1 exact match falls by 3-4 points).
-    serving_budget: ClassVar[int] = 10
+    serving_budget: ClassVar[int] = 8
     serving_warmup_k: ClassVar[int] = 2
 
     moe_intermediate_size: int = 256
