@@ -204,3 +204,25 @@ def test_adapter_paths_agree(policy, padded):
     assert snaps[0]["fallbacks_total"] == snaps[1]["fallbacks_total"] == 0
     torch.testing.assert_close(runtimes[0].stats.drain_window(), runtimes[1].stats.drain_window(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_mass_target_is_chosen_in_torch_and_routed_in_c(monkeypatch):
+    """The C set is XShare's budget fill; with target_mass the set comes from the torch policy (its
+    batch_set is called) and C only routes inside it, giving the reference's routing exactly."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(12, 32, generator=g) * 2
+    prefer = torch.topk(torch.softmax(logits, -1), 4).indices.to(torch.int32)
+    cfg = SelectorConfig(policy="xshare", budget=32, warmup_k=1, target_mass=0.6)
+    assert K.cpu_kernel_supports(cfg, logits)
+    from xshare.selection.policies import xshare as xshare_policy
+
+    seen = []
+    original = xshare_policy.XShare.batch_set
+    monkeypatch.setattr(xshare_policy.XShare, "batch_set", lambda self, b: seen.append(1) or original(self, b))
+    got = K.cpu_route(logits, 4, cfg, prefer=prefer)
+    assert seen, "the torch set was not used"
+    want = reference(logits, 4, cfg, prefer, None)
+    assert torch.equal(got.routing.topk_ids, want.topk_ids)
+    assert torch.equal(got.routing.topk_weights, want.topk_weights)
+    full = K.cpu_route(logits, 4, cfg.replace(target_mass=None), prefer=prefer)
+    assert int(got.routing.active.sum()) < int(full.routing.active.sum())

@@ -219,3 +219,35 @@ def test_router_families_read_no_values_on_cpu(family, policy, monkeypatch):
     assert torch.equal(got.replaced, expected.replaced)
     if policy != "topk" and family != "llama4":  # the budget (6 of 16) really restricted some rows
         assert bool(expected.replaced.any())
+
+
+@pytest.mark.parametrize("policy", [p for p in available_policies() if "target_mass" in get_policy(p).knobs])
+def test_target_mass_is_sync_free_and_read_from_its_knob(policy, monkeypatch):
+    """tau lives in a device tensor: the meta run is data-independent, the CPU run reads no value back,
+    and an in-place knob update changes the next call (what a captured graph replays)."""
+    cfg = SelectorConfig(policy=policy, budget=E, warmup_k=1, target_mass=0.95)
+    meta = {**_inputs(policy, "meta"), "config": cfg, "knobs": SelectorKnobs.create(cfg, E, TOP_K, "meta")}
+    assert select(**meta).active.device.type == "meta"
+    kw = {**_inputs(policy, "cpu"), "config": cfg}
+    kw["knobs"] = knobs = SelectorKnobs.create(cfg, E, TOP_K, "cpu")
+    assert knobs.target_mass.dtype == torch.float32 and float(knobs.target_mass) == pytest.approx(0.95)
+    with _forbid_host_sync(monkeypatch) as calls:
+        wide = select(**kw)
+    assert calls == []
+    pointer = knobs.target_mass.data_ptr()
+    knobs.update(cfg.replace(target_mass=0.3))
+    assert knobs.target_mass.data_ptr() == pointer  # in place
+    with _forbid_host_sync(monkeypatch) as calls:
+        narrow = select(**kw)  # same config object: only the knob changed
+    assert calls == []
+    assert int(narrow.active.sum()) < int(wide.active.sum())
+    knobs.update(cfg.replace(target_mass=None))  # off: the budget alone (E) keeps every token's own top-k
+    assert float(knobs.target_mass) == 0.0
+    assert int(select(**kw).active.sum()) >= int(wide.active.sum())
+
+
+def test_the_fused_kernel_is_not_used_for_a_mass_target():
+    cfg = SelectorConfig(policy="xshare", budget=6, target_mass=0.9)
+    assert not dispatch.kernel_supports(cfg, E)  # backend='auto' routes tau through the torch reference
+    with pytest.raises(ValueError, match="target_mass"):
+        fused_select(torch.randn(T, E), TOP_K, cfg, backend="triton")

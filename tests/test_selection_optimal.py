@@ -248,3 +248,75 @@ def test_xshare_set_is_exact_optimum_on_biased_and_grouped_routers(inst):
         if d.replaced[row]:
             assert bool(s[ids].all())
     assert int(d.short_rows) == int((~d.replaced & ~s[d.routing.topk_ids.long()].all(1)).sum())
+
+
+def _fewest_reaching(gain, forced, limit, target, feasible=lambda s: True):
+    """Brute force: (size, mass) of the smallest feasible S ⊇ forced with mass >= target (ties: the
+    most mass), or of the best-mass set at the cap when none reaches it."""
+    best = None
+    for s in _subsets(gain.numel()):
+        if (forced & ~s).any() or int(s.sum()) > limit or not feasible(s):
+            continue
+        mass = float(gain[s].double().sum())
+        key = (mass < target, int(s.sum()) if mass >= target else -mass)
+        best = key if best is None or key < best else best
+    return best
+
+
+def _check_fewest(gain, s, w, limit, tau, feasible=lambda s: True):
+    from xshare.selection.common import MASS_RTOL
+
+    target = tau * float(gain.double().sum()) * (1 - MASS_RTOL)
+    mass = float(gain[s].double().sum())
+    assert not (w & ~s).any() and int(s.sum()) <= limit and feasible(s)
+    reached, value = _fewest_reaching(gain, w, limit, target, feasible)
+    if not reached:  # the target is reachable under the cap: S reaches it with the fewest experts
+        assert mass >= target * (1 - 1e-6) and int(s.sum()) == value
+    else:  # unreachable under the cap: S is the budget's optimum
+        assert abs(mass - (-value)) <= 1e-5 * max(1.0, -value)
+
+
+@SETTINGS
+@given(instances(), st.floats(0.05, 1.0))
+def test_target_mass_set_is_the_fewest_experts_reaching_tau(inst, tau):
+    logits, top_k, warmup_k, budget, scoring = inst
+    cfg = SelectorConfig(policy="xshare", budget=budget, warmup_k=warmup_k, scoring=scoring, target_mass=tau)
+    batch = prepare_batch(logits, top_k, cfg)
+    s = xshare_set(batch)
+    w = batch.warmup()
+    _check_fewest(batch.column_sums(), s, w, max(budget, int(w.sum())), tau)
+    _check_routing(batch, select(logits, top_k, cfg), [s])
+
+
+@SETTINGS
+@given(instances(), st.integers(1, 4), st.floats(0.05, 1.0), st.data())
+def test_target_mass_with_gpu_caps_is_the_fewest_experts_reaching_tau(inst, gpus, tau, data):
+    logits, top_k, warmup_k, budget, scoring = inst
+    e = logits.shape[1]
+    expert_gpu = torch.tensor(data.draw(st.lists(st.integers(0, gpus - 1), min_size=e, max_size=e)))
+    cap = data.draw(st.one_of(st.none(), st.integers(1, e)))
+    cfg = SelectorConfig(policy="xshare_ep", budget=budget, warmup_k=warmup_k, gpu_cap=cap, scoring=scoring,
+                         target_mass=tau)
+    placement = Placement.from_expert_gpu(expert_gpu, num_gpus=gpus)
+    batch = prepare_batch(logits, top_k, cfg, placement=placement)
+    s = xshare_ep_set(batch)
+    w = batch.warmup()
+    c = cap if cap is not None else -(-budget // gpus)
+    caps = [max(c, int((w & (expert_gpu == g)).sum())) for g in range(gpus)]
+
+    def feasible(sel):
+        return all(int((sel & (expert_gpu == g)).sum()) <= caps[g] for g in range(gpus))
+
+    _check_fewest(batch.column_sums(), s, w, max(budget, int(w.sum())), tau, feasible)
+
+
+def test_target_mass_stops_early_and_one_keeps_every_expert_with_mass():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 32, generator=gen) * 2
+    sizes = {}
+    for tau in (0.5, 0.8, 0.95, 1.0):
+        cfg = SelectorConfig(policy="xshare", budget=32, warmup_k=0, target_mass=tau)
+        sizes[tau] = int(xshare_set(prepare_batch(logits, 4, cfg)).sum())
+    assert sizes[0.5] < sizes[0.8] < sizes[0.95] <= sizes[1.0] == 32
+    capped = SelectorConfig(policy="xshare", budget=5, warmup_k=0, target_mass=0.95)
+    assert int(xshare_set(prepare_batch(logits, 4, capped)).sum()) == 5  # the budget still caps

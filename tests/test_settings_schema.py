@@ -45,7 +45,7 @@ def test_every_field_round_trips_through_the_environment():
 
 @pytest.mark.parametrize("f", [f for f in S.FIELDS if f.kind != "path"], ids=lambda f: f.name)  # any text is a path
 def test_bad_text_is_refused_naming_the_variable(f: Field):
-    bad = {"policy": "nope", "count": "0", "int": "-5", "bool": "maybe", "choice": "sideways", "mapping": "[1]",
+    bad = {"policy": "nope", "count": "0", "fraction": "1.5", "int": "-5", "bool": "maybe", "choice": "sideways", "mapping": "[1]",
            "text": "sometimes"}[f.kind]
     with pytest.raises(S.SettingError, match=f.env):
         S.load_settings({f.env: bad})
@@ -126,4 +126,5 @@ def test_one_parser_for_counts_and_switches():
         with pytest.raises(ValueError, match="budget"):
             parse_count(bad)
     assert [parse_bool_text(t) for t in ("on", "YES", "0", "", "maybe")] == [True, True, False, False, None]
-    assert [f.name for f in SELECTOR_FIELDS if f.sweep] == ["budget", "warmup_k", "group_budget", "gpu_cap"]
+    assert [f.name for f in SELECTOR_FIELDS if f.sweep] == ["budget", "target_mass", "warmup_k", "group_budget",
+                                                            "gpu_cap"]

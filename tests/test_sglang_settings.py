@@ -46,6 +46,10 @@ def test_fraction_budget_and_none_values():
         ({"XSHARE_FAULT_INJECT": "sometimes"}, "XSHARE_FAULT_INJECT"),
         ({"XSHARE_EXTRA": "{not json"}, "XSHARE_EXTRA"),
         ({"XSHARE_STATS_EVERY": "0"}, "XSHARE_STATS_EVERY"),
+        ({"XSHARE_TARGET_MASS": "0"}, "XSHARE_TARGET_MASS"),
+        ({"XSHARE_TARGET_MASS": "1.2"}, "XSHARE_TARGET_MASS"),
+        ({"XSHARE_TARGET_MASS": "most"}, "XSHARE_TARGET_MASS"),
+        ({"XSHARE_TARGET_MASS": "0.9", "XSHARE_POLICY": "oea"}, "XSHARE_TARGET_MASS"),
     ],
 )
 def test_bad_values_name_the_variable(env, named):
@@ -86,3 +90,10 @@ def test_settings_env_round_trip():
     assert s.selector.policy == "lynx" and s.selector.gpu_cap == 2 and dict(s.selector.extra) == {"lynx_beta": 1}
     with pytest.raises(SettingError, match="unknown setting"):
         settings_env({"budgett": 3})
+
+
+def test_target_mass_reaches_the_selector_config():
+    s = load_settings({"XSHARE_TARGET_MASS": "0.9", "XSHARE_BUDGET": "1.0"})
+    assert s.selector.target_mass == 0.9 and s.selector.budget == 1.0
+    assert load_settings({"XSHARE_TARGET_MASS": "none"}).selector.target_mass is None
+    assert settings_env({"target_mass": 0.9})["XSHARE_TARGET_MASS"] == "0.9"

@@ -91,9 +91,10 @@ def batch_settings(config: SelectorConfig, knobs: SelectorKnobs | None, num_expe
     or the device tensors of ``knobs`` (CUDA-graph safe)."""
     if knobs is None:
         return {"budget": config.budget_for(num_experts), "warmup_k": config.warmup_k,
+                "target_mass": 0.0 if config.target_mass is None else float(config.target_mass),
                 "group_budget": config.group_budget_for(num_experts, top_k),
                 "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap}
-    return {k: getattr(knobs, k) for k in ("budget", "warmup_k", "group_budget", "gpu_cap")}
+    return {k: getattr(knobs, k) for k in ("budget", "target_mass", "warmup_k", "group_budget", "gpu_cap")}
 
 
 def applies_on_device(config: SelectorConfig, knobs: SelectorKnobs | None, num_valid: Tensor) -> Tensor:

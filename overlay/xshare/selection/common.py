@@ -75,27 +75,64 @@ def positions_by_score(score: Tensor, candidate: Tensor) -> Tensor:
     return pos.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
 
 
-def top_by_score(score: Tensor, forced: Tensor, total: Tensor | int, allowed: Tensor | None = None) -> Tensor:
+# A mass target counts as reached within this relative tolerance (float32 sums in another order).
+MASS_RTOL = 1e-6
+
+
+def mass_fill(score: Tensor, forced: Tensor, cand: Tensor, target_mass: Tensor | float) -> Tensor:
+    """int64 [...]: how many of the best candidates (by ``score``, ties: lower index) S = forced ∪
+    them needs so that sum(score[S]) >= target_mass · sum(score) (the total over every expert, within
+    :data:`MASS_RTOL`); every candidate when even all of them fall short. ``target_mass`` <= 0
+    means no mass target (the result is then E, i.e. no limit). Last dim = experts; static shapes."""
+    num = score.shape[-1]
+    tau = torch.as_tensor(target_mass, dtype=torch.float32, device=score.device)
+    score = score.to(torch.float32)
+    whole = score.sum(-1, keepdim=True)
+    have = (score * forced).sum(-1, keepdim=True)
+    key = torch.where(cand, score, torch.full_like(score, float("-inf")))
+    ordered = torch.sort(key, dim=-1, descending=True, stable=True).values
+    ordered = torch.where(torch.isfinite(ordered), ordered, torch.zeros_like(ordered))
+    before = torch.cumsum(ordered, -1) - ordered  # mass of the candidates ahead of each position
+    goal = tau * whole * (1.0 - MASS_RTOL)
+    num_cand = cand.sum(-1, keepdim=True)
+    slot = torch.arange(num, device=score.device)
+    need = ((have + before < goal) & (slot < num_cand)).sum(-1)
+    return torch.where(tau > 0, need, torch.full_like(need, num))
+
+
+def top_by_score(score: Tensor, forced: Tensor, total: Tensor | int, allowed: Tensor | None = None,
+                 target_mass: Tensor | float | None = None) -> Tensor:
     """The exact maximiser of sum(score[S]) s.t. forced ⊆ S ⊆ forced ∪ allowed, |S| <= max(total, |forced|).
 
     Works on the last dim (leading dims are independent rows). ``score`` must be >= 0, which makes
     "fill up to the budget" optimal. ``total`` may be a device tensor (a runtime knob).
+
+    ``target_mass`` tau (a float or a 0-d device tensor; None or <= 0: off): S stops growing once its
+    mass reaches tau of the total over every expert (:func:`mass_fill`), so S is the exact minimiser
+    of |S| s.t. forced ⊆ S ⊆ forced ∪ allowed, sum(score[S]) >= tau · sum(score), capped at
+    max(total, |forced|) (where the cap binds, the maximiser above). Exact because the objective is
+    modular: the best n candidates carry the most mass of any n.
     """
     cand = ~forced if allowed is None else (allowed & ~forced)
     fill = (torch.as_tensor(total, device=score.device) - forced.sum(-1)).clamp_min(0)
+    if target_mass is not None:
+        fill = torch.minimum(fill, mass_fill(score, forced, cand, target_mass))
     pos = positions_by_score(score, cand)
     return forced | (cand & (pos < fill.unsqueeze(-1)))
 
 
 def top_by_score_capped(
-    score: Tensor, forced: Tensor, total: Tensor | int, group: Tensor, cap: Tensor, allowed: Tensor | None = None
+    score: Tensor, forced: Tensor, total: Tensor | int, group: Tensor, cap: Tensor, allowed: Tensor | None = None,
+    target_mass: Tensor | float | None = None,
 ) -> Tensor:
     """Like :func:`top_by_score` with a per-group cap: |S ∩ g| <= max(cap[g], |forced ∩ g|).
 
     ``score`` [E] >= 0, ``group`` int64 [E] in [0, G), ``cap`` int64 [G]. The feasible sets form a
     truncated partition matroid, so greedy in score order is exact; it is computed without a loop:
     a candidate is admissible iff fewer than the group's spare capacity better candidates share its
-    group, and the best ``fill`` admissible candidates are taken.
+    group, and the best ``fill`` admissible candidates are taken. With ``target_mass``, the greedy
+    prefix stops at the mass target: on a matroid the greedy prefix of each size has the most mass
+    of any feasible set of that size, so the result is the fewest experts reaching it.
     """
     num_groups = cap.shape[0]
     cand = ~forced if allowed is None else (allowed & ~forced)
@@ -108,7 +145,7 @@ def top_by_score_capped(
     within = (sorted_onehot.long().cumsum(0) * sorted_onehot).sum(-1) - 1  # 0-based rank in own group
     admissible_sorted = cand[order] & (within < spare[group[order]])
     admissible = torch.empty_like(admissible_sorted).scatter_(0, order, admissible_sorted)
-    return top_by_score(score, forced, total, allowed=admissible)
+    return top_by_score(score, forced, total, allowed=admissible, target_mass=target_mass)
 
 
 def same_group_matrix(groups: Tensor, valid: Tensor) -> Tensor:
@@ -131,6 +168,7 @@ class Batch:
     groups: Tensor | None  # int64 [T] request id per token, or None
     placement: Placement | None
     warmup_k: int | Tensor = 0  # k0
+    target_mass: float | Tensor = 0.0  # tau; 0 = off (the budget alone)
     group_budget: int | Tensor = 0  # m_r, resolved
     gpu_cap: int | Tensor = 0  # c; 0 = ceil(m / G)
     _rank: Tensor | None = field(default=None, repr=False)

@@ -37,6 +37,9 @@ class SelectorConfig:
     policy        registered policy name (see :func:`xshare.selection.available_policies`).
     budget        m: max experts kept per layer and batch; an int >= 1, or a float in (0, 1] = a
                   fraction of the layer's experts E. Values above E are clamped to E.
+    target_mass   tau in (0, 1]: S is the fewest experts (warm-up included) whose summed gate mass
+                  over the batch reaches tau of the batch's total, capped by the budget; None = the
+                  budget alone. Read by the policies with ``Policy.target_mass``.
     warmup_k      k0: every token's top-k0 experts are always kept (0 = no warm-up).
     group_budget  m_r: per-request budget of hierarchical policies (``xshare_spec``); None = top_k.
     gpu_cap       c: per-GPU cap of GPU-aware policies; None = ceil(m / G).
@@ -49,6 +52,7 @@ class SelectorConfig:
 
     policy: str = SELECTOR["policy"].default
     budget: int | float = SELECTOR["budget"].default
+    target_mass: float | None = SELECTOR["target_mass"].default
     warmup_k: int = SELECTOR["warmup_k"].default
     group_budget: int | float | None = SELECTOR["group_budget"].default
     gpu_cap: int | None = SELECTOR["gpu_cap"].default

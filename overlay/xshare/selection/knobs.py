@@ -5,7 +5,7 @@ baked into the graph at capture never changes. :class:`SelectorKnobs` holds ever
 a :class:`~xshare.selection.SelectorConfig` in 0-d device tensors; :meth:`SelectorKnobs.update`
 writes new values **in place** (``copy_``), so the next replay follows the change without
 recapture. Pass them to :func:`xshare.selection.select` with ``knobs=``: the selector then reads
-budget, warm-up, per-request budget, per-GPU cap, the batch-size range and the on/off switch from
+budget, target mass, warm-up, per-request budget, per-GPU cap, the batch-size range and the on/off switch from
 these tensors only. The policy itself (which code runs) is a host decision: changing it needs a
 new capture (or no graphs), which the serving adapter handles.
 """
@@ -20,9 +20,10 @@ from torch import Tensor
 from xshare.selection.config import SelectorConfig
 
 _NO_MAX = torch.iinfo(torch.int64).max
+_DTYPES = {"enabled": torch.bool, "target_mass": torch.float32}
 
 
-def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool) -> dict[str, int | bool]:
+def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool) -> dict[str, int | float | bool]:
     if top_k < 1 or top_k > num_experts:
         raise ValueError(f"top_k = {top_k} must be in [1, E = {num_experts}]")
     if config.warmup_k > top_k:
@@ -30,6 +31,7 @@ def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool)
     return {
         "enabled": bool(enabled),
         "budget": config.budget_for(num_experts),
+        "target_mass": 0.0 if config.target_mass is None else float(config.target_mass),
         "warmup_k": config.warmup_k,
         "group_budget": config.group_budget_for(num_experts, top_k),
         "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap,
@@ -40,11 +42,13 @@ def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool)
 
 @dataclass(frozen=True)
 class SelectorKnobs:
-    """0-d device tensors: enabled (bool), budget m, warmup_k, group_budget m_r, gpu_cap (0 = ceil(m/G)),
-    min_tokens, max_tokens (int64). Created once per (device, E, top_k); updated in place."""
+    """0-d device tensors: enabled (bool), budget m, target_mass tau (float32, 0 = off), warmup_k,
+    group_budget m_r, gpu_cap (0 = ceil(m/G)), min_tokens, max_tokens (int64). Created once per
+    (device, E, top_k); updated in place."""
 
     enabled: Tensor
     budget: Tensor
+    target_mass: Tensor
     warmup_k: Tensor
     group_budget: Tensor
     gpu_cap: Tensor
@@ -65,7 +69,7 @@ class SelectorKnobs:
     ) -> SelectorKnobs:
         vals = _values(config, num_experts, top_k, enabled)
         tensors = {
-            k: torch.tensor(v, dtype=torch.bool if k == "enabled" else torch.int64, device=device)
+            k: torch.tensor(v, dtype=_DTYPES.get(k, torch.int64), device=device)
             for k, v in vals.items()
         }
         return cls(**tensors, num_experts=num_experts, top_k=top_k)

@@ -41,7 +41,8 @@ class Policy:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     # The knobs of xshare.selection.schema.SWEEP_FIELDS this policy reads: only these are swept
-    # for it, and a setting it ignores is shown as unused.
+    # for it, and a setting it ignores is shown as unused. 'target_mass' here means the policy's set
+    # honours a mass target (a config that sets one for another policy is refused, see validate).
     knobs: ClassVar[tuple[str, ...]] = ("budget", "warmup_k")
     # The keys of SelectorConfig.extra this policy reads; any other key is refused (validate()).
     extra_knobs: ClassVar[tuple[str, ...]] = ()
@@ -167,6 +168,9 @@ def validate(config: SelectorConfig, model: ModelShape | None = None) -> Policy:
         known = ", ".join(policy.extra_knobs) or "none"
         raise ValueError(f"extra: {config.policy} reads no setting {', '.join(repr(k[:64]) for k in unknown[:4])}"
                          f"{' ...' if len(unknown) > 4 else ''} (its extra settings: {known})")
+    if config.target_mass is not None and "target_mass" not in policy.knobs:
+        users = ", ".join(p.name for p in all_policies() if "target_mass" in p.knobs)
+        raise ValueError(f"target_mass: policy {config.policy!r} has no mass target (policies with one: {users})")
     policy.validate_config(config)
     if model is not None:
         check_for_model(config, model)

@@ -10,6 +10,7 @@ Kinds (``Field.kind``):
 
     policy   a registered policy name (checked against the registry where a config is used)
     count    an int in [1, INT_MAX], or a fraction of the layer's experts in (0, 1]
+    fraction a number in (0, 1] (a share, e.g. of the batch's gate mass)
     int      an int in [``minimum``, ``maximum``] (``maximum`` defaults to INT_MAX)
     bool     true/false (text: 1/true/yes/on, 0/false/no/off)
     choice   one of ``choices``
@@ -31,7 +32,7 @@ from typing import Any
 ENV_PREFIX = "XSHARE_"
 TRUE_TEXT = ("1", "true", "yes", "on")
 FALSE_TEXT = ("0", "false", "no", "off", "")
-KINDS = ("policy", "count", "int", "bool", "choice", "mapping", "path", "text")
+KINDS = ("policy", "count", "fraction", "int", "bool", "choice", "mapping", "path", "text")
 # The largest int any int or count setting takes (unless its Field says less): far above any model's
 # expert count or batch, and far below int64, so no value can overflow a device tensor or a C call.
 INT_MAX = 2**31 - 1
@@ -82,6 +83,26 @@ def parse_count(text: str, name: str = "budget") -> int | float:
     if count < 1:
         raise ValueError(f"{name} {text}: must be >= 1")
     return count
+
+
+def parse_fraction(text: str, name: str) -> float:
+    """A share written as text: a number in (0, 1]. Raises ValueError naming ``name``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r}: expected a number in (0, 1]") from None
+    check_fraction(name, value, optional=False)
+    return value
+
+
+def check_fraction(name: str, value: object, *, optional: bool) -> None:
+    """ValueError naming ``name`` unless ``value`` is a real number in (0, 1] (or None)."""
+    if value is None and optional:
+        return
+    if not is_real(value):
+        raise ValueError(f"{name} must be a number in (0, 1], got {type(value).__name__}")
+    if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
 def check_count(name: str, value: object, *, optional: bool) -> None:
@@ -140,6 +161,7 @@ class Field:
         """How the value is written, for help texts and the docs' table."""
         text = {
             "policy": "policy name", "count": "int >= 1 or fraction in (0, 1]", "bool": "bool",
+            "fraction": "number in (0, 1]",
             "choice": " / ".join(self.choices), "mapping": "JSON object", "path": "path", "text": "text",
             "int": f"int >= {self.minimum if self.minimum is not None else 0}",
         }[self.kind]
@@ -154,6 +176,8 @@ class Field:
             raise ValueError(f"{self.name} must be given ({self.type_text})")
         if self.kind == "count":
             check_count(self.name, value, optional=self.optional)
+        elif self.kind == "fraction":
+            check_fraction(self.name, value, optional=self.optional)
         elif self.kind == "int":
             low = 0 if self.minimum is None else self.minimum
             if not is_int(value) or value < low:
@@ -199,6 +223,8 @@ class Field:
             value = self._from_text(text)
         elif self.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
+        elif self.kind == "fraction" and is_real(value):
+            value = float(value)
         elif self.kind == "path" and value is not None:
             value = str(value)
         self.validate(value)
@@ -207,6 +233,8 @@ class Field:
     def _from_text(self, text: str) -> Any:
         if self.kind == "count":
             return parse_count(text, self.name)
+        if self.kind == "fraction":
+            return parse_fraction(text, self.name)
         if self.kind == "int":
             try:
                 return int(text)
@@ -248,6 +276,10 @@ SELECTOR_FIELDS: tuple[Field, ...] = (
     Field("policy", "policy", "xshare", "selection policy (xshare.selection.available_policies())"),
     Field("budget", "count", 0.5, "m: experts kept per layer and batch (values above E mean E)",
           device=True, sweep=True),
+    Field("target_mass", "fraction", None,
+          "tau: keep the fewest experts whose batch gate mass reaches this share of the batch's total "
+          "(warm-up included, capped by the budget; none = the budget alone)",
+          optional=True, device=True, sweep=True),
     Field("warmup_k", "int", 1, "k0: every token keeps its own top-k0 experts (0 = no warm-up)", minimum=0,
           device=True, sweep=True),
     Field("group_budget", "count", None, "m_r: per-request budget of per-request policies (none = top_k)",

@@ -149,9 +149,10 @@ def cpu_kernel_problem() -> str | None:
     return _problem
 
 
-def _native(policy: Policy) -> bool:
-    """The C code computes this policy's whole decision (``'cpu' in Policy.kernels``)."""
-    return "cpu" in policy.kernels
+def _native(policy: Policy, config: SelectorConfig | None = None) -> bool:
+    """The C code computes this policy's whole decision (``'cpu' in Policy.kernels``). The C set is
+    XShare's budget fill: with a mass target, the set is chosen in torch and only the routing in C."""
+    return "cpu" in policy.kernels and (config is None or config.target_mass is None or policy.vanilla)
 
 
 def _set_policy(name: str) -> Policy | None:
@@ -211,7 +212,7 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     m = config.budget_for(num_experts) if budget is None else int(budget)
     k0 = config.warmup_k if warmup_k is None else int(warmup_k)
     given_set = None
-    if apply and not _native(get_policy(config.policy)):
+    if apply and not _native(get_policy(config.policy), config):
         policy = _set_policy(config.policy)
         if policy is None:
             raise ValueError(f"policy {config.policy!r} is not a set policy: the CPU kernel cannot route it")

@@ -58,8 +58,9 @@ def kernel_policies() -> tuple[str, ...]:
 
 
 def kernel_supports(config: SelectorConfig, num_experts: int) -> bool:
-    """Whether the fused kernel implements this policy at this layer size."""
-    return config.policy in kernel_policies() and 1 <= num_experts <= MAX_EXPERTS
+    """Whether the fused kernel implements this policy at this layer size (not with a mass target:
+    the kernel's set is the budget fill; ``target_mass`` routes through the torch reference)."""
+    return config.policy in kernel_policies() and 1 <= num_experts <= MAX_EXPERTS and config.target_mass is None
 
 
 def _next_pow2(n: int) -> int:
@@ -207,6 +208,8 @@ def _resolve_backend(backend: str, router_logits: Tensor, config: SelectorConfig
         raise ValueError(f"backend='triton' implements policies {kernel_policies()}, not {config.policy!r}")
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"backend='triton' supports 1..{MAX_EXPERTS} experts, got E = {num_experts}")
+    if config.target_mass is not None:
+        raise ValueError("backend='triton' has no mass target (target_mass): use backend='torch' or 'auto'")
     return "triton"
 
 

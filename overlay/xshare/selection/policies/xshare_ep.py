@@ -5,7 +5,8 @@ default ceil(m / G)), so the slowest GPU's weight loading shrinks. S is the exac
     max Σ_t Σ_{e∈S} p[t,e]  s.t.  W ⊆ S,  |S| <= max(m, |W|),  |S ∩ g| <= max(c, |W ∩ g|) ∀g
 (a truncated partition matroid: greedy by batch gate mass is exact). An expert with replicas is
 charged to the GPU of its first replica; all of its tokens then go to the replica on the
-least-loaded GPU.
+least-loaded GPU. With ``target_mass`` tau, the greedy prefix stops at the first size whose mass
+reaches tau of the batch's total (the fewest experts under the caps: greedy is exact on a matroid).
 """
 
 import torch
@@ -26,13 +27,14 @@ def gpu_cap(batch: Batch) -> Tensor:
 def xshare_ep_set(batch: Batch) -> Tensor:
     placement = batch.placement
     cap = gpu_cap(batch).expand(placement.num_gpus)
-    return top_by_score_capped(batch.column_sums(), batch.warmup(), batch.budget, placement.primary_gpu, cap)
+    return top_by_score_capped(batch.column_sums(), batch.warmup(), batch.budget, placement.primary_gpu, cap,
+                               target_mass=batch.target_mass)
 
 
 @register_policy
 class XShareEP(Policy):
     name = "xshare_ep"
-    knobs = ("budget", "warmup_k", "gpu_cap")
+    knobs = ("budget", "warmup_k", "gpu_cap", "target_mass")
     global_stats = True
     kernels = frozenset({"triton"})
     color = "tab:orange"
