@@ -45,8 +45,8 @@ def test_every_field_round_trips_through_the_environment():
 
 @pytest.mark.parametrize("f", [f for f in S.FIELDS if f.kind != "path"], ids=lambda f: f.name)  # any text is a path
 def test_bad_text_is_refused_naming_the_variable(f: Field):
-    bad = {"policy": "nope", "count": "0", "fraction": "1.5", "int": "-5", "bool": "maybe", "choice": "sideways", "mapping": "[1]",
-           "text": "sometimes"}[f.kind]
+    bad = {"policy": "nope", "count": "0", "fraction": "1.5", "int": "-5", "bool": "maybe", "choice": "sideways",
+           "mapping": "[1]", "text": "sometimes"}[f.kind]
     with pytest.raises(S.SettingError, match=f.env):
         S.load_settings({f.env: bad})
 

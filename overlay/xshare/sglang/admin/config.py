@@ -20,8 +20,8 @@ CONFIG_FIELDS = tuple(f.name for f in OPERATOR_FIELDS)
 def _annotation(f: Setting) -> Any:
     """The strict pydantic type of a setting (numbers are not coerced from strings or bools)."""
     number = StrictInt | StrictFloat
-    return {"policy": StrictStr, "count": number, "fraction": number, "int": StrictInt, "bool": StrictBool, "choice": StrictStr,
-            "mapping": dict[str, number], "path": StrictStr, "text": StrictStr}[f.kind]
+    return {"policy": StrictStr, "count": number, "fraction": number, "int": StrictInt, "bool": StrictBool,
+            "choice": StrictStr, "mapping": dict[str, number], "path": StrictStr, "text": StrictStr}[f.kind]
 
 
 def _request_model() -> type[BaseModel]:
