@@ -85,6 +85,25 @@ def test_matched_interpolates_on_the_sweep(tmp_path, capsys):
     assert next(m for m in doc["matched"] if m["active_experts"] == 100)["mass_kept"] is None
 
 
+def test_target_mass_sweep_rows_and_matched_curves(tmp_path, capsys):
+    a, _ = _traces(tmp_path)
+    out_json = tmp_path / "r.json"
+    rc, _, err = _run(capsys, "--trace", a, "--policy", "xshare", "--policy", "oea", "--budget", 16,
+                      "--target-mass", 0.6, "--target-mass", 0.95, "--target-mass", "none", "--batch", 8,
+                      "--gpus", 4, "--match-active", 6, "--json", out_json)
+    assert rc == 0, err
+    doc = json.loads(out_json.read_text())
+    rows = {r["target_mass"]: r for r in doc["results"] if r["policy"] == "xshare"}
+    assert set(rows) == {0.6, 0.95, None}
+    assert all(r["target_mass"] is None for r in doc["results"] if r["policy"] == "oea")  # no mass target
+    lo, hi, full = rows[0.6], rows[0.95], rows[None]
+    assert lo["active_experts_mean"] < hi["active_experts_mean"] < full["active_experts_mean"]
+    assert lo["mass_kept"] < hi["mass_kept"] <= full["mass_kept"]
+    assert "tau=0.6" in lo["label"]
+    knobs = {(m["policy"], m["knob"]) for m in doc["matched"]}
+    assert ("xshare", "target_mass") in knobs and ("xshare", "budget") in knobs
+
+
 def test_eplb_placement_roundtrip(tmp_path, capsys):
     a, b = _traces(tmp_path)
     saved, r1, r2 = tmp_path / "pl.json", tmp_path / "r1.json", tmp_path / "r2.json"
@@ -181,6 +200,9 @@ def test_top_k_flag_disagreeing_fails_without_output(tmp_path, capsys):
     (["--model", "deepseek-v3"], ["--model deepseek-v3", "256 experts"]),
     (["--placement", "missing.json"], ["missing.json", "not found"]),
     (["--eplb-trace", "x.npz"], ["--eplb-trace needs --placement eplb"]),
+    (["--target-mass", "0"], ["--target-mass", "(0, 1]"]),
+    (["--target-mass", "1.5"], ["--target-mass", "(0, 1]"]),
+    (["--policy", "xshare:target_mass=2"], ["xshare:target_mass", "(0, 1]"]),
 ])
 def test_bad_flags_fail_without_output(tmp_path, capsys, argv, needles):
     a, _ = _traces(tmp_path)

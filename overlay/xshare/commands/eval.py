@@ -34,7 +34,7 @@ def _knob_help(name: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (
-        "Sweeps: --batch, --budget, --warmup-k and --gpu-cap are repeatable; every policy is run over the\n"
+        "Sweeps: --batch, --budget, --target-mass, --warmup-k and --gpu-cap are repeatable; every policy is run over the\n"
         f"knobs it reads ({_policy_knobs_text()}).\n"
         "Per-policy values: --policy 'oea:warmup_k=1,2,3'.\n\n"
         "Example (both ESFT traces mixed, B = 16):\n"
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", action="append", metavar="M",
                    help=f"{_knob_help('budget')}: an int <= E or a fraction in (0, 1] (repeatable; default "
                         f"{DEFAULT_BUDGET})")
+    g.add_argument("--target-mass", action="append", metavar="TAU",
+                   help=f"{_knob_help('target_mass')}: a number in (0, 1] or none (repeatable; default none)")
     g.add_argument("--warmup-k", action="append", type=int, metavar="K0",
                    help=f"{_knob_help('warmup_k')} (repeatable; default {DEFAULT_WARMUP})")
     g.add_argument("--group-budget", metavar="MR", help=f"{_knob_help('group_budget')} (int or fraction)")
@@ -117,6 +119,15 @@ def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | fl
     return value
 
 
+def _parse_mass(text: str, flag: str) -> float | None:
+    from xshare.selection.schema import SELECTOR
+
+    try:
+        return SELECTOR["target_mass"].parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
 def _check_out_file(path: str | None, flag: str) -> None:
     if path is None or path == "-":
         return
@@ -154,6 +165,8 @@ def _policies(args: argparse.Namespace, num_experts: int, where: str) -> list[tu
         for key, vals in raw.items():
             if key in ("budget", "group_budget"):
                 overrides[key] = [_parse_count(v, f"--policy {name}:{key}", num_experts, where) for v in vals]
+            elif key == "target_mass":
+                overrides[key] = [_parse_mass(v, f"--policy {name}:{key}") for v in vals]
             else:
                 try:
                     overrides[key] = [int(v) for v in vals]
@@ -214,7 +227,8 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         if c < 1:
             raise UsageError(f"--gpu-cap {c}: must be >= 1")
     group_budgets = [] if args.group_budget is None else [_parse_count(args.group_budget, "--group-budget", e, where)]
-    axes = {"budget": budgets, "warmup_k": warmups, "group_budget": group_budgets, "gpu_cap": caps}
+    masses = [_parse_mass(t, "--target-mass") for t in (args.target_mass or [])]
+    axes = {"budget": budgets, "target_mass": masses, "warmup_k": warmups, "group_budget": group_budgets, "gpu_cap": caps}
     policies = _policies(args, e, where)
     for name, ov, _ in policies:
         for w in ov.get("warmup_k", []):

@@ -53,6 +53,7 @@ class Setting:
     policy: str
     batch: int | None
     budget: int | float | None = None
+    target_mass: float | None = None
     warmup_k: int | None = None
     group_budget: int | float | None = None
     gpu_cap: int | None = None
@@ -69,6 +70,8 @@ class Setting:
         parts = [self.policy]
         if self.budget is not None:
             parts.append(f"m={self.budget}")
+        if self.target_mass is not None:
+            parts.append(f"tau={self.target_mass}")
         if self.warmup_k is not None:
             parts.append(f"k0={self.warmup_k}")
         if self.group_budget is not None:
@@ -357,6 +360,7 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
         "num_batches": batches.num_batches,
         "budget": budget,
         "budget_arg": setting.budget if "budget" in knobs else None,
+        "target_mass": cfg.target_mass if "target_mass" in knobs else None,
         "warmup_k": cfg.warmup_k if "warmup_k" in knobs else None,
         "group_budget": (cfg.group_budget_for(num_experts, trace.top_k) if "group_budget" in knobs else None),
         "gpus": g,

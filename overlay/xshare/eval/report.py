@@ -15,7 +15,8 @@ from typing import Any
 
 SCHEMA = "xshare-eval/1"
 ROW_KEYS = (
-    "policy", "label", "batch", "batch_tokens_mean", "num_batches", "budget", "budget_arg", "warmup_k",
+    "policy", "label", "batch", "batch_tokens_mean", "num_batches", "budget", "budget_arg", "target_mass",
+    "warmup_k",
     "group_budget", "gpus", "gpu_cap", "active_experts_mean", "active_experts_p50", "active_experts_p95",
     "active_experts_max", "vanilla_active_experts_mean", "reduction", "mass_kept", "top1_kept",
     "peak_gpu_experts_mean", "peak_gpu_experts_max", "vanilla_peak_gpu_experts_mean", "peak_ratio",
@@ -81,23 +82,25 @@ def _interp(front: list[tuple[float, float, float]], target: float) -> tuple[flo
 def matched(rows: Sequence[dict[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
     """Gate mass and top-1 kept of every policy at each target number of activated experts.
 
-    Per policy and batch size, the settings form a curve of (activated experts, mass kept); the
-    values are read off its Pareto frontier by linear interpolation between the two settings that
-    bracket the target (None when the sweep does not reach the target).
+    Per policy, batch size and knob (``knob``: 'target_mass' for the rows with a mass target, else
+    'budget'), the settings form a curve of (activated experts, mass kept); the values are read off
+    its Pareto frontier by linear interpolation between the two settings that bracket the target
+    (None when the sweep does not reach the target).
     """
     out = []
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, Any, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r["policy"] == "topk":
             continue
-        groups.setdefault((r["policy"], r["batch"]), []).append(r)
+        knob = "budget" if r.get("target_mass") is None else "target_mass"
+        groups.setdefault((r["policy"], r["batch"], knob), []).append(r)
     for target in targets:
-        for (policy, batch), rs in groups.items():
+        for (policy, batch, knob), rs in groups.items():
             pts = [(r["active_experts_mean"], r["mass_kept"], r["top1_kept"]) for r in rs]
             front = _frontier(pts)
             got = _interp(front, float(target))
             out.append({
-                "policy": policy, "batch": batch, "active_experts": float(target),
+                "policy": policy, "batch": batch, "knob": knob, "active_experts": float(target),
                 "mass_kept": None if got is None else got[0], "top1_kept": None if got is None else got[1],
                 "sweep_active_range": [min(p[0] for p in pts), max(p[0] for p in pts)],
                 "points": len(pts),
@@ -165,7 +168,8 @@ def matched_markdown(match: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
                  "| policy | B | mass kept | top-1 kept | sweep range (activated) |", "|---|---:|---:|---:|---:|"]
         for m in ms:
             rng = m["sweep_active_range"]
-            lines.append(f"| {m['policy']} | {_fmt(m['batch'])} | {_fmt(m['mass_kept'], '.2%')} | "
+            name = m["policy"] + (" (target_mass)" if m.get("knob") == "target_mass" else "")
+            lines.append(f"| {name} | {_fmt(m['batch'])} | {_fmt(m['mass_kept'], '.2%')} | "
                          f"{_fmt(m['top1_kept'], '.2%')} | {rng[0]:.1f}-{rng[1]:.1f} |")
         vans = {r["batch"]: r["vanilla_active_experts_mean"] for r in rows}
         for b, v in vans.items():
