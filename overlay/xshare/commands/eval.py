@@ -34,8 +34,8 @@ def _knob_help(name: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (
-        "Sweeps: --batch, --budget, --target-mass, --warmup-k and --gpu-cap are repeatable; every policy is run over the\n"
-        f"knobs it reads ({_policy_knobs_text()}).\n"
+        "Sweeps: --batch, --budget, --target-mass, --warmup-k and --gpu-cap are repeatable; every policy is run\n"
+        f"over the knobs it reads ({_policy_knobs_text()}).\n"
         "Per-policy values: --policy 'oea:warmup_k=1,2,3'.\n\n"
         "Example (both ESFT traces mixed, B = 16):\n"
         "  xshare eval --trace ../shared/traces/esft_intent.npz --trace ../shared/traces/esft_summary.npz \\\n"
@@ -228,7 +228,8 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--gpu-cap {c}: must be >= 1")
     group_budgets = [] if args.group_budget is None else [_parse_count(args.group_budget, "--group-budget", e, where)]
     masses = [_parse_mass(t, "--target-mass") for t in (args.target_mass or [])]
-    axes = {"budget": budgets, "target_mass": masses, "warmup_k": warmups, "group_budget": group_budgets, "gpu_cap": caps}
+    axes = {"budget": budgets, "target_mass": masses, "warmup_k": warmups, "group_budget": group_budgets,
+            "gpu_cap": caps}
     policies = _policies(args, e, where)
     for name, ov, _ in policies:
         for w in ov.get("warmup_k", []):

@@ -53,10 +53,10 @@ class Setting:
     policy: str
     batch: int | None
     budget: int | float | None = None
-    target_mass: float | None = None
     warmup_k: int | None = None
     group_budget: int | float | None = None
     gpu_cap: int | None = None
+    target_mass: float | None = None
 
     def config(self) -> SelectorConfig:
         kw: dict[str, Any] = {"policy": self.policy}
