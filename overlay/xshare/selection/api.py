@@ -85,6 +85,18 @@ def check_inputs(
     return placement
 
 
+def check_exact(exact: Tensor | None, num_rows: int, device: torch.device) -> Tensor | None:
+    """``exact`` (bool [T] on the logits' device: rows that keep their own routing), checked (shape,
+    type, device: no value read)."""
+    if exact is None:
+        return None
+    if not isinstance(exact, Tensor) or exact.dtype != torch.bool or exact.shape != (num_rows,):
+        raise ValueError(f"exact must be a bool tensor [T] with T = {num_rows}")
+    if exact.device != device:
+        raise ValueError(f"exact is on {exact.device}, router_logits on {device}")
+    return exact
+
+
 def batch_settings(config: SelectorConfig, knobs: SelectorKnobs | None, num_experts: int,
                    top_k: int) -> dict[str, int | Tensor]:
     """The numeric settings a :class:`Batch` holds: host values resolved against E from ``config``,
@@ -119,6 +131,7 @@ def prepare_batch(
     knobs: SelectorKnobs | None = None,
     prefer: Tensor | None = None,
     validate: bool = True,
+    exact: Tensor | None = None,
 ) -> Batch:
     """Validate the arguments of :func:`select` and build the :class:`Batch` the policies see."""
     placement = check_inputs(router_logits, top_k, config, groups=groups, placement=placement,
@@ -137,6 +150,7 @@ def prepare_batch(
         config=config,
         groups=None if groups is None else groups.long(),
         placement=placement,
+        exact=check_exact(exact, num_rows, device),
         **batch_settings(config, knobs, num_experts, top_k),
     )
     if prefer is not None:
@@ -157,6 +171,7 @@ def select(
     knobs: SelectorKnobs | None = None,
     prefer: Tensor | None = None,
     validate: bool = True,
+    exact: Tensor | None = None,
 ) -> Routing:
     """Select the experts of one MoE layer for one forward batch.
 
@@ -179,11 +194,14 @@ def select(
     validate       check values too (NaN/+inf logits, placement ids); this synchronises with the
                    host, so the serving hot path passes False (shapes and types are always checked,
                    and non-finite logits are then treated as unusable).
+    exact          bool [T] or None: rows routed exactly as vanilla top-k (with ``prefer``, the
+                   engine's own ids, order and weights); their experts join the warm-up W, so the
+                   sets built on W (xshare, xshare_ep, oea) contain them within the budget.
 
     Raises ValueError naming the bad argument.
     """
     batch = prepare_batch(router_logits, top_k, config, groups=groups, placement=placement,
-                          num_tokens=num_tokens, knobs=knobs, prefer=prefer, validate=validate)
+                          num_tokens=num_tokens, knobs=knobs, prefer=prefer, validate=validate, exact=exact)
     return finish_routing(batch, num_tokens=num_tokens, knobs=knobs)
 
 
@@ -217,6 +235,8 @@ def finish_routing(
         apply = applies_on_device(config, knobs, valid.sum())
         tiers = torch.where(apply & valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
         strategy = policy.replica_strategy
+    if batch.exact is not None:  # per-request exact routing: those rows keep their own top_k
+        tiers = torch.where(batch.exact.unsqueeze(1), vanilla.tiers(batch), tiers)
     ids, weights = route(batch, tiers)
     active = active_experts(ids, valid, batch.num_experts)
     physical = None

@@ -169,6 +169,9 @@ class Batch:
     placement: Placement | None
     warmup_k: int | Tensor = 0  # k0
     target_mass: float | Tensor = 0.0  # tau; 0 = off (the budget alone)
+    # bool [T] or None: rows that keep their own top_k exactly (per-request exact routing); their
+    # experts are part of the warm-up W, so every set built on W contains them
+    exact: Tensor | None = None
     group_budget: int | Tensor = 0  # m_r, resolved
     gpu_cap: int | Tensor = 0  # c; 0 = ceil(m / G)
     _rank: Tensor | None = field(default=None, repr=False)
@@ -201,8 +204,12 @@ class Batch:
         return (s * self.valid.unsqueeze(1)).sum(0)
 
     def warmup(self) -> Tensor:
-        """bool [E]: W = the union of every valid token's top-k0 experts."""
-        return self.batch_union(self.own_topk(self.warmup_k))
+        """bool [E]: W = the union of every valid token's top-k0 experts, and of every exact row's
+        own top_k (those rows keep their routing, so their experts are in S and count in its budget)."""
+        w = self.batch_union(self.own_topk(self.warmup_k))
+        if self.exact is not None:
+            w = w | self.batch_union(self.own_topk(self.top_k) & self.exact.unsqueeze(1))
+        return w
 
     def group_matrix(self) -> Tensor:
         """float32 [T, T] same-request matrix (each token its own request when groups is None)."""

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from xshare.selection.api import applies_on_device, batch_settings, check_inputs, finish_routing, prepare_batch
+from xshare.selection.api import (
+    applies_on_device,
+    batch_settings,
+    check_exact,
+    check_inputs,
+    finish_routing,
+    prepare_batch,
+)
 from xshare.selection.common import Batch, active_experts, preference_rank, valid_rows
 from xshare.selection.config import SelectorConfig
 from xshare.selection.gates import RouterSpec, reference_route, router_scores
@@ -74,6 +81,8 @@ class LayerCall:
                    replicas, every policy's routing also gets physical slots.
     knobs          :class:`SelectorKnobs` (device tensors read instead of the config's numbers).
     all_reduce     DeepEP global mode: sums a float32 [2E] tensor over the EP group (or None).
+    exact          bool [T]: rows that keep the engine's own routing exactly (per-request exact
+                   routing; their experts are forced into the policy's set), or None.
     """
 
     router_logits: Tensor
@@ -86,6 +95,7 @@ class LayerCall:
     placement: Placement | None = None
     knobs: SelectorKnobs | None = None
     all_reduce: AllReduce | None = None
+    exact: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,7 @@ def uses_cpu_kernel(call: LayerCall, config: SelectorConfig) -> bool:
     would need, no placement-driven replicas, no group-wide statistics)."""
     from xshare.selection.kernels.cpu import cpu_kernel_supports
 
-    if call.all_reduce is not None:
+    if call.all_reduce is not None or call.exact is not None:
         return False
     return cpu_kernel_supports(config, call.router_logits, _groups_for(get_policy(config.policy), call))
 
@@ -154,7 +164,7 @@ def prepare(call: LayerCall, config: SelectorConfig) -> Batch:
     policy = get_policy(config.policy)
     return prepare_batch(call.router_logits, call.top_k, config, groups=_groups_for(policy, call),
                          placement=call.placement, num_tokens=call.num_tokens,
-                         knobs=call.knobs, prefer=call.engine_ids, validate=False)
+                         knobs=call.knobs, prefer=call.engine_ids, validate=False, exact=call.exact)
 
 
 def finish(batch: Batch, config: SelectorConfig, *, num_tokens: int | Tensor | None = None,
@@ -272,7 +282,8 @@ def router_batch(call: LayerCall, config: SelectorConfig) -> Batch:
     batch = Batch(logits=choice, scores=torch.where(usable, gs.affinity, torch.zeros_like(gs.affinity)),
                   usable=usable, valid=valid, top_k=call.top_k, config=config,
                   groups=None if _groups_for(policy, call) is None else call.groups.long(), placement=placement,
-                  **batch_settings(config, call.knobs, num_experts, call.top_k))
+                  exact=check_exact(call.exact, num_rows, device), **batch_settings(config, call.knobs, num_experts,
+                                                                                    call.top_k))
     batch._rank = preference_rank(choice, usable, call.engine_ids, floor=float("-inf"))
     return batch
 
@@ -306,6 +317,8 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     else:
         allowed = policy.tiers(batch) >= 2  # the policy's sets (tier 1: a token's own fallback; 0: unusable)
     applies = apply & valid
+    if batch.exact is not None:  # exact rows keep the engine's routing verbatim
+        applies = applies & ~batch.exact
     allowed = torch.where(applies.unsqueeze(1), allowed, everything)
     # A token with no reachable expert in the set keeps the engine's routing (counted with the short rows).
     empty = applies & ~(allowed & usable).any(dim=1)
