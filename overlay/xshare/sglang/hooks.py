@@ -161,6 +161,28 @@ def _fill_groups(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: An
     state.groups = runtime.group_ids(bs * state.tokens_per_req, state.tokens_per_req, device)
 
 
+def _fill_exact(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: Any) -> None:
+    """The per-forward device mask of exact-routed rows (requests with ``custom_params`` xshare_exact),
+    filled before the model runs (:meth:`Runtime.exact_rows`); also clears the mask a CUDA graph reads."""
+    from xshare.sglang.requests import EXACT_ATTR
+
+    flags = getattr(forward_batch, EXACT_ATTR, None)
+    device = getattr(getattr(forward_batch, "input_ids", None), "device", None) or torch.device("cpu")
+    if flags is None or state.is_draft or state.mode not in runtime.modes() or not runtime.settings.enabled:
+        runtime.exact_rows(None, 1, device)
+        return
+    state.exact_unknown = True  # until the mask is filled: the routing hook then leaves every layer alone
+    if state.mode == "extend":
+        per_req = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        if per_req is None or len(per_req) != len(flags):
+            raise ValueError("exact routing: the prefill batch has no per-request lengths")
+        rows: list[int] | int = [int(n) for n in per_req]
+    else:
+        rows = state.tokens_per_req
+    state.exact = runtime.exact_rows(flags, rows, device)
+    state.exact_unknown = False
+
+
 def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND ``ModelRunner.forward(self, forward_batch, ...)``."""
     runtime = rt_mod.get()
@@ -171,6 +193,7 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
         _init_process_facts(runtime, self)
         state = _forward_state(runtime, self, forward_batch, capturing=False)
         _fill_groups(runtime, state, forward_batch)
+        _fill_exact(runtime, state, forward_batch)
         if runtime.trace is not None and not state.is_draft and state.mode in runtime.modes():
             runtime.trace.begin_forward(getattr(forward_batch, "rids", None), state.tokens_per_req,
                                         getattr(forward_batch, "positions", None))

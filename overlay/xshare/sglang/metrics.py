@@ -43,6 +43,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "xshare:mass_kept": ("histogram", (), "Gate mass kept (fraction of the tokens' own top-k mass), per layer call"),
     "xshare:top1_kept": ("histogram", (), "Fraction of tokens keeping their top-1 expert, per layer call"),
     "xshare:selector_calls_total": ("counter", (), "Routing hook calls (MoE layer calls seen)"),
+    "xshare:exact_tokens_total": ("counter", (), "Tokens routed exactly (the model's own top-k) because their "
+                                  "request asked (custom_params xshare_exact), per forward"),
     "xshare:fallbacks_total": ("counter", ("reason",), "Selector failures routed by SGLang's top-k, by reason"),
     "xshare:selector_seconds": ("histogram", (), "Host time of one selector call (launch time on a GPU)"),
     "xshare:config_info": ("gauge", ("policy", "version"), "1 for the config in force (0 for earlier ones)"),
@@ -82,6 +84,7 @@ class Exporter:
         self.on_flush = on_flush  # callable(summary dict) after each flush (admin stats file)
         self.m: dict[str, Any] = {}
         self._calls = 0
+        self._exact_tokens = 0
         self._fallbacks: dict[str, int] = {}
         self._profile: dict[str, tuple[int, float, float]] = {}  # mode -> (forwards, forward s, MoE s) exported
         self._labeled: set[str] = set(INITIAL_FALLBACK_REASONS)
@@ -105,6 +108,7 @@ class Exporter:
             for result in ("applied", "rejected"):
                 self._metric("xshare:config_changes_total", result).inc(0)
             self._metric("xshare:selector_calls_total").inc(0)
+            self._metric("xshare:exact_tokens_total").inc(0)
 
     def _metric(self, name: str, *labels: str) -> Any:
         return self.m[name].labels(self.rank, *labels) if self.m else None
@@ -176,6 +180,9 @@ class Exporter:
                 if ms > prev_ms:
                     self._metric("xshare:moe_seconds_total", mode).inc(ms - prev_ms)
                 self._profile[mode] = (n, fs, ms)
+            if stats.exact_tokens > self._exact_tokens:
+                self._metric("xshare:exact_tokens_total").inc(stats.exact_tokens - self._exact_tokens)
+                self._exact_tokens = stats.exact_tokens
             calls = stats.calls
             if calls > self._calls:
                 self._metric("xshare:selector_calls_total").inc(calls - self._calls)

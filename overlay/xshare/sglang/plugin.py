@@ -7,6 +7,7 @@ rank, detokenizer, DP controller) before it applies the registered hooks. :func:
   message naming it (``SystemExit``, which SGLang's plugin loader does not swallow), so the
   launcher refuses to start before any scheduler is spawned;
 * does nothing more unless ``XSHARE_ENABLE`` is on;
+* in the HTTP process, checks the per-request exact-routing flag (:mod:`xshare.sglang.requests`);
 * in a scheduler process (``run_scheduler_process``, or a Ray ``SchedulerActor`` once
   ``patches/`` is applied) creates the process's :class:`~xshare.sglang.runtime.Runtime` and
   registers the hooks of :mod:`xshare.sglang.hooks`. Other processes get no hooks (they never run
@@ -30,6 +31,7 @@ log = logging.getLogger("xshare.sglang")
 _SCHEDULER_FUNCS = {("sglang.srt.managers.scheduler", "run_scheduler_process"),
                     ("sglang.srt.ray.scheduler_actor", "__init__")}
 _registered = False
+_verify_registered = False
 
 
 def _scheduler_frame() -> FrameType | None:
@@ -60,7 +62,7 @@ def refuse(message: str) -> None:
 
 def register() -> None:
     """Entry point called by SGLang's ``load_plugins()``."""
-    global _registered
+    global _registered, _verify_registered
     from xshare.selection.schema import parse_bool_text
     from xshare.sglang.settings import HOOK_ALL_ENV, SettingError, load_settings
 
@@ -75,7 +77,15 @@ def register() -> None:
     if not settings.enabled and not admin_on:
         log.info("xshare: plugin loaded, selector disabled (set XSHARE_ENABLE=1 to enable it)")
         return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from xshare.sglang import requests
+
     frame = _scheduler_frame()
+    if frame is None and not _verify_registered:
+        # the HTTP process checks every request's sampling parameters: a bad exact-routing flag is a 400
+        HookRegistry.register(requests.VERIFY_TARGET, requests.verify_hook, HookType.AFTER)
+        _verify_registered = True
     if frame is None and parse_bool_text(os.environ.get(HOOK_ALL_ENV, "")) is not True:
         if multiprocessing.parent_process() is None:  # the launcher, which serves HTTP
             admin.install_routes(settings)
@@ -91,8 +101,6 @@ def register() -> None:
     if version != SGLANG_VERSION:
         log.warning("xshare: written for sglang %s, running on %s: the hook targets may have moved",
                     SGLANG_VERSION, version)
-
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from xshare.sglang import hooks, runtime
 
@@ -112,6 +120,7 @@ def register() -> None:
     if hooks.triton_routing_available():
         HookRegistry.register(hooks.TOPK_FORWARD_CUDA_TARGET, hooks.topk_forward_cuda_hook, HookType.AROUND)
         HookRegistry.register(hooks.TRITON_ROUTING_TARGET, hooks.triton_routing_hook, HookType.AROUND)
+    HookRegistry.register(requests.INIT_FORWARD_BATCH_TARGET, requests.init_forward_batch_hook, HookType.AFTER)
     if settings.profile:
         HookRegistry.register(hooks.MOE_FORWARD_TARGET, hooks.moe_forward_hook, HookType.AROUND)
     if settings.deepep_mode == "global":

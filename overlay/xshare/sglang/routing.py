@@ -63,6 +63,9 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             unsupported = "router_config"
             runtime.log_once("router_config", logging.WARNING, "xshare: layer router %s does not fit the layer: %s",
                              spec, exc)
+    if unsupported is None and (state.exact_unknown or (global_mode and state.exact is not None)):
+        # a request asked for exact routing and this call cannot honour it row by row: SGLang routes it all
+        unsupported = "exact_rows_unknown" if state.exact_unknown else "exact_routing_global_mode"
     if unsupported is not None:
         _leave_layer(runtime, args, unsupported, global_mode)
         return None
@@ -146,7 +149,8 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     knobs = None
     if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
         knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device)
-    base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
+    exact = _exact_rows(runtime, state, call, device) if not global_mode else None
+    base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
     _record(runtime, call, decision, placement)
@@ -158,7 +162,28 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
         return call.replace_rows(routing.topk_ids, routing.topk_weights, decision.replaced)
     new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
     # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
-    return call.replace(new_ids, routing.topk_weights, physical=routing.physical_ids is not None)
+    out = call.replace(new_ids, routing.topk_weights, physical=routing.physical_ids is not None)
+    if exact is not None and routing.physical_ids is None:  # exact rows: SGLang's own ids and weights, verbatim
+        keep = exact.unsqueeze(1)
+        out["topk_ids"] = torch.where(keep, call.topk_ids, out["topk_ids"])
+        out["topk_weights"] = torch.where(keep, call.topk_weights, out["topk_weights"])
+    return out
+
+
+def _exact_rows(runtime: Runtime, state: ForwardState, call: TopkCall, device: torch.device) -> torch.Tensor | None:
+    """bool [rows] of exact-routed rows for this call, or None. Under CUDA-graph capture, always the
+    persistent buffer (the graph then reads each replay's flags); a mask that does not match the rows
+    raises (the call falls back to SGLang's routing, exact for every row)."""
+    from xshare.sglang.runtime import EXACT_BUFFER_ROWS
+
+    if state.capturing:
+        if call.num_rows > EXACT_BUFFER_ROWS:
+            raise ValueError(f"exact routing: {call.num_rows} rows exceed the graph buffer ({EXACT_BUFFER_ROWS})")
+        return runtime.exact_buffer(device)[:call.num_rows]
+    exact = state.exact
+    if exact is not None and (exact.shape[0] != call.num_rows or exact.device != device):
+        raise ValueError(f"exact routing: {exact.shape[0]} flagged rows for a call of {call.num_rows} rows")
+    return exact
 
 
 def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any) -> None:

@@ -35,6 +35,8 @@ from xshare.sglang.trace import TraceRecorder
 log = logging.getLogger("xshare.sglang")
 
 MODES_DEFAULT = ("decode", "target_verify")
+# Rows of the persistent exact-routing buffer that CUDA graphs read (larger eager batches get their own).
+EXACT_BUFFER_ROWS = 8192
 # After this many forwards in a mode the selector applies to, an enabled selector that selected on
 # no MoE layer says so (WARNING, once), with the reasons.
 COVERAGE_CHECK_FORWARDS = 32
@@ -55,6 +57,8 @@ class ForwardState:
     is_draft: bool = False
     tokens_per_req: int = 1
     groups: Tensor | None = None  # int64 [rows]: request index of each row (device)
+    exact: Tensor | None = None  # bool [rows]: rows of requests asking for exact routing (device), or None
+    exact_unknown: bool = False  # some request asked for exact routing but its rows could not be told
     capturing: bool = False  # inside CUDA-graph capture: host-side decisions are baked in
     global_mode: str | None = None  # forward mode of the whole DP group (DeepEP global mode)
     global_rows: int | None = None  # rows of the whole DP group
@@ -73,6 +77,8 @@ class Runtime:
         self.current_topk: Any = None  # the SGLang TopK module running (triton_kernel runner routing only)
         self._knobs: dict[tuple, SelectorKnobs] = {}
         self._group_buffers: dict[tuple, Tensor] = {}
+        self._exact_buffers: dict[str, Tensor] = {}  # device -> bool [EXACT_BUFFER_ROWS] (CUDA graphs read it)
+        self._exact_dirty: set[str] = set()  # devices whose buffer holds True rows
         self._logged: set[str] = set()
         self.fault = FaultInjector()
         self.first_applied_logged = False
@@ -149,6 +155,41 @@ class Runtime:
             buf = torch.div(torch.arange(size, device=device), key[1], rounding_mode="floor")
             self._group_buffers[key] = buf
         return buf[:num_rows]
+
+    def exact_buffer(self, device: torch.device) -> Tensor:
+        """bool [EXACT_BUFFER_ROWS]: the persistent per-row exact-routing mask of ``device``. Never
+        reallocated, so a captured graph that read a slice of it reads each replay's flags."""
+        key = str(device)
+        buf = self._exact_buffers.get(key)
+        if buf is None:
+            buf = self._exact_buffers[key] = torch.zeros(EXACT_BUFFER_ROWS, dtype=torch.bool, device=device)
+        return buf
+
+    def exact_rows(self, flags: list[bool] | None, rows_per_req: list[int] | int,
+                   device: torch.device) -> Tensor | None:
+        """The exact-routing mask of one forward, filled on the device before the model runs: one
+        host-to-device copy of the per-row flags into the persistent buffer (expanded from the per-request
+        ``flags`` on the host: per request, never per token), or None when no request asks. A buffer
+        that held True rows is cleared first, so a replayed graph never reads stale flags."""
+        key = str(device)
+        buf = self._exact_buffers.get(key)
+        if flags is None:
+            if buf is not None and key in self._exact_dirty:
+                buf.zero_()
+                self._exact_dirty.discard(key)
+            return None
+        counts = torch.as_tensor(rows_per_req if isinstance(rows_per_req, list) else [rows_per_req] * len(flags))
+        host = torch.repeat_interleave(torch.tensor(flags, dtype=torch.bool), counts)
+        n = int(host.shape[0])
+        self.stats.count_exact_tokens(int(host.sum()))
+        if n > EXACT_BUFFER_ROWS:  # larger than any captured graph: an eager forward, its own tensor
+            return host.to(device)
+        buf = self.exact_buffer(device)
+        if key in self._exact_dirty:
+            buf[n:].zero_()
+        buf[:n].copy_(host, non_blocking=True)
+        self._exact_dirty.add(key)
+        return buf[:n]
 
     def modes(self) -> tuple[str, ...]:
         return MODES_DEFAULT + (("extend",) if self.settings.apply_prefill else ())

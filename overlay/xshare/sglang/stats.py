@@ -105,6 +105,7 @@ class SelectorStats:
         self.skipped: Counter[str] = Counter()  # reason -> calls routed by SGLang unchanged
         self.fallbacks: Counter[str] = Counter()  # reason -> calls where the selector failed (vanilla used)
         self.forwards = 0  # model forwards seen by the forward hook
+        self.exact_tokens = 0  # rows routed exactly at their request's asking (per forward, host count)
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
@@ -133,6 +134,9 @@ class SelectorStats:
     def count_fallback(self, reason: str) -> None:
         with self._lock:
             self.fallbacks[reason] += 1
+
+    def count_exact_tokens(self, n: int) -> None:
+        self.exact_tokens += n
 
     def count_forward(self) -> None:
         self.forwards += 1
@@ -255,6 +259,7 @@ class SelectorStats:
                 "time": time.time(),
                 "uptime_s": time.time() - self.started,
                 "forwards": self.forwards,
+                "exact_tokens": self.exact_tokens,
                 "calls": self.calls,
                 "applied": self.applied,
                 "skipped": dict(self.skipped),

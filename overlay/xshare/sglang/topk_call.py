@@ -129,10 +129,11 @@ class TopkCall:
         return self.router_logits.ndim == 2 and self.router_logits.shape[0] == self.num_rows
 
     def layer_call(self, *, groups: Tensor | None = None, placement: Placement | None = None,
-                   knobs: SelectorKnobs | None = None, all_reduce: Any = None) -> LayerCall:
+                   knobs: SelectorKnobs | None = None, all_reduce: Any = None,
+                   exact: Tensor | None = None) -> LayerCall:
         return LayerCall(router_logits=self.router_logits, top_k=self.top_k, layer=self.layer,
                          layer_id=self.layer_id, engine_ids=self.engine_ids, num_tokens=self.num_token_non_padded,
-                         groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce)
+                         groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
 
     def replace_rows(self, routed_ids: Tensor, routed_weights: Tensor, rows: Tensor) -> dict[str, Any]:
         """Router-spec layers: SGLang's outputs with the routed columns of ``rows`` (bool [T]) replaced by
