@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from xshare.bench.serve.grid import build_settings, parse_budget
+from xshare.bench.serve.grid import build_settings, parse_budget, parse_target_mass
 from xshare.bench.serve.metrics import parse_metrics, window_figures
 from xshare.bench.serve.sweep import _round_order
 
@@ -25,6 +25,17 @@ def test_settings_grid():
     with pytest.raises(ValueError, match="--budget"):
         parse_budget("x")
     assert parse_budget("8") == 8 and parse_budget("0.5") == 0.5
+
+
+def test_target_mass_settings_run_at_budget_e():
+    s = build_settings(["xshare", "oea"], [8], [1], target_masses=[0.9, 0.95])
+    assert [x.name for x in s] == ["off", "topk", "xshare@8", "xshare@tau=0.9", "xshare@tau=0.95", "oea@k0=1"]
+    assert s[3].body() == {"enabled": True, "policy": "xshare", "budget": 1.0, "warmup_k": 1, "target_mass": 0.9}
+    assert s[3].to_dict()["target_mass"] == 0.9 and s[2].to_dict()["target_mass"] is None
+    assert "target_mass" not in s[2].body()
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(ValueError, match="--target-mass"):
+            parse_target_mass(bad)
 
 
 def test_round_order_interleaves_and_keeps_off_first():

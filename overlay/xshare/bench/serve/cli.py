@@ -19,6 +19,7 @@ from xshare.bench.serve.grid import (
     Setting,
     build_settings,
     parse_budget,
+    parse_target_mass,
 )
 from xshare.bench.serve.report import describe_model, plot, table
 from xshare.bench.serve.server import add_threads_argument, resolve_model, start_server
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"policy (repeatable; default {', '.join(DEFAULT_POLICIES)}); off and topk always run")
     p.add_argument("--budget", action="append", metavar="M",
                    help="budget of budgeted policies: int or fraction of E (repeatable; default 0.25, 0.5, 0.75)")
+    p.add_argument("--target-mass", action="append", metavar="TAU",
+                   help="target mass of the policies with one (xshare, xshare_ep), each at budget E (repeatable; "
+                        "default none)")
     p.add_argument("--oea-k0", action="append", type=int, metavar="K0",
                    help="warm-up k0 of the policies swept over it (oea, des_seq; repeatable; default 1, 2)")
     p.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 of the budgeted policies (default 1)")
@@ -64,8 +68,9 @@ def _check(args: argparse.Namespace) -> tuple[list[Setting], list[Any]]:
     k0 = args.oea_k0 or list(DEFAULT_OEA_K0)
     if any(k < 1 for k in k0):
         raise ValueError(f"--oea-k0 must be >= 1, got {k0}")
+    masses = [parse_target_mass(t) for t in (args.target_mass or [])]
     settings = build_settings(args.policy or list(DEFAULT_POLICIES), budgets, k0, warmup_k=args.warmup_k,
-                              include_topk=not args.no_topk)
+                              include_topk=not args.no_topk, target_masses=masses)
     return settings, T.heldout(args.problems, seed=args.seed)
 
 

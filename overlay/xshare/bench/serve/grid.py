@@ -1,5 +1,6 @@
 """The settings grid of ``xshare bench serve``: ``off``, ``topk``, and each policy over the knob it
-declares for a sweep (``Policy.sweep_knob``: budget policies x budgets, warm-up policies x k0)."""
+declares for a sweep (``Policy.sweep_knob``: budget policies x budgets, warm-up policies x k0), and
+the policies with a mass target x the target masses (budget E: tau alone decides)."""
 
 from __future__ import annotations
 
@@ -29,16 +30,21 @@ class Setting:
     policy: str = "topk"
     budget: int | float = 0.5
     warmup_k: int = 1
+    target_mass: float | None = None
 
     def body(self) -> dict[str, Any]:
         """The ``PUT /xshare/config`` body."""
-        return {"enabled": self.enabled, "policy": self.policy, "budget": self.budget, "warmup_k": self.warmup_k}
+        body = {"enabled": self.enabled, "policy": self.policy, "budget": self.budget, "warmup_k": self.warmup_k}
+        if self.target_mass is not None:
+            body["target_mass"] = self.target_mass
+        return body
 
     def to_dict(self) -> dict[str, Any]:
         knobs = get_policy(self.policy).knobs if self.enabled else ()
         return {"name": self.name, "enabled": self.enabled, "policy": self.policy if self.enabled else None,
                 "budget": self.budget if "budget" in knobs else None,
-                "warmup_k": self.warmup_k if "warmup_k" in knobs else None}
+                "warmup_k": self.warmup_k if "warmup_k" in knobs else None,
+                "target_mass": self.target_mass if "target_mass" in knobs else None}
 
 
 def _fmt_budget(b: int | float) -> str:
@@ -46,9 +52,11 @@ def _fmt_budget(b: int | float) -> str:
 
 
 def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_k0: Sequence[int], *,
-                   warmup_k: int = 1, include_topk: bool = True) -> list[Setting]:
+                   warmup_k: int = 1, include_topk: bool = True,
+                   target_masses: Sequence[float] = ()) -> list[Setting]:
     """``off`` (always first), ``topk`` (optional), then each policy over its ``sweep_knob``: the
-    budgets, or the warm-up values ``oea_k0``; a policy without one runs once."""
+    budgets, or the warm-up values ``oea_k0``; a policy without one runs once. A policy with a mass
+    target (``'target_mass' in Policy.knobs``) also runs at each of ``target_masses`` (budget 1.0 = E)."""
     out = [Setting("off", False)]
     if include_topk:
         out.append(Setting("topk", True, "topk"))
@@ -66,10 +74,19 @@ def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_
             out.extend(Setting(f"{p}@k0={k}", True, p, warmup_k=k) for k in oea_k0)
         else:
             out.append(Setting(p, True, p, warmup_k=warmup_k))
+        if "target_mass" in policy.knobs:
+            out.extend(Setting(f"{p}@tau={t:g}", True, p, 1.0, warmup_k, target_mass=t) for t in target_masses)
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate settings: {names}")
     return out
+
+
+def parse_target_mass(text: str) -> float:
+    """--target-mass: a number in (0, 1] (ValueError naming the flag)."""
+    from xshare.selection.schema import parse_fraction
+
+    return parse_fraction(text, "--target-mass")
 
 
 def parse_budget(text: str) -> int | float:

@@ -30,7 +30,8 @@ def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """accuracy_vs_experts.png and speed_vs_experts.png (one series per policy; off and topk as marks)."""
+    """accuracy_vs_experts.png and speed_vs_experts.png (one series per policy and knob: budgets, and the
+    target masses as their own curve; off and topk as marks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +41,10 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     for r in rows:
         if r.get("activated") is None:
             continue
-        series.setdefault(r["policy"] if r["enabled"] else "off", []).append(r)
+        name = r["policy"] if r["enabled"] else "off"
+        if r.get("target_mass") is not None:
+            name += " (target mass)"
+        series.setdefault(name, []).append(r)
     paths = []
     for key, ylabel, fname, scale in (("accuracy", "exact match (%)", "accuracy_vs_experts.png", 100.0),
                                       ("decode_tokens_per_s", "decode tokens/s", "speed_vs_experts.png", 1.0)):
