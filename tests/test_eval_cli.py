@@ -104,6 +104,27 @@ def test_target_mass_sweep_rows_and_matched_curves(tmp_path, capsys):
     assert ("xshare", "target_mass") in knobs and ("xshare", "budget") in knobs
 
 
+def test_per_layer_budgets_replay_each_layer_with_its_own(tmp_path, capsys):
+    a, _ = _traces(tmp_path)
+    out_json = tmp_path / "r.json"
+    layers = synthetic_trace()["topk_ids"].shape[0]
+    per_layer = [3 + i for i in range(layers)]
+    rc, _, err = _run(capsys, "--trace", a, "--policy", "xshare", "--budget", json.dumps(per_layer), "--budget",
+                      '{"default": 4, "0": 9}', "--batch", 8, "--gpus", 4, "--json", out_json)
+    assert rc == 0, err
+    rows = json.loads(out_json.read_text())["results"]
+    args = (json.dumps(per_layer, separators=(",", ":")), '{"default":4,"0":9}')
+    listed, mapped = (next(r for r in rows if r["budget_arg"] == arg) for arg in args)
+    assert listed["per_layer"]["budget"] == per_layer
+    assert mapped["per_layer"]["budget"] == [9] + [4] * (layers - 1)
+    act = mapped["per_layer"]["active_experts_mean"]
+    assert act[0] > max(act[1:])  # the layer given more experts activates more
+    rc, _, err = _run(capsys, "--trace", a, "--policy", "xshare", "--budget", json.dumps(per_layer[:-1]), "--batch", 8)
+    assert rc == 2 and f"{layers} MoE layers" in err
+    rc, _, err = _run(capsys, "--trace", a, "--policy", "xshare", "--budget", '{"99": 4}', "--batch", 8)
+    assert rc == 2 and "unknown MoE layer id(s) 99" in err
+
+
 def test_eplb_placement_roundtrip(tmp_path, capsys):
     a, b = _traces(tmp_path)
     saved, r1, r2 = tmp_path / "pl.json", tmp_path / "r1.json", tmp_path / "r2.json"

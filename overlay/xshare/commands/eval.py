@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"decode batch size: B tokens from B different sequences (repeatable; default "
                         f"{DEFAULT_BATCH}); not allowed with traces that record their batches (batch_ids)")
     g.add_argument("--budget", action="append", metavar="M",
-                   help=f"{_knob_help('budget')}: an int <= E or a fraction in (0, 1] (repeatable; default "
+                   help=f"{_knob_help('budget')}: an int <= E or a fraction in (0, 1], or one per trace layer "
+                        f"(a JSON list, or {{\"default\": m, \"<layer index>\": m}}) (repeatable; default "
                         f"{DEFAULT_BUDGET})")
     g.add_argument("--target-mass", action="append", metavar="TAU",
                    help=f"{_knob_help('target_mass')}: a number in (0, 1] or none (repeatable; default none)")
@@ -107,9 +108,23 @@ class UsageError(ValueError):
     pass
 
 
-def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | float:
-    from xshare.selection.config import parse_count
+def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | float | str:
+    """A count; for --budget also one per trace layer (JSON list or map, kept as its canonical JSON text)."""
+    import json
 
+    from xshare.selection.config import parse_count
+    from xshare.selection.schema import SELECTOR
+
+    if flag.endswith("budget") and not flag.endswith("group-budget") and text.strip()[:1] in ("[", "{"):
+        try:
+            value = SELECTOR["budget"].parse(text)
+        except ValueError as exc:
+            raise UsageError(f"{flag} {text}: {exc}") from None
+        values = value if isinstance(value, tuple) else tuple(value.values())
+        for v in values:
+            if isinstance(v, int) and v > num_experts:
+                raise UsageError(f"{flag} {text}: {v} exceeds the number of experts E = {num_experts} of {where}")
+        return json.dumps(list(value) if isinstance(value, tuple) else dict(value), separators=(",", ":"))
     try:
         value = parse_count(text, flag)
     except ValueError as exc:
@@ -183,6 +198,8 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     from xshare.eval.placements import EPLBOptions, build_placements
     from xshare.eval.replay import Plan, Setting, knobs_of, make_settings
     from xshare.eval.traces import load_traces, parse_layers
+    from xshare.selection.registry import check_per_layer
+    from xshare.selection.types import ModelShape
 
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--save-placement", args.save_placement)):
         _check_out_file(path, flag)
@@ -242,9 +259,10 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     from_all = {n for n, _, a in policies if a} - {n for n, _, a in policies if not a}
     notes: list[str] = []
     valid: list[Setting] = []
+    layer_shape = ModelShape(e, k, tuple(range(trace.num_layers)))  # per-layer values: one per trace layer
     for s in settings:
         try:
-            s.config()
+            check_per_layer(s.config(), layer_shape)
         except ValueError as err:
             if s.policy in from_all:  # 'all' expands to every policy: skip the ones a knob does not fit
                 notes.append(f"skipped {s.label()}: {err}")

@@ -36,7 +36,7 @@ from xshare.eval.traces import Trace
 from xshare.selection import Placement, SelectorConfig, get_policy
 from xshare.selection.engine import LayerCall, LayerRouting, decide
 from xshare.selection.registry import validated
-from xshare.selection.schema import SWEEP_FIELDS
+from xshare.selection.schema import SELECTOR, SWEEP_FIELDS
 
 KNOBS = tuple(f.name for f in SWEEP_FIELDS)  # the settings a sweep can vary (one schema)
 
@@ -62,6 +62,8 @@ class Setting:
         kw: dict[str, Any] = {"policy": self.policy}
         for k in KNOBS:
             v = getattr(self, k)
+            if isinstance(v, str):  # a per-layer value, held as its JSON text (hashable)
+                v = SELECTOR[k].parse(v)
             if v is not None:
                 kw[k] = v
         return validated(SelectorConfig(**kw))
@@ -257,7 +259,8 @@ def replay_unit(plan: Plan, bkey: int | None, li: int,
     settings = [Setting(VANILLA, bkey)] + [s for s in plan.settings_for(bkey) if s != Setting(VANILLA, bkey)]
     out: dict[Setting, LayerStats] = {}
     for s in settings:
-        ids, phys, seconds = _route(plan, s.config(), logits, groups, sizes, placement, layer)
+        cfg = s.config().for_layer(layer, range(trace.num_layers))  # per-layer values: the trace's layers
+        ids, phys, seconds = _route(plan, cfg, logits, groups, sizes, placement, layer)
         m = layer_metrics(ids, phys, valid, tokens, probs, stored, placement, plan.cost)
         out[s] = LayerStats(**m, select_seconds=seconds, calls=len(sizes))
         if tick is not None:
@@ -360,7 +363,7 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
         "num_batches": batches.num_batches,
         "budget": budget,
         "budget_arg": setting.budget if "budget" in knobs else None,
-        "target_mass": cfg.target_mass if "target_mass" in knobs else None,
+        "target_mass": cfg.to_dict()["target_mass"] if "target_mass" in knobs else None,
         "warmup_k": cfg.warmup_k if "warmup_k" in knobs else None,
         "group_budget": (cfg.group_budget_for(num_experts, trace.top_k) if "group_budget" in knobs else None),
         "gpus": g,
@@ -392,6 +395,8 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
             "mass_kept": [_f(x) for x in _stack(stats, "mass").mean(1)],
             "top1_kept": [_f(x) for x in _stack(stats, "top1").mean(1)],
             "peak_gpu_experts_mean": [_f(x) for x in peak.mean(1)],
+            "budget": [cfg.for_layer(i, range(trace.num_layers)).budget_for(num_experts) if "budget" in knobs
+                       else None for i in plan.layers],
         },
     }
     cost = plan.cost

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from xshare.selection.schema import SELECTOR, SELECTOR_FIELDS, is_int, parse_count
+from xshare.selection.schema import DEFAULT_KEY, SELECTOR, SELECTOR_FIELDS, freeze_layers, is_int, parse_count
+
+PER_LAYER = tuple(f.name for f in SELECTOR_FIELDS if f.per_layer)
 
 __all__ = ["SCORINGS", "SelectorConfig", "parse_count", "resolve_count"]
 
@@ -36,7 +38,9 @@ class SelectorConfig:
 
     policy        registered policy name (see :func:`xshare.selection.available_policies`).
     budget        m: max experts kept per layer and batch; an int >= 1, or a float in (0, 1] = a
-                  fraction of the layer's experts E. Values above E are clamped to E.
+                  fraction of the layer's experts E. Values above E are clamped to E. Like
+                  ``target_mass``, also one value per MoE layer (a tuple in MoE-layer order, or a map
+                  {"default": v, "<layer id>": v}); :meth:`for_layer` gives a layer's own config.
     target_mass   tau in (0, 1]: S is the fewest experts (warm-up included) whose summed gate mass
                   over the batch reaches tau of the batch's total, capped by the budget; None = the
                   budget alone. Read by the policies with ``Policy.target_mass``.
@@ -51,8 +55,8 @@ class SelectorConfig:
     """
 
     policy: str = SELECTOR["policy"].default
-    budget: int | float = SELECTOR["budget"].default
-    target_mass: float | None = SELECTOR["target_mass"].default
+    budget: Any = SELECTOR["budget"].default  # int | float, or per MoE layer (tuple / map)
+    target_mass: Any = SELECTOR["target_mass"].default  # float | None, or per MoE layer
     warmup_k: int = SELECTOR["warmup_k"].default
     group_budget: int | float | None = SELECTOR["group_budget"].default
     gpu_cap: int | None = SELECTOR["gpu_cap"].default
@@ -68,9 +72,61 @@ class SelectorConfig:
         if self.max_tokens is not None and self.max_tokens < self.min_tokens:
             raise ValueError(f"max_tokens must be None or an int >= min_tokens, got {self.max_tokens!r}")
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        for name in PER_LAYER:
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple, Mapping)):
+                object.__setattr__(self, name, freeze_layers(v))
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether a setting has one value per MoE layer (resolve a layer's with :meth:`for_layer`)."""
+        return any(isinstance(getattr(self, n), (tuple, Mapping)) for n in PER_LAYER)
+
+    def layer_value(self, name: str, layer_id: int, moe_layers: Sequence[int] = ()) -> Any:
+        """The value of setting ``name`` on MoE layer ``layer_id``: a list is indexed by the layer's
+        position in ``moe_layers`` (ValueError when it is not there), a map by the id, then 'default',
+        then the setting's default."""
+        v = getattr(self, name)
+        if isinstance(v, tuple):
+            layers = list(moe_layers)
+            if layer_id not in layers or len(layers) != len(v):
+                raise ValueError(f"{name}: a per-layer list of {len(v)} values needs the model's MoE layers "
+                                 f"({len(layers)} known); layer {layer_id} is not one of them")
+            return v[layers.index(layer_id)]
+        if isinstance(v, Mapping):
+            key = str(layer_id)
+            return v[key] if key in v else v.get(DEFAULT_KEY, SELECTOR[name].default)
+        return v
+
+    def for_layer(self, layer_id: int, moe_layers: Sequence[int] = ()) -> SelectorConfig:
+        """This config with every per-layer setting resolved for MoE layer ``layer_id`` (itself when
+        nothing is per layer; cached)."""
+        if not self.per_layer:
+            return self
+        key = (layer_id, tuple(moe_layers))
+        cache = self.__dict__.setdefault("_layers", {})
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = self.replace(**{n: self.layer_value(n, layer_id, moe_layers) for n in PER_LAYER})
+        return hit
+
+    def scalar_value(self, name: str) -> Any:
+        """One number for a per-layer setting where one is shown (a gauge, a summary): a map's
+        'default', the largest value of a list (None values count as off)."""
+        v = getattr(self, name)
+        if isinstance(v, tuple):
+            present = [x for x in v if x is not None]
+            return max(present) if present else None
+        if isinstance(v, Mapping):
+            return v.get(DEFAULT_KEY, SELECTOR[name].default)
+        return v
     def budget_for(self, num_experts: int) -> int:
-        """m for a layer of ``num_experts`` experts."""
+        """m for a layer of ``num_experts`` experts (per-layer budgets: the largest of them; resolve a
+        layer's own with :meth:`for_layer` first)."""
+        if isinstance(self.budget, (tuple, Mapping)):
+            values = self.budget if isinstance(self.budget, tuple) else [self.scalar_value("budget"),
+                                                                           *self.budget.values()]
+            return max(resolve_count(v, num_experts) for v in values)
         return resolve_count(self.budget, num_experts)
 
     def group_budget_for(self, num_experts: int, top_k: int) -> int:
@@ -90,6 +146,11 @@ class SelectorConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["extra"] = dict(self.extra)
+        for name in PER_LAYER:  # JSON-ready: a list, or a plain dict
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
+            elif isinstance(d[name], Mapping):
+                d[name] = dict(d[name])
         return d
 
     @classmethod

@@ -181,18 +181,53 @@ def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
     """Raise ValueError naming the setting when ``config`` cannot apply to ``model``: the budget
     (as resolved for E) in [top_k, E], warmup_k <= top_k, group_budget and gpu_cap <= E. The value
     ranges of the schema (:data:`~xshare.selection.schema.INT_MAX`) are checked by the config itself."""
+    from collections.abc import Mapping
+
     e, k = model.num_experts, model.top_k
-    budget = config.budget
-    resolved = budget if isinstance(budget, int) else config.budget_for(e)
-    if not k <= resolved <= e:
-        raise ValueError(f"budget {budget!r} is outside [top_k, E] = [{k}, {e}] for this model"
-                         + (f" (it resolves to {resolved})" if isinstance(budget, float) else ""))
+    values = config.budget if isinstance(config.budget, tuple) else \
+        tuple(config.budget.values()) if isinstance(config.budget, Mapping) else (config.budget,)
+    for budget in values:  # per-layer budgets: every value
+        resolved = budget if isinstance(budget, int) else config.replace(budget=budget).budget_for(e)
+        if not k <= resolved <= e:
+            raise ValueError(f"budget {budget!r} is outside [top_k, E] = [{k}, {e}] for this model"
+                             + (f" (it resolves to {resolved})" if isinstance(budget, float) else ""))
     if config.warmup_k > k:
         raise ValueError(f"warmup_k = {config.warmup_k} exceeds the model's top_k = {k}")
     if isinstance(config.group_budget, int) and config.group_budget > e:
         raise ValueError(f"group_budget = {config.group_budget} exceeds the model's E = {e}")
     if config.gpu_cap is not None and config.gpu_cap > e:
         raise ValueError(f"gpu_cap = {config.gpu_cap} exceeds the model's E = {e}")
+    check_per_layer(config, model)
+
+
+def check_per_layer(config: SelectorConfig, model: ModelShape) -> None:
+    """Per-layer settings (a list, or a map of layer ids) against the model's MoE layers."""
+    from collections.abc import Mapping
+
+    from xshare.selection.config import PER_LAYER
+    from xshare.selection.schema import DEFAULT_KEY
+
+    layers = tuple(model.moe_layers)
+    for name in PER_LAYER:
+        value = getattr(config, name)
+        if isinstance(value, tuple):
+            if not layers:
+                raise ValueError(f"{name}: a per-layer list needs the model's MoE layers, which are unknown; "
+                                 f"use a map {{\"default\": v, \"<layer id>\": v}}")
+            if len(value) != len(layers):
+                raise ValueError(f"{name}: a per-layer list has {len(value)} values, the model has {len(layers)} "
+                                 f"MoE layers ({_layer_text(layers)})")
+        elif isinstance(value, Mapping) and layers:
+            unknown = [k for k in value if k != DEFAULT_KEY and int(k) not in layers]
+            if unknown:
+                raise ValueError(f"{name}: unknown MoE layer id(s) {', '.join(unknown)} (the model's MoE layers: "
+                                 f"{_layer_text(layers)})")
+
+
+def _layer_text(layers: tuple[int, ...]) -> str:
+    if layers == tuple(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ", ".join(map(str, layers))
 
 
 def validated(config: SelectorConfig, model: ModelShape | None = None) -> SelectorConfig:

@@ -18,7 +18,12 @@ Kinds (``Field.kind``):
     path     a filesystem path (text)
     text     free text, checked by ``check`` when given
 
-``optional`` fields also take None (text: ``none`` / empty). Pure Python: no torch, no SGLang.
+``optional`` fields also take None (text: ``none`` / empty). ``per_layer`` fields (the budget and the
+target mass) also take one value per MoE layer: a list (the i-th value for the i-th MoE layer, in
+layer order), or a map ``{"default": v, "<layer id>": v, ...}`` (decoder layer ids; layers not named
+take ``default``, else the field's default). Text: the JSON of either. Which layer ids exist is
+checked against the served model (:func:`xshare.selection.registry.check_for_model`). Pure Python:
+no torch, no SGLang.
 """
 
 from __future__ import annotations
@@ -136,6 +141,7 @@ class Field:
     device: bool = False  # held in a device tensor (SelectorKnobs): changes reach captured CUDA graphs
     sweep: bool = False  # a per-policy knob that evaluations and benchmarks vary
     check: Callable[[Any], str | None] | None = None  # extra value check: an error message or None
+    per_layer: bool = False  # also one value per MoE layer: a list, or a map {"default": v, "<layer>": v}
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -165,11 +171,17 @@ class Field:
             "choice": " / ".join(self.choices), "mapping": "JSON object", "path": "path", "text": "text",
             "int": f"int >= {self.minimum if self.minimum is not None else 0}",
         }[self.kind]
-        return text + (" or none" if self.optional else "")
+        text += " or none" if self.optional else ""
+        return text + (", or per MoE layer: a JSON list or {\"default\": v, \"<layer>\": v}" if self.per_layer else "")
 
     # -- values ------------------------------------------------------------------------------------
     def validate(self, value: Any) -> None:
         """ValueError naming the field unless ``value`` (already typed) is valid for it."""
+        if self.per_layer and isinstance(value, (list, tuple, Mapping)):
+            for key, v in layer_items(self.name, value):
+                Field(f"{self.name}[{key}]", self.kind, self.default, self.help, self.minimum, self.optional,
+                      self.choices, check=self.check).validate(v)
+            return
         if value is None:
             if self.optional:
                 return
@@ -220,7 +232,17 @@ class Field:
             text = value.strip()
             if self.optional and text.lower() in ("none", "null", ""):
                 return None
+            if self.per_layer and text[:1] in ("[", "{"):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{self.name}: not a JSON list or object ({exc})") from None
+                self.validate(value)
+                return freeze_layers(value)
             value = self._from_text(text)
+        elif self.per_layer and isinstance(value, (list, tuple, Mapping)):
+            self.validate(value)
+            return freeze_layers(value)
         elif self.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
         elif self.kind == "fraction" and is_real(value):
@@ -265,7 +287,37 @@ class Field:
             return "1" if value else "0"
         if isinstance(value, Mapping):
             return json.dumps(dict(value))
+        if isinstance(value, (list, tuple)):
+            return json.dumps(list(value))
         return str(value)
+
+
+DEFAULT_KEY = "default"
+
+
+def layer_items(name: str, value: Sequence[Any] | Mapping[Any, Any]) -> list[tuple[str, Any]]:
+    """(key, value) pairs of a per-layer value: list positions, or the map's keys ("default" or a
+    layer id >= 0, as text). ValueError naming ``name`` for an empty list or a bad key."""
+    if isinstance(value, Mapping):
+        out = []
+        for k, v in value.items():
+            key = str(k).strip() if not isinstance(k, bool) else ""
+            if key != DEFAULT_KEY and not (key.isdigit() and (is_int(k) or isinstance(k, str))):
+                raise ValueError(f"{name}: per-layer keys are 'default' or a layer id >= 0, got {k!r}")
+            out.append((key, v))
+        return out
+    if not value:
+        raise ValueError(f"{name}: a per-layer list needs one value per MoE layer, got an empty list")
+    return [(str(i), v) for i, v in enumerate(value)]
+
+
+def freeze_layers(value: Sequence[Any] | Mapping[Any, Any]) -> tuple[Any, ...] | Mapping[str, Any]:
+    """A per-layer value as the config holds it: a tuple, or a read-only map with text keys."""
+    from types import MappingProxyType
+
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k).strip(): v for k, v in value.items()})
+    return tuple(value)
 
 
 def by_name(fields: Sequence[Field]) -> dict[str, Field]:
@@ -275,11 +327,11 @@ def by_name(fields: Sequence[Field]) -> dict[str, Field]:
 SELECTOR_FIELDS: tuple[Field, ...] = (
     Field("policy", "policy", "xshare", "selection policy (xshare.selection.available_policies())"),
     Field("budget", "count", 0.5, "m: experts kept per layer and batch (values above E mean E)",
-          device=True, sweep=True),
+          device=True, sweep=True, per_layer=True),
     Field("target_mass", "fraction", None,
           "tau: keep the fewest experts whose batch gate mass reaches this share of the batch's total "
           "(warm-up included, capped by the budget; none = the budget alone)",
-          optional=True, device=True, sweep=True),
+          optional=True, device=True, sweep=True, per_layer=True),
     Field("warmup_k", "int", 1, "k0: every token keeps its own top-k0 experts (0 = no warm-up)", minimum=0,
           device=True, sweep=True),
     Field("group_budget", "count", None, "m_r: per-request budget of per-request policies (none = top_k)",

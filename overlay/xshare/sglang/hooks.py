@@ -34,7 +34,7 @@ import torch
 from xshare.selection import get_policy
 from xshare.selection.group_stats import join_empty
 from xshare.sglang import runtime as rt_mod
-from xshare.sglang.model_shape import moe_shape
+from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 from xshare.sglang.placement import sglang_placement
 from xshare.sglang.runtime import ForwardState
 
@@ -121,6 +121,8 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
         runtime.log_once("scattered", logging.WARNING, "xshare: cannot tell the MoE a2a backend (%s)", exc)
     hf = getattr(getattr(model_runner, "model_config", None), "hf_text_config", None)
     runtime.num_experts_hint = moe_shape(hf)[1]
+    if not runtime.moe_layers:
+        runtime.moe_layers = moe_layer_ids(hf)
     runtime.placements.source = functools.partial(sglang_placement, runtime.placements)
     # built (or loaded from the cache) now, not in the first decode step
     if str(getattr(model_runner, "device", "")) == "cpu" and runtime.cpu_kernel_ready():

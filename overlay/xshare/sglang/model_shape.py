@@ -20,3 +20,19 @@ def _first_positive(config: Any, names: tuple[str, ...]) -> int | None:
 def moe_shape(hf_config: Any) -> tuple[int | None, int | None]:
     """(top_k, E) of a model config (``hf_text_config``), None where the config does not say."""
     return _first_positive(hf_config, TOP_K_NAMES), _first_positive(hf_config, EXPERT_COUNT_NAMES)
+
+
+def moe_layer_ids(hf_config: Any) -> tuple[int, ...]:
+    """The decoder layer ids with an MoE block, from the config names SGLang's models read
+    (DeepSeek: ``first_k_dense_replace`` / ``moe_layer_freq``; Qwen-MoE: ``mlp_only_layers`` /
+    ``decoder_sparse_step``; otherwise every layer); empty when the config does not say."""
+    n = _first_positive(hf_config, ("num_hidden_layers", "num_layers"))
+    if n is None or moe_shape(hf_config)[1] is None:
+        return ()
+    first_dense = getattr(hf_config, "first_k_dense_replace", None)
+    if isinstance(first_dense, int) and not isinstance(first_dense, bool):
+        freq = _first_positive(hf_config, ("moe_layer_freq",)) or 1
+        return tuple(i for i in range(n) if i >= first_dense and i % freq == 0)
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    step = _first_positive(hf_config, ("decoder_sparse_step",)) or 1
+    return tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)

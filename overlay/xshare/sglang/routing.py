@@ -130,7 +130,7 @@ def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mod
 
 def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool) -> dict[str, Any]:
     s = runtime.settings
-    config = s.selector
+    config = runtime.layer_config(s.selector, call.layer_id)  # per-layer budget / target mass
     policy = get_policy(config.policy)
     logits = call.router_logits
     device = logits.device
@@ -148,7 +148,7 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     all_reduce = runtime.all_reduce if global_mode else None
     knobs = None
     if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
-        knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device)
+        knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device, call.layer_id)
     exact = _exact_rows(runtime, state, call, device) if not global_mode else None
     base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())

@@ -88,6 +88,7 @@ class Runtime:
         self.all_reduce: AllReduce | None = None  # DeepEP global mode only
         self.scattered_input: bool | None = None  # MoE rows are a DP-local shard (a2a backend)
         self.num_experts_hint: int | None = None
+        self.moe_layers: tuple[int, ...] = ()  # the model's MoE layer ids (per-layer settings are indexed by them)
         self.trace: TraceRecorder | None = None
         # Observability (xshare.sglang.metrics / xshare.sglang.admin): the config version, the
         # Prometheus exporter (only with SGLang's --enable-metrics) and the admin state directory.
@@ -114,13 +115,20 @@ class Runtime:
         """Swap the active settings; device knobs are updated in place (CUDA-graph safe for the
         numeric settings; a policy change takes effect in eager forwards and new captures)."""
         with self._lock:
-            for (_device, _e, _k, scoring, renorm), knobs in self._knobs.items():
-                layer = settings.selector.replace(scoring=scoring, renormalize=renorm)
+            for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
+                layer = self.layer_config(settings.selector, layer_id).replace(scoring=scoring, renormalize=renorm)
                 knobs.update(layer, enabled=settings.enabled)
             self.settings = settings
 
-    def knobs_for(self, config: SelectorConfig, num_experts: int, top_k: int, device: torch.device) -> SelectorKnobs:
-        key = (str(device), num_experts, top_k, config.scoring, config.renormalize)
+    def layer_config(self, config: SelectorConfig, layer_id: int) -> SelectorConfig:
+        """``config`` with its per-layer settings resolved for MoE layer ``layer_id``."""
+        return config.for_layer(layer_id, self.moe_layers)
+
+    def knobs_for(self, config: SelectorConfig, num_experts: int, top_k: int, device: torch.device,
+                  layer_id: int = 0) -> SelectorKnobs:
+        """The device knobs of one MoE layer (per layer: budgets and target masses may differ by layer,
+        and a captured graph keeps reading its layer's tensors as settings change)."""
+        key = (str(device), num_experts, top_k, config.scoring, config.renormalize, layer_id)
         knobs = self._knobs.get(key)
         if knobs is None:
             knobs = SelectorKnobs.create(config, num_experts, top_k, device, enabled=self.settings.enabled)
@@ -255,7 +263,7 @@ class Runtime:
             return
         snap = self.stats.snapshot()
         snap.update({"rank": self.rank, "settings": s.describe(), "enabled": s.enabled,
-                     "policy": s.selector.policy, "budget": s.selector.budget})
+                     "policy": s.selector.policy, "budget": s.selector.to_dict()["budget"]})
         write_json_atomic(s.stats_dir / f"xshare-stats-{os.getpid()}.json", snap)
 
     # -- observability ------------------------------------------------------------------------------

@@ -3,13 +3,14 @@ and the validation of a change against the served model, before anything is appl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
 from xshare.selection import SelectorConfig, available_policies
-from xshare.selection.registry import validate
+from xshare.selection.registry import check_for_model, validate
 from xshare.selection.schema import OPERATOR_FIELDS
 from xshare.selection.schema import Field as Setting
 from xshare.selection.types import ModelShape
@@ -20,6 +21,9 @@ CONFIG_FIELDS = tuple(f.name for f in OPERATOR_FIELDS)
 def _annotation(f: Setting) -> Any:
     """The strict pydantic type of a setting (numbers are not coerced from strings or bools)."""
     number = StrictInt | StrictFloat
+    if f.per_layer:  # one value, or one per MoE layer (a list, or a map layer id -> value with a default)
+        one = number | None if f.optional else number
+        return one | list[one] | dict[str, one]
     return {"policy": StrictStr, "count": number, "fraction": number, "int": StrictInt, "bool": StrictBool,
             "choice": StrictStr, "mapping": dict[str, number], "path": StrictStr, "text": StrictStr}[f.kind]
 

@@ -34,7 +34,7 @@ from xshare.sglang.admin.common import (
     state_dir,
 )
 from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config, config_of
-from xshare.sglang.model_shape import moe_shape
+from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 
 log = logging.getLogger("xshare.sglang")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -129,7 +129,7 @@ def _model_shape() -> Any:
 
     hf = getattr(getattr(_tokenizer_manager(), "model_config", None), "hf_text_config", None)
     top_k, e = moe_shape(hf)
-    return ModelShape(num_experts=e, top_k=top_k) if e and top_k else None
+    return ModelShape(num_experts=e, top_k=top_k, moe_layers=moe_layer_ids(hf)) if e and top_k else None
 
 
 def expected_ranks() -> int:
