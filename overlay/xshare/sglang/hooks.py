@@ -333,6 +333,9 @@ def load_model_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
                          exc_info=True)
         return None
     runtime.startup_coverage(statuses)  # raises CoverageRefused with XSHARE_REQUIRE_COVERAGE
+    top_k, num_experts = moe_shape(getattr(getattr(self, "model_config", None), "hf_text_config", None))
+    moe_layers = tuple(sorted(i for i, st in statuses.items() if st != "draft_layer"))
+    runtime.check_model_settings(num_experts, top_k, moe_layers)  # raises SettingsRefused
     return None
 
 

@@ -41,8 +41,13 @@ EXACT_BUFFER_ROWS = 8192
 # no MoE layer says so (WARNING, once), with the reasons.
 COVERAGE_CHECK_FORWARDS = 32
 
-__all__ = ["CoverageRefused", "ForwardState", "InjectedFault", "MODES_DEFAULT", "Runtime", "get", "install",
+__all__ = ["CoverageRefused", "ForwardState", "InjectedFault", "MODES_DEFAULT", "Runtime", "SettingsRefused", "get",
+           "install",
            "uninstall"]
+
+
+class SettingsRefused(RuntimeError):
+    """A per-layer setting does not fit the loaded model (list length, unknown layer id): the scheduler stops."""
 
 
 class CoverageRefused(RuntimeError):
@@ -239,6 +244,24 @@ class Runtime:
                    f"decode forwards; layers: {layers}; skip reasons: {reasons}")
         self.log_once("coverage", logging.WARNING, "%s", msg)
         return msg
+
+    def check_model_settings(self, num_experts: int | None, top_k: int | None, moe_layers: tuple[int, ...]) -> None:
+        """At model load: remember the MoE layer ids (per-layer settings are indexed by them) and refuse a
+        per-layer budget / target mass that does not fit them (:class:`SettingsRefused`, naming the variable)."""
+        from xshare.selection.registry import check_for_model
+        from xshare.selection.types import ModelShape
+        from xshare.sglang.settings import env_name
+
+        if moe_layers:
+            self.moe_layers = tuple(moe_layers)
+        sel = self.settings.selector
+        if not sel.per_layer:
+            return
+        try:
+            check_for_model(sel, ModelShape(num_experts or 0, top_k or 1, self.moe_layers))
+        except ValueError as exc:
+            name = str(exc).split(":", 1)[0].split(" ", 1)[0]
+            raise SettingsRefused(f"xshare: refusing to start: {env_name(name)}: {exc}") from None
 
     def startup_coverage(self, statuses: dict[int, str]) -> str | None:
         """The start-up coverage report of the loaded model (:mod:`xshare.sglang.coverage`): noted per
