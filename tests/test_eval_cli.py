@@ -125,6 +125,23 @@ def test_per_layer_budgets_replay_each_layer_with_its_own(tmp_path, capsys):
     assert rc == 2 and "unknown MoE layer id(s) 99" in err
 
 
+def test_proposed_layer_budgets_come_from_the_sweep(tmp_path, capsys):
+    a, _ = _traces(tmp_path)
+    out_json = tmp_path / "r.json"
+    rc, out, err = _run(capsys, "--trace", a, "--policy", "xshare", *sum((["--budget", b] for b in (3, 5, 8, 12)), []),
+                        "--batch", 8, "--gpus", 4, "--propose-layer-budgets", 0.8, "--json", out_json)
+    assert rc == 0, err
+    doc = json.loads(out_json.read_text())
+    prop = doc["proposed_layer_budgets"]
+    rows = sorted(doc["results"], key=lambda r: r["budget"])
+    for i, b in enumerate(prop["budgets"]):
+        fits = [r["budget"] for r in rows if r["per_layer"]["mass_kept"][i] >= 0.8]
+        assert b == (fits[0] if fits else 12)
+    assert prop["total"] == sum(prop["budgets"]) and json.dumps(prop["budgets"]) in out
+    rc, _, err = _run(capsys, "--trace", a, "--policy", "xshare", "--propose-layer-budgets", 1.5, "--batch", 8)
+    assert rc == 2 and "--propose-layer-budgets" in err
+
+
 def test_eplb_placement_roundtrip(tmp_path, capsys):
     a, b = _traces(tmp_path)
     saved, r1, r2 = tmp_path / "pl.json", tmp_path / "r1.json", tmp_path / "r2.json"

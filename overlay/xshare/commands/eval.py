@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -100,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="markdown tables for docs (to FILE, or stdout without one)")
     g.add_argument("--match-active", action="append", type=float, metavar="N",
                    help="compare policies at N activated experts (interpolated on each policy's sweep; repeatable)")
+    g.add_argument("--propose-layer-budgets", type=float, metavar="MASS",
+                   help="from the budget sweep, per layer the smallest budget keeping MASS of the gate mass "
+                        "there (printed; 'proposed_layer_budgets' in the JSON); evaluate it with --budget '[...]'")
     g.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -110,8 +114,6 @@ class UsageError(ValueError):
 
 def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | float | str:
     """A count; for --budget also one per trace layer (JSON list or map, kept as its canonical JSON text)."""
-    import json
-
     from xshare.selection.config import parse_count
     from xshare.selection.schema import SELECTOR
 
@@ -206,6 +208,8 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     _check_out_dir(args.plot, "--plot")
     if args.jobs < 1:
         raise UsageError("--jobs must be >= 1")
+    if args.propose_layer_budgets is not None and not 0 < args.propose_layer_budgets <= 1:
+        raise UsageError(f"--propose-layer-budgets {args.propose_layer_budgets}: must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError("--top-k must be >= 1")
 
@@ -394,6 +398,10 @@ def run(args: argparse.Namespace) -> int:
     rows = summarise_all(result)
     match = report.matched(rows, args.match_active) if args.match_active else []
     doc = report.document(_settings_doc(args, built, result.wall_seconds), rows, match)
+    proposed = None
+    if args.propose_layer_budgets is not None:
+        proposed = report.propose_layer_budgets(rows, args.propose_layer_budgets)
+        doc["proposed_layer_budgets"] = proposed
 
     trace = plan.trace
     bat = ", ".join(f"B={b}: {bt.num_batches} batches ({bt.dropped_tokens} tokens left over)" if b is not None
@@ -417,6 +425,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {line}")
     elif built["model_note"]:
         print(f"cost model: {built['model_note']}")
+    if args.propose_layer_budgets is not None:
+        if proposed is None:
+            print("per-layer budgets: no xshare budget sweep to propose them from")
+        else:
+            print(f"per-layer budgets keeping {args.propose_layer_budgets:g} of the mass on every layer: "
+                  f"{json.dumps(proposed['budgets'])} (total {proposed['total']}, mean {proposed['mean']:.2f} "
+                  f"per layer; from the budgets {proposed['swept_budgets']})")
     print(f"replay: {result.wall_seconds:.1f} s")
 
     # outputs: everything computed; each file appears whole or not at all

@@ -108,6 +108,27 @@ def matched(rows: Sequence[dict[str, Any]], targets: Sequence[float]) -> list[di
     return out
 
 
+def propose_layer_budgets(rows: Sequence[dict[str, Any]], target: float, policy: str = "xshare",
+                          batch: Any = None) -> dict[str, Any] | None:
+    """Per-layer budgets from a budget sweep: for every replayed layer, the smallest swept (scalar)
+    budget of ``policy`` whose mass kept on that layer reaches ``target`` (the largest swept budget
+    where none does). An in-sample allocation: evaluate it with ``--budget '[...]'`` against one
+    global budget of the same total. None when the sweep has no scalar-budget rows of ``policy``."""
+    sweep = [r for r in rows if r["policy"] == policy and r.get("target_mass") is None
+             and isinstance(r.get("budget_arg"), (int, float)) and (batch is None or r["batch"] == batch)]
+    if not sweep:
+        return None
+    sweep.sort(key=lambda r: r["budget"])
+    layers = sweep[0]["per_layer"]["layer"]
+    budgets = []
+    for i in range(len(layers)):
+        fit = [r["budget"] for r in sweep if r["per_layer"]["mass_kept"][i] >= target]
+        budgets.append(fit[0] if fit else sweep[-1]["budget"])
+    return {"policy": policy, "batch": sweep[0]["batch"], "target_mass_per_layer": target, "layers": layers,
+            "budgets": budgets, "total": sum(budgets), "mean": sum(budgets) / len(budgets),
+            "swept_budgets": [r["budget"] for r in sweep]}
+
+
 # -- tables ----------------------------------------------------------------------------------------
 def _fmt(x: Any, spec: str = ".3f") -> str:
     if x is None:
