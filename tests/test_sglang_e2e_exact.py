@@ -3,7 +3,9 @@
 Server: the trained tiny model (32 experts, top-4), ``xshare`` with budget 4 and no warm-up, metrics on, the
 admin endpoint on loopback. A request with ``custom_params: {"xshare_exact": true}`` produces the same greedy
 tokens as with the selector off, while the concurrent requests in its batches lose experts under the budget;
-the exact-routed tokens are counted; a bad flag is refused with SGLang's 400 for a bad parameter.
+the exact-routed tokens are counted; a bad flag is refused with SGLang's 400 for a bad parameter. Then per-layer
+budgets and target masses through the admin endpoint: bad ones get a 422 naming the setting, good ones apply per
+layer.
 """
 
 import concurrent.futures as cf
@@ -53,8 +55,13 @@ def _stats(workdir):
     return json.loads(path.read_text())
 
 
-def _post(srv, path, body):
-    req = urllib.request.Request(srv.base_url + path, data=json.dumps(body).encode(), method="POST",
+def _post(srv, path, body, method="POST"):
+    return _call(srv, method, path, body)
+
+
+def _call(srv, method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(srv.base_url + path, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
@@ -134,3 +141,39 @@ def test_a_bad_flag_is_a_bad_parameter(server, prompts, value):
     status, reply = _post(server, "/v1/completions", {"model": server.model_path, "prompt": prompts[0],
                                                       "max_tokens": 2, "custom_params": {"xshare_exact": value}})
     assert status == 400 and "xshare_exact" in json.dumps(reply)
+
+
+# -- per-layer values through the admin endpoint (last: they change the server's config) --------------------
+@pytest.mark.parametrize("body, field", [
+    ({"budget": {"default": 4, "7": 8}}, "budget"), ({"budget": [4, 4]}, "budget"),
+    ({"target_mass": {"1": 1.5}}, "target_mass"), ({"target_mass": 0}, "target_mass"),
+    ({"budget": 32, "target_mass": 0.9, "policy": "oea"}, "target_mass"),
+])
+def test_bad_per_layer_values_422_and_config_unchanged(server, body, field):
+    _, before = _call(server, "GET", "/xshare/config")
+    status, reply = _post(server, "/xshare/config", body, method="PATCH")
+    assert status == 422, reply
+    assert any(field in [str(x) for x in d["loc"]] for d in reply["detail"]), reply
+    _, after = _call(server, "GET", "/xshare/config")
+    assert after["version"] == before["version"] and after["config"] == before["config"]
+
+
+def _activated(a, b, layer):
+    la, lb = a["layers"].get(layer, {}), b["layers"][layer]
+    return (lb["activated"] - la.get("activated", 0)) / max(1, lb["calls"] - la.get("calls", 0))
+
+
+def test_per_layer_budget_and_target_mass_apply(server, workdir, prompts):
+    status, reply = _post(server, "/xshare/config", {"budget": {"default": 4, "2": 32}}, method="PATCH")
+    assert status == 200, reply
+    assert reply["config"]["budget"] == {"default": 4, "2": 32}
+    a = _stats(workdir)
+    _batch(server, prompts, exact_first=False)
+    b = _stats(workdir)
+    assert _activated(a, b, "2") > 4 >= max(_activated(a, b, "0"), _activated(a, b, "1"))
+    status, reply = _post(server, "/xshare/config", {"budget": 1.0, "target_mass": [0.3, 0.3, 0.99]},
+                          method="PATCH")
+    assert status == 200 and reply["config"]["target_mass"] == [0.3, 0.3, 0.99], reply
+    _batch(server, prompts, exact_first=False)
+    c = _stats(workdir)
+    assert _activated(b, c, "2") > _activated(b, c, "0")

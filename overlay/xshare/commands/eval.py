@@ -122,11 +122,11 @@ def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | fl
             value = SELECTOR["budget"].parse(text)
         except ValueError as exc:
             raise UsageError(f"{flag} {text}: {exc}") from None
-        values = value if isinstance(value, tuple) else tuple(value.values())
+        values = value if isinstance(value, list) else list(value.values())
         for v in values:
             if isinstance(v, int) and v > num_experts:
                 raise UsageError(f"{flag} {text}: {v} exceeds the number of experts E = {num_experts} of {where}")
-        return json.dumps(list(value) if isinstance(value, tuple) else dict(value), separators=(",", ":"))
+        return json.dumps(value, separators=(",", ":"))
     try:
         value = parse_count(text, flag)
     except ValueError as exc:

@@ -238,11 +238,11 @@ class Field:
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{self.name}: not a JSON list or object ({exc})") from None
                 self.validate(value)
-                return freeze_layers(value)
+                return plain_layers(value)
             value = self._from_text(text)
         elif self.per_layer and isinstance(value, (list, tuple, Mapping)):
             self.validate(value)
-            return freeze_layers(value)
+            return plain_layers(value)
         elif self.kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
         elif self.kind == "fraction" and is_real(value):
@@ -309,6 +309,13 @@ def layer_items(name: str, value: Sequence[Any] | Mapping[Any, Any]) -> list[tup
     if not value:
         raise ValueError(f"{name}: a per-layer list needs one value per MoE layer, got an empty list")
     return [(str(i), v) for i, v in enumerate(value)]
+
+
+def plain_layers(value: Sequence[Any] | Mapping[Any, Any]) -> list[Any] | dict[str, Any]:
+    """A per-layer value as JSON holds it (what a parser returns): a list, or a dict with text keys."""
+    if isinstance(value, Mapping):
+        return {str(k).strip(): v for k, v in value.items()}
+    return list(value)
 
 
 def freeze_layers(value: Sequence[Any] | Mapping[Any, Any]) -> tuple[Any, ...] | Mapping[str, Any]:

@@ -120,7 +120,7 @@ class Exporter:
         s = runtime.settings
         sel = s.selector
         e = runtime.num_experts_hint
-        budget = sel.budget_for(e) if e else sel.budget
+        budget = sel.budget_for(e) if e else sel.scalar_value("budget")  # per-layer: one shown value
         values = {"xshare:budget": budget, "xshare:warmup_k": sel.warmup_k,
                   "xshare:group_budget": sel.group_budget or 0, "xshare:gpu_cap": sel.gpu_cap or 0,
                   "xshare:enabled": 1 if s.enabled else 0}
