@@ -74,8 +74,8 @@ for cpu_kernel in (True, False):
 # the admin endpoint's validation
 from xshare.sglang.admin import ConfigInvalid, ConfigUpdate, build_config
 from xshare.selection.types import ModelShape
-cur = {**{k: v for k, v in SelectorConfig().to_dict().items() if k in ("policy", "budget", "warmup_k",
-       "group_budget", "gpu_cap", "min_tokens", "max_tokens", "extra")}, "enabled": True}
+from xshare.sglang.admin.config import CONFIG_FIELDS
+cur = {**{k: v for k, v in SelectorConfig().to_dict().items() if k in CONFIG_FIELDS}, "enabled": True}
 body = ConfigUpdate.model_validate({"policy": "toy_low", "budget": 6}).model_dump(exclude_unset=True)
 out["admin_policy"] = build_config(cur, body, replace_all=False, model=ModelShape(16, 4))["policy"]
 try:
