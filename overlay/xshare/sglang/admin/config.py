@@ -3,14 +3,13 @@ and the validation of a change against the served model, before anything is appl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
 from xshare.selection import SelectorConfig, available_policies
-from xshare.selection.registry import check_for_model, validate
+from xshare.selection.registry import validate
 from xshare.selection.schema import OPERATOR_FIELDS
 from xshare.selection.schema import Field as Setting
 from xshare.selection.types import ModelShape
