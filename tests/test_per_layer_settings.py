@@ -107,12 +107,12 @@ def test_a_per_layer_list_that_does_not_fit_the_loaded_model_refuses_to_start():
     from xshare.sglang.runtime import Runtime, SettingsRefused
     from xshare.sglang.settings import PluginSettings
 
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget=[4, 8, 8])))
+    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget=[6, 8, 8])))
     with pytest.raises(SettingsRefused, match=r"^xshare: refusing to start: XSHARE_BUDGET: budget: .*3 values.*4 MoE"):
         rt.check_model_settings(64, 6, (1, 2, 3, 4))
     rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(target_mass={"7": 0.9})))
     with pytest.raises(SettingsRefused, match="XSHARE_TARGET_MASS: target_mass: unknown MoE layer id"):
         rt.check_model_settings(64, 6, (1, 2, 3, 4))
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget=[4, 8, 8, 8])))
+    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget=[6, 8, 8, 8])))
     rt.check_model_settings(64, 6, (1, 2, 3, 4))
     assert rt.moe_layers == (1, 2, 3, 4) and rt.layer_config(rt.settings.selector, 2).budget == 8

@@ -28,6 +28,7 @@ no torch, no SGLang.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -179,8 +180,7 @@ class Field:
         """ValueError naming the field unless ``value`` (already typed) is valid for it."""
         if self.per_layer and isinstance(value, (list, tuple, Mapping)):
             for key, v in layer_items(self.name, value):
-                Field(f"{self.name}[{key}]", self.kind, self.default, self.help, self.minimum, self.optional,
-                      self.choices, check=self.check).validate(v)
+                dataclasses.replace(self, name=f"{self.name}[{key}]", per_layer=False).validate(v)
             return
         if value is None:
             if self.optional:
