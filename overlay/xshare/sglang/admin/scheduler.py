@@ -123,12 +123,13 @@ def rank_status(runtime: Any, *, ok: bool = True, why: str = "") -> dict[str, An
 
 def _model_shape(controller: Any, runtime: Any) -> Any:
     from xshare.selection.types import ModelShape
-    from xshare.sglang.model_shape import moe_shape
+    from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 
     hf = getattr(getattr(getattr(controller, "scheduler", None), "model_config", None), "hf_text_config", None)
     top_k, e = moe_shape(hf)
     e = e or runtime.num_experts_hint
-    return ModelShape(num_experts=e, top_k=top_k) if e and top_k else None
+    layers = tuple(runtime.moe_layers) or moe_layer_ids(hf)  # the loaded model's survey, else its config
+    return ModelShape(num_experts=e, top_k=top_k, moe_layers=layers) if e and top_k else None
 
 
 def _try_apply(runtime: Any, controller: Any, message: dict[str, Any]) -> str:
