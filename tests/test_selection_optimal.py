@@ -320,3 +320,12 @@ def test_target_mass_stops_early_and_one_keeps_every_expert_with_mass():
     assert sizes[0.5] < sizes[0.8] < sizes[0.95] <= sizes[1.0] == 32
     capped = SelectorConfig(policy="xshare", budget=5, warmup_k=0, target_mass=0.95)
     assert int(xshare_set(prepare_batch(logits, 4, capped)).sum()) == 5  # the budget still caps
+
+
+def test_rows_of_one_request_get_one_set_even_on_exact_ties():
+    """Exact ties (all-equal gate scores): a request's set is computed once for all its rows (a
+    per-row matrix product summed in another order broke the tie differently on some rows)."""
+    cfg = SelectorConfig(policy="xshare_spec", budget=1, group_budget=1, warmup_k=0)
+    batch = prepare_batch(torch.zeros(8, 5), 1, cfg, groups=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    s_r, _ = xshare_spec_sets(batch)
+    assert bool((s_r[:4] == s_r[0]).all()) and bool((s_r[4:] == s_r[4]).all())

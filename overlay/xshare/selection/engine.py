@@ -37,7 +37,7 @@ from xshare.selection.api import (
 )
 from xshare.selection.common import Batch, active_experts, preference_rank, valid_rows
 from xshare.selection.config import SelectorConfig
-from xshare.selection.gates import RouterSpec, reference_route, router_scores
+from xshare.selection.gates import GateScores, RouterSpec, reference_route, router_scores
 from xshare.selection.group_stats import (
     AllReduce,
     finish_global,
@@ -259,7 +259,7 @@ def decide_router(call: LayerCall, config: SelectorConfig, *,
         raise
 
 
-def router_batch(call: LayerCall, config: SelectorConfig) -> Batch:
+def router_batch(call: LayerCall, config: SelectorConfig, scores: GateScores | None = None) -> Batch:
     """The :class:`Batch` the policy sees for a router-spec call (:func:`decide_router`): scores = the
     affinities over each token's reachable experts (0 elsewhere), usable = reachable (and a finite
     choice score), each token's order = its choice score, then the engine's picks; ``config`` with
@@ -275,7 +275,7 @@ def router_batch(call: LayerCall, config: SelectorConfig) -> Batch:
     policy = get_policy(config.policy)
     placement = check_inputs(logits, call.top_k, config, groups=_groups_for(policy, call), placement=call.placement,
                              num_tokens=call.num_tokens, knobs=call.knobs, validate=False)
-    gs = router_scores(logits, spec, exact=device.type == "cpu")
+    gs = scores if scores is not None else router_scores(logits, spec, exact=device.type == "cpu")
     usable = gs.reachable & torch.isfinite(gs.choice)
     valid = valid_rows(num_rows, call.num_tokens, device)
     choice = torch.where(usable, gs.choice, torch.full_like(gs.choice, float("-inf")))
@@ -295,7 +295,8 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     num_rows, num_experts = logits.shape
     device = logits.device
     exact = device.type == "cpu"
-    batch = router_batch(call, config)
+    gs = router_scores(logits, spec, exact=exact)  # the gate once: the batch and the routing share it
+    batch = router_batch(call, config, gs)
     config = batch.config
     policy = get_policy(config.policy)
     valid = batch.valid
@@ -323,7 +324,7 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     # A token with no reachable expert in the set keeps the engine's routing (counted with the short rows).
     empty = applies & ~(allowed & usable).any(dim=1)
     allowed = allowed | empty.unsqueeze(1)
-    out = reference_route(logits, call.top_k, spec, allowed=allowed, exact=exact)
+    out = reference_route(logits, call.top_k, spec, allowed=allowed, exact=exact, scores=gs)
     restricted = ~allowed.all(dim=1)
     replaced = restricted & ~out.short
     ids = out.topk_ids[:, :call.top_k]

@@ -463,6 +463,7 @@ class GateScores(NamedTuple):
     affinity: Tensor
     choice: Tensor
     reachable: Tensor
+    native: object = None  # the gate's tensors in SGLang's dtypes (reused by reference_route(scores=))
 
 
 class GateRouting(NamedTuple):
@@ -580,7 +581,7 @@ def router_scores(router_logits: Tensor, spec: RouterSpec, *, exact: bool = True
     else:
         group_scores = _group_scores(native.choice, None, spec.gate, spec.num_expert_group)
         reachable = _expand_groups(_select_groups(group_scores, spec.topk_group, False), num_experts)
-    return GateScores(native.affinity.to(torch.float32), native.choice.to(torch.float32), reachable)
+    return GateScores(native.affinity.to(torch.float32), native.choice.to(torch.float32), reachable, native)
 
 
 def reference_route(
@@ -590,6 +591,7 @@ def reference_route(
     allowed: Tensor | None = None,
     *,
     exact: bool = True,
+    scores: GateScores | None = None,
 ) -> GateRouting:
     """Route one MoE layer's batch as SGLang 0.5.23's torch gate for ``spec`` does, restricted to ``allowed``.
 
@@ -601,6 +603,8 @@ def reference_route(
                    (all). Rows with every expert allowed are SGLang's routing bit for bit.
     exact          reproduce the softmax of SGLang's compiled grouped gate with a compiled softmax
                    (CPU; first use compiles for a few seconds); False: eager softmax.
+    scores         :func:`router_scores` of the same logits, spec and ``exact``: its gate is reused
+                   instead of computed again (the same result).
 
     Returns :class:`GateRouting`: topk_ids int32 [T, W] and topk_weights float32 [T, W], W = top_k +
     spec.num_fused_shared_experts (shared column last, id E), and short bool [T]. The module
@@ -615,18 +619,22 @@ def reference_route(
     gate = spec.gate
     shared = spec.num_fused_shared_experts
     width = top_k + shared
-    native = _native(router_logits, spec, exact)
+    reuse = isinstance(scores, GateScores) and isinstance(scores.native, _Native)
+    native = scores.native if reuse else _native(router_logits, spec, exact)
     choice = native.choice
     neg = torch.tensor(float("-inf"), dtype=choice.dtype, device=device)
 
     # SGLang's own key (what its final torch.topk ranks).
     if spec.num_expert_group is None:
         key = choice
-        group_u = None
     else:
-        group_u = _select_groups(_group_scores(choice, None, gate, spec.num_expert_group), spec.topk_group, False)
+        if reuse:
+            reachable = scores.reachable
+        else:
+            group_u = _select_groups(_group_scores(choice, None, gate, spec.num_expert_group), spec.topk_group, False)
+            reachable = _expand_groups(group_u, num_experts)
         fill = torch.zeros((), dtype=choice.dtype, device=device) if gate == "grouped" else neg
-        key = torch.where(_expand_groups(group_u, num_experts), choice, fill)
+        key = torch.where(reachable, choice, fill)
 
     short = torch.zeros(num_rows, dtype=torch.bool, device=device)
     if allowed is not None:

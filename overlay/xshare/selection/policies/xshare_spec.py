@@ -20,7 +20,11 @@ def request_sets(batch: Batch) -> tuple[Tensor, Tensor]:
     """(S_r, W_r) as bool [T, E]: row t holds the sets of token t's request."""
     same = batch.group_matrix()  # [T, T]
     w_r = (same @ batch.own_topk(batch.warmup_k).to(torch.float32)) > 0
-    g_r = same @ batch.scores  # each row: its request's column sums
+    # each row: its request's column sums, read from one row per request (its first valid row), so that
+    # every row of a request gets the same float sums (a matmul's summation order differs per row, and
+    # a last-bit difference would break a tie differently and give rows of one request other sets)
+    leader = torch.argmax((same > 0).to(torch.int8), dim=1)
+    g_r = (same @ batch.scores)[leader]
     return top_by_score(g_r, w_r, batch.group_budget), w_r
 
 
