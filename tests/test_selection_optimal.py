@@ -326,6 +326,9 @@ def test_rows_of_one_request_get_one_set_even_on_exact_ties():
     """Exact ties (all-equal gate scores): a request's set is computed once for all its rows (a
     per-row matrix product summed in another order broke the tie differently on some rows)."""
     cfg = SelectorConfig(policy="xshare_spec", budget=1, group_budget=1, warmup_k=0)
-    batch = prepare_batch(torch.zeros(8, 5), 1, cfg, groups=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
-    s_r, _ = xshare_spec_sets(batch)
-    assert bool((s_r[:4] == s_r[0]).all()) and bool((s_r[4:] == s_r[4]).all())
+    for groups in (torch.zeros(8, dtype=torch.long), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])):
+        batch = prepare_batch(torch.zeros(8, 5), 1, cfg, groups=groups)
+        s_r, _ = xshare_spec_sets(batch)
+        for g in groups.unique():
+            rows = s_r[groups == g]
+            assert bool((rows == rows[0]).all()), (groups.tolist(), s_r.int().tolist())
