@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,25 @@ def test_names_match_a_scrape_of_the_metrics_contract(dash):
         assert problems and all(line.endswith("metric names should not contain ':'") for line in problems), problems
 
 
+@pytest.mark.parametrize("detail", ["group", "layer"])
+def test_every_panel_reads_what_the_exporter_writes_at_both_detail_levels(dash, tmp_path, detail):
+    """The real exporter (tests/test_metrics_budget.py's harness: 2 ranks, EP 2, 3 MoE layers) at the default
+    detail and at per-layer detail: every xshare metric a panel reads is in the exposition, and the layer variable
+    finds its values (``all`` at the default detail, the layer ids at ``layer``)."""
+    require_module("prometheus_client", DEPLOY_TOOLS)
+    from test_metrics_budget import count_series
+
+    out = tmp_path / "metrics.txt"
+    count_series(tmp_path, detail, layers=(1, 2, 3), experts=16, gpus=2, ep_size=2, ranks=2, changes=2,
+                 exposition=out)
+    text = out.read_text()
+    assert promql.missing_metrics(dash, promql.scrape_names(text), ("xshare:",)) == {}
+    layers = set(re.findall(r'^xshare:gpu_active_experts\{[^}]*layer="([^"]+)"', text, re.M))
+    assert layers == ({"all"} if detail == "group" else {"1", "2", "3"})
+    gpus = set(re.findall(r'^xshare:gpu_active_experts\{gpu="(\d+)"[^}]*rank="(\d+)"', text, re.M))
+    assert gpus == {("0", "0"), ("1", "1")}  # each GPU from the rank that owns it
+
+
 def test_checker_reports_a_metric_the_scrape_lacks(dash, tmp_path):
     server, url = _exporter(skip={"xshare:gpu_tokens", "sglang:gen_throughput"})
     try:
@@ -306,7 +326,7 @@ def test_panels_evaluate_on_a_real_prometheus_and_the_key_panel_draws(dash, tmp_
             for name, (metric, labels) in m.items():
                 for gpu in ("0", "1"):
                     values = {"rank": "0", "layer": str(int(gpu)), "gpu": gpu, "reason": "empty_batch",
-                              "result": "ok", "policy": "xshare", "version": "0.1.0", "model_name": "tiny",
+                              "result": "ok", "policy": "xshare", "state": "selects", "model_name": "tiny",
                               "tp_rank": "0", "mode": "decode"}
                     child = metric.labels(*[values[k] for k in labels])
                     if "vanilla" in name and "peak" in name:

@@ -99,15 +99,26 @@ import json, sys, torch
 from xshare.sglang import metrics, runtime
 from xshare.sglang.settings import load_settings
 from xshare.sglang.stats import WINDOW_FIELDS
-rt = runtime.install(load_settings({"XSHARE_ENABLE": "1", "XSHARE_BUDGET": "4"}), rank=1)
+rt = runtime.install(load_settings({"XSHARE_ENABLE": "1", "XSHARE_BUDGET": "4", "XSHARE_METRICS_DETAIL": "layer"}),
+                     rank=1)
 rt.num_experts_hint = 16
 rt.enable_observability(metrics.create(1))
 row = torch.zeros(len(WINDOW_FIELDS) + 4); row[1] = 4; row[2] = 9; row[3] = 3; row[5] = 1.5; row[6] = 0.9
 rt.stats.record_figures(row); rt.stats.calls = 5; rt.stats.fallbacks["ValueError"] = 2
+rt.stats.note_layer(0, "selects"); rt.stats.note_layer(1, "unsupported_custom_routing_function")
+rt.stats.note_layer(2, "unsupported_custom_routing_function")
 rt.stats.record_forward_time("decode", 0.25); rt.stats.record_moe_time("decode", 0.125)
 rt.flush_metrics()
 rt.stats.record_forward_time("decode", 0.25); rt.stats.record_moe_time("decode", 0.125)
 rt.flush_metrics()  # counters carry the difference since the last flush
+rt.set_config(load_settings({"XSHARE_ENABLE": "1", "XSHARE_POLICY": "xshare_ep", "XSHARE_BUDGET": "6"}), 7)
+# the same rank at the default detail (group): rank 1 exports no distributions; its layers are aggregated
+grp = runtime.Runtime(load_settings({"XSHARE_ENABLE": "1"}), rank=2)
+grp.num_experts_hint = 16
+grp.enable_observability(metrics.create(2))
+grp.stats.record_figures(row); row2 = row.clone(); row2[0] = 1; row2[len(WINDOW_FIELDS)] = 2
+grp.stats.record_figures(row2)
+grp.flush_metrics()
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)
 print(generate_latest(reg).decode())
@@ -121,8 +132,16 @@ print(generate_latest(reg).decode())
     assert 'xshare:gpu_active_experts{gpu="1",layer="0",rank="1"} 0.0' in text
     assert 'xshare:selector_calls_total{rank="1"} 5.0' in text
     assert 'xshare:fallbacks_total{rank="1",reason="ValueError"} 2.0' in text
-    assert 'xshare:config_info{policy="xshare",rank="1",version="0"} 1.0' in text
-    assert 'xshare:budget{rank="1"} 4.0' in text and 'xshare:enabled{rank="1"} 1.0' in text
+    # the version is a value; config_info has one series per policy used
+    assert 'xshare:config_info{policy="xshare",rank="1"} 0.0' in text
+    assert 'xshare:config_info{policy="xshare_ep",rank="1"} 1.0' in text
+    assert 'xshare:config_version{rank="1"} 7.0' in text and "version=" not in text
+    assert 'xshare:layers{rank="1",reason="",state="selects"} 1.0' in text
+    assert 'xshare:layers{rank="1",reason="unsupported_custom_routing_function",state="skipped"} 2.0' in text
+    assert 'rank="2"' in text and not any(line.startswith(("xshare:active_experts", "xshare:mass_kept"))
+                                          and 'rank="2"' in line for line in text.splitlines())
+    assert 'xshare:gpu_active_experts{gpu="0",layer="all",rank="2"} 1.0' in text  # mean of 0 and 2 over layers
+    assert 'xshare:budget{rank="1"} 6.0' in text and 'xshare:enabled{rank="1"} 1.0' in text
     assert 'xshare:forward_seconds_total{mode="decode",rank="1"} 0.5' in text
     assert 'xshare:moe_seconds_total{mode="decode",rank="1"} 0.25' in text
     assert 'xshare:forwards_total{mode="decode",rank="1"} 2.0' in text

@@ -140,7 +140,8 @@ def build() -> dict[str, Any]:
         .with_panel(
             heatmap.Panel().title("Activated experts per GPU").datasource(ds).span(16).height(10)
             .description("Mean activated experts on each GPU over the plugin's flush window, averaged over the "
-                         "selected layers and ranks. Rows are GPUs (EP ranks).")
+                         "selected layers (or all layers: layer \"all\", the default detail). Rows are GPUs "
+                         "(EP ranks); each GPU is reported by the rank that owns it.")
             .calculate(False)
             .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.UNKNOWN).value("experts"))
             .color(heatmap.HeatmapColorOptions().mode("scheme").scheme("Oranges").fill("dark-orange")
@@ -166,12 +167,14 @@ def build() -> dict[str, Any]:
         .with_row(db.Row("Per layer"))
         .with_panel(ts(
             "Activated experts per layer (policy in force)",
-            "Distinct experts activated per forward in each MoE layer, mean over forwards.",
+            "Distinct experts activated per forward in each MoE layer, mean over forwards. One line per layer with "
+            "XSHARE_METRICS_DETAIL=layer; at the default detail the layers are aggregated (layer \"all\").",
             "short",
             [(_mean("xshare:active_experts", _XL, "layer"), "layer {{layer}}")]))
         .with_panel(ts(
             "Activated experts per layer (vanilla top-k)",
-            "What vanilla top-k routing would have activated on the same batches.",
+            "What vanilla top-k routing would have activated on the same batches (per layer with "
+            "XSHARE_METRICS_DETAIL=layer, else all layers).",
             "short",
             [(_mean("xshare:vanilla_active_experts", _XL, "layer"), "layer {{layer}}")]))
         # -- quality and fallbacks -----------------------------------------------------------------------
@@ -230,16 +233,27 @@ def build() -> dict[str, Any]:
              (f"xshare:group_budget{{{_X}}}", "group budget {{instance}} rank {{rank}}")],
             w=12, stepped=True))
         .with_panel(
-            table.Panel().title("Policy and version per rank").datasource(ds).span(12).height(7)
-            .with_target(target(f"max by (instance, rank, policy, version) (xshare:config_info{{{_X}}})", "", "A",
-                                instant=True, fmt="table"))
+            table.Panel().title("Policy and version per rank").datasource(ds).span(8).height(7)
+            .description("The policy in force on each rank and its config version (the value).")
+            .with_target(target(f"max by (instance, rank) (xshare:config_version{{{_X}}}) * on (instance, rank) "
+                                f"group_left (policy) max by (instance, rank, policy) "
+                                f"(xshare:config_info{{{_X}}} == 1)", "", "A", instant=True, fmt="table"))
+        )
+        .with_panel(
+            stat.Panel().title("MoE layers by coverage").datasource(ds).span(8).height(7).unit("short")
+            .description("MoE layers where the selector selects, skips (with the reason) or is bypassed by the "
+                         "runner backend; the least and most over ranks.")
+            .with_target(target(f"min by (state, reason) (xshare:layers{{{_X}}})", "{{state}} {{reason}} (min)",
+                                "A"))
+            .with_target(target(f"max by (state, reason) (xshare:layers{{{_X}}})", "{{state}} {{reason}} (max)",
+                                "B"))
         )
         .with_panel(ts(
             "Configuration changes",
             "Run-time configuration changes (admin endpoint) per interval, by result.",
             "short",
             [(f"sum by (result) (increase(xshare:config_changes_total{{{_X}}}[{_RI}]))", "{{result}}")],
-            w=12, h=7))
+            w=8, h=7))
         # -- SGLang --------------------------------------------------------------------------------------
         .with_row(db.Row("SGLang throughput and latency"))
         .with_panel(ts(

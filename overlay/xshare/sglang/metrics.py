@@ -11,7 +11,14 @@ Every series carries ``rank`` (the scheduler's TP rank). Recording never synchro
 the routing hook writes one row of figures per applied call into a device ring buffer
 (:meth:`xshare.sglang.stats.SelectorStats.record_figures`); :meth:`Exporter.flush` drains it every
 ``XSHARE_METRICS_FLUSH_EVERY`` forwards (default 16), after the first applied forward and when the
-scheduler goes idle. Label cardinality: see docs/observability.md.
+scheduler goes idle.
+
+Series budget (``XSHARE_METRICS_DETAIL``, docs/observability.md): a group of many ranks must not
+export ranks x layers x GPUs series. With the default ``group``, the routing distributions
+(:data:`DISTRIBUTIONS`) come from scheduler rank 0 only, layers are aggregated (``layer="all"``),
+each rank reports the per-GPU gauges of the GPUs it owns (its EP rank) only, and the config version
+is a value (``xshare:config_version``), not a label. ``rank`` keeps every rank's distributions,
+``layer`` also splits them (and the per-GPU gauges) per MoE layer.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                   "request asked (custom_params xshare_exact), per forward"),
     "xshare:fallbacks_total": ("counter", ("reason",), "Selector failures routed by SGLang's top-k, by reason"),
     "xshare:selector_seconds": ("histogram", (), "Host time of one selector call (launch time on a GPU)"),
-    "xshare:config_info": ("gauge", ("policy", "version"), "1 for the config in force (0 for earlier ones)"),
+    "xshare:config_info": ("gauge", ("policy",), "1 for the policy in force (0 for policies used earlier)"),
+    "xshare:config_version": ("gauge", (), "Version of the config in force (admin changes count up)"),
     "xshare:budget": ("gauge", (), "Expert budget per layer and batch (resolved to experts when E is known)"),
     "xshare:warmup_k": ("gauge", (), "Warm-up experts every token keeps"),
     "xshare:group_budget": ("gauge", (), "Per-request budget of xshare_spec (0 = unset)"),
@@ -59,12 +67,24 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                      "(XSHARE_PROFILE=1)"),
     "xshare:moe_seconds_total": ("counter", ("mode",),
                                  "Host seconds in MoE blocks, by forward mode (XSHARE_PROFILE=1)"),
+    "xshare:layers": ("gauge", ("state", "reason"),
+                      "MoE layers by coverage: the selector selects there, skips them (reason) or the runner "
+                      "backend bypasses the routing hook"),
 }
 _BUCKETS = {"xshare:active_experts": COUNT_BUCKETS, "xshare:vanilla_active_experts": COUNT_BUCKETS,
             "xshare:peak_gpu_active_experts": COUNT_BUCKETS, "xshare:vanilla_peak_gpu_active_experts": COUNT_BUCKETS,
             "xshare:peak_mean_ratio": RATIO_BUCKETS, "xshare:mass_kept": FRACTION_BUCKETS,
             "xshare:top1_kept": FRACTION_BUCKETS, "xshare:selector_seconds": SECONDS_BUCKETS}
 
+
+#: Routing distributions: from rank 0 only with XSHARE_METRICS_DETAIL=group (the default), else from every rank.
+DISTRIBUTIONS = ("xshare:active_experts", "xshare:vanilla_active_experts", "xshare:peak_gpu_active_experts",
+                 "xshare:vanilla_peak_gpu_active_experts", "xshare:peak_mean_ratio", "xshare:mass_kept",
+                 "xshare:top1_kept", "xshare:selector_seconds")
+ALL_LAYERS = "all"  # the layer label of figures aggregated over layers (detail group / rank)
+COVERAGE_STATES = ("selects", "skipped", "bypassed")
+MAX_COVERAGE_REASONS = 8  # distinct skip reasons labelled per rank; further ones count as 'other'
+BYPASS_REASON = "routing_hook_not_called"
 
 INITIAL_FALLBACK_REASONS = ("signature", "forward_state")
 MAX_FALLBACK_REASONS = 16  # distinct reason labels per rank (exception type names); further ones count as 'other'
@@ -77,18 +97,24 @@ def multiprocess_dir() -> str | None:
 
 class Exporter:
     """The selector's metrics for one scheduler rank. ``prometheus`` False: only the per-layer
-    summary of the last window is kept (for ``GET /xshare/stats``), nothing is exported."""
+    summary of the last window is kept (for ``GET /xshare/stats``), nothing is exported. ``ep``:
+    (EP size, EP rank, first rank of that EP rank), read from SGLang at the first flush when None
+    (:func:`xshare.sglang.placement.ep_position`)."""
 
-    def __init__(self, rank: int, *, prometheus: bool = True, on_flush: Any = None) -> None:
+    def __init__(self, rank: int, *, prometheus: bool = True, on_flush: Any = None,
+                 ep: tuple[int, int, bool] | None = None) -> None:
         self.rank = str(rank)
         self.on_flush = on_flush  # callable(summary dict) after each flush (admin stats file)
+        self.ep = ep
         self.m: dict[str, Any] = {}
         self._calls = 0
         self._exact_tokens = 0
         self._fallbacks: dict[str, int] = {}
         self._profile: dict[str, tuple[int, float, float]] = {}  # mode -> (forwards, forward s, MoE s) exported
         self._labeled: set[str] = set(INITIAL_FALLBACK_REASONS)
-        self._info_labels: tuple[str, str] | None = None
+        self._policies: set[str] = set()  # config_info series written so far
+        self._coverage: dict[tuple[str, str], int] = {}  # xshare:layers series written so far -> value
+        self._coverage_reasons: set[str] = set()
         self.last: dict[str, Any] = {"layers": {}, "rows": 0}
         if prometheus:
             import prometheus_client as pc  # lazily: PROMETHEUS_MULTIPROC_DIR is set by now
@@ -113,6 +139,27 @@ class Exporter:
     def _metric(self, name: str, *labels: str) -> Any:
         return self.m[name].labels(self.rank, *labels) if self.m else None
 
+    # -- what this rank exports (XSHARE_METRICS_DETAIL) --------------------------------------------
+    @staticmethod
+    def detail(runtime: Any) -> str:
+        return str(getattr(runtime.settings, "metrics_detail", "group"))
+
+    def reports_distributions(self, runtime: Any) -> bool:
+        """The routing distributions (:data:`DISTRIBUTIONS`): every rank, or rank 0 only (``group``)."""
+        return self.detail(runtime) != "group" or self.rank == "0"
+
+    def owned_gpus(self, num_gpus: int) -> list[int]:
+        """The placement's GPUs this rank reports: those of its EP rank (GPU j belongs to EP rank
+        j mod EP size), by the first of the ranks that share that EP rank (the others see the same)."""
+        if self.ep is None:
+            from xshare.sglang.placement import ep_position
+
+            self.ep = ep_position()
+        size, ep_rank, first = self.ep
+        if not first:
+            return []
+        return [j for j in range(num_gpus) if j % max(size, 1) == ep_rank]
+
     # -- config ------------------------------------------------------------------------------------
     def config_changed(self, runtime: Any) -> None:
         if not self.m:
@@ -123,18 +170,46 @@ class Exporter:
         budget = sel.budget_for(e) if e else sel.scalar_value("budget")  # per-layer: one shown value
         values = {"xshare:budget": budget, "xshare:warmup_k": sel.warmup_k,
                   "xshare:group_budget": sel.group_budget or 0, "xshare:gpu_cap": sel.gpu_cap or 0,
-                  "xshare:enabled": 1 if s.enabled else 0}
+                  "xshare:enabled": 1 if s.enabled else 0, "xshare:config_version": runtime.version}
         for name, v in values.items():
             self._metric(name).set(float(v))
-        labels = (sel.policy, str(runtime.version))
-        if self._info_labels is not None and self._info_labels != labels:
-            self._metric("xshare:config_info", *self._info_labels).set(0)
-        self._metric("xshare:config_info", *labels).set(1)
-        self._info_labels = labels
+        for policy in self._policies - {sel.policy}:  # one series per policy ever used, not per version
+            self._metric("xshare:config_info", policy).set(0)
+        self._metric("xshare:config_info", sel.policy).set(1)
+        self._policies.add(sel.policy)
 
     def config_change(self, result: str) -> None:
         if self.m:
             self._metric("xshare:config_changes_total", result).inc()
+
+    # -- coverage ------------------------------------------------------------------------------------
+    def coverage_counts(self, runtime: Any) -> dict[tuple[str, str], int]:
+        """(state, reason) -> MoE layers, from the runtime's coverage report: ``selects``; ``skipped``
+        with the reason the selector leaves the layer to SGLang (at most :data:`MAX_COVERAGE_REASONS`
+        labels, then ``other``); ``bypassed``: the selector is on and decode forwards ran, but the
+        routing hook was never called (a runner backend that routes without ``select_experts``):
+        every MoE layer when the runtime knows them (``moe_layers``), else 1."""
+        stats = runtime.stats
+        out: dict[tuple[str, str], int] = defaultdict(int)
+        for status in stats.coverage.values():
+            if status == "selects":
+                out[("selects", "")] += 1
+                continue
+            if status not in self._coverage_reasons and len(self._coverage_reasons) < MAX_COVERAGE_REASONS:
+                self._coverage_reasons.add(status)
+            out[("skipped", status if status in self._coverage_reasons else "other")] += 1
+        if (runtime.settings.enabled and stats.calls == 0 and not stats.coverage
+                and int(getattr(runtime, "_applicable_forwards", 0) or 0) > 0):
+            out[("bypassed", BYPASS_REASON)] = len(getattr(runtime, "moe_layers", ()) or ()) or 1
+        return dict(out)
+
+    def _export_coverage(self, runtime: Any) -> None:
+        counts = self.coverage_counts(runtime)
+        for key in set(self._coverage) | set(counts):
+            v = counts.get(key, 0)
+            if self._coverage.get(key) != v:
+                self._metric("xshare:layers", *key).set(float(v))
+                self._coverage[key] = v
 
     # -- the window ----------------------------------------------------------------------------------
     def flush(self, runtime: Any) -> None:
@@ -144,33 +219,41 @@ class Exporter:
         nf = len(WINDOW_FIELDS)
         g = (rows.shape[1] - nf) // 2 if rows.numel() else 0
         by_layer: dict[int, list[list[float]]] = defaultdict(list)
-        for r in rows.tolist():
+        all_rows = rows.tolist()
+        for r in all_rows:
             by_layer[int(r[0])].append(r)
         if self.m:
-            peak, vpeak = self._metric("xshare:peak_gpu_active_experts"), \
-                self._metric("xshare:vanilla_peak_gpu_active_experts")
-            ratio, mass, top1 = self._metric("xshare:peak_mean_ratio"), self._metric("xshare:mass_kept"), \
-                self._metric("xshare:top1_kept")
-            for layer, lrows in by_layer.items():
-                act = self._metric("xshare:active_experts", str(layer))
-                van = self._metric("xshare:vanilla_active_experts", str(layer))
-                for r in lrows:
-                    act.observe(r[1])
-                    van.observe(r[2])
-                    peak.observe(r[3])
-                    vpeak.observe(r[4])
-                    ratio.observe(r[5])
-                    mass.observe(r[6])
-                    top1.observe(r[7])
+            per_layer = self.detail(runtime) == "layer"
+            if self.reports_distributions(runtime):
+                peak, vpeak = self._metric("xshare:peak_gpu_active_experts"), \
+                    self._metric("xshare:vanilla_peak_gpu_active_experts")
+                ratio, mass, top1 = self._metric("xshare:peak_mean_ratio"), self._metric("xshare:mass_kept"), \
+                    self._metric("xshare:top1_kept")
+                for layer, lrows in by_layer.items():
+                    label = str(layer) if per_layer else ALL_LAYERS
+                    act = self._metric("xshare:active_experts", label)
+                    van = self._metric("xshare:vanilla_active_experts", label)
+                    for r in lrows:
+                        act.observe(r[1])
+                        van.observe(r[2])
+                        peak.observe(r[3])
+                        vpeak.observe(r[4])
+                        ratio.observe(r[5])
+                        mass.observe(r[6])
+                        top1.observe(r[7])
+                sec = self._metric("xshare:selector_seconds")
+                for s in seconds:
+                    sec.observe(s)
+            owned = self.owned_gpus(g) if g else []
+            groups = [(str(layer), lrows) for layer, lrows in by_layer.items()] if per_layer else \
+                ([(ALL_LAYERS, all_rows)] if all_rows else [])
+            for label, lrows in groups:
                 n = len(lrows)
-                for gpu in range(g):
-                    self._metric("xshare:gpu_active_experts", str(layer), str(gpu)).set(
+                for gpu in owned:
+                    self._metric("xshare:gpu_active_experts", label, str(gpu)).set(
                         sum(r[nf + gpu] for r in lrows) / n)
-                    self._metric("xshare:gpu_tokens", str(layer), str(gpu)).set(
+                    self._metric("xshare:gpu_tokens", label, str(gpu)).set(
                         sum(r[nf + g + gpu] for r in lrows) / n)
-            sec = self._metric("xshare:selector_seconds")
-            for s in seconds:
-                sec.observe(s)
             for mode, (n, fs, _mc, ms) in list(stats.profile.items()):
                 prev_n, prev_fs, prev_ms = self._profile.get(mode, (0, 0.0, 0.0))
                 if n > prev_n:
@@ -195,6 +278,7 @@ class Exporter:
                     label = reason if reason in self._labeled else "other"
                     self._metric("xshare:fallbacks_total", label).inc(count - prev)
                     self._fallbacks[reason] = count
+            self._export_coverage(runtime)
         summary: dict[str, Any] = {"rows": int(rows.shape[0]), "forwards": stats.forwards, "calls": stats.calls,
                                    "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,
                                    "skipped": dict(stats.skipped),

@@ -77,3 +77,18 @@ def _ep_size() -> int:
         return int(get_parallel().moe_ep_size or 1)
     except Exception:  # noqa: BLE001
         return 1
+
+
+def ep_position() -> tuple[int, int, bool]:
+    """(EP size, this rank's EP rank, whether this rank is the first of the ranks sharing that EP rank):
+    SGLang's MoE parallel layout (``moe_ep_*``; ``moe_tp_rank`` and ``moe_dp_rank`` 0 for the first).
+    (1, 0, True) where SGLang has none (unit tests, a process without a parallel context)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        size, rank = int(par.moe_ep_size or 1), int(par.moe_ep_rank or 0)
+        first = int(getattr(par, "moe_tp_rank", 0) or 0) == 0 and int(getattr(par, "moe_dp_rank", 0) or 0) == 0
+        return size, rank, first
+    except Exception:  # noqa: BLE001
+        return 1, 0, True

@@ -26,6 +26,7 @@ from xshare.selection.schema import OPERATOR_FIELDS, Field, by_name, markdown_ta
 PREFIX = "XSHARE_"
 CONFIG_ENV = "XSHARE_CONFIG"
 DEEPEP_MODES = ("local", "global")
+METRICS_DETAILS = ("group", "rank", "layer")
 
 
 def _fault_check(value: str) -> str | None:
@@ -53,6 +54,11 @@ PLUGIN_FIELDS: tuple[Field, ...] = (
           "(metrics, GPU-aware policies)", minimum=1, optional=True, scope="plugin"),
     Field("metrics_flush_every", "int", 16, "flush the device-side metric window to Prometheus every N forwards",
           minimum=1, scope="plugin"),
+    Field("metrics_detail", "choice", "group",
+          "Prometheus detail: `group` (routing distributions from scheduler rank 0, per-GPU gauges from the rank "
+          "that owns the GPU, layers aggregated as `layer=\"all\"`), `rank` (every rank's distributions), "
+          "`layer` (also per MoE layer); series counts in docs/observability.md",
+          choices=METRICS_DETAILS, scope="plugin"),
     Field("cpu_kernel", "bool", True, "on CPU tensors, route with the C fast path where it applies",
           scope="plugin"),
     Field("profile", "bool", False, "time model forwards and their MoE blocks (host clock)", scope="plugin"),
@@ -89,6 +95,7 @@ class PluginSettings:
     fault_inject: str | None = _default("fault_inject")  # None | 'always' | 'every:N'
     sim_gpus: int | None = _default("sim_gpus")
     metrics_flush_every: int = _default("metrics_flush_every")
+    metrics_detail: str = _default("metrics_detail")
     cpu_kernel: bool = _default("cpu_kernel")
     profile: bool = _default("profile")
     require_coverage: bool = _default("require_coverage")
