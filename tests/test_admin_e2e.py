@@ -1,8 +1,8 @@
 """End to end: metrics and the admin endpoint on a real SGLang 0.5.23 CPU server (one server for the module).
 
 Server: the tiny Qwen3-MoE (16 experts, top-4, 2 MoE layers), ``--enable-metrics``, ``xshare`` starting at budget 16
-(= E: vanilla routing), warm-up 0, 4 simulated GPUs, metrics flushed every 2 forwards, an admin token from a file,
-the config persisted in a state directory, the torch reference routing (``XSHARE_CPU_KERNEL=0``, the path every GPU
+(= E: vanilla routing), warm-up 0, 4 simulated GPUs, metrics flushed every 2 forwards and split per layer, an admin
+token from a file, the config persisted in a state directory, the torch reference routing (``XSHARE_CPU_KERNEL=0``, the path every GPU
 takes), and injected faults: a change to budget 13 is refused by the scheduler, one to budget 11 raises in its apply
 step. The second half reproduces each way a careless or hostile operator could take the server down, go around the
 token, get nonsense accepted or wedge the endpoint, and checks that none of them does; the last test restarts the
@@ -47,7 +47,7 @@ def server(tiny_model, tmp_path_factory):
     spec = {"xshare_args": ["--xshare-policy", "xshare", "--xshare-budget", "16", "--xshare-warmup-k", "0"],
             "sglang_args": ["--enable-metrics"],
             "env": {"XSHARE_ADMIN_TOKEN_FILE": str(work / "token"), "XSHARE_SIM_GPUS": "4",
-                    "XSHARE_METRICS_FLUSH_EVERY": "2", "XSHARE_CPU_KERNEL": "0",
+                    "XSHARE_METRICS_FLUSH_EVERY": "2", "XSHARE_METRICS_DETAIL": "layer", "XSHARE_CPU_KERNEL": "0",
                     "XSHARE_ADMIN_STATE_DIR": str(work / "state"), "TMPDIR": str(work / "tmp"),
                     "XSHARE_FAULT_ADMIN": "refuse:budget=13,raise:budget=11"}}
     with running(ServerProcess(tiny_model, log_path=work / "server.log", **spec)) as srv:
@@ -181,7 +181,8 @@ def test_patch_lowers_activated_experts(server):
     assert all(r["version"] == reply["version"] and r["config"]["budget"] == 4 for r in reply["ranks"])
     c = scrape(server)
     assert series(c, "xshare:budget") == {'{rank="0"}': 4.0}
-    assert series(c, "xshare:config_info")[f'{{policy="xshare",rank="0",version="{reply["version"]}"}}'] == 1.0
+    assert series(c, "xshare:config_info")['{policy="xshare",rank="0"}'] == 1.0
+    assert series(c, "xshare:config_version") == {'{rank="0"}': float(reply["version"])}
     traffic(server)
     d = scrape(server)
     low, n = mean_active(c, d)

@@ -31,7 +31,8 @@ def start_server(model_dir: str | os.PathLike, *, token: str, sim_gpus: int, log
                  dtype: str = "float32", extra_env: dict[str, str] | None = None, port: int | None = None,
                  threads: int | None = SERVER_THREADS,
                  startup_timeout: float = 300.0) -> Any:
-    """A real SGLang server with the plugin, selector off, admin endpoint and /metrics on.
+    """A real SGLang server with the plugin, selector off, admin endpoint and /metrics on (per-layer
+    metrics: ``XSHARE_METRICS_DETAIL=layer``, which the per-layer figures read).
 
     ``threads``: OMP_NUM_THREADS of the server (None or 0: the environment's). One by default: on a
     small CPU the scheduler shares the cores with the tokenizer, the detokenizer, the HTTP server and
@@ -39,7 +40,8 @@ def start_server(model_dir: str | os.PathLike, *, token: str, sim_gpus: int, log
     on 2 cores with one thread, selector off)."""
     from xshare.sglang.server import ServerProcess
 
-    env = {"XSHARE_ADMIN_TOKEN": token, "XSHARE_SIM_GPUS": str(sim_gpus), "XSHARE_PROFILE": "1", **(extra_env or {})}
+    env = {"XSHARE_ADMIN_TOKEN": token, "XSHARE_SIM_GPUS": str(sim_gpus), "XSHARE_PROFILE": "1",
+           "XSHARE_METRICS_DETAIL": "layer", **(extra_env or {})}
     if threads:  # torch threads of the server's processes (the scheduler runs the model)
         env.setdefault("OMP_NUM_THREADS", str(threads))
     srv = ServerProcess(model_dir, port, xshare_args=["--xshare-disable"],
