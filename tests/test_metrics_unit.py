@@ -145,3 +145,32 @@ print(generate_latest(reg).decode())
     assert 'xshare:forward_seconds_total{mode="decode",rank="1"} 0.5' in text
     assert 'xshare:moe_seconds_total{mode="decode",rank="1"} 0.25' in text
     assert 'xshare:forwards_total{mode="decode",rank="1"} 2.0' in text
+
+
+def test_coverage_counts_states_and_caps_reasons():
+    """xshare:layers' values from the runtime's coverage report: selects / skipped (reason, capped) / bypassed."""
+    from types import SimpleNamespace
+
+    from xshare.sglang import metrics
+    from xshare.sglang.settings import load_settings
+
+    st = SelectorStats()
+    rt = SimpleNamespace(settings=load_settings({"XSHARE_ENABLE": "1"}), stats=st, _applicable_forwards=0)
+    ex = metrics.Exporter(0, prometheus=False)
+    assert ex.coverage_counts(rt) == {}
+    rt._applicable_forwards = 3  # decode forwards ran, the routing hook never: a runner backend bypasses it
+    assert ex.coverage_counts(rt) == {("bypassed", metrics.BYPASS_REASON): 1}
+    rt.moe_layers = (3, 4, 5)  # when the runtime knows the model's MoE layers, all of them
+    assert ex.coverage_counts(rt) == {("bypassed", metrics.BYPASS_REASON): 3}
+    st.count_call()
+    st.note_layer(0, "selects")
+    st.note_layer(1, "draft_layer")
+    for i in range(2, 2 + metrics.MAX_COVERAGE_REASONS + 2):
+        st.note_layer(i, f"unsupported_reason_{i}")
+    counts = ex.coverage_counts(rt)
+    assert counts[("selects", "")] == 1 and counts[("skipped", "draft_layer")] == 1
+    assert counts[("skipped", "other")] == 3  # 1 + 10 reasons: 8 labelled, the rest 'other'
+    assert len([k for k in counts if k[0] == "skipped"]) == metrics.MAX_COVERAGE_REASONS + 1
+    assert sum(counts.values()) == len(st.coverage)
+    st.note_layer(1, "selects")  # once selected, a layer stays 'selects'
+    assert ex.coverage_counts(rt)[("selects", "")] == 2
