@@ -37,7 +37,7 @@ def server(tiny_model, tmp_path_factory):
                                sglang_args=["--enable-metrics"],
                                env={"XSHARE_ADMIN_TOKEN": TOKEN, "XSHARE_SIM_GPUS": "4",
                                     "XSHARE_METRICS_FLUSH_EVERY": "2", "OMP_NUM_THREADS": "1"},
-                               log_path=work / "server.log")) as srv:
+                               log_path=work / "server.log", startup_timeout=600)) as srv:
         with cf.ThreadPoolExecutor(4) as pool:  # decode batches of 4: the selector applies on every MoE layer
             outs = list(pool.map(lambda i: srv.generate(f"def f{i}(x):", max_new_tokens=8), range(4)))
         assert all(len(o["output_ids"]) == 8 for o in outs)
