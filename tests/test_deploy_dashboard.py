@@ -271,7 +271,7 @@ def test_every_panel_reads_what_the_exporter_writes_at_both_detail_levels(dash, 
 
     out = tmp_path / "metrics.txt"
     count_series(tmp_path, detail, layers=(1, 2, 3), experts=16, gpus=2, ep_size=2, ranks=2, changes=2,
-                 exposition=out)
+                 exposition=out, profile=True)
     text = out.read_text()
     assert promql.missing_metrics(dash, promql.scrape_names(text), ("xshare:",)) == {}
     layers = set(re.findall(r'^xshare:gpu_active_experts\{[^}]*layer="([^"]+)"', text, re.M))

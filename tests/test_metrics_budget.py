@@ -35,7 +35,7 @@ from xshare.sglang.runtime import Runtime
 from xshare.sglang.settings import load_settings
 from xshare.sglang.stats import WINDOW_FIELDS
 
-detail, layers, experts, gpus, ep_size, ranks, changes = json.loads(sys.argv[1])
+detail, layers, experts, gpus, ep_size, ranks, changes, profile = json.loads(sys.argv[1])
 env = {"XSHARE_ENABLE": "1", "XSHARE_METRICS_DETAIL": detail}
 policies = [("xshare", "0.5"), ("xshare_ep", "0.25"), ("xshare_spec", "64"), ("topk", "8"), ("xshare", "32")]
 for r in range(ranks):
@@ -53,7 +53,8 @@ for r in range(ranks):
         rt.stats.count_forward()
         rt._applicable_forwards += 1
     rt.stats.count_fallback("RuntimeError")
-    rt.stats.record_forward_time("decode", 0.5); rt.stats.record_moe_time("decode", 0.25)
+    if profile:  # XSHARE_PROFILE=1 (off by default)
+        rt.stats.record_forward_time("decode", 0.5); rt.stats.record_moe_time("decode", 0.25)
     rt.flush_metrics()
     for v in range(1, changes + 1):
         policy, budget = policies[v % len(policies)]
@@ -76,13 +77,14 @@ print(json.dumps(per_family))
 
 
 def count_series(tmp_path, detail: str, *, layers=LAYERS, experts=EXPERTS, gpus=GPUS, ep_size=GPUS, ranks=RANKS,
-                 changes=80, exposition=None) -> dict[str, int]:
+                 changes=80, exposition=None, profile=False) -> dict[str, int]:
     """``xshare:`` samples per metric family in the exposition of ``ranks`` exporters of that shape (written to
-    ``exposition`` when given). Every rank ran decode forwards with XSHARE_PROFILE's timings and one fallback."""
+    ``exposition`` when given). Every rank ran decode forwards and had one fallback; ``profile``: with
+    XSHARE_PROFILE's forward timings too."""
     d = tmp_path / detail
     d.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d)}
-    args = json.dumps([detail, list(layers), experts, gpus, ep_size, ranks, changes])
+    args = json.dumps([detail, list(layers), experts, gpus, ep_size, ranks, changes, profile])
     extra = [str(exposition)] if exposition else []
     r = subprocess.run([sys.executable, "-c", HARNESS, args, *extra], env=env, capture_output=True, text=True,
                        timeout=300)
