@@ -237,7 +237,7 @@ def build() -> dict[str, Any]:
             .description("The policy in force on each rank and its config version (the value).")
             .with_target(target(f"max by (instance, rank) (xshare:config_version{{{_X}}}) * on (instance, rank) "
                                 f"group_left (policy) max by (instance, rank, policy) "
-                                f"(xshare:config_info{{{_X}}} == 1)", "", "A", instant=True, fmt="table"))
+                                f"(xshare:config_info{{{_X}}} > 0)", "", "A", instant=True, fmt="table"))
         )
         .with_panel(
             stat.Panel().title("MoE layers by coverage").datasource(ds).span(8).height(7).unit("short")
