@@ -107,7 +107,10 @@ def test_deepseek_v3_on_32_gpus_fits_the_budget(tmp_path):
     # the coverage metric: one (selects) series per rank
     assert fams["xshare:layers"] == RANKS
     # distributions come from rank 0 only: one aggregated series set per histogram
-    assert fams["xshare:active_experts"] == len(metrics_buckets("xshare:active_experts")) + 3
+    from xshare.sglang.metrics import DISTRIBUTIONS
+
+    for name in DISTRIBUTIONS:
+        assert fams[name.removesuffix("_total")] == len(metrics_buckets(name)) + 3, name
 
 
 def metrics_buckets(name: str) -> tuple[float, ...]:

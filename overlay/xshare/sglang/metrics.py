@@ -82,7 +82,6 @@ DISTRIBUTIONS = ("xshare:active_experts", "xshare:vanilla_active_experts", "xsha
                  "xshare:vanilla_peak_gpu_active_experts", "xshare:peak_mean_ratio", "xshare:mass_kept",
                  "xshare:top1_kept", "xshare:selector_seconds")
 ALL_LAYERS = "all"  # the layer label of figures aggregated over layers (detail group / rank)
-COVERAGE_STATES = ("selects", "skipped", "bypassed")
 MAX_COVERAGE_REASONS = 8  # distinct skip reasons labelled per rank; further ones count as 'other'
 BYPASS_REASON = "routing_hook_not_called"
 
