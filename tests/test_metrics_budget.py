@@ -51,7 +51,6 @@ for r in range(ranks):
             rt.stats.count_call()
             rt.stats.note_layer(layer, "selects")
         rt.stats.count_forward()
-        rt._applicable_forwards += 1
     rt.stats.count_fallback("RuntimeError")
     if profile:  # XSHARE_PROFILE=1 (off by default)
         rt.stats.record_forward_time("decode", 0.5); rt.stats.record_moe_time("decode", 0.25)

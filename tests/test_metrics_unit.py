@@ -148,29 +148,25 @@ print(generate_latest(reg).decode())
 
 
 def test_coverage_counts_states_and_caps_reasons():
-    """xshare:layers' values from the runtime's coverage report: selects / skipped (reason, capped) / bypassed."""
+    """xshare:layers' values from the runtime's coverage report (xshare.sglang.coverage's statuses): selects /
+    ready / skipped and bypassed with their reason, capped."""
     from types import SimpleNamespace
 
     from xshare.sglang import metrics
-    from xshare.sglang.settings import load_settings
 
     st = SelectorStats()
-    rt = SimpleNamespace(settings=load_settings({"XSHARE_ENABLE": "1"}), stats=st, _applicable_forwards=0)
+    rt = SimpleNamespace(stats=st)
     ex = metrics.Exporter(0, prometheus=False)
     assert ex.coverage_counts(rt) == {}
-    rt._applicable_forwards = 3  # decode forwards ran, the routing hook never: a runner backend bypasses it
-    assert ex.coverage_counts(rt) == {("bypassed", metrics.BYPASS_REASON): 1}
-    rt.moe_layers = (3, 4, 5)  # when the runtime knows the model's MoE layers, all of them
-    assert ex.coverage_counts(rt) == {("bypassed", metrics.BYPASS_REASON): 3}
-    st.count_call()
+    for i in range(4):  # the start-up survey: two ready, one draft layer, one bypassed by the runner backend
+        st.coverage[i] = ["ready", "ready", "draft_layer", "bypassed_flashinfer_trtllm"][i]
+    assert ex.coverage_counts(rt) == {("ready", ""): 2, ("skipped", "draft_layer"): 1,
+                                      ("bypassed", "bypassed_flashinfer_trtllm"): 1}
     st.note_layer(0, "selects")
-    st.note_layer(1, "draft_layer")
-    for i in range(2, 2 + metrics.MAX_COVERAGE_REASONS + 2):
+    for i in range(4, 4 + metrics.MAX_COVERAGE_REASONS + 2):
         st.note_layer(i, f"unsupported_reason_{i}")
     counts = ex.coverage_counts(rt)
-    assert counts[("selects", "")] == 1 and counts[("skipped", "draft_layer")] == 1
-    assert counts[("skipped", "other")] == 3  # 1 + 10 reasons: 8 labelled, the rest 'other'
-    assert len([k for k in counts if k[0] == "skipped"]) == metrics.MAX_COVERAGE_REASONS + 1
+    assert counts[("selects", "")] == 1 and counts[("ready", "")] == 1
+    assert counts[("skipped", "other")] == 4  # 2 + 10 distinct reasons: 8 labelled, the rest 'other'
+    assert len([k for k in counts if k[0] in ("skipped", "bypassed")]) == metrics.MAX_COVERAGE_REASONS + 1
     assert sum(counts.values()) == len(st.coverage)
-    st.note_layer(1, "selects")  # once selected, a layer stays 'selects'
-    assert ex.coverage_counts(rt)[("selects", "")] == 2

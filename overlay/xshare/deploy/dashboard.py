@@ -241,8 +241,8 @@ def build() -> dict[str, Any]:
         )
         .with_panel(
             stat.Panel().title("MoE layers by coverage").datasource(ds).span(8).height(7).unit("short")
-            .description("MoE layers where the selector selects, skips (with the reason) or is bypassed by the "
-                         "runner backend; the least and most over ranks.")
+            .description("MoE layers where the selector selects, is ready to, skips (with the reason) or is "
+                         "bypassed by the runner backend (with the backend); the least and most over ranks.")
             .with_target(target(f"min by (state, reason) (xshare:layers{{{_X}}})", "{{state}} {{reason}} (min)",
                                 "A"))
             .with_target(target(f"max by (state, reason) (xshare:layers{{{_X}}})", "{{state}} {{reason}} (max)",

@@ -68,8 +68,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "xshare:moe_seconds_total": ("counter", ("mode",),
                                  "Host seconds in MoE blocks, by forward mode (XSHARE_PROFILE=1)"),
     "xshare:layers": ("gauge", ("state", "reason"),
-                      "MoE layers by coverage: the selector selects there, skips them (reason) or the runner "
-                      "backend bypasses the routing hook"),
+                      "MoE layers by coverage: the selector selects there, is ready to, skips them (reason) or the "
+                      "runner backend bypasses the routing hook (reason)"),
 }
 _BUCKETS = {"xshare:active_experts": COUNT_BUCKETS, "xshare:vanilla_active_experts": COUNT_BUCKETS,
             "xshare:peak_gpu_active_experts": COUNT_BUCKETS, "xshare:vanilla_peak_gpu_active_experts": COUNT_BUCKETS,
@@ -82,8 +82,7 @@ DISTRIBUTIONS = ("xshare:active_experts", "xshare:vanilla_active_experts", "xsha
                  "xshare:vanilla_peak_gpu_active_experts", "xshare:peak_mean_ratio", "xshare:mass_kept",
                  "xshare:top1_kept", "xshare:selector_seconds")
 ALL_LAYERS = "all"  # the layer label of figures aggregated over layers (detail group / rank)
-MAX_COVERAGE_REASONS = 8  # distinct skip reasons labelled per rank; further ones count as 'other'
-BYPASS_REASON = "routing_hook_not_called"
+MAX_COVERAGE_REASONS = 8  # distinct skip / bypass reasons labelled per rank; further ones count as 'other'
 
 INITIAL_FALLBACK_REASONS = ("signature", "forward_state")
 MAX_FALLBACK_REASONS = 16  # distinct reason labels per rank (exception type names); further ones count as 'other'
@@ -183,23 +182,21 @@ class Exporter:
 
     # -- coverage ------------------------------------------------------------------------------------
     def coverage_counts(self, runtime: Any) -> dict[tuple[str, str], int]:
-        """(state, reason) -> MoE layers, from the runtime's coverage report: ``selects``; ``skipped``
-        with the reason the selector leaves the layer to SGLang (at most :data:`MAX_COVERAGE_REASONS`
-        labels, then ``other``); ``bypassed``: the selector is on and decode forwards ran, but the
-        routing hook was never called (a runner backend that routes without ``select_experts``):
-        every MoE layer when the runtime knows them (``moe_layers``), else 1."""
-        stats = runtime.stats
+        """(state, reason) -> MoE layers, from the runtime's coverage report (:mod:`xshare.sglang.coverage`:
+        the start-up survey, then ``selects`` where the policy was applied): state ``selects`` or ``ready``
+        (reason empty), ``skipped`` or ``bypassed`` with the status as the reason (at most
+        :data:`MAX_COVERAGE_REASONS` reasons, then ``other``)."""
+        from xshare.sglang.coverage import state_of
+
         out: dict[tuple[str, str], int] = defaultdict(int)
-        for status in stats.coverage.values():
-            if status == "selects":
-                out[("selects", "")] += 1
+        for status in runtime.stats.coverage.values():
+            state = state_of(status)
+            if state in ("selects", "ready"):
+                out[(state, "")] += 1
                 continue
             if status not in self._coverage_reasons and len(self._coverage_reasons) < MAX_COVERAGE_REASONS:
                 self._coverage_reasons.add(status)
-            out[("skipped", status if status in self._coverage_reasons else "other")] += 1
-        if (runtime.settings.enabled and stats.calls == 0 and not stats.coverage
-                and int(getattr(runtime, "_applicable_forwards", 0) or 0) > 0):
-            out[("bypassed", BYPASS_REASON)] = len(getattr(runtime, "moe_layers", ()) or ()) or 1
+            out[(state, status if status in self._coverage_reasons else "other")] += 1
         return dict(out)
 
     def _export_coverage(self, runtime: Any) -> None:
