@@ -2,11 +2,11 @@
 
 Server: the tiny Qwen3-MoE (16 experts, top-4, 2 MoE layers), ``--enable-metrics``, ``xshare`` starting at budget 16
 (= E: vanilla routing), warm-up 0, 4 simulated GPUs, metrics flushed every 2 forwards and split per layer, an admin
-token from a file, the config persisted in a state directory, the torch reference routing (``XSHARE_CPU_KERNEL=0``, the path every GPU
-takes), and injected faults: a change to budget 13 is refused by the scheduler, one to budget 11 raises in its apply
-step. The second half reproduces each way a careless or hostile operator could take the server down, go around the
-token, get nonsense accepted or wedge the endpoint, and checks that none of them does; the last test restarts the
-server from its persisted config and kills its scheduler with SIGKILL.
+token from a file, the config persisted in a state directory, the torch reference routing (``XSHARE_CPU_KERNEL=0``,
+the path every GPU takes), and injected faults: a change to budget 13 is refused by the scheduler, one to budget 11
+raises in its apply step. The second half reproduces each way a careless or hostile operator could take the server
+down, go around the token, get nonsense accepted or wedge the endpoint, and checks that none of them does; the last
+test restarts the server from its persisted config and kills its scheduler with SIGKILL.
 """
 
 import concurrent.futures as cf
