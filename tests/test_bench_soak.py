@@ -41,7 +41,7 @@ def test_invalid_changes_are_invalid():
             continue  # not an object: refused before any field is read
         try:  # pydantic's ValidationError and ConfigInvalid are ValueErrors
             update = admin.ConfigUpdate.model_validate(body).model_dump(exclude_unset=True)
-            admin.build_config(cur, update, replace_all=method == "PUT", top_k=4, num_experts=32)
+            admin.build_config(cur, update, replace_all=method == "PUT", model=ModelShape(num_experts=32, top_k=4))
         except ValueError:
             continue
         pytest.fail(f"{what} accepted: {body}")

@@ -100,6 +100,8 @@ def invalid_changes(shape: Shape) -> list[tuple[str, str, Any]]:
         ("budget 0", "PATCH", {"budget": 0}),
         ("budget a string", "PATCH", {"budget": "eight"}),
         ("negative warm-up", "PATCH", {"warmup_k": -1}),
+        ("warm-up above top_k", "PATCH", {"warmup_k": k + 1}),
+        ("budget 2**63", "PATCH", {"budget": 2**63}),
         ("gpu_cap 0", "PUT", {"policy": "xshare_ep", "budget": k, "gpu_cap": 0}),
         ("enabled null", "PATCH", {"enabled": None}),
         ("not an object", "PATCH", [1, 2, 3]),
