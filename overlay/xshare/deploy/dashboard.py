@@ -189,10 +189,12 @@ def build() -> dict[str, Any]:
             w=8))
         .with_panel(ts(
             "Fallbacks and selector calls",
-            "Selector calls per second and fallbacks to vanilla routing per second, by reason.",
+            "Selector calls per second, fallbacks to vanilla routing per second by reason, and tokens routed exactly "
+            "because their request asked.",
             "ops",
             [(f"sum by (reason) (rate(xshare:fallbacks_total{{{_X}}}[{_RI}]))", "fallback: {{reason}}"),
-             (f"sum(rate(xshare:selector_calls_total{{{_X}}}[{_RI}]))", "selector calls")],
+             (f"sum(rate(xshare:selector_calls_total{{{_X}}}[{_RI}]))", "selector calls"),
+             (f"sum(rate(xshare:exact_tokens_total{{{_X}}}[{_RI}]))", "exact tokens (requests asking xshare_exact)")],
             w=8))
         .with_panel(ts(
             "Selector latency",
