@@ -99,3 +99,33 @@ def test_a_disabled_selector_reports_but_never_warns(caplog):
     with caplog.at_level(logging.INFO, logger="xshare.sglang"):
         assert runtime.startup_coverage({0: "bypassed_triton_kernel"}) is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _bound(backend, fmt):
+    cfg = topk.TopKConfig(top_k=2, renormalize=True)
+    cfg.runner_backend = getattr(utils.MoeRunnerBackend, backend)
+    cfg.output_format = getattr(topk.TopKOutputFormat, fmt)
+    return SimpleNamespace(topk_config=cfg, is_draft=False)
+
+
+@pytest.mark.parametrize(("backend", "fmt", "enabled", "routed", "expected"), [
+    ("FLASHINFER_TRTLLM", "BYPASSED", True, True, "STANDARD"),  # Blackwell's default: made visible
+    ("FLASHINFER_TRTLLM", "BYPASSED", True, False, "BYPASSED"),  # XSHARE_ROUTED_TOPK=0
+    ("FLASHINFER_TRTLLM", "BYPASSED", False, True, "BYPASSED"),  # selector off: SGLang's choice kept
+    ("FLASHINFER_MXFP4", "BYPASSED", True, True, "BYPASSED"),  # GPT-OSS: no STANDARD for its activation
+    ("TRITON_KERNELS", "TRITON_KERNEL", True, True, "TRITON_KERNEL"),
+    ("TRITON", "STANDARD", True, True, "STANDARD"),
+])
+def test_flashinfer_trtllm_layers_are_switched_to_routed_top_k(monkeypatch, backend, fmt, enabled, routed, expected):
+    from xshare.sglang import hooks
+
+    runtime = rt.Runtime(PluginSettings(enabled=enabled, routed_topk=routed))
+    monkeypatch.setattr(rt, "get", lambda: runtime)
+    layer = _bound(backend, fmt)
+    hooks.bind_runner_backend_hook(None, layer, layer.topk_config.runner_backend)
+    assert layer.topk_config.output_format.name == expected
+    status = coverage.layer_status(layer, "cuda")
+    if expected == "STANDARD":
+        assert status == "ready"
+    else:  # triton_kernels is not installed here, so its runner's routing is not hooked either
+        assert status.startswith("bypassed_"), status

@@ -35,7 +35,8 @@ SELECTS = "selects"
 #: What makes a bypassed layer's routing visible to the plugin (docs/routers.md, the support matrix).
 WHAT_TO_SET = {
     "bypassed_triton_kernel": "--moe-runner-backend triton",
-    "bypassed_flashinfer_trtllm": "--moe-runner-backend flashinfer_trtllm_routed",
+    "bypassed_flashinfer_trtllm": "XSHARE_ROUTED_TOPK=1 (the default with the selector on at start-up) or "
+                                  "--moe-runner-backend flashinfer_trtllm_routed",
     "bypassed_flashinfer_mxfp4": "--moe-runner-backend triton",
     "bypassed_hash_routing": "nothing: these layers route by token id, there is no gate to restrict",
 }

@@ -11,6 +11,9 @@
 * ``sglang.srt.layers.moe.topk.routing`` and ``TopK.forward_cuda`` (AROUND, only where the
   ``triton_kernels`` package imports): the routing of SGLang's ``triton_kernel`` MoE runner (GPT-OSS
   MXFP4 on Hopper), which never calls ``select_experts``;
+* ``sglang.srt.layers.moe.topk.TopK.bind_runner_backend`` (AFTER, with ``XSHARE_ROUTED_TOPK`` on):
+  Blackwell's ``flashinfer_trtllm`` runners route through ``select_experts`` instead of inside the
+  MoE kernel;
 * ``sglang.srt.model_executor.model_runner.ModelRunner.load_model`` (AFTER): the start-up coverage
   report (:mod:`xshare.sglang.coverage`) of the loaded model;
 * ``sglang.srt.layers.moe.topk.TopK.empty_topk_output`` (AFTER, DeepEP global mode only): a
@@ -47,6 +50,7 @@ FORWARD_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 MOE_FORWARD_TARGET = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.forward"
 TRITON_ROUTING_TARGET = f"{TOPK_MODULE}.routing"
 TOPK_FORWARD_CUDA_TARGET = f"{TOPK_MODULE}.TopK.forward_cuda"
+BIND_RUNNER_TARGET = f"{TOPK_MODULE}.TopK.bind_runner_backend"
 LOAD_MODEL_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
 
@@ -315,6 +319,32 @@ def triton_routing_hook(original: Any, logits: Any, n_expts_act: int, *args: Any
         runtime.log_once("triton_kernel_routing", logging.ERROR, "xshare: triton_kernels routing refused the "
                          "selector's experts (%s); routing with its own top-k", exc, exc_info=True)
         return original(logits, n_expts_act, *args, **kwargs)
+
+
+# -- SGLang's flashinfer_trtllm runners (Blackwell) -------------------------------------------------
+def bind_runner_backend_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``TopK.bind_runner_backend(self, runner_backend, *, routing_method_type=None)``: where SGLang
+    chose the BYPASSED top-k output for a ``flashinfer_trtllm`` runner (the TRT-LLM MoE kernel routes
+    from the raw logits itself, so no plugin sees the routing), switch the layer to the STANDARD
+    output: ``select_experts`` then routes (through the routing hook) and the runner uses its routed
+    kernels on those ids, as SGLang itself does for LoRA. ``flashinfer_mxfp4`` (GPT-OSS on Blackwell)
+    accepts no STANDARD output for its activation and is left alone (the coverage report says what to set)."""
+    runtime = rt_mod.get()
+    if runtime is None or not runtime.settings.enabled or not runtime.settings.routed_topk:
+        return None
+    cfg = getattr(self, "topk_config", None)
+    backend = getattr(cfg, "runner_backend", None)
+    fmt = getattr(cfg, "output_format", None)
+    if cfg is None or getattr(fmt, "name", None) != "BYPASSED" or backend is None:
+        return None
+    is_trtllm = getattr(backend, "is_flashinfer_trtllm", None)
+    if not callable(is_trtllm) or not is_trtllm():
+        return None
+    cfg.output_format = type(fmt).STANDARD
+    runtime.log_once("routed_topk", logging.INFO, "xshare: %s runner: routing through select_experts and its "
+                     "routed kernels so the selector sees it (XSHARE_ROUTED_TOPK=0 keeps SGLang's bypass)",
+                     getattr(backend, "value", backend))
+    return None
 
 
 # -- the start-up coverage report ------------------------------------------------------------------

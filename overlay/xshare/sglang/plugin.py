@@ -117,6 +117,8 @@ def register() -> None:
     HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)
     HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)
     HookRegistry.register(hooks.LOAD_MODEL_TARGET, hooks.load_model_hook, HookType.AFTER)
+    if settings.routed_topk:
+        HookRegistry.register(hooks.BIND_RUNNER_TARGET, hooks.bind_runner_backend_hook, HookType.AFTER)
     if hooks.triton_routing_available():
         HookRegistry.register(hooks.TOPK_FORWARD_CUDA_TARGET, hooks.topk_forward_cuda_hook, HookType.AROUND)
         HookRegistry.register(hooks.TRITON_ROUTING_TARGET, hooks.triton_routing_hook, HookType.AROUND)

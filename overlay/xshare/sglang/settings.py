@@ -64,6 +64,9 @@ PLUGIN_FIELDS: tuple[Field, ...] = (
     Field("profile", "bool", False, "time model forwards and their MoE blocks (host clock)", scope="plugin"),
     Field("require_coverage", "bool", False, "refuse to serve (stop the scheduler) when the selector is enabled "
           "but selects on no MoE layer after the first decode forward", scope="plugin"),
+    Field("routed_topk", "bool", True, "with the selector on, make SGLang's `flashinfer_trtllm` runners (Blackwell) "
+          "route through select_experts and their routed kernels, so the selector sees the routing",
+          scope="plugin"),
 )
 FIELDS: tuple[Field, ...] = PLUGIN_FIELDS + OPERATOR_FIELDS
 _BY_NAME = by_name(FIELDS)
@@ -99,6 +102,7 @@ class PluginSettings:
     cpu_kernel: bool = _default("cpu_kernel")
     profile: bool = _default("profile")
     require_coverage: bool = _default("require_coverage")
+    routed_topk: bool = _default("routed_topk")
 
     def describe(self) -> str:
         s = self.selector
