@@ -316,6 +316,8 @@ def test_killed_driver_leaves_no_server(cluster):
 
 
 # -- real SGLang servers: a two-node group on the CPU ------------------------------------------------
+ADMIN_TOKEN = "launcher-test-admin-token"
+
 # (keep these last: the module-scoped group holds both nodes' CPUs until the module ends)
 @pytest.fixture(scope="module")
 def live_group(cluster, tmp_path_factory):
@@ -331,9 +333,11 @@ def live_group(cluster, tmp_path_factory):
                                     "--model-path", str(model), "--tp", "2", "--enable-metrics", "--sleep-on-idle",
                                     "--skip-server-warmup"],
                        # SGLang's CPU engine wants one NUMA node per TP rank unless the cores are given explicitly
-                       env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
+                       env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "XSHARE_ADMIN_TOKEN": ADMIN_TOKEN,
+                            # the admin endpoint's persisted config (kept by node 0, which serves HTTP)
+                            "XSHARE_ADMIN_STATE_DIR": str(tmp_path_factory.mktemp("admin-state"))},
                        nnodes=2, host="127.0.0.1", port=port, health_interval=1, poll_interval=0.5,
-                       max_restarts=0, stop_grace=30, startup_timeout=420, pg_timeout=60)
+                       max_restarts=1, backoff_initial=0.5, stop_grace=30, startup_timeout=420, pg_timeout=60)
     run = _Run(cfg)
     members: set[int] = set()
     try:
@@ -458,3 +462,31 @@ def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
     quiet = {n for n in missing if n.endswith("_total") and METRICS.get(n, ("",))[0] == "counter" and METRICS[n][1]}
     assert set(missing) - quiet == set(), missing
 
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_kill_9_of_a_rank_restarts_the_group_on_its_tuned_config(live_group):
+    """(Last: it restarts the module's group.) A config tuned through the admin endpoint, then SIGKILL of node 1's
+    server: the launcher restarts the whole group, and node 0 re-applies the persisted config on every rank of
+    both nodes before serving."""
+    from xshare._http import request
+
+    run, started, members = live_group
+    url0 = started["node_urls"][0]
+    status, reply = request(url0 + "/xshare/config", "PATCH", ADMIN_TOKEN, {"budget": 6, "warmup_k": 0})
+    assert status == 200 and reply["consistent"], reply
+    tuned = reply["config"]
+    os.kill(started["pids"][1], signal.SIGKILL)
+    restart = run.launcher.wait_for("restart", 60)
+    assert restart["restart"] == 1
+    second = run.launcher.wait_for("started", 120, count=2)
+    members |= {p for pid in second["pids"] for p in group_processes(pid)}
+    run.launcher.wait_for("healthy", 420, attempt=2)
+    status, cfg = request(url0 + "/xshare/config", "GET", ADMIN_TOKEN)
+    assert status == 200, cfg
+    print(f"\nafter the launcher's restart: v{cfg['version']} ({cfg['source']}), ranks "
+          f"{[(r['rank'], r['version'], r['config']['budget'], r['source']) for r in cfg['ranks']]}")
+    assert cfg["source"] == "persisted" and cfg["consistent"] and cfg["config"] == tuned
+    assert len(cfg["ranks"]) == 2 and all(r["config"] == tuned for r in cfg["ranks"])
+    assert not any(alive(p) for p in started["pids"]), "a server of the first group outlived the restart"
