@@ -9,6 +9,7 @@ numbers on every device) and then moved with :func:`to_device`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -147,9 +148,9 @@ def to_device(kw: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
         out["placement"] = kw["placement"].to(device)
     if kw.get("knobs") is not None:
         k = kw["knobs"]
-        out["knobs"] = SelectorKnobs(**{f: getattr(k, f).to(device) for f in (
-            "enabled", "budget", "warmup_k", "group_budget", "gpu_cap", "min_tokens", "max_tokens")},
-            num_experts=k.num_experts, top_k=k.top_k)
+        values = {f.name: getattr(k, f.name) for f in dataclasses.fields(k)}  # every knob, whatever they are
+        out["knobs"] = SelectorKnobs(**{n: v.to(device) if isinstance(v, Tensor) else v
+                                        for n, v in values.items()})
     return out
 
 
