@@ -89,14 +89,14 @@ def test_xshare_set_is_exact_optimum(inst):
     _check_routing(batch, select(logits, top_k, cfg), [s])
 
 
-@SETTINGS
-@given(instances(), st.integers(1, 4), st.data())
-def test_xshare_ep_set_is_exact_optimum(inst, gpus, data):
-    logits, top_k, warmup_k, budget, scoring = inst
+def _ep_case(logits, top_k, warmup_k, budget, scoring, gpus, data, **cfg_kw):
+    """An xshare_ep instance: a drawn expert -> GPU map and cap; (config, placement, batch, its set, its
+    warm-up, the feasibility test of a set under the per-GPU caps)."""
     e = logits.shape[1]
     expert_gpu = torch.tensor(data.draw(st.lists(st.integers(0, gpus - 1), min_size=e, max_size=e)))
     cap = data.draw(st.one_of(st.none(), st.integers(1, e)))
-    cfg = SelectorConfig(policy="xshare_ep", budget=budget, warmup_k=warmup_k, gpu_cap=cap, scoring=scoring)
+    cfg = SelectorConfig(policy="xshare_ep", budget=budget, warmup_k=warmup_k, gpu_cap=cap, scoring=scoring,
+                         **cfg_kw)
     placement = Placement.from_expert_gpu(expert_gpu, num_gpus=gpus)
     batch = prepare_batch(logits, top_k, cfg, placement=placement)
     s = xshare_ep_set(batch)
@@ -106,6 +106,15 @@ def test_xshare_ep_set_is_exact_optimum(inst, gpus, data):
 
     def feasible(sel):
         return all(int((sel & (expert_gpu == g)).sum()) <= caps[g] for g in range(gpus))
+
+    return cfg, placement, batch, s, w, feasible
+
+
+@SETTINGS
+@given(instances(), st.integers(1, 4), st.data())
+def test_xshare_ep_set_is_exact_optimum(inst, gpus, data):
+    logits, top_k, warmup_k, budget, scoring = inst
+    cfg, placement, batch, s, w, feasible = _ep_case(logits, top_k, warmup_k, budget, scoring, gpus, data)
 
     limit = max(budget, int(w.sum()))
     assert not (w & ~s).any() and int(s.sum()) <= limit and feasible(s)
@@ -292,20 +301,8 @@ def test_target_mass_set_is_the_fewest_experts_reaching_tau(inst, tau):
 @given(instances(), st.integers(1, 4), st.floats(0.05, 1.0), st.data())
 def test_target_mass_with_gpu_caps_is_the_fewest_experts_reaching_tau(inst, gpus, tau, data):
     logits, top_k, warmup_k, budget, scoring = inst
-    e = logits.shape[1]
-    expert_gpu = torch.tensor(data.draw(st.lists(st.integers(0, gpus - 1), min_size=e, max_size=e)))
-    cap = data.draw(st.one_of(st.none(), st.integers(1, e)))
-    cfg = SelectorConfig(policy="xshare_ep", budget=budget, warmup_k=warmup_k, gpu_cap=cap, scoring=scoring,
-                         target_mass=tau)
-    placement = Placement.from_expert_gpu(expert_gpu, num_gpus=gpus)
-    batch = prepare_batch(logits, top_k, cfg, placement=placement)
-    s = xshare_ep_set(batch)
-    w = batch.warmup()
-    c = cap if cap is not None else -(-budget // gpus)
-    caps = [max(c, int((w & (expert_gpu == g)).sum())) for g in range(gpus)]
-
-    def feasible(sel):
-        return all(int((sel & (expert_gpu == g)).sum()) <= caps[g] for g in range(gpus))
+    cfg, placement, batch, s, w, feasible = _ep_case(logits, top_k, warmup_k, budget, scoring, gpus, data,
+                                                     target_mass=tau)
 
     _check_fewest(batch.column_sums(), s, w, max(budget, int(w.sum())), tau, feasible)
 

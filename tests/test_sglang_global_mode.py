@@ -21,17 +21,22 @@ def _logits(layer: int, rows: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, E, generator=g) * 2
 
 
+def _recording_all_reduce(calls: list):
+    """A gloo all-reduce (sum, in place) that records the shape of each call in ``calls``."""
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(t.shape))
+        dist.all_reduce(t)
+        return t
+    return all_reduce
+
+
 def _worker(rank: int, world: int, init_file: str, rows: list[int], policy: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         config = SelectorConfig(policy=policy, budget=5, warmup_k=1)
         placement = Placement.contiguous(E, 2) if policy == "xshare_ep" else None
-        calls = []
-
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
-            calls.append(tuple(t.shape))
-            dist.all_reduce(t)
-            return t
+        calls: list = []
+        all_reduce = _recording_all_reduce(calls)
 
         results = []
         for layer in range(LAYERS):
@@ -97,12 +102,8 @@ def _router_worker(rank: int, world: int, init_file: str, rows: list[int], out_d
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         config = SelectorConfig(policy="xshare", budget=5, warmup_k=1)
-        calls = []
-
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
-            calls.append(tuple(t.shape))
-            dist.all_reduce(t)
-            return t
+        calls: list = []
+        all_reduce = _recording_all_reduce(calls)
 
         results = []
         for layer in range(LAYERS):
