@@ -131,7 +131,7 @@ class TraceRecorder:
             return None
         for li, spec in enumerate(specs):
             gs = router_scores(z[li], spec, exact=False)
-            own = reference_route(z[li], self.top_k, spec, exact=False).topk_ids[:, :self.top_k].long()
+            own = reference_route(z[li], self.top_k, spec, exact=False, scores=gs).topk_ids[:, :self.top_k].long()
             aff = gs.affinity.gather(1, own).clamp(0.0, 1.0)
             order = torch.argsort(aff, dim=-1, descending=True, stable=True)
             ids[li] = own.gather(1, order)
