@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from xshare.bench._common import int_list
-from xshare.bench.gpu.context import PARTS
+from xshare.bench.gpu.context import CPU_TIME_BUDGET, GPU_TIME_BUDGET, PARTS
 from xshare.bench.gpu.runner import run_parts
 
 MODE = "gpu"
 HELP = ("the prepared GPU check: Triton selector vs reference, CUDA-graph replays, selector and MoE-layer "
-        "times (--cpu: the same on the CPU at CI size)")
+        "times, the served routing path in a CUDA graph (--cpu: the same on the CPU at CI size)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, in order (default all: {','.join(PARTS)})")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; parts stop starting new work past their share of it (default 420 on a GPU, "
-                        "120 with --cpu)")
+                   help=f"seconds; parts stop starting new work past their share of it (default "
+                        f"{GPU_TIME_BUDGET:.0f} on a GPU: the whole check within 5 minutes on an H200; "
+                        f"{CPU_TIME_BUDGET:.0f} with --cpu)")
     p.add_argument("--seeds-per-family", type=int, default=None,
                    help="random seeds per (policy, scoring, renormalise) family (default 6 = the tests'; 2 with --cpu)")
     p.add_argument("--extra-cases", type=int, default=None,
@@ -47,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="part 3 experts per token (default 4,6,8; 4 with --cpu)")
     p.add_argument("--moe-batch", type=int_list("--moe-batch"), default=None, metavar="LIST",
                    help="part 4 batch sizes (default 16,32; 8 with --cpu)")
+    p.add_argument("--served-batch", type=int_list("--served-batch"), default=None, metavar="LIST",
+                   help="part 5 batch sizes (default 1,16,64; 1,4 with --cpu)")
     p.add_argument("--replays", type=int, default=None,
                    help="graph replays per timing sample (default 50 on a GPU, 2 with --cpu)")
     p.add_argument("--jobs", type=int, default=None,

@@ -1,5 +1,7 @@
 """Part 4: one MoE layer (the project's fused-MoE Triton kernel, :mod:`xshare.bench._fused_moe`) with
-vanilla routing against the selector's routing of batches with the ESFT traces' statistics."""
+vanilla routing against the selector's routing of batches with the ESFT traces' statistics; the speed-up
+with the bare fused selector's time per call and with the served path's (the plugin's routing hook as
+SGLang calls it, :mod:`.served`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 import torch
 
 from xshare.bench.gpu.context import Context
+from xshare.bench.gpu.served import served_for_shape
 from xshare.bench.gpu.timing import selector_fns, time_call
 
 
@@ -101,6 +104,13 @@ def part_moe_layer(ctx: Context) -> dict[str, Any]:
             v, xs = row["vanilla"]["us"], row["xshare"]["us"]
             row.update({"selector_us": sel, "kernel_speedup": v / xs, "speedup_with_selector": v / (xs + sel),
                         "selector_share": sel / (sel + xs)})
+            served = served_for_shape(ctx, shape, b)
+            ok &= served["correct"]
+            row["served"] = {key: served[key] for key in ("served_us", "mode", "correct", "fallback", "capture_error",
+                                                         "diffs", "log", "backend")}
+            # the routing hook's time replaces the bare selector's; none when the hook left the call to SGLang
+            row["served_us"] = served["served_us"] if served["correct"] else None
+            row["speedup_served"] = v / (xs + row["served_us"]) if row["served_us"] is not None else None
             rows.append(row)
         del w13, w2, moe
         if ctx.device.type == "cuda":

@@ -93,15 +93,45 @@ def _md_selector_timing(p: dict[str, Any]) -> list[str]:
 
 def _md_moe_layer(p: dict[str, Any]) -> list[str]:
     out = ["| layer | B | active vanilla → xshare | vanilla µs | xshare µs | kernel speed-up | selector µs "
-           "| selector share | speed-up with selector | weights GB/s (vanilla) |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| selector share | speed-up with selector | served µs | speed-up served | weights GB/s (vanilla) |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in p["rows"]:
         v, x = r["vanilla"], r["xshare"]
+        served = r.get("served") or {}
+        served_cell = _f(r.get("served_us")) if served.get("correct") else f"left to SGLang: {_why(served)}"
         out.append(f"| {r['model']} | {r['batch']} | {v['active_experts']:.1f} → {x['active_experts']:.1f} | "
                    f"{_f(v['us'])} | {_f(x['us'])} | {_f(r['kernel_speedup'], '.2f')} | "
                    f"{_f(r['selector_us'])} | {100 * r['selector_share']:.1f}% | "
-                   f"{_f(r['speedup_with_selector'], '.2f')} | {_f(v['weights_gb_per_s'], '.0f')} |")
-    return [*out, "", f"**{p['status']}**; {p['kernel']}; {p['routing']}; {p['skipped']} skipped", ""]
+                   f"{_f(r['speedup_with_selector'], '.2f')} | {served_cell} | {_f(r.get('speedup_served'), '.2f')} | "
+                   f"{_f(v['weights_gb_per_s'], '.0f')} |")
+    return [*out, "", f"**{p['status']}**; {p['kernel']}; {p['routing']}; served: the routing hook as SGLang calls "
+                      f"it (part 5), in a CUDA graph; {p['skipped']} skipped", ""]
+
+
+def _why(m: dict[str, Any]) -> str:
+    """Why a served measurement is not correct: its fallbacks, capture error or first difference."""
+    if m.get("fallback"):
+        return ", ".join(f"{k} x{n}" for k, n in m["fallback"].items())
+    if m.get("capture_error"):
+        return f"capture failed ({m['capture_error'][:80]})"
+    return (m.get("diffs") or ["-"])[0][:80]
+
+
+def _md_served_path(p: dict[str, Any]) -> list[str]:
+    out = ["| router | B | E | k | vanilla gate µs | served µs | served / gate | with metrics µs | eager µs "
+           "| backend | correct | left to SGLang |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in p["rows"]:
+        m = r.get("metrics") or {}
+        bad = [] if r["correct"] else [_why(r)]
+        if m and not m["correct"]:
+            bad.append(f"with metrics: {_why(m)}")
+        out.append(f"| {r['family']} | {r['batch']} | {r['experts']} | {r['top_k']} | {_f(r['vanilla_us'])} | "
+                   f"{_f(r['served_us'])} | {_f(r['served_over_vanilla'], '.1f')} | {_f(m.get('served_us'))} | "
+                   f"{_f(r['eager_us'], '.0f')} | {r['backend'] or '-'} | {r['correct'] and m.get('correct', True)} | "
+                   f"{'; '.join(bad) or '-'} |")
+    logs = sorted({msg for r in p["rows"] for msg in r["log"] + ((r.get("metrics") or {}).get("log") or [])})
+    return [*out, "", f"**{p['status']}**; {p['policy']}; reference: {p['reference']}; {p['timing']}; "
+                      f"{p['skipped']} skipped", "", *[f"- log: `{msg}`" for msg in logs[:6]], ""]
 
 
 # each part's section: (part, heading, the result key its table needs, the table and summary)
@@ -110,6 +140,8 @@ _MD_SECTIONS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], list[str]]],
     ("cuda_graph", "2. CUDA graph: in-place knob changes, replays without recapture", "runs", _md_cuda_graph),
     ("selector_timing", "3. Selector time per MoE layer call (µs)", "points", _md_selector_timing),
     ("moe_layer", "4. MoE layer: vanilla vs the selector's routing", "rows", _md_moe_layer),
+    ("served_path", "5. Served path: the routing hook as SGLang calls it, in a CUDA graph (µs per MoE layer call)",
+     "rows", _md_served_path),
 )
 
 

@@ -19,6 +19,7 @@ from xshare.bench.gpu.correctness import part_selector_vs_reference
 from xshare.bench.gpu.graphs import part_cuda_graph
 from xshare.bench.gpu.moe_layer import part_moe_layer
 from xshare.bench.gpu.report import markdown, meta
+from xshare.bench.gpu.served import part_served_path
 from xshare.bench.gpu.timing import part_selector_timing
 from xshare.bench.gpu.warmup import warm
 
@@ -27,6 +28,7 @@ PART_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "cuda_graph": part_cuda_graph,
     "selector_timing": part_selector_timing,
     "moe_layer": part_moe_layer,
+    "served_path": part_served_path,
 }
 
 

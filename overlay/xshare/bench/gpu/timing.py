@@ -61,18 +61,25 @@ def time_call(ctx: Context, fn: Callable[[], Any], *, inner: int | None = None) 
             samples.append((time.perf_counter() - t0) / (ctx.replays * inner))
         return {"seconds": statistics.median(samples), "mode": "perf_counter", "calls": ctx.replays * inner}
     replay, mode = _capture(fn, inner)
+    return {**time_replays(ctx, replay, inner), "mode": mode}
+
+
+def time_replays(ctx: Context, replay: Callable[[], Any], inner: int, *, replays: int | None = None) -> dict[str, Any]:
+    """Seconds per call of a recorded ``replay`` that makes ``inner`` calls (a CUDA graph's replay, CUDA
+    only): CUDA events around ``replays`` replays (default ``ctx.replays``), the median of the samples."""
+    replays = ctx.replays if replays is None else replays
     for _ in range(3):
         replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
     for _ in range(ctx.samples):
         start.record()
-        for _ in range(ctx.replays):
+        for _ in range(replays):
             replay()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e-3 / (ctx.replays * inner))
-    return {"seconds": statistics.median(samples), "mode": mode, "calls": ctx.replays * inner}
+        samples.append(start.elapsed_time(end) * 1e-3 / (replays * inner))
+    return {"seconds": statistics.median(samples), "mode": "cuda-graph", "calls": replays * inner}
 
 
 def selector_fns(ctx: Context, b: int, e: int, k: int, policy: str, budget: int, scoring: str = "softmax",

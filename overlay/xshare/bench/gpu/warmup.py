@@ -11,6 +11,7 @@ import torch
 
 from xshare.bench.gpu.context import Context
 from xshare.bench.gpu.correctness import selector_cases
+from xshare.bench.gpu.served import warm_call
 from xshare.bench.gpu.timing import selector_fns
 
 
@@ -22,6 +23,8 @@ def _warm_jobs(ctx: Context, parts: list[str]) -> list[tuple]:
         jobs += [("grid", b, e, k) for e in ctx.experts for k in ctx.top_k if k <= e for b in ctx.batch]
     if "moe_layer" in parts:
         jobs += [("moe", name, b) for name in ctx.moe_shapes for b in ctx.moe_batch]
+    if "served_path" in parts:
+        jobs += [("served", name, b) for name in ctx.served_families for b in ctx.served_batch]
     return jobs
 
 
@@ -39,6 +42,8 @@ def _warm_worker(payload: tuple[dict[str, Any], list[tuple]]) -> int:
         try:
             if job[0] == "case":
                 fused_select(**to_device(cases[job[1]], ctx.device), backend="triton")
+            elif job[0] == "served":
+                warm_call(ctx, ctx.served_families[job[1]], job[2])
             elif job[0] == "grid":
                 _, b, e, k = job
                 selector_fns(ctx, b, e, k, "xshare", max(k, e // 2), seed=ctx.args.seed)["kernel"]()
@@ -54,6 +59,8 @@ def _warm_worker(payload: tuple[dict[str, Any], list[tuple]]) -> int:
                 x = torch.zeros(b, s["hidden"], dtype=torch.bfloat16, device=ctx.device)
                 moe(x, align(ids, 1), torch.ones(b * s["top_k"], device=ctx.device), moe.buffers(b, s["top_k"],
                                                                                                 torch.bfloat16))
+                warm_call(ctx, dict(ctx.served_families[s["family"]], experts=s["experts"], top_k=s["top_k"]), b,
+                          s["policy"], s["budget"], s["ep"] if s["ep"] > 1 else None)
             torch.cuda.synchronize()
             done += 1
         except Exception:  # noqa: BLE001 - warming is an optimisation; the part itself reports errors

@@ -1,0 +1,505 @@
+"""Part 5: the plugin's whole per-call routing as SGLang calls it, captured in a CUDA graph.
+
+SGLang's routing hook hands the plugin one ``_post_process_topk_ids`` call per MoE layer: the gate's
+``topk_ids`` / ``topk_weights``, the router logits, the layer's ``TopKConfig``, the layer id and
+``num_token_non_padded``; the plugin answers with :func:`xshare.sglang.routing.route`. SGLang cannot
+be installed where this check runs, so the call is built here: :class:`TopKConfigStandIn` mirrors the
+fields of SGLang's ``TopKConfig`` (a test compares them with the real class where SGLang is installed),
+:class:`Llama4MoE` carries Llama-4's routing function under the name the adapter recognises, and
+:func:`vanilla_gate` is each family's gate as plain torch ops. Whatever ``route`` does is measured as
+it is: a call it leaves to SGLang (a fallback or a skip, read from the runtime's counters and its log)
+makes the row say so, with ``correct`` false.
+
+Per router family and batch size: the vanilla gate alone in a CUDA graph; ``route`` captured with the
+runtime in the state the adapter sets under SGLang's graph capture (``ForwardState(capturing=True)``),
+then replayed on new inputs written into the same buffers and checked against an eager ``route`` call
+(``decide`` forced to its torch backend where that switch exists); the same with the per-call metrics
+window on (SGLang's ``--enable-metrics``). On the CPU (``--cpu``) a "replay" is a call in the capturing
+state and times come from ``perf_counter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xshare.bench.gpu.context import Context
+from xshare.bench.gpu.timing import cuda_graph, time_call, time_replays
+
+CHECKS = 2  # replays on new inputs checked against the eager reference, per measurement
+WEIGHT_TOL = 1e-6  # relative (to max(1, |reference|)) tolerance on the routed weights
+
+
+# -- stand-ins for SGLang's objects (SGLang is not installed where this runs) ------------------------
+@dataclass(frozen=True)
+class SharedExpertsStandIn:
+    """The shared-expert layout a ``TopKConfig`` carries (``shared_experts``): fused shared experts
+    occupy ``num_shared_topk_slots`` columns after the routed ones (none under Waterfill expansion)."""
+
+    fusion_disabled: bool = False
+    num_fused_shared_experts: int = 0
+    use_waterfill: bool = False
+
+    @property
+    def num_shared_topk_slots(self) -> int:
+        return 0 if self.use_waterfill else self.num_fused_shared_experts
+
+
+@dataclass
+class TopKConfigStandIn:
+    """The fields of SGLang 0.5.23's ``TopKConfig`` (``sglang.srt.layers.moe.topk``) under their names,
+    with its defaults: what the adapter reads from a layer. ``top_k`` is the output width (routed
+    experts plus shared slots)."""
+
+    top_k: int
+    use_grouped_topk: bool = False
+    topk_group: int | None = None
+    num_expert_group: int | None = None
+    renormalize: bool = True
+    shared_experts: SharedExpertsStandIn = field(default_factory=SharedExpertsStandIn)
+    custom_routing_function: Callable[..., Any] | None = None
+    correction_bias: Tensor | None = None
+    torch_native: bool = False
+    routed_scaling_factor: float | None = None
+    apply_routed_scaling_factor_on_output: bool = False
+    fused_shared_experts_scaling_factor: float | None = None
+    output_format: Any = None
+    runner_backend: Any = None
+    routing_method_type: Any = None
+    scoring_func: str = "softmax"
+    sqrtsoftplus_log1p: bool = False
+    fused_gate_packed_ids: bool = False
+    allow_routed_experts_capture: bool = True
+    layer_id: int | None = None
+
+    @property
+    def num_shared_topk_slots(self) -> int:
+        return self.shared_experts.num_shared_topk_slots
+
+
+class Llama4MoE:
+    """Holds Llama-4's router function under the qualified name SGLang's model gives it
+    (``Llama4MoE.custom_routing_function``), which is how the adapter recognises that router."""
+
+    @staticmethod
+    def custom_routing_function(hidden_states: Tensor, gating_output: Tensor, topk: int,
+                                renormalize: bool) -> tuple[Tensor, Tensor]:
+        """(weights [T, topk] in the hidden dtype, ids int32 [T, topk]): each token's top logits, each
+        weighted by its own sigmoid (no renormalisation)."""
+        values, ids = torch.topk(gating_output, topk, dim=-1)
+        return torch.sigmoid(values.float()).to(hidden_states.dtype), ids.to(torch.int32)
+
+
+def topk_config(family: dict[str, Any], device: torch.device, seed: int = 0) -> TopKConfigStandIn:
+    """The ``TopKConfig`` a model of ``family`` (:data:`~xshare.bench.gpu.context.SERVED_FAMILIES`)
+    builds for one MoE layer; the correction bias (float32 [E]) is drawn from ``seed`` on the device."""
+    e, k = family["experts"], family["top_k"]
+    shared = int(family.get("shared", 0))
+    groups = family.get("groups")
+    bias = None
+    if family.get("bias"):
+        bias = (torch.randn(e, generator=torch.Generator().manual_seed(seed)) * 0.1).to(device)
+    custom = Llama4MoE.custom_routing_function if family.get("custom") == "llama4" else None
+    return TopKConfigStandIn(
+        top_k=k + shared, use_grouped_topk=groups is not None,
+        num_expert_group=groups[0] if groups else None, topk_group=groups[1] if groups else None,
+        renormalize=bool(family.get("renormalize", True)),
+        shared_experts=SharedExpertsStandIn(num_fused_shared_experts=shared),
+        custom_routing_function=custom, correction_bias=bias, routed_scaling_factor=family.get("scaling"),
+        fused_shared_experts_scaling_factor=1.0 if shared else None,
+        scoring_func=family["scoring"] if custom is None else "softmax")
+
+
+def vanilla_gate(cfg: TopKConfigStandIn, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The family's gate alone, as plain torch ops (no host read, no host-to-device copy: capturable).
+
+    logits  float [T, E] router logits.
+    Returns (ids int32 [T, cfg.top_k], weights float32 [T, cfg.top_k]): each token's routed experts by
+    the router's choice score (bias added, outside its best ``topk_group`` groups excluded), weighted by
+    the unbiased score, renormalised if the config says so, the scaling factor applied when it goes into
+    the weights, then the fused shared slots (ids E, E + 1, ...; weight 1 / scaling, or 1 when the
+    scaling is in the weights).
+    """
+    shared = cfg.num_shared_topk_slots
+    k = cfg.top_k - shared
+    if cfg.custom_routing_function is not None:
+        weights, ids = cfg.custom_routing_function(logits, logits, k, cfg.renormalize)
+        return ids.to(torch.int32), weights.float()
+    x = logits.float()
+    t, e = x.shape
+    bias = cfg.correction_bias
+    scores = torch.softmax(x, dim=-1) if cfg.scoring_func == "softmax" and bias is None else torch.sigmoid(x)
+    choice = scores if bias is None else scores + bias
+    if cfg.use_grouped_topk:
+        g, keep = int(cfg.num_expert_group), int(cfg.topk_group)
+        per_group = choice.view(t, g, e // g)
+        group_score = per_group.topk(2, dim=-1).values.sum(-1) if bias is not None else per_group.amax(-1)
+        kept = torch.zeros(t, g, dtype=torch.bool, device=x.device).scatter_(
+            1, group_score.topk(keep, dim=-1).indices, True)
+        choice = choice.masked_fill(~kept.unsqueeze(-1).expand(t, g, e // g).reshape(t, e), float("-inf"))
+    ids = choice.topk(k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if cfg.renormalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    factor = cfg.routed_scaling_factor
+    if factor and cfg.apply_routed_scaling_factor_on_output:
+        weights = weights * factor
+    ids = ids.to(torch.int32)
+    if shared:
+        weight = 1.0 if (cfg.apply_routed_scaling_factor_on_output or not factor) else 1.0 / factor
+        weight *= cfg.fused_shared_experts_scaling_factor or 1.0
+        slots = (torch.arange(shared, dtype=torch.int32, device=x.device) + e).expand(t, shared)
+        ids = torch.cat([ids, slots], dim=1)
+        weights = torch.cat([weights, torch.full((t, shared), weight, device=x.device)], dim=1)
+    return ids, weights
+
+
+# -- one served call ------------------------------------------------------------------------------
+class ServedCall:
+    """One MoE layer's routing-hook call with its own plugin runtime: persistent buffers of the hook's
+    arguments (what a captured graph reads), refilled with a new batch by :meth:`fill`.
+
+    Buffers: ``router_logits`` bf16 [B, E], ``topk_ids`` int32 [B, width], ``topk_weights`` float32
+    [B, width] (width = routed top-k + shared slots, written by :func:`vanilla_gate`) and
+    ``num_token_non_padded`` int32 [1] (SGLang's graph buffer: rows at and past it are padding).
+    """
+
+    def __init__(self, ctx: Context, family: dict[str, Any], *, batch: int, policy: str, budget: int,
+                 sim_gpus: int | None = None, observe: bool = False, seed: int = 0) -> None:
+        from xshare.bench._routing import fit_sigma
+        from xshare.selection import SelectorConfig
+        from xshare.sglang.runtime import Runtime
+        from xshare.sglang.settings import PluginSettings
+
+        self.ctx, self.family, self.batch = ctx, family, batch
+        e, k = family["experts"], family["top_k"]
+        self.cfg = topk_config(family, ctx.device, seed)
+        selector = SelectorConfig(policy=policy, budget=budget, warmup_k=1)
+        # cpu_kernel off: the C fast path would route only the eager CPU reference, not the captured call
+        self.runtime = Runtime(PluginSettings(enabled=True, selector=selector, sim_gpus=sim_gpus, cpu_kernel=False))
+        self.runtime.observe = observe  # what enable_observability sets (the exporter is not needed to route)
+        self.sigma = fit_sigma(e, k)
+        self.seed = seed
+        self.draws = 0
+        dev = ctx.device
+        self.router_logits = torch.zeros(batch, e, dtype=torch.bfloat16, device=dev)
+        self.topk_ids = torch.zeros(batch, self.cfg.top_k, dtype=torch.int32, device=dev)
+        self.topk_weights = torch.zeros(batch, self.cfg.top_k, dtype=torch.float32, device=dev)
+        self.num_token_non_padded = torch.full((1,), batch, dtype=torch.int32, device=dev)
+        self.fill(batch)
+
+    def fill(self, num_tokens: int) -> None:
+        """A new batch in place: logits with the traces' statistics (:mod:`xshare.bench._routing`), the
+        vanilla gate's ids and weights, ``num_tokens`` real rows."""
+        from xshare.bench._routing import synthetic_logits
+
+        self.draws += 1
+        logits = synthetic_logits(1, self.batch, self.family["experts"], sigma=self.sigma,
+                                  seed=self.seed * 7919 + self.batch * 131 + self.draws, dtype=torch.bfloat16,
+                                  device=self.ctx.device)[0]
+        self.router_logits.copy_(logits)
+        ids, weights = vanilla_gate(self.cfg, self.router_logits)
+        self.topk_ids.copy_(ids)
+        self.topk_weights.copy_(weights)
+        self.num_token_non_padded.fill_(num_tokens)
+
+    def gate(self) -> tuple[Tensor, Tensor]:
+        return vanilla_gate(self.cfg, self.router_logits)
+
+    def args(self) -> dict[str, Any]:
+        """The hook's bound arguments, by SGLang's parameter names."""
+        return {"topk_ids": self.topk_ids, "topk_weights": self.topk_weights, "topk_config": self.cfg,
+                "router_logits": self.router_logits, "layer_id": 0, "num_token_non_padded": self.num_token_non_padded,
+                "expert_location_dispatch_info": None, "padded_rows_masked": False}
+
+    def call(self) -> dict[str, Any] | None:
+        """One ``route`` call in the runtime's current forward state."""
+        from xshare.sglang.routing import route
+
+        return route(self.runtime, self.args(), self.cfg)
+
+    def reference(self) -> dict[str, Any] | None:
+        """The same call eagerly, outside capture (a decode forward), ``decide`` on its torch backend
+        where it has that switch."""
+        from xshare.sglang.runtime import ForwardState
+
+        self.runtime.push(ForwardState(mode="decode"))
+        try:
+            with torch_backend():
+                return self.call()
+        finally:
+            self.runtime.pop()
+
+    def counters(self) -> Counter[str]:
+        """Calls the runtime left to SGLang, by reason: fallbacks (the selector raised) by exception
+        type, skips as ``skip:reason``."""
+        st = self.runtime.stats
+        return Counter(dict(st.fallbacks)) + Counter({f"skip:{r}": n for r, n in st.skipped.items()})
+
+
+@contextlib.contextmanager
+def torch_backend() -> Iterator[str]:
+    """While inside: the adapter's ``decide`` forced to its torch backend, where it has a ``backend``
+    argument (and ``XSHARE_BACKEND=torch`` set). Yields the reference's description."""
+    from xshare.sglang import routing
+
+    original = getattr(routing, "decide", None)
+    has_switch = original is not None and "backend" in inspect.signature(original).parameters
+    env = os.environ.get("XSHARE_BACKEND")
+    os.environ["XSHARE_BACKEND"] = "torch"
+    if has_switch:
+        def forced(*args: Any, **kwargs: Any) -> Any:
+            return original(*args, **{**kwargs, "backend": "torch"})
+
+        routing.decide = forced
+    try:
+        yield "eager route, decide(backend='torch')" if has_switch else "eager route (the same path, not captured)"
+    finally:
+        if has_switch:
+            routing.decide = original
+        if env is None:
+            os.environ.pop("XSHARE_BACKEND", None)
+        else:
+            os.environ["XSHARE_BACKEND"] = env
+
+
+def reference_kind() -> str:
+    with torch_backend() as kind:
+        return kind
+
+
+@contextlib.contextmanager
+def caught_log() -> Iterator[list[str]]:
+    """The plugin's warnings and errors while inside, kept (first line, 300 characters) instead of printed."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage().splitlines()[0][:300])
+
+    logger = logging.getLogger("xshare.sglang")
+    handler, propagate = Keep(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def compare(got: dict[str, Any] | None, ref: dict[str, Any] | None) -> list[str]:
+    """Differences between two ``route`` answers (empty: ids identical, weights within WEIGHT_TOL)."""
+    if ref is None:
+        return ["the eager reference left the call to SGLang"]
+    if got is None:
+        return ["the captured call left the call to SGLang"]
+    diffs = []
+    if sorted(got) != sorted(ref):
+        diffs.append(f"keys differ: {sorted(got)} vs {sorted(ref)}")
+    for key in ("topk_ids", "topk_weights"):
+        a, b = got.get(key), ref.get(key)
+        if a is None or b is None:
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            diffs.append(f"{key}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}")
+        elif key == "topk_ids" and not torch.equal(a, b):
+            rows = (a != b).any(1).nonzero().flatten().tolist()
+            diffs.append(f"topk_ids differ in rows {rows[:8]}")
+        elif key == "topk_weights":
+            err = ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1.0)).max().item() if a.numel() else 0.0
+            if not err <= WEIGHT_TOL:
+                diffs.append(f"topk_weights differ by {err:.3g}")
+    return diffs
+
+
+def _settle() -> None:
+    with contextlib.suppress(Exception):
+        torch.cuda.synchronize()
+
+
+def _record(ctx: Context, sc: ServedCall) -> tuple[Callable[[], None] | None, Callable[[], Any], str, str | None]:
+    """(replay, the answer its replays write, mode, capture error): ``ctx.inner`` calls captured in one
+    CUDA graph; on the CPU a replay is a call (its answer kept)."""
+    if ctx.device.type == "cuda":
+        try:
+            graph, out = cuda_graph(sc.call, ctx.inner)
+        except Exception as exc:  # noqa: BLE001 - a capture that fails is the row's result
+            _settle()
+            return None, lambda: None, "capture failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return graph.replay, lambda: out, "cuda-graph", None
+    box = [sc.call()]
+
+    def replay() -> None:
+        box[0] = sc.call()
+
+    return replay, lambda: box[0], "cpu-call", None
+
+
+def _backend(sc: ServedCall) -> str | None:
+    """The backend that routed one call, if the adapter's decision says (``Decision.backend``; ``c`` when
+    the C fast path routed); None when it does not say."""
+    from xshare.sglang import routing
+
+    original = getattr(routing, "decide", None)
+    if original is None:
+        return None
+    seen: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        decision = original(*args, **kwargs)
+        seen.append(decision)
+        return decision
+
+    routing.decide = recording
+    try:
+        sc.call()
+    finally:
+        routing.decide = original
+    if not seen:
+        return None
+    backend = getattr(seen[-1], "backend", None)
+    if backend is None and getattr(seen[-1], "cpu", None) is not None:
+        backend = "c"
+    return None if backend is None else str(backend)
+
+
+def _changed_rows(sc: ServedCall, answer: dict[str, Any] | None) -> int | None:
+    """Rows of the current batch whose routed experts the answer changed from the gate's (None: no answer)."""
+    if answer is None:
+        return None
+    k = sc.family["top_k"]
+    new = torch.sort(answer["topk_ids"][:, :k].long(), 1).values
+    old = torch.sort(sc.topk_ids[:, :k].long(), 1).values
+    return int((new != old).any(1).sum())
+
+
+def _eager_us(ctx: Context, sc: ServedCall, calls: int = 5) -> float:
+    """µs per eager call (wall clock, synchronised), the median of 3 samples."""
+    samples = []
+    for _ in range(3):
+        ctx.sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            sc.call()
+        ctx.sync()
+        samples.append((time.perf_counter() - t0) / calls)
+    return statistics.median(samples) * 1e6
+
+
+def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
+    """Capture ``sc``'s call in the capturing state, check replays on new inputs against the eager
+    reference, time the replays: ``served_us``, ``mode``, ``correct``, ``fallback`` (calls left to
+    SGLang while capturing, by reason), ``capture_error``, ``diffs``, ``log``, ``backend``, ``eager_us``,
+    ``changed_rows`` (of the last checked batch)."""
+    from xshare.sglang.runtime import ForwardState
+
+    res: dict[str, Any] = {"served_us": None, "eager_us": None, "mode": None, "correct": False, "fallback": {},
+                           "capture_error": None, "diffs": [], "log": [], "backend": None, "calls": 0,
+                           "changed_rows": None}
+    with caught_log() as log:
+        sc.runtime.push(ForwardState(mode="decode", capturing=True))
+        try:
+            res["backend"] = _backend(sc)
+            before = sc.counters()
+            replay, output, res["mode"], res["capture_error"] = _record(ctx, sc)
+            res["fallback"] = dict(sc.counters() - before)
+            diffs = [] if replay is not None else [f"capture failed: {res['capture_error']}"]
+            for i in range(CHECKS if replay is not None else 0):
+                sc.fill(sc.batch - i % 2 if sc.batch > 1 else 1)  # the second check has one padded row
+                replay()
+                ctx.sync()
+                diffs += [f"check {i + 1}: {d}" for d in compare(output(), sc.reference())]
+            res["diffs"] = diffs[:8]
+            res["changed_rows"] = _changed_rows(sc, output())
+            res["correct"] = not diffs and not res["fallback"]
+            res["eager_us"] = _eager_us(ctx, sc)
+            if replay is not None:
+                if ctx.device.type == "cuda":  # ~10x the selector's time per call: fewer replays
+                    t = time_replays(ctx, replay, ctx.inner, replays=max(1, ctx.replays // 5))
+                else:
+                    t = time_call(ctx, replay, inner=1)
+                res["served_us"], res["calls"] = t["seconds"] * 1e6, t["calls"]
+        finally:
+            sc.runtime.pop()
+    res["log"] = list(dict.fromkeys(log))[:3]
+    return res
+
+
+def served_for_shape(ctx: Context, shape: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Part 4's served path: the routing hook of ``shape``'s router family at its E, top-k, policy and
+    budget (its EP size as the placement's GPUs), measured as in part 5 (metrics off)."""
+    family = dict(ctx.served_families[shape["family"]], experts=shape["experts"], top_k=shape["top_k"])
+    sc = ServedCall(ctx, family, batch=batch, policy=shape["policy"], budget=shape["budget"],
+                    sim_gpus=shape["ep"] if shape["ep"] > 1 else None, seed=ctx.args.seed)
+    return measure(ctx, sc)
+
+
+def _budget(family: dict[str, Any]) -> int:
+    return max(family["top_k"], family["experts"] // 4)
+
+
+def warm_call(ctx: Context, family: dict[str, Any], batch: int, policy: str = "xshare",
+              budget: int | None = None, sim_gpus: int | None = None) -> None:
+    """One eager call in the capturing state (compiles whatever kernels the served path launches)."""
+    from xshare.sglang.runtime import ForwardState
+
+    sc = ServedCall(ctx, family, batch=batch, policy=policy, budget=budget or _budget(family), sim_gpus=sim_gpus)
+    sc.runtime.push(ForwardState(mode="decode", capturing=True))
+    try:
+        with caught_log():
+            sc.call()
+    finally:
+        sc.runtime.pop()
+
+
+def part_served_path(ctx: Context) -> dict[str, Any]:
+    rows, skipped, ok = [], 0, True
+    for name, family in ctx.served_families.items():
+        e, k = family["experts"], family["top_k"]
+        for b in ctx.served_batch:
+            if ctx.past("served_path"):
+                skipped += 1
+                continue
+            budget = _budget(family)
+            sc = ServedCall(ctx, family, batch=b, policy="xshare", budget=budget, seed=ctx.args.seed)
+            vanilla = time_call(ctx, sc.gate)
+            served = measure(ctx, sc)
+            row: dict[str, Any] = {
+                "family": name, "batch": b, "experts": e, "top_k": k, "width": sc.cfg.top_k, "router": family["note"],
+                "policy": "xshare", "budget": budget, "vanilla_us": vanilla["seconds"] * 1e6,
+                "vanilla_mode": vanilla["mode"], **served,
+                "served_over_vanilla": (served["served_us"] / (vanilla["seconds"] * 1e6)
+                                        if served["served_us"] is not None else None)}
+            if ctx.past("served_path"):
+                row["metrics"] = None
+                skipped += 1
+            else:
+                metrics = measure(ctx, ServedCall(ctx, family, batch=b, policy="xshare", budget=budget, observe=True,
+                                                  seed=ctx.args.seed))
+                row["metrics"] = {key: metrics[key] for key in ("served_us", "mode", "correct", "fallback",
+                                                                "capture_error", "diffs", "log")}
+                ok &= metrics["correct"]
+            ok &= served["correct"]
+            rows.append(row)
+            del sc
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"status": ("ok" if not skipped else "incomplete") if ok else "fail", "rows": rows, "skipped": skipped,
+            "reference": reference_kind(), "policy": "xshare, budget max(k, E/4), warm-up 1",
+            "inputs": ("stand-in TopKConfig per family; bf16 router logits with the traces' statistics; the vanilla "
+                       "gate's ids and weights; num_token_non_padded int32 [1] on the device"),
+            "timing": ((f"CUDA events over CUDA-graph replays of {ctx.inner} calls" if not ctx.cpu
+                        else "perf_counter over calls in the capturing state (CPU mode)")
+                       + f"; {CHECKS} replays on new inputs checked against the reference")}
