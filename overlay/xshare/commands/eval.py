@@ -14,7 +14,6 @@ NAME = "eval"
 HELP = "replay routing traces: what-if evaluation of policies, budgets, EP placements (EPLB) and a GPU cost model"
 
 DEFAULT_BATCH = 16
-DEFAULT_BUDGET = "0.5"
 DEFAULT_WARMUP = 1
 DEFAULT_GPUS = 8
 
@@ -59,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", action="append", metavar="M",
                    help=f"{_knob_help('budget')}: an int <= E or a fraction in (0, 1], or one per trace layer "
                         f"(a JSON list, or {{\"default\": m, \"<layer index>\": m}}) (repeatable; default "
-                        f"{DEFAULT_BUDGET})")
+                        "none: a --target-mass is then uncapped)")
     g.add_argument("--target-mass", action="append", metavar="TAU",
                    help=f"{_knob_help('target_mass')}: a number in (0, 1] or none (repeatable; default none)")
     g.add_argument("--warmup-k", action="append", type=int, metavar="K0",
@@ -112,11 +111,14 @@ class UsageError(ValueError):
     pass
 
 
-def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | float | str:
-    """A count; for --budget also one per trace layer (JSON list or map, kept as its canonical JSON text)."""
+def _parse_count(text: str, flag: str, num_experts: int, where: str) -> int | float | str | None:
+    """A count; for --budget also one per trace layer (JSON list or map, kept as its canonical JSON text);
+    'none' = not given (the setting's default)."""
     from xshare.selection.config import parse_count
     from xshare.selection.schema import SELECTOR
 
+    if text.strip().lower() == "none":
+        return None
     if flag.endswith("budget") and not flag.endswith("group-budget") and text.strip()[:1] in ("[", "{"):
         try:
             value = SELECTOR["budget"].parse(text)
@@ -238,7 +240,8 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
             batches[b] = bt
 
     # knobs
-    budgets = [_parse_count(b, "--budget", e, where) for b in (args.budget or [DEFAULT_BUDGET])]
+    # no --budget: the config's default (half of E, or E with a mass target: uncapped)
+    budgets = [_parse_count(b, "--budget", e, where) for b in (args.budget or [])]
     warmups = args.warmup_k or [DEFAULT_WARMUP]
     for w in warmups:
         if w < 0 or w > k:

@@ -20,9 +20,12 @@ from xshare.selection.schema import DEFAULT_KEY, SELECTOR, SELECTOR_FIELDS, free
 
 PER_LAYER = tuple(f.name for f in SELECTOR_FIELDS if f.per_layer)
 
-__all__ = ["SCORINGS", "SelectorConfig", "parse_count", "resolve_count"]
+__all__ = ["DEFAULT_BUDGET", "SCORINGS", "SelectorConfig", "parse_count", "resolve_count"]
 
 SCORINGS = SELECTOR["scoring"].choices
+# m when no budget is given and no mass target is set: half of the layer's experts. With a mass
+# target and no budget given, m is E: the target alone decides (SelectorConfig.budget_for).
+DEFAULT_BUDGET = 0.5
 
 
 def resolve_count(value: int | float, num_experts: int) -> int:
@@ -38,12 +41,16 @@ class SelectorConfig:
 
     policy        registered policy name (see :func:`xshare.selection.available_policies`).
     budget        m: max experts kept per layer and batch; an int >= 1, or a float in (0, 1] = a
-                  fraction of the layer's experts E. Values above E are clamped to E. Like
-                  ``target_mass``, also one value per MoE layer (a tuple in MoE-layer order, or a map
-                  {"default": v, "<layer id>": v}); :meth:`for_layer` gives a layer's own config.
+                  fraction of the layer's experts E. Values above E are clamped to E. None = not
+                  given: :data:`DEFAULT_BUDGET` of E, or E when a mass target is set (the target is
+                  then uncapped); this None is the one record of "not given", so it survives
+                  :meth:`to_dict` / :meth:`from_dict` (persisted and signed configs, the admin
+                  endpoint). Like ``target_mass``, also one value per MoE layer (a tuple in MoE-layer
+                  order, or a map {"default": v, "<layer id>": v}; a layer without one has None);
+                  :meth:`for_layer` gives a layer's own config.
     target_mass   tau in (0, 1]: S is the fewest experts (warm-up included) whose summed gate mass
-                  over the batch reaches tau of the batch's total, capped by the budget; None = the
-                  budget alone. Read by the policies with ``Policy.target_mass``.
+                  over the batch reaches tau of the batch's total, capped by the budget when one is
+                  given; None = the budget alone. Read by the policies with ``Policy.target_mass``.
     warmup_k      k0: every token's top-k0 experts are always kept (0 = no warm-up).
     group_budget  m_r: per-request budget of hierarchical policies (``xshare_spec``); None = top_k.
     gpu_cap       c: per-GPU cap of GPU-aware policies; None = ceil(m / G).
@@ -55,7 +62,7 @@ class SelectorConfig:
     """
 
     policy: str = SELECTOR["policy"].default
-    budget: Any = SELECTOR["budget"].default  # int | float, or per MoE layer (tuple / map)
+    budget: Any = SELECTOR["budget"].default  # int | float | None (not given), or per MoE layer (tuple / map)
     target_mass: Any = SELECTOR["target_mass"].default  # float | None, or per MoE layer
     warmup_k: int = SELECTOR["warmup_k"].default
     group_budget: int | float | None = SELECTOR["group_budget"].default
@@ -120,14 +127,31 @@ class SelectorConfig:
         if isinstance(v, Mapping):
             return v.get(DEFAULT_KEY, SELECTOR[name].default)
         return v
+
+    @property
+    def has_target_mass(self) -> bool:
+        """Whether a mass target is set (per-layer values: on any layer)."""
+        v = self.target_mass
+        if isinstance(v, tuple):
+            return any(x is not None for x in v)
+        if isinstance(v, Mapping):
+            return any(x is not None for x in v.values())
+        return v is not None
+
     def budget_for(self, num_experts: int) -> int:
-        """m for a layer of ``num_experts`` experts (per-layer budgets: the largest of them; resolve a
+        """m for a layer of ``num_experts`` experts: the budget given, else E with a mass target (no
+        cap), else :data:`DEFAULT_BUDGET` of E. Per-layer values: the largest of them (resolve a
         layer's own with :meth:`for_layer` first)."""
         if isinstance(self.budget, (tuple, Mapping)):
             values = self.budget if isinstance(self.budget, tuple) else [self.scalar_value("budget"),
                                                                            *self.budget.values()]
-            return max(resolve_count(v, num_experts) for v in values)
-        return resolve_count(self.budget, num_experts)
+            return max(self._resolve_budget(v, num_experts) for v in values)
+        return self._resolve_budget(self.budget, num_experts)
+
+    def _resolve_budget(self, value: int | float | None, num_experts: int) -> int:
+        if value is None:
+            return num_experts if self.has_target_mass else resolve_count(DEFAULT_BUDGET, num_experts)
+        return resolve_count(value, num_experts)
 
     def group_budget_for(self, num_experts: int, top_k: int) -> int:
         """m_r for a layer of ``num_experts`` experts (default: top_k)."""

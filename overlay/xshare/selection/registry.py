@@ -186,11 +186,12 @@ def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
     e, k = model.num_experts, model.top_k
     values = config.budget if isinstance(config.budget, tuple) else \
         tuple(config.budget.values()) if isinstance(config.budget, Mapping) else (config.budget,)
-    for budget in values:  # per-layer budgets: every value
+    for budget in values:  # per-layer budgets: every value (None: the default, E with a mass target)
         resolved = budget if isinstance(budget, int) else config.replace(budget=budget).budget_for(e)
         if not k <= resolved <= e:
-            raise ValueError(f"budget {budget!r} is outside [top_k, E] = [{k}, {e}] for this model"
-                             + (f" (it resolves to {resolved})" if isinstance(budget, float) else ""))
+            shown = "budget (not given: the default)" if budget is None else f"budget {budget!r}"
+            raise ValueError(f"{shown} is outside [top_k, E] = [{k}, {e}] for this model"
+                             + (f" (it resolves to {resolved})" if not isinstance(budget, int) else ""))
     if config.warmup_k > k:
         raise ValueError(f"warmup_k = {config.warmup_k} exceeds the model's top_k = {k}")
     if isinstance(config.group_budget, int) and config.group_budget > e:

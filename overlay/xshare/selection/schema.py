@@ -333,11 +333,12 @@ def by_name(fields: Sequence[Field]) -> dict[str, Field]:
 
 SELECTOR_FIELDS: tuple[Field, ...] = (
     Field("policy", "policy", "xshare", "selection policy (xshare.selection.available_policies())"),
-    Field("budget", "count", 0.5, "m: experts kept per layer and batch (values above E mean E)",
-          device=True, sweep=True, per_layer=True),
+    Field("budget", "count", None, "m: experts kept per layer and batch (values above E mean E; none = "
+          "0.5 of E, or E with a target mass, which is then uncapped)",
+          optional=True, device=True, sweep=True, per_layer=True),
     Field("target_mass", "fraction", None,
           "tau: keep the fewest experts whose batch gate mass reaches this share of the batch's total "
-          "(warm-up included, capped by the budget; none = the budget alone)",
+          "(warm-up included; capped only by a budget that is given; none = the budget alone)",
           optional=True, device=True, sweep=True, per_layer=True),
     Field("warmup_k", "int", 1, "k0: every token keeps its own top-k0 experts (0 = no warm-up)", minimum=0,
           device=True, sweep=True),

@@ -28,6 +28,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
+from xshare.selection.config import DEFAULT_BUDGET
 from xshare.sglang.stats import WINDOW_FIELDS
 
 log = logging.getLogger("xshare.sglang")
@@ -166,6 +167,8 @@ class Exporter:
         sel = s.selector
         e = runtime.num_experts_hint
         budget = sel.budget_for(e) if e else sel.scalar_value("budget")  # per-layer: one shown value
+        if budget is None:  # not given and E unknown: the default as a fraction of E (1 = uncapped mass target)
+            budget = 1.0 if sel.has_target_mass else DEFAULT_BUDGET
         values = {"xshare:budget": budget, "xshare:warmup_k": sel.warmup_k,
                   "xshare:group_budget": sel.group_budget or 0, "xshare:gpu_cap": sel.gpu_cap or 0,
                   "xshare:enabled": 1 if s.enabled else 0, "xshare:config_version": runtime.version}

@@ -92,8 +92,14 @@ xshare.io/role: {{ .role }}
   value: {{ ternary "1" "0" .Values.xshare.enabled | quote }}
 - name: XSHARE_POLICY
   value: {{ .Values.xshare.policy | quote }}
+{{- if not (kindIs "invalid" .Values.xshare.budget) }}
 - name: XSHARE_BUDGET
   value: {{ .Values.xshare.budget | toString | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.xshare.targetMass) }}
+- name: XSHARE_TARGET_MASS
+  value: {{ .Values.xshare.targetMass | toString | quote }}
+{{- end }}
 - name: XSHARE_WARMUP_K
   value: {{ .Values.xshare.warmupK | int | toString | quote }}
 {{- if not (kindIs "invalid" .Values.xshare.groupBudget) }}

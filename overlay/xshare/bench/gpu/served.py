@@ -21,6 +21,7 @@ state and times come from ``perf_counter``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -177,7 +178,6 @@ class ServedCall:
 
     def __init__(self, ctx: Context, family: dict[str, Any], *, batch: int, policy: str, budget: int,
                  sim_gpus: int | None = None, observe: bool = False, seed: int = 0) -> None:
-        from xshare.bench._routing import fit_sigma
         from xshare.selection import SelectorConfig
         from xshare.sglang.runtime import Runtime
         from xshare.sglang.settings import PluginSettings
@@ -189,7 +189,7 @@ class ServedCall:
         # cpu_kernel off: the C fast path would route only the eager CPU reference, not the captured call
         self.runtime = Runtime(PluginSettings(enabled=True, selector=selector, sim_gpus=sim_gpus, cpu_kernel=False))
         self.runtime.observe = observe  # what enable_observability sets (the exporter is not needed to route)
-        self.sigma = fit_sigma(e, k)
+        self.sigma = _sigma(e, k)
         self.seed = seed
         self.draws = 0
         dev = ctx.device
@@ -246,6 +246,14 @@ class ServedCall:
         type, skips as ``skip:reason``."""
         st = self.runtime.stats
         return Counter(dict(st.fallbacks)) + Counter({f"skip:{r}": n for r, n in st.skipped.items()})
+
+
+@functools.cache
+def _sigma(num_experts: int, top_k: int) -> float:
+    """The traces' shared-preference scale for (E, top_k) (deterministic, seconds to fit: fitted once)."""
+    from xshare.bench._routing import fit_sigma
+
+    return fit_sigma(num_experts, top_k)
 
 
 @contextlib.contextmanager

@@ -67,8 +67,6 @@ def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all
     cfg = SelectorConfig(policy=policy)
     defaults = {f.name: f.default for f in OPERATOR_FIELDS}
     merged = {**base, **{k: v for k, v in update.items() if k in CONFIG_FIELDS}}
-    if merged.get("budget") is None:
-        raise ConfigInvalid("budget", "must be given")
     if merged.get("warmup_k") is None:
         raise ConfigInvalid("warmup_k", "must be given")
     for f in OPERATOR_FIELDS:  # a required field sent as null takes its default
