@@ -189,12 +189,13 @@ def build() -> dict[str, Any]:
             w=8))
         .with_panel(ts(
             "Fallbacks and selector calls",
-            "Selector calls per second, fallbacks to vanilla routing per second by reason, and tokens routed exactly "
-            "because their request asked.",
+            "Selector calls per second, fallbacks to vanilla routing per second by reason, tokens routed exactly "
+            "because their request asked, and layer calls whose budget stopped a target mass short.",
             "ops",
             [(f"sum by (reason) (rate(xshare:fallbacks_total{{{_X}}}[{_RI}]))", "fallback: {{reason}}"),
              (f"sum(rate(xshare:selector_calls_total{{{_X}}}[{_RI}]))", "selector calls"),
-             (f"sum(rate(xshare:exact_tokens_total{{{_X}}}[{_RI}]))", "exact tokens (requests asking xshare_exact)")],
+             (f"sum(rate(xshare:exact_tokens_total{{{_X}}}[{_RI}]))", "exact tokens (requests asking xshare_exact)"),
+             (f"sum(rate(xshare:mass_cap_bound_total{{{_X}}}[{_RI}]))", "target mass capped by the budget")],
             w=8))
         .with_panel(ts(
             "Selector latency",

@@ -8,6 +8,8 @@ are then computed for all batches of the layer at once (vectorised tensors):
     gate mass kept     sum of the stored probabilities of each token's final experts / sum of its
                        stored top-K probabilities (over the batch's tokens; unknown probabilities = 0)
     top-1 kept         share of tokens whose own stored top-1 expert is among their final experts
+    cap bound          with a mass target: share of (layer, batch) calls whose budget stopped the
+                       set before the target was reached (``Routing.cap_bound``)
     GPU load           activated physical experts per GPU under the placement (a replicated expert
                        counts once per replica that receives tokens); peak = the busiest GPU
     tokens per GPU     token-expert assignments per GPU (max / mean)
@@ -152,16 +154,19 @@ class LayerStats:
     moe_seconds: np.ndarray | None
     select_seconds: float
     calls: int
+    cap_bound: np.ndarray | None = None  # bool [NB]: the budget stopped the mass target short (None: no target)
 
 
 def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, sizes: list[int],
-           placement: Placement, layer: int = 0) -> tuple[Tensor, Tensor | None, float]:
+           placement: Placement, layer: int = 0) -> tuple[Tensor, Tensor | None, float, np.ndarray | None]:
     """Route every batch of a layer through the core's one seam (:func:`xshare.selection.engine.decide`,
-    as the server does); ids/physical padded to [NB, W, k] with 0."""
+    as the server does); ids/physical padded to [NB, W, k] with 0, and per batch whether the budget
+    stopped the mass target short (``Routing.cap_bound``; None when the policy has no mass target)."""
     nb, width = logits.shape[0], logits.shape[1]
     k = plan.trace.top_k
     ids = torch.zeros((nb, width, k), dtype=torch.int64)
     phys: Tensor | None = None
+    bound: np.ndarray | None = None
     seconds = 0.0
     clock = time.perf_counter
     router = plan.trace.layer_router(layer) or LayerRouting(cfg.scoring, cfg.renormalize)
@@ -172,11 +177,15 @@ def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, size
         r = decide(call, cfg).routing
         seconds += clock() - t0
         ids[b, :n] = r.topk_ids
+        if r.cap_bound is not None:
+            if bound is None:
+                bound = np.zeros(nb, dtype=bool)
+            bound[b] = bool(r.cap_bound)
         if r.physical_ids is not None:
             if phys is None:
                 phys = torch.zeros((nb, width, k), dtype=torch.int64)
             phys[b, :n] = r.physical_ids
-    return ids, phys, seconds
+    return ids, phys, seconds, bound
 
 
 def layer_metrics(ids: Tensor, phys: Tensor | None, valid: Tensor, tokens: Tensor, probs: Tensor,
@@ -260,9 +269,9 @@ def replay_unit(plan: Plan, bkey: int | None, li: int,
     out: dict[Setting, LayerStats] = {}
     for s in settings:
         cfg = s.config().for_layer(layer, range(trace.num_layers))  # per-layer values: the trace's layers
-        ids, phys, seconds = _route(plan, cfg, logits, groups, sizes, placement, layer)
+        ids, phys, seconds, bound = _route(plan, cfg, logits, groups, sizes, placement, layer)
         m = layer_metrics(ids, phys, valid, tokens, probs, stored, placement, plan.cost)
-        out[s] = LayerStats(**m, select_seconds=seconds, calls=len(sizes))
+        out[s] = LayerStats(**m, select_seconds=seconds, calls=len(sizes), cap_bound=bound)
         if tick is not None:
             tick(1)
     return out
@@ -352,6 +361,9 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
         gpu_cap = cfg.gpu_cap if cfg.gpu_cap is not None else -(-cfg.budget_for(num_experts) // g)
     active = _stack(stats, "active")
     v_active = _stack(van, "active")
+    # calls (layer x batch) whose budget stopped the mass target short: only rows with a mass target
+    bound = _stack(stats, "cap_bound") if cfg.has_target_mass and all(s.cap_bound is not None for s in stats) \
+        else None
     peak = _stack(stats, "peak")
     v_peak = _stack(van, "peak")
     batches = plan.batches[setting.batch]
@@ -376,6 +388,7 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
         "reduction": _f(1.0 - active.mean() / v_active.mean()),
         "mass_kept": _f(_stack(stats, "mass").mean()),
         "top1_kept": _f(_stack(stats, "top1").mean()),
+        "cap_bound": None if bound is None else _f(bound.mean()),
         "peak_gpu_experts_mean": _f(peak.mean()),
         "peak_gpu_experts_max": int(peak.max()),
         "vanilla_peak_gpu_experts_mean": _f(v_peak.mean()),
@@ -394,6 +407,7 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
             "vanilla_active_experts_mean": [_f(x) for x in v_active.mean(1)],
             "mass_kept": [_f(x) for x in _stack(stats, "mass").mean(1)],
             "top1_kept": [_f(x) for x in _stack(stats, "top1").mean(1)],
+            "cap_bound": None if bound is None else [_f(x) for x in bound.mean(1)],
             "peak_gpu_experts_mean": [_f(x) for x in peak.mean(1)],
             "budget": [cfg.for_layer(i, range(trace.num_layers)).budget_for(num_experts) if "budget" in knobs
                        else None for i in plan.layers],

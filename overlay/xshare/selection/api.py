@@ -222,6 +222,8 @@ def finish_routing(
     policy = get_policy(config.policy)
     vanilla = get_policy("topk")
     valid = batch.valid
+    batch.cap_bound = None  # noted by the policy's set, when it has a mass target
+    apply = None
     if decided:
         tiers = torch.where(valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
         strategy = policy.replica_strategy
@@ -235,6 +237,9 @@ def finish_routing(
         apply = applies_on_device(config, knobs, valid.sum())
         tiers = torch.where(apply & valid.unsqueeze(1), policy.tiers(batch), vanilla.tiers(batch))
         strategy = policy.replica_strategy
+    cap_bound = batch.cap_bound
+    if cap_bound is not None and apply is not None:  # counts only where the policy applied
+        cap_bound = cap_bound & apply
     if batch.exact is not None:  # per-request exact routing: those rows keep their own top_k
         tiers = torch.where(batch.exact.unsqueeze(1), vanilla.tiers(batch), tiers)
     ids, weights = route(batch, tiers)
@@ -242,4 +247,4 @@ def finish_routing(
     physical = None
     if batch.placement is not None and batch.placement.has_replicas:
         physical = assign_replicas(ids, active, batch.placement, strategy)
-    return Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=physical)
+    return Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=physical, cap_bound=cap_bound)

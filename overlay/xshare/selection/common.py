@@ -86,6 +86,13 @@ def mass_fill(score: Tensor, forced: Tensor, cand: Tensor, target_mass: Tensor |
     means no mass target (the result is then E, i.e. no limit). Last dim = experts; static shapes."""
     num = score.shape[-1]
     tau = torch.as_tensor(target_mass, dtype=torch.float32, device=score.device)
+    need = _mass_need(score, forced, cand, tau)
+    return torch.where(tau > 0, need, torch.full_like(need, num))
+
+
+def _mass_need(score: Tensor, forced: Tensor, cand: Tensor, tau: Tensor) -> Tensor:
+    """:func:`mass_fill` for a mass target ``tau`` > 0 (a float32 tensor)."""
+    num = score.shape[-1]
     score = score.to(torch.float32)
     whole = score.sum(-1, keepdim=True)
     have = (score * forced).sum(-1, keepdim=True)
@@ -96,8 +103,26 @@ def mass_fill(score: Tensor, forced: Tensor, cand: Tensor, target_mass: Tensor |
     goal = tau * whole * (1.0 - MASS_RTOL)
     num_cand = cand.sum(-1, keepdim=True)
     slot = torch.arange(num, device=score.device)
-    need = ((have + before < goal) & (slot < num_cand)).sum(-1)
-    return torch.where(tau > 0, need, torch.full_like(need, num))
+    return ((have + before < goal) & (slot < num_cand)).sum(-1)
+
+
+def fill_count(score: Tensor, forced: Tensor, cand: Tensor, total: Tensor | int,
+               target_mass: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """How many of the best candidates join S = forced ∪ them, and whether the budget bound.
+
+    Returns (fill int64 [...], cap_bound bool [...]): fill = the budget's room (``total`` − |forced|,
+    at least 0), or fewer when ``target_mass`` tau is reached first (:func:`mass_fill`); cap_bound =
+    a mass target is set (tau > 0) and the budget stopped the fill before it was reached (the mass
+    needed more candidates than the budget left room for). Without a mass target (None or <= 0),
+    cap_bound is False. Device tensors only, no host sync (``total`` and tau may be 0-d knobs)."""
+    room = (torch.as_tensor(total, device=score.device) - forced.sum(-1)).clamp_min(0)
+    if target_mass is None:
+        return room, torch.zeros_like(room, dtype=torch.bool)
+    tau = torch.as_tensor(target_mass, dtype=torch.float32, device=score.device)
+    need = _mass_need(score, forced, cand, tau)
+    on = tau > 0
+    fill = torch.where(on, torch.minimum(room, need), room)
+    return fill, on & (room < need)
 
 
 def top_by_score(score: Tensor, forced: Tensor, total: Tensor | int, allowed: Tensor | None = None,
@@ -113,12 +138,17 @@ def top_by_score(score: Tensor, forced: Tensor, total: Tensor | int, allowed: Te
     max(total, |forced|) (where the cap binds, the maximiser above). Exact because the objective is
     modular: the best n candidates carry the most mass of any n.
     """
+    return top_by_score_bound(score, forced, total, allowed, target_mass)[0]
+
+
+def top_by_score_bound(score: Tensor, forced: Tensor, total: Tensor | int, allowed: Tensor | None = None,
+                       target_mass: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`top_by_score` and whether its budget cut S short of the mass target (bool [...], the
+    leading dims; :func:`fill_count`)."""
     cand = ~forced if allowed is None else (allowed & ~forced)
-    fill = (torch.as_tensor(total, device=score.device) - forced.sum(-1)).clamp_min(0)
-    if target_mass is not None:
-        fill = torch.minimum(fill, mass_fill(score, forced, cand, target_mass))
+    fill, bound = fill_count(score, forced, cand, total, target_mass)
     pos = positions_by_score(score, cand)
-    return forced | (cand & (pos < fill.unsqueeze(-1)))
+    return forced | (cand & (pos < fill.unsqueeze(-1))), bound
 
 
 def top_by_score_capped(
@@ -134,6 +164,15 @@ def top_by_score_capped(
     prefix stops at the mass target: on a matroid the greedy prefix of each size has the most mass
     of any feasible set of that size, so the result is the fewest experts reaching it.
     """
+    return top_by_score_capped_bound(score, forced, total, group, cap, allowed, target_mass)[0]
+
+
+def top_by_score_capped_bound(
+    score: Tensor, forced: Tensor, total: Tensor | int, group: Tensor, cap: Tensor, allowed: Tensor | None = None,
+    target_mass: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`top_by_score_capped` and whether the budget (not a per-group cap) cut S short of the
+    mass target (bool 0-d; :func:`fill_count`)."""
     num_groups = cap.shape[0]
     cand = ~forced if allowed is None else (allowed & ~forced)
     onehot = group.unsqueeze(-1) == torch.arange(num_groups, device=group.device)  # [E, G]
@@ -145,7 +184,7 @@ def top_by_score_capped(
     within = (sorted_onehot.long().cumsum(0) * sorted_onehot).sum(-1) - 1  # 0-based rank in own group
     admissible_sorted = cand[order] & (within < spare[group[order]])
     admissible = torch.empty_like(admissible_sorted).scatter_(0, order, admissible_sorted)
-    return top_by_score(score, forced, total, allowed=admissible, target_mass=target_mass)
+    return top_by_score_bound(score, forced, total, allowed=admissible, target_mass=target_mass)
 
 
 def same_group_matrix(groups: Tensor, valid: Tensor) -> Tensor:
@@ -175,6 +214,9 @@ class Batch:
     group_budget: int | Tensor = 0  # m_r, resolved
     gpu_cap: int | Tensor = 0  # c; 0 = ceil(m / G)
     _rank: Tensor | None = field(default=None, repr=False)
+    # bool 0-d, noted by a policy with a mass target as it builds its set (:meth:`note_cap_bound`):
+    # the budget stopped the set short of tau; None for the other policies
+    cap_bound: Tensor | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -189,6 +231,11 @@ class Batch:
         if self._rank is None:
             self._rank = preference_rank(self.scores, self.usable)
         return self._rank
+
+    def note_cap_bound(self, bound: Tensor) -> None:
+        """Record that the budget cut this batch's set short of its mass target (bool 0-d, from
+        :func:`top_by_score_bound`); read into :attr:`Routing.cap_bound` by the routing."""
+        self.cap_bound = bound
 
     def own_topk(self, k: int | Tensor) -> Tensor:
         """bool [T, E]: each token's own top-k usable experts (all rows)."""

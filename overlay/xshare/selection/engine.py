@@ -332,5 +332,7 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     if call.engine_ids is not None:  # unreplaced rows: the engine's own ids (its kernel, its order)
         ids = torch.where(replaced.unsqueeze(1), ids, call.engine_ids[:, :call.top_k].to(ids.dtype))
     active = active_experts(ids, valid, num_experts)
-    routing = Routing(topk_ids=ids.to(torch.int32), topk_weights=weights, active=active, physical_ids=None)
+    cap_bound = None if batch.cap_bound is None else batch.cap_bound & apply  # noted by a mass-target set
+    routing = Routing(topk_ids=ids.to(torch.int32), topk_weights=weights, active=active, physical_ids=None,
+                      cap_bound=cap_bound)
     return Decision(routing, config, replaced=replaced, short_rows=((out.short | empty) & valid).sum())

@@ -45,12 +45,16 @@ class Routing:
     active        bool [E]: the union of routed ids over the batch's (non-padded) tokens.
     physical_ids  int32 [T, top_k] or None: the physical expert slot of each assignment, when a
                   placement with replicas was given (otherwise None: physical = logical).
+    cap_bound     bool 0-d or None: the policy applied with a mass target and its budget stopped the
+                  set before the target was reached (a device tensor, never read on the host here);
+                  None when the policy has no mass target.
     """
 
     topk_ids: Tensor
     topk_weights: Tensor
     active: Tensor
     physical_ids: Tensor | None = None
+    cap_bound: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "xshare:exact_tokens_total": ("counter", (), "Tokens routed exactly (the model's own top-k) because their "
                                   "request asked (custom_params xshare_exact), per forward"),
     "xshare:fallbacks_total": ("counter", ("reason",), "Selector failures routed by SGLang's top-k, by reason"),
+    "xshare:mass_cap_bound_total": ("counter", (), "Applied layer calls whose budget stopped the set before the "
+                                    "target mass was reached (a mass target with a budget given)"),
     "xshare:selector_seconds": ("histogram", (), "Host time of one selector call (launch time on a GPU)"),
     "xshare:config_info": ("gauge", ("policy",), "1 for the policy in force (0 for policies used earlier)"),
     "xshare:config_version": ("gauge", (), "Version of the config in force (admin changes count up)"),
@@ -108,6 +110,7 @@ class Exporter:
         self.m: dict[str, Any] = {}
         self._calls = 0
         self._exact_tokens = 0
+        self._cap_bound = 0
         self._fallbacks: dict[str, int] = {}
         self._profile: dict[str, tuple[int, float, float]] = {}  # mode -> (forwards, forward s, MoE s) exported
         self._labeled: set[str] = set(INITIAL_FALLBACK_REASONS)
@@ -134,6 +137,7 @@ class Exporter:
                 self._metric("xshare:config_changes_total", result).inc(0)
             self._metric("xshare:selector_calls_total").inc(0)
             self._metric("xshare:exact_tokens_total").inc(0)
+            self._metric("xshare:mass_cap_bound_total").inc(0)
 
     def _metric(self, name: str, *labels: str) -> Any:
         return self.m[name].labels(self.rank, *labels) if self.m else None
@@ -217,6 +221,7 @@ class Exporter:
         seconds = stats.drain_seconds()
         nf = len(WINDOW_FIELDS)
         g = (rows.shape[1] - nf) // 2 if rows.numel() else 0
+        cap_bound = stats.cap_bound_calls()  # a device sum: read here, at the flush
         by_layer: dict[int, list[list[float]]] = defaultdict(list)
         all_rows = rows.tolist()
         for r in all_rows:
@@ -265,6 +270,9 @@ class Exporter:
             if stats.exact_tokens > self._exact_tokens:
                 self._metric("xshare:exact_tokens_total").inc(stats.exact_tokens - self._exact_tokens)
                 self._exact_tokens = stats.exact_tokens
+            if cap_bound > self._cap_bound:
+                self._metric("xshare:mass_cap_bound_total").inc(cap_bound - self._cap_bound)
+                self._cap_bound = cap_bound
             calls = stats.calls
             if calls > self._calls:
                 self._metric("xshare:selector_calls_total").inc(calls - self._calls)
@@ -280,6 +288,7 @@ class Exporter:
             self._export_coverage(runtime)
         summary: dict[str, Any] = {"rows": int(rows.shape[0]), "forwards": stats.forwards, "calls": stats.calls,
                                    "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,
+                                   "mass_cap_bound": cap_bound,
                                    "skipped": dict(stats.skipped),
                                    "coverage": {str(k): v for k, v in sorted(stats.coverage.items())},
                                    "layers": {}}
@@ -293,7 +302,8 @@ class Exporter:
         if rows.shape[0]:
             self.last = summary
         else:  # an empty window: keep the last window's figures, with today's coverage and skips
-            self.last = {**self.last, "coverage": summary["coverage"], "skipped": summary["skipped"]}
+            self.last = {**self.last, "coverage": summary["coverage"], "skipped": summary["skipped"],
+                         "mass_cap_bound": cap_bound}
         if self.on_flush is not None:
             self.on_flush(self.last)
 

@@ -193,6 +193,8 @@ def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any
     layer_id = call.layer_id
     num_experts = call.num_experts
     device = call.router_logits.device
+    if routing.cap_bound is not None:  # a mass target the budget stopped short (device flag, no sync)
+        stats.record_cap_bound(routing.cap_bound)
     res: Any = decision.cpu
     if res is not None:
         stats.record_layer_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()),

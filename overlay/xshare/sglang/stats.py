@@ -109,6 +109,7 @@ class SelectorStats:
         self.started = time.time()
         self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
+        self._cap_bound: Tensor | None = None  # calls whose budget stopped a mass target short (device)
         # MoE layer -> "selects", "ready" (from the start-up report, not applied yet), or the reason the
         # selector leaves the layer to SGLang (see note_layer; statuses: xshare.sglang.coverage)
         self.coverage: dict[int, str] = {}
@@ -171,6 +172,21 @@ class SelectorStats:
         if self._short_rows is None or self._short_rows.device != rows.device:
             self._short_rows = torch.zeros((), dtype=torch.int64, device=rows.device)
         self._short_rows += rows.to(torch.int64)
+
+    def record_cap_bound(self, bound: Tensor) -> None:
+        """One applied call with a mass target: ``bound`` (bool 0-d, on the device) is True when the
+        budget stopped the set before the target was reached (``Routing.cap_bound``); summed on the
+        device, read by :meth:`snapshot` and :meth:`cap_bound_calls`. The sum is made on the device's
+        first call outside CUDA-graph capture (a captured call before it is not counted)."""
+        if self._cap_bound is None or self._cap_bound.device != bound.device:
+            if bound.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return
+            self._cap_bound = torch.zeros((), dtype=torch.int64, device=bound.device)
+        self._cap_bound += bound.to(torch.int64)
+
+    def cap_bound_calls(self) -> int:
+        """Applied calls so far whose budget stopped the mass target short (synchronises)."""
+        return 0 if self._cap_bound is None else int(self._cap_bound.item())
 
     def record_layer_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
                           changed_tokens: int = 0, checksum: int = 0) -> None:
@@ -266,6 +282,7 @@ class SelectorStats:
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
                 "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
+                "mass_cap_bound": self.cap_bound_calls(),
                 "coverage": {str(k): v for k, v in sorted(self.coverage.items())},
                 "startup_coverage": {str(k): v for k, v in sorted(self.startup_coverage.items())},
                 "layers": layers,

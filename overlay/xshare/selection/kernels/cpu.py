@@ -212,6 +212,7 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     m = config.budget_for(num_experts) if budget is None else int(budget)
     k0 = config.warmup_k if warmup_k is None else int(warmup_k)
     given_set = None
+    cap_bound = None  # set policies with a mass target note it on their batch
     if apply and not _native(get_policy(config.policy), config):
         policy = _set_policy(config.policy)
         if policy is None:
@@ -222,6 +223,7 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
         if budget is not None or warmup_k is not None:
             batch = dataclasses.replace(batch, budget=m, warmup_k=k0)
         given_set = policy.batch_set(batch).contiguous()
+        cap_bound = batch.cap_bound
         logits, scores = batch.logits.contiguous(), batch.scores.contiguous()
     else:
         logits = router_logits.float().contiguous()
@@ -254,6 +256,7 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     if config.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True, dtype=torch.float32) + RENORMALIZE_EPS)
     in_set, active, vanilla_active = flags.unbind(0)
-    return CpuRouting(routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None),
+    return CpuRouting(routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None,
+                                      cap_bound=cap_bound),
                       scores=scores, logits=logits, prefer=pref, in_set=in_set, vanilla_active=vanilla_active,
                       changed_tokens=counts[0], checksum=counts[1], num_valid=n_valid)

@@ -12,13 +12,16 @@ holds fewer than top_k of its usable experts); weights renormalised as the model
 
 from torch import Tensor
 
-from xshare.selection.common import Batch, top_by_score
+from xshare.selection.common import Batch, top_by_score_bound
 from xshare.selection.registry import Policy, register_policy
 
 
 def xshare_set(batch: Batch) -> Tensor:
-    """bool [E]: the batch's expert set S."""
-    return top_by_score(batch.column_sums(), batch.warmup(), batch.budget, target_mass=batch.target_mass)
+    """bool [E]: the batch's expert set S (noting on ``batch`` whether the budget cut it short of the
+    mass target)."""
+    s, bound = top_by_score_bound(batch.column_sums(), batch.warmup(), batch.budget, target_mass=batch.target_mass)
+    batch.note_cap_bound(bound)
+    return s
 
 
 @register_policy

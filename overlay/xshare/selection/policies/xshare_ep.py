@@ -12,7 +12,7 @@ reaches tau of the batch's total (the fewest experts under the caps: greedy is e
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside, top_by_score_capped
+from xshare.selection.common import Batch, tiers_inside, top_by_score_capped_bound
 from xshare.selection.registry import Policy, register_policy
 
 
@@ -27,8 +27,10 @@ def gpu_cap(batch: Batch) -> Tensor:
 def xshare_ep_set(batch: Batch) -> Tensor:
     placement = batch.placement
     cap = gpu_cap(batch).expand(placement.num_gpus)
-    return top_by_score_capped(batch.column_sums(), batch.warmup(), batch.budget, placement.primary_gpu, cap,
-                               target_mass=batch.target_mass)
+    s, bound = top_by_score_capped_bound(batch.column_sums(), batch.warmup(), batch.budget, placement.primary_gpu,
+                                         cap, target_mass=batch.target_mass)
+    batch.note_cap_bound(bound)
+    return s
 
 
 @register_policy
