@@ -130,8 +130,9 @@ def _md_served_path(p: dict[str, Any]) -> list[str]:
                    f"{_f(r['eager_us'], '.0f')} | {r['backend'] or '-'} | {r['correct'] and m.get('correct', True)} | "
                    f"{'; '.join(bad) or '-'} |")
     logs = sorted({msg for r in p["rows"] for msg in r["log"] + ((r.get("metrics") or {}).get("log") or [])})
-    return [*out, "", f"**{p['status']}**; {p['policy']}; reference: {p['reference']}; {p['timing']}; "
-                      f"{p['skipped']} skipped", "", *[f"- log: `{msg}`" for msg in logs[:6]], ""]
+    return [*out, "", f"**{p['status']}**; {p['policy']}, backend setting {p['backend_setting']}; reference: "
+                      f"{p['reference']}; {p['timing']}; {p['skipped']} skipped", "",
+            *[f"- log: `{msg}`" for msg in logs[:6]], ""]
 
 
 # each part's section: (part, heading, the result key its table needs, the table and summary)

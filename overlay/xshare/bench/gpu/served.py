@@ -15,7 +15,8 @@ runtime in the state the adapter sets under SGLang's graph capture (``ForwardSta
 then replayed on new inputs written into the same buffers and checked against an eager ``route`` call
 (``decide`` forced to its torch backend where that switch exists); the same with the per-call metrics
 window on (SGLang's ``--enable-metrics``). On the CPU (``--cpu``) a "replay" is a call in the capturing
-state and times come from ``perf_counter``.
+state, times come from ``perf_counter``, and the selector's backend setting is 'triton' (interpreted):
+what 'auto' picks for CUDA tensors, so that CI checks the path a GPU serves against the torch reference.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -185,7 +185,9 @@ class ServedCall:
         self.ctx, self.family, self.batch = ctx, family, batch
         e, k = family["experts"], family["top_k"]
         self.cfg = topk_config(family, ctx.device, seed)
-        selector = SelectorConfig(policy=policy, budget=budget, warmup_k=1)
+        backend = served_backend(ctx)
+        selector = SelectorConfig(policy=policy, budget=budget, warmup_k=1,
+                                  **({"backend": backend} if backend is not None else {}))
         # cpu_kernel off: the C fast path would route only the eager CPU reference, not the captured call
         self.runtime = Runtime(PluginSettings(enabled=True, selector=selector, sim_gpus=sim_gpus, cpu_kernel=False))
         self.runtime.observe = observe  # what enable_observability sets (the exporter is not needed to route)
@@ -258,28 +260,46 @@ def _sigma(num_experts: int, top_k: int) -> float:
 
 @contextlib.contextmanager
 def torch_backend() -> Iterator[str]:
-    """While inside: the adapter's ``decide`` forced to its torch backend, where it has a ``backend``
-    argument (and ``XSHARE_BACKEND=torch`` set). Yields the reference's description."""
+    """While inside: the adapter's ``decide`` routes on its torch backend, through whichever switch it
+    has (the config's ``backend`` field, or a ``backend`` argument); without a switch, the same path.
+    Yields the reference's description."""
     from xshare.sglang import routing
 
     original = getattr(routing, "decide", None)
-    has_switch = original is not None and "backend" in inspect.signature(original).parameters
-    env = os.environ.get("XSHARE_BACKEND")
-    os.environ["XSHARE_BACKEND"] = "torch"
-    if has_switch:
+    sig = inspect.signature(original) if original is not None else None
+    if sig is not None and "backend" in sig.parameters:
         def forced(*args: Any, **kwargs: Any) -> Any:
             return original(*args, **{**kwargs, "backend": "torch"})
 
-        routing.decide = forced
+        kind = "eager route, decide(backend='torch')"
+    elif sig is not None and "config" in sig.parameters and _config_has_backend():
+        def forced(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.arguments["config"] = bound.arguments["config"].replace(backend="torch")
+            return original(*bound.args, **bound.kwargs)
+
+        kind = "eager route, decide with the config's backend 'torch'"
+    else:
+        yield "eager route (the same path, not captured)"
+        return
+    routing.decide = forced
     try:
-        yield "eager route, decide(backend='torch')" if has_switch else "eager route (the same path, not captured)"
+        yield kind
     finally:
-        if has_switch:
-            routing.decide = original
-        if env is None:
-            os.environ.pop("XSHARE_BACKEND", None)
-        else:
-            os.environ["XSHARE_BACKEND"] = env
+        routing.decide = original
+
+
+def served_backend(ctx: Context) -> str | None:
+    """The selector's ``backend`` setting of the served calls: the default on a GPU (what serving runs);
+    in CPU mode 'triton' (interpreted), what 'auto' picks for CUDA tensors, so that CI runs the path a GPU
+    serves. None where the config has no such setting (the default then)."""
+    return "triton" if ctx.cpu and _config_has_backend() else None
+
+
+def _config_has_backend() -> bool:
+    from xshare.selection import SelectorConfig
+
+    return any(f.name == "backend" for f in fields(SelectorConfig))
 
 
 def reference_kind() -> str:
@@ -356,8 +376,9 @@ def _record(ctx: Context, sc: ServedCall) -> tuple[Callable[[], None] | None, Ca
 
 
 def _backend(sc: ServedCall) -> str | None:
-    """The backend that routed one call, if the adapter's decision says (``Decision.backend``; ``c`` when
-    the C fast path routed); None when it does not say."""
+    """The backend that routed one call, if the adapter's decision says (``Decision.backend``, with
+    ``Decision.reason`` in brackets: why the torch reference routed where another backend was wanted;
+    ``c`` when the C fast path routed); None when it does not say."""
     from xshare.sglang import routing
 
     original = getattr(routing, "decide", None)
@@ -380,7 +401,10 @@ def _backend(sc: ServedCall) -> str | None:
     backend = getattr(seen[-1], "backend", None)
     if backend is None and getattr(seen[-1], "cpu", None) is not None:
         backend = "c"
-    return None if backend is None else str(backend)
+    reason = getattr(seen[-1], "reason", None)
+    if backend is None:
+        return None
+    return f"{backend} ({reason})" if reason else str(backend)
 
 
 def _changed_rows(sc: ServedCall, answer: dict[str, Any] | None) -> int | None:
@@ -393,10 +417,12 @@ def _changed_rows(sc: ServedCall, answer: dict[str, Any] | None) -> int | None:
     return int((new != old).any(1).sum())
 
 
-def _eager_us(ctx: Context, sc: ServedCall, calls: int = 5) -> float:
-    """µs per eager call (wall clock, synchronised), the median of 3 samples."""
+def _eager_us(ctx: Context, sc: ServedCall) -> float:
+    """µs per eager call (wall clock, synchronised): the median of 3 samples of 5 calls (CPU mode: one
+    call, its time means nothing)."""
+    calls, repeats = (1, 1) if ctx.cpu else (5, 3)
     samples = []
-    for _ in range(3):
+    for _ in range(repeats):
         ctx.sync()
         t0 = time.perf_counter()
         for _ in range(calls):
@@ -436,9 +462,11 @@ def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
             if replay is not None:
                 if ctx.device.type == "cuda":  # ~10x the selector's time per call: fewer replays
                     t = time_replays(ctx, replay, ctx.inner, replays=max(1, ctx.replays // 5))
-                else:
-                    t = time_call(ctx, replay, inner=1)
-                res["served_us"], res["calls"] = t["seconds"] * 1e6, t["calls"]
+                    res["served_us"], res["calls"] = t["seconds"] * 1e6, t["calls"]
+                else:  # one replay (interpreted kernels are slow; CPU times mean nothing)
+                    t0 = time.perf_counter()
+                    replay()
+                    res["served_us"], res["calls"] = (time.perf_counter() - t0) * 1e6, 1
         finally:
             sc.runtime.pop()
     res["log"] = list(dict.fromkeys(log))[:3]
@@ -506,8 +534,9 @@ def part_served_path(ctx: Context) -> dict[str, Any]:
                 torch.cuda.empty_cache()
     return {"status": ("ok" if not skipped else "incomplete") if ok else "fail", "rows": rows, "skipped": skipped,
             "reference": reference_kind(), "policy": "xshare, budget max(k, E/4), warm-up 1",
+            "backend_setting": served_backend(ctx) or "the default",
             "inputs": ("stand-in TopKConfig per family; bf16 router logits with the traces' statistics; the vanilla "
                        "gate's ids and weights; num_token_non_padded int32 [1] on the device"),
             "timing": ((f"CUDA events over CUDA-graph replays of {ctx.inner} calls" if not ctx.cpu
-                        else "perf_counter over calls in the capturing state (CPU mode)")
+                        else "perf_counter of one call in the capturing state (CPU mode)")
                        + f"; {CHECKS} replays on new inputs checked against the reference")}
