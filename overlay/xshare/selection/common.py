@@ -20,12 +20,21 @@ from xshare.selection.types import Placement
 RENORMALIZE_EPS = 1e-20
 
 
+def device_scalar(value: float | Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``value`` as a tensor on ``device``: a tensor as it is (cast or moved only where it differs), a
+    Python number filled there (``torch.full``). A number is never copied from a host tensor, so a
+    setting given as a host value is as capture safe as a runtime knob (a 0-d device tensor)."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def valid_rows(num_rows: int, num_tokens: int | Tensor | None, device: torch.device | str) -> Tensor:
     """bool [num_rows]: rows below ``num_tokens`` (an int or a 0-d device tensor; None = every row).
     Rows at and beyond it are CUDA-graph padding."""
     if num_tokens is None:
         return torch.ones(num_rows, dtype=torch.bool, device=device)
-    return torch.arange(num_rows, device=device) < torch.as_tensor(num_tokens, device=device)
+    return torch.arange(num_rows, device=device) < device_scalar(num_tokens, device)
 
 
 def gate_scores(logits: Tensor, usable: Tensor, scoring: str) -> Tensor:
@@ -85,7 +94,7 @@ def mass_fill(score: Tensor, forced: Tensor, cand: Tensor, target_mass: Tensor |
     :data:`MASS_RTOL`); every candidate when even all of them fall short. ``target_mass`` <= 0
     means no mass target (the result is then E, i.e. no limit). Last dim = experts; static shapes."""
     num = score.shape[-1]
-    tau = torch.as_tensor(target_mass, dtype=torch.float32, device=score.device)
+    tau = device_scalar(target_mass, score.device, torch.float32)
     need = _mass_need(score, forced, cand, tau)
     return torch.where(tau > 0, need, torch.full_like(need, num))
 
@@ -115,10 +124,10 @@ def fill_count(score: Tensor, forced: Tensor, cand: Tensor, total: Tensor | int,
     a mass target is set (tau > 0) and the budget stopped the fill before it was reached (the mass
     needed more candidates than the budget left room for). Without a mass target (None or <= 0),
     cap_bound is False. Device tensors only, no host sync (``total`` and tau may be 0-d knobs)."""
-    room = (torch.as_tensor(total, device=score.device) - forced.sum(-1)).clamp_min(0)
+    room = (device_scalar(total, score.device) - forced.sum(-1)).clamp_min(0)
     if target_mass is None:
         return room, torch.zeros_like(room, dtype=torch.bool)
-    tau = torch.as_tensor(target_mass, dtype=torch.float32, device=score.device)
+    tau = device_scalar(target_mass, score.device, torch.float32)
     need = _mass_need(score, forced, cand, tau)
     on = tau > 0
     fill = torch.where(on, torch.minimum(room, need), room)

@@ -520,10 +520,9 @@ def _group_scores(choice: Tensor, usable: Tensor | None, gate: str, groups: int)
     """[T, G] group scores in choice's dtype: SGLang's formula (usable None), or over usable experts."""
     num_rows, num_experts = choice.shape
     shape = (num_rows, groups, num_experts // groups)
-    neg = torch.tensor(float("-inf"), dtype=choice.dtype, device=choice.device)
     view = choice.view(shape)
-    if usable is not None:
-        view = torch.where(usable.reshape(shape), view, neg)
+    if usable is not None:  # a Python scalar fill: no host tensor copied to the device
+        view = torch.where(usable.reshape(shape), view, float("-inf"))
     if gate == "grouped":
         return view.max(dim=-1).values
     top2 = view.topk(2, dim=-1).values.to(torch.float32)
@@ -622,7 +621,7 @@ def reference_route(
     reuse = isinstance(scores, GateScores) and isinstance(scores.native, _Native)
     native = scores.native if reuse else _native(router_logits, spec, exact)
     choice = native.choice
-    neg = torch.tensor(float("-inf"), dtype=choice.dtype, device=device)
+    neg = float("-inf")  # fills are Python scalars: torch.where keeps choice's dtype, copies nothing
 
     # SGLang's own key (what its final torch.topk ranks).
     if spec.num_expert_group is None:
@@ -633,7 +632,7 @@ def reference_route(
         else:
             group_u = _select_groups(_group_scores(choice, None, gate, spec.num_expert_group), spec.topk_group, False)
             reachable = _expand_groups(group_u, num_experts)
-        fill = torch.zeros((), dtype=choice.dtype, device=device) if gate == "grouped" else neg
+        fill = 0.0 if gate == "grouped" else neg
         key = torch.where(reachable, choice, fill)
 
     short = torch.zeros(num_rows, dtype=torch.bool, device=device)

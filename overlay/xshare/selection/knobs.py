@@ -68,10 +68,8 @@ class SelectorKnobs:
         enabled: bool = True,
     ) -> SelectorKnobs:
         vals = _values(config, num_experts, top_k, enabled)
-        tensors = {
-            k: torch.tensor(v, dtype=_DTYPES.get(k, torch.int64), device=device)
-            for k, v in vals.items()
-        }
+        # filled on the device (torch.full), not copied from the host: creating them is capture safe too
+        tensors = {k: torch.full((), v, dtype=_DTYPES.get(k, torch.int64), device=device) for k, v in vals.items()}
         return cls(**tensors, num_experts=num_experts, top_k=top_k)
 
     def update(self, config: SelectorConfig, *, enabled: bool = True) -> None:

@@ -12,15 +12,15 @@ reaches tau of the batch's total (the fewest experts under the caps: greedy is e
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside, top_by_score_capped_bound
+from xshare.selection.common import Batch, device_scalar, tiers_inside, top_by_score_capped_bound
 from xshare.selection.registry import Policy, register_policy
 
 
 def gpu_cap(batch: Batch) -> Tensor:
     """c as a 0-d tensor: the configured cap, or ceil(m / G) when it is 0 (unset)."""
     device = batch.scores.device
-    cap = torch.as_tensor(batch.gpu_cap, dtype=torch.int64, device=device)
-    default = -(-torch.as_tensor(batch.budget, dtype=torch.int64, device=device) // batch.placement.num_gpus)
+    cap = device_scalar(batch.gpu_cap, device, torch.int64)
+    default = -(-device_scalar(batch.budget, device, torch.int64) // batch.placement.num_gpus)
     return torch.where(cap > 0, cap, default)
 
 
