@@ -96,6 +96,20 @@ class Placement:
                            for n in ("slot_gpu", "slot_expert", "num_gpus", "replicas", "replica_gpu",
                                      "primary_gpu")))
 
+    def padded(self, width: int) -> Placement:
+        """The same placement with ``replicas`` and ``replica_gpu`` padded with -1 to ``width`` columns
+        (>= their own). A table of fixed width keeps its shape when a rebalance changes how many replicas
+        an expert has, so a device copy can be rewritten in place (``num_slots - num_experts + 1``
+        columns hold any placement of those slots)."""
+        have = self.replicas.shape[1]
+        if width < have:
+            raise ValueError(f"placement: width {width} is below the {have} replica columns it has")
+        if width == have:
+            return self
+        pad = torch.full((self.num_experts, width - have), -1, dtype=self.replicas.dtype, device=self.replicas.device)
+        return Placement(self.slot_gpu, self.slot_expert, self.num_gpus, torch.cat([self.replicas, pad], 1),
+                         torch.cat([self.replica_gpu, pad], 1), self.primary_gpu)
+
     # -- constructors -------------------------------------------------------------------------
     @classmethod
     def build(cls, slot_gpu: Tensor, slot_expert: Tensor, num_experts: int, num_gpus: int | None = None) -> Placement:

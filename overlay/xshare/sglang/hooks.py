@@ -53,6 +53,7 @@ TOPK_FORWARD_CUDA_TARGET = f"{TOPK_MODULE}.TopK.forward_cuda"
 BIND_RUNNER_TARGET = f"{TOPK_MODULE}.TopK.bind_runner_backend"
 LOAD_MODEL_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
+EPLB_UPDATE_TARGET = "sglang.srt.eplb.expert_location.ExpertLocationMetadata.update"
 
 _SIGNATURES: dict[int, inspect.Signature] = {}
 
@@ -344,6 +345,26 @@ def bind_runner_backend_hook(result: Any, self: Any, *args: Any, **kwargs: Any) 
     runtime.log_once("routed_topk", logging.INFO, "xshare: %s runner: routing through select_experts and its "
                      "routed kernels so the selector sees it (XSHARE_ROUTED_TOPK=0 keeps SGLang's bypass)",
                      getattr(backend, "value", backend))
+    return None
+
+
+# -- EPLB ------------------------------------------------------------------------------------------
+def expert_location_update_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``ExpertLocationMetadata.update(self, other, update_layer_ids)``: EPLB rebalanced; the new
+    placements of those layers are written into the device tensors the selector reads, in place, so
+    the CUDA graphs captured before read them too (:meth:`~xshare.sglang.placement.PlacementCache.refresh`)."""
+    runtime = rt_mod.get()
+    if runtime is None:
+        return None
+    layer_ids = kwargs.get("update_layer_ids", args[1] if len(args) > 1 else None)
+    try:
+        rewritten = runtime.placements.refresh(layer_ids)
+    except Exception as exc:  # noqa: BLE001 - a lookup after the rebalance refreshes the layer again
+        runtime.log_once("eplb_refresh", logging.ERROR, "xshare: cannot refresh the placements after EPLB: %s", exc,
+                         exc_info=True)
+        return None
+    if rewritten:
+        log.info("xshare: EPLB rebalanced: %d layer placements rewritten in place", rewritten)
     return None
 
 

@@ -117,6 +117,7 @@ def register() -> None:
     HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)
     HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)
     HookRegistry.register(hooks.LOAD_MODEL_TARGET, hooks.load_model_hook, HookType.AFTER)
+    HookRegistry.register(hooks.EPLB_UPDATE_TARGET, hooks.expert_location_update_hook, HookType.AFTER)
     if settings.routed_topk:
         HookRegistry.register(hooks.BIND_RUNNER_TARGET, hooks.bind_runner_backend_hook, HookType.AFTER)
     if hooks.triton_routing_available():
