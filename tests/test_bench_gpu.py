@@ -319,6 +319,29 @@ def test_a_captured_answer_unlike_the_eager_one_fails_the_check(tmp_path, monkey
         assert r["diffs"] and all("topk_ids differ" in d for d in r["diffs"])
 
 
+def test_a_served_row_that_raises_is_reported_and_the_other_rows_still_run(tmp_path, monkeypatch):
+    from xshare.bench.gpu import served
+
+    few = _two_families(monkeypatch)
+    real = served.ServedCall.fill
+
+    def fill(self, num_tokens):
+        if self.family is few["deepseek-v3"]:
+            raise RuntimeError("no buffers for this router")
+        real(self, num_tokens)
+
+    monkeypatch.setattr(served.ServedCall, "fill", fill)
+    assert main(_args(tmp_path, "--parts", "served_path")) == 1
+    p5 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["served_path"]
+    assert p5["status"] == "fail" and [r["family"] for r in p5["rows"]] == [f for f in few for _ in (1, 4)]
+    for r in p5["rows"]:
+        if r["family"] == "deepseek-v3":
+            assert r["mode"] == "error" and r["correct"] is False and r["vanilla_us"] is None
+            assert "RuntimeError: no buffers for this router" in r["diffs"][0] and r["metrics"]["mode"] == "error"
+        else:
+            assert r["correct"] is True and r["metrics"]["correct"] is True
+
+
 def test_the_served_part_stops_at_its_time_share_and_keeps_its_rows(tmp_path, monkeypatch):
     from xshare.bench.gpu import served
 

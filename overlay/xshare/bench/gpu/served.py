@@ -477,9 +477,26 @@ def served_for_shape(ctx: Context, shape: dict[str, Any], batch: int) -> dict[st
     """Part 4's served path: the routing hook of ``shape``'s router family at its E, top-k, policy and
     budget (its EP size as the placement's GPUs), measured as in part 5 (metrics off)."""
     family = dict(ctx.served_families[shape["family"]], experts=shape["experts"], top_k=shape["top_k"])
-    sc = ServedCall(ctx, family, batch=batch, policy=shape["policy"], budget=shape["budget"],
-                    sim_gpus=shape["ep"] if shape["ep"] > 1 else None, seed=ctx.args.seed)
-    return measure(ctx, sc)
+    return measure_safely(ctx, lambda: ServedCall(ctx, family, batch=batch, policy=shape["policy"],
+                                                  budget=shape["budget"], seed=ctx.args.seed,
+                                                  sim_gpus=shape["ep"] if shape["ep"] > 1 else None))
+
+
+def measure_safely(ctx: Context, build: Callable[[], ServedCall]) -> dict[str, Any]:
+    """:func:`measure` of the call ``build`` makes; a measurement that raises is a row that says so
+    (``mode`` 'error', not correct), so the rows so far and the next ones are kept."""
+    try:
+        return measure(ctx, build())
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> dict[str, Any]:
+    if torch.cuda.is_available():
+        _settle()
+    return {"served_us": None, "eager_us": None, "mode": "error", "correct": False, "fallback": {},
+            "capture_error": None, "diffs": [f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]],
+            "log": [], "backend": None, "calls": 0, "changed_rows": None}
 
 
 def _budget(family: dict[str, Any]) -> int:
@@ -509,27 +526,32 @@ def part_served_path(ctx: Context) -> dict[str, Any]:
                 skipped += 1
                 continue
             budget = _budget(family)
-            sc = ServedCall(ctx, family, batch=b, policy="xshare", budget=budget, seed=ctx.args.seed)
-            vanilla = time_call(ctx, sc.gate)
-            served = measure(ctx, sc)
+            vanilla_us, vanilla_mode = None, None
+            try:  # a row that raises says so; the rows so far and the next ones are kept
+                sc = ServedCall(ctx, family, batch=b, policy="xshare", budget=budget, seed=ctx.args.seed)
+                vanilla = time_call(ctx, sc.gate)
+                vanilla_us, vanilla_mode = vanilla["seconds"] * 1e6, vanilla["mode"]
+                served = measure(ctx, sc)
+                del sc
+            except Exception as exc:  # noqa: BLE001
+                served = _failed(exc)
             row: dict[str, Any] = {
-                "family": name, "batch": b, "experts": e, "top_k": k, "width": sc.cfg.top_k, "router": family["note"],
-                "policy": "xshare", "budget": budget, "vanilla_us": vanilla["seconds"] * 1e6,
-                "vanilla_mode": vanilla["mode"], **served,
-                "served_over_vanilla": (served["served_us"] / (vanilla["seconds"] * 1e6)
-                                        if served["served_us"] is not None else None)}
+                "family": name, "batch": b, "experts": e, "top_k": k, "width": k + int(family.get("shared", 0)),
+                "router": family["note"], "policy": "xshare", "budget": budget, "vanilla_us": vanilla_us,
+                "vanilla_mode": vanilla_mode, **served,
+                "served_over_vanilla": (served["served_us"] / vanilla_us
+                                        if served["served_us"] is not None and vanilla_us else None)}
             if ctx.past("served_path"):
                 row["metrics"] = None
                 skipped += 1
             else:
-                metrics = measure(ctx, ServedCall(ctx, family, batch=b, policy="xshare", budget=budget, observe=True,
-                                                  seed=ctx.args.seed))
+                metrics = measure_safely(ctx, lambda family=family, b=b, budget=budget: ServedCall(
+                    ctx, family, batch=b, policy="xshare", budget=budget, observe=True, seed=ctx.args.seed))
                 row["metrics"] = {key: metrics[key] for key in ("served_us", "mode", "correct", "fallback",
                                                                 "capture_error", "diffs", "log")}
                 ok &= metrics["correct"]
             ok &= served["correct"]
             rows.append(row)
-            del sc
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"status": ("ok" if not skipped else "incomplete") if ok else "fail", "rows": rows, "skipped": skipped,
