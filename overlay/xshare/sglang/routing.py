@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from xshare.selection import get_policy
-from xshare.selection.common import active_experts, valid_rows
 from xshare.selection.engine import Decision, decide, layer_config
 from xshare.selection.gates import RouterSpec
 from xshare.selection.group_stats import join_empty
-from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
+from xshare.sglang.stats import cpu_call_figures
 from xshare.sglang.topk_call import TopkCall, is_draft_layer, router_spec
 
 if TYPE_CHECKING:
@@ -187,29 +186,28 @@ def _exact_rows(runtime: Runtime, state: ForwardState, call: TopkCall, device: t
 
 
 def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any) -> None:
-    """Counters and the metrics window for one applied call."""
+    """The bookkeeping of one applied call, added on the device into preallocated accumulators
+    (:meth:`~xshare.sglang.stats.SelectorStats.record_call`: one Triton launch on CUDA, a short torch
+    sequence elsewhere; no host read, CUDA-graph safe): the layer sums and, while the metrics are
+    observed, the call's window row. The C kernel's calls add their host numbers into the same
+    buffers. The host reads them at the flushes, after the forward (xshare.sglang.stats)."""
     stats = runtime.stats
     routing = decision.routing
     layer_id = call.layer_id
-    num_experts = call.num_experts
-    device = call.router_logits.device
+    mp = None  # the placement of the per-GPU figures, while observed
+    if runtime.observe:
+        mp = placement if placement is not None else \
+            runtime.placements.for_layer(layer_id, call.num_experts, call.router_logits.device)
     if routing.cap_bound is not None:  # a mass target the budget stopped short (device flag, no sync)
         stats.record_cap_bound(routing.cap_bound)
     res: Any = decision.cpu
     if res is not None:
-        stats.record_layer_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()),
-                                res.num_valid, res.changed_tokens, res.checksum)
-        if runtime.observe:
-            mp = runtime.placements.for_layer(layer_id, num_experts, device)
-            stats.record_figures(cpu_call_figures(res, layer_id, mp.primary_gpu, mp.num_gpus))
+        figures = None if mp is None else \
+            (lambda row: cpu_call_figures(res, layer_id, mp.primary_gpu, mp.num_gpus, row=row))
+        stats.record_call_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()), res.num_valid,
+                               res.changed_tokens, res.checksum, figures=figures,
+                               num_gpus=1 if mp is None else mp.num_gpus)
         return
-    valid = valid_rows(call.num_rows, call.num_token_non_padded, device)
-    old_ids = call.engine_ids.to(torch.int64)
-    vanilla = active_experts(old_ids.clamp_min(0), valid, num_experts)
-    changed = (torch.sort(old_ids, 1).values != torch.sort(routing.topk_ids.to(torch.int64), 1).values).any(1)
-    stats.record_layer(layer_id, routing.active, vanilla, valid.sum(), (changed & valid).sum(),
-                       routing_checksum(routing.topk_ids, valid))
-    if runtime.observe:
-        mp = placement if placement is not None else runtime.placements.for_layer(layer_id, num_experts, device)
-        stats.record_figures(call_figures(layer_id, call.router_logits, old_ids, routing.topk_ids, routing.active,
-                                          vanilla, valid, mp.primary_gpu, mp.num_gpus, decision.config.scoring))
+    stats.record_call(layer_id, logits=call.router_logits, engine_ids=call.engine_ids, chosen_ids=routing.topk_ids,
+                      active=routing.active, num_tokens=call.num_token_non_padded, placement=mp,
+                      scoring=decision.config.scoring)

@@ -1,14 +1,22 @@
 """In-process counters of the selector, one :class:`SelectorStats` per scheduler process.
 
-Host counters (calls, skips and fallbacks by reason) are plain ints. Per-layer sums that come from
-device tensors (activated experts with and without the selector, tokens) accumulate in device
-tensors, so the hot path never synchronises with the host; :meth:`SelectorStats.snapshot` reads them.
-:meth:`snapshot` reads them.
+Host counters (calls, skips and fallbacks by reason) are plain ints. The figures of each applied
+MoE layer call are added on the device (:meth:`SelectorStats.record_call`, one fused step:
+:func:`xshare.sglang.tally.tally`) into buffers allocated once per device and never per call:
 
-The metrics window (:meth:`SelectorStats.record_figures` / :meth:`SelectorStats.drain_window`): one
-row of per-call figures (:data:`WINDOW_FIELDS`, then activated experts and tokens per GPU) is written
-into a persistent device ring buffer at a device-side index (``index_copy_``: no host
-synchronisation, and CUDA-graph safe); the exporter drains it every N forwards, the only sync.
+* the layer sums (:data:`LAYER_COLUMNS`: calls, activated experts with and without the selector,
+  tokens, changed tokens, the checksum): pages of int64 [LAYER_PAGE, len(LAYER_COLUMNS)], one row
+  per MoE layer, the calls counted on the device (so CUDA-graph replays count);
+* the metrics window: one row of per-call figures (:data:`WINDOW_FIELDS`, then activated experts and
+  tokens per GPU) written into a persistent ring [WINDOW_CAPACITY, F] at a device-side index.
+
+The CPU C kernel's calls (:meth:`SelectorStats.record_call_host`) add their host numbers into the
+same CPU buffers through numpy views (no tensor op). The host reads the buffers only outside the
+forward, at the existing flush points: :meth:`SelectorStats.snapshot` (the stats file, written from
+``Runtime.forward_ended`` every ``stats_every`` forwards) folds the layer sums into host totals and
+takes what it read off the device rows in place; :meth:`SelectorStats.drain_window` (the metrics
+flush, every ``metrics_flush_every`` forwards, when the scheduler goes idle, before an admin change)
+reads the ring rows written since the last drain. Each is one device-to-host transfer.
 """
 
 from __future__ import annotations
@@ -22,25 +30,46 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Columns of one window row; then num_gpus columns of activated experts per GPU, then num_gpus of tokens per GPU.
-WINDOW_FIELDS = ("layer", "active", "vanilla_active", "peak_gpu", "vanilla_peak_gpu", "peak_mean_ratio",
-                 "mass_kept", "top1_kept", "tokens")
+from xshare.sglang.tally import LAYER_SUMS, WINDOW_FIELDS, Target, tally
+
 WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
-_LAYER_SUMS = ("calls", "activated", "vanilla_activated", "tokens", "changed_tokens", "checksum")
+# Columns of a layer's sums row: tally()'s LAYER_SUMS, then counters added with SelectorStats.count_layer.
+LAYER_COLUMNS: tuple[str, ...] = LAYER_SUMS
+LAYER_PAGE = 64  # layer rows per sums page (a page is never reallocated; more layers get another page)
+
+__all__ = ["LAYER_COLUMNS", "LAYER_PAGE", "WINDOW_CAPACITY", "WINDOW_FIELDS", "SelectorStats", "call_figures",
+           "cpu_call_figures", "routing_checksum"]
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class _Page:
+    """One device's sums page: int64 [LAYER_PAGE, len(LAYER_COLUMNS)], the float32 layer id of each row
+    (the torch path's window label) and, on the CPU, a numpy view of the sums (the C path adds there)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(LAYER_PAGE, len(LAYER_COLUMNS), dtype=torch.int64, device=device)
+        self.labels = torch.zeros(LAYER_PAGE, dtype=torch.float32, device=device)
+        self.host = self.sums.numpy() if device.type == "cpu" else None
+        self.layers: list[int] = []  # layer id of each used row
 
 
 def routing_checksum(ids: Tensor, valid: Tensor) -> Tensor:
     """int64: sum over valid rows t and columns j of (id + 1) * (t + 1) * (j + 1): an order-sensitive
     digest of a layer's routing, compared across tensor-parallel ranks (the CPU kernel computes the
-    same number in its routing pass)."""
+    same number in its routing pass). The definition, op by op; serving adds it with
+    :func:`xshare.sglang.tally.tally`."""
     rows = torch.arange(1, ids.shape[0] + 1, device=ids.device).unsqueeze(1)
     cols = torch.arange(1, ids.shape[1] + 1, device=ids.device).unsqueeze(0)
     return ((ids.to(torch.int64) + 1) * rows * cols * valid.unsqueeze(1)).sum()
 
 
-def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int) -> Tensor:
+def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int, row: Tensor | None = None) -> Tensor:
     """The window row of :func:`call_figures` for one CPU-kernel routing (``CpuRouting``), computed
-    by the C library in one pass (float32 [len(WINDOW_FIELDS) + 2 * num_gpus])."""
+    by the C library in one pass (float32 [len(WINDOW_FIELDS) + 2 * num_gpus]); written into ``row``
+    when given (a contiguous float32 CPU view, e.g. the window ring's next row)."""
     from xshare.selection.kernels.cpu import kernel_error, library
 
     lib = library()
@@ -49,7 +78,12 @@ def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int)
     if out.prefer is None:
         raise ValueError("cpu_call_figures needs the engine's own top-k (prefer)")
     gpu = expert_gpu.to(torch.int64).contiguous()
-    row = torch.empty(len(WINDOW_FIELDS) + 2 * num_gpus, dtype=torch.float32)
+    width = len(WINDOW_FIELDS) + 2 * num_gpus
+    if row is None:
+        row = torch.empty(width, dtype=torch.float32)
+    elif row.shape != (width,) or row.dtype != torch.float32 or row.device.type != "cpu" or not row.is_contiguous():
+        raise ValueError(f"cpu_call_figures: row must be a contiguous float32 CPU tensor [{width}], got "
+                         f"{row.dtype} {tuple(row.shape)} on {row.device}")
     ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
     rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.prefer.shape[1], num_gpus, int(layer_id),
                                 ptr(out.logits), ptr(out.scores), ptr(out.routing.topk_ids), ptr(out.prefer),
@@ -62,7 +96,9 @@ def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int)
 def call_figures(layer_id: int, logits: Tensor, vanilla_ids: Tensor, chosen_ids: Tensor, active: Tensor,
                  vanilla_active: Tensor, valid: Tensor, expert_gpu: Tensor, num_gpus: int,
                  scoring: str = "softmax") -> Tensor:
-    """One window row (float32 [len(WINDOW_FIELDS) + 2 * num_gpus], on the logits' device) for one applied call.
+    """One window row (float32 [len(WINDOW_FIELDS) + 2 * num_gpus], on the logits' device) for one applied call:
+    the definition of the figures, op by op (serving adds them with :func:`xshare.sglang.tally.tally`,
+    one fused step; the tests compare the two).
 
     ``vanilla_ids``/``chosen_ids`` int [T, k]: SGLang's own top-k and the policy's; ``active`` /
     ``vanilla_active`` bool [E]; ``valid`` bool [T] (non-padded rows); ``expert_gpu`` int64 [E]: the
@@ -107,17 +143,21 @@ class SelectorStats:
         self.forwards = 0  # model forwards seen by the forward hook
         self.exact_tokens = 0  # rows routed exactly at their request's asking (per forward, host count)
         self.started = time.time()
-        self._layers: dict[int, dict[str, Tensor]] = {}  # layer -> device sums
+        # layer sums (see the module docstring): device -> pages; (device, layer) -> (page, row, label)
+        self._pages: dict[str, list[_Page]] = {}
+        self._slots: dict[tuple[str, int], tuple[_Page, int, Tensor]] = {}
+        self._totals: dict[int, list[int]] = {}  # layer -> sums folded to the host so far
+        self.unrecorded = 0  # applied calls not recorded: their buffers would have been made under capture
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
         self._cap_bound: Tensor | None = None  # calls whose budget stopped a mass target short (device)
         # MoE layer -> "selects", "ready" (from the start-up report, not applied yet), or the reason the
         # selector leaves the layer to SGLang (see note_layer; statuses: xshare.sglang.coverage)
         self.coverage: dict[int, str] = {}
         self.startup_coverage: dict[int, str] = {}  # the start-up report, as it was at load time
-        self._host_layers: dict[int, dict[str, int]] = {}  # layer -> host sums (CPU fast path)
         # metrics window (see the module docstring)
         self._window: Tensor | None = None
         self._window_idx: Tensor | None = None  # int64 device scalar: rows written so far
+        self._window_host: Any = None  # (ring, index) numpy views when the ring is on the CPU
         self._window_read = 0  # rows drained so far (host)
         self.window_dropped = 0
         self._seconds: list[float] = []  # host-measured selector time per applied call
@@ -142,23 +182,72 @@ class SelectorStats:
     def count_forward(self) -> None:
         self.forwards += 1
 
-    def record_layer(self, layer_id: int, active: Tensor, vanilla_active: Tensor, num_tokens: Tensor | int,
-                     changed_tokens: Tensor | int = 0, checksum: Tensor | int = 0) -> None:
-        """One applied call: ``active``/``vanilla_active`` bool [E] (selected / SGLang's own top-k);
-        ``changed_tokens``: tokens whose expert set differs from SGLang's own top-k; ``checksum``: a
-        position-weighted sum of the chosen ids (equal on every rank that made the same decisions)."""
+    def record_call(self, layer_id: int, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Tensor, active: Tensor,
+                    num_tokens: int | Tensor | None = None, placement: Any = None, scoring: str = "softmax",
+                    backend: str = "auto") -> None:
+        """One applied call, added on the device (:func:`xshare.sglang.tally.tally`: one Triton launch on
+        CUDA): the layer sums, and with ``placement`` (observed metrics) the window row. ``logits`` float
+        [T, E]; ``engine_ids`` / ``chosen_ids`` int [T, K]: SGLang's own top-k and the policy's;
+        ``active`` bool [E]; ``num_tokens``: padding rows start there (int, 0-d device tensor or None);
+        ``placement``: a :class:`~xshare.selection.Placement` on the logits' device. No host read, no
+        host-to-device copy; buffers are made on a device's first call (never under CUDA-graph capture:
+        such a call is counted in ``unrecorded`` instead)."""
         self.applied += 1
-        sums = self._layers.get(layer_id)
-        if sums is None or sums["activated"].device != active.device:
-            z = torch.zeros((), dtype=torch.int64, device=active.device)
-            sums = {k: z.clone() for k in _LAYER_SUMS}
-            self._layers[layer_id] = sums
-        sums["calls"] += 1
-        sums["activated"] += active.sum()
-        sums["vanilla_activated"] += vanilla_active.sum()
-        sums["tokens"] += torch.as_tensor(num_tokens, device=active.device).to(torch.int64)
-        sums["changed_tokens"] += torch.as_tensor(changed_tokens, device=active.device).to(torch.int64)
-        sums["checksum"] += torch.as_tensor(checksum, device=active.device).to(torch.int64)
+        device = logits.device
+        slot = self._slot(layer_id, device)
+        if slot is None:
+            self.unrecorded += 1
+            return
+        window = window_idx = gpu = None
+        num_gpus = 1
+        if placement is not None and self._window_for(device, len(WINDOW_FIELDS) + 2 * placement.num_gpus):
+            window, window_idx = self._window, self._window_idx
+            gpu, num_gpus = placement.primary_gpu, placement.num_gpus
+        page, row, label = slot
+        tally(Target(page.sums, row, layer_id, label, window, window_idx), logits=logits, engine_ids=engine_ids,
+              chosen_ids=chosen_ids, active=active, num_tokens=num_tokens, expert_gpu=gpu, num_gpus=num_gpus,
+              scoring=scoring, backend=backend)
+
+    def count_layer(self, layer_id: int, name: str, value: Tensor) -> None:
+        """Add ``value`` (a 0-d tensor on the layer's device) into the layer's column ``name`` of
+        :data:`LAYER_COLUMNS` (a counter beyond :data:`~xshare.sglang.tally.LAYER_SUMS`; one op)."""
+        slot = self._slot(layer_id, value.device)
+        if slot is None:
+            return
+        page, row, _ = slot
+        page.sums[row, LAYER_COLUMNS.index(name)] += value.to(torch.int64)
+
+    def _slot(self, layer_id: int, device: torch.device) -> tuple[_Page, int, Tensor] | None:
+        """The layer's row in its device's sums page (a new row, or a new page, on its first call)."""
+        key = (str(device), layer_id)
+        hit = self._slots.get(key)
+        if hit is not None:
+            return hit
+        if _capturing(device):
+            return None
+        pages = self._pages.setdefault(key[0], [])
+        if not pages or len(pages[-1].layers) == LAYER_PAGE:
+            pages.append(_Page(device))
+        page = pages[-1]
+        row = len(page.layers)
+        page.layers.append(layer_id)
+        page.labels[row] = float(layer_id)
+        hit = self._slots[key] = (page, row, page.labels[row])
+        return hit
+
+    def _window_for(self, device: torch.device, width: int) -> bool:
+        """Whether the ring is ready for rows of ``width`` on ``device`` (made, or remade, here; never
+        under capture, where a call then writes no row)."""
+        win = self._window
+        if win is not None and win.shape[1] == width and win.device == device:
+            return True
+        if _capturing(device):
+            return False
+        self._window = torch.zeros(WINDOW_CAPACITY, width, dtype=torch.float32, device=device)
+        self._window_idx = torch.zeros((), dtype=torch.int64, device=device)
+        self._window_read = 0
+        self._window_host = (self._window.numpy(), self._window_idx.numpy()) if device.type == "cpu" else None
+        return True
 
     def note_layer(self, layer_id: int, status: str) -> None:
         """The coverage of one MoE layer: ``"selects"`` once the policy was applied there, else the
@@ -188,19 +277,20 @@ class SelectorStats:
         """Applied calls so far whose budget stopped the mass target short (synchronises)."""
         return 0 if self._cap_bound is None else int(self._cap_bound.item())
 
-    def record_layer_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
-                          changed_tokens: int = 0, checksum: int = 0) -> None:
-        """:meth:`record_layer` with host numbers (the CPU fast path: no tensor op per counter)."""
+    def record_call_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
+                         changed_tokens: int = 0, checksum: int = 0, *, figures: Any = None,
+                         num_gpus: int = 1) -> None:
+        """:meth:`record_call` with host numbers (the CPU C kernel: no tensor op per counter), added into
+        the same CPU buffers through their numpy views. ``figures``: called with the ring's next row
+        (float32 [len(WINDOW_FIELDS) + 2 num_gpus], a view) to write the call's window row in place."""
         self.applied += 1
-        sums = self._host_layers.get(layer_id)
-        if sums is None:
-            sums = self._host_layers[layer_id] = dict.fromkeys(_LAYER_SUMS, 0)
-        sums["calls"] += 1
-        sums["activated"] += active
-        sums["vanilla_activated"] += vanilla_active
-        sums["tokens"] += num_tokens
-        sums["changed_tokens"] += changed_tokens
-        sums["checksum"] += checksum
+        page, row, _ = self._slot(layer_id, torch.device("cpu"))  # type: ignore[misc]
+        page.host[row, :len(LAYER_SUMS)] += (1, active, vanilla_active, num_tokens, changed_tokens, checksum)
+        if figures is None or not self._window_for(torch.device("cpu"), len(WINDOW_FIELDS) + 2 * num_gpus):
+            return
+        _ring, idx = self._window_host
+        figures(self._window[int(idx) % WINDOW_CAPACITY])
+        idx += 1
 
     def record_forward_time(self, mode: str, seconds: float) -> None:
         """One model forward of ``mode`` took ``seconds`` (host clock; XSHARE_PROFILE)."""
@@ -258,13 +348,30 @@ class SelectorStats:
         return out
 
     # -- reading ----------------------------------------------------------------------------
+    def fold(self) -> dict[int, dict[str, int]]:
+        """The layer sums so far (layer -> :data:`LAYER_COLUMNS` -> int): each device page is read once
+        (one device-to-host transfer), added into the host totals, and what was read is subtracted from
+        the page in place (a write that lands between the two is kept for the next fold). Outside the
+        forward only; skipped for a page whose stream is capturing a CUDA graph."""
+        for pages in self._pages.values():
+            for page in pages:
+                if _capturing(page.sums.device):
+                    continue
+                host = page.sums.to("cpu", copy=True)
+                page.sums.sub_(host if page.host is not None else host.to(page.sums.device))
+                for layer_id, values in zip(page.layers, host.tolist()[:len(page.layers)], strict=True):
+                    total = self._totals.setdefault(layer_id, [0] * len(LAYER_COLUMNS))
+                    for i, v in enumerate(values):
+                        total[i] += v
+        return {layer: dict(zip(LAYER_COLUMNS, total, strict=True)) for layer, total in self._totals.items()}
+
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy of every counter (synchronises with the device)."""
+        """A JSON-ready copy of every counter (synchronises with the device: :meth:`fold`). ``applied``
+        is the calls counted on the device (CUDA-graph replays included)."""
         layers = {}
-        for layer_id in sorted(set(self._layers) | set(self._host_layers)):
-            vals = dict(self._host_layers.get(layer_id) or dict.fromkeys(_LAYER_SUMS, 0))
-            for k, v in (self._layers.get(layer_id) or {}).items():
-                vals[k] += int(v.item())
+        sums = self.fold()
+        for layer_id in sorted(sums):
+            vals: dict[str, Any] = dict(sums[layer_id])
             n = max(vals["calls"], 1)
             vals["mean_activated"] = vals["activated"] / n
             vals["mean_vanilla_activated"] = vals["vanilla_activated"] / n
@@ -277,7 +384,7 @@ class SelectorStats:
                 "forwards": self.forwards,
                 "exact_tokens": self.exact_tokens,
                 "calls": self.calls,
-                "applied": self.applied,
+                "applied": sum(v["calls"] for v in sums.values()),
                 "skipped": dict(self.skipped),
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
