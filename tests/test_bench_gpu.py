@@ -292,6 +292,7 @@ def test_a_served_path_left_to_sglang_fails_the_check_and_says_why(tmp_path, mon
     assert p5["status"] == "fail" and len(p5["rows"]) == 2 * len(few)
     for r in p5["rows"]:
         assert r["correct"] is False and r["fallback"]["RuntimeError"] >= 1 and r["changed_rows"] is None
+        assert r["served_us"] is None and r["served_over_vanilla"] is None  # no routing to time
         assert any("left the call to SGLang" in d for d in r["diffs"])
         assert any("the selector broke" in m for m in r["log"])
         assert r["metrics"]["correct"] is False

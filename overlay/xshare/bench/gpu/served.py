@@ -434,8 +434,9 @@ def _eager_us(ctx: Context, sc: ServedCall) -> float:
 
 def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
     """Capture ``sc``'s call in the capturing state, check replays on new inputs against the eager
-    reference, time the replays: ``served_us``, ``mode``, ``correct``, ``fallback`` (calls left to
-    SGLang while capturing, by reason), ``capture_error``, ``diffs``, ``log``, ``backend``, ``eager_us``,
+    reference, time the replays: ``served_us`` (None when the captured calls left the routing to SGLang:
+    the graph then holds no routing to time), ``mode``, ``correct``, ``fallback`` (calls left to SGLang
+    while capturing, by reason), ``capture_error``, ``diffs``, ``log``, ``backend``, ``eager_us``,
     ``changed_rows`` (of the last checked batch)."""
     from xshare.sglang.runtime import ForwardState
 
@@ -459,7 +460,7 @@ def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
             res["changed_rows"] = _changed_rows(sc, output())
             res["correct"] = not diffs and not res["fallback"]
             res["eager_us"] = _eager_us(ctx, sc)
-            if replay is not None:
+            if replay is not None and output() is not None and not res["fallback"]:  # else it times no routing
                 if ctx.device.type == "cuda":  # ~10x the selector's time per call: fewer replays
                     t = time_replays(ctx, replay, ctx.inner, replays=max(1, ctx.replays // 5))
                     res["served_us"], res["calls"] = t["seconds"] * 1e6, t["calls"]
