@@ -194,7 +194,7 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
     if isinstance(call.layer, RouterSpec):
         plain = plain_layer(call.layer)
         if plain is None:
-            return decide_router(call, config, checkpoint=checkpoint)
+            return decide_router(call, config, checkpoint=checkpoint, cpu_kernel=cpu_kernel)
         call = dataclasses.replace(call, layer=plain)
     config = layer_config(config, call.layer)
     if call.all_reduce is not None:
@@ -223,7 +223,7 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
 
 
 def decide_router(call: LayerCall, config: SelectorConfig, *,
-                  checkpoint: Callable[[], None] | None = None) -> Decision:
+                  checkpoint: Callable[[], None] | None = None, cpu_kernel: bool = False) -> Decision:
     """The routing of a layer whose router is a :class:`~xshare.selection.gates.RouterSpec`.
 
     The batch the policy sees (docs/selection.md, "Router families"): gate scores = the model's
@@ -244,7 +244,7 @@ def decide_router(call: LayerCall, config: SelectorConfig, *,
     Returns routing over the routed columns only (ids int32 [T, top_k], the shared slot excluded).
     """
     if call.all_reduce is None:
-        return _decide_router(call, config, checkpoint)
+        return _decide_router(call, config, checkpoint, cpu_kernel)
     joined: list[bool] = []
 
     def all_reduce(local: Tensor) -> Tensor:
@@ -288,7 +288,8 @@ def router_batch(call: LayerCall, config: SelectorConfig, scores: GateScores | N
     return batch
 
 
-def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None) -> Decision:
+def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None,
+                   cpu_kernel: bool = False) -> Decision:
     spec = call.layer
     assert isinstance(spec, RouterSpec)
     logits = call.router_logits
@@ -336,3 +337,12 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     routing = Routing(topk_ids=ids.to(torch.int32), topk_weights=weights, active=active, physical_ids=None,
                       cap_bound=cap_bound)
     return Decision(routing, config, replaced=replaced, short_rows=((out.short | empty) & valid).sum())
+    if cpu_kernel:  # the C fast path (xshare.selection.kernels.cpu_router): the same decision
+        from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
+
+        layer_cfg = layer_config(config, spec)
+        if cpu_router_supports(call, layer_cfg, gs):
+            if checkpoint is not None:
+                checkpoint()
+            res = cpu_router_route(call, layer_cfg, gs)
+            return Decision(res.routing, layer_cfg, cpu=res, replaced=res.replaced, short_rows=res.short_rows)

@@ -44,6 +44,8 @@ from xshare.selection.registry import Policy, get_policy
 from xshare.selection.types import Routing
 
 SOURCE = Path(__file__).with_name("_cpu_select.c")
+# every C file of the library: the plain kernel, and the router-spec one (xshare.selection.kernels.cpu_router)
+SOURCES = (SOURCE, Path(__file__).with_name("_cpu_router.c"))
 CACHE_ENV = "XSHARE_CACHE_DIR"
 _ERRORS = {-2: "prefer holds an expert id > E", -3: "an expert id is out of range", -4: "out of memory",
            -5: "NaN or +inf logits"}
@@ -70,7 +72,7 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(path.read_bytes() for path in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(src + cc.encode() + version.encode()).hexdigest()[:16]
     out_dir = _cache_dir()
@@ -85,7 +87,7 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, "-O2", "-std=c99", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+            proc = subprocess.run([cc, "-O2", "-std=c99", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)],
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
@@ -122,6 +124,13 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     lib.xshare_cpu_route.restype = _I
     lib.xshare_cpu_figures.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P]
     lib.xshare_cpu_figures.restype = _I
+    lib.xshare_cpu_topk.argtypes = [_I, _I, _I, _I, _P, _P]
+    lib.xshare_cpu_topk.restype = _I
+    lib.xshare_cpu_router_scores.argtypes = [_I, _I, _P, _P, _P, _I, _P]
+    lib.xshare_cpu_router_scores.restype = _I
+    lib.xshare_cpu_router.argtypes = [_I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I, _I, _I,
+                                      ctypes.c_float, _I, _I, _P, _P, _P, _P, _P, _P, _P]
+    lib.xshare_cpu_router.restype = _I
     return lib, None
 
 

@@ -1,0 +1,157 @@
+"""The selector's CPU fast path for router-spec layers (biased and grouped gates: DeepSeek-V3/R1,
+GLM-4.5, Kimi-K2, DeepSeek-V2, Llama-4, ``sqrtsoftplus``, biased plain gates): the decision of
+:func:`xshare.selection.engine.decide_router` in one C call (``_cpu_router.c``, built into the library
+of :mod:`xshare.selection.kernels.cpu`).
+
+Torch computes what must stay bitwise SGLang's: the gate once (:func:`~xshare.selection.gates.router_scores`,
+as the torch path does), the batch's column sums, and the weights of the routed ids (gathered from the
+gate's affinities and finished by the gate's own ``_finish_weights``). C does the rest: the warm-up,
+the set, which rows the set restricts, each restricted row's group re-selection and top_k inside S,
+short rows, and the bookkeeping the adapter records. Its top-k orders ties as ``torch.topk`` does on
+the CPU, so ids, their column order and the weights equal the torch path's
+(``tests/test_cpu_router.py``).
+
+Policies: ``xshare`` (without a mass target) and ``topk`` entirely in C; the other set policies
+(``lynx``, ``des_vote``, ``oea``) pick their set in torch on :func:`~xshare.selection.engine.router_batch`
+and C routes inside it. Gates whose choice scores are float32 or bf16 (every family on fp32 / bf16
+logits with a float32 or bf16 bias).
+
+    res = cpu_router_route(call, config, router_scores(call.router_logits, call.layer))
+    res.routing, res.replaced, res.short_rows     # as engine.decide_router's Decision
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from xshare.selection.api import check_exact, check_inputs
+from xshare.selection.config import SelectorConfig
+from xshare.selection.gates import GateScores, RouterSpec, _finish_weights, _Native
+from xshare.selection.kernels.cpu import CpuRouting, _native, _set_policy, kernel_error, library
+from xshare.selection.registry import get_policy
+from xshare.selection.types import Routing
+
+if TYPE_CHECKING:
+    from xshare.selection.engine import LayerCall
+
+_GATES = {"plain": 0, "grouped": 1, "biased_grouped": 2, "llama4": 3}
+_CHOICE_DTYPES = (torch.float32, torch.bfloat16)  # exact in float32; the biased group score rounds to bf16 in C
+
+
+@dataclass
+class CpuRouterRouting(CpuRouting):
+    """:class:`~xshare.selection.kernels.cpu.CpuRouting` of a router-spec layer (``scores``: the gate
+    probabilities the adapter's figures read), plus what ``Decision`` carries for such layers."""
+
+    replaced: Tensor  # bool [T]: rows routed inside the set (every other row keeps the engine's routing)
+    short_rows: Tensor  # int64 0-d: valid rows left to the engine (short inside their groups, or no expert of S)
+
+
+def cpu_router_supports(call: LayerCall, config: SelectorConfig, scores: GateScores) -> bool:
+    """Whether :func:`cpu_router_route` implements this router-spec call: CPU tensors, no DeepEP
+    global mode, a policy the C code decides (``xshare`` without a mass target,
+    ``topk``) or another set policy, choice scores in float32 or bf16, and the engine's picks (if
+    given) at least top_k wide."""
+    spec, logits = call.layer, call.router_logits
+    if not isinstance(spec, RouterSpec) or call.all_reduce is not None:
+        return False
+    if logits.device.type != "cpu" or logits.ndim != 2 or config.target_mass is not None:
+        return False
+    policy = get_policy(config.policy)
+    if not (_native(policy, config) or _set_policy(config.policy) is not None):
+        return False
+    if policy.uses_groups() and call.groups is not None:
+        return False
+    if not isinstance(scores.native, _Native) or scores.native.choice.dtype not in _CHOICE_DTYPES:
+        return False
+    ids = call.engine_ids
+    return ids is None or (isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[0] == logits.shape[0]
+                           and ids.shape[1] >= call.top_k and not ids.dtype.is_floating_point)
+
+
+def _figure_probs(logits: Tensor, scores: GateScores, spec: RouterSpec, config: SelectorConfig) -> Tensor:
+    """float32 [T, E]: the probabilities the adapter's figures use (softmax / sigmoid of the logits as
+    ``config.scoring`` says); the gate's own affinities when they are those already."""
+    if scores.native.affinity.dtype == torch.float32 and spec.scoring == config.scoring \
+            and logits.dtype == torch.float32:
+        return scores.affinity.contiguous()
+    lg = logits.float()
+    return (torch.softmax(lg, dim=-1) if config.scoring == "softmax" else torch.sigmoid(lg)).contiguous()
+
+
+def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores) -> CpuRouterRouting:
+    """The routing :func:`xshare.selection.engine.decide_router` gives ``call`` (same ids, column order
+    and weights, replaced and short rows), for a call :func:`cpu_router_supports` accepts. ``config``
+    has the layer's scoring applied (:func:`xshare.selection.engine.layer_config`); ``scores`` is
+    :func:`~xshare.selection.gates.router_scores` of the call's logits and spec. The numbers are the
+    config's (host values: the CPU runs no graphs). Raises ValueError for a call the core cannot route,
+    RuntimeError if the kernel is unavailable or fails."""
+    spec = call.layer
+    logits = call.router_logits
+    num_rows, num_experts = logits.shape
+    top_k = call.top_k
+    spec.check(num_experts, top_k)
+    check_inputs(logits, top_k, config, placement=call.placement, num_tokens=call.num_tokens, knobs=call.knobs,
+                 validate=False)
+    exact = check_exact(call.exact, num_rows, logits.device)
+    exact = None if exact is None else exact.contiguous()  # held: C reads its memory
+    lib = library()
+    policy = get_policy(config.policy)
+    n_valid = num_rows if call.num_tokens is None else max(0, min(num_rows, int(call.num_tokens)))
+    apply = config.applies_to(n_valid) and not policy.vanilla
+    choice = scores.choice.contiguous()
+    grouped = spec.num_expert_group is not None
+    reachable = scores.reachable.contiguous() if grouped else None
+    given_set = colsum = None
+    if apply and not _native(policy, config):
+        from xshare.selection.engine import router_batch  # the batch the torch path gives the policy
+
+        given_set = policy.batch_set(router_batch(call, config, scores)).contiguous()
+    elif apply:
+        masked = torch.empty(num_rows, num_experts, dtype=torch.float32)
+        affinity = scores.affinity.contiguous()
+        lib.xshare_cpu_router_scores(num_rows, num_experts, choice.data_ptr(), _ptr(reachable), affinity.data_ptr(),
+                                     n_valid, masked.data_ptr())
+        colsum = masked.sum(0)  # torch's sum, bitwise the torch path's column sums
+    pref = None
+    if call.engine_ids is not None and call.engine_ids.numel():
+        pref = call.engine_ids if call.engine_ids.dtype == torch.int32 else call.engine_ids.to(torch.int32)
+        pref = pref.contiguous()
+    shared = spec.num_fused_shared_experts
+    width = top_k + shared
+    gate = spec.gate
+    sort = gate == "plain" and spec.correction_bias is None or shared > 0 or gate == "llama4"
+    unreached = 0.0 if gate == "grouped" else float("-inf")
+    route = torch.empty(num_rows, width, dtype=torch.int64)
+    ids = torch.empty(num_rows, top_k, dtype=torch.int32)
+    replaced = torch.empty(num_rows, dtype=torch.bool)
+    flags = torch.empty(3, num_experts, dtype=torch.bool)  # S, active, vanilla active
+    counts = torch.empty(3, dtype=torch.int64)  # changed rows, checksum, short rows
+    base = flags.data_ptr()
+    rc = lib.xshare_cpu_router(num_rows, num_experts, top_k, width, 0 if pref is None else pref.shape[1],
+                               choice.data_ptr(), _ptr(reachable), _ptr(colsum), _ptr(pref), n_valid, int(apply),
+                               config.budget_for(num_experts), config.warmup_k, _ptr(given_set),
+                               _ptr(exact), _GATES[gate],
+                               spec.num_expert_group or 0, spec.topk_group or 0, unreached,
+                               int(scores.native.choice.dtype == torch.bfloat16), int(sort), route.data_ptr(),
+                               ids.data_ptr(), replaced.data_ptr(), base, base + num_experts,
+                               base + 2 * num_experts, counts.data_ptr())
+    if rc != 0:
+        raise RuntimeError(kernel_error(rc))
+    # the weights as the torch path computes them: gathered from the gate's affinities, finished by the gate
+    weights = _finish_weights(scores.native.affinity.gather(1, route), spec, gate, top_k)[:, :top_k]
+    in_set, active, vanilla_active = flags.unbind(0)
+    changed, checksum, _ = counts.tolist()
+    return CpuRouterRouting(
+        routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None),
+        scores=_figure_probs(logits, scores, spec, config), logits=logits.float().contiguous(), prefer=pref,
+        in_set=in_set, vanilla_active=vanilla_active, changed_tokens=changed, checksum=checksum,
+        num_valid=n_valid, replaced=replaced, short_rows=counts[2])
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

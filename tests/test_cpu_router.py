@@ -1,0 +1,273 @@
+"""The CPU fast path for router-spec layers (xshare.selection.kernels.cpu_router, _cpu_router.c) against
+the torch path of engine.decide_router.
+
+Every router family x {fp32, bf16} on seeded random and tied inputs, with padding rows, exact rows,
+the engine's own picks (ties included, in its own column order), warm-up 0..top_k and budgets top_k..E:
+ids, replaced rows and short rows equal, weights bit for bit (torch.equal). Its top-k is torch.topk's
+own order on the CPU (checked directly), and the serving adapter records the same counters and
+metric rows with the fast path on and off.
+"""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import missing
+from xshare.selection import SelectorConfig, engine
+from xshare.selection.gates import RouterSpec, reference_route, router_scores
+from xshare.selection.kernels import cpu as K
+from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
+from xshare.sglang import runtime as rt
+from xshare.sglang.settings import PluginSettings
+from xshare.sglang.stats import routing_checksum
+
+if not K.cpu_kernel_available():  # it needs a C compiler (CC, cc, gcc or clang)
+    missing(f"no CPU kernel: {K.cpu_kernel_problem()}")
+
+
+def _bias(e: int, seed: int) -> torch.Tensor:
+    return torch.randn(e, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+
+# family -> (spec builder, E, routed top_k)
+FAMILIES = {
+    "deepseek_v3": (lambda: RouterSpec(scoring="sigmoid", correction_bias=_bias(64, 1), num_expert_group=8,
+                                       topk_group=4, routed_scaling_factor=2.5, num_fused_shared_experts=1,
+                                       fused_shared_experts_scaling_factor=1.0), 64, 6),
+    "deepseek_v3_scaled": (lambda: RouterSpec(scoring="sigmoid", correction_bias=_bias(32, 2), num_expert_group=4,
+                                              topk_group=2, routed_scaling_factor=2.5, scaling_in_weights=True), 32, 4),
+    "auxfree_tiny": (lambda: RouterSpec(scoring="sigmoid", correction_bias=_bias(32, 3), num_expert_group=8,
+                                        topk_group=4, routed_scaling_factor=2.5), 32, 4),
+    "glm45_kimi_k2": (lambda: RouterSpec(scoring="sigmoid", correction_bias=_bias(32, 4), num_expert_group=1,
+                                         topk_group=1, routed_scaling_factor=2.5), 32, 4),
+    "deepseek_v2": (lambda: RouterSpec(scoring="softmax", num_expert_group=8, topk_group=3, renormalize=False,
+                                       routed_scaling_factor=16.0, scaling_in_weights=True), 64, 6),
+    "grouped_shared": (lambda: RouterSpec(scoring="softmax", num_expert_group=4, topk_group=2,
+                                          routed_scaling_factor=2.0, num_fused_shared_experts=1), 32, 4),
+    "minimax_m2": (lambda: RouterSpec(scoring="sigmoid", correction_bias=_bias(32, 5)), 32, 4),
+    "ernie_softmax_bias": (lambda: RouterSpec(scoring="softmax", correction_bias=_bias(32, 6) * 0.1,
+                                              renormalize=False), 32, 4),
+    "deepseek_v4_sqrtsoftplus": (lambda: RouterSpec(scoring="sqrtsoftplus", correction_bias=_bias(32, 7)), 32, 4),
+    "sqrtsoftplus": (lambda: RouterSpec(scoring="sqrtsoftplus"), 32, 4),
+    "softmax_scaled": (lambda: RouterSpec(scoring="softmax", routed_scaling_factor=2.5, scaling_in_weights=True),
+                       32, 4),
+    "wide_partial_sort": (lambda: RouterSpec(scoring="sigmoid", correction_bias=_bias(256, 8)), 256, 4),
+    "llama4": (lambda: RouterSpec(scoring="sigmoid", renormalize=False, custom="llama4"), 16, 1),
+}
+DTYPES = [torch.float32, torch.bfloat16]
+POLICIES = ["xshare", "xshare", "xshare", "topk", "lynx", "des_vote", "oea"]
+
+
+def _case(family: str, dtype: torch.dtype, seed: int):  # noqa: ANN202
+    """One randomised router-spec call and config (seeded)."""
+    build, e, k = FAMILIES[family]
+    spec = build()
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    t = rng.randint(1, 24)
+    x = torch.randn(t, e, generator=g) * 2
+    kind = rng.choice(["random", "ties", "coarse_ties", "masked"])
+    if kind == "ties":
+        x = x.round()
+    elif kind == "coarse_ties":
+        x = (x / 2).round()  # few distinct values: ties in experts and in group scores
+    elif kind == "masked":
+        x[torch.rand(t, e, generator=g) < 0.2] = float("-inf")
+        x[:, 0] = 0.0  # every row keeps a finite logit
+    x = x.to(dtype)
+    engine_ids = None
+    if rng.random() < 0.85:  # the engine's own picks, in its own column order
+        engine_ids = reference_route(x, k, spec).topk_ids[:, :k]
+        if rng.random() < 0.5:
+            engine_ids = engine_ids[:, torch.randperm(k, generator=g)]
+        engine_ids = engine_ids.to(rng.choice([torch.int32, torch.int64]))
+    policy = rng.choice(POLICIES)
+    cfg = SelectorConfig(policy=policy, budget=rng.randint(k, e), warmup_k=rng.randint(1 if policy == "oea" else 0, k),
+                         min_tokens=rng.choice([1, 1, 1, 6]))
+    num_tokens = rng.choice([None, None, rng.randint(0, t), torch.tensor(rng.randint(0, t))])
+    exact = (torch.rand(t, generator=g) < 0.25) if rng.random() < 0.2 else None
+    call = engine.LayerCall(x, k, spec, engine_ids=engine_ids, num_tokens=num_tokens, exact=exact)
+    return call, cfg
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_c_path_is_the_torch_path(family, dtype):
+    seen = {"replaced": 0, "short": 0, "kept": 0, "exact": 0}
+    for seed in range(40):
+        call, cfg = _case(family, dtype, seed * 7919 + len(family))
+        want = engine.decide(call, cfg)
+        got = engine.decide(call, cfg, cpu_kernel=True)
+        assert isinstance(got.cpu, K.CpuRouting) and want.cpu is None, "the C path did not route"
+        where = (family, dtype, seed, cfg)
+        assert torch.equal(got.routing.topk_ids, want.routing.topk_ids), where
+        assert got.routing.topk_ids.dtype == want.routing.topk_ids.dtype == torch.int32
+        assert torch.equal(got.routing.topk_weights, want.routing.topk_weights), where  # bit for bit
+        assert torch.equal(got.routing.active, want.routing.active), where
+        assert torch.equal(got.replaced, want.replaced), where
+        assert got.short_rows.dtype == want.short_rows.dtype and int(got.short_rows) == int(want.short_rows), where
+        assert got.config == want.config
+        seen["replaced"] += int(got.replaced.sum())
+        seen["short"] += int(got.short_rows)
+        seen["kept"] += int((~got.replaced).sum())
+        seen["exact"] += call.exact is not None
+    # the cases reach every branch: rows routed inside the set, rows kept, exact rows
+    assert seen["replaced"] > 0 and seen["kept"] > 0 and seen["exact"] > 0, seen
+    if family in ("deepseek_v3", "deepseek_v2", "grouped_shared", "deepseek_v3_scaled", "auxfree_tiny"):
+        assert seen["short"] > 0, seen  # group limits leave some rows short of top_k inside S
+
+
+def test_bookkeeping_is_the_adapters():
+    """The by-products the adapter records (activated experts with and without the selector, changed
+    rows, checksum, valid rows) are what it computes from the routing in torch."""
+    for seed in range(60):
+        family = sorted(FAMILIES)[seed % len(FAMILIES)]
+        call, cfg = _case(family, torch.float32, 31 + seed)
+        if call.engine_ids is None:
+            continue
+        res = engine.decide(call, cfg, cpu_kernel=True).cpu
+        t, e = call.router_logits.shape
+        n = t if call.num_tokens is None else int(call.num_tokens)
+        valid = torch.arange(t) < n
+        old = call.engine_ids.long()
+        vanilla = torch.zeros(e, dtype=torch.bool)
+        vanilla[old[valid].clamp_min(0).flatten()] = True
+        ids = res.routing.topk_ids
+        changed = ((torch.sort(old, 1).values != torch.sort(ids.long(), 1).values).any(1) & valid).sum()
+        assert torch.equal(res.vanilla_active, vanilla)
+        assert res.changed_tokens == int(changed) and res.num_valid == n
+        assert res.checksum == int(routing_checksum(ids, valid))
+        assert torch.equal(res.prefer, call.engine_ids.to(torch.int32))
+
+
+def test_xshare_set_is_warmup_plus_fill():
+    """A hand-made grouped batch (4 groups of 2, keep 2, top-2): S = every token's top-1 by choice
+    score plus the best column sums over reachable experts; a restricted row re-picks its groups
+    among those holding experts of S, and a row that cannot fill top_k there keeps its own routing."""
+    spec = RouterSpec(scoring="sigmoid", correction_bias=torch.zeros(8), num_expert_group=4, topk_group=2)
+    x = torch.tensor([[4.0, 3.0, 2.0, 1.0, -4.0, -4.0, -4.0, -4.0],
+                      [4.0, -4.0, 3.0, 2.0, -4.0, -4.0, 1.0, -4.0],
+                      [-4.0, -4.0, -4.0, -4.0, 4.0, 3.0, 2.5, 2.0]])
+    call = engine.LayerCall(x, 2, spec, engine_ids=reference_route(x, 2, spec).topk_ids)
+    cfg = SelectorConfig(policy="xshare", budget=3, warmup_k=1)
+    res = cpu_router_route(call, engine.layer_config(cfg, spec), router_scores(x, spec))
+    # W = {0, 4}; the best other column sum is expert 2 (sigmoid 2 + sigmoid 3; row 2 cannot reach it)
+    assert res.in_set.nonzero().flatten().tolist() == [0, 2, 4]
+    assert res.routing.topk_ids.tolist()[:2] == [[0, 2], [0, 2]]  # groups 0 and 1, one expert of S each
+    assert res.replaced.tolist() == [True, True, False]
+    assert int(res.short_rows) == 1  # row 2 reaches only expert 4 of S: short, the engine's routing
+    assert res.routing.topk_ids.tolist()[2] == call.engine_ids.tolist()[2]
+    assert res.routing.active.nonzero().flatten().tolist() == sorted({0, 2, *call.engine_ids.tolist()[2]})
+
+
+def test_topk_order_is_torchs():
+    """The C top-k (libstdc++'s introselect / introsort / heap select, as ATen's topk_impl_loop runs
+    them) puts ties, NaN and -inf in torch.topk's columns, sorted or not, for every k."""
+    lib = K.library()
+    rng = random.Random(0)
+    for it in range(1500):
+        rows, n = rng.randint(1, 3), rng.randint(1, 300)
+        k = rng.randint(1, n if it % 3 == 0 else min(n, 12))
+        ordered = rng.random() < 0.5
+        g = torch.Generator().manual_seed(it)
+        kind = it % 5
+        v = torch.randn(rows, n, generator=g)
+        if kind == 0:
+            v = torch.randint(0, 3, (rows, n), generator=g).float()
+        elif kind == 1:
+            v[torch.rand(rows, n, generator=g) < 0.5] = float("-inf")
+        elif kind == 2:
+            v = v.round()
+            v[torch.rand(rows, n, generator=g) < 0.1] = float("nan")
+        elif kind == 3:
+            v = v.to(torch.bfloat16)
+        want = torch.topk(v, k, dim=-1, sorted=ordered).indices
+        got = torch.empty(rows, k, dtype=torch.int64)
+        vf = v.float().contiguous()
+        assert lib.xshare_cpu_topk(rows, n, k, int(ordered), vf.data_ptr(), got.data_ptr()) == 0
+        assert torch.equal(got, want), (it, rows, n, k, ordered, kind)
+
+
+def test_supports_what_it_routes():
+    spec, e, k = FAMILIES["deepseek_v3"][0](), 64, 6
+    x = torch.randn(4, e)
+    gs = router_scores(x, spec)
+    call = engine.LayerCall(x, k, spec)
+
+    def ok(c: engine.LayerCall, cfg: SelectorConfig, scores: object = gs) -> bool:
+        return cpu_router_supports(c, engine.layer_config(cfg, spec), scores)
+
+    assert ok(call, SelectorConfig(policy="xshare", budget=8))
+    assert ok(call, SelectorConfig(policy="topk"))
+    assert ok(call, SelectorConfig(policy="des_vote", budget=8))  # a set policy: its set in torch
+    assert not ok(call, SelectorConfig(policy="xshare", budget=8, target_mass=0.9))  # mass targets: torch
+    assert not ok(call, SelectorConfig(policy="xshare_ep", budget=8))  # needs a placement
+    assert not ok(call, SelectorConfig(policy="des_seq", warmup_k=1))  # per-request sets
+    assert not ok(engine.LayerCall(x, k, spec, all_reduce=lambda t: t), SelectorConfig(policy="xshare", budget=8))
+    assert not ok(engine.LayerCall(x, k, spec, engine_ids=torch.zeros(4, 2, dtype=torch.int64)),
+                  SelectorConfig(policy="xshare", budget=8))  # fewer engine picks than top_k
+    x64 = x.double()
+    assert not ok(engine.LayerCall(x64, k, spec), SelectorConfig(policy="xshare", budget=8), router_scores(x64, spec))
+    # a float64 gate goes to the torch path and still routes
+    out = engine.decide(engine.LayerCall(x64, k, spec), SelectorConfig(policy="xshare", budget=8), cpu_kernel=True)
+    assert out.cpu is None and out.routing.topk_ids.shape == (4, k)
+
+
+def test_bad_input_is_named():
+    spec, e, k = FAMILIES["auxfree_tiny"][0](), 32, 4
+    x = torch.randn(4, e)
+    cfg = SelectorConfig(policy="xshare", budget=8, warmup_k=2)
+    with pytest.raises(ValueError, match="warmup_k"):
+        engine.decide(engine.LayerCall(x, 1, spec), cfg, cpu_kernel=True)
+    with pytest.raises(ValueError, match="exact"):
+        engine.decide(engine.LayerCall(x, k, spec, exact=torch.zeros(3, dtype=torch.bool)), cfg, cpu_kernel=True)
+    with pytest.raises(RuntimeError, match="id"):  # an engine pick > E
+        engine.decide(engine.LayerCall(x, k, spec, engine_ids=torch.full((4, k), e + 3)), cfg, cpu_kernel=True)
+
+
+def _topk_config(spec: RouterSpec, top_k: int) -> SimpleNamespace:
+    """A duck-typed SGLang TopKConfig of ``spec`` (what the adapter reads)."""
+    grouped = spec.num_expert_group is not None
+    shared = spec.num_fused_shared_experts
+    return SimpleNamespace(top_k=top_k + shared, num_shared_topk_slots=shared, allow_routed_experts_capture=True,
+                           scoring_func=spec.scoring, renormalize=spec.renormalize,
+                           custom_routing_function=None, correction_bias=spec.correction_bias,
+                           use_grouped_topk=grouped, num_expert_group=spec.num_expert_group,
+                           topk_group=spec.topk_group, routed_scaling_factor=spec.routed_scaling_factor,
+                           apply_routed_scaling_factor_on_output=spec.scaling_in_weights,
+                           fused_shared_experts_scaling_factor=spec.fused_shared_experts_scaling_factor)
+
+
+@pytest.mark.parametrize("family", ["auxfree_tiny", "deepseek_v3", "deepseek_v2", "minimax_m2", "sqrtsoftplus"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_adapter_paths_agree(family, padded):
+    """The serving adapter with the fast path on and off: the same outputs, counters, short rows and
+    metric rows on a router-spec layer."""
+    build, e, k = FAMILIES[family]
+    spec = build()
+    cfg = _topk_config(spec, k)
+    runtimes = []
+    for fast in (True, False):
+        r = rt.Runtime(PluginSettings(enabled=True, cpu_kernel=fast, sim_gpus=4,
+                                      selector=SelectorConfig(policy="xshare", budget=max(k, e // 4), warmup_k=1)))
+        r.observe = True
+        r.push(rt.ForwardState(mode="decode"))
+        runtimes.append(r)
+    g = torch.Generator().manual_seed(2)
+    for step in range(12):
+        x = (torch.randn(16, e, generator=g) * 2).round(decimals=1)
+        own = reference_route(x, k, spec)
+        args = {"topk_ids": own.topk_ids, "topk_weights": own.topk_weights, "router_logits": x,
+                "layer_id": step % 3, "num_token_non_padded": torch.tensor(11) if padded else None}
+        outs = [r.route(dict(args), topk_config=cfg) for r in runtimes]
+        assert outs[0] is not None and outs[1] is not None
+        assert torch.equal(outs[0]["topk_ids"], outs[1]["topk_ids"])
+        assert torch.equal(outs[0]["topk_weights"], outs[1]["topk_weights"])
+    snaps = [r.stats.snapshot() for r in runtimes]
+    assert snaps[0]["fallbacks_total"] == snaps[1]["fallbacks_total"] == 0, snaps
+    assert snaps[0]["layers"] == snaps[1]["layers"] and snaps[0]["applied"] == 12
+    assert snaps[0]["short_rows"] == snaps[1]["short_rows"]
+    torch.testing.assert_close(runtimes[0].stats.drain_window(), runtimes[1].stats.drain_window(),
+                               rtol=1e-5, atol=1e-6)
