@@ -75,3 +75,32 @@ def test_console_script_runs_a_point(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["points"][0]["select_over_topk"] > 0
+
+
+@pytest.mark.parametrize("router", ["auxfree", "deepseek_v3"])
+def test_bench_selector_router_case(tmp_path, capsys, router):
+    """--router times the biased grouped gate, the engine's torch path and its C path (same routing,
+    checked by the benchmark itself) on the model's shape."""
+    from xshare.selection.kernels.cpu import cpu_kernel_available
+
+    out = tmp_path / "router.json"
+    argv = ["bench", "selector", "--router", router, "--batch", "4,16", "--experts", "32", "--top-k", "4",
+            "--budget", "8", "--warmup-k", "2", "--hidden", "32", "--moe-intermediate", "16", "--repeat", "1",
+            "--dtype", "float32", "--json", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["router"] == router
+    for p in data["points"]:
+        assert p["router"] == router and p["budget"] == 8
+        assert p["topk_us"] > 0 and p["select_us"] > 0 and 4 <= p["active_select"] <= p["active_topk"]
+        if cpu_kernel_available():
+            assert p["cpu_us"] > 0 and 0 < p["cpu_share_of_layer"] < 1
+    if cpu_kernel_available():
+        assert "cpu_us" in capsys.readouterr().out
+
+
+def test_bench_selector_router_needs_whole_groups(tmp_path, capsys):
+    out = tmp_path / "bad.json"
+    assert main(["bench", "selector", "--router", "deepseek_v3", "--experts", "20", "--top-k", "4",
+                 "--no-experts", "--repeat", "1", "--json", str(out)]) == 2
+    assert "--router deepseek_v3" in capsys.readouterr().err and not out.exists()

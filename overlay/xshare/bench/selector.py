@@ -6,10 +6,19 @@ For every point of the grid B (tokens) x E (experts) x top_k, one run times, int
                renormalise): the baseline the selector replaces;
 * ``select``   the xshare selector, :func:`xshare.selection.select` (torch; the CPU path);
 * ``kernel``   on CUDA only, the fused Triton selector (:func:`xshare.selection.kernels.fused_select`);
+* ``cpu``      on the CPU, the C fast path the serving adapter uses there
+               (:func:`xshare.selection.engine.decide` with ``cpu_kernel``), when it is built;
 * ``experts``  the MoE layer's expert computation for the vanilla routing, as SGLang's torch-native MoE
                (``moe_forward_native``) does it on the CPU: tokens sorted by expert, a loop over the
                activated experts, each a SwiGLU MLP (gate/up [2I, H], down [H, I]), weighted sum;
 * ``experts_xshare``  the same for the selector's routing (fewer activated experts).
+
+With ``--router`` the layer has a biased, grouped router (``deepseek_v3``: sigmoid + correction bias,
+8 groups keep 4, routed scaling 2.5, a fused shared slot; ``auxfree``: the same gate without the shared
+slot, as the tiny aux-loss-free model serves it): ``topk`` is then the gate itself
+(:func:`xshare.selection.gates.reference_route`), ``select`` the torch path of
+:func:`xshare.selection.engine.decide` and ``cpu`` its C path, both with the gate's own picks as
+the engine's.
 
 On CUDA, top-k and both selectors are captured in a CUDA graph and replayed, as decode runs them
 (eager if capture fails; the mode is recorded). Ratios: ``select / topk`` and the selector's share
@@ -35,9 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xshare.bench._common import Timer, format_table, int_list, write_json_atomic
-from xshare.selection import Placement, SelectorConfig, available_policies, get_policy, select
+from xshare.selection import Placement, SelectorConfig, available_policies, engine, get_policy, select
 from xshare.selection.config import parse_count
+from xshare.selection.gates import RouterSpec, reference_route
 from xshare.selection.kernels import fused_select, kernel_supports, triton_available
+from xshare.selection.kernels.cpu import cpu_kernel_available
 from xshare.selection.registry import validated
 
 MODE = "selector"
@@ -49,6 +60,8 @@ DEFAULT_TOP_K = [4, 6, 8]
 GOAL_SHARE = 0.05
 FIGURE_POINT = (16, 128, 8)  # the reference point: B = 16, E = 128, top_k = 8
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# --router: (expert groups, groups kept, fused shared slots) of the biased grouped gates
+ROUTERS = {"plain": None, "deepseek_v3": (8, 4, 1), "auxfree": (8, 4, 0)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", default="0.5", help="budget m: an int, or a fraction of E (default 0.5)")
     g.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 (default 1)")
     g.add_argument("--gpus", type=int, default=8, help="EP size for GPU-aware policies (default 8)")
+    g.add_argument("--router", choices=sorted(ROUTERS), default="plain",
+                   help="the layer's router: plain softmax top-k (default), or a biased grouped gate "
+                        "(deepseek_v3: 8 groups keep 4, bias, routed scaling, shared slot; auxfree: the same "
+                        "without the shared slot, the tiny aux-loss-free model's); E must be a multiple of 8")
     g = p.add_argument_group("measurement")
     g.add_argument("--repeat", type=int, default=5, help="timed samples per measurement; the median is kept (5)")
     g.add_argument("--threads", type=int, default=1,
@@ -152,7 +169,26 @@ def _check(args: argparse.Namespace) -> SelectorConfig:
         raise ValueError(f"selector settings: {e}") from None
     if get_policy(args.policy).groups == "required":
         raise ValueError(f"--policy {args.policy} needs request groups, which this benchmark does not make")
+    if ROUTERS[args.router] is not None:
+        groups, keep, shared = ROUTERS[args.router]
+        bad = [e for e in args.experts if e % groups or keep * (e // groups) < max(args.top_k) + shared]
+        if bad:
+            raise ValueError(f"--router {args.router}: --experts {bad} do not split into {groups} groups whose "
+                             f"{keep} kept hold top_k + {shared} shared experts")
+        if get_policy(args.policy).needs_placement:
+            raise ValueError(f"--router {args.router}: --policy {args.policy} needs a placement; the router path "
+                             "runs the policies without one")
     return config
+
+
+def router_spec(name: str, num_experts: int, seed: int) -> RouterSpec | None:
+    """The layer's router for ``--router name`` (None: plain softmax top-k); the bias is seeded."""
+    if ROUTERS[name] is None:
+        return None
+    groups, keep, shared = ROUTERS[name]
+    bias = torch.randn(num_experts, generator=torch.Generator().manual_seed(seed)) * 0.1
+    return RouterSpec(scoring="sigmoid", correction_bias=bias, num_expert_group=groups, topk_group=keep,
+                      routed_scaling_factor=2.5, num_fused_shared_experts=shared)
 
 
 def _decode_step(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], Any], str]:
@@ -181,29 +217,46 @@ def _point(b: int, e: int, k: int, args: argparse.Namespace, config: SelectorCon
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b * 10_007 + e * 101 + k)
     logits = torch.randn(b, e, generator=gen).to(device=device, dtype=dtype)
     placement = Placement.contiguous(e, args.gpus).to(device) if get_policy(args.policy).needs_placement else None
-    sel_ids = select(logits, k, config, placement=placement, validate=False)
-    top_w, top_ids = vanilla_topk(logits, k)
+    spec = router_spec(args.router, e, args.seed)
     fns: dict[str, Callable[[], Any]] = {}
     modes: dict[str, str] = {}
-    fns["topk"], modes["topk"] = _decode_step(lambda: vanilla_topk(logits, k), device)
-    fns["select"], modes["select"] = _decode_step(
-        lambda: select(logits, k, config, placement=placement, validate=False), device)
-    if device.type == "cuda" and triton_available() and kernel_supports(config, e):
+    if spec is None:
+        top_w, top_ids = vanilla_topk(logits, k)
+        call = engine.LayerCall(logits, k, engine.LayerRouting(), engine_ids=top_ids, placement=placement)
+        sel_ids = select(logits, k, config, placement=placement, validate=False)
+        fns["topk"], modes["topk"] = _decode_step(lambda: vanilla_topk(logits, k), device)
+        fns["select"], modes["select"] = _decode_step(
+            lambda: select(logits, k, config, placement=placement, validate=False), device)
+    else:  # the gate itself is the baseline; the selector is the engine's router-spec path
+        own = reference_route(logits, k, spec)
+        top_ids, top_w = own.topk_ids[:, :k], own.topk_weights[:, :k]
+        call = engine.LayerCall(logits, k, spec, engine_ids=top_ids)
+        sel_ids = engine.decide(call, config).routing
+        fns["topk"], modes["topk"] = _decode_step(lambda: reference_route(logits, k, spec), device)
+        fns["select"], modes["select"] = _decode_step(lambda: engine.decide(call, config), device)
+    if device.type == "cuda" and spec is None and triton_available() and kernel_supports(config, e):
         fns["kernel"], modes["kernel"] = _decode_step(
             lambda: fused_select(logits, k, config, placement=placement, validate=False, backend="triton"), device)
+    if device.type == "cpu" and cpu_kernel_available():
+        fast = engine.decide(call, config, cpu_kernel=True)
+        if fast.cpu is not None:  # the C path routes this call: the same routing, timed
+            if not torch.equal(fast.routing.topk_ids, sel_ids.topk_ids):
+                raise RuntimeError(f"the C path's routing differs from the torch path's at B={b}, E={e}, k={k}")
+            fns["cpu"], modes["cpu"] = (lambda: engine.decide(call, config, cpu_kernel=True)), "eager"
     if w13 is not None and w2 is not None:
         x = torch.randn(b, args.hidden, generator=gen).to(device=device, dtype=dtype)
         fns["experts"] = lambda: moe_experts(x, top_ids, top_w, w13, w2)
         fns["experts_xshare"] = lambda: moe_experts(x, sel_ids.topk_ids, sel_ids.topk_weights, w13, w2)
     t = timer.run(fns)
     row: dict[str, Any] = {
-        "batch": b, "experts": e, "top_k": k,
+        "batch": b, "experts": e, "top_k": k, "router": args.router,
         "budget": config.budget_for(e),
         "active_topk": int(torch.unique(top_ids).numel()),
         "active_select": int(sel_ids.active.sum()),
         "topk_us": t["topk"] * 1e6,
         "select_us": t["select"] * 1e6,
         "kernel_us": t["kernel"] * 1e6 if "kernel" in t else None,
+        "cpu_us": t["cpu"] * 1e6 if "cpu" in t else None,
         "modes": modes,
         "select_over_topk": t["select"] / t["topk"],
     }
@@ -216,6 +269,8 @@ def _point(b: int, e: int, k: int, args: argparse.Namespace, config: SelectorCon
         })
         if "kernel" in t:
             row["kernel_share_of_layer"] = t["kernel"] / (t["kernel"] + t["experts_xshare"])
+        if "cpu" in t:
+            row["cpu_share_of_layer"] = t["cpu"] / (t["cpu"] + t["experts_xshare"])
     return row
 
 
@@ -257,14 +312,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     has_kernel = any(p["kernel_us"] is not None for p in points)
-    headers = ["B", "E", "k", "topk_us", "select_us"] + (["kernel_us"] if has_kernel else []) + ["sel/topk"]
+    has_cpu = any(p["cpu_us"] is not None for p in points)
+    headers = ["B", "E", "k", "topk_us", "select_us"] + (["kernel_us"] if has_kernel else []) \
+        + (["cpu_us"] if has_cpu else []) + ["sel/topk"]
     if not args.no_experts:
-        headers += ["experts_us", "experts_xs_us", "active", "share%"] + (["kshare%"] if has_kernel else [])
+        headers += ["experts_us", "experts_xs_us", "active", "share%"] + (["kshare%"] if has_kernel else []) \
+            + (["cshare%"] if has_cpu else [])
     rows = []
     for p in points:
         r = [str(p["batch"]), str(p["experts"]), str(p["top_k"]), _fmt(p["topk_us"]), _fmt(p["select_us"])]
         if has_kernel:
             r.append(_fmt(p["kernel_us"]))
+        if has_cpu:
+            r.append(_fmt(p["cpu_us"]))
         r.append(_fmt(p["select_over_topk"], ".2f"))
         if not args.no_experts:
             share = 100 * p["select_share_of_layer"]
@@ -274,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
             if has_kernel:
                 ks = p.get("kernel_share_of_layer")
                 r.append("-" if ks is None else f"{100 * ks:.2f}")
+            if has_cpu:
+                cs = p.get("cpu_share_of_layer")
+                r.append("-" if cs is None else f"{100 * cs:.2f}")
         rows.append(r)
     meta = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -285,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
         "moe_intermediate": args.moe_intermediate,
         "expert_pool": None if args.no_experts else min(args.expert_pool, max(args.experts)),
         "selector": config.to_dict(),
+        "router": args.router,
         "gpus": args.gpus if get_policy(args.policy).needs_placement else None,
         "repeat": args.repeat,
         "seed": args.seed,
@@ -292,7 +356,8 @@ def run(args: argparse.Namespace) -> int:
         "loadavg_after": os.getloadavg(),
     }
     print(f"xshare bench selector on {meta['device']} ({threads} threads, torch {torch.__version__}, {args.dtype}; "
-          f"H={args.hidden}, I={args.moe_intermediate}; policy {args.policy}, budget {args.budget}, "
+          f"H={args.hidden}, I={args.moe_intermediate}; router {args.router}; policy {args.policy}, "
+          f"budget {args.budget}, "
           f"warmup_k {args.warmup_k}); median of {args.repeat}, times in microseconds")
     print(format_table(headers, rows))
     if not args.no_experts:
