@@ -289,10 +289,33 @@ def _only_the_placement_copy(transfers: list[Transfer]) -> bool:
 def test_the_routing_hook_path_makes_no_host_transfer(family, policy, capturing):
     cfg, e, _ = _topk_config(family)
     runtime = _runtime(policy, e)
-    runtime.push(rt.ForwardState(mode="decode", tokens_per_req=2, capturing=capturing))
+    # captured: the exact-routing rows come from the persistent buffer; eager: the forward's own mask
+    exact = None if capturing else torch.zeros(T, dtype=torch.bool, device=DEVICE)
+    runtime.push(rt.ForwardState(mode="decode", tokens_per_req=2, capturing=capturing, exact=exact))
     first, second, _ = _route_twice(runtime, cfg, e, capturing)
     assert not second, "\n".join(map(str, second))
     assert _only_the_placement_copy(first), "\n".join(map(str, first))
+    _check_counters(runtime)
+
+
+@pytest.mark.parametrize("capturing", [True, False], ids=["captured", "eager"])
+@pytest.mark.parametrize("policy", available_policies())
+@pytest.mark.parametrize("family", ["softmax", "sigmoid"])
+def test_the_triton_kernel_runner_path_makes_no_host_transfer(family, policy, capturing):
+    """SGLang's ``triton_kernel`` runner (GPT-OSS) routes from the logits alone: route_logits."""
+    cfg, e, k = _topk_config(family)
+    runtime = _runtime(policy, e)
+    runtime.push(rt.ForwardState(mode="decode", tokens_per_req=2, capturing=capturing))
+    layer = type("TopK", (), {"topk_config": cfg, "layer_id": 3})()
+    rows = torch.full((), T - 3, dtype=torch.int32, device=DEVICE) if capturing else None
+    logits = torch.zeros(T, e, dtype=torch.bfloat16, device=DEVICE)
+    with forbid_host_transfers() as first:
+        assert routing.route_logits(runtime, layer, logits, k, rows) is not None, dict(runtime.stats.fallbacks)
+    with forbid_host_transfers() as second:
+        ids = routing.route_logits(runtime, layer, logits, k, rows)
+    assert not second, "\n".join(map(str, second))
+    assert _only_the_placement_copy(first), "\n".join(map(str, first))
+    assert ids is not None and ids.shape == (T, k) and ids.dtype == torch.int16 and ids.device.type == DEVICE
     _check_counters(runtime)
 
 
