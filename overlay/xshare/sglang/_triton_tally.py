@@ -29,13 +29,13 @@ def _tally_kernel(
     old_ptr, stride_ot, stride_ok,
     new_ptr, stride_nt, stride_nk,
     active_ptr, gpu_ptr,
-    nt_ptr, nt_val,
+    nt_ptr, nt_val, bound_ptr,
     sums_ptr, sums_off,
     window_ptr, widx_ptr, cap, layer_val,
     T,
     E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
     NUM_GPUS: tl.constexpr, BLOCK_G: tl.constexpr, NT_MODE: tl.constexpr, SIGMOID: tl.constexpr,
-    OBSERVE: tl.constexpr,
+    OBSERVE: tl.constexpr, HAS_BOUND: tl.constexpr,
 ):
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
@@ -105,7 +105,7 @@ def _tally_kernel(
     n_act = tl.reduce(act.to(tl.int64), 0, _ADD)
     n_van = tl.reduce(vanilla.to(tl.int64), 0, _ADD)
     n_tok = tl.reduce(tokens, 0, _ADD)
-    # the layer's sums: calls, activated, vanilla_activated, tokens, changed_tokens, checksum
+    # the layer's sums: calls, activated, vanilla_activated, tokens, changed_tokens, checksum, mass_cap_bound
     offs_s = tl.arange(0, 8)
     add = tl.where(offs_s == 0, 1, 0).to(tl.int64)
     add = tl.where(offs_s == 1, n_act, add)
@@ -113,7 +113,9 @@ def _tally_kernel(
     add = tl.where(offs_s == 3, n_tok, add)
     add = tl.where(offs_s == 4, tl.reduce(changed, 0, _ADD), add)
     add = tl.where(offs_s == 5, tl.reduce(checksum, 0, _ADD), add)
-    s_ok = offs_s < 6
+    if HAS_BOUND:
+        add = tl.where(offs_s == 6, (tl.load(bound_ptr) != 0).to(tl.int64), add)
+    s_ok = offs_s < 7
     cur = tl.load(sums_ptr + sums_off + offs_s, mask=s_ok, other=0)
     tl.store(sums_ptr + sums_off + offs_s, cur + add, mask=s_ok)
 

@@ -198,16 +198,15 @@ def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any
     if runtime.observe:
         mp = placement if placement is not None else \
             runtime.placements.for_layer(layer_id, call.num_experts, call.router_logits.device)
-    if routing.cap_bound is not None:  # a mass target the budget stopped short (device flag, no sync)
-        stats.record_cap_bound(routing.cap_bound)
     res: Any = decision.cpu
     if res is not None:
         figures = None if mp is None else \
             (lambda row: cpu_call_figures(res, layer_id, mp.primary_gpu, mp.num_gpus, row=row))
         stats.record_call_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()), res.num_valid,
                                res.changed_tokens, res.checksum, figures=figures,
-                               num_gpus=1 if mp is None else mp.num_gpus)
+                               num_gpus=1 if mp is None else mp.num_gpus,
+                               cap_bound=0 if routing.cap_bound is None else int(routing.cap_bound))
         return
     stats.record_call(layer_id, logits=call.router_logits, engine_ids=call.engine_ids, chosen_ids=routing.topk_ids,
                       active=routing.active, num_tokens=call.num_token_non_padded, placement=mp,
-                      scoring=decision.config.scoring)
+                      scoring=decision.config.scoring, cap_bound=routing.cap_bound)

@@ -5,8 +5,9 @@ MoE layer call are added on the device (:meth:`SelectorStats.record_call`, one f
 :func:`xshare.sglang.tally.tally`) into buffers allocated once per device and never per call:
 
 * the layer sums (:data:`LAYER_COLUMNS`: calls, activated experts with and without the selector,
-  tokens, changed tokens, the checksum): pages of int64 [LAYER_PAGE, len(LAYER_COLUMNS)], one row
-  per MoE layer, the calls counted on the device (so CUDA-graph replays count);
+  tokens, changed tokens, the checksum, calls whose budget stopped a mass target short): pages of
+  int64 [LAYER_PAGE, len(LAYER_COLUMNS)], one row per MoE layer, the calls counted on the device (so
+  CUDA-graph replays count);
 * the metrics window: one row of per-call figures (:data:`WINDOW_FIELDS`, then activated experts and
   tokens per GPU) written into a persistent ring [WINDOW_CAPACITY, F] at a device-side index.
 
@@ -184,12 +185,13 @@ class SelectorStats:
 
     def record_call(self, layer_id: int, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Tensor, active: Tensor,
                     num_tokens: int | Tensor | None = None, placement: Any = None, scoring: str = "softmax",
-                    backend: str = "auto") -> None:
+                    cap_bound: Tensor | None = None, backend: str = "auto") -> None:
         """One applied call, added on the device (:func:`xshare.sglang.tally.tally`: one Triton launch on
         CUDA): the layer sums, and with ``placement`` (observed metrics) the window row. ``logits`` float
         [T, E]; ``engine_ids`` / ``chosen_ids`` int [T, K]: SGLang's own top-k and the policy's;
         ``active`` bool [E]; ``num_tokens``: padding rows start there (int, 0-d device tensor or None);
-        ``placement``: a :class:`~xshare.selection.Placement` on the logits' device. No host read, no
+        ``placement``: a :class:`~xshare.selection.Placement` on the logits' device; ``cap_bound``: the
+        routing's mass-target flag (``Routing.cap_bound``, bool 0-d) or None. No host read, no
         host-to-device copy; buffers are made on a device's first call (never under CUDA-graph capture:
         such a call is counted in ``unrecorded`` instead)."""
         self.applied += 1
@@ -206,7 +208,7 @@ class SelectorStats:
         page, row, label = slot
         tally(Target(page.sums, row, layer_id, label, window, window_idx), logits=logits, engine_ids=engine_ids,
               chosen_ids=chosen_ids, active=active, num_tokens=num_tokens, expert_gpu=gpu, num_gpus=num_gpus,
-              scoring=scoring, backend=backend)
+              scoring=scoring, cap_bound=cap_bound, backend=backend)
 
     def count_layer(self, layer_id: int, name: str, value: Tensor) -> None:
         """Add ``value`` (a 0-d tensor on the layer's device) into the layer's column ``name`` of
@@ -263,29 +265,36 @@ class SelectorStats:
         self._short_rows += rows.to(torch.int64)
 
     def record_cap_bound(self, bound: Tensor) -> None:
-        """One applied call with a mass target: ``bound`` (bool 0-d, on the device) is True when the
-        budget stopped the set before the target was reached (``Routing.cap_bound``); summed on the
-        device, read by :meth:`snapshot` and :meth:`cap_bound_calls`. The sum is made on the device's
-        first call outside CUDA-graph capture (a captured call before it is not counted)."""
+        """One applied call with a mass target, for a caller without a layer: ``bound`` (bool 0-d, on the
+        device) is True when the budget stopped the set before the target was reached
+        (``Routing.cap_bound``); summed on the device, read by :meth:`snapshot` and :meth:`cap_bound_calls`.
+        The routing hook passes the flag to :meth:`record_call` instead (a column of the layer sums,
+        added in the same launch). The sum is made on the device's first call outside CUDA-graph capture
+        (a captured call before it is not counted)."""
         if self._cap_bound is None or self._cap_bound.device != bound.device:
             if bound.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return
             self._cap_bound = torch.zeros((), dtype=torch.int64, device=bound.device)
         self._cap_bound += bound.to(torch.int64)
 
-    def cap_bound_calls(self) -> int:
-        """Applied calls so far whose budget stopped the mass target short (synchronises)."""
-        return 0 if self._cap_bound is None else int(self._cap_bound.item())
+    def cap_bound_calls(self, sums: dict[int, dict[str, int]] | None = None) -> int:
+        """Applied calls so far whose budget stopped the mass target short: the layer sums' column
+        (``sums``: a :meth:`fold` just made, else one is made here) and :meth:`record_cap_bound`'s count
+        (synchronises; outside the forward)."""
+        layers = self.fold() if sums is None else sums
+        own = 0 if self._cap_bound is None else int(self._cap_bound.item())
+        return own + sum(v["mass_cap_bound"] for v in layers.values())
 
     def record_call_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
                          changed_tokens: int = 0, checksum: int = 0, *, figures: Any = None,
-                         num_gpus: int = 1) -> None:
+                         num_gpus: int = 1, cap_bound: int = 0) -> None:
         """:meth:`record_call` with host numbers (the CPU C kernel: no tensor op per counter), added into
         the same CPU buffers through their numpy views. ``figures``: called with the ring's next row
         (float32 [len(WINDOW_FIELDS) + 2 num_gpus], a view) to write the call's window row in place."""
         self.applied += 1
         page, row, _ = self._slot(layer_id, torch.device("cpu"))  # type: ignore[misc]
-        page.host[row, :len(LAYER_SUMS)] += (1, active, vanilla_active, num_tokens, changed_tokens, checksum)
+        page.host[row, :len(LAYER_SUMS)] += (1, active, vanilla_active, num_tokens, changed_tokens, checksum,
+                                             cap_bound)
         if figures is None or not self._window_for(torch.device("cpu"), len(WINDOW_FIELDS) + 2 * num_gpus):
             return
         _ring, idx = self._window_host
@@ -389,7 +398,7 @@ class SelectorStats:
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
                 "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
-                "mass_cap_bound": self.cap_bound_calls(),
+                "mass_cap_bound": self.cap_bound_calls(sums),
                 "coverage": {str(k): v for k, v in sorted(self.coverage.items())},
                 "startup_coverage": {str(k): v for k, v in sorted(self.startup_coverage.items())},
                 "layers": layers,

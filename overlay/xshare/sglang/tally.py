@@ -4,7 +4,8 @@ One applied MoE layer call adds its figures into two buffers that :class:`xshare
 allocates once per device (and window width) and never per call:
 
 * ``sums``    int64 [slots, S]: one row per MoE layer, the running sums :data:`LAYER_SUMS` (calls,
-  activated experts, vanilla activated experts, valid tokens, changed tokens, checksum).
+  activated experts, vanilla activated experts, valid tokens, changed tokens, checksum, calls whose
+  budget stopped a mass target short).
 * ``window``  float32 [capacity, len(WINDOW_FIELDS) + 2 G] and ``window_idx`` int64 0-d: a ring of one
   row per call (:data:`WINDOW_FIELDS`, then activated experts per GPU, then tokens per GPU), written at
   ``window_idx % capacity``; the index then moves on by one. Only while the metrics are observed.
@@ -21,6 +22,7 @@ policy's ids ``new`` (ids outside ``[0, E)`` count as no expert; the checksum ta
 * activated: experts in ``active``; vanilla activated: experts some valid row of ``old`` routes to;
 * changed tokens: rows whose expert multiset differs between ``old`` and ``new``;
 * checksum: sum over rows t and columns j of ``(new[t, j] + 1) * (t + 1) * (j + 1)`` (int64);
+* mass cap bound: 1 when the call's ``cap_bound`` flag (``Routing.cap_bound``, a device bool) is set;
 * mass kept: per row, the gate probability (softmax or sigmoid of the logits) of ``new`` over that of
   ``old`` (capped at 1), averaged; top-1 kept: the share of rows whose highest logit (first one on
   ties) is among ``new``;
@@ -42,7 +44,7 @@ from xshare._triton import interpreted
 WINDOW_FIELDS = ("layer", "active", "vanilla_active", "peak_gpu", "vanilla_peak_gpu", "peak_mean_ratio",
                  "mass_kept", "top1_kept", "tokens")
 # Columns of a layer's sums row that tally() adds; a further per-layer counter goes after them (its own add).
-LAYER_SUMS = ("calls", "activated", "vanilla_activated", "tokens", "changed_tokens", "checksum")
+LAYER_SUMS = ("calls", "activated", "vanilla_activated", "tokens", "changed_tokens", "checksum", "mass_cap_bound")
 BACKENDS = ("auto", "torch", "triton")
 MAX_KERNEL_EXPERTS = 1024  # larger layers use the torch path
 MAX_KERNEL_GPUS = 1024
@@ -77,6 +79,7 @@ _ROWS: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # (device, K) -> (rows
 _EXPERTS: dict[tuple[str, int], Tensor] = {}  # (device, E) -> int64 [E]
 _GPUS: dict[int, tuple[Tensor, Tensor]] = {}  # id(expert_gpu) -> (expert_gpu, float32 [E, G + 1])
 _ONES: dict[tuple[str, torch.dtype], Tensor] = {}  # (device, dtype) -> [1] holding 1
+_ZEROS: dict[str, Tensor] = {}  # device -> int64 [1] holding 0
 
 
 def _row_constants(device: torch.device, num_rows: int, k: int) -> tuple[Tensor, Tensor]:
@@ -126,6 +129,15 @@ def _one(device: torch.device, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def _zero(device: torch.device) -> Tensor:
+    out = _ZEROS.get(str(device))
+    if out is None:
+        out = torch.zeros(1, dtype=torch.int64, device=device)
+        if not _capturing(device):
+            _ZEROS[str(device)] = out
+    return out
+
+
 def _valid(rows: Tensor, num_tokens: int | Tensor | None, num_rows: int) -> Tensor:
     if num_tokens is None:
         return rows < num_rows
@@ -136,13 +148,14 @@ def _valid(rows: Tensor, num_tokens: int | Tensor | None, num_rows: int) -> Tens
 
 def tally_torch(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Tensor, active: Tensor,
                 num_tokens: int | Tensor | None = None, expert_gpu: Tensor | None = None, num_gpus: int = 1,
-                scoring: str = "softmax") -> None:
+                scoring: str = "softmax", cap_bound: Tensor | None = None) -> None:
     """Add one call's figures (module docstring) into ``target`` with torch ops, in place.
 
     ``logits`` float [T, E]; ``engine_ids`` / ``chosen_ids`` int [T, K] (SGLang's own top-k, the
     policy's); ``active`` bool [E]; ``num_tokens``: rows at and beyond it are padding (int, 0-d device
     tensor or None); ``expert_gpu`` int64 [E] (GPU of each expert, in ``[0, num_gpus)``) is needed
-    when ``target.window`` is set. No host read; the only allocations are this call's temporaries.
+    when ``target.window`` is set; ``cap_bound`` bool 0-d or None (no mass target). No host read; the
+    only allocations are this call's temporaries.
     """
     num_rows, num_experts = logits.shape
     k = chosen_ids.shape[1]
@@ -183,7 +196,9 @@ def tally_torch(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_id
         window.index_copy_(0, window_idx.remainder(window.shape[0]).view(1), row.view(1, -1))
         window_idx.add_(1)
         counts = torch.cat((totals, per_row[2:4])).to(torch.int64)  # activated, vanilla, tokens, changed
-    target.sums[target.slot, :len(LAYER_SUMS)].add_(torch.cat((_one(logits.device, torch.int64), counts, checksum)))
+    bound = _zero(logits.device) if cap_bound is None else cap_bound.view(1)
+    target.sums[target.slot, :len(LAYER_SUMS)].add_(torch.cat((_one(logits.device, torch.int64), counts, checksum,
+                                                               bound)))
 
 
 def _kernel() -> Any | None:
@@ -217,7 +232,7 @@ def _use_kernel(backend: str, logits: Tensor, num_gpus: int) -> bool:
 
 def tally(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Tensor, active: Tensor,
           num_tokens: int | Tensor | None = None, expert_gpu: Tensor | None = None, num_gpus: int = 1,
-          scoring: str = "softmax", backend: str = "auto") -> None:
+          scoring: str = "softmax", cap_bound: Tensor | None = None, backend: str = "auto") -> None:
     """Add one applied call's figures into ``target`` (arguments: :func:`tally_torch`).
 
     ``backend``: ``"auto"`` the Triton kernel on CUDA where Triton imports, else torch; ``"torch"``;
@@ -237,8 +252,13 @@ def tally(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Ten
         if target.window.shape[1] != len(WINDOW_FIELDS) + 2 * num_gpus:
             raise ValueError(f"tally: the window has {target.window.shape[1]} columns, num_gpus = {num_gpus} "
                              f"needs {len(WINDOW_FIELDS) + 2 * num_gpus}")
+    if cap_bound is not None and cap_bound.shape != ():
+        raise ValueError(f"tally: cap_bound must be a 0-d tensor, got shape {tuple(cap_bound.shape)}")
+    if target.sums.shape[1] < len(LAYER_SUMS):
+        raise ValueError(f"tally: a sums row needs {len(LAYER_SUMS)} columns, got {target.sums.shape[1]}")
     kw = {"logits": logits, "engine_ids": engine_ids, "chosen_ids": chosen_ids, "active": active,
-          "num_tokens": num_tokens, "expert_gpu": expert_gpu, "num_gpus": num_gpus, "scoring": scoring}
+          "num_tokens": num_tokens, "expert_gpu": expert_gpu, "num_gpus": num_gpus, "scoring": scoring,
+          "cap_bound": cap_bound}
     if not _use_kernel(backend, logits, num_gpus):
         tally_torch(target, **kw)
         return
@@ -247,7 +267,7 @@ def tally(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Ten
 
 def kernel_args(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Tensor, active: Tensor,
                 num_tokens: int | Tensor | None, expert_gpu: Tensor | None, num_gpus: int,
-                scoring: str) -> dict[str, Any]:
+                scoring: str, cap_bound: Tensor | None = None) -> dict[str, Any]:
     """The kernel's keyword arguments for one call (``num_warps`` included). Host work only: no value
     read, no copy, no allocation; every tensor is passed as it is (strides, not ``contiguous()``)."""
     num_rows, num_experts = logits.shape
@@ -267,12 +287,15 @@ def kernel_args(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_id
         "new_ptr": chosen_ids, "stride_nt": chosen_ids.stride(0), "stride_nk": chosen_ids.stride(1),
         "active_ptr": active.view(torch.int8) if active.dtype == torch.bool else active,
         "gpu_ptr": expert_gpu if observe else None, "nt_ptr": nt_ptr, "nt_val": nt_val,
+        "bound_ptr": None if cap_bound is None else
+        cap_bound.view(torch.int8) if cap_bound.dtype == torch.bool else cap_bound,
         "sums_ptr": target.sums, "sums_off": target.slot * target.sums.stride(0),
         "window_ptr": target.window if observe else None, "widx_ptr": target.window_idx if observe else None,
         "cap": target.window.shape[0] if observe else 0, "layer_val": float(target.layer_id), "T": num_rows,
         "E": num_experts, "BLOCK_E": block_e, "K": engine_ids.shape[1], "BLOCK_T": block_t,
         "NUM_GPUS": num_gpus if observe else 1, "BLOCK_G": block_g, "NT_MODE": nt_mode,
-        "SIGMOID": scoring != "softmax", "OBSERVE": observe, "num_warps": 4 if block_e <= 256 else 8,
+        "SIGMOID": scoring != "softmax", "OBSERVE": observe, "HAS_BOUND": cap_bound is not None,
+        "num_warps": 4 if block_e <= 256 else 8,
     }
 
 
