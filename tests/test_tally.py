@@ -279,6 +279,21 @@ def test_window_row_against_its_definition_with_ties_and_padding():
                                 int(routing_checksum(new, valid)), 0]
 
 
+def test_per_gpu_figures_follow_a_placement_rewritten_in_place():
+    """An EPLB rebalance rewrites the device placement in place: the next call sees the new GPUs."""
+    logits, old, new, active, _ = _inputs(6, 8, 16, 2, padded=False)
+    gpu = Placement.contiguous(16, 2).primary_gpu.clone()
+    rows = []
+    for _ in range(2):
+        sums, window, idx = _buffers(2)
+        tally.tally_torch(Target(sums, 0, 1, torch.tensor(1.0), window, idx), logits=logits, engine_ids=old,
+                          chosen_ids=new, active=active, expert_gpu=gpu, num_gpus=2)
+        rows.append(window[0].clone())
+        gpu.copy_(1 - gpu)  # every expert moves to the other GPU
+    assert rows[0][NF] != rows[0][NF + 1]  # the two GPUs hold different numbers of selected experts
+    assert torch.equal(rows[1][NF:], torch.cat([rows[0][NF:NF + 2].flip(0), rows[0][NF + 2:].flip(0)]))
+
+
 @pytest.mark.parametrize("observe", [True, False])
 def test_torch_path_runs_on_meta_tensors(observe):
     """No data-dependent step: the same ops on shapes only (what CUDA-graph capture needs)."""

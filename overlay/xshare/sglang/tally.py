@@ -77,7 +77,7 @@ def _capturing(device: torch.device) -> bool:
 # -- cached device constants of the torch path (never made or cached under CUDA-graph capture) -------------
 _ROWS: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # (device, K) -> (rows int64 [N], (t+1)(j+1) int64 [N, K])
 _EXPERTS: dict[tuple[str, int], Tensor] = {}  # (device, E) -> int64 [E]
-_GPUS: dict[int, tuple[Tensor, Tensor]] = {}  # id(expert_gpu) -> (expert_gpu, float32 [E, G + 1])
+_GPUS: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(expert_gpu) -> (expert_gpu, its version, float32 [E, G + 1])
 _ONES: dict[tuple[str, torch.dtype], Tensor] = {}  # (device, dtype) -> [1] holding 1
 _ZEROS: dict[str, Tensor] = {}  # device -> int64 [1] holding 0
 
@@ -106,16 +106,19 @@ def _experts(device: torch.device, num_experts: int) -> Tensor:
 
 
 def _gpu_matrix(expert_gpu: Tensor, num_gpus: int) -> Tensor:
-    """float32 [E, G + 1]: 1 where expert e lives on GPU g, and a last column of ones."""
+    """float32 [E, G + 1]: 1 where expert e lives on GPU g, and a last column of ones. Cached per tensor
+    and its version (a placement rewritten in place, an EPLB rebalance, makes a new one); under capture
+    made in the graph, so each replay reads the placement as it is then."""
     hit = _GPUS.get(id(expert_gpu))
-    if hit is not None and hit[0] is expert_gpu and hit[1].shape[1] == num_gpus + 1:
-        return hit[1]
+    if hit is not None and hit[0] is expert_gpu and hit[1] == expert_gpu._version and \
+            hit[2].shape[1] == num_gpus + 1:
+        return hit[2]
     cols = torch.arange(num_gpus + 1, device=expert_gpu.device)
     out = ((expert_gpu.unsqueeze(1) == cols) | (cols == num_gpus)).to(torch.float32)
     if not _capturing(expert_gpu.device):
         if len(_GPUS) > 256:
             _GPUS.clear()
-        _GPUS[id(expert_gpu)] = (expert_gpu, out)
+        _GPUS[id(expert_gpu)] = (expert_gpu, expert_gpu._version, out)
     return out
 
 
