@@ -8,8 +8,9 @@ imported here lazily, from :func:`create` in a scheduler process. Metrics are cr
 reads, and no process-local registry is involved (so a second exporter never clashes).
 
 Every series carries ``rank`` (the scheduler's TP rank). Recording never synchronises the device:
-the routing hook writes one row of figures per applied call into a device ring buffer
-(:meth:`xshare.sglang.stats.SelectorStats.record_figures`); :meth:`Exporter.flush` drains it every
+the routing hook writes one row of figures per applied call into a device ring buffer, in the same
+device launch that adds the layer sums (:meth:`xshare.sglang.stats.SelectorStats.record_call`);
+:meth:`Exporter.flush` drains it every
 ``XSHARE_METRICS_FLUSH_EVERY`` forwards (default 16), after the first applied forward and when the
 scheduler goes idle.
 

@@ -297,7 +297,8 @@ class Runtime:
         exporter.config_changed(self)
 
     def flush_metrics(self) -> None:
-        """Drain the device window into the exporter (the only host synchronisation of the metrics)."""
+        """Drain the device window into the exporter (with the fold of the layer sums for the mass-cap
+        counter, the only host synchronisations of the metrics; after the forward, never inside it)."""
         if self.metrics is None:
             return
         self._flush_pending = False
