@@ -102,14 +102,14 @@ def mass_fill(score: Tensor, forced: Tensor, cand: Tensor, target_mass: Tensor |
 def _mass_need(score: Tensor, forced: Tensor, cand: Tensor, tau: Tensor) -> Tensor:
     """:func:`mass_fill` for a mass target ``tau`` > 0 (a float32 tensor)."""
     num = score.shape[-1]
-    score = score.to(torch.float32)
+    score = score.to(torch.float64)  # column sums are fixed point (exact in float64): sums in any order agree
     whole = score.sum(-1, keepdim=True)
     have = (score * forced).sum(-1, keepdim=True)
     key = torch.where(cand, score, torch.full_like(score, float("-inf")))
     ordered = torch.sort(key, dim=-1, descending=True, stable=True).values
     ordered = torch.where(torch.isfinite(ordered), ordered, torch.zeros_like(ordered))
     before = torch.cumsum(ordered, -1) - ordered  # mass of the candidates ahead of each position
-    goal = tau * whole * (1.0 - MASS_RTOL)
+    goal = tau.to(torch.float64) * whole * (1.0 - MASS_RTOL)
     num_cand = cand.sum(-1, keepdim=True)
     slot = torch.arange(num, device=score.device)
     return ((have + before < goal) & (slot < num_cand)).sum(-1)
@@ -196,6 +196,20 @@ def top_by_score_capped_bound(
     return top_by_score_bound(score, forced, total, allowed=admissible, target_mass=target_mass)
 
 
+# Column sums are accumulated in fixed point: floor(score * 2**30) as int64. Integer sums do not depend
+# on the order of the additions, so the torch reference, the fused kernel (atomic adds from any number
+# of programs) and every TP rank rank experts identically, ties included; converted back they are exact
+# float64 values (below 2**23 in total), so sums of them (mass targets) are exact in any order too.
+SUM_SCALE = 2.0 ** 30
+
+
+def fixed_point_sums(scores: Tensor, valid: Tensor) -> Tensor:
+    """float64 [E]: the column sums of ``scores`` float [T, E] (>= 0) over the rows where ``valid``
+    (bool [T]), each score truncated to a multiple of 2**-30 first."""
+    q = (torch.where(valid.unsqueeze(1), scores, torch.zeros_like(scores)).to(torch.float32) * SUM_SCALE)
+    return q.to(torch.int64).sum(0).to(torch.float64) / SUM_SCALE
+
+
 def same_group_matrix(groups: Tensor, valid: Tensor) -> Tensor:
     """float32 [T, T]: 1 where token u is a valid token of token t's request."""
     same = (groups.unsqueeze(1) == groups.unsqueeze(0)) & valid.unsqueeze(0)
@@ -255,9 +269,9 @@ class Batch:
         return (mask & self.valid.unsqueeze(1)).any(0)
 
     def column_sums(self, scores: Tensor | None = None) -> Tensor:
-        """float32 [E]: the batch's summed gate scores over the valid rows."""
+        """float64 [E]: the batch's summed gate scores over the valid rows (:func:`fixed_point_sums`)."""
         s = self.scores if scores is None else scores
-        return (s * self.valid.unsqueeze(1)).sum(0)
+        return fixed_point_sums(s, self.valid)
 
     def warmup(self) -> Tensor:
         """bool [E]: W = the union of every valid token's top-k0 experts, and of every exact row's

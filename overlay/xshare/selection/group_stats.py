@@ -53,7 +53,7 @@ def local_statistics(batch: Batch) -> Tensor:
     """float32 [2E]: the batch's gate-score column sums, then its warm-up counts (tokens whose
     top-k0 contains the expert): what DeepEP global mode all-reduces."""
     own = batch.own_topk(batch.warmup_k) & batch.valid.unsqueeze(1)
-    return torch.cat([batch.column_sums(), own.sum(0).to(torch.float32)])
+    return torch.cat([batch.column_sums().to(torch.float32), own.sum(0).to(torch.float32)])
 
 
 def with_group_statistics(batch: Batch, group_stats: Tensor) -> Batch:
