@@ -56,9 +56,9 @@ expert disallowed (rows with every expert allowed are SGLang's routing, verbatim
   (which is what the gate computes if the group had only that expert; SGLang's own formula would
   add -inf). A group with no usable expert does not exist and is never selected, so a token uses
   at most ``topk_group`` groups, possibly fewer;
-* experts: the best ``top_k`` usable experts of the selected groups by choice score (column order
-  as torch.topk gives it, like SGLang); weights from the affinity, renormalised over the routed
-  columns and scaled exactly as SGLang does.
+* experts: the best ``top_k`` usable experts of the selected groups by choice score, best first,
+  exact ties to the lower index (the same order on every device and in the fused kernel); weights
+  from the affinity, renormalised over the routed columns and scaled exactly as SGLang does.
 
 A restricted row is *short* when its selected groups hold fewer than ``top_k`` usable experts; it
 is then routed exactly like the unrestricted gate (SGLang's own routing of that row, which may use
@@ -653,6 +653,11 @@ def reference_route(
     else:
         sort = gate == "plain" and spec.correction_bias is None or shared > 0
         ids = torch.topk(key, k=width, dim=-1, sorted=sort)[1]
+    if allowed is not None:
+        # Rows the set restricts: their best experts by choice score, best first, exact ties to the lower
+        # index (torch.topk's order among ties is implementation-defined; the fused kernel's is this one).
+        ordered = torch.sort(key, dim=-1, descending=True, stable=True)[1][:, :width]
+        ids = torch.where(use_r, ordered, ids)
     weights = native.affinity.gather(1, ids)
     if shared:
         ids[:, -1] = num_experts

@@ -12,8 +12,9 @@
  *                   order), then the expert index (common.preference_rank)
  *   warm-up W, S    as _cpu_select.c: each valid row's first k0 usable experts, then the best
  *                   (budget - |W|) others by column sum (or the set another set policy chose)
- *   allowed         usable and in S, for the valid rows of a batch the policy applies to; a row
- *                   with no such expert is left alone and counted short (engine._decide_router)
+ *   allowed         usable and in S, for the valid rows of a batch the policy applies to whose
+ *                   usable experts S cuts (a row S leaves whole keeps the engine's routing); a cut
+ *                   row with no such expert is left alone and counted short (engine._decide_router)
  *   restricted row  group scores over the allowed experts (max, or the sum of the best two biased
  *                   scores, rounded to the choice dtype), the topk_group best groups that exist,
  *                   then the best top_k allowed experts of those groups, best first, exact ties to
@@ -416,10 +417,12 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
             for (int e = 0; e < E; e++) {
                 cand[e] = usable[e] && in_set[e];
                 any |= cand[e];
-                all &= cand[e];
+                all &= cand[e] || !usable[e]; /* S keeps every expert the row can use: not cut */
             }
-            if (!any) is_short = 1; /* nothing of S reachable: the engine's routing, counted */
-            else restricted = !all;
+            if (!all) {
+                if (!any) is_short = 1; /* nothing of S reachable: the engine's routing, counted */
+                else restricted = 1;
+            }
         }
         if (restricted && G > 0) { /* group re-selection over the allowed experts */
             for (int g = 0; g < G; g++) {
