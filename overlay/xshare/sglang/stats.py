@@ -53,8 +53,16 @@ class _Page:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(LAYER_PAGE, len(LAYER_COLUMNS), dtype=torch.int64, device=device)
         self.labels = torch.zeros(LAYER_PAGE, dtype=torch.float32, device=device)
-        self.host = self.sums.numpy() if device.type == "cpu" else None
         self.layers: list[int] = []  # layer id of each used row
+        self._host: Any = None
+
+    @property
+    def host(self) -> Any:
+        """The numpy view of a CPU page's sums (made on first use, by the C path: never in a forward that
+        could be captured), or None for a device page."""
+        if self._host is None and self.sums.device.type == "cpu":
+            self._host = self.sums.numpy()
+        return self._host
 
 
 def routing_checksum(ids: Tensor, valid: Tensor) -> Tensor:
@@ -248,7 +256,7 @@ class SelectorStats:
         self._window = torch.zeros(WINDOW_CAPACITY, width, dtype=torch.float32, device=device)
         self._window_idx = torch.zeros((), dtype=torch.int64, device=device)
         self._window_read = 0
-        self._window_host = (self._window.numpy(), self._window_idx.numpy()) if device.type == "cpu" else None
+        self._window_host = None  # numpy views of a CPU ring, made by the C path when it first writes a row
         return True
 
     def note_layer(self, layer_id: int, status: str) -> None:
@@ -297,6 +305,8 @@ class SelectorStats:
                                              cap_bound)
         if figures is None or not self._window_for(torch.device("cpu"), len(WINDOW_FIELDS) + 2 * num_gpus):
             return
+        if self._window_host is None:
+            self._window_host = (self._window.numpy(), self._window_idx.numpy())
         _ring, idx = self._window_host
         figures(self._window[int(idx) % WINDOW_CAPACITY])
         idx += 1
