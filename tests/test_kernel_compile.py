@@ -23,7 +23,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs  # noqa: E402
-from xshare.selection.kernels import _triton_select, prepare_launch  # noqa: E402
+from xshare.selection.gates import RouterSpec  # noqa: E402
+from xshare.selection.kernels import fused_router  # noqa: E402
+from xshare.selection.kernels.fused_router import prepare_fused  # noqa: E402
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 if not (_BIN / "ptxas").exists():  # shipped in the triton wheel (no GPU needed): a failure in CI
@@ -48,10 +50,22 @@ def _compile(kernel, args: dict, num_warps: int, constexpr_names: set[str]):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _biased(experts: int, groups: int | None, keep: int | None) -> RouterSpec:
+    return RouterSpec(scoring="sigmoid", correction_bias=torch.randn(experts) * 0.1, num_expert_group=groups,
+                      topk_group=keep, renormalize=True, routed_scaling_factor=2.5, scaling_in_weights=True)
+
+
+# The served shapes at decode's largest batch (B = 64 rows), each router family.
 CASES = {
-    "xshare-knobs-bf16": dict(policy="xshare", rows=16, experts=128, top_k=8, dtype=torch.bfloat16, knobs=True),
-    "xshare_ep-knobs-G8": dict(policy="xshare_ep", rows=64, experts=256, top_k=8, dtype=torch.float32, knobs=True),
-    "xshare-sigmoid-plain": dict(policy="xshare", rows=3, experts=60, top_k=6, dtype=torch.float16, knobs=False),
+    "xshare-plain-knobs-bf16": dict(policy="xshare", rows=16, experts=128, top_k=8, dtype=torch.bfloat16),
+    "xshare_ep-plain-G8": dict(policy="xshare_ep", rows=64, experts=256, top_k=8, dtype=torch.float32),
+    "deepseek_v3-grouped-biased": dict(policy="xshare", rows=64, experts=256, top_k=8, dtype=torch.bfloat16,
+                                       spec=lambda: _biased(256, 8, 4)),
+    "kimi_k2-one-group-biased": dict(policy="xshare", rows=64, experts=384, top_k=8, dtype=torch.bfloat16,
+                                     spec=lambda: _biased(384, 1, 1)),
+    "deepseek_v2-grouped-softmax-ep": dict(policy="xshare_ep", rows=64, experts=160, top_k=6, dtype=torch.bfloat16,
+                                           spec=lambda: RouterSpec(scoring="softmax", num_expert_group=8,
+                                                                   topk_group=3)),
 }
 
 
@@ -59,20 +73,18 @@ CASES = {
 def test_kernels_compile_for_sm90_without_spills(case, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     c = CASES[case]
-    sigmoid = case.endswith("plain")
-    config = SelectorConfig(policy=c["policy"], budget=0.25, scoring="sigmoid" if sigmoid else "softmax",
-                            renormalize=not sigmoid)
+    spec = c["spec"]() if "spec" in c else None
+    config = SelectorConfig(policy=c["policy"], budget=0.25, target_mass=0.9, scoring=c.get("scoring", "softmax"))
     logits = torch.randn(c["rows"], c["experts"]).to(c["dtype"])
-    kw = {}
-    if c["knobs"]:
-        kw = {"knobs": SelectorKnobs.create(config, c["experts"], c["top_k"]), "num_tokens": torch.tensor(c["rows"])}
+    knobs = SelectorKnobs.create(config, c["experts"], c["top_k"])
     placement = Placement.contiguous(c["experts"], 8) if c["policy"] == "xshare_ep" else None
-    launch = prepare_launch(logits, c["top_k"], config, placement=placement, **kw)
-    kernels = [(_triton_select._batch_set_kernel, launch.set_args, launch.set_warps),
-               (_triton_select._route_kernel, launch.route_args, launch.route_warps)]
-    for kernel, args, warps in kernels:
+    engine_ids = torch.topk(logits.float(), c["top_k"], dim=-1).indices.to(torch.int32)
+    launch = prepare_fused(logits, c["top_k"], spec, config, engine_ids=engine_ids, placement=placement, knobs=knobs,
+                           num_tokens=torch.tensor(c["rows"]), exact=torch.zeros(c["rows"], dtype=torch.bool))
+    mod = fused_router._triton()
+    for kernel, args in ((mod._gate_kernel, launch.gate_args), (mod._route_kernel, launch.route_args)):
         names = {p.name for p in kernel.params if p.is_constexpr}
-        compiled = _compile(kernel, args, warps, names)
+        compiled = _compile(kernel, args, launch.num_warps, names)
         cubin = tmp_path / f"{kernel.fn.__name__}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         assert ".entry " + kernel.fn.__name__ in compiled.asm["ptx"]

@@ -124,26 +124,32 @@ class _Recorder:
         return launch
 
 
+def _check_launches(log: list, knobs: SelectorKnobs, device: str, rows: int) -> None:
+    assert len(log) == 2  # exactly two launches: the gate grid, then the set-and-route grid
+    (gate_grid, gate_args), (route_grid, route_args) = log
+    assert gate_grid == route_grid and gate_grid[0] == -(-rows // gate_args["BT"])
+    # every runtime knob reaches the kernels as a device tensor (read at replay), never as a host value
+    assert gate_args["warmup_ptr"] is knobs.warmup_k
+    assert route_args["budget_ptr"] is knobs.budget and route_args["cap_ptr"] is knobs.gpu_cap
+    assert route_args["tau_ptr"] is knobs.target_mass and route_args["enabled_ptr"] is knobs.enabled
+    assert route_args["min_ptr"] is knobs.min_tokens and route_args["max_ptr"] is knobs.max_tokens
+    assert gate_args["NT_MODE"] == 2 and gate_args["nt_ptr"].device.type == device
+    tensors = [v for args in (gate_args, route_args) for v in args.values() if isinstance(v, torch.Tensor)]
+    assert all(t.device.type == device for t in tensors)
+
+
 @pytest.mark.parametrize("policy", ["xshare", "xshare_ep"])
 @pytest.mark.parametrize("device", ["meta", "cpu"])
 def test_fused_host_path_is_sync_free(policy, device, monkeypatch):
+    from xshare.selection.kernels import fused_router
+
     kw = _inputs(policy, device, replicas=policy == "xshare_ep")
     log: list = []
-    monkeypatch.setattr(dispatch, "_kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
+    monkeypatch.setattr(fused_router, "kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
     with _forbid_host_sync(monkeypatch) as calls:
         routing = fused_select(**kw, backend="triton")
     assert calls == []
-    assert len(log) == 2  # exactly two launches: the batch set, then the routing grid
-    (set_grid, set_args), (route_grid, route_args) = log
-    assert set_grid == (1,) and route_grid[0] >= 1
-    knobs = kw["knobs"]
-    # every runtime knob reaches the kernels as a device tensor (read at replay), never as a host value
-    assert set_args["budget_ptr"] is knobs.budget and set_args["warmup_ptr"] is knobs.warmup_k
-    assert set_args["cap_ptr"] is knobs.gpu_cap
-    assert route_args["enabled_ptr"] is knobs.enabled and route_args["min_ptr"] is knobs.min_tokens
-    assert route_args["max_ptr"] is knobs.max_tokens
-    assert set_args["KNOBS"] and route_args["KNOBS"] and set_args["NT_MODE"] == 2
-    assert set_args["nt_ptr"].device.type == device
+    _check_launches(log, kw["knobs"], device, T)
     assert routing.topk_ids.device.type == device and routing.topk_ids.shape == (T, TOP_K)
     if policy == "xshare_ep":
         assert routing.physical_ids is not None and routing.physical_ids.shape == (T, TOP_K)
@@ -246,8 +252,36 @@ def test_target_mass_is_sync_free_and_read_from_its_knob(policy, monkeypatch):
     assert int(select(**kw).active.sum()) >= int(wide.active.sum())
 
 
-def test_the_fused_kernel_is_not_used_for_a_mass_target():
-    cfg = SelectorConfig(policy="xshare", budget=6, target_mass=0.9)
-    assert not dispatch.kernel_supports(cfg, E)  # backend='auto' routes tau through the torch reference
-    with pytest.raises(ValueError, match="target_mass"):
-        fused_select(torch.randn(T, E), TOP_K, cfg, backend="triton")
+def test_the_fused_kernel_reads_the_mass_target_from_its_knob():
+    cfg = SelectorConfig(policy="xshare", target_mass=0.95)  # no budget given: the mass target alone
+    assert dispatch.kernel_supports(cfg, E)  # backend='auto' on CUDA routes tau through the kernels too
+    kw = _inputs("xshare", "cpu")
+    kw["config"] = cfg
+    kw["knobs"] = knobs = SelectorKnobs.create(cfg, E, TOP_K, "cpu")
+    wide = fused_select(**kw, backend="triton")
+    assert torch.equal(wide.topk_ids, select(**kw).topk_ids)
+    knobs.update(cfg.replace(target_mass=0.3))  # in place: what a replayed graph would read
+    narrow = fused_select(**kw, backend="triton")
+    assert torch.equal(narrow.topk_ids, select(**kw).topk_ids)
+    assert int(narrow.active.sum()) < int(wide.active.sum())
+
+
+@pytest.mark.parametrize("family", ROUTER_FAMILIES)
+@pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "topk"])
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_router_families_fused_host_path_is_sync_free(family, policy, device, monkeypatch):
+    """decide(backend='triton') for every router family: argument binding and the two launches only
+    (recorded, not run), no value read back, every knob a device tensor."""
+    from xshare.selection.engine import decide
+    from xshare.selection.kernels import fused_router
+
+    call, config = _router_call(family, policy, device)
+    log: list = []
+    monkeypatch.setattr(fused_router, "kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
+    with _forbid_host_sync(monkeypatch) as calls:
+        decision = decide(call, config.replace(backend="triton"))
+    assert calls == []
+    assert decision.backend == "triton" and decision.reason is None
+    _check_launches(log, call.knobs, device, T)
+    assert log[0][1]["MODE"] == 1 and log[0][1]["bias_ptr"] is call.layer.correction_bias
+    assert decision.replaced is not None and decision.replaced.device.type == device

@@ -211,20 +211,32 @@ def test_every_policy_works_on_a_grouped_biased_router(policy):
 
 
 def test_which_path_routes_each_family():
-    """Plain top-k layers: the C fast path on CPU tensors (or the torch reference); router-spec layers:
-    SGLang's gate reference, never the C kernel (which implements plain top-k only). The Triton kernel
-    is not used by the serving adapter at all (xshare bench only), and implements plain top-k."""
+    """The backend each family takes (Decision.backend, the reason where the reference routes instead):
+    on CPU tensors the C kernel when it is built (plain and router-spec layers), the fused Triton
+    kernel when forced (interpreted here; what 'auto' picks on CUDA), the torch reference when forced
+    or when the call is one the wanted backend does not implement (a policy without a kernel)."""
     from xshare.selection.engine import LayerCall, LayerRouting, decide
     from xshare.selection.kernels import kernel_supports
     from xshare.selection.kernels.cpu import cpu_kernel_available
 
     config = SelectorConfig(policy="xshare", budget=8, warmup_k=1)
     x = _logits(32, torch.float32)
-    plain = decide(LayerCall(x, 4, LayerRouting("softmax", True)), config, cpu_kernel=True)
-    assert plain.replaced is None and (plain.cpu is not None) == cpu_kernel_available()
+    c_or_torch = "c" if cpu_kernel_available() else "torch"
+    plain = decide(LayerCall(x, 4, LayerRouting("softmax", True)), config, cpu_kernel=cpu_kernel_available())
+    assert plain.replaced is None and plain.backend == c_or_torch and (plain.cpu is not None) == cpu_kernel_available()
     for family in FAMILIES:
         cfg, e, k = _cfg(family)
         spec = RouterSpec.from_topk_config(cfg, weight_dtype=torch.float32)
-        d = decide(LayerCall(_logits(e, torch.float32), k, spec), config, cpu_kernel=True)
-        assert d.cpu is None and d.replaced is not None, family
+        logits = _logits(e, torch.float32)
+        ids, _ = _sglang(cfg, logits)
+        call = LayerCall(logits, k, spec, engine_ids=ids[:, :k])
+        d = decide(call, config, cpu_kernel=cpu_kernel_available())
+        assert d.replaced is not None and d.backend == c_or_torch, family
+        forced = decide(call, config.replace(backend="triton"))
+        assert forced.backend == "triton" and forced.reason is None, family
+        assert torch.equal(forced.routing.topk_ids, d.routing.topk_ids), family
+        ref = decide(call, config.replace(backend="torch"))
+        assert ref.backend == "torch" and ref.reason is None and torch.equal(ref.routing.topk_ids, d.routing.topk_ids)
+        lynx = decide(call, config.replace(policy="lynx", backend="triton"))
+        assert lynx.backend == "torch" and lynx.reason == "policy_lynx", family
     assert kernel_supports(config, 32) and not kernel_supports(config.replace(policy="lynx"), 32)

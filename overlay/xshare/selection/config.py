@@ -58,6 +58,9 @@ class SelectorConfig:
     renormalize   renormalise each token's kept weights to sum to 1 (the model's norm_topk_prob).
     min_tokens, max_tokens
                   batch-size range where the policy applies; outside it, routing is exactly 'topk'.
+    backend       what routes a call: 'auto' (the fused Triton kernel on CUDA tensors, the C kernel on
+                  the CPU, the torch reference where neither implements the call), or 'triton', 'c',
+                  'torch' forced (:func:`xshare.selection.engine.decide`).
     extra         policy-specific numeric knobs (validated by the policy), e.g. Lynx's bins.
     """
 
@@ -71,6 +74,7 @@ class SelectorConfig:
     renormalize: bool = SELECTOR["renormalize"].default
     min_tokens: int = SELECTOR["min_tokens"].default
     max_tokens: int | None = SELECTOR["max_tokens"].default
+    backend: str = SELECTOR["backend"].default
     extra: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ from xshare.selection.api import (
     finish_routing,
     prepare_batch,
 )
-from xshare.selection.common import Batch, active_experts, preference_rank, valid_rows
+from xshare.selection.common import Batch, active_experts, assign_replicas, preference_rank, valid_rows
 from xshare.selection.config import SelectorConfig
 from xshare.selection.gates import GateScores, RouterSpec, reference_route, router_scores
 from xshare.selection.group_stats import (
@@ -110,6 +110,10 @@ class Decision:
     # inside their groups from the set and kept the engine's routing (the fallback, counted).
     replaced: Tensor | None = None
     short_rows: Tensor | None = None
+    # What routed the call ('triton', 'c' or 'torch'), and why torch where the config's backend asked
+    # for another (:func:`choose_backend`; None when the wanted backend routed it).
+    backend: str = "torch"
+    reason: str | None = None
 
 
 def plain_layer(spec: RouterSpec) -> LayerRouting | None:
@@ -175,11 +179,53 @@ def finish(batch: Batch, config: SelectorConfig, *, num_tokens: int | Tensor | N
     return finish_routing(batch, num_tokens=num_tokens, knobs=knobs, decided=decided)
 
 
+BACKENDS = ("auto", "triton", "c", "torch")
+
+
+def choose_backend(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False) -> tuple[str, str | None]:
+    """(backend, reason): what routes ``call`` under ``config.backend``, and why the torch reference
+    does where another backend was wanted (None otherwise). The one place a backend is picked.
+
+    'auto' wants the fused Triton kernel for CUDA tensors and the C kernel for CPU tensors; 'triton'
+    and 'c' force one (Triton on CPU tensors runs interpreted: tests). A call the wanted backend does
+    not implement goes to the torch reference, with the reason (:func:`xshare.selection.kernels.
+    fused_router.kernel_problem` for Triton; for C the call is tried and the reason is 'c_unsupported'
+    when the kernel declines it). ``cpu_kernel``: the caller's word that the C kernel is built and host
+    work is allowed. Host values only: never reads a tensor.
+    """
+    want = config.backend
+    logits = call.router_logits
+    if want == "torch":
+        return "torch", None
+    if want == "auto":
+        if logits.is_cuda:
+            want = "triton"
+        elif logits.device.type == "cpu":
+            want = "c"
+        else:
+            return "torch", f"device_{logits.device.type}"
+    if want == "c":
+        if logits.device.type != "cpu":
+            return "torch", "c_needs_cpu_tensors"
+        return ("c", None) if cpu_kernel else ("torch", "c_unavailable")
+    from xshare.selection.kernels.fused_router import kernel_problem
+
+    layer = call.layer
+    if isinstance(layer, RouterSpec) and plain_layer(layer) is not None:
+        layer = plain_layer(layer)
+    policy = get_policy(config.policy)
+    problem = kernel_problem(logits, call.top_k, layer, config, engine_ids=call.engine_ids, placement=call.placement,
+                             global_mode=call.all_reduce is not None,
+                             groups_needed=policy.uses_groups() and call.groups is not None)
+    return ("triton", None) if problem is None else ("torch", problem)
+
+
 def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
            checkpoint: Callable[[], None] | None = None) -> Decision:
-    """The routing of one MoE layer call under ``config`` (the layer's scoring is applied here).
+    """The routing of one MoE layer call under ``config`` (the layer's scoring is applied here), by the
+    backend :func:`choose_backend` picks (``Decision.backend``, ``Decision.reason``).
 
-    cpu_kernel   let the C fast path route the call when it implements it (:func:`uses_cpu_kernel`);
+    cpu_kernel   the C fast path may route the call when it implements it (:func:`uses_cpu_kernel`);
                  the caller says whether the kernel is built and whether host work is allowed (not
                  under CUDA-graph capture).
     checkpoint   called once at the point where a failure leaves nothing half done (after DeepEP
@@ -191,6 +237,51 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
 
     Raises ValueError for a config or call the core cannot route; the caller falls back.
     """
+    backend, reason = choose_backend(call, config, cpu_kernel=cpu_kernel)
+    if backend == "triton":
+        if checkpoint is not None:
+            checkpoint()
+        return decide_fused(call, config)
+    out = _decide(call, config, cpu_kernel=backend == "c", checkpoint=checkpoint)
+    if out.cpu is not None:
+        return dataclasses.replace(out, backend="c")
+    return dataclasses.replace(out, reason=reason or ("c_unsupported" if backend == "c" else None))
+
+
+def decide_fused(call: LayerCall, config: SelectorConfig) -> Decision:
+    """:func:`decide` through the fused Triton kernels (:mod:`xshare.selection.kernels.fused_router`),
+    for a call :func:`choose_backend` gave them: the same contract as the torch reference (plain
+    layers as :func:`xshare.selection.select`, router specs as :func:`decide_router`)."""
+    from xshare.selection.kernels.fused_router import fused_route
+
+    layer = call.layer
+    if isinstance(layer, RouterSpec):
+        layer = plain_layer(layer) or layer
+    config = layer_config(config, layer)
+    logits = call.router_logits
+    num_rows, num_experts = logits.shape
+    policy = get_policy(config.policy)
+    if isinstance(layer, RouterSpec):
+        layer.check(num_experts, call.top_k)
+    placement = check_inputs(logits, call.top_k, config, placement=call.placement, num_tokens=call.num_tokens,
+                             knobs=call.knobs, validate=False)
+    exact = check_exact(call.exact, num_rows, logits.device)
+    res = fused_route(logits, call.top_k, layer, config, engine_ids=call.engine_ids, num_tokens=call.num_tokens,
+                      knobs=call.knobs, placement=placement, exact=exact)
+    physical = None
+    if res.replaced is None and placement is not None and placement.has_replicas:
+        strategy = policy.replica_strategy
+        if call.num_tokens is None and call.knobs is None and not config.applies_to(num_rows):
+            strategy = get_policy("topk").replica_strategy  # the reference decides on the host here
+        physical = assign_replicas(res.topk_ids, res.active, placement, strategy)
+    cap_bound = res.cap_bound if "target_mass" in policy.knobs else None
+    routing = Routing(topk_ids=res.topk_ids, topk_weights=res.topk_weights, active=res.active,
+                      physical_ids=physical, cap_bound=cap_bound)
+    return Decision(routing, config, replaced=res.replaced, short_rows=res.short_rows, backend="triton")
+
+
+def _decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool,
+            checkpoint: Callable[[], None] | None) -> Decision:
     if isinstance(call.layer, RouterSpec):
         plain = plain_layer(call.layer)
         if plain is None:
@@ -297,6 +388,15 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     device = logits.device
     exact = device.type == "cpu"
     gs = router_scores(logits, spec, exact=exact)  # the gate once: the batch and the routing share it
+    if cpu_kernel:  # the C fast path (xshare.selection.kernels.cpu_router): the same decision
+        from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
+
+        layer_cfg = layer_config(config, spec)
+        if cpu_router_supports(call, layer_cfg, gs):
+            if checkpoint is not None:
+                checkpoint()
+            res = cpu_router_route(call, layer_cfg, gs)
+            return Decision(res.routing, layer_cfg, cpu=res, replaced=res.replaced, short_rows=res.short_rows)
     batch = router_batch(call, config, gs)
     config = batch.config
     policy = get_policy(config.policy)
@@ -321,6 +421,9 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     applies = apply & valid
     if batch.exact is not None:  # exact rows keep the engine's routing verbatim
         applies = applies & ~batch.exact
+    # Only rows the set cuts (it drops an expert the row could use) are routed again; a row the set
+    # leaves whole keeps the engine's routing verbatim, its column order included.
+    applies = applies & (usable & ~allowed).any(dim=1)
     allowed = torch.where(applies.unsqueeze(1), allowed, everything)
     # A token with no reachable expert in the set keeps the engine's routing (counted with the short rows).
     empty = applies & ~(allowed & usable).any(dim=1)
@@ -337,12 +440,3 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     routing = Routing(topk_ids=ids.to(torch.int32), topk_weights=weights, active=active, physical_ids=None,
                       cap_bound=cap_bound)
     return Decision(routing, config, replaced=replaced, short_rows=((out.short | empty) & valid).sum())
-    if cpu_kernel:  # the C fast path (xshare.selection.kernels.cpu_router): the same decision
-        from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
-
-        layer_cfg = layer_config(config, spec)
-        if cpu_router_supports(call, layer_cfg, gs):
-            if checkpoint is not None:
-                checkpoint()
-            res = cpu_router_route(call, layer_cfg, gs)
-            return Decision(res.routing, layer_cfg, cpu=res, replaced=res.replaced, short_rows=res.short_rows)

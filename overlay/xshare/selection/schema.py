@@ -352,6 +352,9 @@ SELECTOR_FIELDS: tuple[Field, ...] = (
     Field("min_tokens", "int", 1, "smallest batch (rows) the policy applies to", minimum=0, device=True),
     Field("max_tokens", "int", None, "largest batch (rows) the policy applies to (none = no limit)", minimum=0,
           optional=True, device=True),
+    Field("backend", "choice", "auto", "what routes a layer call: auto (the fused Triton kernel on GPUs, the C "
+          "kernel on the CPU, else the torch reference) or one forced (a call it cannot route uses torch, counted)",
+          choices=("auto", "triton", "c", "torch")),
     Field("extra", "mapping", {}, "policy-specific numeric knobs (validated by the policy)"),
 )
 SELECTOR = by_name(SELECTOR_FIELDS)

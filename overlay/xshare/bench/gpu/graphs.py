@@ -16,7 +16,7 @@ from xshare.bench.gpu.timing import cuda_graph
 def _recorded(ctx: Context, backend: str, kw: dict[str, Any]) -> tuple[Callable[[], None], Any, str]:
     """Record the selector once; return (replay, the routing its replays write into, mode)."""
     from xshare.selection import Routing, select
-    from xshare.selection.kernels import dispatch, fused_select, prepare_launch
+    from xshare.selection.kernels import fused_select, prepare_select, run_launch
 
     if ctx.device.type == "cuda":
         def call() -> Any:
@@ -35,16 +35,16 @@ def _recorded(ctx: Context, backend: str, kw: dict[str, Any]) -> tuple[Callable[
             holder.active.copy_(r.active)
 
         return again, holder, "cpu-call"
-    launch = prepare_launch(kw["router_logits"], kw["top_k"], kw["config"], placement=kw.get("placement"),
+    launch = prepare_select(kw["router_logits"], kw["top_k"], kw["config"], placement=kw.get("placement"),
                             num_tokens=kw["num_tokens"], knobs=kw["knobs"])
-    set_k, route_k = dispatch._kernels(interpret=True)
 
-    def relaunch() -> None:  # the recorded arguments, as a graph replays them
-        set_k[launch.set_grid](**launch.set_args, num_warps=launch.set_warps, enable_fp_fusion=False)
-        route_k[launch.route_grid](**launch.route_args, num_warps=launch.route_warps, enable_fp_fusion=False)
+    def relaunch() -> None:  # the recorded arguments, as a graph replays them (the zeroed buffer re-zeroed)
+        launch.zero.zero_()
+        run_launch(launch, interpret=True)
 
     relaunch()
-    return relaunch, Routing(launch.ids, launch.weights, launch.active.view(torch.bool), None), "cpu-relaunch"
+    out = launch.out
+    return relaunch, Routing(out.topk_ids, out.topk_weights, out.active, None), "cpu-relaunch"
 
 
 def part_cuda_graph(ctx: Context) -> dict[str, Any]:

@@ -13,7 +13,7 @@ class TopK(Policy):
     vanilla = True
     sweep_knob = None
     global_stats = True
-    kernels = frozenset({"cpu"})
+    kernels = frozenset({"cpu", "triton"})
     color = "black"
     summary = "vanilla routing: each token's own top_k experts"
 
