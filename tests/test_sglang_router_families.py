@@ -240,3 +240,26 @@ def test_which_path_routes_each_family():
         lynx = decide(call, config.replace(policy="lynx", backend="triton"))
         assert lynx.backend == "torch" and lynx.reason == "policy_lynx", family
     assert kernel_supports(config, 32) and not kernel_supports(config.replace(policy="lynx"), 32)
+
+
+@pytest.mark.parametrize("policy,expected", [("xshare", "triton"), ("lynx", "torch (policy_lynx)")])
+def test_stats_say_which_backend_routed_each_layer(policy, expected):
+    """/xshare/stats 'backends': per layer what routed its applied calls, and why the torch reference did
+    where the fused kernel was wanted; 'backend_calls' counts them."""
+    from xshare.selection.engine import planned_backend
+
+    cfg, e, k = _cfg("deepseek_v3")
+    x = _logits(e, torch.float32, seed=5)
+    ids, w = _sglang(cfg, x)
+    selector = SelectorConfig(policy=policy, budget=e // 4, warmup_k=1, backend="triton")
+    runtime = rt.Runtime(PluginSettings(enabled=True, selector=selector))
+    runtime.push(rt.ForwardState(mode="decode"))
+    for layer_id in (3, 7):
+        out = runtime.route({"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x,
+                             "layer_id": layer_id}, topk_config=cfg)
+        assert out is not None
+    snap = runtime.stats.snapshot()
+    assert snap["backends"] == {"3": expected, "7": expected}
+    assert snap["backend_calls"] == {expected: 2}
+    assert planned_backend(selector, "cuda") == expected
+    assert planned_backend(selector.replace(backend="auto"), "cpu", cpu_kernel=False) == "torch (c_unavailable)"

@@ -220,6 +220,26 @@ def choose_backend(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool 
     return ("triton", None) if problem is None else ("torch", problem)
 
 
+def planned_backend(config: SelectorConfig, device_type: str, *, cpu_kernel: bool = True) -> str:
+    """The backend calls of a layer are expected to take under ``config`` on a ``device_type`` device
+    ('triton', 'c' or 'torch', with the reason in parentheses where torch routes although another
+    was wanted): what the start-up report says. A call may still go to the reference for a reason of
+    its own (:func:`choose_backend`: a layer shape or dtype the kernel refuses), counted per layer."""
+    policy = get_policy(config.policy)
+    want = config.backend
+    if want == "auto":
+        want = {"cuda": "triton", "cpu": "c"}.get(device_type, "torch")
+        if want == "torch":
+            return f"torch (device_{device_type})"
+    if want == "torch":
+        return "torch"
+    if want == "triton":
+        return "triton" if "triton" in policy.kernels else f"torch (policy_{policy.name})"
+    if device_type != "cpu":
+        return "torch (c_needs_cpu_tensors)"
+    return "c" if cpu_kernel else "torch (c_unavailable)"
+
+
 def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
            checkpoint: Callable[[], None] | None = None) -> Decision:
     """The routing of one MoE layer call under ``config`` (the layer's scoring is applied here), by the

@@ -378,12 +378,13 @@ def load_model_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
     try:
         from xshare.sglang.coverage import survey
 
-        statuses = survey(getattr(self, "model", None), str(getattr(self, "device", "cpu")).split(":")[0])
+        device_type = str(getattr(self, "device", "cpu")).split(":")[0]
+        statuses = survey(getattr(self, "model", None), device_type)
     except Exception as exc:  # noqa: BLE001 - diagnostics only: serving goes on
         runtime.log_once("startup_coverage", logging.ERROR, "xshare: cannot survey the model's MoE layers: %s", exc,
                          exc_info=True)
         return None
-    runtime.startup_coverage(statuses)  # raises CoverageRefused with XSHARE_REQUIRE_COVERAGE
+    runtime.startup_coverage(statuses, device_type)  # raises CoverageRefused with XSHARE_REQUIRE_COVERAGE
     top_k, num_experts = moe_shape(getattr(getattr(self, "model_config", None), "hf_text_config", None))
     moe_layers = tuple(sorted(i for i, st in statuses.items() if st != "draft_layer"))
     runtime.check_model_settings(num_experts, top_k, moe_layers)  # raises SettingsRefused

@@ -154,6 +154,11 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
     _record(runtime, call, decision, placement)
     runtime.stats.note_layer(call.layer_id, "selects")
+    label = runtime.stats.note_backend(call.layer_id, decision.backend, decision.reason)
+    if decision.reason is not None and not decision.reason.startswith("c_"):
+        runtime.log_once(f"backend:{label}", logging.WARNING, "xshare: layer %d is routed by the torch reference, "
+                         "not the %s kernel (%s): counted per layer in /xshare/stats 'backends'", call.layer_id,
+                         "fused Triton" if device.type == "cuda" else "wanted", decision.reason)
     runtime.first_applied()
     routing = decision.routing
     if decision.replaced is not None:  # a router-spec layer: only the rows the policy changed

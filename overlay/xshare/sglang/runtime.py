@@ -21,6 +21,7 @@ from torch import Tensor
 
 from xshare._io import write_json_atomic
 from xshare.selection import SelectorConfig
+from xshare.selection.engine import planned_backend
 from xshare.selection.group_stats import AllReduce
 from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
 from xshare.selection.knobs import SelectorKnobs
@@ -263,7 +264,7 @@ class Runtime:
             name = str(exc).split(":", 1)[0].split(" ", 1)[0]
             raise SettingsRefused(f"xshare: refusing to start: {env_name(name)}: {exc}") from None
 
-    def startup_coverage(self, statuses: dict[int, str]) -> str | None:
+    def startup_coverage(self, statuses: dict[int, str], device_type: str = "cpu") -> str | None:
         """The start-up coverage report of the loaded model (:mod:`xshare.sglang.coverage`): noted per
         layer, logged (INFO; a WARNING when the enabled selector reaches no layer, naming why and what to
         set); with ``require_coverage`` such a start raises :class:`CoverageRefused`. Returns the warning."""
@@ -271,7 +272,9 @@ class Runtime:
             self.stats.coverage.setdefault(layer_id, status)
         self.stats.startup_coverage = dict(statuses)
         text = coverage_summary(statuses)
-        log.info("xshare: coverage at start-up (rank %d): %s", self.rank, text)
+        log.info("xshare: coverage at start-up (rank %d): %s; backend %s", self.rank, text,
+                 planned_backend(self.settings.selector, device_type,
+                                 cpu_kernel=device_type == "cpu" and self.cpu_kernel_ready()))
         if not self.settings.enabled or not reaches_no_layer(statuses):
             return None
         msg = f"xshare: the selector is enabled but will select on no MoE layer of this model: {text}"

@@ -163,6 +163,10 @@ class SelectorStats:
         # selector leaves the layer to SGLang (see note_layer; statuses: xshare.sglang.coverage)
         self.coverage: dict[int, str] = {}
         self.startup_coverage: dict[int, str] = {}  # the start-up report, as it was at load time
+        # MoE layer -> what routed its last applied (eager or captured) call: 'triton', 'c', 'torch', or
+        # 'torch (<why the wanted backend did not>)'; and how many such calls each label routed
+        self.backends: dict[int, str] = {}
+        self.backend_calls: Counter[str] = Counter()
         # metrics window (see the module docstring)
         self._window: Tensor | None = None
         self._window_idx: Tensor | None = None  # int64 device scalar: rows written so far
@@ -264,6 +268,14 @@ class SelectorStats:
         last layer-inherent reason it was left to SGLang (an unsupported router, a draft layer)."""
         if self.coverage.get(layer_id) != "selects":
             self.coverage[layer_id] = status
+
+    def note_backend(self, layer_id: int, backend: str, reason: str | None) -> str:
+        """One applied call of ``layer_id`` was routed by ``backend`` (the reference for ``reason`` when
+        another was wanted); returns the label noted ('torch (reason)' in that case)."""
+        label = backend if reason is None else f"{backend} ({reason})"
+        self.backends[layer_id] = label
+        self.backend_calls[label] += 1
+        return label
 
     def record_short_rows(self, rows: Tensor) -> None:
         """Router-spec layers: rows the set could not fill inside their groups, which kept SGLang's
@@ -410,6 +422,8 @@ class SelectorStats:
                 "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
                 "mass_cap_bound": self.cap_bound_calls(sums),
                 "coverage": {str(k): v for k, v in sorted(self.coverage.items())},
+                "backends": {str(k): v for k, v in sorted(self.backends.items())},
+                "backend_calls": dict(self.backend_calls),
                 "startup_coverage": {str(k): v for k, v in sorted(self.startup_coverage.items())},
                 "layers": layers,
                 "profile": self.profile_snapshot(),
