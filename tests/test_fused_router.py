@@ -67,12 +67,14 @@ def _engine_ids(logits: torch.Tensor, top_k: int, layer: object) -> torch.Tensor
 
 
 def _settings(rng: random.Random, experts: int, top_k: int) -> dict:
-    policy = rng.choice(["xshare", "xshare", "xshare_ep", "topk"])
+    policy = rng.choice(["xshare", "xshare", "xshare_ep", "xshare_spec", "topk"])
     cfg = {"policy": policy}
+    if policy == "xshare_spec":
+        cfg["group_budget"] = rng.choice([top_k, 2 * top_k, experts // 2])
     if policy != "topk":
         cfg["budget"] = rng.choice([top_k, experts // 4, experts // 2, experts])
         cfg["warmup_k"] = rng.choice([0, 1, min(2, top_k)])
-        if rng.random() < 0.35:
+        if rng.random() < 0.35 and policy != "xshare_spec":
             cfg["target_mass"] = rng.choice([0.5, 0.8, 0.95])
         if policy == "xshare_ep" and rng.random() < 0.5:
             cfg["gpu_cap"] = rng.choice([1, 2, 3])
@@ -111,8 +113,11 @@ def _call(family: str, seed: int, dtype: torch.dtype, *, kind: str | None = None
             enabled=rng.random() < 0.9)
         if rng.random() < 0.15:
             knobs.min_tokens.fill_(rows + 1)  # outside the batch-size range: vanilla
+    groups = None
+    if cfg.policy == "xshare_spec":  # requests of 1-4 draft rows, ids not in row order
+        groups = torch.randint(0, max(1, rows // 2), (rows,), generator=gen) * 7 + 3
     call = LayerCall(router_logits=logits, top_k=top_k, layer=layer, engine_ids=_engine_ids(logits, top_k, layer),
-                     num_tokens=num_tokens, placement=placement, knobs=knobs, exact=exact)
+                     num_tokens=num_tokens, placement=placement, knobs=knobs, exact=exact, groups=groups)
     return call, cfg
 
 

@@ -59,6 +59,7 @@ def _biased(experts: int, groups: int | None, keep: int | None) -> RouterSpec:
 CASES = {
     "xshare-plain-knobs-bf16": dict(policy="xshare", rows=16, experts=128, top_k=8, dtype=torch.bfloat16),
     "xshare_ep-plain-G8": dict(policy="xshare_ep", rows=64, experts=256, top_k=8, dtype=torch.float32),
+    "xshare_spec-verify-16x4": dict(policy="xshare_spec", rows=64, experts=128, top_k=8, dtype=torch.bfloat16),
     "deepseek_v3-grouped-biased": dict(policy="xshare", rows=64, experts=256, top_k=8, dtype=torch.bfloat16,
                                        spec=lambda: _biased(256, 8, 4)),
     "kimi_k2-one-group-biased": dict(policy="xshare", rows=64, experts=384, top_k=8, dtype=torch.bfloat16,
@@ -74,13 +75,15 @@ def test_kernels_compile_for_sm90_without_spills(case, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     c = CASES[case]
     spec = c["spec"]() if "spec" in c else None
-    config = SelectorConfig(policy=c["policy"], budget=0.25, target_mass=0.9, scoring=c.get("scoring", "softmax"))
+    mass = None if c["policy"] == "xshare_spec" else 0.9
+    config = SelectorConfig(policy=c["policy"], budget=0.25, target_mass=mass, scoring=c.get("scoring", "softmax"))
     logits = torch.randn(c["rows"], c["experts"]).to(c["dtype"])
     knobs = SelectorKnobs.create(config, c["experts"], c["top_k"])
     placement = Placement.contiguous(c["experts"], 8) if c["policy"] == "xshare_ep" else None
     engine_ids = torch.topk(logits.float(), c["top_k"], dim=-1).indices.to(torch.int32)
     launch = prepare_fused(logits, c["top_k"], spec, config, engine_ids=engine_ids, placement=placement, knobs=knobs,
-                           num_tokens=torch.tensor(c["rows"]), exact=torch.zeros(c["rows"], dtype=torch.bool))
+                           num_tokens=torch.tensor(c["rows"]), exact=torch.zeros(c["rows"], dtype=torch.bool),
+                           groups=torch.arange(c["rows"]) // 4 if c["policy"] == "xshare_spec" else None)
     mod = fused_router._triton()
     for kernel, args in ((mod._gate_kernel, launch.gate_args), (mod._route_kernel, launch.route_args)):
         names = {p.name for p in kernel.params if p.is_constexpr}

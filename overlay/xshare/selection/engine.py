@@ -216,7 +216,7 @@ def choose_backend(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool 
     policy = get_policy(config.policy)
     problem = kernel_problem(logits, call.top_k, layer, config, engine_ids=call.engine_ids, placement=call.placement,
                              global_mode=call.all_reduce is not None,
-                             groups_needed=policy.uses_groups() and call.groups is not None)
+                             groups=call.groups if policy.uses_groups() else None)
     return ("triton", None) if problem is None else ("torch", problem)
 
 
@@ -287,7 +287,7 @@ def decide_fused(call: LayerCall, config: SelectorConfig) -> Decision:
                              knobs=call.knobs, validate=False)
     exact = check_exact(call.exact, num_rows, logits.device)
     res = fused_route(logits, call.top_k, layer, config, engine_ids=call.engine_ids, num_tokens=call.num_tokens,
-                      knobs=call.knobs, placement=placement, exact=exact)
+                      knobs=call.knobs, placement=placement, exact=exact, groups=_groups_for(policy, call))
     physical = None
     if res.replaced is None and placement is not None and placement.has_replicas:
         strategy = policy.replica_strategy

@@ -43,13 +43,14 @@ _ADD = tl.standard._sum_combine
 def _gate_kernel(
     logits_ptr, stride_lt, stride_le, bias_ptr, eids_ptr, stride_it, stride_ie, exact_ptr,
     nt_ptr, nt_val, warmup_ptr,
-    aff_ptr, key_ptr, acc_ptr, warm_ptr,
+    aff_ptr, key_ptr, acc_ptr, warm_ptr, groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr,
     T,
     E: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, TOP_K: tl.constexpr, PREF_W: tl.constexpr,
     IB: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, SCORING: tl.constexpr, GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr, AFF_ROUND: tl.constexpr, CHOICE_ROUND: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-    NT_MODE: tl.constexpr, HAS_EXACT: tl.constexpr, SP_ROUND: tl.constexpr,
+    NT_MODE: tl.constexpr, HAS_EXACT: tl.constexpr, SP_ROUND: tl.constexpr, SPEC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
@@ -184,16 +185,31 @@ def _gate_kernel(
         ex_row = rows < 0
     kk = key
     warm = tl.full([BT, BLOCK_E], 0, tl.int32)
+    warm0 = tl.full([BT, BLOCK_E], 0, tl.int32)  # the top-k0 alone (a request's warm-up)
     for i in tl.static_range(TOP_K):
         best = tl.reduce(kk, 1, _MAX)
         hit = (kk == best[:, None]) & (best[:, None] >= 0)
-        take = (ex_row | ((rows * 0 + i) < k0))[:, None]
-        warm = tl.where(hit & take & usable, 1, warm)
+        first = ((rows * 0 + i) < k0)[:, None]
+        warm = tl.where(hit & (ex_row[:, None] | first) & usable, 1, warm)
+        warm0 = tl.where(hit & first & usable, 1, warm0)
         kk = tl.where(hit, -1, kk)
     warm_col = tl.reduce(tl.where(valid[:, None], warm, 0), 0, _MAX).to(tl.int64)
     tl.atomic_max(warm_ptr + offs_e, warm_col, mask=e_ok)
     q = (tl.where(usable & valid[:, None], aff, 0.0) * 1073741824.0).to(tl.int64)
     tl.atomic_add(acc_ptr + offs_e, tl.reduce(q, 0, _ADD), mask=e_ok)
+    if SPEC:  # per request (its first valid row leads it): its sums and its warm-up union
+        offs_t = tl.arange(0, BLOCK_T)
+        g_all = tl.load(groups_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
+        v_all = (offs_t < T) & (offs_t.to(tl.int64) < n)
+        g_me = tl.load(groups_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+        same = (g_all[None, :] == g_me[:, None]) & v_all[None, :]
+        leader = tl.reduce(tl.where(same, offs_t[None, :], BLOCK_T), 1, _MIN)
+        tl.store(leader_ptr + rows, leader, mask=r_ok)
+        mine = valid & (leader < T)
+        tl.store(lead_ptr + leader, tl.full([BT], 1, tl.int8), mask=mine)
+        roff = leader[:, None].to(tl.int64) * E + offs_e[None, :]
+        tl.atomic_add(racc_ptr + roff, q, mask=mine[:, None] & e_ok[None, :])
+        tl.atomic_max(rwarm_ptr + roff, warm0, mask=mine[:, None] & e_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["T", "nt_val", "rsf"])
@@ -201,11 +217,13 @@ def _route_kernel(
     aff_ptr, key_ptr, acc_ptr, warm_ptr, gpu_ptr, eids_ptr, stride_it, stride_ie, exact_ptr,
     nt_ptr, nt_val, enabled_ptr, budget_ptr, tau_ptr, cap_ptr, min_ptr, max_ptr, rsf,
     ids_ptr, w_ptr, repl_ptr, set_ptr, active_ptr, short_ptr, bound_ptr,
+    leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, gbud_ptr,
     T,
     E: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
     IB: tl.constexpr, PB: tl.constexpr, CH: tl.constexpr, MODE: tl.constexpr, VANILLA: tl.constexpr,
     CAPPED: tl.constexpr, NUM_GPUS: tl.constexpr, BLOCK_G: tl.constexpr, RENORM: tl.constexpr,
     SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr, NT_MODE: tl.constexpr, HAS_EXACT: tl.constexpr,
+    SPEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
@@ -213,9 +231,35 @@ def _route_kernel(
     low = (E - 1 - offs_e).to(tl.int64)
 
     # ---- the batch's set S (every program computes the same one; program 0 stores it)
+    rows = pid * BT + tl.arange(0, BT)
+    r_ok = rows < T
     q = tl.load(acc_ptr + offs_e, mask=e_ok, other=0)
-    forced = (tl.load(warm_ptr + offs_e, mask=e_ok, other=0) > 0) & e_ok
-    cand = e_ok & ~forced
+    if SPEC:
+        # xshare_spec: each request's set S_r = its warm-up W_r and its best experts by the request's
+        # sums up to the per-request budget; the batch set is chosen inside their union, W = ∪ W_r
+        union = e_ok & False
+        forced = e_ok & False
+        my_leader = tl.load(leader_ptr + rows, mask=r_ok, other=-1)
+        own = tl.full([BT, BLOCK_E], 0, tl.int32)
+        m_r = tl.load(gbud_ptr).to(tl.int64)
+        for u in range(0, T):
+            if tl.load(lead_ptr + u) != 0:
+                q_r = tl.load(racc_ptr + u * E + offs_e, mask=e_ok, other=0)
+                w_r = (tl.load(rwarm_ptr + u * E + offs_e, mask=e_ok, other=0) > 0) & e_ok
+                key_r = tl.where(e_ok & ~w_r, (q_r << IB) | low, -1)
+                s_r = w_r
+                for _ in range(0, tl.maximum(m_r - tl.reduce(w_r.to(tl.int64), 0, _ADD), 0)):
+                    best_r = tl.reduce(key_r, 0, _MAX)
+                    hit_r = (key_r == best_r) & (key_r >= 0)
+                    s_r = s_r | hit_r
+                    key_r = tl.where(hit_r, -1, key_r)
+                union = union | s_r
+                forced = forced | w_r
+                own = tl.where((my_leader == u)[:, None] & s_r[None, :], 1, own)
+        cand = union & ~forced
+    else:
+        forced = (tl.load(warm_ptr + offs_e, mask=e_ok, other=0) > 0) & e_ok
+        cand = e_ok & ~forced
     skey = tl.where(e_ok, (q << IB) | low, -1)
     budget = tl.load(budget_ptr).to(tl.int64)
     fill = tl.maximum(budget - tl.reduce(forced.to(tl.int64), 0, _ADD), 0)
@@ -240,7 +284,10 @@ def _route_kernel(
         offs_f = f0 + tl.arange(0, CH)
         f_ok = offs_f < E
         q_f = tl.load(acc_ptr + offs_f, mask=f_ok, other=0)
-        cand_f = f_ok & (tl.load(warm_ptr + offs_f, mask=f_ok, other=1) == 0)
+        if SPEC:  # the chunk's candidacy, from the registers (a [CH, E] selection)
+            cand_f = tl.reduce(((offs_f[:, None] == offs_e[None, :]) & cand[None, :]).to(tl.int32), 1, _MAX) > 0
+        else:
+            cand_f = f_ok & (tl.load(warm_ptr + offs_f, mask=f_ok, other=1) == 0)
         skey_f = tl.where(f_ok, (q_f << IB) | (E - 1 - offs_f).to(tl.int64), -1)
         beats = skey_f[:, None] > skey[None, :]  # [CH, E]: f ranks before e
         if CAPPED:
@@ -267,8 +314,6 @@ def _route_kernel(
     bound = (tau > 0) & (need > fill)
 
     # ---- each row's routing
-    rows = pid * BT + tl.arange(0, BT)
-    r_ok = rows < T
     m2 = r_ok[:, None] & e_ok[None, :]
     if NT_MODE == 0:
         n = T.to(tl.int64)
@@ -297,7 +342,10 @@ def _route_kernel(
     out_ids = tl.full([BT, BLOCK_K], 0, tl.int32)
     out_w = tl.full([BT, BLOCK_K], 0.0, tl.float32)
     if MODE == 0:
-        kk = tl.where(m2, key | (inside.to(tl.int64) << (33 + PB + IB)), -1)
+        tier = inside.to(tl.int64)
+        if SPEC:  # inside its request's set too: preferred first
+            tier = tier + (inside & (own > 0)).to(tl.int64)
+        kk = tl.where(m2, key | (tier << (33 + PB + IB)), -1)
         for i in tl.static_range(TOP_K):
             best = tl.reduce(kk, 1, _MAX)
             hit = kk == best[:, None]

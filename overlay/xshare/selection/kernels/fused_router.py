@@ -59,7 +59,7 @@ def _next_pow2(n: int) -> int:
 def kernel_problem(
     router_logits: Tensor, top_k: int, layer: object, config: SelectorConfig, *,
     engine_ids: Tensor | None = None, placement: Placement | None = None, global_mode: bool = False,
-    groups_needed: bool = False,
+    groups: Tensor | None = None,
 ) -> str | None:
     """None when :func:`fused_route` implements this call, else a short reason (for stats and logs)."""
     if _triton() is None:
@@ -68,8 +68,11 @@ def kernel_problem(
         return f"policy_{config.policy}"
     if global_mode:
         return "global_mode"
-    if groups_needed:
-        return "request_groups"
+    if get_policy(config.policy).uses_groups():
+        if groups is None:
+            return "no_request_groups"
+        if groups.shape != router_logits.shape[:1] or groups.device != router_logits.device:
+            return "request_groups_shape"
     if router_logits.ndim != 2:
         return "logits_shape"
     if router_logits.dtype not in _ROUND:
@@ -174,6 +177,7 @@ def prepare_fused(
     knobs: SelectorKnobs | None = None,
     placement: Placement | None = None,
     exact: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> FusedLaunch:
     """Allocate the outputs and bind both kernels' arguments for one call (host work only, no sync).
 
@@ -187,6 +191,7 @@ def prepare_fused(
                    ``config`` here (a host-to-device copy: eager calls only).
     placement      on the logits' device; required by ``xshare_ep`` (its per-GPU caps).
     exact          bool [T]: rows that keep the engine's routing.
+    groups         int [T]: the request of each row (``xshare_spec``: per-request sets first).
 
     Callers check :func:`kernel_problem` first; arguments are not validated again here.
     """
@@ -219,6 +224,14 @@ def prepare_fused(
     weights = torch.empty((num_rows, top_k), dtype=torch.float32, device=device)
     replaced = torch.empty(num_rows, dtype=torch.int8, device=device)
     in_set = torch.empty(num_experts, dtype=torch.int8, device=device)
+    spec = config.policy == "xshare_spec"
+    req: dict[str, Tensor | None] = dict.fromkeys(("leader", "lead", "racc", "rwarm"))
+    if spec:  # per request (by its leading row): sums int64 [T, E], warm-up int32 [T, E], a flag int8 [T]
+        cells = num_rows * num_experts
+        rz = torch.zeros(cells + (cells + 1) // 2 + (num_rows + 7) // 8, dtype=torch.int64, device=device)
+        req = {"racc": rz[:cells], "rwarm": rz[cells:cells + (cells + 1) // 2].view(torch.int32)[:cells],
+               "lead": rz[cells + (cells + 1) // 2:].view(torch.int8)[:num_rows],
+               "leader": torch.empty(num_rows, dtype=torch.int32, device=device)}
 
     common = {"eids_ptr": eids, "stride_it": eids.stride(0), "stride_ie": eids.stride(1),
               "exact_ptr": None if exact is None else exact.view(torch.int8), "nt_ptr": nt_ptr, "nt_val": nt_val,
@@ -228,7 +241,9 @@ def prepare_fused(
     gate_args = dict(
         common, logits_ptr=router_logits, stride_lt=router_logits.stride(0), stride_le=router_logits.stride(1),
         bias_ptr=layer.correction_bias if isinstance(layer, RouterSpec) else None, warmup_ptr=knobs.warmup_k,
-        aff_ptr=aff, key_ptr=key, acc_ptr=acc, warm_ptr=warm, PREF_W=pref_w,
+        aff_ptr=aff, key_ptr=key, acc_ptr=acc, warm_ptr=warm, PREF_W=pref_w, groups_ptr=groups if spec else None,
+        leader_ptr=req["leader"], lead_ptr=req["lead"], racc_ptr=req["racc"], rwarm_ptr=req["rwarm"], SPEC=spec,
+        BLOCK_T=_next_pow2(num_rows) if spec else 1,
         **{k: const[k] for k in ("SCORING", "GATE", "HAS_BIAS", "AFF_ROUND", "CHOICE_ROUND", "NUM_GROUPS",
                                  "TOPK_GROUP", "GROUP_SIZE", "BLOCK_G", "SP_ROUND")})
     rsf = layer.routed_scaling_factor if isinstance(layer, RouterSpec) else None
@@ -237,7 +252,9 @@ def prepare_fused(
         gpu_ptr=placement.primary_gpu if capped else None, enabled_ptr=knobs.enabled, budget_ptr=knobs.budget,
         tau_ptr=knobs.target_mass, cap_ptr=knobs.gpu_cap, min_ptr=knobs.min_tokens, max_ptr=knobs.max_tokens,
         rsf=float(rsf or 1.0), ids_ptr=ids, w_ptr=weights, repl_ptr=replaced, set_ptr=in_set, active_ptr=active,
-        short_ptr=short, bound_ptr=bound, BLOCK_K=_next_pow2(top_k), CH=max(1, min(block_e, _PAIR_TILE // block_e)),
+        short_ptr=short, bound_ptr=bound, leader_ptr=req["leader"], lead_ptr=req["lead"], racc_ptr=req["racc"],
+        rwarm_ptr=req["rwarm"], gbud_ptr=knobs.group_budget, SPEC=spec, BLOCK_K=_next_pow2(top_k),
+        CH=max(1, min(block_e, _PAIR_TILE // block_e)),
         VANILLA=config.policy == "topk", CAPPED=capped, NUM_GPUS=placement.num_gpus if capped else 1,
         BLOCK_G=_next_pow2(placement.num_gpus) if capped else 1,
         **{k: const[k] for k in ("RENORM", "SCALE", "SCALE_ROUND")})

@@ -12,7 +12,7 @@ otherwise have fewer than top_k usable experts. All requests are handled at once
 import torch
 from torch import Tensor
 
-from xshare.selection.common import Batch, tiers_inside, top_by_score
+from xshare.selection.common import SUM_SCALE, Batch, tiers_inside, top_by_score
 from xshare.selection.registry import Policy, register_policy
 
 
@@ -24,7 +24,9 @@ def request_sets(batch: Batch) -> tuple[Tensor, Tensor]:
     # every row of a request gets the same float sums (a matmul's summation order differs per row, and
     # a last-bit difference would break a tie differently and give rows of one request other sets)
     leader = torch.argmax((same > 0).to(torch.int8), dim=1)
-    g_r = (same @ batch.scores)[leader]
+    # fixed-point scores (common.fixed_point_sums): the float64 sums of these integers are exact, in any order
+    q = torch.trunc(batch.scores.to(torch.float32) * SUM_SCALE).to(torch.float64)
+    g_r = (same.to(torch.float64) @ q)[leader] / SUM_SCALE
     return top_by_score(g_r, w_r, batch.group_budget), w_r
 
 
@@ -41,6 +43,7 @@ class XShareSpec(Policy):
     name = "xshare_spec"
     knobs = ("budget", "warmup_k", "group_budget")
     groups = "required"
+    kernels = frozenset({"triton"})
     color = "tab:cyan"
     summary = "per-request sets (budget m_r) over draft tokens, then a batch set (budget m)"
 
