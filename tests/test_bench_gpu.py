@@ -110,8 +110,12 @@ def test_cpu_mode_runs_every_part_where_only_torch_triton_numpy_exist(tmp_path):
         assert r["served_us"] > 0 and r["speedup_served"] == pytest.approx(
             r["vanilla"]["us"] / (r["xshare"]["us"] + r["served_us"]))
     p5 = parts["served_path"]
-    assert [(r["family"], r["batch"]) for r in p5["rows"]] == [
-        (f, b) for f in gpu.CPU_SERVED_FAMILIES for b in (1, 4)]
+    first = next(iter(gpu.CPU_SERVED_FAMILIES))
+    assert [(r["family"], r["batch"], r["policy"]) for r in p5["rows"]] == [
+        (f, b, "xshare") for f in gpu.CPU_SERVED_FAMILIES for b in (1, 4)] + [
+        (first, 4, p) for p in ("lynx", "des_vote", "oea")]  # the torch-path policies' cost per call
+    for r in p5["rows"]:  # the fused kernels route xshare (what 'auto' picks on CUDA); the others say why not
+        assert r["backend"].startswith("triton") if r["policy"] == "xshare" else f"policy_{r['policy']}" in r["backend"]
     for r in p5["rows"]:
         family = gpu.CPU_SERVED_FAMILIES[r["family"]]
         assert (r["experts"], r["top_k"], r["width"]) == (family["experts"], family["top_k"],
@@ -289,7 +293,7 @@ def test_a_served_path_left_to_sglang_fails_the_check_and_says_why(tmp_path, mon
     monkeypatch.setattr(routing, "decide", broken)  # route catches it: the call falls back to SGLang's routing
     assert main(_args(tmp_path, "--parts", "served_path")) == 1
     p5 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["served_path"]
-    assert p5["status"] == "fail" and len(p5["rows"]) == 2 * len(few)
+    assert p5["status"] == "fail" and len(p5["rows"]) == 2 * len(few) + 3  # and the torch-path policies
     for r in p5["rows"]:
         assert r["correct"] is False and r["fallback"]["RuntimeError"] >= 1 and r["changed_rows"] is None
         assert r["served_us"] is None and r["served_over_vanilla"] is None  # no routing to time
@@ -334,7 +338,8 @@ def test_a_served_row_that_raises_is_reported_and_the_other_rows_still_run(tmp_p
     monkeypatch.setattr(served.ServedCall, "fill", fill)
     assert main(_args(tmp_path, "--parts", "served_path")) == 1
     p5 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["served_path"]
-    assert p5["status"] == "fail" and [r["family"] for r in p5["rows"]] == [f for f in few for _ in (1, 4)]
+    assert p5["status"] == "fail" and [r["family"] for r in p5["rows"]] == [f for f in few for _ in (1, 4)] + [
+        next(iter(few))] * 3  # and the torch-path policies on the first family
     for r in p5["rows"]:
         if r["family"] == "deepseek-v3":
             assert r["mode"] == "error" and r["correct"] is False and r["vanilla_us"] is None
@@ -358,7 +363,7 @@ def test_the_served_part_stops_at_its_time_share_and_keeps_its_rows(tmp_path, mo
     monkeypatch.setattr(gpu.Context, "past", lambda self, part: len(measured) >= 2)  # spent after the first row
     assert main(_args(tmp_path, "--parts", "served_path")) == 0
     p5 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["served_path"]
-    assert p5["status"] == "incomplete" and p5["skipped"] == 2 * len(few) - 1
+    assert p5["status"] == "incomplete" and p5["skipped"] == 2 * len(few) - 1 + 3  # 3 torch-path policy rows
     assert len(p5["rows"]) == 1 and p5["rows"][0]["correct"] and p5["rows"][0]["metrics"]["correct"]
 
 
@@ -384,7 +389,7 @@ def test_a_spent_time_budget_leaves_parts_incomplete_not_failed(tmp_path):
     assert parts["selector_vs_reference"]["status"] == "incomplete" and parts["selector_vs_reference"]["run"] == 0
     assert parts["selector_timing"]["status"] == "incomplete" and parts["selector_timing"]["skipped"] == 2
     assert parts["served_path"]["status"] == "incomplete" and parts["served_path"]["rows"] == []
-    assert parts["served_path"]["skipped"] == 2 * len(gpu.CPU_SERVED_FAMILIES)
+    assert parts["served_path"]["skipped"] == 2 * len(gpu.CPU_SERVED_FAMILIES) + 3
 
 
 @pytest.mark.parametrize("extra, needle", [

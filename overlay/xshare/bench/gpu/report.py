@@ -118,14 +118,15 @@ def _why(m: dict[str, Any]) -> str:
 
 
 def _md_served_path(p: dict[str, Any]) -> list[str]:
-    out = ["| router | B | E | k | vanilla gate µs | served µs | served / gate | with metrics µs | eager µs "
-           "| backend | correct | left to SGLang |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    out = ["| router | policy | B | E | k | vanilla gate µs | served µs | served / gate | with metrics µs | eager µs "
+           "| backend | correct | left to SGLang |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in p["rows"]:
         m = r.get("metrics") or {}
         bad = [] if r["correct"] else [_why(r)]
         if m and not m["correct"]:
             bad.append(f"with metrics: {_why(m)}")
-        out.append(f"| {r['family']} | {r['batch']} | {r['experts']} | {r['top_k']} | {_f(r['vanilla_us'])} | "
+        out.append(f"| {r['family']} | {r.get('policy', 'xshare')} | {r['batch']} | {r['experts']} | {r['top_k']} | "
+                   f"{_f(r['vanilla_us'])} | "
                    f"{_f(r['served_us'])} | {_f(r['served_over_vanilla'], '.1f')} | {_f(m.get('served_us'))} | "
                    f"{_f(r['eager_us'], '.0f')} | {r['backend'] or '-'} | {r['correct'] and m.get('correct', True)} | "
                    f"{'; '.join(bad) or '-'} |")

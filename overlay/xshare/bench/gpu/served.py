@@ -518,45 +518,59 @@ def warm_call(ctx: Context, family: dict[str, Any], batch: int, policy: str = "x
         sc.runtime.pop()
 
 
+# Policies without a fused kernel keep the torch reference (capture safe): their cost per call is
+# reported on the first family at the middle batch size.
+TORCH_POLICIES = ("lynx", "des_vote", "oea")
+
+
+def _jobs(ctx: Context) -> list[tuple[str, dict[str, Any], int, str]]:
+    jobs = [(name, fam, b, "xshare") for name, fam in ctx.served_families.items() for b in ctx.served_batch]
+    if ctx.served_families:
+        name, fam = next(iter(ctx.served_families.items()))
+        b = sorted(ctx.served_batch)[len(ctx.served_batch) // 2]
+        jobs += [(name, fam, b, policy) for policy in TORCH_POLICIES]
+    return jobs
+
+
 def part_served_path(ctx: Context) -> dict[str, Any]:
     rows, skipped, ok = [], 0, True
-    for name, family in ctx.served_families.items():
+    for name, family, b, policy in _jobs(ctx):
         e, k = family["experts"], family["top_k"]
-        for b in ctx.served_batch:
-            if ctx.past("served_path"):
-                skipped += 1
-                continue
-            budget = _budget(family)
-            vanilla_us, vanilla_mode = None, None
-            try:  # a row that raises says so; the rows so far and the next ones are kept
-                sc = ServedCall(ctx, family, batch=b, policy="xshare", budget=budget, seed=ctx.args.seed)
-                vanilla = time_call(ctx, sc.gate)
-                vanilla_us, vanilla_mode = vanilla["seconds"] * 1e6, vanilla["mode"]
-                served = measure(ctx, sc)
-                del sc
-            except Exception as exc:  # noqa: BLE001
-                served = _failed(exc)
-            row: dict[str, Any] = {
-                "family": name, "batch": b, "experts": e, "top_k": k, "width": k + int(family.get("shared", 0)),
-                "router": family["note"], "policy": "xshare", "budget": budget, "vanilla_us": vanilla_us,
-                "vanilla_mode": vanilla_mode, **served,
-                "served_over_vanilla": (served["served_us"] / vanilla_us
-                                        if served["served_us"] is not None and vanilla_us else None)}
-            if ctx.past("served_path"):
-                row["metrics"] = None
-                skipped += 1
-            else:
-                metrics = measure_safely(ctx, lambda family=family, b=b, budget=budget: ServedCall(
-                    ctx, family, batch=b, policy="xshare", budget=budget, observe=True, seed=ctx.args.seed))
-                row["metrics"] = {key: metrics[key] for key in ("served_us", "mode", "correct", "fallback",
-                                                                "capture_error", "diffs", "log")}
-                ok &= metrics["correct"]
-            ok &= served["correct"]
-            rows.append(row)
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if ctx.past("served_path"):
+            skipped += 1
+            continue
+        budget = _budget(family)
+        vanilla_us, vanilla_mode = None, None
+        try:  # a row that raises says so; the rows so far and the next ones are kept
+            sc = ServedCall(ctx, family, batch=b, policy=policy, budget=budget, seed=ctx.args.seed)
+            vanilla = time_call(ctx, sc.gate)
+            vanilla_us, vanilla_mode = vanilla["seconds"] * 1e6, vanilla["mode"]
+            served = measure(ctx, sc)
+            del sc
+        except Exception as exc:  # noqa: BLE001
+            served = _failed(exc)
+        row: dict[str, Any] = {
+            "family": name, "batch": b, "experts": e, "top_k": k, "width": k + int(family.get("shared", 0)),
+            "router": family["note"], "policy": policy, "budget": budget, "vanilla_us": vanilla_us,
+            "vanilla_mode": vanilla_mode, **served,
+            "served_over_vanilla": (served["served_us"] / vanilla_us
+                                    if served["served_us"] is not None and vanilla_us else None)}
+        if ctx.past("served_path"):
+            row["metrics"] = None
+            skipped += 1
+        else:
+            metrics = measure_safely(ctx, lambda family=family, b=b, budget=budget, policy=policy: ServedCall(
+                ctx, family, batch=b, policy=policy, budget=budget, observe=True, seed=ctx.args.seed))
+            row["metrics"] = {key: metrics[key] for key in ("served_us", "mode", "correct", "fallback",
+                                                            "capture_error", "diffs", "log")}
+            ok &= metrics["correct"]
+        ok &= served["correct"]
+        rows.append(row)
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
     return {"status": ("ok" if not skipped else "incomplete") if ok else "fail", "rows": rows, "skipped": skipped,
-            "reference": reference_kind(), "policy": "xshare, budget max(k, E/4), warm-up 1",
+            "reference": reference_kind(),
+            "policy": f"xshare, budget max(k, E/4), warm-up 1; {', '.join(TORCH_POLICIES)} on the first family",
             "backend_setting": served_backend(ctx) or "the default",
             "inputs": ("stand-in TopKConfig per family; bf16 router logits with the traces' statistics; the vanilla "
                        "gate's ids and weights; num_token_non_padded int32 [1] on the device"),
