@@ -280,7 +280,7 @@ def _route_kernel(
         within_e = tl.full([BLOCK_E], 0, tl.int64)
     pos_e = tl.full([BLOCK_E], 0, tl.int64)
     before_e = tl.full([BLOCK_E], 0, tl.int64)
-    for f0 in tl.static_range(0, BLOCK_E, CH):
+    for f0 in range(0, BLOCK_E, CH):  # a runtime loop: unrolled, large E takes long to compile
         offs_f = f0 + tl.arange(0, CH)
         f_ok = offs_f < E
         q_f = tl.load(acc_ptr + offs_f, mask=f_ok, other=0)
