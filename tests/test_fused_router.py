@@ -211,3 +211,28 @@ def test_backend_choice_and_reasons():
     # a call the forced kernel cannot route is still routed (by the reference) and says why
     out = decide(LayerCall(router_logits=logits, top_k=2, layer=spec), SelectorConfig(budget=4, backend="triton"))
     assert out.backend == "torch" and out.reason == "no_engine_ids" and out.routing.topk_ids.shape == (4, 2)
+
+
+@pytest.mark.parametrize("family", ["softmax", "sigmoid-no-renorm", "glm45-kimi-one-group"])
+def test_every_backend_picks_the_same_tied_experts(family):
+    """Binary logits tie whole columns: the torch reference, the C kernel and the fused kernels rank
+    the tied experts alike because all three rank on the same fixed-point column sums."""
+    from xshare.selection.kernels.cpu import cpu_kernel_available
+
+    assert cpu_kernel_available()  # the C kernel is part of the comparison (it needs a C compiler)
+    experts, top_k, build, _ = FAMILIES[family]
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(200_000 + seed)
+        logits = make_logits(gen, 13, experts, "binary", masked=False)
+        layer = build(gen, True)
+        call = LayerCall(router_logits=logits, top_k=top_k, layer=layer,
+                         engine_ids=_engine_ids(logits, top_k, layer))
+        cfg = SelectorConfig(policy="xshare", budget=top_k + 2, warmup_k=1)
+        ref = decide(call, cfg.replace(backend="torch"))
+        c = decide(call, cfg.replace(backend="c"), cpu_kernel=True)
+        fused = decide(call, cfg.replace(backend="triton"))
+        assert (c.backend, fused.backend) == ("c", "triton")
+        for got in (c, fused):
+            assert torch.equal(got.routing.topk_ids, ref.routing.topk_ids), (got.backend, seed)
+            assert torch.equal(got.routing.active, ref.routing.active), (got.backend, seed)
+

@@ -203,11 +203,17 @@ def top_by_score_capped_bound(
 SUM_SCALE = 2.0 ** 30
 
 
+def fixed_point_totals(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """int64 [E]: the column sums of ``scores`` float [T, E] (>= 0) in units of 2**-30 over the rows
+    where ``valid`` (bool [T]; None: every row), each score truncated to a whole unit first."""
+    if valid is not None:
+        scores = torch.where(valid.unsqueeze(1), scores, torch.zeros_like(scores))
+    return (scores.to(torch.float32) * SUM_SCALE).to(torch.int64).sum(0)
+
+
 def fixed_point_sums(scores: Tensor, valid: Tensor) -> Tensor:
-    """float64 [E]: the column sums of ``scores`` float [T, E] (>= 0) over the rows where ``valid``
-    (bool [T]), each score truncated to a multiple of 2**-30 first."""
-    q = (torch.where(valid.unsqueeze(1), scores, torch.zeros_like(scores)).to(torch.float32) * SUM_SCALE)
-    return q.to(torch.int64).sum(0).to(torch.float64) / SUM_SCALE
+    """float64 [E]: :func:`fixed_point_totals` as exact float64 sums of the scores."""
+    return fixed_point_totals(scores, valid).to(torch.float64) / SUM_SCALE
 
 
 def same_group_matrix(groups: Tensor, valid: Tensor) -> Tensor:

@@ -334,7 +334,7 @@ int xshare_cpu_router_scores(int T, int E, const float *choice, const uint8_t *r
 
 /* Routing of one router-spec layer.
  *   choice [T,E] f32 (the gate's choice scores), reachable [T,E] u8 or NULL (every expert),
- *   colsum [E] f32 (xshare_cpu_router_scores summed over rows; read only when apply and no given_set),
+ *   colsum [E] f64 (xshare_cpu_router_scores' fixed-point column sums; read only when apply and no given_set),
  *   prefer [T,PK] i32 or NULL (PK >= K), n_valid, apply (the policy applies to this batch), budget, k0,
  *   given_set [E] u8 or NULL (another set policy's S), exact [T] u8 or NULL (rows that keep the
  *   engine's routing; their own top_k joins W), gate XR_*, groups G (0: none) keeping
@@ -347,7 +347,7 @@ int xshare_cpu_router_scores(int T, int E, const float *choice, const uint8_t *r
  *   (sum of (id + 1)(t + 1)(j + 1)), valid rows left to the engine because they were short or empty.
  */
 int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, const uint8_t *reachable,
-                      const float *colsum, const int32_t *prefer, int n_valid, int apply, int budget, int k0,
+                      const double *colsum, const int32_t *prefer, int n_valid, int apply, int budget, int k0,
                       const uint8_t *given_set, const uint8_t *exact, int gate, int G, int topk_group,
                       float unreached, int bf16,
                       int sorted, int64_t *route, int32_t *ids, uint8_t *replaced, uint8_t *in_set,

@@ -93,7 +93,7 @@ int xshare_cpu_plain(int T, int E, int softmax, const float *logits) {
 
 /* Routing of one layer.
  *   logits [T,E] f32 (usable = finite), scores [T,E] f32 (gate scores, 0 where unusable),
- *   colsum [E] f32 (column sums of scores over the valid rows), prefer [T,PK] i32 or NULL,
+ *   colsum [E] f64 (fixed-point column sums of scores over the valid rows), prefer [T,PK] i32 or NULL,
  *   n_valid: rows >= n_valid are padding; apply: whether the policy applies to this batch;
  *   budget (>= 1), k0 (>= 0); given_set [E] u8 or NULL: the set S of another set policy (computed
  *   by the policy in torch); NULL = the xshare set from k0 and budget.
@@ -102,7 +102,7 @@ int xshare_cpu_plain(int T, int E, int softmax, const float *logits) {
  *   as 0), counts [2] i64: rows whose expert set differs from prefer[:, :K], checksum
  *   sum over valid t, j of (ids[t,j] + 1) * (t + 1) * (j + 1).
  */
-int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const float *scores, const float *colsum,
+int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const float *scores, const double *colsum,
                      const int32_t *prefer, int n_valid, int apply, int budget, int k0,
                      const uint8_t *given_set, int32_t *ids,
                      uint8_t *in_set, uint8_t *active, uint8_t *vanilla_active, int64_t *counts) {

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from xshare.selection.api import prepare_batch
-from xshare.selection.common import RENORMALIZE_EPS, gate_scores
+from xshare.selection.common import RENORMALIZE_EPS, fixed_point_totals, gate_scores
 from xshare.selection.config import SelectorConfig
 from xshare.selection.registry import Policy, get_policy
 from xshare.selection.types import Routing
@@ -244,10 +244,9 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
             scores = gate_scores(logits, torch.isfinite(logits), config.scoring).contiguous()
     if not apply or given_set is not None:
         colsum = scores  # not read
-    elif n_valid == num_rows:
-        colsum = scores.sum(0)
-    else:  # the reference's expression, so that the sums are bitwise the same
-        colsum = (scores * (torch.arange(num_rows) < n_valid).unsqueeze(1)).sum(0)
+    else:  # the reference's fixed-point sums (as float64 integers: C only compares them), ties as everywhere
+        colsum = fixed_point_totals(scores, None if n_valid == num_rows else torch.arange(num_rows) < n_valid)
+        colsum = colsum.to(torch.float64)
     pref = None
     if prefer is not None and prefer.numel():
         pref = prefer if prefer.dtype == torch.int32 else prefer.to(torch.int32)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from xshare.selection.api import check_exact, check_inputs
+from xshare.selection.common import fixed_point_totals
 from xshare.selection.config import SelectorConfig
 from xshare.selection.gates import GateScores, RouterSpec, _finish_weights, _Native
 from xshare.selection.kernels.cpu import CpuRouting, _native, _set_policy, kernel_error, library
@@ -116,7 +117,7 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
         affinity = scores.affinity.contiguous()
         lib.xshare_cpu_router_scores(num_rows, num_experts, choice.data_ptr(), _ptr(reachable), affinity.data_ptr(),
                                      n_valid, masked.data_ptr())
-        colsum = masked.sum(0)  # torch's sum, bitwise the torch path's column sums
+        colsum = fixed_point_totals(masked).to(torch.float64)  # the torch path's sums, in fixed-point units
     pref = None
     if call.engine_ids is not None and call.engine_ids.numel():
         pref = call.engine_ids if call.engine_ids.dtype == torch.int32 else call.engine_ids.to(torch.int32)
