@@ -45,6 +45,15 @@
 #define XR_BIASED 2
 #define XR_LLAMA4 3
 
+/* from _cpu_select.c (the same library): the engine's pick slots, the warm-up of a row, the fill by
+ * column sum and a valid row's bookkeeping */
+int xshare_prefer_slots(int t, int E, int PK, const int32_t *prefer, int32_t *slot);
+void xshare_mark_first(int E, int kw, const float *key, const int32_t *slot, const uint8_t *usable,
+                       uint8_t *taken, uint8_t *in_set);
+void xshare_fill(int E, int budget, const double *colsum, uint8_t *taken, uint8_t *in_set);
+int xshare_row_figures(int t, int E, int K, int PK, const int32_t *out, const int32_t *p, uint8_t *active,
+                       uint8_t *vanilla_active, int64_t *a, int64_t *checksum, int64_t *changed);
+
 typedef struct {
     float v;
     int32_t i;
@@ -279,34 +288,7 @@ static int xr_row(int t, int E, int PK, const float *choice, const uint8_t *reac
         key[e] = usable[e] ? c[e] : -1.0f / 0.0f;
         slot[e] = PK;
     }
-    if (prefer != NULL) {
-        const int32_t *p = prefer + (int64_t)t * PK;
-        for (int j = 0; j < PK; j++) { /* later duplicates win, as torch's scatter_ */
-            int32_t id = p[j];
-            if (id < 0 || id == E) continue;
-            if (id > E) return XR_BAD_PREFER;
-            slot[id] = j;
-        }
-    }
-    return XR_OK;
-}
-
-static int xr_own_before(const float *key, const int32_t *slot, int a, int b) {
-    if (key[a] != key[b]) return key[a] > key[b];
-    if (slot[a] != slot[b]) return slot[a] < slot[b];
-    return a < b;
-}
-
-static void xr_sort_small(int64_t *v, int n) {
-    for (int i = 1; i < n; i++) {
-        int64_t x = v[i];
-        int j = i - 1;
-        while (j >= 0 && v[j] > x) {
-            v[j + 1] = v[j];
-            j--;
-        }
-        v[j + 1] = x;
-    }
+    return xshare_prefer_slots(t, E, PK, prefer, slot); /* XR_OK or XR_BAD_PREFER: the same codes */
 }
 
 /* torch.topk(values [R, n], k, sorted=sorted)'s indices [R, k] as this file computes them (for tests) */
@@ -382,26 +364,9 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
             if (kw <= 0) continue;
             status = xr_row(t, E, PK, choice, reachable, prefer, key, slot, usable);
             if (status != XR_OK) goto done;
-            for (int e = 0; e < E; e++) taken[e] = 0;
-            for (int r = 0; r < kw && r < E; r++) {
-                int best = -1;
-                for (int e = 0; e < E; e++)
-                    if (!taken[e] && (best < 0 || xr_own_before(key, slot, e, best))) best = e;
-                taken[best] = 1;
-                if (usable[best]) in_set[best] = 1;
-            }
+            xshare_mark_first(E, kw, key, slot, usable, taken, in_set);
         }
-        int fill = budget; /* the best budget - |W| others by column sum, lower index first on ties */
-        for (int e = 0; e < E; e++) fill -= in_set[e];
-        for (int e = 0; e < E; e++) taken[e] = in_set[e];
-        for (int r = 0; r < fill; r++) {
-            int best = -1;
-            for (int e = 0; e < E; e++)
-                if (!taken[e] && (best < 0 || colsum[e] > colsum[best])) best = e;
-            if (best < 0) break;
-            taken[best] = 1;
-            in_set[best] = 1;
-        }
+        xshare_fill(E, budget, colsum, taken, in_set); /* the best budget - |W| others by column sum */
     }
 
     int per_group = G > 0 ? E / G : E;
@@ -484,31 +449,8 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
         }
         if (t >= n_valid) continue;
         short_rows += is_short;
-        for (int j = 0; j < K; j++) {
-            active[out[j]] = 1;
-            checksum += (int64_t)(out[j] + 1) * (t + 1) * (j + 1);
-        }
-        if (p != NULL) {
-            int kk = K < PK ? K : PK;
-            for (int j = 0; j < kk; j++) {
-                int64_t id = p[j] < 0 ? 0 : p[j];
-                if (id >= E) {
-                    status = XR_BAD_ID;
-                    goto done;
-                }
-                vanilla_active[id] = 1;
-            }
-            if (kk == K) {
-                for (int j = 0; j < K; j++) a[j] = p[j], a[K + j] = out[j];
-                xr_sort_small(a, K);
-                xr_sort_small(a + K, K);
-                for (int j = 0; j < K; j++)
-                    if (a[j] != a[K + j]) {
-                        changed++;
-                        break;
-                    }
-            }
-        }
+        status = xshare_row_figures(t, E, K, PK, out, p, active, vanilla_active, a, &checksum, &changed);
+        if (status != XR_OK) goto done;
     }
     counts[0] = changed;
     counts[1] = checksum;

@@ -35,6 +35,51 @@ static int own_before(const float *key, const int32_t *slot, int a, int b) {
     return a < b;
 }
 
+/* Shared with _cpu_router.c (built into the same library): xshare_prefer_slots, xshare_mark_first,
+ * xshare_fill, xshare_row_figures. */
+
+/* slot[] of row t from the engine's picks (slot[e] = PK for the others, set by the caller):
+ * XS_OK, or XS_BAD_PREFER for an id above E (E itself is the shared slot, -1 none) */
+int xshare_prefer_slots(int t, int E, int PK, const int32_t *prefer, int32_t *slot) {
+    if (prefer == NULL) return XS_OK;
+    const int32_t *p = prefer + (int64_t)t * PK;
+    for (int j = 0; j < PK; j++) { /* later duplicates win, as torch's scatter_ */
+        int32_t id = p[j];
+        if (id < 0 || id == E) continue;
+        if (id > E) return XS_BAD_PREFER;
+        slot[id] = j;
+    }
+    return XS_OK;
+}
+
+/* the warm-up of one row: its first kw experts in its own order join in_set, usable ones only */
+void xshare_mark_first(int E, int kw, const float *key, const int32_t *slot, const uint8_t *usable,
+                       uint8_t *taken, uint8_t *in_set) {
+    for (int e = 0; e < E; e++) taken[e] = 0;
+    for (int r = 0; r < kw && r < E; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || own_before(key, slot, e, best))) best = e;
+        taken[best] = 1;
+        if (usable[best]) in_set[best] = 1;
+    }
+}
+
+/* the fill: the best budget - |in_set| other experts by column sum join in_set, lower index first on ties */
+void xshare_fill(int E, int budget, const double *colsum, uint8_t *taken, uint8_t *in_set) {
+    int fill = budget;
+    for (int e = 0; e < E; e++) fill -= in_set[e];
+    for (int e = 0; e < E; e++) taken[e] = in_set[e];
+    for (int r = 0; r < fill; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || colsum[e] > colsum[best])) best = e;
+        if (best < 0) break;
+        taken[best] = 1;
+        in_set[best] = 1;
+    }
+}
+
 static int routed_before(const uint8_t *tier, const float *key, const int32_t *slot, int a, int b) {
     if (tier[a] != tier[b]) return tier[a] > tier[b];
     return own_before(key, slot, a, b);
@@ -51,16 +96,7 @@ static int row_order(int t, int E, int PK, const float *logits, const float *sco
         key[e] = usable[e] ? sc[e] : -1.0f;
         slot[e] = PK;
     }
-    if (prefer != NULL) {
-        const int32_t *p = prefer + (int64_t)t * PK;
-        for (int j = 0; j < PK; j++) { /* later duplicates win, as torch's scatter_ */
-            int32_t id = p[j];
-            if (id < 0 || id == E) continue; /* -1 = none */
-            if (id > E) return XS_BAD_PREFER;
-            slot[id] = j;
-        }
-    }
-    return XS_OK;
+    return xshare_prefer_slots(t, E, PK, prefer, slot);
 }
 
 static void sort_small(int64_t *v, int n) {
@@ -73,6 +109,35 @@ static void sort_small(int64_t *v, int n) {
         }
         v[j + 1] = x;
     }
+}
+
+/* The bookkeeping of valid row t routed to out[K]: its experts in active, its term of the checksum,
+ * the engine's picks p (PK columns, or NULL) in vanilla_active (ids < 0 as 0), and whether the two
+ * expert sets differ (added to *changed). a: scratch of 2K. XS_OK, or XS_BAD_ID for a pick >= E. */
+int xshare_row_figures(int t, int E, int K, int PK, const int32_t *out, const int32_t *p, uint8_t *active,
+                       uint8_t *vanilla_active, int64_t *a, int64_t *checksum, int64_t *changed) {
+    for (int r = 0; r < K; r++) {
+        active[out[r]] = 1;
+        *checksum += (int64_t)(out[r] + 1) * (t + 1) * (r + 1);
+    }
+    if (p == NULL) return XS_OK;
+    int kk = K < PK ? K : PK;
+    for (int j = 0; j < kk; j++) {
+        int64_t id = p[j] < 0 ? 0 : p[j];
+        if (id >= E) return XS_BAD_ID;
+        vanilla_active[id] = 1;
+    }
+    if (kk == K) { /* set comparison: both sorted */
+        for (int j = 0; j < K; j++) a[j] = p[j], a[K + j] = out[j];
+        sort_small(a, K);
+        sort_small(a + K, K);
+        for (int j = 0; j < K; j++)
+            if (a[j] != a[K + j]) {
+                (*changed)++;
+                break;
+            }
+    }
+    return XS_OK;
 }
 
 /* XS_OK when every logit is finite or -inf and (softmax) every row has a finite one: then the
@@ -128,27 +193,9 @@ int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const flo
         for (int t = 0; t < n_valid && k0 > 0; t++) {
             status = row_order(t, E, PK, logits, scores, prefer, key, slot, usable);
             if (status != XS_OK) goto done;
-            for (int e = 0; e < E; e++) taken[e] = 0;
-            for (int r = 0; r < k0 && r < E; r++) {
-                int best = -1;
-                for (int e = 0; e < E; e++)
-                    if (!taken[e] && (best < 0 || own_before(key, slot, e, best))) best = e;
-                taken[best] = 1;
-                if (usable[best]) in_set[best] = 1;
-            }
+            xshare_mark_first(E, k0, key, slot, usable, taken, in_set);
         }
-        /* fill: the best budget - |W| other experts by column sum, lower index first on ties */
-        int fill = budget;
-        for (int e = 0; e < E; e++) fill -= in_set[e];
-        for (int e = 0; e < E; e++) taken[e] = in_set[e];
-        for (int r = 0; r < fill; r++) {
-            int best = -1;
-            for (int e = 0; e < E; e++)
-                if (!taken[e] && (best < 0 || colsum[e] > colsum[best])) best = e;
-            if (best < 0) break;
-            taken[best] = 1;
-            in_set[best] = 1;
-        }
+        xshare_fill(E, budget, colsum, taken, in_set); /* the best budget - |W| others by column sum */
     }
 
     int64_t changed = 0, checksum = 0;
@@ -169,32 +216,9 @@ int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const flo
             out[r] = best;
         }
         if (t >= n_valid) continue;
-        for (int r = 0; r < K; r++) {
-            active[out[r]] = 1;
-            checksum += (int64_t)(out[r] + 1) * (t + 1) * (r + 1);
-        }
-        if (prefer != NULL) {
-            const int32_t *p = prefer + (int64_t)t * PK;
-            int kk = K < PK ? K : PK;
-            for (int j = 0; j < kk; j++) {
-                int64_t id = p[j] < 0 ? 0 : p[j];
-                if (id >= E) {
-                    status = XS_BAD_ID;
-                    goto done;
-                }
-                vanilla_active[id] = 1;
-            }
-            if (kk == K) { /* set comparison: both sorted */
-                for (int j = 0; j < K; j++) a[j] = p[j], a[K + j] = out[j];
-                sort_small(a, K);
-                sort_small(a + K, K);
-                for (int j = 0; j < K; j++)
-                    if (a[j] != a[K + j]) {
-                        changed++;
-                        break;
-                    }
-            }
-        }
+        status = xshare_row_figures(t, E, K, PK, out, prefer ? prefer + (int64_t)t * PK : NULL, active, vanilla_active,
+                                    a, &checksum, &changed);
+        if (status != XS_OK) goto done;
     }
     counts[0] = changed;
     counts[1] = checksum;
