@@ -203,12 +203,17 @@ def top_by_score_capped_bound(
 SUM_SCALE = 2.0 ** 30
 
 
+def fixed_point(scores: Tensor) -> Tensor:
+    """int64, the shape of ``scores`` (>= 0): each score in whole units of 2**-30, truncated."""
+    return (scores.to(torch.float32) * SUM_SCALE).to(torch.int64)
+
+
 def fixed_point_totals(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     """int64 [E]: the column sums of ``scores`` float [T, E] (>= 0) in units of 2**-30 over the rows
     where ``valid`` (bool [T]; None: every row), each score truncated to a whole unit first."""
     if valid is not None:
         scores = torch.where(valid.unsqueeze(1), scores, torch.zeros_like(scores))
-    return (scores.to(torch.float32) * SUM_SCALE).to(torch.int64).sum(0)
+    return fixed_point(scores).sum(0)
 
 
 def fixed_point_sums(scores: Tensor, valid: Tensor) -> Tensor:

@@ -182,6 +182,18 @@ def finish(batch: Batch, config: SelectorConfig, *, num_tokens: int | Tensor | N
 BACKENDS = ("auto", "triton", "c", "torch")
 
 
+def _wanted(backend: str, device_type: str) -> tuple[str, str | None]:
+    """(the backend ``backend`` asks for on a ``device_type`` device, None), or ('torch', why) where it
+    cannot be had there: 'auto' is the fused kernels on CUDA and the C kernel on the CPU."""
+    if backend == "auto":
+        backend = {"cuda": "triton", "cpu": "c"}.get(device_type, "torch")
+        if backend == "torch":
+            return "torch", f"device_{device_type}"
+    if backend == "c" and device_type != "cpu":
+        return "torch", "c_needs_cpu_tensors"
+    return backend, None
+
+
 def choose_backend(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False) -> tuple[str, str | None]:
     """(backend, reason): what routes ``call`` under ``config.backend``, and why the torch reference
     does where another backend was wanted (None otherwise). The one place a backend is picked.
@@ -193,26 +205,15 @@ def choose_backend(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool 
     when the kernel declines it). ``cpu_kernel``: the caller's word that the C kernel is built and host
     work is allowed. Host values only: never reads a tensor.
     """
-    want = config.backend
     logits = call.router_logits
+    want, reason = _wanted(config.backend, logits.device.type)
     if want == "torch":
-        return "torch", None
-    if want == "auto":
-        if logits.is_cuda:
-            want = "triton"
-        elif logits.device.type == "cpu":
-            want = "c"
-        else:
-            return "torch", f"device_{logits.device.type}"
+        return "torch", reason
     if want == "c":
-        if logits.device.type != "cpu":
-            return "torch", "c_needs_cpu_tensors"
         return ("c", None) if cpu_kernel else ("torch", "c_unavailable")
     from xshare.selection.kernels.fused_router import kernel_problem
 
-    layer = call.layer
-    if isinstance(layer, RouterSpec) and plain_layer(layer) is not None:
-        layer = plain_layer(layer)
+    layer = (plain_layer(call.layer) or call.layer) if isinstance(call.layer, RouterSpec) else call.layer
     policy = get_policy(config.policy)
     problem = kernel_problem(logits, call.top_k, layer, config, engine_ids=call.engine_ids, placement=call.placement,
                              global_mode=call.all_reduce is not None,
@@ -225,19 +226,12 @@ def planned_backend(config: SelectorConfig, device_type: str, *, cpu_kernel: boo
     ('triton', 'c' or 'torch', with the reason in parentheses where torch routes although another
     was wanted): what the start-up report says. A call may still go to the reference for a reason of
     its own (:func:`choose_backend`: a layer shape or dtype the kernel refuses), counted per layer."""
-    policy = get_policy(config.policy)
-    want = config.backend
-    if want == "auto":
-        want = {"cuda": "triton", "cpu": "c"}.get(device_type, "torch")
-        if want == "torch":
-            return f"torch (device_{device_type})"
-    if want == "torch":
-        return "torch"
-    if want == "triton":
-        return "triton" if "triton" in policy.kernels else f"torch (policy_{policy.name})"
-    if device_type != "cpu":
-        return "torch (c_needs_cpu_tensors)"
-    return "c" if cpu_kernel else "torch (c_unavailable)"
+    want, reason = _wanted(config.backend, device_type)
+    if want == "triton" and "triton" not in get_policy(config.policy).kernels:
+        want, reason = "torch", f"policy_{config.policy}"
+    elif want == "c" and not cpu_kernel:
+        want, reason = "torch", "c_unavailable"
+    return want if reason is None else f"{want} ({reason})"
 
 
 def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
@@ -265,7 +259,9 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
     out = _decide(call, config, cpu_kernel=backend == "c", checkpoint=checkpoint)
     if out.cpu is not None:
         return dataclasses.replace(out, backend="c")
-    return dataclasses.replace(out, reason=reason or ("c_unsupported" if backend == "c" else None))
+    if backend == "c":  # the C kernel declined the call
+        reason = "c_unsupported"
+    return out if reason is None else dataclasses.replace(out, reason=reason)
 
 
 def decide_fused(call: LayerCall, config: SelectorConfig) -> Decision:

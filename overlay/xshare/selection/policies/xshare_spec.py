@@ -12,7 +12,7 @@ otherwise have fewer than top_k usable experts. All requests are handled at once
 import torch
 from torch import Tensor
 
-from xshare.selection.common import SUM_SCALE, Batch, tiers_inside, top_by_score
+from xshare.selection.common import SUM_SCALE, Batch, fixed_point, tiers_inside, top_by_score
 from xshare.selection.registry import Policy, register_policy
 
 
@@ -25,8 +25,7 @@ def request_sets(batch: Batch) -> tuple[Tensor, Tensor]:
     # a last-bit difference would break a tie differently and give rows of one request other sets)
     leader = torch.argmax((same > 0).to(torch.int8), dim=1)
     # fixed-point scores (common.fixed_point_sums): the float64 sums of these integers are exact, in any order
-    q = torch.trunc(batch.scores.to(torch.float32) * SUM_SCALE).to(torch.float64)
-    g_r = (same.to(torch.float64) @ q)[leader] / SUM_SCALE
+    g_r = (same.to(torch.float64) @ fixed_point(batch.scores).to(torch.float64))[leader] / SUM_SCALE
     return top_by_score(g_r, w_r, batch.group_budget), w_r
 
 
