@@ -216,7 +216,12 @@ def prepare_fused(
     aff = torch.empty((num_rows, num_experts), dtype=torch.float32, device=device)
     key = torch.empty((num_rows, num_experts), dtype=torch.int64, device=device)
     # one zero-filled buffer: column sums, warm-up union, short-row count, cap-bound flag, active experts
-    zero = torch.zeros(2 * num_experts + 1 + (num_experts + 8) // 8, dtype=torch.int64, device=device)
+    # (and for xshare_spec, per request by its leading row: sums int64 [T, E], warm-up int32 [T, E], a flag)
+    spec = config.policy == "xshare_spec"
+    base = 2 * num_experts + 1 + (num_experts + 8) // 8
+    cells = num_rows * num_experts
+    spec_words = cells + (cells + 1) // 2 + (num_rows + 7) // 8 if spec else 0
+    zero = torch.zeros(base + spec_words, dtype=torch.int64, device=device)
     acc, warm, short = zero[:num_experts], zero[num_experts:2 * num_experts], zero[2 * num_experts:2 * num_experts + 1]
     flags = zero[2 * num_experts + 1:].view(torch.int8)
     active, bound = flags[:num_experts], flags[num_experts:num_experts + 1]
@@ -224,11 +229,9 @@ def prepare_fused(
     weights = torch.empty((num_rows, top_k), dtype=torch.float32, device=device)
     replaced = torch.empty(num_rows, dtype=torch.int8, device=device)
     in_set = torch.empty(num_experts, dtype=torch.int8, device=device)
-    spec = config.policy == "xshare_spec"
     req: dict[str, Tensor | None] = dict.fromkeys(("leader", "lead", "racc", "rwarm"))
-    if spec:  # per request (by its leading row): sums int64 [T, E], warm-up int32 [T, E], a flag int8 [T]
-        cells = num_rows * num_experts
-        rz = torch.zeros(cells + (cells + 1) // 2 + (num_rows + 7) // 8, dtype=torch.int64, device=device)
+    if spec:
+        rz = zero[base:]
         req = {"racc": rz[:cells], "rwarm": rz[cells:cells + (cells + 1) // 2].view(torch.int32)[:cells],
                "lead": rz[cells + (cells + 1) // 2:].view(torch.int8)[:num_rows],
                "leader": torch.empty(num_rows, dtype=torch.int32, device=device)}
