@@ -8,6 +8,7 @@ own order on the CPU (checked directly), and the serving adapter records the sam
 metric rows with the fast path on and off.
 """
 
+import dataclasses
 import random
 from types import SimpleNamespace
 
@@ -117,6 +118,68 @@ def test_c_path_is_the_torch_path(family, dtype):
     assert seen["replaced"] > 0 and seen["kept"] > 0 and seen["exact"] > 0, seen
     if family in ("deepseek_v3", "deepseek_v2", "grouped_shared", "deepseek_v3_scaled", "auxfree_tiny"):
         assert seen["short"] > 0, seen  # group limits leave some rows short of top_k inside S
+
+
+SERVED = sorted(f for f in FAMILIES if FAMILIES[f][0]().gate in ("grouped", "biased_grouped"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", SERVED)
+def test_served_path_is_the_torch_path(family, dtype):
+    """The one-call served path (the gate's rest, the decision and SGLang's outputs in C) writes what the
+    torch path's routing merged into SGLang's outputs gives: ids and weights bit for bit, in every column
+    (shared slots and unchanged rows kept), with the same replaced rows, short rows and counts."""
+    seen = {"replaced": 0, "kept": 0}
+    for seed in range(40):
+        call, cfg = _case(family, dtype, seed * 104729 + len(family))
+        if cfg.policy not in ("xshare", "topk"):
+            cfg = SelectorConfig(policy="xshare", budget=cfg.budget, warmup_k=cfg.warmup_k, min_tokens=cfg.min_tokens)
+        own = reference_route(call.router_logits, call.top_k, call.layer)  # SGLang's outputs, shared slot last
+        k = call.top_k
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+        ids = own.topk_ids.clone()
+        weights = own.topk_weights.clone()
+        ids[:, :k], weights[:, :k] = ids[:, perm], weights[:, perm]  # the engine's own column order
+        call = dataclasses.replace(call, engine_ids=ids[:, :k], engine_outputs=(ids, weights))
+        want = engine.decide(call, cfg)
+        got = engine.decide(call, cfg, cpu_kernel=True)
+        assert got.outputs is not None and got.backend == "c", "the served path did not route"
+        where = (family, dtype, seed, cfg)
+        pick = want.replaced.unsqueeze(1)
+        want_ids, want_w = ids.clone(), weights.clone()
+        want_ids[:, :k] = torch.where(pick, want.routing.topk_ids, ids[:, :k])
+        want_w[:, :k] = torch.where(pick, want.routing.topk_weights, weights[:, :k])
+        assert torch.equal(got.outputs[0], want_ids), where
+        assert torch.equal(got.outputs[1], want_w), where  # bit for bit
+        assert torch.equal(got.routing.topk_ids, want.routing.topk_ids), where
+        assert torch.equal(got.routing.active, want.routing.active), where
+        assert torch.equal(got.replaced, want.replaced), where
+        assert int(got.short_rows) == int(want.short_rows), where
+        assert got.cpu.active_counts() == (int(want.routing.active.sum()), int(got.cpu.vanilla_active.sum())), where
+        seen["replaced"] += int(got.replaced.sum())
+        seen["kept"] += int((~got.replaced).sum())
+    assert seen["replaced"] > 0 and seen["kept"] > 0, seen
+
+
+def test_served_path_declines_what_it_does_not_write():
+    """Outputs it cannot write in place (int64 ids, bf16 weights, no outputs) and gates it does not
+    complete go to the other C path, with the same routing."""
+    build, e, k = FAMILIES["auxfree_tiny"]
+    spec = build()
+    x = torch.randn(8, e, generator=torch.Generator().manual_seed(5)) * 2
+    own = reference_route(x, k, spec)
+    cfg = SelectorConfig(policy="xshare", budget=k + 2, warmup_k=1)
+    for outputs in [None, (own.topk_ids.long(), own.topk_weights), (own.topk_ids, own.topk_weights.bfloat16())]:
+        call = engine.LayerCall(x, k, spec, engine_ids=own.topk_ids[:, :k], engine_outputs=outputs)
+        got = engine.decide(call, cfg, cpu_kernel=True)
+        assert got.outputs is None and got.backend == "c"
+        assert torch.equal(got.routing.topk_ids, engine.decide(call, cfg).routing.topk_ids)
+    minimax, e2, k2 = FAMILIES["minimax_m2"]
+    x2 = torch.randn(8, e2)
+    own2 = reference_route(x2, k2, minimax())
+    call = engine.LayerCall(x2, k2, minimax(), engine_ids=own2.topk_ids,
+                            engine_outputs=(own2.topk_ids, own2.topk_weights))
+    assert engine.decide(call, cfg, cpu_kernel=True).outputs is None
 
 
 def test_bookkeeping_is_the_adapters():

@@ -83,6 +83,9 @@ class LayerCall:
     all_reduce     DeepEP global mode: sums a float32 [2E] tensor over the EP group (or None).
     exact          bool [T]: rows that keep the engine's own routing exactly (per-request exact
                    routing; their experts are forced into the policy's set), or None.
+    engine_outputs (ids, weights) [T, W]: the engine's whole outputs (routed columns first, then its
+                   shared-expert slots), for a backend that writes a router-spec call's replacement in
+                   their layout (``Decision.outputs``), or None.
     """
 
     router_logits: Tensor
@@ -96,6 +99,7 @@ class LayerCall:
     knobs: SelectorKnobs | None = None
     all_reduce: AllReduce | None = None
     exact: Tensor | None = None
+    engine_outputs: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class Decision:
     # inside their groups from the set and kept the engine's routing (the fallback, counted).
     replaced: Tensor | None = None
     short_rows: Tensor | None = None
+    # The engine's outputs (LayerCall.engine_outputs' layout) with the replaced rows' routed columns
+    # rewritten, when the backend wrote them itself; else the caller merges routing and replaced.
+    outputs: tuple[Tensor, Tensor] | None = None
     # What routed the call ('triton', 'c' or 'torch'), and why torch where the config's backend asked
     # for another (:func:`choose_backend`; None when the wanted backend routed it).
     backend: str = "torch"
@@ -403,11 +410,20 @@ def _decide_router(call: LayerCall, config: SelectorConfig, checkpoint: Callable
     num_rows, num_experts = logits.shape
     device = logits.device
     exact = device.type == "cpu"
-    gs = router_scores(logits, spec, exact=exact)  # the gate once: the batch and the routing share it
-    if cpu_kernel:  # the C fast path (xshare.selection.kernels.cpu_router): the same decision
-        from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
+    if cpu_kernel:  # the C fast paths (xshare.selection.kernels.cpu_router): the same decision
+        from xshare.selection.kernels.cpu_router import cpu_router_served, served_supports
 
         layer_cfg = layer_config(config, spec)
+        if served_supports(call, layer_cfg):  # the gate's rest, the decision and the outputs in one C call
+            if checkpoint is not None:
+                checkpoint()
+            res = cpu_router_served(call, layer_cfg)
+            return Decision(res.routing, layer_cfg, cpu=res, replaced=res.replaced, short_rows=res.short_rows,
+                            outputs=res.outputs)
+    gs = router_scores(logits, spec, exact=exact)  # the gate once: the batch and the routing share it
+    if cpu_kernel:
+        from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
+
         if cpu_router_supports(call, layer_cfg, gs):
             if checkpoint is not None:
                 checkpoint()

@@ -163,6 +163,8 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     routing = decision.routing
     if decision.replaced is not None:  # a router-spec layer: only the rows the policy changed
         runtime.stats.record_short_rows(decision.short_rows)
+        if decision.outputs is not None:  # the backend wrote them in SGLang's layout already
+            return {"topk_ids": decision.outputs[0], "topk_weights": decision.outputs[1]}
         return call.replace_rows(routing.topk_ids, routing.topk_weights, decision.replaced)
     new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
     # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
@@ -207,7 +209,8 @@ def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any
     if res is not None:
         figures = None if mp is None else \
             (lambda row: cpu_call_figures(res, layer_id, mp.primary_gpu, mp.num_gpus, row=row))
-        stats.record_call_host(layer_id, int(routing.active.sum()), int(res.vanilla_active.sum()), res.num_valid,
+        active, vanilla = res.active_counts()
+        stats.record_call_host(layer_id, active, vanilla, res.num_valid,
                                res.changed_tokens, res.checksum, figures=figures,
                                num_gpus=1 if mp is None else mp.num_gpus,
                                cap_bound=0 if routing.cap_bound is None else int(routing.cap_bound))

@@ -133,7 +133,8 @@ class TopkCall:
                    exact: Tensor | None = None) -> LayerCall:
         return LayerCall(router_logits=self.router_logits, top_k=self.top_k, layer=self.layer,
                          layer_id=self.layer_id, engine_ids=self.engine_ids, num_tokens=self.num_token_non_padded,
-                         groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
+                         groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact,
+                         engine_outputs=(self.topk_ids, self.topk_weights))
 
     def replace_rows(self, routed_ids: Tensor, routed_weights: Tensor, rows: Tensor) -> dict[str, Any]:
         """Router-spec layers: SGLang's outputs with the routed columns of ``rows`` (bool [T]) replaced by

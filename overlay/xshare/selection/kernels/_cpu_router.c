@@ -278,6 +278,32 @@ static int xr_finite(float x) {
     return x == x && x != 1.0f / 0.0f && x != -1.0f / 0.0f;
 }
 
+/* the G group scores of one row (choice c [E]) in SGLang's formula: the best score of the group
+ * (grouped gate) or the sum of its best two (biased gate; its best alone when the group has one usable
+ * expert), rounded to bf16 when the choice scores are bf16. usable NULL: SGLang's unrestricted gate
+ * (every expert counts, the sum taken as is); else only the experts it marks (the re-selection). */
+static void xr_group_scores(const float *c, const uint8_t *usable, int G, int per_group, int gate, int bf16,
+                            float *gscore) {
+    const float neg = -1.0f / 0.0f;
+    for (int g = 0; g < G; g++) {
+        const float *cg = c + (int64_t)g * per_group;
+        const uint8_t *ug = usable ? usable + (int64_t)g * per_group : NULL;
+        float b0 = neg, b1 = neg;
+        for (int j = 0; j < per_group; j++) {
+            float x = (!ug || ug[j]) ? cg[j] : neg;
+            if (x > b0) b1 = b0, b0 = x;
+            else if (x > b1) b1 = x;
+        }
+        float s = b0;
+        if (gate == XR_BIASED) {
+            float total = b0 + b1;
+            s = (b1 > neg || !ug) ? total : b0;
+            if (bf16) s = xr_round_bf16(s);
+        }
+        gscore[g] = s;
+    }
+}
+
 /* own order of row t: key (choice if usable, else -inf) and slot (the engine's column; PK = none) */
 static int xr_row(int t, int E, int PK, const float *choice, const uint8_t *reachable, const int32_t *prefer,
                   float *key, int32_t *slot, uint8_t *usable) {
@@ -390,23 +416,7 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
             }
         }
         if (restricted && G > 0) { /* group re-selection over the allowed experts */
-            for (int g = 0; g < G; g++) {
-                const float *cg = c + (int64_t)g * per_group;
-                const uint8_t *ug = cand + (int64_t)g * per_group;
-                float b0 = neg, b1 = neg;
-                for (int j = 0; j < per_group; j++) {
-                    float x = ug[j] ? cg[j] : neg;
-                    if (x > b0) b1 = b0, b0 = x;
-                    else if (x > b1) b1 = x;
-                }
-                float s = b0;
-                if (gate == XR_BIASED) {
-                    float total = b0 + b1;
-                    s = b1 > neg ? total : b0;
-                    if (bf16) s = xr_round_bf16(s);
-                }
-                gscore[g] = s;
-            }
+            xr_group_scores(c, cand, G, per_group, gate, bf16, gscore);
             xr_topk(gscore, G, topk_group, 0, items, gpick);
             for (int g = 0; g < G; g++) gkeep[g] = 0;
             for (int j = 0; j < topk_group; j++) gkeep[gpick[j]] = gscore[gpick[j]] > neg;
@@ -467,5 +477,118 @@ done:
     free(gpick);
     free(gkeep);
     free(a);
+    return status;
+}
+
+/* the row sum of w [0, K) in the order Inductor's CPU reduction adds (gates.inductor_row_sum): one
+ * vector accumulator of `lanes` lanes over the row (the tail zero-padded), then a halving tree */
+static float xr_lane_sum(const float *w, int K, int lanes, float *acc) {
+    for (int l = 0; l < lanes; l++) acc[l] = l < K ? w[l] : 0.0f;
+    for (int start = lanes; start < K; start += lanes)
+        for (int l = 0; l < lanes; l++) acc[l] = acc[l] + (start + l < K ? w[start + l] : 0.0f);
+    for (int half = lanes / 2; half >= 1; half /= 2)
+        for (int l = 0; l < half; l++) acc[l] = acc[l] + acc[l + half];
+    return acc[0];
+}
+
+/* The served path of one grouped or biased-grouped layer in one call: the rest of SGLang's gate, the
+ * decision of xshare_cpu_router and the replacement outputs in SGLang's layout.
+ *   score [T,E] f32: the gate's scores as torch computed them (the sigmoid / softmax, float32 math),
+ *   bias [E] f32 or NULL (choice = score + bias, rounded to bf16 when choice_bf16), round_aff: the
+ *   affinity is the score rounded to bf16 (bf16 logits), G groups keeping topk_group (SGLang's
+ *   unrestricted group choice gives each token's reachable experts), the set as xshare_cpu_router
+ *   (budget, k0, exact, prefer [T,PK] = the engine's routed picks), then src_ids / src_w [T,OW]
+ *   (SGLang's outputs, routed columns first) copied to dst_ids / dst_w with the routed columns of the
+ *   replaced rows overwritten: the affinities of the new experts, renormalised over the routed columns
+ *   by the Inductor lane sum (`lanes`) plus 1e-20 when renorm, times `scale` when it is not 0 (the
+ *   routed scaling factor SGLang folds into the weights).
+ * Out: affinity [T,E] f32, ids [T,K] i32, replaced [T] u8, flags [3,E] u8 (S, active, vanilla active),
+ *   counts [5] i64: changed rows, checksum, short rows, |active|, |vanilla active|.
+ */
+int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *score, const float *bias,
+                             int round_aff, int choice_bf16, int gate, int G, int topk_group, const int32_t *prefer,
+                             int n_valid, int apply, int budget, int k0, const uint8_t *exact,
+                             const int32_t *src_ids, const float *src_w, int renorm, int lanes, float scale,
+                             float *affinity, int32_t *ids, uint8_t *replaced, uint8_t *flags, int64_t *counts,
+                             int32_t *dst_ids, float *dst_w) {
+    int64_t n = (int64_t)T * E;
+    float *choice = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    uint8_t *reach = G > 0 ? malloc((size_t)(n > 0 ? n : 1)) : NULL;
+    double *colsum = malloc(sizeof(double) * (size_t)(E > 0 ? E : 1));
+    int64_t *route = malloc(sizeof(int64_t) * (size_t)(T > 0 ? T * (int64_t)K : 1));
+    float *gscore = malloc(sizeof(float) * (size_t)(G > 0 ? G : 1));
+    int64_t *gpick = malloc(sizeof(int64_t) * (size_t)(G > 0 ? G : 1));
+    xr_item *items = malloc(sizeof(xr_item) * (size_t)(G > 0 ? G : 1));
+    float *w = malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
+    float *acc = malloc(sizeof(float) * (size_t)(lanes > 0 ? lanes : 1));
+    int status = XR_OK;
+    if (!choice || (G > 0 && !reach) || !colsum || !route || !gscore || !gpick || !items || !w || !acc) {
+        status = XR_NO_MEMORY;
+        goto done;
+    }
+    if (n_valid > T) n_valid = T;
+    if (n_valid < 0) n_valid = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float s = score[i];
+        affinity[i] = round_aff ? xr_round_bf16(s) : s;
+        float c = bias ? s + bias[i % E] : s;
+        choice[i] = choice_bf16 ? xr_round_bf16(c) : c;
+    }
+    int per_group = G > 0 ? E / G : E;
+    for (int t = 0; G > 0 && t < T; t++) { /* SGLang's group choice: the experts each token reaches */
+        const float *c = choice + (int64_t)t * E;
+        uint8_t *r = reach + (int64_t)t * E;
+        xr_group_scores(c, NULL, G, per_group, gate, choice_bf16, gscore);
+        xr_topk(gscore, G, topk_group, 0, items, gpick);
+        for (int e = 0; e < E; e++) r[e] = 0;
+        for (int j = 0; j < topk_group; j++)
+            for (int e = 0; e < per_group; e++) r[gpick[j] * per_group + e] = 1;
+    }
+    for (int e = 0; e < E; e++) colsum[e] = 0.0;
+    if (apply) { /* the reference's fixed-point column sums (common.fixed_point_totals) over usable entries */
+        for (int e = 0; e < E; e++) {
+            int64_t total = 0;
+            for (int t = 0; t < n_valid; t++) {
+                int64_t i = (int64_t)t * E + e;
+                if ((!reach || reach[i]) && xr_finite(choice[i])) total += (int64_t)(affinity[i] * 1073741824.0f);
+            }
+            colsum[e] = (double)total;
+        }
+    }
+    status = xshare_cpu_router(T, E, K, K, PK, choice, reach, colsum, prefer, n_valid, apply, budget, k0, NULL,
+                               exact, gate, G, topk_group, gate == XR_GROUPED ? 0.0f : -1.0f / 0.0f, choice_bf16, 1,
+                               route, ids, replaced, flags, flags + E, flags + 2 * E, counts);
+    if (status != XR_OK) goto done;
+    int64_t n_active = 0, n_vanilla = 0;
+    for (int e = 0; e < E; e++) n_active += flags[E + e], n_vanilla += flags[2 * E + e];
+    counts[3] = n_active;
+    counts[4] = n_vanilla;
+    for (int t = 0; t < T; t++) {
+        int32_t *di = dst_ids + (int64_t)t * OW;
+        float *dw = dst_w + (int64_t)t * OW;
+        const int32_t *si = src_ids + (int64_t)t * OW;
+        const float *sw = src_w + (int64_t)t * OW;
+        for (int j = 0; j < OW; j++) di[j] = si[j], dw[j] = sw[j];
+        if (!replaced[t]) continue;
+        const int64_t *rt = route + (int64_t)t * K;
+        const float *a = affinity + (int64_t)t * E;
+        for (int j = 0; j < K; j++) w[j] = a[rt[j]];
+        float denom = renorm ? xr_lane_sum(w, K, lanes, acc) + 1e-20f : 1.0f;
+        for (int j = 0; j < K; j++) {
+            float x = renorm ? w[j] / denom : w[j];
+            di[j] = (int32_t)rt[j];
+            dw[j] = scale != 0.0f ? x * scale : x;
+        }
+    }
+done:
+    free(choice);
+    free(reach);
+    free(colsum);
+    free(route);
+    free(gscore);
+    free(gpick);
+    free(items);
+    free(w);
+    free(acc);
     return status;
 }

@@ -87,8 +87,10 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, "-O2", "-std=c99", "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)],
-                                  capture_output=True, text=True, timeout=120)
+            # no contracted multiply-adds: the weights must round as torch rounds them, step by step
+            flags = ["-O2", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
+            proc = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
+                                  timeout=120)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
             os.replace(tmp, lib)
@@ -131,6 +133,9 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     lib.xshare_cpu_router.argtypes = [_I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I, _I, _I,
                                       ctypes.c_float, _I, _I, _P, _P, _P, _P, _P, _P, _P]
     lib.xshare_cpu_router.restype = _I
+    lib.xshare_cpu_router_served.argtypes = [_I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _I, _P,
+                                             _P, _P, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P]
+    lib.xshare_cpu_router_served.restype = _I
     return lib, None
 
 
@@ -195,6 +200,10 @@ class CpuRouting:
     changed_tokens: int  # valid rows whose expert set differs from ``prefer``
     checksum: int  # order-sensitive digest of the ids over valid rows, computed in the same pass
     num_valid: int
+
+    def active_counts(self) -> tuple[int, int]:
+        """(activated experts, activated experts of the engine's own picks) of the call, as host ints."""
+        return int(self.routing.active.sum()), int(self.vanilla_active.sum())
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -31,7 +31,15 @@ from torch import Tensor
 from xshare.selection.api import check_exact, check_inputs
 from xshare.selection.common import fixed_point_totals
 from xshare.selection.config import SelectorConfig
-from xshare.selection.gates import GateScores, RouterSpec, _finish_weights, _Native
+from xshare.selection.gates import (
+    GateScores,
+    RouterSpec,
+    _compiled_score,
+    _finish_weights,
+    _Native,
+    inductor_lanes,
+    vector_sigmoid,
+)
 from xshare.selection.kernels.cpu import CpuRouting, _native, _set_policy, kernel_error, library
 from xshare.selection.registry import get_policy
 from xshare.selection.types import Routing
@@ -50,6 +58,13 @@ class CpuRouterRouting(CpuRouting):
 
     replaced: Tensor  # bool [T]: rows routed inside the set (every other row keeps the engine's routing)
     short_rows: Tensor  # int64 0-d: valid rows left to the engine (short inside their groups, or no expert of S)
+    # cpu_router_served only: SGLang's outputs with the replaced rows' routed columns rewritten
+    # (ids int32, weights float32 [T, W], SGLang's layout), and |active|, |vanilla active| as host ints
+    outputs: tuple[Tensor, Tensor] | None = None
+    counts: tuple[int, int] | None = None
+
+    def active_counts(self) -> tuple[int, int]:
+        return self.counts if self.counts is not None else super().active_counts()
 
 
 def cpu_router_supports(call: LayerCall, config: SelectorConfig, scores: GateScores) -> bool:
@@ -152,6 +167,95 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
         scores=_figure_probs(logits, scores, spec, config), logits=logits.float().contiguous(), prefer=pref,
         in_set=in_set, vanilla_active=vanilla_active, changed_tokens=changed, checksum=checksum,
         num_valid=n_valid, replaced=replaced, short_rows=counts[2])
+
+
+def served_supports(call: LayerCall, config: SelectorConfig) -> bool:
+    """Whether :func:`cpu_router_served` implements this call: a grouped or biased-grouped gate (DeepSeek-V3/R1,
+    GLM-4.5, Kimi-K2, DeepSeek-V2) on float32 or bf16 CPU logits, a float32 or bf16 choice dtype, where the
+    weights' renormalising sum is emulated (:func:`~xshare.selection.gates.inductor_lanes`), ``xshare``
+    (without a mass target) or ``topk``, no request groups, no DeepEP global mode, and SGLang's outputs
+    (``call.engine_outputs``: int32 ids and float32 weights, contiguous, routed columns first) to write the
+    replacement in."""
+    spec, logits = call.layer, call.router_logits
+    if not isinstance(spec, RouterSpec) or spec.gate not in ("grouped", "biased_grouped"):
+        return False
+    if call.all_reduce is not None or config.target_mass is not None or call.engine_outputs is None:
+        return False
+    if logits.device.type != "cpu" or logits.ndim != 2 or logits.dtype not in _CHOICE_DTYPES:
+        return False
+    bias = spec.correction_bias
+    if bias is not None and torch.promote_types(logits.dtype, bias.dtype) not in _CHOICE_DTYPES:
+        return False
+    if inductor_lanes(logits.device) is None or not _native(get_policy(config.policy), config):
+        return False
+    if get_policy(config.policy).uses_groups() and call.groups is not None:
+        return False
+    ids, weights = call.engine_outputs
+    engine = call.engine_ids
+    return (ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.device.type == "cpu"
+            and ids.ndim == 2 and ids.shape == weights.shape and ids.shape[0] == logits.shape[0]
+            and ids.shape[1] >= call.top_k and ids.is_contiguous() and weights.is_contiguous()
+            and isinstance(engine, Tensor) and engine.ndim == 2 and engine.shape[1] >= call.top_k
+            and not engine.dtype.is_floating_point)
+
+
+def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouting:
+    """:func:`cpu_router_route` for a call :func:`served_supports` accepts, with the gate's remaining steps
+    (bias, groups, dtype rounding), the column sums, the weights and the replacement outputs in the same
+    C call (torch computes only the scores: the sigmoid or softmax, bitwise SGLang's). ``outputs`` are
+    what :meth:`xshare.sglang.topk_call.TopkCall.replace_rows` builds from ``routing`` and ``replaced``, and
+    ``routing.topk_weights`` is their routed columns. Raises as :func:`cpu_router_route`."""
+    spec = call.layer
+    logits = call.router_logits
+    num_rows, num_experts = logits.shape
+    top_k = call.top_k
+    spec.check(num_experts, top_k)
+    check_inputs(logits, top_k, config, num_tokens=call.num_tokens, validate=False)
+    exact = check_exact(call.exact, num_rows, logits.device)
+    exact = None if exact is None else exact.contiguous()  # held: C reads its memory
+    policy = get_policy(config.policy)
+    n_valid = num_rows if call.num_tokens is None else max(0, min(num_rows, int(call.num_tokens)))
+    apply = config.applies_to(n_valid) and not policy.vanilla
+    biased = spec.gate == "biased_grouped"
+    if biased:  # biased_grouped_topk: float32 sigmoid, the affinity rounded to the logits' dtype
+        score = vector_sigmoid(logits.to(torch.float32))
+        bias = spec.correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+        choice_bf16 = torch.promote_types(logits.dtype, spec.correction_bias.dtype) == torch.bfloat16
+    else:  # grouped_topk: the compiled scores, already in the logits' dtype
+        score = _compiled_score(logits, spec.scoring, True).to(torch.float32)
+        bias, choice_bf16 = None, False
+    score = score.contiguous()
+    engine = call.engine_ids
+    pref = (engine if engine.dtype == torch.int32 else engine.to(torch.int32)).contiguous()
+    src_ids, src_w = call.engine_outputs
+    dst_ids, dst_w = torch.empty_like(src_ids), torch.empty_like(src_w)
+    affinity = torch.empty(num_rows, num_experts, dtype=torch.float32)
+    ids = torch.empty(num_rows, top_k, dtype=torch.int32)
+    replaced = torch.empty(num_rows, dtype=torch.bool)
+    flags = torch.empty(3, num_experts, dtype=torch.bool)  # S, active, vanilla active
+    counts = torch.empty(5, dtype=torch.int64)  # changed rows, checksum, short rows, |active|, |vanilla active|
+    scale = spec.routed_scaling_factor if spec.scaling_in_weights else 0.0
+    rc = library().xshare_cpu_router_served(
+        num_rows, num_experts, top_k, src_ids.shape[1], pref.shape[1], score.data_ptr(), _ptr(bias),
+        int(logits.dtype == torch.bfloat16), int(choice_bf16), _GATES[spec.gate], spec.num_expert_group or 0,
+        spec.topk_group or 0, pref.data_ptr(), n_valid, int(apply), config.budget_for(num_experts), config.warmup_k,
+        _ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), inductor_lanes(logits.device),
+        scale, affinity.data_ptr(), ids.data_ptr(), replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(),
+        dst_ids.data_ptr(), dst_w.data_ptr())
+    if rc != 0:
+        raise RuntimeError(kernel_error(rc))
+    in_set, active, vanilla_active = flags.unbind(0)
+    changed, checksum, _, n_active, n_vanilla = counts.tolist()
+    if logits.dtype == torch.float32 and spec.scoring == config.scoring:
+        probs = affinity  # the figures' probabilities are the gate's own affinities
+    else:
+        lg = logits.float()
+        probs = (torch.softmax(lg, dim=-1) if config.scoring == "softmax" else torch.sigmoid(lg)).contiguous()
+    return CpuRouterRouting(
+        routing=Routing(topk_ids=ids, topk_weights=dst_w[:, :top_k], active=active, physical_ids=None),
+        scores=probs, logits=logits.float().contiguous(), prefer=pref, in_set=in_set, vanilla_active=vanilla_active,
+        changed_tokens=changed, checksum=checksum, num_valid=n_valid, replaced=replaced, short_rows=counts[2],
+        outputs=(dst_ids, dst_w), counts=(n_active, n_vanilla))
 
 
 def _ptr(t: Tensor | None) -> int | None:
