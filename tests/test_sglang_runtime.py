@@ -187,6 +187,38 @@ def test_hook_binds_positional_and_keyword_arguments(logits):
     assert out[0] is a["topk_ids"]
 
 
+def _kw_only(a, b=2, *, c=3):
+    return a, b, c
+
+
+@pytest.mark.parametrize("fn", [_fake_post_process, _kw_only])
+def test_bind_arguments_is_inspects_bind(fn):
+    """The hook's fast binder gives inspect's bound arguments (defaults applied) for every way of calling,
+    and refuses what inspect refuses."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    names = list(sig.parameters)
+    calls = [((1, 2, 3, 4, 5), {}), ((1, 2, 3, 4, 5, 6, 7, 8), {}), ((1, 2, 3), {"router_logits": 4, "layer_id": 5}),
+             ((), dict(zip(names, range(len(names))))), ((1,), {}), ((1,), {"b": 5}), ((1,), {"c": 9}),
+             ((1, 2, 3, 4, 5, 6, 7, 8, 9), {}), ((1, 2), {"topk_ids": 3}), ((1, 2, 3, 4, 5), {"nope": 1}), ((), {})]
+    agreed = 0
+    for args, kwargs in calls:
+        try:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            want = dict(bound.arguments)
+        except TypeError:
+            with pytest.raises(TypeError):
+                hooks.bind_arguments(fn, args, kwargs)
+            continue
+        got = hooks.bind_arguments(fn, args, kwargs)
+        assert got == want and list(got) == list(want), (args, kwargs)
+        assert fn(**got) == fn(*args, **kwargs)
+        agreed += 1
+    assert agreed >= 3
+
+
 @pytest.mark.parametrize("policy", ["topk", "xshare", "xshare_ep", "xshare_spec", "lynx", "des_vote", "des_seq",
                                     "oea"])
 @pytest.mark.parametrize("padded", [False, True])

@@ -230,7 +230,8 @@ def _point(b: int, e: int, k: int, args: argparse.Namespace, config: SelectorCon
     else:  # the gate itself is the baseline; the selector is the engine's router-spec path
         own = reference_route(logits, k, spec)
         top_ids, top_w = own.topk_ids[:, :k], own.topk_weights[:, :k]
-        call = engine.LayerCall(logits, k, spec, engine_ids=top_ids)
+        # SGLang's whole outputs ride along, as the adapter passes them: the C path writes into their layout
+        call = engine.LayerCall(logits, k, spec, engine_ids=top_ids, engine_outputs=(own.topk_ids, own.topk_weights))
         sel_ids = engine.decide(call, config).routing
         fns["topk"], modes["topk"] = _decode_step(lambda: reference_route(logits, k, spec), device)
         fns["select"], modes["select"] = _decode_step(lambda: engine.decide(call, config), device)

@@ -364,6 +364,12 @@ def inductor_lanes(device: torch.device) -> int | None:
     or None where it is not emulated (other devices or ISAs)."""
     if device.type != "cpu":
         return None
+    return _cpu_lanes()
+
+
+@functools.cache
+def _cpu_lanes() -> int | None:
+    """The CPU's lanes for :func:`inductor_lanes` (asked once: the capability query is slow)."""
     return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability())
 
 
@@ -403,7 +409,9 @@ def vector_sigmoid(x: Tensor) -> Tensor:
     n = flat.numel()
     pad = (-n) % _VECTOR_UNIT
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+        flat = F.pad(flat, (0, pad))
+    if flat.numel() <= _VECTOR_CHUNK:  # one chunk: one op
+        return torch.sigmoid(flat)[:n].view(x.shape)
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), _VECTOR_CHUNK):
         torch.sigmoid(flat[start:start + _VECTOR_CHUNK], out=out[start:start + _VECTOR_CHUNK])

@@ -55,15 +55,42 @@ LOAD_MODEL_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_mod
 CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.capture_one_shape"
 EPLB_UPDATE_TARGET = "sglang.srt.eplb.expert_location.ExpertLocationMetadata.update"
 
-_SIGNATURES: dict[int, inspect.Signature] = {}
+_BINDERS: dict[int, tuple[Any, inspect.Signature, tuple[str, ...] | None, dict[str, Any]]] = {}
 
 
-def _signature(fn: Any) -> inspect.Signature:
-    sig = _SIGNATURES.get(id(fn))
-    if sig is None:
+def bind_arguments(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of a call of ``fn`` by parameter name, defaults filled in: what
+    ``inspect.signature(fn).bind(*args, **kwargs)`` with ``apply_defaults()`` gives, and ``fn(**result)``
+    is the same call. For a function whose parameters are all positional-or-keyword (SGLang's hooked
+    functions) a dict built from the cached names, without ``inspect`` on the hot path (it costs tens
+    of microseconds per MoE layer call); anything else through ``inspect``. Raises TypeError as
+    ``bind`` does for arguments that do not fit."""
+    hit = _BINDERS.get(id(fn))
+    if hit is None or hit[0] is not fn:
         sig = inspect.signature(fn)
-        _SIGNATURES[id(fn)] = sig
-    return sig
+        plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in sig.parameters.values())
+        defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+        hit = (fn, sig, tuple(sig.parameters) if plain else None, defaults)
+        _BINDERS[id(fn)] = hit
+    _fn, sig, names, defaults = hit
+    if names is None:  # keyword-only, positional-only or variadic parameters: inspect's own rules
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    if len(args) > len(names):
+        raise TypeError(f"{getattr(fn, '__name__', fn)}() takes {len(names)} arguments, {len(args)} given")
+    out = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name in out or name not in names:
+            raise TypeError(f"{getattr(fn, '__name__', fn)}() got an unexpected or repeated argument {name!r}")
+        out[name] = value
+    if len(out) < len(names):
+        for name in names:
+            if name not in out:
+                if name not in defaults:
+                    raise TypeError(f"{getattr(fn, '__name__', fn)}() missing argument {name!r}")
+                out[name] = defaults[name]
+    return {name: out[name] for name in names}
 
 
 # -- routing -------------------------------------------------------------------------------------
@@ -74,17 +101,16 @@ def post_process_topk_ids_hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     if runtime is None:
         return original(*args, **kwargs)
     try:
-        bound = _signature(original).bind(*args, **kwargs)
-        bound.apply_defaults()
+        a = bind_arguments(original, args, kwargs)
     except TypeError as exc:  # a different SGLang signature: never break serving
         runtime.stats.count_fallback("signature")
         runtime.log_once("signature", logging.ERROR, "xshare: cannot bind _post_process_topk_ids arguments: %s", exc)
         return original(*args, **kwargs)
-    a = bound.arguments
     changes = runtime.route(a, topk_config=a.get("topk_config"))
-    if changes:
-        a.update(changes)
-    return original(*bound.args, **bound.kwargs)
+    if not changes:
+        return original(*args, **kwargs)
+    a.update(changes)
+    return original(**a)
 
 
 # -- per-forward state ---------------------------------------------------------------------------
@@ -301,9 +327,7 @@ def triton_routing_hook(original: Any, logits: Any, n_expts_act: int, *args: Any
     if layer is None:
         return original(logits, n_expts_act, *args, **kwargs)
     try:
-        bound = _signature(original).bind(logits, n_expts_act, *args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
+        call = bind_arguments(original, (logits, n_expts_act, *args), kwargs)
     except TypeError:
         return original(logits, n_expts_act, *args, **kwargs)
     if call.get("expt_indx") is not None or call.get("simulated_ep", 1) != 1:
