@@ -200,7 +200,7 @@ def test_bind_arguments_is_inspects_bind(fn):
     sig = inspect.signature(fn)
     names = list(sig.parameters)
     calls = [((1, 2, 3, 4, 5), {}), ((1, 2, 3, 4, 5, 6, 7, 8), {}), ((1, 2, 3), {"router_logits": 4, "layer_id": 5}),
-             ((), dict(zip(names, range(len(names))))), ((1,), {}), ((1,), {"b": 5}), ((1,), {"c": 9}),
+             ((), dict(zip(names, range(len(names)), strict=True))), ((1,), {}), ((1,), {"b": 5}), ((1,), {"c": 9}),
              ((1, 2, 3, 4, 5, 6, 7, 8, 9), {}), ((1, 2), {"topk_ids": 3}), ((1, 2, 3, 4, 5), {"nope": 1}), ((), {})]
     agreed = 0
     for args, kwargs in calls:

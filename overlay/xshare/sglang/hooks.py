@@ -79,7 +79,7 @@ def bind_arguments(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
         return dict(bound.arguments)
     if len(args) > len(names):
         raise TypeError(f"{getattr(fn, '__name__', fn)}() takes {len(names)} arguments, {len(args)} given")
-    out = dict(zip(names, args))
+    out = dict(zip(names, args, strict=False))  # the leading parameters
     for name, value in kwargs.items():
         if name in out or name not in names:
             raise TypeError(f"{getattr(fn, '__name__', fn)}() got an unexpected or repeated argument {name!r}")
