@@ -279,11 +279,18 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
         mode = _mode_name(getattr(self, "capture_forward_mode", None))
         state = ForwardState(mode=mode, is_draft=bool(getattr(mr, "is_draft_worker", False)),
                              tokens_per_req=int(getattr(self, "captured_req_width", 1) or 1), capturing=True)
+        device = getattr(mr, "device", None)
+        if device is not None:  # before SGLang starts capturing: buffers the graph reads are made now
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:  # the tensors' own name ("cuda:N")
+                device = torch.device("cuda", torch.cuda.current_device())
+            runtime.prepare_device(device)
         if runtime.scattered_input and runtime.all_reduce is not None:
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
     except Exception as exc:  # noqa: BLE001
         runtime.log_once("capture_state", logging.ERROR, "xshare: cannot read the capture state: %s", exc)
     runtime.push(state)
+    runtime.graphs_captured += 1  # from now on a settings change the graphs cannot follow is refused
     try:
         return original(self, *args, **kwargs)
     finally:

@@ -30,10 +30,15 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
     stats.count_call()
     s = runtime.settings
     state = runtime.current
-    if not s.enabled:
+    # Off (disabled, or this rank off its group's config): eager calls keep SGLang's routing; a call being
+    # captured into a CUDA graph still records the selector, behind the knobs' device on/off switch
+    # (off now), so that replays follow a later enable.
+    capturing = state is not None and state.capturing
+    if not s.enabled and not capturing:
         runtime.skip("disabled")
+        _prepare(runtime, args, topk_config)
         return None
-    if runtime.diverged:  # off the group's config (admin): never route differently from the peers
+    if runtime.diverged and not capturing:  # never route differently from the peers
         runtime.skip("config_diverged")
         runtime.log_once("diverged", logging.ERROR, "xshare: rank %d is not on its group's config: SGLang's "
                          "routing until the next config change", runtime.group_rank)
@@ -113,6 +118,18 @@ def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
     ids = out["topk_ids"][:, :k].to(torch.int64)
     rank = torch.argsort(logits.gather(1, ids), dim=-1, descending=True, stable=True)
     return ids.gather(1, rank).to(torch.int16)
+
+
+def _prepare(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> None:
+    """An eager call left to SGLang: the layer's router description and device state are built for a
+    capture that may follow."""
+    logits = args.get("router_logits")
+    if isinstance(logits, torch.Tensor) and logits.ndim == 2:
+        try:
+            router_spec(topk_config)  # cached per layer config (its checks read the bias on the host)
+            runtime.prepare_layer(int(args.get("layer_id") or 0), int(logits.shape[1]), logits.device)
+        except Exception as exc:  # noqa: BLE001 - preparing never breaks a forward; a capture then falls back
+            runtime.log_once("prepare_layer", logging.WARNING, "xshare: cannot prepare the layer's state: %s", exc)
 
 
 def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mode: bool) -> None:

@@ -55,6 +55,10 @@ class CoverageRefused(RuntimeError):
     """XSHARE_REQUIRE_COVERAGE: the selector is enabled but selects on no MoE layer; the scheduler stops."""
 
 
+# selector settings that choose the code a CUDA graph captures (everything else is read from device knobs)
+FROZEN_BY_CAPTURE = ("policy", "backend")
+
+
 @dataclass
 class ForwardState:
     """What the routing hook needs to know about the running forward (filled before it runs)."""
@@ -85,6 +89,8 @@ class Runtime:
         self._group_buffers: dict[tuple, Tensor] = {}
         self._exact_buffers: dict[str, Tensor] = {}  # device -> bool [EXACT_BUFFER_ROWS] (CUDA graphs read it)
         self._exact_dirty: set[str] = set()  # devices whose buffer holds True rows
+        self._prepared: set[tuple[int, int, str]] = set()  # (layer, E, device) with their device state built
+        self.graphs_captured = 0  # SGLang's CUDA-graph captures of decode batches in this process
         self._logged: set[str] = set()
         self.fault = FaultInjector()
         self.first_applied_logged = False
@@ -106,7 +112,7 @@ class Runtime:
         self.group_rank = rank
         self.channel_key = ""
         self.group_view: list[dict[str, Any]] | None = None
-        self.diverged = False
+        self._diverged = False
         self.last_summary: dict[str, Any] | None = None
         self.metrics: Any = None
         self.observe = False  # record the per-call metric window (set by enable_observability)
@@ -119,12 +125,32 @@ class Runtime:
     # -- settings (one holder; an admin endpoint can swap them) ----------------------------------
     def update_settings(self, settings: PluginSettings) -> None:
         """Swap the active settings; device knobs are updated in place (CUDA-graph safe for the
-        numeric settings; a policy change takes effect in eager forwards and new captures)."""
+        numeric settings and the on/off switch; a policy change takes effect in eager forwards and new
+        captures)."""
         with self._lock:
-            for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
-                layer = self.layer_config(settings.selector, layer_id).replace(scoring=scoring, renormalize=renorm)
-                knobs.update(layer, enabled=settings.enabled)
+            self._write_knobs(settings, settings.enabled and not self._diverged)
             self.settings = settings
+
+    def _write_knobs(self, settings: PluginSettings, switch: bool) -> None:
+        for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
+            layer = self.layer_config(settings.selector, layer_id).replace(scoring=scoring, renormalize=renorm)
+            knobs.update(layer, enabled=switch)
+
+    @property
+    def diverged(self) -> bool:
+        """This rank is off its group's config (admin): it keeps SGLang's routing, in eager forwards by
+        not routing and in replayed CUDA graphs through the knobs' on/off switch."""
+        return self._diverged
+
+    @diverged.setter
+    def diverged(self, value: bool) -> None:
+        with self._lock:
+            self._diverged = bool(value)
+            self._write_knobs(self.settings, self.switch_on())
+
+    def switch_on(self) -> bool:
+        """The device on/off switch every layer's knobs hold: enabled and on the group's config."""
+        return bool(self.settings.enabled and not self._diverged)
 
     def layer_config(self, config: SelectorConfig, layer_id: int) -> SelectorConfig:
         """``config`` with its per-layer settings resolved for MoE layer ``layer_id``."""
@@ -137,7 +163,7 @@ class Runtime:
         key = (str(device), num_experts, top_k, config.scoring, config.renormalize, layer_id)
         knobs = self._knobs.get(key)
         if knobs is None:
-            knobs = SelectorKnobs.create(config, num_experts, top_k, device, enabled=self.settings.enabled)
+            knobs = SelectorKnobs.create(config, num_experts, top_k, device, enabled=self.switch_on())
             self._knobs[key] = knobs
         return knobs
 
@@ -178,6 +204,40 @@ class Runtime:
         if buf is None:
             buf = self._exact_buffers[key] = torch.zeros(EXACT_BUFFER_ROWS, dtype=torch.bool, device=device)
         return buf
+
+    def prepare_layer(self, layer_id: int, num_experts: int, device: torch.device) -> None:
+        """Build, once, the per-layer device state a call captured into a CUDA graph reads (the placement's
+        device copy, the layer's statistics row, the metrics window): host work that capture forbids. The
+        routing hook calls it on eager calls it does not route (the selector off), since SGLang's warm-up
+        forwards run before its graphs are captured."""
+        key = (layer_id, num_experts, str(device))
+        if key in self._prepared:
+            return
+        self._prepared.add(key)
+        placement = self.placements.for_layer(layer_id, num_experts, device)
+        self.stats.prepare(layer_id, device, placement.num_gpus if self.observe else None)
+
+    def capture_refusal(self, new: PluginSettings) -> str | None:
+        """Why ``new`` cannot be applied while captured CUDA graphs are replayed, or None. A replay follows
+        every number and the on/off switch (device knobs), but not which code was captured: the policy,
+        the backend that routes a call, DeepEP's selection mode."""
+        if not self.graphs_captured:
+            return None
+        old = self.settings
+        changed = [f"{name} {getattr(old.selector, name)!r} -> {getattr(new.selector, name)!r}"
+                   for name in FROZEN_BY_CAPTURE if getattr(old.selector, name) != getattr(new.selector, name)]
+        if old.deepep_mode != new.deepep_mode:
+            changed.append(f"deepep_mode {old.deepep_mode!r} -> {new.deepep_mode!r}")
+        if not changed:
+            return None
+        return (f"{'; '.join(changed)}: this server replays CUDA graphs captured with the old value, which run "
+                "its code whatever the settings say; restart with the new value (or serve with "
+                "--disable-cuda-graph to change it at run time)")
+
+    def prepare_device(self, device: torch.device) -> None:
+        """Build the device-wide buffers a captured graph reads (the exact-routing mask) before a capture:
+        made inside one, its zero fill would be recorded and would clear the flags on every replay."""
+        self.exact_buffer(device)
 
     def exact_rows(self, flags: list[bool] | None, rows_per_req: list[int] | int,
                    device: torch.device) -> Tensor | None:

@@ -231,6 +231,13 @@ class SelectorStats:
         page, row, _ = slot
         page.sums[row, LAYER_COLUMNS.index(name)] += value.to(torch.int64)
 
+    def prepare(self, layer_id: int, device: torch.device, num_gpus: int | None = None) -> None:
+        """Make the layer's row (and, with ``num_gpus``, the window ring) before any capture, so that a call
+        captured later records into them (an eager call of a layer the selector did not route)."""
+        self._slot(layer_id, device)
+        if num_gpus is not None:
+            self._window_for(device, len(WINDOW_FIELDS) + 2 * num_gpus)
+
     def _slot(self, layer_id: int, device: torch.device) -> tuple[_Page, int, Tensor] | None:
         """The layer's row in its device's sums page (a new row, or a new page, on its first call)."""
         key = (str(device), layer_id)

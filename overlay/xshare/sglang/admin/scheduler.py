@@ -141,6 +141,9 @@ def _try_apply(runtime: Any, controller: Any, message: dict[str, Any]) -> str:
     try:
         new = settings_from_config(runtime.settings, config)
         validate(new.selector, _model_shape(controller, runtime))
+        frozen = runtime.capture_refusal(new)
+        if frozen is not None:
+            raise ValueError(frozen)
         fault = refusal_fault(config)
         if fault == "refuse":
             raise ValueError("refused by XSHARE_FAULT_ADMIN (test fault injection)")

@@ -1,0 +1,185 @@
+"""The routing hook's path under CUDA-graph capture and replay, emulated on the CPU (tests/graph_replay.py).
+
+SGLang decodes by replaying graphs it captured at start-up, with the plugin's per-call path inside. A
+replay follows only what lives in device memory: the input buffers SGLang rewrites (logits, its own
+top-k, the real-row count), the plugin's device knobs and buffers. So after every change an operator
+or a batch can make (selector on/off, budget, per-layer budget, target mass, warm-up, exact rows, real
+rows), the replayed call must give what an eager call gives in the new state; a change a captured graph
+cannot follow (the policy, the backend) must be refused while graphs exist, with the reason, and change
+nothing.
+
+Per router family x policy x change: the call is captured in the capturing state the adapter sets
+under SGLang's graph capture, the change is made as the adapter makes it (settings through
+``Runtime.set_config``, exact rows through ``Runtime.exact_rows``, a new batch and row count written
+into the same buffers), the graph replayed, and its output compared with an eager ``route`` of the
+same buffers (the torch path, as the graph).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import require_module
+from graph_replay import Graph
+from xshare.selection import SelectorConfig
+from xshare.selection.gates import RouterSpec, reference_route
+from xshare.sglang import hooks, routing
+from xshare.sglang import runtime as rt
+from xshare.sglang.settings import PluginSettings
+
+topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+
+from test_sglang_router_families import _cfg  # noqa: E402
+
+T = 12
+LAYER = 3
+FAMILIES = ["softmax", "deepseek_v3", "deepseek_v2", "glm45"]
+POLICIES = ["xshare", "xshare_ep", "topk", "lynx", "des_vote", "oea", "xshare_spec", "des_seq"]
+MASS_POLICIES = ("xshare", "xshare_ep")  # the policies with a mass target (the others: a budget change)
+
+
+def _family(name: str):  # noqa: ANN202
+    if name == "softmax":
+        return topk.TopKConfig(top_k=4, renormalize=True, torch_native=True, scoring_func="softmax"), 32, 4
+    return _cfg(name)
+
+
+class Call:
+    """The hook's persistent argument buffers of one layer (what a captured graph reads)."""
+
+    def __init__(self, cfg, e: int, k: int) -> None:  # noqa: ANN001
+        self.cfg, self.e, self.k = cfg, e, k
+        self.logits = torch.zeros(T, e)
+        self.ids = torch.zeros(T, cfg.top_k, dtype=torch.int32)
+        self.weights = torch.zeros(T, cfg.top_k)
+        self.rows = torch.full((), T, dtype=torch.int32)  # SGLang's num_token_non_padded buffer
+        self.spec = RouterSpec.from_topk_config(cfg) if e != 32 or cfg.correction_bias is not None \
+            or cfg.use_grouped_topk else None
+
+    def fill(self, seed: int, rows: int = T) -> None:
+        """A new batch written in place: logits, SGLang's own top-k of them, the real-row count."""
+        x = torch.randn(T, self.e, generator=torch.Generator().manual_seed(seed)) * 2
+        self.logits.copy_(x)
+        if self.spec is not None:
+            own = reference_route(x, self.k, self.spec)
+            ids, w = own.topk_ids, own.topk_weights
+        else:
+            w, ids = torch.topk(torch.softmax(x, -1), self.k, dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+        self.ids.copy_(ids)
+        self.weights.copy_(w)
+        self.rows.fill_(rows)
+
+    def args(self) -> dict:
+        return {"topk_ids": self.ids, "topk_weights": self.weights, "topk_config": self.cfg,
+                "router_logits": self.logits, "layer_id": LAYER, "num_token_non_padded": self.rows,
+                "expert_location_dispatch_info": None, "padded_rows_masked": False}
+
+
+def _answer(out: dict | None, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:  # SGLang's own routing
+        return call.ids.clone(), call.weights.clone()
+    return out["topk_ids"].clone(), out["topk_weights"].clone()
+
+
+def _settings(policy: str, e: int, **kw) -> PluginSettings:  # noqa: ANN003
+    enabled = kw.pop("enabled", True)
+    base = dict(policy=policy, budget=max(4, e // 4), warmup_k=1)
+    base.update(kw)
+    return PluginSettings(enabled=enabled, selector=SelectorConfig(**base), sim_gpus=4, cpu_kernel=False)
+
+
+CHANGES = {
+    "new_batch": lambda p, e: {},
+    "budget": lambda p, e: {"budget": max(5, e // 2)},
+    "per_layer_budget": lambda p, e: {"budget": {"default": max(4, e // 4), str(LAYER): e // 2 + 1}},
+    "target_mass": lambda p, e: {"target_mass": 0.8} if p in MASS_POLICIES else {"budget": e},
+    "warmup": lambda p, e: {"warmup_k": 2},
+    "disable": lambda p, e: {"enabled": False},
+    "enable": lambda p, e: {},  # captured disabled, then enabled
+    "exact_rows": lambda p, e: {},  # some requests ask for exact routing
+    "real_rows": lambda p, e: {},  # fewer real rows, padding after them
+}
+
+
+def _capture(runtime: rt.Runtime, graph: Graph, fn):  # noqa: ANN001, ANN202
+    """``fn`` captured as SGLang captures a decode batch: inside ``DecodeCudaGraphRunner.capture_one_shape``,
+    which the plugin's hook wraps (the capturing state, the buffers made before SGLang captures)."""
+    runner = SimpleNamespace(model_runner=SimpleNamespace(device="cpu", is_draft_worker=False),
+                             capture_forward_mode=ForwardMode.DECODE, captured_req_width=1)
+    runtime.scattered_input = False  # the process facts of a single-rank CPU server
+    assert rt.get() is runtime  # the hook acts on the process's runtime
+    return hooks.capture_one_shape_hook(lambda _self: graph.capture(fn), runner)
+
+
+def _replay_vs_eager(family: str, policy: str, change: str, *, exact: bool = False, rows: int = T):
+    cfg, e, k = _family(family)
+    call = Call(cfg, e, k)
+    start = _settings(policy, e, enabled=change != "enable")
+    runtime = rt.install(start)
+    runtime.observe = True
+    call.fill(1)
+    runtime.push(rt.ForwardState(mode="decode"))  # the warm-up forward before capture
+    routing.route(runtime, call.args(), cfg)
+    runtime.pop()
+    graph = Graph()
+    captured = _capture(runtime, graph, lambda: routing.route(runtime, call.args(), cfg))
+    new = _settings(policy, e, **CHANGES[change](policy, e))
+    runtime.set_config(new, 2)
+    call.fill(7, rows)
+    flags = [bool(i % 3 == 0) for i in range(T)] if exact else None
+    mask = runtime.exact_rows(flags, 1, torch.device("cpu"))
+    mask = None if mask is None else mask.clone()  # the flags as the forward set them (the replay must not clear them)
+    graph.replay()
+    got = _answer(captured, call) if captured is not None else (call.ids.clone(), call.weights.clone())
+    runtime.push(rt.ForwardState(mode="decode", exact=mask))
+    want = _answer(routing.route(runtime, call.args(), cfg), call)
+    runtime.pop()
+    return got, want, runtime, call.ids.clone()
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_left():
+    yield
+    rt.uninstall()
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_replayed_call_follows_the_change(family, policy, change):
+    got, want, runtime, own = _replay_vs_eager(family, policy, change, exact=change == "exact_rows",
+                                               rows=T - 5 if change == "real_rows" else T)
+    if change == "exact_rows":  # the flagged rows keep SGLang's own experts in the answer compared with
+        flagged = torch.tensor([i % 3 == 0 for i in range(T)])
+        assert torch.equal(want[0][flagged], own[flagged])
+    assert not runtime.stats.fallbacks, dict(runtime.stats.fallbacks)
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("field,value", [("policy", "lynx"), ("backend", "torch")])
+def test_a_change_a_captured_graph_cannot_follow_is_refused(field, value):
+    """After a capture, a policy or backend change is refused on the rank (the admin endpoint answers 409
+    with this reason) and changes nothing; a budget change is applied. Before any capture both apply."""
+    from xshare.sglang.admin.config import config_of
+    from xshare.sglang.admin.scheduler import _try_apply
+
+    cfg, e, k = _family("softmax")
+    call = Call(cfg, e, k)
+    call.fill(1)
+    runtime = rt.install(_settings("xshare", e))
+    changed = _settings(value, e) if field == "policy" else _settings("xshare", e, **{field: value})
+    assert runtime.capture_refusal(changed) is None  # no graph yet: applied
+    _capture(runtime, Graph(), lambda: routing.route(runtime, call.args(), cfg))
+    before = runtime.settings
+    why = _try_apply(runtime, SimpleNamespace(), {"version": 2, "config": config_of(changed)})
+    assert field in why and "CUDA graphs" in why and "restart" in why, why
+    assert runtime.settings is before and runtime.version == 0
+    budget = config_of(_settings("xshare", e, budget=9))
+    assert _try_apply(runtime, SimpleNamespace(), {"version": 3, "config": budget}) == ""
+    assert runtime.settings.selector.budget == 9 and runtime.version == 3
