@@ -183,3 +183,35 @@ def test_a_change_a_captured_graph_cannot_follow_is_refused(field, value):
     budget = config_of(_settings("xshare", e, budget=9))
     assert _try_apply(runtime, SimpleNamespace(), {"version": 3, "config": budget}) == ""
     assert runtime.settings.selector.budget == 9 and runtime.version == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "lynx", "xshare_spec"])
+def test_padding_rows_do_not_vote_where_sglang_passes_no_count(family, policy):
+    """No EP and no DP gather: SGLang passes no ``num_token_non_padded``, so the plugin keeps the real-row
+    count itself (filled by its forward hook before every replay). The replay of a padded batch equals an
+    eager call told the real rows: stale padding rows pick no expert into the set."""
+    cfg, e, k = _family(family)
+    call = Call(cfg, e, k)
+    runtime = rt.install(_settings(policy, e))
+    call.fill(1)
+    args = dict(call.args(), num_token_non_padded=None)
+    runtime.push(rt.ForwardState(mode="decode"))
+    routing.route(runtime, args, cfg)  # the warm-up forward
+    runtime.pop()
+    graph = Graph()
+    captured = _capture(runtime, graph, lambda: routing.route(runtime, dict(args), cfg))
+    assert captured is not None
+    call.fill(7)
+    real = T - 5
+    runner = SimpleNamespace(is_draft_worker=False)
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=real, spec_info=None,
+                            input_ids=torch.zeros(real, dtype=torch.int64))
+    hooks.model_runner_forward_hook(lambda _self, _batch: graph.replay(), runner, batch)
+    got = _answer(captured, call)
+    runtime.push(rt.ForwardState(mode="decode"))
+    want = _answer(routing.route(runtime, dict(args, num_token_non_padded=torch.full((1,), real)), cfg), call)
+    vote_all = _answer(routing.route(runtime, dict(args), cfg), call)  # every row counted, as before
+    runtime.pop()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(got[0][:real], vote_all[0][:real]) or policy == "xshare_spec"  # padding did vote

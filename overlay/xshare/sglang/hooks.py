@@ -216,6 +216,19 @@ def _fill_exact(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: Any
     state.exact_unknown = False
 
 
+def _fill_real_rows(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: Any) -> None:
+    """The forward's real rows (requests x tokens per request) into the device count a replayed graph
+    reads where SGLang passes none (:meth:`Runtime.real_rows_buffer`; a fill, no host-to-device copy).
+    Eager forwards have no padding rows."""
+    if state.mode not in ("decode", "target_verify") or state.is_draft:
+        return
+    device = getattr(getattr(forward_batch, "input_ids", None), "device", None)
+    bs = getattr(forward_batch, "batch_size", None)
+    if device is None or not isinstance(bs, int):
+        return
+    runtime.fill_real_rows(device, bs * state.tokens_per_req)
+
+
 def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND ``ModelRunner.forward(self, forward_batch, ...)``."""
     runtime = rt_mod.get()
@@ -227,6 +240,7 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
         state = _forward_state(runtime, self, forward_batch, capturing=False)
         _fill_groups(runtime, state, forward_batch)
         _fill_exact(runtime, state, forward_batch)
+        _fill_real_rows(runtime, state, forward_batch)
         if runtime.trace is not None and not state.is_draft and state.mode in runtime.modes():
             runtime.trace.begin_forward(getattr(forward_batch, "rids", None), state.tokens_per_req,
                                         getattr(forward_batch, "positions", None))
@@ -285,6 +299,7 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
             if device.type == "cuda" and device.index is None:  # the tensors' own name ("cuda:N")
                 device = torch.device("cuda", torch.cuda.current_device())
             runtime.prepare_device(device)
+            state.real_rows = runtime.real_rows_buffer(device)
         if runtime.scattered_input and runtime.all_reduce is not None:
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
     except Exception as exc:  # noqa: BLE001

@@ -5,6 +5,7 @@ counted and left to SGLang's own top-k."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -146,6 +147,9 @@ def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mod
 
 def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool) -> dict[str, Any]:
     s = runtime.settings
+    if call.num_token_non_padded is None and state.real_rows is not None and not global_mode:
+        # SGLang masks no padding rows here (no EP, no DP gather): the count the plugin keeps for the graph
+        call = dataclasses.replace(call, num_token_non_padded=state.real_rows)
     config = runtime.layer_config(s.selector, call.layer_id)  # per-layer budget / target mass
     policy = get_policy(config.policy)
     logits = call.router_logits

@@ -70,6 +70,9 @@ class ForwardState:
     exact: Tensor | None = None  # bool [rows]: rows of requests asking for exact routing (device), or None
     exact_unknown: bool = False  # some request asked for exact routing but its rows could not be told
     capturing: bool = False  # inside CUDA-graph capture: host-side decisions are baked in
+    # int32 [1] on the device: the forward's real rows (rows past them are graph padding), for calls where
+    # SGLang passes no num_token_non_padded (no EP, no DP gather); filled before every forward and replay
+    real_rows: Tensor | None = None
     global_mode: str | None = None  # forward mode of the whole DP group (DeepEP global mode)
     global_rows: int | None = None  # rows of the whole DP group
     global_applies: bool = False
@@ -91,6 +94,7 @@ class Runtime:
         self._exact_dirty: set[str] = set()  # devices whose buffer holds True rows
         self._prepared: set[tuple[int, int, str]] = set()  # (layer, E, device) with their device state built
         self.graphs_captured = 0  # SGLang's CUDA-graph captures of decode batches in this process
+        self._real_rows: dict[str, Tensor] = {}  # device -> int32 [1] (real_rows_buffer)
         self._logged: set[str] = set()
         self.fault = FaultInjector()
         self.first_applied_logged = False
@@ -235,9 +239,26 @@ class Runtime:
                 "--disable-cuda-graph to change it at run time)")
 
     def prepare_device(self, device: torch.device) -> None:
-        """Build the device-wide buffers a captured graph reads (the exact-routing mask) before a capture:
-        made inside one, its zero fill would be recorded and would clear the flags on every replay."""
+        """Build the device-wide buffers a captured graph reads (the exact-routing mask, the real-row
+        count) before a capture: made inside one, their fill would be recorded and would overwrite them
+        on every replay."""
         self.exact_buffer(device)
+        self.real_rows_buffer(device)
+
+    def fill_real_rows(self, device: torch.device, rows: int) -> None:
+        """Write one forward's real rows into ``device``'s count, if a capture made one (else nothing reads it)."""
+        buf = self._real_rows.get(str(device))
+        if buf is not None:
+            buf.fill_(rows)
+
+    def real_rows_buffer(self, device: torch.device) -> Tensor:
+        """int32 [1]: the persistent real-row count of ``device`` (:attr:`ForwardState.real_rows`), never
+        reallocated, so a captured graph reads each replay's count."""
+        key = str(device)
+        buf = self._real_rows.get(key)
+        if buf is None:
+            buf = self._real_rows[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        return buf
 
     def exact_rows(self, flags: list[bool] | None, rows_per_req: list[int] | int,
                    device: torch.device) -> Tensor | None:
