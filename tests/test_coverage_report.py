@@ -50,6 +50,28 @@ def test_routers_the_selector_leaves_to_sglang_are_skipped_with_their_reason():
     assert coverage.layer_status(draft, "cuda") == "draft_layer"
 
 
+def test_packed_top_k_outputs_are_left_to_sglang_and_reported():
+    """A gate that also writes FlashInfer's packed ids (the runner reads those, not topk_ids) is left to
+    SGLang: the coverage report names it, and the routing hook neither replaces nor counts the call as
+    applied."""
+    from xshare.sglang import routing
+
+    layer = _layer(use_grouped_topk=True, num_expert_group=4, topk_group=2, correction_bias=torch.zeros(16),
+                   fused_gate_packed_ids=True)
+    assert coverage.layer_status(layer, "cuda") == "unsupported_packed_topk_ids"
+    assert coverage.layer_status(_layer(use_grouped_topk=True, num_expert_group=4, topk_group=2,
+                                        correction_bias=torch.zeros(16)), "cuda") == "ready"
+    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4)))
+    runtime.push(rt.ForwardState(mode="decode"))
+    logits = torch.randn(6, 16)
+    ids = torch.topk(logits, 2, dim=-1).indices.to(torch.int32)
+    args = {"topk_ids": ids, "topk_weights": torch.full((6, 2), 0.5), "router_logits": logits, "layer_id": 1,
+            "num_token_non_padded": None}
+    assert routing.route(runtime, args, layer.topk_config) is None
+    assert runtime.stats.skipped == {"unsupported_packed_topk_ids": 1} and runtime.stats.applied == 0
+    assert runtime.stats.coverage == {1: "unsupported_packed_topk_ids"}
+
+
 def test_summary_names_what_to_set_for_bypassed_layers():
     statuses = {0: "bypassed_triton_kernel", 1: "bypassed_triton_kernel", 2: "ready"}
     text = coverage.summary(statuses)

@@ -11,6 +11,7 @@ whether the routed scaling factor is already in the weights.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,42 @@ def _plain(cfg: Any) -> bool:
             and getattr(cfg, "scoring_func", "softmax") in ("softmax", "sigmoid"))
 
 
+def packed_outputs(cfg: Any) -> str | None:
+    """Why SGLang's router also writes a packed copy of its top-k for the MoE runner (which the runner
+    reads instead of ``topk_ids``, so a replacement would be ignored), or None: the fused gate's
+    FlashInfer packed ids (``TopKConfig.fused_gate_packed_ids``, which SGLang's ``TopK`` keeps only
+    where its gate emits them) or the experimental LoRA top-k pack on the plain softmax gate."""
+    if getattr(cfg, "fused_gate_packed_ids", False):
+        return "packed_topk_ids"
+    if (_lora_topk_pack() and getattr(cfg, "scoring_func", "softmax") == "softmax"
+            and getattr(cfg, "correction_bias", None) is None and not getattr(cfg, "use_grouped_topk", False)
+            and getattr(cfg, "custom_routing_function", None) is None):
+        return "lora_topk_pack"
+    return None
+
+
+@functools.cache
+def _lora_topk_pack() -> bool:
+    """SGLang's experimental LoRA path with its fused top-k pack switched on (read once per process)."""
+    try:
+        from sglang.srt.layers.moe import topk as sglang_topk
+
+        if not getattr(sglang_topk, "_SGLANG_EXPERIMENTAL_LORA_OPTI", False):
+            return False
+        from sglang.srt.lora.trtllm_lora_temp.environ import lora_envs
+
+        return bool(lora_envs.SGLANG_OPT_LORA_FUSED_TOPK_PACK.get())
+    except Exception:  # noqa: BLE001 - an SGLang without that path packs nothing
+        return False
+
+
 def router_spec(cfg: Any) -> tuple[RouterSpec | None, str | None]:
     """(the layer's :class:`RouterSpec`, None) for a layer that needs the router-spec path; (None,
-    None) for a plain top-k layer; (None, why) for a router the selector leaves to SGLang."""
+    None) for a plain top-k layer; (None, why) for a router the selector leaves to SGLang (a router it
+    cannot describe, or one whose outputs SGLang also packs for its runner: :func:`packed_outputs`)."""
+    packed = packed_outputs(cfg)
+    if packed is not None:
+        return None, packed
     if _plain(cfg):
         return None, None
     bias = getattr(cfg, "correction_bias", None)
