@@ -22,11 +22,21 @@ topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.
 T, E, K = 24, 32, 4
 
 
+def runner_topk(x, k):
+    """triton_kernels' own top-k by its definition (``streaming_topk``: values keyed with the expert id so
+    that an exact tie goes to the lower id, the row then listed by expert id), written as a loop."""
+    rows = []
+    for row in x.tolist():
+        best = sorted(range(len(row)), key=lambda e: (-row[e], e))[:k]
+        rows.append(sorted(best))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 def reference_routing(logits, n_expts_act, sm_first=False, expt_indx=None, simulated_ep=1, n_rows=None):
     """(ids int64 [T, k], gate scales [T, k]) the way triton_kernels' routing picks and weighs them."""
     x = torch.softmax(logits, -1) if sm_first else logits
     if expt_indx is None:
-        ids = torch.topk(x, n_expts_act, dim=-1).indices
+        ids = runner_topk(x, n_expts_act)
     else:
         assert expt_indx.dtype == torch.int16 and expt_indx.shape == (logits.shape[0], n_expts_act)
         ids = expt_indx.long()
@@ -62,6 +72,17 @@ def test_budget_at_e_is_the_runners_own_routing(installed):
     assert torch.equal(ids, own_ids) and torch.equal(w, own_w)
 
 
+@pytest.mark.parametrize("budget", [E, 2 * E])
+def test_tied_bf16_logits_keep_the_runners_own_experts_at_budget_e(installed, budget):
+    """bf16 logits with many exact ties: at a budget >= E the hook hands the runner exactly the experts and
+    order its own top-k picks (ties to the lower id), not torch.topk's tie order."""
+    installed(_runtime(budget))
+    x = (_logits(5) * 2).round().clamp(-3, 3).to(torch.bfloat16)  # 7 distinct values over 32 experts
+    ids, w = hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
+    own_ids, own_w = reference_routing(x, K)
+    assert torch.equal(ids, own_ids) and torch.equal(w, own_w)
+
+
 def test_a_budget_routes_inside_the_set_with_the_layers_weights(installed):
     runtime = _runtime(8)
     installed(runtime)
@@ -70,7 +91,7 @@ def test_a_budget_routes_inside_the_set_with_the_layers_weights(installed):
     assert torch.unique(ids).numel() <= 8 < torch.unique(reference_routing(x, K)[0]).numel()
     assert all(len(set(r.tolist())) == K for r in ids)
     torch.testing.assert_close(w, torch.softmax(x.gather(1, ids), -1))  # renormalised over the new experts
-    assert bool((x.gather(1, ids)[:, :-1] >= x.gather(1, ids)[:, 1:]).all())  # by descending logit
+    assert bool((ids[:, :-1] < ids[:, 1:]).all())  # listed by expert id, as the runner lists its own
     snap = runtime.stats.snapshot()
     assert snap["applied"] == 1 and snap["coverage"] == {"3": "selects"}, snap
     assert snap["layers"]["3"]["activated"] <= 8

@@ -102,23 +102,24 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
 def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
                  num_tokens: Any = None) -> torch.Tensor | None:
     """For runner backends that route from the logits alone (SGLang's ``triton_kernel`` runner): the
-    selector's experts of one call as int16 [T, top_k], each row by descending logit, or None to keep
-    the backend's own top-k. The same decision as :func:`route` (``topk`` is the layer's SGLang
-    ``TopK`` module), with the layer's own top-k (of the logits) as SGLang's picks."""
+    selector's experts of one call as int16 [T, top_k], each row in ascending expert id (the order
+    triton_kernels lists its own top-k in), or None to keep the backend's own top-k. The same decision
+    as :func:`route` (``topk`` is the layer's SGLang ``TopK`` module), with the runner's own top-k as
+    SGLang's picks: triton_kernels' ``streaming_topk`` keeps the k largest logits, an exact tie to the
+    lower expert id, and lists them by expert id; a stable descending sort gives the same experts, so
+    exact rows and a budget >= E give the runner's own routing, ties included."""
     cfg = getattr(topk, "topk_config", None)
     if cfg is None or logits.ndim != 2:
         return None
     k = min(top_k, logits.shape[1])
-    order = torch.topk(logits, k, dim=-1)
-    weights = torch.softmax(order.values.float(), dim=-1)
-    args = {"topk_ids": order.indices.to(torch.int32), "topk_weights": weights, "router_logits": logits,
+    own = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k].sort(dim=-1).values
+    weights = torch.softmax(logits.gather(1, own).float(), dim=-1)
+    args = {"topk_ids": own.to(torch.int32), "topk_weights": weights, "router_logits": logits,
             "layer_id": getattr(topk, "layer_id", 0), "num_token_non_padded": num_tokens}
     out = route(runtime, args, cfg)
     if out is None:
         return None
-    ids = out["topk_ids"][:, :k].to(torch.int64)
-    rank = torch.argsort(logits.gather(1, ids), dim=-1, descending=True, stable=True)
-    return ids.gather(1, rank).to(torch.int16)
+    return out["topk_ids"][:, :k].to(torch.int64).sort(dim=-1).values.to(torch.int16)
 
 
 def _prepare(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> None:
