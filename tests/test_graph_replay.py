@@ -215,3 +215,49 @@ def test_padding_rows_do_not_vote_where_sglang_passes_no_count(family, policy):
     runtime.pop()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(got[0][:real], vote_all[0][:real]) or policy == "xshare_spec"  # padding did vote
+
+
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "replayed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_two_batch_overlap_micro_batch_reads_its_own_exact_flags(family, capturing):
+    """Two-batch overlap runs each MoE layer once per micro-batch (rows 0..a, then a..T of the forward): the
+    second call routes with the flags of its own rows, eager and in a replayed graph, as if it were a
+    batch of its own."""
+    cfg, e, k = _family(family)
+    call = Call(cfg, e, k)
+    runtime = rt.install(_settings("xshare", e))
+    runtime.two_batch_overlap = True  # what the plugin reads from SGLang's --enable-two-batch-overlap
+    call.fill(1)
+    split = 5
+    halves = [{key: (v[:split] if i == 0 else v[split:]) if isinstance(v, torch.Tensor) and v.ndim == 2 else v
+               for key, v in call.args().items()} for i in (0, 1)]
+    for half in halves:
+        half["num_token_non_padded"] = None
+
+    def forward():  # one forward: the layer on micro-batch a, then on micro-batch b
+        return [routing.route(runtime, dict(h), cfg) for h in halves]
+
+    runtime.push(rt.ForwardState(mode="decode"))
+    forward()  # warm-up
+    runtime.pop()
+    flags = [i % 4 == 1 for i in range(T)]
+    if capturing:  # SGLang runs the captured shape a few times under one capture: the last run counts
+        graph = Graph()
+        outs = _capture(runtime, graph, lambda: [forward(), forward()][-1])
+        runtime.exact_rows(flags, 1, torch.device("cpu"))  # what the forward hook sets before a replay
+        runtime.fill_real_rows(torch.device("cpu"), T)
+        graph.replay()
+    else:
+        mask = runtime.exact_rows(flags, 1, torch.device("cpu"))
+        runtime.push(rt.ForwardState(mode="decode", exact=mask))
+        outs = forward()
+        runtime.pop()
+    mask = torch.tensor(flags)
+    for i, (half, out) in enumerate(zip(halves, outs, strict=True)):
+        own = mask[:split] if i == 0 else mask[split:]
+        runtime.push(rt.ForwardState(mode="decode", exact=own.clone()))
+        want = routing.route(runtime, dict(half), cfg)  # the micro-batch routed on its own
+        runtime.pop()
+        assert want is not None and out is not None
+        assert torch.equal(out["topk_ids"], want["topk_ids"]), i
+        assert torch.equal(out["topk_ids"][own], half["topk_ids"][own])  # flagged rows keep SGLang's experts

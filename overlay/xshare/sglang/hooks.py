@@ -152,6 +152,8 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
         runtime.log_once("scattered", logging.WARNING, "xshare: cannot tell the MoE a2a backend (%s)", exc)
     hf = getattr(getattr(model_runner, "model_config", None), "hf_text_config", None)
     runtime.num_experts_hint = moe_shape(hf)[1]
+    server_args = getattr(model_runner, "server_args", None)
+    runtime.two_batch_overlap = bool(getattr(server_args, "enable_two_batch_overlap", False))
     if not runtime.moe_layers:
         runtime.moe_layers = moe_layer_ids(hf)
     runtime.placements.source = functools.partial(sglang_placement, runtime.placements)

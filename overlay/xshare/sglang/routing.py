@@ -51,6 +51,10 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
     if state is None:
         runtime.skip("no_forward_state")
         return None
+    offset = 0
+    if runtime.two_batch_overlap:  # the call's first row in the forward (its micro-batch's)
+        topk_ids = args.get("topk_ids")
+        offset = state.row_offset(int(args.get("layer_id") or 0), int(topk_ids.shape[0]) if topk_ids is not None else 0)
     global_mode = runtime.global_mode()
     if global_mode:
         if not state.global_applies:
@@ -86,7 +90,7 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             return None
     try:
         t0 = time.perf_counter()
-        out = _route(runtime, call, state, global_mode)
+        out = _route(runtime, call, state, global_mode, offset)
         if runtime.observe and out is not None:
             stats.record_seconds(time.perf_counter() - t0)
         return out
@@ -146,11 +150,14 @@ def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mod
         join_empty(logits.shape[1], runtime.all_reduce, logits.device)
 
 
-def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool) -> dict[str, Any]:
+def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool,
+           offset: int = 0) -> dict[str, Any]:
     s = runtime.settings
     if call.num_token_non_padded is None and state.real_rows is not None and not global_mode:
-        # SGLang masks no padding rows here (no EP, no DP gather): the count the plugin keeps for the graph
-        call = dataclasses.replace(call, num_token_non_padded=state.real_rows)
+        # SGLang masks no padding rows here (no EP, no DP gather): the count the plugin keeps for the graph,
+        # less the rows of earlier micro-batches of the forward
+        real = state.real_rows if offset == 0 else (state.real_rows - offset).clamp_min(0)
+        call = dataclasses.replace(call, num_token_non_padded=real)
     config = runtime.layer_config(s.selector, call.layer_id)  # per-layer budget / target mass
     policy = get_policy(config.policy)
     logits = call.router_logits
@@ -170,7 +177,7 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     knobs = None
     if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
         knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device, call.layer_id)
-    exact = _exact_rows(runtime, state, call, device) if not global_mode else None
+    exact = _exact_rows(runtime, state, call, device, offset) if not global_mode else None
     base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
@@ -198,20 +205,25 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     return out
 
 
-def _exact_rows(runtime: Runtime, state: ForwardState, call: TopkCall, device: torch.device) -> torch.Tensor | None:
-    """bool [rows] of exact-routed rows for this call, or None. Under CUDA-graph capture, always the
-    persistent buffer (the graph then reads each replay's flags); a mask that does not match the rows
-    raises (the call falls back to SGLang's routing, exact for every row)."""
+def _exact_rows(runtime: Runtime, state: ForwardState, call: TopkCall, device: torch.device,
+                offset: int = 0) -> torch.Tensor | None:
+    """bool [rows] of exact-routed rows for this call (its rows of the forward start at ``offset``: the
+    second micro-batch of two-batch overlap reads its own flags), or None. Under CUDA-graph capture,
+    always the persistent buffer (the graph then reads each replay's flags); a mask that does not cover
+    the rows raises (the call falls back to SGLang's routing, exact for every row)."""
     from xshare.sglang.runtime import EXACT_BUFFER_ROWS
 
+    end = offset + call.num_rows
     if state.capturing:
-        if call.num_rows > EXACT_BUFFER_ROWS:
-            raise ValueError(f"exact routing: {call.num_rows} rows exceed the graph buffer ({EXACT_BUFFER_ROWS})")
-        return runtime.exact_buffer(device)[:call.num_rows]
+        if end > EXACT_BUFFER_ROWS:
+            raise ValueError(f"exact routing: {end} rows exceed the graph buffer ({EXACT_BUFFER_ROWS})")
+        return runtime.exact_buffer(device)[offset:end]
     exact = state.exact
-    if exact is not None and (exact.shape[0] != call.num_rows or exact.device != device):
-        raise ValueError(f"exact routing: {exact.shape[0]} flagged rows for a call of {call.num_rows} rows")
-    return exact
+    if exact is None:
+        return None
+    if exact.device != device or exact.shape[0] < end:
+        raise ValueError(f"exact routing: {exact.shape[0]} flagged rows for rows {offset}..{end} of a call")
+    return exact if exact.shape[0] == call.num_rows else exact[offset:end]
 
 
 def _record(runtime: Runtime, call: TopkCall, decision: Decision, placement: Any) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +55,8 @@ class CoverageRefused(RuntimeError):
     """XSHARE_REQUIRE_COVERAGE: the selector is enabled but selects on no MoE layer; the scheduler stops."""
 
 
+TBO_MICRO_BATCHES = 2  # SGLang's two-batch overlap splits a forward into two micro-batches
+
 # selector settings that choose the code a CUDA graph captures (everything else is read from device knobs)
 FROZEN_BY_CAPTURE = ("policy", "backend")
 
@@ -73,6 +75,25 @@ class ForwardState:
     # int32 [1] on the device: the forward's real rows (rows past them are graph padding), for calls where
     # SGLang passes no num_token_non_padded (no EP, no DP gather); filled before every forward and replay
     real_rows: Tensor | None = None
+    # rows of each MoE layer's calls so far in this pass over the layers: under two-batch overlap a layer
+    # runs once per micro-batch (contiguous rows, in order), so a call's first row is what came before
+    rows_seen: dict[int, int] = field(default_factory=dict)
+    calls_seen: dict[int, int] = field(default_factory=dict)
+    last_layer: int = -1
+
+    def row_offset(self, layer_id: int, rows: int) -> int:
+        """The forward row where this call of ``layer_id`` starts (0 unless the layer already ran on an
+        earlier micro-batch of the same pass), and the call's rows counted. A call of an earlier layer than
+        the last one starts a new pass over the model (SGLang runs a captured shape a few times under one
+        capture), and so does a third call of one layer (two-batch overlap has two micro-batches)."""
+        if layer_id < self.last_layer or self.calls_seen.get(layer_id, 0) == TBO_MICRO_BATCHES:
+            self.rows_seen.clear()
+            self.calls_seen.clear()
+        self.last_layer = layer_id
+        start = self.rows_seen.get(layer_id, 0)
+        self.rows_seen[layer_id] = start + rows
+        self.calls_seen[layer_id] = self.calls_seen.get(layer_id, 0) + 1
+        return start
     global_mode: str | None = None  # forward mode of the whole DP group (DeepEP global mode)
     global_rows: int | None = None  # rows of the whole DP group
     global_applies: bool = False
@@ -94,6 +115,7 @@ class Runtime:
         self._exact_dirty: set[str] = set()  # devices whose buffer holds True rows
         self._prepared: set[tuple[int, int, str]] = set()  # (layer, E, device) with their device state built
         self.graphs_captured = 0  # SGLang's CUDA-graph captures of decode batches in this process
+        self.two_batch_overlap = False  # SGLang runs each MoE layer once per micro-batch (--enable-two-batch-overlap)
         self._real_rows: dict[str, Tensor] = {}  # device -> int32 [1] (real_rows_buffer)
         self._logged: set[str] = set()
         self.fault = FaultInjector()
