@@ -3,6 +3,7 @@
     active_vs_batch.png  activated experts per layer vs batch size, topk and each policy (XShare Fig. 1)
     tradeoff.png         gate mass kept and top-1 kept vs activated experts per policy (the trade-off of Fig. 4)
     gpu_load.png         activated experts per GPU, topk vs xshare_ep (mean over layers and batches)
+    peak_timeline.png    the busiest GPU's token load over the steps per placement (``--placement predictive``)
 """
 
 from __future__ import annotations
@@ -137,4 +138,50 @@ def write_plots(rows: Sequence[dict[str, Any]], folder: str, title: str = "") ->
     written.append("tradeoff.png")
     if plot_gpu_load(rows, os.path.join(folder, "gpu_load.png"), title):
         written.append("gpu_load.png")
+    if plot_peak_timeline(rows, os.path.join(folder, "peak_timeline.png"), title):
+        written.append("peak_timeline.png")
     return written
+
+
+def _smooth(y: Sequence[float], window: int) -> Any:
+    import numpy as np
+
+    y = np.asarray(y, dtype=np.float64)
+    if window <= 1 or y.size < window:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    return (c[window:] - c[:-window]) / window
+
+
+def plot_peak_timeline(rows: Sequence[dict[str, Any]], path: str, title: str = "", window: int = 25) -> bool:
+    """Peak per-GPU token load over the steps (moving mean of ``window`` steps, mean over layers), one panel
+    per batch size and policy, one line per placement. False (nothing written) without timelines."""
+    rows = [r for r in rows if r.get("timeline")]
+    if not rows:
+        return False
+    plt = _plt()
+    panels = sorted({(r["batch"], r["policy"]) for r in rows}, key=lambda k: (k[0] is None, k[0] or 0, k[1]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), squeeze=False)
+    styles = {"none": ("black", "-"), "eplb": ("tab:blue", "-")}
+    for ax, (b, policy) in zip(axes[:, 0], panels, strict=True):
+        extra = 0
+        for r in rows:
+            if (r["batch"], r["policy"]) != (b, policy):
+                continue
+            color, ls = styles.get(r["placement"], (PALETTE[extra % len(PALETTE)], "--"))
+            if r["placement"] == "predictive":
+                extra += 1
+            y = _smooth(r["timeline"]["peak_gpu_tokens"], window)
+            ax.plot(range(len(y)), y, ls, color=color, lw=1.2,
+                    label=f"{r['label'].split(' @ ')[-1]} (mean {r['peak_gpu_tokens_mean']:.2f})")
+        ax.set_xlabel("decode step")
+        ax.set_ylabel(f"busiest GPU: token-expert assignments\n(moving mean of {window} steps)")
+        ax.set_title(f"{policy}, B = {b if b is not None else 'recorded'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
