@@ -335,3 +335,25 @@ def transitions(topk_ids: np.ndarray, num_experts: int, layers: Sequence[int] | 
     """{layer l: :func:`transition_matrix` from layer l - 1 to l} on a trace's topk_ids int [L, T, K]."""
     layers = range(1, topk_ids.shape[0]) if layers is None else [l for l in layers if l >= 1]
     return {l: transition_matrix(topk_ids[l - 1], topk_ids[l], num_experts) for l in layers}
+
+
+def plan_layers(load: np.ndarray, num_gpus: int, replica_slots: int, planner: str = "eplb",
+                previous: np.ndarray | None = None) -> np.ndarray:
+    """:func:`plan_replicas` for every layer: load float [L, E], previous int [L, P] or None.
+    Returns phy2log int64 [L, E + R·G]."""
+    load = np.asarray(load, dtype=np.float64)
+    if load.ndim != 2:
+        raise ValueError(f"plan_layers: load must be [layers, experts], got shape {load.shape}")
+    return np.stack([plan_replicas(load[l], num_gpus, replica_slots, planner,
+                                   previous=None if previous is None else np.asarray(previous[l]))
+                     for l in range(load.shape[0])])
+
+
+def spare_slots(num_physical: int, num_experts: int, num_gpus: int) -> int:
+    """R, the spare slots per GPU of a layout of P physical slots for E experts on G GPUs; a ValueError
+    naming ``--replica-slots`` when the redundant slots do not split evenly over the GPUs."""
+    extra = num_physical - num_experts
+    if extra < 0 or num_physical % num_gpus or extra % num_gpus:
+        raise ValueError(f"--replica-slots: {num_physical} physical slots for {num_experts} experts do not leave "
+                         f"the same number of spare slots on each of {num_gpus} GPUs")
+    return extra // num_gpus
