@@ -284,3 +284,10 @@ def test_real_traces_forecasts_and_plans():
     assert ewma["load_error"] < static["load_error"]
     p2l = plan_replicas(EWMAForecaster(base).predict(0), 8, 2)
     assert check_plan(p2l, 64, 8, 2).shape == (80,)
+
+
+def test_the_cli_default_alpha_is_the_forecasters():
+    from xshare.commands.eval import DEFAULT_ALPHA as CLI_ALPHA
+    from xshare.eval.predict import DEFAULT_ALPHA
+
+    assert CLI_ALPHA == DEFAULT_ALPHA
