@@ -207,3 +207,10 @@ def test_a_plan_that_does_not_fit_the_slots_changes_nothing(sglang_ep, monkeypat
 def test_bad_replica_settings_name_the_variable(env, needle):
     with pytest.raises(SettingError, match=needle):
         load_settings(env)
+
+
+def test_the_settings_name_the_planners_and_default_of_the_forecasts():
+    from xshare.eval import predict
+    from xshare.sglang import settings
+
+    assert settings.REPLICA_PLANNERS == predict.PLANNERS and settings.REPLICA_ALPHA == predict.DEFAULT_ALPHA

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xshare.eval.predict import DEFAULT_ALPHA, PLANNERS
 from xshare.selection import SelectorConfig
 from xshare.selection.registry import get_policy, validated
 from xshare.selection.schema import OPERATOR_FIELDS, Field, by_name, markdown_table
@@ -29,6 +28,9 @@ CONFIG_ENV = "XSHARE_CONFIG"
 DEEPEP_MODES = ("local", "global")
 METRICS_DETAILS = ("group", "rank", "layer")
 REPLICA_PLANS = ("eplb", "predictive")
+# xshare.eval.predict's PLANNERS and DEFAULT_ALPHA (a test keeps them equal; settings import no numpy)
+REPLICA_PLANNERS = ("eplb", "greedy")
+REPLICA_ALPHA = 0.2
 
 
 def _fault_check(value: str) -> str | None:
@@ -73,8 +75,8 @@ PLUGIN_FIELDS: tuple[Field, ...] = (
           "SGLang's EPLB on the recorded window (`eplb`), or by the plugin's plan from a forecast of the load "
           "(`predictive`: an EWMA over the rebalance windows, docs/eval.md)", choices=REPLICA_PLANS, scope="plugin"),
     Field("replica_planner", "choice", "greedy", "`predictive` plans: `greedy` re-fills only the spare slots "
-          "beside a fixed home placement, `eplb` runs EPLB on the forecast", choices=PLANNERS, scope="plugin"),
-    Field("replica_alpha", "fraction", DEFAULT_ALPHA, "`predictive` plans: weight of the newest rebalance window "
+          "beside a fixed home placement, `eplb` runs EPLB on the forecast", choices=REPLICA_PLANNERS, scope="plugin"),
+    Field("replica_alpha", "fraction", REPLICA_ALPHA, "`predictive` plans: weight of the newest rebalance window "
           "in the forecast (1: that window alone)", scope="plugin"),
 )
 FIELDS: tuple[Field, ...] = PLUGIN_FIELDS + OPERATOR_FIELDS
