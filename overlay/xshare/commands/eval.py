@@ -16,6 +16,9 @@ HELP = "replay routing traces: what-if evaluation of policies, budgets, EP place
 DEFAULT_BATCH = 16
 DEFAULT_WARMUP = 1
 DEFAULT_GPUS = 8
+DEFAULT_REPLICA_SLOTS = 1
+DEFAULT_REPLAN_EVERY = 16
+DEFAULT_ALPHA = 0.2  # xshare.eval.predict.DEFAULT_ALPHA (checked by the tests; no numpy import for --help)
 
 
 def _policy_knobs_text() -> str:
@@ -70,9 +73,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"GPUs (EP size) of the placement (default {DEFAULT_GPUS})")
     g.add_argument("--gpu-cap", action="append", type=int, metavar="C",
                    help=f"{_knob_help('gpu_cap')} (repeatable)")
-    g.add_argument("--placement", default="contiguous", metavar="contiguous|eplb|FILE",
-                   help="expert placement: contiguous (e on GPU e // (E/G)), eplb (DeepSeek EPLB from measured "
-                        "loads), or a JSON/.npy file with physical_to_logical_map [L, P] or [P]")
+    g.add_argument("--placement", default="contiguous", metavar="none|contiguous|eplb|predictive|FILE",
+                   help="expert placement: contiguous or none (e on GPU e // (E/G)), eplb (DeepSeek EPLB from "
+                        "measured loads), predictive (compare none, EPLB's static plan and plans re-made every N "
+                        "steps from a forecast of the load), or a JSON/.npy file with physical_to_logical_map "
+                        "[L, P] or [P]")
+    g.add_argument("--replica-slots", action="append", type=int, metavar="R",
+                   help="spare expert slots per GPU (R x GPUs redundant experts) for eplb and predictive "
+                        f"(repeatable with predictive; default {DEFAULT_REPLICA_SLOTS})")
+    g.add_argument("--replan-every", action="append", type=int, metavar="N",
+                   help=f"predictive: steps between re-plans (repeatable; default {DEFAULT_REPLAN_EVERY})")
+    g.add_argument("--predictor", action="append", metavar="ewma|cross_layer|static",
+                   help="predictive: forecast of the next steps' per-expert load (repeatable; default ewma)")
+    g.add_argument("--planner", action="append", metavar="eplb|greedy",
+                   help="predictive: EPLB on the forecast, or greedy spare slots beside a fixed contiguous home "
+                        "(repeatable; default eplb)")
+    g.add_argument("--ewma-alpha", type=float, metavar="A",
+                   help=f"predictive: weight of the newest step in the EWMA forecasts (default {DEFAULT_ALPHA})")
     g.add_argument("--eplb-redundant", type=int, metavar="N", help="EPLB: redundant slots (default: one per GPU)")
     g.add_argument("--eplb-groups", type=int, default=1, metavar="N", help="EPLB: expert groups (model n_group; 1)")
     g.add_argument("--eplb-nodes", type=int, default=1, metavar="N", help="EPLB: nodes (default 1)")
@@ -282,8 +299,8 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     # placement
     calibration = None
     if args.eplb_trace:
-        if args.placement != "eplb":
-            raise UsageError("--eplb-trace needs --placement eplb")
+        if args.placement not in ("eplb", "predictive"):
+            raise UsageError("--eplb-trace needs --placement eplb or predictive")
         calibration = load_traces(args.eplb_trace)
         for key, a, b in (("num_experts", calibration.num_experts, e), ("top_k", calibration.top_k, k)):
             if a != b:
@@ -291,9 +308,14 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         if calibration.num_layers != trace.num_layers:
             raise UsageError(f"{calibration.paths[0]}: key 'topk_ids': {calibration.num_layers} layers, "
                              f"the replayed trace has {trace.num_layers}")
-    eplb = EPLBOptions(redundant=args.eplb_redundant, groups=args.eplb_groups, nodes=args.eplb_nodes,
-                       mode=args.eplb_mode)
-    placements, pinfo, phy2log = build_placements(args.placement, trace, layers, args.gpus, eplb, calibration)
+    kind = "contiguous" if args.placement == "none" else args.placement
+    predictive = kind == "predictive"
+    slots = _replica_slots(args, kind)
+    redundant = args.eplb_redundant if kind == "eplb" and args.replica_slots is None else (
+        slots[0] * args.gpus if kind == "eplb" else None)
+    eplb = EPLBOptions(redundant=redundant, groups=args.eplb_groups, nodes=args.eplb_nodes, mode=args.eplb_mode)
+    placements, pinfo, phy2log = build_placements("contiguous" if predictive else kind, trace, layers, args.gpus,
+                                                  eplb, calibration)
     if args.save_placement and phy2log is None:
         import numpy as np  # contiguous: write it out explicitly
 
@@ -319,9 +341,83 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
                                  selector_us=args.selector_us)
             except ValueError as err:
                 raise UsageError(str(err)) from None
-    plan = Plan(trace=trace, layers=layers, batches=batches, settings=valid, placements=placements, cost=cost)
+    plan = Plan(trace=trace, layers=layers, batches=batches, settings=valid, placements=placements, cost=cost,
+                placement_kind=pinfo["kind"])
+    schedule = None
+    if predictive:
+        if args.save_placement:
+            raise UsageError("--save-placement: a predictive placement changes over time; save one with --placement "
+                             "eplb")
+        schedule = _schedule(args, plan, slots, calibration or trace, eplb)
+        pinfo = {"kind": "predictive", "num_gpus": args.gpus, "variants": [v.label() for v in schedule.variants],
+                 "forecasts_from": list((calibration or trace).paths), "ewma_alpha": schedule.alpha,
+                 "expert_bytes": schedule.expert_bytes, "moe_layers": schedule.moe_layers,
+                 "moved_bytes": "expert copies a re-plan loads onto a GPU x bytes of one expert (layer shape of "
+                                "the cost-model preset), scaled from the replayed layers to the model's MoE layers"}
     return {"plan": plan, "placement_info": pinfo, "phy2log": phy2log, "notes": notes, "model_note": model_note,
-            "knobs": {n: list(knobs_of(n)) for n, _, _ in policies}, "axes": axes}
+            "knobs": {n: list(knobs_of(n)) for n, _, _ in policies}, "axes": axes, "schedule": schedule}
+
+
+def _replica_slots(args: argparse.Namespace, kind: str) -> list[int]:
+    """--replica-slots (and the predictive-only options) checked against --placement."""
+    if kind != "predictive":
+        for flag, value in (("--replan-every", args.replan_every), ("--predictor", args.predictor),
+                            ("--planner", args.planner), ("--ewma-alpha", args.ewma_alpha)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --placement predictive")
+    if args.replica_slots is None:
+        return [DEFAULT_REPLICA_SLOTS]
+    if kind not in ("eplb", "predictive"):
+        raise UsageError("--replica-slots needs --placement eplb or predictive")
+    if kind == "eplb":
+        if len(args.replica_slots) > 1:
+            raise UsageError("--replica-slots: one value with --placement eplb (several with predictive)")
+        if args.eplb_redundant is not None:
+            raise UsageError("--replica-slots and --eplb-redundant both set the redundant experts: give one")
+    for r in args.replica_slots:
+        if r < 0:
+            raise UsageError(f"--replica-slots {r}: must be >= 0")
+    return list(dict.fromkeys(args.replica_slots))
+
+
+def _schedule(args: argparse.Namespace, plan: Any, slots: list[int], calibration: Any, eplb: Any) -> Any:
+    """The variants of --placement predictive: none, EPLB's static plan per R, each predictive combination."""
+    from dataclasses import replace
+
+    from xshare.eval.costmodel import MODELS, match_model
+    from xshare.eval.placements import build_placements
+    from xshare.eval.predict import PLANNERS, PREDICTORS
+    from xshare.eval.replan import Variant, build_schedule
+
+    predictors = list(dict.fromkeys(args.predictor or ["ewma"]))
+    for p in predictors:
+        if p not in PREDICTORS:
+            raise UsageError(f"--predictor {p!r}: unknown; choose one of {', '.join(PREDICTORS)}")
+    planners = list(dict.fromkeys(args.planner or ["eplb"]))
+    for p in planners:
+        if p not in PLANNERS:
+            raise UsageError(f"--planner {p!r}: unknown; choose one of {', '.join(PLANNERS)}")
+    every = list(dict.fromkeys(args.replan_every or [DEFAULT_REPLAN_EVERY]))
+    for n in every:
+        if n < 1:
+            raise UsageError(f"--replan-every {n}: must be >= 1 (steps)")
+    alpha = DEFAULT_ALPHA if args.ewma_alpha is None else args.ewma_alpha
+    if not 0 < alpha <= 1:
+        raise UsageError(f"--ewma-alpha {alpha}: must be in (0, 1]")
+    trace = plan.trace
+    if trace.num_experts % args.gpus:
+        raise UsageError(f"--placement predictive: --gpus {args.gpus} does not divide the {trace.num_experts} experts")
+    variants = [Variant("none")] + [Variant("eplb", r) for r in slots] + [
+        Variant("predictive", r, p, n, planner) for r in slots for p in predictors for n in every
+        for planner in planners]
+    static = {r: build_placements("eplb", trace, plan.layers, args.gpus, replace(eplb, redundant=r * args.gpus),
+                                  calibration)[2] for r in slots}
+    key = match_model(trace.num_experts, trace.top_k) if args.model in ("auto", "none") else args.model
+    shape = MODELS.get(key) if key else None
+    expert_bytes = None if shape is None else shape.params_per_expert * shape.expert_bytes_per_param
+    return build_schedule(plan, variants, static, calibration, alpha=alpha, expert_bytes=expert_bytes,
+                          moe_layers=None if shape is None else shape.moe_layers,
+                          link_bandwidth=None if plan.cost is None else plan.cost.link_bandwidth)
 
 
 def _settings_doc(args: argparse.Namespace, built: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -385,6 +481,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
     from xshare.eval import report
     from xshare.eval.placements import placement_json
+    from xshare.eval.replan import replay_variants, variant_rows
     from xshare.eval.replay import replay, summarise_all
     from xshare.eval.traces import TraceError
 
@@ -397,10 +494,17 @@ def run(args: argparse.Namespace) -> int:
     for note in built["notes"]:
         print(f"note: {note}", file=sys.stderr)
     progress = False if args.no_progress else None
-    result = replay(plan, jobs=args.jobs, progress=progress)
-    rows = summarise_all(result)
+    schedule = built["schedule"]
+    if schedule is None:
+        result = replay(plan, jobs=args.jobs, progress=progress)
+        rows = summarise_all(result)
+        wall = result.wall_seconds
+    else:
+        replayed = replay_variants(schedule, jobs=args.jobs, progress=progress)
+        rows = variant_rows(schedule, replayed)
+        wall = replayed[0][1].wall_seconds
     match = report.matched(rows, args.match_active) if args.match_active else []
-    doc = report.document(_settings_doc(args, built, result.wall_seconds), rows, match)
+    doc = report.document(_settings_doc(args, built, wall), rows, match)
     proposed = None
     if args.propose_layer_budgets is not None:
         proposed = report.propose_layer_budgets(rows, args.propose_layer_budgets)
@@ -414,10 +518,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"layers: {len(plan.layers)} of {trace.num_layers}; {bat}; seed {args.seed}")
     pinfo = built["placement_info"]
     gpus = pinfo["num_gpus"]
-    print(f"placement: {pinfo['kind']}, {gpus} GPU{'' if gpus == 1 else 's'}, {pinfo['num_physical']} physical slots"
-          + (f" ({pinfo['redundant']} redundant, EPLB {pinfo['mode']})" if pinfo["kind"] == "eplb" else ""))
+    if schedule is None:
+        print(f"placement: {pinfo['kind']}, {gpus} GPU{'' if gpus == 1 else 's'}, {pinfo['num_physical']} physical "
+              "slots" + (f" ({pinfo['redundant']} redundant, EPLB {pinfo['mode']})" if pinfo["kind"] == "eplb" else ""))
+    else:
+        print(f"placements compared on {gpus} GPUs: {'; '.join(pinfo['variants'])}")
     print()
     print(report.text_table(rows))
+    if schedule is not None:
+        print()
+        print(report.placement_markdown(rows))
     if match:
         print()
         print(report.matched_markdown(match, rows))
@@ -435,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"per-layer budgets keeping {args.propose_layer_budgets:g} of the mass on every layer: "
                   f"{json.dumps(proposed['budgets'])} (total {proposed['total']}, mean {proposed['mean']:.2f} "
                   f"per layer; from the budgets {proposed['swept_budgets']})")
-    print(f"replay: {result.wall_seconds:.1f} s")
+    print(f"replay: {wall:.1f} s")
 
     # outputs: everything computed; each file appears whole or not at all
     if args.json:
@@ -443,6 +553,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.markdown:
         md = report.markdown_table(rows)
+        if schedule is not None:
+            md += "\n\n" + report.placement_markdown(rows)
         if match:
             md += "\n\n" + report.matched_markdown(match, rows)
         if plan.cost is not None:

@@ -3,6 +3,7 @@
     active_vs_batch.png  activated experts per layer vs batch size, topk and each policy (XShare Fig. 1)
     tradeoff.png         gate mass kept and top-1 kept vs activated experts per policy (the trade-off of Fig. 4)
     gpu_load.png         activated experts per GPU, topk vs xshare_ep (mean over layers and batches)
+    peak_timeline.png    the busiest GPU's token load over the steps per placement (``--placement predictive``)
 """
 
 from __future__ import annotations
@@ -127,6 +128,56 @@ def plot_gpu_load(rows: Sequence[dict[str, Any]], path: str, title: str = "") ->
     return True
 
 
+def _smooth(y: Sequence[float], window: int) -> Any:
+    import numpy as np
+
+    y = np.asarray(y, dtype=np.float64)
+    if window <= 1 or y.size < window:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    return (c[window:] - c[:-window]) / window
+
+
+def plot_peak_timeline(rows: Sequence[dict[str, Any]], path: str, title: str = "", window: int = 25) -> bool:
+    """Peak per-GPU token load over the steps (moving mean of ``window`` steps, mean over layers), one panel
+    per batch size and policy: no replicas, EPLB's static plan (each R), and per predictor its best
+    predictive variant (lowest mean peak; every variant's mean is in the JSON and tables). False (nothing
+    written) without timelines."""
+    rows = [r for r in rows if r.get("timeline")]
+    if not rows:
+        return False
+    plt = _plt()
+    panels = sorted({(r["batch"], r["policy"]) for r in rows}, key=lambda k: (k[0] is None, k[0] or 0, k[1]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.4 * len(panels)), squeeze=False)
+    for ax, (b, policy) in zip(axes[:, 0], panels, strict=True):
+        rs = [r for r in rows if (r["batch"], r["policy"]) == (b, policy)]
+        best: dict[str, dict[str, Any]] = {}
+        for r in rs:
+            if r["placement"] == "predictive" and (r["predictor"] not in best or r["peak_gpu_tokens_mean"]
+                                                   < best[r["predictor"]]["peak_gpu_tokens_mean"]):
+                best[r["predictor"]] = r
+        shown = [r for r in rs if r["placement"] != "predictive"] + list(best.values())
+        for i, r in enumerate(shown):
+            color, ls = {"none": ("black", "-"), "eplb": ("tab:blue", "-")}.get(
+                r["placement"], (PALETTE[i % len(PALETTE)], "--"))
+            if r["placement"] == "eplb" and r["replica_slots"] > 1:
+                ls = ":"
+            y = _smooth(r["timeline"]["peak_gpu_tokens"], window)
+            ax.plot(range(len(y)), y, ls, color=color, lw=1.3,
+                    label=f"{r['label'].split(' @ ')[-1]} (mean {r['peak_gpu_tokens_mean']:.2f})")
+        ax.set_xlabel("decode step")
+        ax.set_ylabel(f"busiest GPU: token-expert\nassignments ({window}-step mean)")
+        ax.set_title(f"{policy}, B = {b if b is not None else 'recorded'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(rows: Sequence[dict[str, Any]], folder: str, title: str = "") -> list[str]:
     """Write every figure into ``folder`` (created); returns the file names written."""
     os.makedirs(folder, exist_ok=True)
@@ -137,4 +188,6 @@ def write_plots(rows: Sequence[dict[str, Any]], folder: str, title: str = "") ->
     written.append("tradeoff.png")
     if plot_gpu_load(rows, os.path.join(folder, "gpu_load.png"), title):
         written.append("gpu_load.png")
+    if plot_peak_timeline(rows, os.path.join(folder, "peak_timeline.png"), title):
+        written.append("peak_timeline.png")
     return written

@@ -12,7 +12,7 @@ are then computed for all batches of the layer at once (vectorised tensors):
                        set before the target was reached (``Routing.cap_bound``)
     GPU load           activated physical experts per GPU under the placement (a replicated expert
                        counts once per replica that receives tokens); peak = the busiest GPU
-    tokens per GPU     token-expert assignments per GPU (max / mean)
+    tokens per GPU     token-expert assignments per GPU: the busiest GPU's, the mean, their ratio
     a2a volume         tokens each GPU sends to / receives from other GPUs (token i starts on GPU i mod G)
 
 Averages are over layers and batches (``../shared/traces/README.md``).
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from xshare.eval.batching import Batches
 from xshare.eval.costmodel import CostModel
+from xshare.eval.report import PLACEMENT_KEYS
 from xshare.eval.traces import Trace
 from xshare.selection import Placement, SelectorConfig, get_policy
 from xshare.selection.engine import LayerCall, LayerRouting, decide
@@ -135,6 +136,7 @@ class Plan:
     settings: list[Setting]
     placements: list[Placement]  # one per replayed layer
     cost: CostModel | None = None
+    placement_kind: str = "contiguous"  # the rows' 'placement'
 
     def settings_for(self, bkey: int | None) -> list[Setting]:
         return [s for s in self.settings if s.batch == bkey]
@@ -148,6 +150,8 @@ class LayerStats:
     peak: np.ndarray
     peak_over_mean: np.ndarray
     tokens_max_over_mean: np.ndarray
+    tokens_peak: np.ndarray  # token-expert assignments on the busiest GPU
+    tokens_mean: np.ndarray  # token-expert assignments per GPU, mean over GPUs
     mass: np.ndarray
     top1: np.ndarray
     gpu_active_mean: np.ndarray  # [G]
@@ -228,6 +232,8 @@ def layer_metrics(ids: Tensor, phys: Tensor | None, valid: Tensor, tokens: Tenso
         "peak_over_mean": (peak / gpu_active.mean(1).clamp_min(1e-12)).numpy().astype(np.float32),
         "tokens_max_over_mean": (gpu_assign.max(1).values / gpu_assign.mean(1).clamp_min(1e-12)).numpy()
         .astype(np.float32),
+        "tokens_peak": gpu_assign.max(1).values.numpy().astype(np.float32),
+        "tokens_mean": gpu_assign.mean(1).numpy().astype(np.float32),
         "mass": mass.numpy().astype(np.float32),
         "top1": top1.numpy().astype(np.float32),
         "gpu_active_mean": gpu_active.mean(0).numpy(),
@@ -249,46 +255,121 @@ def layer_metrics(ids: Tensor, phys: Tensor | None, valid: Tensor, tokens: Tenso
 VANILLA = "topk"
 
 
-@torch.inference_mode()
-def replay_unit(plan: Plan, bkey: int | None, li: int,
-                tick: Callable[[int], None] | None = None) -> dict[Setting, LayerStats]:
-    """All settings of one batch size on one layer (plus the vanilla reference)."""
+@dataclass
+class LayerInputs:
+    """One layer's batches: tokens int [NB, W] (-1 padded), valid bool [NB, W], sizes [NB], logits
+    float [NB, W, E], groups (request ids) [NB, W]; probs float [T, E] and stored int [T, K] per trace token."""
+
+    tokens: Tensor
+    valid: Tensor
+    sizes: list[int]
+    logits: Tensor
+    groups: Tensor
+    probs: Tensor
+    stored: Tensor
+
+    def steps(self, start: int, stop: int) -> LayerInputs:
+        """The batches [start, stop) only."""
+        return LayerInputs(self.tokens[start:stop], self.valid[start:stop], self.sizes[start:stop],
+                           self.logits[start:stop], self.groups[start:stop], self.probs, self.stored)
+
+
+def layer_inputs(plan: Plan, bkey: int | None, layer: int) -> LayerInputs:
     trace = plan.trace
-    layer = plan.layers[li]
-    batches = plan.batches[bkey]
-    tokens = torch.from_numpy(batches.tokens)
+    tokens = torch.from_numpy(plan.batches[bkey].tokens)
     valid = tokens >= 0
     tok = tokens.clamp_min(0)
-    sizes = valid.sum(1).tolist()
-    logits = trace.layer_logits(layer)[tok]  # [NB, W, E]
-    groups = torch.from_numpy(trace.seq_ids)[tok]
-    probs = trace.layer_probs(layer)
-    stored = torch.from_numpy(trace.topk_ids[layer])
-    placement = plan.placements[li]
-    settings = [Setting(VANILLA, bkey)] + [s for s in plan.settings_for(bkey) if s != Setting(VANILLA, bkey)]
+    return LayerInputs(tokens, valid, valid.sum(1).tolist(), trace.layer_logits(layer)[tok],
+                       torch.from_numpy(trace.seq_ids)[tok], trace.layer_probs(layer),
+                       torch.from_numpy(trace.topk_ids[layer]))
+
+
+def unit_settings(plan: Plan, bkey: int | None) -> list[Setting]:
+    """The settings of one batch size, the vanilla reference first."""
+    return [Setting(VANILLA, bkey)] + [s for s in plan.settings_for(bkey) if s != Setting(VANILLA, bkey)]
+
+
+def route_and_measure(plan: Plan, cfg: SelectorConfig, inp: LayerInputs, placement: Placement,
+                      layer: int) -> tuple[LayerStats, Tensor]:
+    """Route the batches of ``inp`` under ``placement`` and measure them: (stats, routed ids [NB, W, k])."""
+    ids, phys, seconds, bound = _route(plan, cfg, inp.logits, inp.groups, inp.sizes, placement, layer)
+    m = layer_metrics(ids, phys, inp.valid, inp.tokens, inp.probs, inp.stored, placement, plan.cost)
+    return LayerStats(**m, select_seconds=seconds, calls=len(inp.sizes), cap_bound=bound), ids
+
+
+@torch.inference_mode()
+def replay_unit(plan: Plan, bkey: int | None, li: int) -> dict[Setting, LayerStats]:
+    """All settings of one batch size on one layer (plus the vanilla reference)."""
+    layer = plan.layers[li]
+    inp = layer_inputs(plan, bkey, layer)
     out: dict[Setting, LayerStats] = {}
-    for s in settings:
-        cfg = s.config().for_layer(layer, range(trace.num_layers))  # per-layer values: the trace's layers
-        ids, phys, seconds, bound = _route(plan, cfg, logits, groups, sizes, placement, layer)
-        m = layer_metrics(ids, phys, valid, tokens, probs, stored, placement, plan.cost)
-        out[s] = LayerStats(**m, select_seconds=seconds, calls=len(sizes), cap_bound=bound)
-        if tick is not None:
-            tick(1)
+    for s in unit_settings(plan, bkey):
+        cfg = s.config().for_layer(layer, range(plan.trace.num_layers))  # per-layer values: the trace's layers
+        out[s] = route_and_measure(plan, cfg, inp, plan.placements[li], layer)[0]
     return out
 
 
-_WORKER_PLAN: Plan | None = None
+def concat_stats(parts: Sequence[LayerStats]) -> LayerStats:
+    """The stats of consecutive runs of batches of one layer as one (per-GPU means weighted by batches)."""
+    n = np.array([len(p.active) for p in parts], dtype=np.float64)
+
+    def cat(name: str) -> np.ndarray | None:
+        vals = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in vals) else np.concatenate(vals)
+
+    return LayerStats(
+        active=cat("active"), peak=cat("peak"), peak_over_mean=cat("peak_over_mean"),
+        tokens_max_over_mean=cat("tokens_max_over_mean"), tokens_peak=cat("tokens_peak"),
+        tokens_mean=cat("tokens_mean"), mass=cat("mass"), top1=cat("top1"),
+        gpu_active_mean=np.average(np.stack([p.gpu_active_mean for p in parts]), axis=0, weights=n),
+        moe_seconds=cat("moe_seconds"), select_seconds=sum(p.select_seconds for p in parts),
+        calls=sum(p.calls for p in parts), cap_bound=cat("cap_bound"))
 
 
-def _init_worker(plan: Plan) -> None:
-    global _WORKER_PLAN
+_WORKER_STATE: Any = None
+
+
+def _init_worker(state: Any) -> None:
+    global _WORKER_STATE
     torch.set_num_threads(1)
-    _WORKER_PLAN = plan
+    _WORKER_STATE = state
 
 
-def _worker_unit(bkey: int | None, li: int) -> tuple[int | None, int, dict[Setting, LayerStats]]:
-    assert _WORKER_PLAN is not None
-    return bkey, li, replay_unit(_WORKER_PLAN, bkey, li)
+def _worker_unit(fn: Callable[..., Any], key: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    return key, fn(_WORKER_STATE, *key)
+
+
+def run_units(state: Any, fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], weights: Sequence[int],
+              jobs: int = 1, progress: bool | None = None, desc: str = "xshare eval") -> dict[tuple[Any, ...], Any]:
+    """``fn(state, *unit)`` for every unit, in ``jobs`` processes (spawned, one torch thread each, ``state``
+    copied once per process; ``fn`` a module-level function); a tqdm bar advancing by each unit's weight
+    when ``progress`` (None: only on a terminal). Returns {unit: result}."""
+    from tqdm import tqdm
+
+    collected: dict[tuple[Any, ...], Any] = {}
+    disable = None if progress is None else not progress
+    bar = tqdm(total=sum(weights), desc=desc, disable=disable, leave=False)
+    weight = dict(zip(units, weights, strict=True))
+    threads = torch.get_num_threads()
+    try:
+        if jobs <= 1 or len(units) == 1:
+            torch.set_num_threads(1)
+            for u in units:
+                collected[u] = fn(state, *u)
+                bar.update(weight[u])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(state,)) as pool:
+                futs = [pool.submit(_worker_unit, fn, u) for u in units]
+                for f in as_completed(futs):
+                    u, res = f.result()
+                    collected[u] = res
+                    bar.update(weight[u])
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    return collected
 
 
 @dataclass
@@ -300,33 +381,10 @@ class ReplayResult:
 
 def replay(plan: Plan, jobs: int = 1, progress: bool | None = None) -> ReplayResult:
     """Run every (batch size, layer) unit, in ``jobs`` processes; a tqdm bar when ``progress``."""
-    from tqdm import tqdm
-
     units = [(b, li) for b in plan.batches for li in range(len(plan.layers))]
     per_unit = {b: 1 + len([s for s in plan.settings_for(b) if s.policy != VANILLA]) for b in plan.batches}
-    total = sum(per_unit[b] for b, _ in units)
-    collected: dict[tuple[int | None, int], dict[Setting, LayerStats]] = {}
     t0 = time.perf_counter()
-    disable = None if progress is None else not progress  # None: only on a terminal
-    bar = tqdm(total=total, desc="xshare eval", unit="layer-setting", disable=disable, leave=False)
-    threads = torch.get_num_threads()
-    try:
-        if jobs <= 1 or len(units) == 1:
-            torch.set_num_threads(1)
-            for b, li in units:
-                collected[(b, li)] = replay_unit(plan, b, li, tick=bar.update)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(plan,)) as pool:
-                futs = [pool.submit(_worker_unit, b, li) for b, li in units]
-                for f in as_completed(futs):
-                    b, li, res = f.result()
-                    collected[(b, li)] = res
-                    bar.update(per_unit[b])
-    finally:
-        torch.set_num_threads(threads)
-        bar.close()
+    collected = run_units(plan, replay_unit, units, [per_unit[b] for b, _ in units], jobs, progress)
     result = ReplayResult(plan=plan, wall_seconds=time.perf_counter() - t0)
     for b in plan.batches:
         for li in range(len(plan.layers)):
@@ -379,6 +437,8 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
         "warmup_k": cfg.warmup_k if "warmup_k" in knobs else None,
         "group_budget": (cfg.group_budget_for(num_experts, trace.top_k) if "group_budget" in knobs else None),
         "gpus": g,
+        "placement": plan.placement_kind,
+        **dict.fromkeys(PLACEMENT_KEYS),
         "gpu_cap": gpu_cap,
         "active_experts_mean": _f(active.mean()),
         "active_experts_p50": _f(np.percentile(active, 50)),
@@ -397,6 +457,9 @@ def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
         "vanilla_peak_over_mean_gpu": _f(_stack(van, "peak_over_mean").mean()),
         "tokens_per_gpu_max_over_mean": _f(_stack(stats, "tokens_max_over_mean").mean()),
         "vanilla_tokens_per_gpu_max_over_mean": _f(_stack(van, "tokens_max_over_mean").mean()),
+        "peak_gpu_tokens_mean": _f(_stack(stats, "tokens_peak").mean()),
+        "vanilla_peak_gpu_tokens_mean": _f(_stack(van, "tokens_peak").mean()),
+        "gpu_tokens_mean": _f(_stack(stats, "tokens_mean").mean()),
         "selector_ms_per_layer": _f(1e3 * sum(s.select_seconds for s in stats) / sum(s.calls for s in stats)),
         "vanilla_selector_ms_per_layer": _f(1e3 * sum(s.select_seconds for s in van) / sum(s.calls for s in van)),
         "gpu_load_mean": [_f(x) for x in np.mean([s.gpu_active_mean for s in stats], 0)],

@@ -21,10 +21,17 @@ ROW_KEYS = (
     "active_experts_max", "vanilla_active_experts_mean", "reduction", "mass_kept", "top1_kept", "cap_bound",
     "peak_gpu_experts_mean", "peak_gpu_experts_max", "vanilla_peak_gpu_experts_mean", "peak_ratio",
     "peak_over_mean_gpu", "vanilla_peak_over_mean_gpu", "tokens_per_gpu_max_over_mean",
-    "vanilla_tokens_per_gpu_max_over_mean", "selector_ms_per_layer", "vanilla_selector_ms_per_layer",
+    "vanilla_tokens_per_gpu_max_over_mean", "peak_gpu_tokens_mean", "vanilla_peak_gpu_tokens_mean",
+    "gpu_tokens_mean", "selector_ms_per_layer", "vanilla_selector_ms_per_layer",
     "modelled_moe_ms_per_step", "vanilla_modelled_moe_ms_per_step", "modelled_step_ms", "vanilla_modelled_step_ms",
     "moe_speedup", "otps_ratio", "gpu_load_mean", "vanilla_gpu_load_mean", "per_layer",
+) + ("placement",)
+# a row of a placement comparison (``--placement predictive``) fills these; null elsewhere
+PLACEMENT_KEYS = (
+    "replica_slots", "predictor", "replan_every", "planner", "replans", "moved_experts", "moved_bytes_per_step",
+    "move_ms_per_step", "forecast", "timeline",
 )
+ROW_KEYS += PLACEMENT_KEYS
 
 
 def document(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
@@ -198,3 +205,37 @@ def matched_markdown(match: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
             lines.append(f"| topk (reference) | {_fmt(b)} | 100.00% | 100.00% | {v:.1f} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+# -- placement comparison (--placement predictive) ------------------------------------------------------
+PLACEMENT_COLUMNS = (
+    ("policy", "policy", None), ("B", "batch", None), ("placement", "placement", None), ("R", "replica_slots", None),
+    ("predictor", "predictor", None), ("N", "replan_every", None), ("planner", "planner", None),
+    ("peak tok/GPU", "peak_gpu_tokens_mean", ".2f"), ("mean tok/GPU", "gpu_tokens_mean", ".2f"),
+    ("tok max/mean", "tokens_per_gpu_max_over_mean", ".3f"), ("peak experts/GPU", "peak_gpu_experts_mean", ".2f"),
+    ("mass kept", "mass_kept", ".1%"), ("MB moved/step", "moved_bytes_per_step", ".1f"),
+    ("move ms/step", "move_ms_per_step", ".3f"), ("hot prec.", "hot_precision", ".2f"),
+    ("hot recall", "hot_recall", ".2f"), ("load err.", "load_error", ".2f"),
+    ("MoE ms/step", "modelled_moe_ms_per_step", ".3f"),
+)
+
+
+def _placement_cell(r: dict[str, Any], key: str, spec: str | None) -> str:
+    v = r.get(key)
+    if key in ("hot_precision", "hot_recall", "load_error"):
+        v = (r.get("forecast") or {}).get(key)
+    elif key == "moved_bytes_per_step" and v is not None:
+        v = v / 1e6
+    elif key == "batch" and v is None:
+        return "rec."
+    return _fmt(v, spec) if spec else _fmt(v)
+
+
+def placement_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per (setting, placement) of a placement comparison: per-GPU token load (the busiest GPU
+    and the mean, token-expert assignments per step, mean over layers and steps), bytes moved, forecast."""
+    head = [c[0] for c in PLACEMENT_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 7 + ["---:"] * (len(head) - 7)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_placement_cell(r, key, spec) for _, key, spec in PLACEMENT_COLUMNS) + " |")
+    return "\n".join(lines)

@@ -102,7 +102,7 @@ def register() -> None:
         log.warning("xshare: written for sglang %s, running on %s: the hook targets may have moved",
                     SGLANG_VERSION, version)
 
-    from xshare.sglang import hooks, runtime
+    from xshare.sglang import hooks, replicas, runtime
 
     rank = _rank_of(frame)
     rt = runtime.install(settings, rank=rank)
@@ -118,6 +118,8 @@ def register() -> None:
     HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)
     HookRegistry.register(hooks.LOAD_MODEL_TARGET, hooks.load_model_hook, HookType.AFTER)
     HookRegistry.register(hooks.EPLB_UPDATE_TARGET, hooks.expert_location_update_hook, HookType.AFTER)
+    if settings.replica_plan == "predictive":
+        HookRegistry.register(replicas.COMPUTE_METADATA_TARGET, replicas.compute_metadata_hook, HookType.AROUND)
     if settings.routed_topk:
         HookRegistry.register(hooks.BIND_RUNNER_TARGET, hooks.bind_runner_backend_hook, HookType.AFTER)
     if hooks.triton_routing_available():

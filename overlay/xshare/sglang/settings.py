@@ -27,6 +27,10 @@ PREFIX = "XSHARE_"
 CONFIG_ENV = "XSHARE_CONFIG"
 DEEPEP_MODES = ("local", "global")
 METRICS_DETAILS = ("group", "rank", "layer")
+REPLICA_PLANS = ("eplb", "predictive")
+# xshare.eval.predict's PLANNERS and DEFAULT_ALPHA (a test keeps them equal; settings import no numpy)
+REPLICA_PLANNERS = ("eplb", "greedy")
+REPLICA_ALPHA = 0.2
 
 
 def _fault_check(value: str) -> str | None:
@@ -67,6 +71,13 @@ PLUGIN_FIELDS: tuple[Field, ...] = (
     Field("routed_topk", "bool", True, "with the selector on, make SGLang's `flashinfer_trtllm` runners (Blackwell) "
           "route through select_experts and their routed kernels, so the selector sees the routing",
           scope="plugin"),
+    Field("replica_plan", "choice", "eplb", "with SGLang's `--enable-eplb`: each rebalance places replicas by "
+          "SGLang's EPLB on the recorded window (`eplb`), or by the plugin's plan from a forecast of the load "
+          "(`predictive`: an EWMA over the rebalance windows, docs/eval.md)", choices=REPLICA_PLANS, scope="plugin"),
+    Field("replica_planner", "choice", "greedy", "`predictive` plans: `greedy` re-fills only the spare slots "
+          "beside a fixed home placement, `eplb` runs EPLB on the forecast", choices=REPLICA_PLANNERS, scope="plugin"),
+    Field("replica_alpha", "fraction", REPLICA_ALPHA, "`predictive` plans: weight of the newest rebalance window "
+          "in the forecast (1: that window alone)", scope="plugin"),
 )
 FIELDS: tuple[Field, ...] = PLUGIN_FIELDS + OPERATOR_FIELDS
 _BY_NAME = by_name(FIELDS)
@@ -103,6 +114,9 @@ class PluginSettings:
     profile: bool = _default("profile")
     require_coverage: bool = _default("require_coverage")
     routed_topk: bool = _default("routed_topk")
+    replica_plan: str = _default("replica_plan")
+    replica_planner: str = _default("replica_planner")
+    replica_alpha: float = _default("replica_alpha")
 
     def describe(self) -> str:
         s = self.selector
