@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import require_module
 from xshare.selection import Placement, SelectorConfig, select
 from xshare.selection.group_stats import global_select, join_empty
 
@@ -158,3 +159,59 @@ def test_a_failing_router_layer_still_joins_the_group_all_reduce(bad):
         decide(LayerCall(_logits(0, 6, 0), top_k, _spec(), all_reduce=all_reduce),
                SelectorConfig(policy=policy, budget=5, warmup_k=1))
     assert calls == [(2 * E,)]
+
+
+def _adapter_worker(rank: int, world: int, init_file: str, fault: str, out_dir: str) -> None:
+    """One rank of a DeepEP global-mode group running the routing hook's path (a real Runtime) over a few
+    layers, with ``fault`` injected on rank 1."""
+    from datetime import timedelta
+
+    from xshare.sglang import routing
+    from xshare.sglang import runtime as rt
+    from xshare.sglang.settings import PluginSettings
+
+    topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        runtime = rt.Runtime(PluginSettings(enabled=True, deepep_mode="global",
+                                            selector=SelectorConfig(policy="xshare", budget=5, warmup_k=1)))
+        runtime.scattered_input = True
+        calls: list = []
+        runtime.all_reduce = _recording_all_reduce(calls)
+        if rank == 1 and fault == "diverged":  # off the group's config: it keeps SGLang's routing
+            runtime.diverged = True
+        if rank == 1 and fault == "raises":  # fails before its part of the all-reduce
+
+            def broken(*_a, **_k):
+                raise RuntimeError("injected before the all-reduce")
+            runtime.layer_config = broken
+        if rank == 1 and fault == "fault":  # fails after its part (XSHARE_FAULT_INJECT's checkpoint)
+            runtime.settings = PluginSettings(enabled=True, deepep_mode="global", fault_inject="always",
+                                              selector=runtime.settings.selector)
+        runtime.push(rt.ForwardState(mode="decode", global_mode="decode", global_applies=True))
+        cfg = topk.TopKConfig(top_k=K, renormalize=True)
+        applied = []
+        for layer in range(LAYERS):
+            x = _logits(layer, 6, rank)
+            w, ids = torch.topk(torch.softmax(x, -1), K, dim=-1)
+            args = {"topk_ids": ids.to(torch.int32), "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": x,
+                    "layer_id": layer, "num_token_non_padded": None}
+            applied.append(routing.route(runtime, args, cfg) is not None)
+        torch.save({"calls": calls, "applied": applied}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fault", ["none", "diverged", "raises", "fault"])
+def test_every_rank_joins_every_layers_all_reduce_whatever_its_own_path(tmp_path, fault):
+    """The routing hook in DeepEP global mode on 2 gloo ranks: a rank off its group's config, or one whose
+    own part fails before or after the all-reduce, keeps SGLang's routing but still joins each layer's
+    all-reduce exactly once, so its peer completes (a missing part would hang it until the timeout)."""
+    mp.start_processes(_adapter_worker, args=(2, str(tmp_path / "init"), fault, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for out in outs:
+        assert out["calls"] == [(2 * E,)] * LAYERS
+    assert outs[0]["applied"] == [True] * LAYERS
+    assert outs[1]["applied"] == [fault == "none"] * LAYERS

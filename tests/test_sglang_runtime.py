@@ -303,6 +303,12 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
         for e in torch.unique(logical).tolist():
             per_gpu[placement.primary_gpu[e]] += 1
         assert per_gpu.max() <= 2  # gpu_cap = ceil(8 / 4)
+        # SGLang's LP dispatch all-reduces in its solver on every rank: the dispatch stays, ids stay logical
+        args = dict(call_args(logits), layer_id=1,
+                    expert_location_dispatch_info=SimpleNamespace(ep_dispatch_algorithm="lp"))
+        out = runtime.route(args, topk_config=topk_config())
+        assert "expert_location_dispatch_info" not in out and out["topk_ids"].max() < E
+        assert torch.unique(out["topk_ids"]).numel() <= 8
     finally:
         rt.uninstall()
 

@@ -43,6 +43,7 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         runtime.skip("config_diverged")
         runtime.log_once("diverged", logging.ERROR, "xshare: rank %d is not on its group's config: SGLang's "
                          "routing until the next config change", runtime.group_rank)
+        _join_owed(runtime, args, state, topk_config)
         return None
     if is_draft_layer(topk_config) or (state is not None and state.is_draft):
         runtime.skip("draft_layer")
@@ -88,9 +89,15 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         if not state.capturing and not s.selector.applies_to(call.num_rows):
             runtime.skip("batch_size")
             return None
+    joined: list[bool] = []  # DeepEP global mode: this call's one part of the group's all-reduce
+
+    def all_reduce(local: torch.Tensor) -> torch.Tensor:
+        joined.append(True)
+        return runtime.all_reduce(local)
+
     try:
         t0 = time.perf_counter()
-        out = _route(runtime, call, state, global_mode, offset)
+        out = _route(runtime, call, state, global_mode, offset, all_reduce if global_mode else None)
         if runtime.observe and out is not None:
             stats.record_seconds(time.perf_counter() - t0)
         return out
@@ -100,6 +107,8 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         runtime.log_once(f"fallback:{reason}", logging.ERROR,
                          "xshare: selector failed (%s: %s); routing this call with SGLang's top-k "
                          "(logged once per error type, counted in fallbacks)", reason, exc, exc_info=True)
+        if global_mode and not joined:  # failed before its part: the peers are waiting in the all-reduce
+            _join_owed(runtime, args, state, topk_config)
         return None
 
 
@@ -124,6 +133,22 @@ def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
     if out is None:
         return None
     return out["topk_ids"][:, :k].to(torch.int64).sort(dim=-1).values.to(torch.int16)
+
+
+def _join_owed(runtime: Runtime, args: dict[str, Any], state: ForwardState | None, topk_config: Any) -> None:
+    """DeepEP global mode: this rank's part of a layer's all-reduce that its peers make (the group
+    applies, from replicated facts) when this rank itself will not route (off its group's config, or
+    failed before its part): zeros, so the collective completes and the others' set is theirs."""
+    if not runtime.global_mode() or state is None or not state.global_applies or state.is_draft \
+            or is_draft_layer(topk_config):
+        return
+    logits = args.get("router_logits")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        return
+    try:
+        join_empty(int(logits.shape[1]), runtime.all_reduce, logits.device)
+    except Exception as exc:  # noqa: BLE001 - the group's failure, not this call's: SGLang's routing still runs
+        runtime.log_once("join_owed", logging.ERROR, "xshare: joining the group's all-reduce failed: %s", exc)
 
 
 def _prepare(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> None:
@@ -151,7 +176,7 @@ def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mod
 
 
 def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: bool,
-           offset: int = 0) -> dict[str, Any]:
+           offset: int = 0, all_reduce: Any = None) -> dict[str, Any]:
     s = runtime.settings
     if call.num_token_non_padded is None and state.real_rows is not None and not global_mode:
         # SGLang masks no padding rows here (no EP, no DP gather): the count the plugin keeps for the graph,
@@ -173,7 +198,6 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     if policy.uses_groups() and not global_mode:
         groups = state.groups if state.groups is not None and state.groups.shape[0] == call.num_rows else \
             runtime.group_ids(call.num_rows, state.tokens_per_req, device)
-    all_reduce = runtime.all_reduce if global_mode else None
     knobs = None
     if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
         knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device, call.layer_id)
@@ -195,10 +219,14 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
         if decision.outputs is not None:  # the backend wrote them in SGLang's layout already
             return {"topk_ids": decision.outputs[0], "topk_weights": decision.outputs[1]}
         return call.replace_rows(routing.topk_ids, routing.topk_weights, decision.replaced)
-    new_ids = routing.topk_ids if routing.physical_ids is None else routing.physical_ids
-    # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again.
-    out = call.replace(new_ids, routing.topk_weights, physical=routing.physical_ids is not None)
-    if exact is not None and routing.physical_ids is None:  # exact rows: SGLang's own ids and weights, verbatim
+    # The policy chose the replicas itself (xshare_ep): SGLang must not remap them again. Except under
+    # SGLang's LP dispatch, whose solver all-reduces over the EP group in every call: dropping its dispatch
+    # on a rank that applied (while a rank that fell back keeps it) would leave the group's collective
+    # hanging, so there the logical experts go to SGLang, which picks the replicas on every rank.
+    physical = routing.physical_ids is not None and call.dispatch_algorithm != "lp"
+    new_ids = routing.physical_ids if physical else routing.topk_ids
+    out = call.replace(new_ids, routing.topk_weights, physical=physical)
+    if exact is not None and not physical:  # exact rows: SGLang's own ids and weights, verbatim
         keep = exact.unsqueeze(1)
         out["topk_ids"] = torch.where(keep, call.topk_ids, out["topk_ids"])
         out["topk_weights"] = torch.where(keep, call.topk_weights, out["topk_weights"])

@@ -134,6 +134,8 @@ class TopkCall:
     top_k: int  # routed experts (shared-expert slots excluded)
     shared: int  # fused shared-expert slots after the routed ones
     layer: LayerRouting | RouterSpec  # the layer's router (layer_routing), read once per call
+    # SGLang's replica dispatch of the call ('static', 'dynamic', 'fake', 'lp'), or None without EPLB
+    dispatch_algorithm: str | None = None
 
     @classmethod
     def read(cls, args: dict[str, Any], topk_config: Any) -> TopkCall:
@@ -144,7 +146,9 @@ class TopkCall:
         return cls(topk_ids=topk_ids, topk_weights=args["topk_weights"], router_logits=args["router_logits"],
                    topk_config=topk_config, layer_id=int(args.get("layer_id") or 0),
                    num_token_non_padded=args.get("num_token_non_padded"), top_k=top_k,
-                   shared=shared if top_k != width else 0, layer=layer_routing(topk_config))
+                   shared=shared if top_k != width else 0, layer=layer_routing(topk_config),
+                   dispatch_algorithm=getattr(args.get("expert_location_dispatch_info"), "ep_dispatch_algorithm",
+                                              None))
 
     @property
     def num_rows(self) -> int:
