@@ -261,3 +261,33 @@ def test_each_two_batch_overlap_micro_batch_reads_its_own_exact_flags(family, ca
         assert want is not None and out is not None
         assert torch.equal(out["topk_ids"], want["topk_ids"]), i
         assert torch.equal(out["topk_ids"][own], half["topk_ids"][own])  # flagged rows keep SGLang's experts
+
+
+def test_sglangs_warm_up_runs_under_a_capture_are_not_counted(monkeypatch):
+    """SGLang runs a shape eagerly on dummy inputs before capturing it: those runs (capturing state, no
+    stream capturing) route but add nothing to the statistics; the captured run and its replays do."""
+    cfg, e, k = _family("softmax")
+    call = Call(cfg, e, k)
+    call.fill(1)
+    runtime = rt.install(_settings("xshare", e))
+    runtime.push(rt.ForwardState(mode="decode"))
+    routing.route(runtime, call.args(), cfg)  # an eager forward: counted
+    runtime.pop()
+    assert runtime.stats.snapshot()["applied"] == 1
+    capturing = [False]
+    monkeypatch.setattr(routing, "stream_capturing", lambda device: capturing[0])
+
+    def shape():  # SGLang's capture of one shape: two warm-up runs, then the run it captures
+        routing.route(runtime, call.args(), cfg)
+        routing.route(runtime, call.args(), cfg)
+        capturing[0] = True
+        return routing.route(runtime, call.args(), cfg)
+
+    graph = Graph()
+    assert _capture(runtime, graph, shape) is not None
+    # the warm-ups added nothing; the captured run adds once here because the emulation runs what it
+    # records (a CUDA capture only records)
+    assert runtime.stats.snapshot()["applied"] == 2
+    graph.replay()  # what the graph recorded: the captured run's bookkeeping, counted on every replay
+    graph.replay()
+    assert runtime.stats.snapshot()["applied"] == 4

@@ -135,6 +135,16 @@ def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
     return out["topk_ids"][:, :k].to(torch.int64).sort(dim=-1).values.to(torch.int16)
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph now. Under SGLang's capture of one
+    shape the forward also runs eagerly first, on dummy inputs (warm-up): in the capturing state but
+    not capturing. Off CUDA nothing is captured by torch; the CPU test bed's emulated capture counts as
+    capturing."""
+    if device.type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    return True
+
+
 def _join_owed(runtime: Runtime, args: dict[str, Any], state: ForwardState | None, topk_config: Any) -> None:
     """DeepEP global mode: this rank's part of a layer's all-reduce that its peers make (the group
     applies, from replicated facts) when this rank itself will not route (off its group's config, or
@@ -205,7 +215,8 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
-    _record(runtime, call, decision, placement)
+    if not (state.capturing and not stream_capturing(device)):  # SGLang's warm-up runs before a capture
+        _record(runtime, call, decision, placement)  # (dummy batches) are not counted; the capture itself is
     runtime.stats.note_layer(call.layer_id, "selects")
     label = runtime.stats.note_backend(call.layer_id, decision.backend, decision.reason)
     if decision.reason is not None and not decision.reason.startswith("c_"):
