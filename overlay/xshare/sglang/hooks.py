@@ -154,6 +154,7 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
     runtime.num_experts_hint = moe_shape(hf)[1]
     server_args = getattr(model_runner, "server_args", None)
     runtime.two_batch_overlap = bool(getattr(server_args, "enable_two_batch_overlap", False))
+    runtime.shared_rows = not runtime.scattered_input and _attention_dp_size() > 1
     if not runtime.moe_layers:
         runtime.moe_layers = moe_layer_ids(hf)
     runtime.placements.source = functools.partial(sglang_placement, runtime.placements)
@@ -170,11 +171,23 @@ def _init_process_facts(runtime: rt_mod.Runtime, model_runner: Any) -> None:
         log.info("xshare: MoE rows are DP-local (a2a backend): per-rank local selection")
 
 
+def _attention_dp_size() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(getattr(get_parallel(), "attn_dp_size", 1) or 1)
+    except Exception:  # noqa: BLE001 - no runtime context: no attention DP
+        return 1
+
+
 def _forward_state(runtime: rt_mod.Runtime, model_runner: Any, forward_batch: Any, *, capturing: bool) -> ForwardState:
     mode = _mode_name(getattr(forward_batch, "forward_mode", None))
     tpr = _tokens_per_req(forward_batch, mode)
     state = ForwardState(mode=mode, is_draft=bool(getattr(model_runner, "is_draft_worker", False)),
                          tokens_per_req=tpr, capturing=capturing)
+    if runtime.shared_rows:  # the MoE runs in the DP group's mode, over every DP rank's rows
+        state.global_mode = _mode_name(getattr(forward_batch, "global_forward_mode", None)
+                                       or getattr(forward_batch, "forward_mode", None))
     if runtime.scattered_input and runtime.all_reduce is not None:
         gmode = _mode_name(getattr(forward_batch, "global_forward_mode", None) or forward_batch.forward_mode)
         counts = getattr(forward_batch, "global_num_tokens_cpu", None)
@@ -222,8 +235,8 @@ def _fill_real_rows(runtime: rt_mod.Runtime, state: ForwardState, forward_batch:
     """The forward's real rows (requests x tokens per request) into the device count a replayed graph
     reads where SGLang passes none (:meth:`Runtime.real_rows_buffer`; a fill, no host-to-device copy).
     Eager forwards have no padding rows."""
-    if state.mode not in ("decode", "target_verify") or state.is_draft:
-        return
+    if state.mode not in ("decode", "target_verify") or state.is_draft or runtime.shared_rows:
+        return  # (attention DP: the MoE rows are the DP group's, this rank's count is not theirs)
     device = getattr(getattr(forward_batch, "input_ids", None), "device", None)
     bs = getattr(forward_batch, "batch_size", None)
     if device is None or not isinstance(bs, int):
@@ -301,7 +314,8 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
             if device.type == "cuda" and device.index is None:  # the tensors' own name ("cuda:N")
                 device = torch.device("cuda", torch.cuda.current_device())
             runtime.prepare_device(device)
-            state.real_rows = runtime.real_rows_buffer(device)
+            if not runtime.shared_rows:
+                state.real_rows = runtime.real_rows_buffer(device)
         if runtime.scattered_input and runtime.all_reduce is not None:
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
     except Exception as exc:  # noqa: BLE001

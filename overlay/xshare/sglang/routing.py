@@ -61,6 +61,16 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         if not state.global_applies:
             runtime.skip("not_applicable_global")
             return None
+    elif runtime.shared_rows:  # TP ranks over the DP group's rows: the group's mode, not this rank's
+        mode = state.global_mode or state.mode
+        if mode not in runtime.modes():
+            runtime.skip(f"mode_{mode}")
+            return None
+        if state.exact is not None or state.exact_unknown:
+            # this rank's flags cover its own rows only, its peers' not at all: every rank ignores them alike
+            runtime.log_once("exact_shared_rows", logging.WARNING, "xshare: exact routing is not honoured with "
+                             "attention DP over a TP MoE (each rank knows only its own requests' flags)")
+            state = dataclasses.replace(state, exact=None, exact_unknown=False)
     elif state.mode not in runtime.modes():
         runtime.skip(f"mode_{state.mode}")
         return None
@@ -211,7 +221,7 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     knobs = None
     if not global_mode:  # the torch path reads the numbers from device knobs (CUDA-graph safe)
         knobs = runtime.knobs_for(layer_config(config, call.layer), num_experts, call.top_k, device, call.layer_id)
-    exact = _exact_rows(runtime, state, call, device, offset) if not global_mode else None
+    exact = None if global_mode or runtime.shared_rows else _exact_rows(runtime, state, call, device, offset)
     base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))

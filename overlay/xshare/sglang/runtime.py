@@ -116,6 +116,9 @@ class Runtime:
         self._prepared: set[tuple[int, int, str]] = set()  # (layer, E, device) with their device state built
         self.graphs_captured = 0  # SGLang's CUDA-graph captures of decode batches in this process
         self.two_batch_overlap = False  # SGLang runs each MoE layer once per micro-batch (--enable-two-batch-overlap)
+        # attention DP with the MoE over the gathered rows of every DP rank (no all-to-all backend): the TP
+        # ranks route the same rows and must decide alike, from facts they share only
+        self.shared_rows = False
         self._real_rows: dict[str, Tensor] = {}  # device -> int32 [1] (real_rows_buffer)
         self._logged: set[str] = set()
         self.fault = FaultInjector()
