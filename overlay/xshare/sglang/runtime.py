@@ -261,7 +261,7 @@ class Runtime:
             return None
         return (f"{'; '.join(changed)}: this server replays CUDA graphs captured with the old value, which run "
                 "its code whatever the settings say; restart with the new value (or serve with "
-                "--disable-cuda-graph to change it at run time)")
+                "--cuda-graph-backend-decode disabled to change it at run time)")
 
     def prepare_device(self, device: torch.device) -> None:
         """Build the device-wide buffers a captured graph reads (the exact-routing mask, the real-row
