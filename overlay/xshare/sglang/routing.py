@@ -17,6 +17,7 @@ from xshare.selection.gates import RouterSpec
 from xshare.selection.group_stats import join_empty
 from xshare.sglang.stats import cpu_call_figures
 from xshare.sglang.topk_call import TopkCall, is_draft_layer, router_spec
+from xshare.sglang.verify_layout import ROWS_MISMATCH, ROWS_UNKNOWN
 
 if TYPE_CHECKING:
     from xshare.sglang.runtime import ForwardState, Runtime
@@ -78,6 +79,10 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
         if not state.capturing and not s.selector.applies_to(call.num_rows):
             runtime.skip("batch_size")
             return None
+        unmapped = _unmapped_verify_rows(runtime, state, call)
+        if unmapped is not None:  # never route a verify batch with guessed request groups
+            runtime.skip(unmapped)
+            return None
     try:
         t0 = time.perf_counter()
         out = _route(runtime, call, state, global_mode)
@@ -113,6 +118,21 @@ def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
     ids = out["topk_ids"][:, :k].to(torch.int64)
     rank = torch.argsort(logits.gather(1, ids), dim=-1, descending=True, stable=True)
     return ids.gather(1, rank).to(torch.int16)
+
+
+def _unmapped_verify_rows(runtime: Runtime, state: ForwardState, call: TopkCall) -> str | None:
+    """Why the rows of a verify call cannot be handed to a policy that groups them by request, or None."""
+    if state.mode != "target_verify" or not get_policy(runtime.settings.selector.policy).uses_groups():
+        return None
+    if state.unmapped is not None:
+        return state.unmapped
+    if state.capturing:  # the static layout, baked into the graph (runtime.group_ids)
+        return None
+    if state.groups is None:
+        return ROWS_UNKNOWN
+    if state.groups.shape[0] != call.num_rows:
+        return ROWS_MISMATCH
+    return None
 
 
 def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mode: bool) -> None:
@@ -153,6 +173,8 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and runtime.cpu_kernel_ready())
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
     _record(runtime, call, decision, placement)
+    if groups is not None:
+        runtime.stats.record_requests(groups, decision.routing.topk_ids, num_experts)
     runtime.stats.note_layer(call.layer_id, "selects")
     label = runtime.stats.note_backend(call.layer_id, decision.backend, decision.reason)
     if decision.reason is not None and not decision.reason.startswith("c_"):
