@@ -197,7 +197,7 @@ def test_experts_per_request_are_counted_per_request():
     st.mode = "target_verify"
     groups = torch.tensor([0, 0, 1, 1])
     ids = torch.tensor([[0, 1], [1, 2], [5, 6], [5, 6]])  # request 0 uses {0, 1, 2}, request 1 {5, 6}
-    st.record_requests(groups, ids, 8)
-    st.record_requests(torch.tensor([0, 0]), torch.tensor([[3, 4], [4, 3]]), 8)  # one request, {3, 4}
+    st.record_requests(groups, ids, 8, limit=2)
+    st.record_requests(torch.tensor([0, 0]), torch.tensor([[3, 4], [4, 3]]), 8, limit=2)  # one request, {3, 4}
     req = st.mode_report()["target_verify"]["requests"]
-    assert req == {"request_calls": 3, "mean_experts": 7 / 3, "max_experts": 3}
+    assert req == {"request_calls": 3, "mean_experts": 7 / 3, "max_experts": 3, "over_group_budget": 1}

@@ -161,7 +161,8 @@ class SelectorStats:
         self.mode = "other"  # forward mode of the running forward (Runtime.push sets it)
         self.mode_calls: Counter[str] = Counter()  # forward mode -> routing hook invocations
         self.mode_skipped: dict[str, Counter[str]] = {}  # forward mode -> reason -> calls left to SGLang
-        # (device, mode) -> int64 [3] on the device: requests seen, sum and max of experts per request
+        # (device, mode) -> int64 [4] on the device: requests seen, sum and max of experts per request,
+        # requests above the per-request budget
         self._request_sums: dict[tuple[str, str], Tensor] = {}
         # layer sums (see the module docstring): device -> pages; (device, layer) -> (page, row, label)
         self._pages: dict[str, list[_Page]] = {}
@@ -244,17 +245,18 @@ class SelectorStats:
         page, row, _ = slot
         page.sums[row, LAYER_COLUMNS.index(name)] += value.to(torch.int64)
 
-    def record_requests(self, groups: Tensor, chosen_ids: Tensor, num_experts: int) -> None:
+    def record_requests(self, groups: Tensor, chosen_ids: Tensor, num_experts: int, limit: int) -> None:
         """One applied call of a policy that groups rows by request: how many experts each request's
         rows were routed to, added on the device (no host read) into the running mode's sums (requests
-        seen, sum and max of experts per request). ``groups`` int64 [T]: request index of each row (in
-        [0, T)); ``chosen_ids`` int [T, K]: the routing's logical experts."""
+        seen, sum and max of experts per request, requests above ``limit``, the per-request budget).
+        ``groups`` int64 [T]: request index of each row (in [0, T)); ``chosen_ids`` int [T, K]: the
+        routing's logical experts."""
         key = (str(groups.device), self.mode)
         acc = self._request_sums.get(key)
         if acc is None:
             if _capturing(groups.device):
                 return
-            acc = self._request_sums[key] = torch.zeros(3, dtype=torch.int64, device=groups.device)
+            acc = self._request_sums[key] = torch.zeros(4, dtype=torch.int64, device=groups.device)
         rows = groups.shape[0]
         used = torch.zeros(rows, num_experts, dtype=torch.bool, device=groups.device)
         ids = chosen_ids.to(torch.int64).clamp(0, num_experts - 1)
@@ -263,6 +265,7 @@ class SelectorStats:
         acc[0] += (per_request > 0).sum()
         acc[1] += per_request.sum()
         acc[2] = torch.maximum(acc[2], per_request.max())
+        acc[3] += (per_request > limit).sum()
 
     def _slot(self, layer_id: int, device: torch.device) -> tuple[_Page, int, Tensor] | None:
         """The row of the layer in the running forward mode, in its device's sums page (a new row, or a
@@ -441,7 +444,7 @@ class SelectorStats:
         -> calls left to SGLang), ``activated`` / ``vanilla_activated`` (experts per applied layer call,
         summed), their means per applied call, ``tokens``, per-layer means (``layers``) and, for policies
         that group rows by request, ``requests`` (request-calls seen, mean and max experts a request's
-        rows used in one layer call)."""
+        rows used in one layer call, request-calls above the per-request budget)."""
         if fold:
             self.fold()
         modes = set(self.mode_calls) | {m for _, m in self._totals} | {m for _, m in self._request_sums}
@@ -471,7 +474,8 @@ class SelectorStats:
                 seen = sum(int(a[0]) for a in reqs)
                 entry["requests"] = {"request_calls": seen,
                                      "mean_experts": sum(int(a[1]) for a in reqs) / max(seen, 1),
-                                     "max_experts": max(int(a[2]) for a in reqs)}
+                                     "max_experts": max(int(a[2]) for a in reqs),
+                                     "over_group_budget": sum(int(a[3]) for a in reqs)}
             report[mode] = entry
         return report
 
