@@ -459,7 +459,8 @@ class SelectorStats:
                     continue
                 v = dict(zip(LAYER_COLUMNS, total, strict=True))
                 n = max(v["calls"], 1)
-                layers[str(layer)] = {"calls": v["calls"], "mean_activated": v["activated"] / n,
+                layers[str(layer)] = {"calls": v["calls"], "activated": v["activated"],
+                                      "vanilla_activated": v["vanilla_activated"], "mean_activated": v["activated"] / n,
                                       "mean_vanilla_activated": v["vanilla_activated"] / n}
                 sums["applied"] += v["calls"]
                 for name in ("activated", "vanilla_activated", "tokens"):
