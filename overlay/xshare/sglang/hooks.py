@@ -98,6 +98,8 @@ def _mode_name(forward_mode: Any) -> str:
         return "decode"
     if forward_mode.is_idle():
         return "idle"
+    if str(getattr(forward_mode, "name", "")).startswith("DRAFT_EXTEND"):  # a draft model's extend (EAGLE)
+        return "draft_extend"
     if forward_mode.is_extend():  # EXTEND, MIXED (prefill chunks), DLLM_EXTEND, SPLIT_PREFILL
         return "extend"
     return "other"
