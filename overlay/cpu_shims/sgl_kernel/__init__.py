@@ -25,7 +25,7 @@ import torch
 from sgl_kernel.speculative import (
     assign_extend_cache_locs_cpu,
     fill_accept_out_cache_loc_cpu,
-    segment_positions,
+    pool_positions,
     verify_tree_greedy_cpu,
 )
 
@@ -44,10 +44,8 @@ def assign_req_to_token_pool_cpu(
     """For each request i: ``req_to_token[req_pool_indices[i], start[i]:end[i]]`` takes the next
     ``end[i] - start[i]`` entries of ``out_cache_loc`` (consumed in request order)."""
     del pool_len  # the row length of req_to_token; implied by its shape here
-    seg, cols = segment_positions(start_offset, end_offset)
-    if seg.numel() == 0:
-        return
-    req_to_token[req_pool_indices.to(torch.int64)[seg], cols] = out_cache_loc[: seg.numel()].to(req_to_token.dtype)
+    rows, cols = pool_positions(req_pool_indices, start_offset, end_offset)
+    req_to_token[rows, cols] = out_cache_loc[: rows.numel()].to(req_to_token.dtype)
 
 
 def copy_all_layer_kv_cache_cpu(

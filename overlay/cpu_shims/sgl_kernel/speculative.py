@@ -12,34 +12,26 @@ from __future__ import annotations
 import torch
 
 
-def segment_positions(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For segments ``[start[i], end[i])`` laid end to end: (segment of each element, column of each
-    element), both int64 of length ``sum(end - start)``."""
+def pool_positions(req_pool_indices: torch.Tensor, start: torch.Tensor,
+                   end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows ``req_to_token[req_pool_indices[i], start[i]:end[i]]`` of requests i, laid end to
+    end: (pool row, column) of each element, both int64 [sum(end - start)]; inputs [bs]."""
     lengths = (end - start).to(torch.int64)
     total = int(lengths.sum()) if lengths.numel() else 0
     seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     seg_start = torch.cumsum(lengths, 0) - lengths
     within = torch.arange(total, dtype=torch.int64, device=lengths.device) - seg_start[seg]
-    return seg, start.to(torch.int64)[seg] + within
+    return req_pool_indices.to(torch.int64)[seg], start.to(torch.int64)[seg] + within
 
 
-def assign_extend_cache_locs_cpu(
-    req_pool_indices: torch.Tensor,
-    req_to_token: torch.Tensor,
-    start_offset: torch.Tensor,
-    end_offset: torch.Tensor,
-    out_cache_loc: torch.Tensor,
-    pool_len: int,
-) -> None:
+def assign_extend_cache_locs_cpu(req_pool_indices: torch.Tensor, req_to_token: torch.Tensor, start_offset: torch.Tensor,
+                                 end_offset: torch.Tensor, out_cache_loc: torch.Tensor, pool_len: int) -> None:
     """The inverse copy of ``assign_req_to_token_pool_cpu``: ``out_cache_loc`` takes, request after
-    request, ``req_to_token[req_pool_indices[i], start[i]:end[i]]``. ``req_pool_indices``,
-    ``start_offset``, ``end_offset``: [bs]; ``req_to_token``: [pool rows, pool_len]."""
+    request, ``req_to_token[req_pool_indices[i], start[i]:end[i]]`` (:func:`pool_positions`);
+    ``req_to_token``: [pool rows, pool_len]."""
     del pool_len  # the row length of req_to_token; implied by its shape here
-    seg, cols = segment_positions(start_offset, end_offset)
-    if seg.numel() == 0:
-        return
-    rows = req_pool_indices.to(torch.int64)[seg]
-    out_cache_loc[: seg.numel()] = req_to_token[rows, cols].to(out_cache_loc.dtype)
+    rows, cols = pool_positions(req_pool_indices, start_offset, end_offset)
+    out_cache_loc[: rows.numel()] = req_to_token[rows, cols].to(out_cache_loc.dtype)
 
 
 def fill_accept_out_cache_loc_cpu(
