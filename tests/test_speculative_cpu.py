@@ -201,3 +201,46 @@ def test_experts_per_request_are_counted_per_request():
     st.record_requests(torch.tensor([0, 0]), torch.tensor([[3, 4], [4, 3]]), 8, limit=2)  # one request, {3, 4}
     req = st.mode_report()["target_verify"]["requests"]
     assert req == {"request_calls": 3, "mean_experts": 7 / 3, "max_experts": 3, "over_group_budget": 1}
+
+
+# -- a verify call whose rows cannot be mapped keeps SGLang's routing, counted by reason -----------------------------
+def _verify_route(state, policy="xshare_spec", rows=8):
+    from xshare.selection import SelectorConfig
+    from xshare.sglang import runtime as rt
+    from xshare.sglang.settings import PluginSettings
+
+    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy=policy, budget=4, warmup_k=0)))
+    runtime.push(state)
+    logits = torch.randn(rows, 16, generator=torch.Generator().manual_seed(1))
+    w, ids = torch.topk(torch.softmax(logits, -1), 4, dim=-1)
+    args = {"topk_ids": ids, "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": logits, "layer_id": 1,
+            "num_token_non_padded": None, "expert_location_dispatch_info": None}
+    cfg = SimpleNamespace(top_k=4, num_shared_topk_slots=0, allow_routed_experts_capture=True, scoring_func="softmax",
+                          renormalize=True, custom_routing_function=None, correction_bias=None, use_grouped_topk=False,
+                          num_expert_group=None, topk_group=None, routed_scaling_factor=None,
+                          apply_routed_scaling_factor_on_output=False, fused_shared_experts_scaling_factor=None)
+    out = runtime.route(args, topk_config=cfg)
+    return out, runtime.stats.snapshot()["modes"]["target_verify"]
+
+
+@pytest.mark.parametrize("groups, unmapped, reason", [
+    (torch.arange(6) // 2, None, "verify_rows_mismatch"),  # 6 mapped rows for a call of 8
+    (None, None, "verify_rows_unknown"),
+    (None, "verify_layout_ragged_device_only", "verify_layout_ragged_device_only"),
+])
+def test_unmappable_verify_rows_keep_sglangs_routing(groups, unmapped, reason):
+    from xshare.sglang.runtime import ForwardState
+
+    state = ForwardState(mode="target_verify", tokens_per_req=2, groups=groups, unmapped=unmapped)
+    out, verify = _verify_route(state)
+    assert out is None and verify["skipped"] == {reason: 1} and verify["applied"] == 0
+
+
+def test_mapped_verify_rows_are_routed_and_ungrouped_policies_ignore_the_layout():
+    from xshare.sglang.runtime import ForwardState
+
+    out, verify = _verify_route(ForwardState(mode="target_verify", tokens_per_req=2, groups=torch.arange(8) // 2))
+    assert out is not None and verify["applied"] == 1 and verify["requests"]["request_calls"] == 4
+    state = ForwardState(mode="target_verify", tokens_per_req=2, unmapped="verify_layout_ragged_device_only")
+    out, verify = _verify_route(state, policy="xshare")
+    assert out is not None and verify["applied"] == 1 and verify["skipped"] == {}
