@@ -201,6 +201,9 @@ def test_experts_per_request_are_counted_per_request():
     st.record_requests(torch.tensor([0, 0]), torch.tensor([[3, 4], [4, 3]]), 8, limit=2)  # one request, {3, 4}
     req = st.mode_report()["target_verify"]["requests"]
     assert req == {"request_calls": 3, "mean_experts": 7 / 3, "max_experts": 3, "over_group_budget": 1}
+    st.mode = "decode"
+    st.record_requests(groups, ids, 8, limit=None)  # a policy without a per-request budget (des_seq)
+    assert "over_group_budget" not in st.mode_report()["decode"]["requests"]
 
 
 # -- a verify call whose rows cannot be mapped keeps SGLang's routing, counted by reason -----------------------------

@@ -174,8 +174,8 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
     _record(runtime, call, decision, placement)
     if groups is not None:
-        runtime.stats.record_requests(groups, decision.routing.topk_ids, num_experts,
-                                      config.group_budget_for(num_experts, call.top_k))
+        limit = config.group_budget_for(num_experts, call.top_k) if "group_budget" in policy.knobs else None
+        runtime.stats.record_requests(groups, decision.routing.topk_ids, num_experts, limit)
     runtime.stats.note_layer(call.layer_id, "selects")
     label = runtime.stats.note_backend(call.layer_id, decision.backend, decision.reason)
     if decision.reason is not None and not decision.reason.startswith("c_"):

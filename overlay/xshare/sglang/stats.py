@@ -164,6 +164,7 @@ class SelectorStats:
         # (device, mode) -> int64 [4] on the device: requests seen, sum and max of experts per request,
         # requests above the per-request budget
         self._request_sums: dict[tuple[str, str], Tensor] = {}
+        self._budgeted_modes: set[str] = set()  # modes with calls of a policy that has a per-request budget
         # layer sums (see the module docstring): device -> pages; (device, layer) -> (page, row, label)
         self._pages: dict[str, list[_Page]] = {}
         self._slots: dict[tuple[str, int], tuple[_Page, int, Tensor]] = {}
@@ -245,10 +246,11 @@ class SelectorStats:
         page, row, _ = slot
         page.sums[row, LAYER_COLUMNS.index(name)] += value.to(torch.int64)
 
-    def record_requests(self, groups: Tensor, chosen_ids: Tensor, num_experts: int, limit: int) -> None:
+    def record_requests(self, groups: Tensor, chosen_ids: Tensor, num_experts: int, limit: int | None) -> None:
         """One applied call of a policy that groups rows by request: how many experts each request's
         rows were routed to, added on the device (no host read) into the running mode's sums (requests
-        seen, sum and max of experts per request, requests above ``limit``, the per-request budget).
+        seen, sum and max of experts per request, requests above ``limit``, the per-request budget of a
+        policy that has one, else None).
         ``groups`` int64 [T]: request index of each row (in [0, T)); ``chosen_ids`` int [T, K]: the
         routing's logical experts."""
         key = (str(groups.device), self.mode)
@@ -265,7 +267,9 @@ class SelectorStats:
         acc[0] += (per_request > 0).sum()
         acc[1] += per_request.sum()
         acc[2] = torch.maximum(acc[2], per_request.max())
-        acc[3] += (per_request > limit).sum()
+        if limit is not None:
+            self._budgeted_modes.add(self.mode)
+            acc[3] += (per_request > limit).sum()
 
     def _slot(self, layer_id: int, device: torch.device) -> tuple[_Page, int, Tensor] | None:
         """The row of the layer in the running forward mode, in its device's sums page (a new row, or a
@@ -475,8 +479,9 @@ class SelectorStats:
                 seen = sum(int(a[0]) for a in reqs)
                 entry["requests"] = {"request_calls": seen,
                                      "mean_experts": sum(int(a[1]) for a in reqs) / max(seen, 1),
-                                     "max_experts": max(int(a[2]) for a in reqs),
-                                     "over_group_budget": sum(int(a[3]) for a in reqs)}
+                                     "max_experts": max(int(a[2]) for a in reqs)}
+                if mode in self._budgeted_modes:
+                    entry["requests"]["over_group_budget"] = sum(int(a[3]) for a in reqs)
             report[mode] = entry
         return report
 
