@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from conftest import running
+from conftest import require_binary, running
 from xshare.bench.serve.client import Client
 from xshare.bench.serve.grid import Setting
 from xshare.models.tasks import MAX_ANSWER_CHARS, heldout
@@ -37,6 +37,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(trained_model, workdir):
+    require_binary("c++", "a C++ compiler: SGLang compiles NGRAM's corpus on first use")
     with running(ServerProcess(
         trained_model, xshare_args=["--xshare-disable", "--xshare-stats-dir", str(workdir / "stats"),
                                     "--xshare-stats-every", "1"],
