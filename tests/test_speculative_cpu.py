@@ -247,3 +247,15 @@ def test_mapped_verify_rows_are_routed_and_ungrouped_policies_ignore_the_layout(
     state = ForwardState(mode="target_verify", tokens_per_req=2, unmapped="verify_layout_ragged_device_only")
     out, verify = _verify_route(state, policy="xshare")
     assert out is not None and verify["applied"] == 1 and verify["skipped"] == {}
+
+
+def test_tree_verify_attention_refuses_a_layout_it_does_not_know():
+    from xshare_cpu_fixes import tree_verify_attention
+
+    q, cache, pool = torch.zeros(8, 2, 4), torch.zeros(20, 2, 4), torch.zeros(2, 16, dtype=torch.int64)
+    args = (torch.tensor([0, 1]), torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="2 requests x 4 draft rows"):  # 6 rows for 2 requests of 4 drafts
+        tree_verify_attention(q[:6], cache, cache, pool, *args, torch.ones(32, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="24 mask entries"):  # a mask too short for 2 trees of 4 x 4
+        tree_verify_attention(q, cache, cache, pool, *args, torch.ones(24, dtype=torch.bool), 4)
+    assert tree_verify_attention(q, cache, cache, pool, *args, torch.ones(32, dtype=torch.bool), 4).shape == (8, 2, 4)

@@ -76,6 +76,9 @@ def tree_verify_attention(
 
     n = int(draft_tokens)
     bs = int(seq_lens.shape[0])
+    if tree_mask.numel() < bs * n * n or query.shape[0] != bs * n:
+        raise ValueError(f"verify attention: expected {bs} requests x {n} draft rows and a draft-only tree mask of "
+                         f"{bs * n * n} entries, got {query.shape[0]} rows and {tree_mask.numel()} mask entries")
     out = query.new_empty((query.shape[0], query.shape[1], v_cache.shape[-1]))
     tree = tree_mask.reshape(-1)[: bs * n * n].reshape(bs, n, n).to(torch.bool)
     for b in range(bs):
@@ -101,6 +104,8 @@ def _add_target_verify(module: Any) -> None:
                        save_kv_cache: bool = True) -> Any:
         if not forward_batch.forward_mode.is_target_verify() or layer.is_cross_attention:
             return sglang_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache)
+        if getattr(layer, "sliding_window_size", None) not in (None, -1):
+            raise ValueError("verify attention on the CPU test bed: sliding-window layers are not supported")
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, write_loc(forward_batch.out_cache_loc, self.swa_out_cache_loc),
                                                 k, v)
