@@ -13,6 +13,8 @@ before each run (``/flush_cache``), and the selector's figures read from the sta
 
 import concurrent.futures as cf
 import json
+import time
+import urllib.request
 
 import pytest
 
@@ -111,3 +113,16 @@ def test_per_request_budget_holds_per_request(runs):
     req = after["requests"]
     assert req["request_calls"] > 0
     assert req["over_group_budget"] == 0 and req["max_experts"] <= TOP_K, req
+
+
+def test_admin_stats_report_the_verify_forwards(runs, server):
+    deadline = time.monotonic() + 30  # the scheduler flushes its window when it goes idle
+    while True:
+        with urllib.request.urlopen(server.base_url + "/xshare/stats", timeout=10) as r:
+            (rank,) = json.loads(r.read())["ranks"]
+        verify = rank.get("modes", {}).get("target_verify", {})
+        if verify.get("applied", 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert verify["applied"] > 0 and verify["mean_activated"] < verify["mean_vanilla_activated"]
+    assert rank["modes"]["extend"]["skipped"].get("mode_extend", 0) > 0  # prefill is left alone
