@@ -38,6 +38,27 @@ def test_target_mass_settings_run_at_budget_e():
             parse_target_mass(bad)
 
 
+def test_speculative_settings_add_the_per_request_policies():
+    with pytest.raises(ValueError, match="need --speculative-algorithm"):
+        build_settings(["xshare_spec"], [0.5], [1])
+    s = build_settings(["xshare", "xshare_spec"], [0.5], [1], include_topk=False, speculative=True, group_budget=6)
+    assert [x.name for x in s] == ["off", "xshare@0.5", "xshare_spec@0.5"]
+    assert s[2].body() == {"enabled": True, "policy": "xshare_spec", "budget": 0.5, "warmup_k": 1, "group_budget": 6}
+    assert "group_budget" not in s[1].body() and s[2].to_dict()["group_budget"] == 6
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--speculative-num-draft-tokens", "4"], "needs --speculative-algorithm"),
+    (["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "0"], "--speculative-num-draft-tokens"),
+    (["--speculative-algorithm", "NGRAM", "--policy", "xshare_spec", "--group-budget", "0"], "--group-budget"),
+])
+def test_bad_speculative_arguments_are_refused(tmp_path, argv, named):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "xshare.cli", "bench", "serve", "--out", str(out), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and named in proc.stderr and not out.exists()
+
+
 def test_round_order_interleaves_and_keeps_off_first():
     s = build_settings(["xshare"], [0.25, 0.5], [1])
     orders = [[x.name for x in _round_order(s, r)] for r in range(3)]

@@ -56,10 +56,12 @@ def test_copy_all_layer_kv_cache_reads_sources_before_writing():
         assert torch.equal(b[0], o[0]) and torch.equal(b[9], o[9])
 
 
-def test_speculative_entries_fail_loudly():
+def test_draft_model_entries_fail_loudly():
     k = _load_shim()
-    with pytest.raises(NotImplementedError, match="verify_tree_greedy_cpu"):
-        k.verify_tree_greedy_cpu()
+    with pytest.raises(NotImplementedError, match="build_tree_kernel_efficient_cpu"):
+        k.build_tree_kernel_efficient_cpu()
+    assert "draft model" in k.build_tree_kernel_efficient_cpu.XSHARE_UNSUPPORTED
+    assert not hasattr(k.verify_tree_greedy_cpu, "XSHARE_UNSUPPORTED")  # NGRAM's ops are implemented
 
 
 def test_installed_stand_ins_are_the_repo_files():

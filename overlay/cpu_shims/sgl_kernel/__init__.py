@@ -2,8 +2,11 @@
 
 SGLang 0.5.23 imports a few ``*_cpu`` functions from ``sgl_kernel`` at module level when it runs
 on the CPU (``SGLANG_USE_CPU_ENGINE=1``). PyPI has no CPU build of that package, so this module
-provides the ones a plain (non-speculative) server calls, written in torch, and placeholders that
-raise ``NotImplementedError`` for the speculative-decoding ones.
+provides the ones a plain server and NGRAM speculative decoding call, written in torch
+(``sgl_kernel.speculative`` holds the speculative ones), and placeholders that raise
+``NotImplementedError`` for the ops only EAGLE-style (draft model) speculative decoding calls.
+A placeholder carries ``XSHARE_UNSUPPORTED`` (what it would serve), so that
+``xshare.sglang.cpu_check`` can name it before a server that needs it starts.
 
 It deliberately registers no ``torch.ops.sgl_kernel.*`` operator: SGLang's ``cpu_has_amx_support()``
 then stays False and the engine takes its torch-native code paths.
@@ -18,6 +21,13 @@ import ctypes
 
 import numpy as np
 import torch
+
+from sgl_kernel.speculative import (
+    assign_extend_cache_locs_cpu,
+    fill_accept_out_cache_loc_cpu,
+    pool_positions,
+    verify_tree_greedy_cpu,
+)
 
 __version__ = "0.0.0+xshare.cpu.stand.in"
 XSHARE_STAND_IN = True
@@ -34,15 +44,8 @@ def assign_req_to_token_pool_cpu(
     """For each request i: ``req_to_token[req_pool_indices[i], start[i]:end[i]]`` takes the next
     ``end[i] - start[i]`` entries of ``out_cache_loc`` (consumed in request order)."""
     del pool_len  # the row length of req_to_token; implied by its shape here
-    lengths = (end_offset - start_offset).to(torch.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return
-    rows = torch.repeat_interleave(req_pool_indices.to(torch.int64), lengths)
-    seg_start = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(total, dtype=torch.int64, device=lengths.device) - torch.repeat_interleave(seg_start, lengths)
-    cols = torch.repeat_interleave(start_offset.to(torch.int64), lengths) + within
-    req_to_token[rows, cols] = out_cache_loc[:total].to(req_to_token.dtype)
+    rows, cols = pool_positions(req_pool_indices, start_offset, end_offset)
+    req_to_token[rows, cols] = out_cache_loc[: rows.numel()].to(req_to_token.dtype)
 
 
 def copy_all_layer_kv_cache_cpu(
@@ -66,18 +69,30 @@ def _unsupported(name: str, what: str):  # noqa: ANN202
         raise NotImplementedError(f"sgl_kernel.{name}: {what} is not supported by the xshare CPU stand-in")
 
     fn.__name__ = name
+    fn.XSHARE_UNSUPPORTED = what
     return fn
 
 
-def _speculative_only(name: str):  # noqa: ANN202
-    return _unsupported(name, "speculative decoding")
+def _draft_model_only(name: str):  # noqa: ANN202
+    return _unsupported(name, "speculative decoding with a draft model (EAGLE, MTP)")
 
 
-rotate_input_ids_cpu = _speculative_only("rotate_input_ids_cpu")
-fill_accept_out_cache_loc_cpu = _speculative_only("fill_accept_out_cache_loc_cpu")
-fill_bonus_tokens_cpu = _speculative_only("fill_bonus_tokens_cpu")
-assign_draft_cache_locs_contiguous_cpu = _speculative_only("assign_draft_cache_locs_contiguous_cpu")
-assign_extend_cache_locs_cpu = _speculative_only("assign_extend_cache_locs_cpu")
-build_draft_decode_metadata_cpu = _speculative_only("build_draft_decode_metadata_cpu")
-build_tree_kernel_efficient_cpu = _speculative_only("build_tree_kernel_efficient_cpu")
-verify_tree_greedy_cpu = _speculative_only("verify_tree_greedy_cpu")
+rotate_input_ids_cpu = _draft_model_only("rotate_input_ids_cpu")
+fill_bonus_tokens_cpu = _draft_model_only("fill_bonus_tokens_cpu")
+assign_draft_cache_locs_contiguous_cpu = _draft_model_only("assign_draft_cache_locs_contiguous_cpu")
+build_draft_decode_metadata_cpu = _draft_model_only("build_draft_decode_metadata_cpu")
+build_tree_kernel_efficient_cpu = _draft_model_only("build_tree_kernel_efficient_cpu")
+
+__all__ = [
+    "XSHARE_STAND_IN",
+    "assign_draft_cache_locs_contiguous_cpu",
+    "assign_extend_cache_locs_cpu",
+    "assign_req_to_token_pool_cpu",
+    "build_draft_decode_metadata_cpu",
+    "build_tree_kernel_efficient_cpu",
+    "copy_all_layer_kv_cache_cpu",
+    "fill_accept_out_cache_loc_cpu",
+    "fill_bonus_tokens_cpu",
+    "rotate_input_ids_cpu",
+    "verify_tree_greedy_cpu",
+]

@@ -175,6 +175,13 @@ def build_launch(args: argparse.Namespace, environ: dict[str, str],
         if missing:
             names = ", ".join(sorted({f"{m.symbol} (sglang/{m.where})" for m in missing}))
             raise ValueError(f"the sgl_kernel CPU stand-in lacks {names}; see overlay/cpu_shims/")
+        algorithm = _option_value(extra, "--speculative-algorithm")
+        if algorithm is not None:
+            from xshare.sglang.cpu_check import speculative_problem
+
+            problem = speculative_problem(algorithm)
+            if problem is not None:
+                raise ValueError(problem)
     cmd = [sys.executable, "-m", module, *extra]
     return cmd, env
 

@@ -40,6 +40,7 @@ from xshare.sglang import runtime as rt_mod
 from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 from xshare.sglang.placement import sglang_placement
 from xshare.sglang.runtime import ForwardState
+from xshare.sglang.verify_layout import RAGGED_GRAPH, request_index, verify_rows
 
 log = logging.getLogger("xshare.sglang")
 
@@ -123,6 +124,8 @@ def _mode_name(forward_mode: Any) -> str:
         return "decode"
     if forward_mode.is_idle():
         return "idle"
+    if str(getattr(forward_mode, "name", "")).startswith("DRAFT_EXTEND"):  # a draft model's extend (EAGLE)
+        return "draft_extend"
     if forward_mode.is_extend():  # EXTEND, MIXED (prefill chunks), DLLM_EXTEND, SPLIT_PREFILL
         return "extend"
     return "other"
@@ -201,11 +204,20 @@ def _forward_state(runtime: rt_mod.Runtime, model_runner: Any, forward_batch: An
 
 
 def _fill_groups(runtime: rt_mod.Runtime, state: ForwardState, forward_batch: Any) -> None:
-    """The per-forward device buffer of request ids (one per row), filled before the model runs."""
+    """The per-forward device buffer of request ids (one per row), filled before the model runs; a
+    verify layout whose rows cannot be mapped leaves ``state.unmapped`` (the reason) instead."""
     if state.mode not in ("decode", "target_verify") or not get_policy(runtime.settings.selector.policy).uses_groups():
         return
     bs = int(getattr(forward_batch, "batch_size", 0) or 0)
     device = getattr(getattr(forward_batch, "input_ids", None), "device", None) or torch.device("cpu")
+    if state.mode == "target_verify":
+        rows = verify_rows(forward_batch, state.tokens_per_req)
+        if rows.reason is not None:
+            state.unmapped = rows.reason
+            return
+        if rows.counts is not None:
+            state.groups = request_index(rows.counts, device)
+            return
     state.groups = runtime.group_ids(bs * state.tokens_per_req, state.tokens_per_req, device)
 
 
@@ -316,6 +328,8 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
             runtime.prepare_device(device)
             if not runtime.shared_rows:
                 state.real_rows = runtime.real_rows_buffer(device)
+        if mode == "target_verify" and getattr(self, "ragged_verify_mode", None):
+            state.unmapped = RAGGED_GRAPH  # per-replay row counts: no fixed row -> request map to capture
         if runtime.scattered_input and runtime.all_reduce is not None:
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
     except Exception as exc:  # noqa: BLE001

@@ -52,6 +52,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "xshare:mass_kept": ("histogram", (), "Gate mass kept (fraction of the tokens' own top-k mass), per layer call"),
     "xshare:top1_kept": ("histogram", (), "Fraction of tokens keeping their top-1 expert, per layer call"),
     "xshare:selector_calls_total": ("counter", (), "Routing hook calls (MoE layer calls seen)"),
+    "xshare:mode_calls_total": ("counter", ("mode",), "Routing hook calls by forward mode (decode, target_verify, "
+                                "extend, ...)"),
+    "xshare:mode_applied_total": ("counter", ("mode",), "MoE layer calls the policy routed, by forward mode"),
+    "xshare:mode_active_experts_total": ("counter", ("mode",), "Activated experts summed over the routed layer "
+                                         "calls, by forward mode (divided by mode_applied_total: per layer call)"),
+    "xshare:mode_vanilla_active_experts_total": ("counter", ("mode",), "Experts SGLang's own top-k would have "
+                                                 "activated on the same calls, by forward mode"),
     "xshare:exact_tokens_total": ("counter", (), "Tokens routed exactly (the model's own top-k) because their "
                                   "request asked (custom_params xshare_exact), per forward"),
     "xshare:fallbacks_total": ("counter", ("reason",), "Selector failures routed by SGLang's top-k, by reason"),
@@ -114,6 +121,7 @@ class Exporter:
         self._cap_bound = 0
         self._fallbacks: dict[str, int] = {}
         self._profile: dict[str, tuple[int, float, float]] = {}  # mode -> (forwards, forward s, MoE s) exported
+        self._modes: dict[tuple[str, str], int] = {}  # (per-mode counter, mode) -> value exported
         self._labeled: set[str] = set(INITIAL_FALLBACK_REASONS)
         self._policies: set[str] = set()  # config_info series written so far
         self._coverage: dict[tuple[str, str], int] = {}  # xshare:layers series written so far -> value
@@ -223,6 +231,7 @@ class Exporter:
         nf = len(WINDOW_FIELDS)
         g = (rows.shape[1] - nf) // 2 if rows.numel() else 0
         cap_bound = stats.cap_bound_calls()  # a device sum: read here, at the flush
+        modes = stats.mode_report(fold=False)  # the layer sums were just folded
         by_layer: dict[int, list[list[float]]] = defaultdict(list)
         all_rows = rows.tolist()
         for r in all_rows:
@@ -268,6 +277,14 @@ class Exporter:
                 if ms > prev_ms:
                     self._metric("xshare:moe_seconds_total", mode).inc(ms - prev_ms)
                 self._profile[mode] = (n, fs, ms)
+            for mode, fig in modes.items():
+                for name, key in (("xshare:mode_calls_total", "calls"), ("xshare:mode_applied_total", "applied"),
+                                  ("xshare:mode_active_experts_total", "activated"),
+                                  ("xshare:mode_vanilla_active_experts_total", "vanilla_activated")):
+                    prev = self._modes.get((name, mode), 0)
+                    if fig[key] > prev:
+                        self._metric(name, mode).inc(fig[key] - prev)
+                        self._modes[(name, mode)] = fig[key]
             if stats.exact_tokens > self._exact_tokens:
                 self._metric("xshare:exact_tokens_total").inc(stats.exact_tokens - self._exact_tokens)
                 self._exact_tokens = stats.exact_tokens
@@ -292,7 +309,7 @@ class Exporter:
                                    "mass_cap_bound": cap_bound,
                                    "skipped": dict(stats.skipped),
                                    "coverage": {str(k): v for k, v in sorted(stats.coverage.items())},
-                                   "layers": {}}
+                                   "modes": modes, "layers": {}}
         for layer, lrows in sorted(by_layer.items()):
             n = len(lrows)
             fig = {f: sum(r[i] for r in lrows) / n for i, f in enumerate(WINDOW_FIELDS) if i > 0}
@@ -304,7 +321,7 @@ class Exporter:
             self.last = summary
         else:  # an empty window: keep the last window's figures, with today's coverage and skips
             self.last = {**self.last, "coverage": summary["coverage"], "skipped": summary["skipped"],
-                         "mass_cap_bound": cap_bound}
+                         "mass_cap_bound": cap_bound, "modes": modes}
         if self.on_flush is not None:
             self.on_flush(self.last)
 

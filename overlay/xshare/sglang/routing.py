@@ -18,6 +18,7 @@ from xshare.selection.gates import RouterSpec
 from xshare.selection.group_stats import join_empty
 from xshare.sglang.stats import cpu_call_figures
 from xshare.sglang.topk_call import TopkCall, is_draft_layer, router_spec
+from xshare.sglang.verify_layout import ROWS_MISMATCH, ROWS_UNKNOWN
 
 if TYPE_CHECKING:
     from xshare.sglang.runtime import ForwardState, Runtime
@@ -98,6 +99,10 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             return None
         if not state.capturing and not s.selector.applies_to(call.num_rows):
             runtime.skip("batch_size")
+            return None
+        unmapped = _unmapped_verify_rows(runtime, state, call)
+        if unmapped is not None:  # never route a verify batch with guessed request groups
+            runtime.skip(unmapped)
             return None
     joined: list[bool] = []  # DeepEP global mode: this call's one part of the group's all-reduce
 
@@ -183,6 +188,21 @@ def _prepare(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> None:
             runtime.log_once("prepare_layer", logging.WARNING, "xshare: cannot prepare the layer's state: %s", exc)
 
 
+def _unmapped_verify_rows(runtime: Runtime, state: ForwardState, call: TopkCall) -> str | None:
+    """Why the rows of a verify call cannot be handed to a policy that groups them by request, or None."""
+    if state.mode != "target_verify" or not get_policy(runtime.settings.selector.policy).uses_groups():
+        return None
+    if state.unmapped is not None:
+        return state.unmapped
+    if state.capturing:  # the static layout, baked into the graph (runtime.group_ids)
+        return None
+    if state.groups is None:
+        return ROWS_UNKNOWN
+    if state.groups.shape[0] != call.num_rows:
+        return ROWS_MISMATCH
+    return None
+
+
 def _leave_layer(runtime: Runtime, args: dict[str, Any], reason: str, global_mode: bool) -> None:
     """A layer the selector leaves to SGLang for a reason of its own: said once, counted, noted in the
     coverage; in DeepEP global mode this rank still joins the group's all-reduce."""
@@ -227,6 +247,9 @@ def _route(runtime: Runtime, call: TopkCall, state: ForwardState, global_mode: b
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: runtime.fault(s.fault_inject))
     if not (state.capturing and not stream_capturing(device)):  # SGLang's warm-up runs before a capture
         _record(runtime, call, decision, placement)  # (dummy batches) are not counted; the capture itself is
+        if groups is not None:
+            limit = config.group_budget_for(num_experts, call.top_k) if "group_budget" in policy.knobs else None
+            runtime.stats.record_requests(groups, decision.routing.topk_ids, num_experts, limit)
     runtime.stats.note_layer(call.layer_id, "selects")
     label = runtime.stats.note_backend(call.layer_id, decision.backend, decision.reason)
     if decision.reason is not None and not decision.reason.startswith("c_"):

@@ -71,6 +71,7 @@ class ForwardState:
     groups: Tensor | None = None  # int64 [rows]: request index of each row (device)
     exact: Tensor | None = None  # bool [rows]: rows of requests asking for exact routing (device), or None
     exact_unknown: bool = False  # some request asked for exact routing but its rows could not be told
+    unmapped: str | None = None  # verify rows that cannot be mapped to requests: why (xshare.sglang.verify_layout)
     capturing: bool = False  # inside CUDA-graph capture: host-side decisions are baked in
     # int32 [1] on the device: the forward's real rows (rows past them are graph padding), for calls where
     # SGLang passes no num_token_non_padded (no EP, no DP gather); filled before every forward and replay
@@ -206,9 +207,13 @@ class Runtime:
     # -- per-forward state ----------------------------------------------------------------------
     def push(self, state: ForwardState | None) -> None:
         self._stack.append(state)
+        self.stats.mode = state.mode if state is not None else "other"
 
     def pop(self) -> ForwardState | None:
-        return self._stack.pop() if self._stack else None
+        state = self._stack.pop() if self._stack else None
+        below = self.current
+        self.stats.mode = below.mode if below is not None else "other"
+        return state
 
     @property
     def current(self) -> ForwardState | None:

@@ -11,6 +11,12 @@ MoE layer call are added on the device (:meth:`SelectorStats.record_call`, one f
 * the metrics window: one row of per-call figures (:data:`WINDOW_FIELDS`, then activated experts and
   tokens per GPU) written into a persistent ring [WINDOW_CAPACITY, F] at a device-side index.
 
+Every count is also kept per forward mode (``decode``, ``target_verify``, ``extend``, ...: the mode of
+the running forward, :attr:`SelectorStats.mode`, set by the runtime before the model runs): a layer's
+sums rows are one per (layer, mode), folded into per-layer totals for ``layers`` and reported per
+mode in ``modes`` (:meth:`SelectorStats.mode_report`), with the calls and skips of each mode and, for
+policies that group rows by request, the experts each request's rows used (:meth:`record_requests`).
+
 The CPU C kernel's calls (:meth:`SelectorStats.record_call_host`) add their host numbers into the
 same CPU buffers through numpy views (no tensor op). The host reads the buffers only outside the
 forward, at the existing flush points: :meth:`SelectorStats.snapshot` (the stats file, written from
@@ -53,7 +59,7 @@ class _Page:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(LAYER_PAGE, len(LAYER_COLUMNS), dtype=torch.int64, device=device)
         self.labels = torch.zeros(LAYER_PAGE, dtype=torch.float32, device=device)
-        self.layers: list[int] = []  # layer id of each used row
+        self.layers: list[tuple[int, str]] = []  # (layer id, forward mode) of each used row
         self._host: Any = None
 
     @property
@@ -152,10 +158,17 @@ class SelectorStats:
         self.forwards = 0  # model forwards seen by the forward hook
         self.exact_tokens = 0  # rows routed exactly at their request's asking (per forward, host count)
         self.started = time.time()
+        self.mode = "other"  # forward mode of the running forward (Runtime.push sets it)
+        self.mode_calls: Counter[str] = Counter()  # forward mode -> routing hook invocations
+        self.mode_skipped: dict[str, Counter[str]] = {}  # forward mode -> reason -> calls left to SGLang
+        # (device, mode) -> int64 [4] on the device: requests seen, sum and max of experts per request,
+        # requests above the per-request budget
+        self._request_sums: dict[tuple[str, str], Tensor] = {}
+        self._budgeted_modes: set[str] = set()  # modes with calls of a policy that has a per-request budget
         # layer sums (see the module docstring): device -> pages; (device, layer) -> (page, row, label)
         self._pages: dict[str, list[_Page]] = {}
         self._slots: dict[tuple[str, int], tuple[_Page, int, Tensor]] = {}
-        self._totals: dict[int, list[int]] = {}  # layer -> sums folded to the host so far
+        self._totals: dict[tuple[int, str], list[int]] = {}  # (layer, mode) -> sums folded to the host so far
         self.unrecorded = 0  # applied calls not recorded: their buffers would have been made under capture
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
         self._cap_bound: Tensor | None = None  # calls whose budget stopped a mass target short (device)
@@ -180,10 +193,12 @@ class SelectorStats:
     # -- hot path ---------------------------------------------------------------------------
     def count_call(self) -> None:
         self.calls += 1
+        self.mode_calls[self.mode] += 1
 
     def count_skip(self, reason: str) -> None:
         with self._lock:
             self.skipped[reason] += 1
+            self.mode_skipped.setdefault(self.mode, Counter())[reason] += 1
 
     def count_fallback(self, reason: str) -> None:
         with self._lock:
@@ -238,9 +253,35 @@ class SelectorStats:
         if num_gpus is not None:
             self._window_for(device, len(WINDOW_FIELDS) + 2 * num_gpus)
 
+    def record_requests(self, groups: Tensor, chosen_ids: Tensor, num_experts: int, limit: int | None) -> None:
+        """One applied call of a policy that groups rows by request: how many experts each request's
+        rows were routed to, added on the device (no host read) into the running mode's sums (requests
+        seen, sum and max of experts per request, requests above ``limit``, the per-request budget of a
+        policy that has one, else None).
+        ``groups`` int64 [T]: request index of each row (in [0, T)); ``chosen_ids`` int [T, K]: the
+        routing's logical experts."""
+        key = (str(groups.device), self.mode)
+        acc = self._request_sums.get(key)
+        if acc is None:
+            if _capturing(groups.device):
+                return
+            acc = self._request_sums[key] = torch.zeros(4, dtype=torch.int64, device=groups.device)
+        rows = groups.shape[0]
+        used = torch.zeros(rows, num_experts, dtype=torch.bool, device=groups.device)
+        ids = chosen_ids.to(torch.int64).clamp(0, num_experts - 1)
+        used[groups.to(torch.int64).unsqueeze(1).expand_as(ids), ids] = True
+        per_request = used.sum(1)
+        acc[0] += (per_request > 0).sum()
+        acc[1] += per_request.sum()
+        acc[2] = torch.maximum(acc[2], per_request.max())
+        if limit is not None:
+            self._budgeted_modes.add(self.mode)
+            acc[3] += (per_request > limit).sum()
+
     def _slot(self, layer_id: int, device: torch.device) -> tuple[_Page, int, Tensor] | None:
-        """The layer's row in its device's sums page (a new row, or a new page, on its first call)."""
-        key = (str(device), layer_id)
+        """The row of the layer in the running forward mode, in its device's sums page (a new row, or a
+        new page, on its first call)."""
+        key = (str(device), layer_id, self.mode)
         hit = self._slots.get(key)
         if hit is not None:
             return hit
@@ -251,7 +292,7 @@ class SelectorStats:
             pages.append(_Page(device))
         page = pages[-1]
         row = len(page.layers)
-        page.layers.append(layer_id)
+        page.layers.append((layer_id, self.mode))
         page.labels[row] = float(layer_id)
         hit = self._slots[key] = (page, row, page.labels[row])
         return hit
@@ -397,11 +438,59 @@ class SelectorStats:
                     continue
                 host = page.sums.to("cpu", copy=True)
                 page.sums.sub_(host if page.host is not None else host.to(page.sums.device))
-                for layer_id, values in zip(page.layers, host.tolist()[:len(page.layers)], strict=True):
-                    total = self._totals.setdefault(layer_id, [0] * len(LAYER_COLUMNS))
+                for key, values in zip(page.layers, host.tolist()[:len(page.layers)], strict=True):
+                    total = self._totals.setdefault(key, [0] * len(LAYER_COLUMNS))
                     for i, v in enumerate(values):
                         total[i] += v
-        return {layer: dict(zip(LAYER_COLUMNS, total, strict=True)) for layer, total in self._totals.items()}
+        out: dict[int, dict[str, int]] = {}
+        for (layer, _mode), total in self._totals.items():
+            row = out.setdefault(layer, dict.fromkeys(LAYER_COLUMNS, 0))
+            for name, v in zip(LAYER_COLUMNS, total, strict=True):
+                row[name] += v
+        return out
+
+    def mode_report(self, fold: bool = True) -> dict[str, dict[str, Any]]:
+        """Per forward mode (outside the forward; ``fold=False`` when :meth:`fold` was just called):
+        ``calls`` (routing hook invocations), ``applied`` (calls the policy routed), ``skipped`` (reason
+        -> calls left to SGLang), ``activated`` / ``vanilla_activated`` (experts per applied layer call,
+        summed), their means per applied call, ``tokens``, per-layer means (``layers``) and, for policies
+        that group rows by request, ``requests`` (request-calls seen, mean and max experts a request's
+        rows used in one layer call, request-calls above the per-request budget)."""
+        if fold:
+            self.fold()
+        modes = set(self.mode_calls) | {m for _, m in self._totals} | {m for _, m in self._request_sums}
+        report: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            skipped = {m: dict(c) for m, c in self.mode_skipped.items()}
+        for mode in sorted(modes):
+            layers: dict[str, dict[str, float]] = {}
+            sums = dict.fromkeys(("applied", "activated", "vanilla_activated", "tokens"), 0)
+            for (layer, m), total in sorted(self._totals.items()):
+                if m != mode:
+                    continue
+                v = dict(zip(LAYER_COLUMNS, total, strict=True))
+                n = max(v["calls"], 1)
+                layers[str(layer)] = {"calls": v["calls"], "activated": v["activated"],
+                                      "vanilla_activated": v["vanilla_activated"], "mean_activated": v["activated"] / n,
+                                      "mean_vanilla_activated": v["vanilla_activated"] / n}
+                sums["applied"] += v["calls"]
+                for name in ("activated", "vanilla_activated", "tokens"):
+                    sums[name] += v[name]
+            n = max(sums["applied"], 1)
+            entry: dict[str, Any] = {"calls": self.mode_calls.get(mode, 0), **sums,
+                                     "skipped": skipped.get(mode, {}),
+                                     "mean_activated": sums["activated"] / n,
+                                     "mean_vanilla_activated": sums["vanilla_activated"] / n, "layers": layers}
+            reqs = [acc for (_, m), acc in self._request_sums.items() if m == mode]
+            if reqs:
+                seen = sum(int(a[0]) for a in reqs)
+                entry["requests"] = {"request_calls": seen,
+                                     "mean_experts": sum(int(a[1]) for a in reqs) / max(seen, 1),
+                                     "max_experts": max(int(a[2]) for a in reqs)}
+                if mode in self._budgeted_modes:
+                    entry["requests"]["over_group_budget"] = sum(int(a[3]) for a in reqs)
+            report[mode] = entry
+        return report
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter (synchronises with the device: :meth:`fold`). ``applied``
@@ -414,6 +503,7 @@ class SelectorStats:
             vals["mean_activated"] = vals["activated"] / n
             vals["mean_vanilla_activated"] = vals["vanilla_activated"] / n
             layers[str(layer_id)] = vals
+        modes = self.mode_report(fold=False)
         with self._lock:
             return {
                 "pid": os.getpid(),
@@ -433,5 +523,6 @@ class SelectorStats:
                 "backend_calls": dict(self.backend_calls),
                 "startup_coverage": {str(k): v for k, v in sorted(self.startup_coverage.items())},
                 "layers": layers,
+                "modes": modes,
                 "profile": self.profile_snapshot(),
             }

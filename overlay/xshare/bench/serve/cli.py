@@ -24,6 +24,7 @@ from xshare.bench.serve.grid import (
 from xshare.bench.serve.report import describe_model, plot, table
 from xshare.bench.serve.server import add_threads_argument, resolve_model, start_server
 from xshare.bench.serve.sweep import sweep
+from xshare.selection.config import parse_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oea-k0", action="append", type=int, metavar="K0",
                    help="warm-up k0 of the policies swept over it (oea, des_seq; repeatable; default 1, 2)")
     p.add_argument("--warmup-k", type=int, default=1, help="warm-up k0 of the budgeted policies (default 1)")
+    p.add_argument("--group-budget", metavar="M_R",
+                   help="per-request budget of the per-request policies (xshare_spec): int or fraction of E "
+                        "(default: the policy's, top_k)")
+    p.add_argument("--speculative-algorithm", metavar="NAME",
+                   help="speculative decoding in the server (passed to SGLang; NGRAM runs on the CPU test bed): "
+                        "every decode forward is then a verify forward, and per-request policies can run")
+    p.add_argument("--speculative-num-draft-tokens", type=int, metavar="N",
+                   help="draft tokens verified per request and forward (passed to SGLang; needs "
+                        "--speculative-algorithm)")
     p.add_argument("--no-topk", action="store_true", help="leave out the topk setting")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     p.add_argument("--problems", type=int, default=80, help="held-out problems per setting and round (80)")
@@ -69,9 +79,25 @@ def _check(args: argparse.Namespace) -> tuple[list[Setting], list[Any]]:
     if any(k < 1 for k in k0):
         raise ValueError(f"--oea-k0 must be >= 1, got {k0}")
     masses = [parse_target_mass(t) for t in (args.target_mass or [])]
+    if args.speculative_num_draft_tokens is not None and args.speculative_algorithm is None:
+        raise ValueError("--speculative-num-draft-tokens needs --speculative-algorithm")
+    if args.speculative_num_draft_tokens is not None and args.speculative_num_draft_tokens < 1:
+        raise ValueError(f"--speculative-num-draft-tokens must be >= 1, got {args.speculative_num_draft_tokens}")
+    group_budget = None if args.group_budget is None else parse_count(args.group_budget, "--group-budget")
     settings = build_settings(args.policy or list(DEFAULT_POLICIES), budgets, k0, warmup_k=args.warmup_k,
-                              include_topk=not args.no_topk, target_masses=masses)
+                              include_topk=not args.no_topk, target_masses=masses,
+                              speculative=args.speculative_algorithm is not None, group_budget=group_budget)
     return settings, T.heldout(args.problems, seed=args.seed)
+
+
+def speculative_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The server's speculative decoding options, as given."""
+    out: tuple[str, ...] = ()
+    if args.speculative_algorithm is not None:
+        out += ("--speculative-algorithm", args.speculative_algorithm)
+    if args.speculative_num_draft_tokens is not None:
+        out += ("--speculative-num-draft-tokens", str(args.speculative_num_draft_tokens))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,14 +125,14 @@ def run(args: argparse.Namespace) -> int:
             token = secrets.token_hex(16)
             print(f"xshare bench serve: starting the server on {model} ...", flush=True)
             srv = start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=out / "server.log",
-                               dtype=args.dtype, threads=args.server_threads)
+                               dtype=args.dtype, threads=args.server_threads, sglang_args=speculative_args(args))
             print(f"  ready in {srv.startup_seconds:.0f} s ({srv.base_url})", flush=True)
             client = Client(srv.base_url, token)
             model_desc = describe_model(model)
         print(f"  {len(settings)} settings x {args.rounds} rounds x {len(problems)} problems, "
               f"{args.clients} clients", flush=True)
         res = sweep(client, settings, problems, clients=args.clients, rounds=args.rounds,
-                    max_new_tokens=T.MAX_ANSWER_CHARS + 1)
+                    max_new_tokens=T.MAX_ANSWER_CHARS + 1, fresh_cache=args.speculative_algorithm is not None)
     except (RuntimeError, OSError, ValueError) as e:
         print(f"xshare bench serve: error: {e}", file=sys.stderr)
         if srv is not None:
@@ -116,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         leftovers = srv.stop() if srv is not None else []
     meta = {"clients": args.clients, "problems": len(problems), "seed": args.seed, "rounds": args.rounds,
             "max_new_tokens": T.MAX_ANSWER_CHARS + 1, "sim_gpus": args.sim_gpus, "dtype": args.dtype,
-            "server_threads": args.server_threads,
+            "server_threads": args.server_threads, "speculative": speculative_args(args),
             "model": model_desc, "cpu_count": os.cpu_count(), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "seconds": round(time.monotonic() - t_start, 1),
             "server_startup_seconds": srv.startup_seconds if srv is not None else None,

@@ -18,7 +18,7 @@ class Client:
 
     def _request(self, method: str, path: str, body: Any = None, auth: bool = False) -> tuple[int, Any]:
         return request(self.base_url + path, method, self.token if auth else None, body, self.timeout,
-                       text=path == "/metrics")
+                       text=path in ("/metrics", "/flush_cache"))
 
     def generate(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
         status, out = self._request("POST", "/generate", {
@@ -40,6 +40,13 @@ class Client:
         if status != 200:
             raise RuntimeError(f"POST /xshare/{'enable' if on else 'disable'} answered {status}: {str(out)[:500]}")
         return out
+
+    def flush_cache(self) -> None:
+        """SGLang's ``/flush_cache``: the prefix cache and, with speculative decoding, the NGRAM corpus are
+        emptied (answered 200 only when the server is idle)."""
+        status, out = self._request("POST", "/flush_cache")
+        if status != 200:
+            raise RuntimeError(f"/flush_cache answered {status}: {str(out)[:300]}")
 
     def metrics_text(self) -> str:
         status, out = self._request("GET", "/metrics")

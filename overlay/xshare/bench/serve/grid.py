@@ -15,10 +15,10 @@ DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
 DEFAULT_OEA_K0 = (1, 2)  # k0 values of the policies swept over their warm-up
 
 
-def supported() -> list[str]:
-    """Policies a served benchmark can run: all but those that need request groups of several
-    tokens (speculative verify batches, which plain decode does not make)."""
-    return [p for p in available_policies() if get_policy(p).groups != "required"]
+def supported(speculative: bool = False) -> list[str]:
+    """Policies a served benchmark can run: with speculative decoding every policy; without, all but
+    those that need request groups of several tokens (verify batches, which plain decode does not make)."""
+    return [p for p in available_policies() if speculative or get_policy(p).groups != "required"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,15 @@ class Setting:
     budget: int | float = 0.5
     warmup_k: int = 1
     target_mass: float | None = None
+    group_budget: int | float | None = None
 
     def body(self) -> dict[str, Any]:
         """The ``PUT /xshare/config`` body."""
         body = {"enabled": self.enabled, "policy": self.policy, "budget": self.budget, "warmup_k": self.warmup_k}
         if self.target_mass is not None:
             body["target_mass"] = self.target_mass
+        if self.group_budget is not None:
+            body["group_budget"] = self.group_budget
         return body
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,7 +47,8 @@ class Setting:
         return {"name": self.name, "enabled": self.enabled, "policy": self.policy if self.enabled else None,
                 "budget": self.budget if "budget" in knobs else None,
                 "warmup_k": self.warmup_k if "warmup_k" in knobs else None,
-                "target_mass": self.target_mass if "target_mass" in knobs else None}
+                "target_mass": self.target_mass if "target_mass" in knobs else None,
+                "group_budget": self.group_budget if "group_budget" in knobs else None}
 
 
 def _fmt_budget(b: int | float) -> str:
@@ -53,23 +57,28 @@ def _fmt_budget(b: int | float) -> str:
 
 def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_k0: Sequence[int], *,
                    warmup_k: int = 1, include_topk: bool = True,
-                   target_masses: Sequence[float] = ()) -> list[Setting]:
+                   target_masses: Sequence[float] = (), speculative: bool = False,
+                   group_budget: int | float | None = None) -> list[Setting]:
     """``off`` (always first), ``topk`` (optional), then each policy over its ``sweep_knob``: the
     budgets, or the warm-up values ``oea_k0``; a policy without one runs once. A policy with a mass
-    target (``'target_mass' in Policy.knobs``) also runs at each of ``target_masses`` (budget 1.0 = E)."""
+    target (``'target_mass' in Policy.knobs``) also runs at each of ``target_masses`` (budget 1.0 = E).
+    ``speculative``: the server verifies drafts, so the per-request policies run too, with
+    ``group_budget`` (None: the policy's default)."""
     out = [Setting("off", False)]
     if include_topk:
         out.append(Setting("topk", True, "topk"))
     for p in policies:
-        if p not in supported():
-            raise ValueError(f"--policy: {p!r} is not supported here; choose from {', '.join(supported())}")
+        if p not in supported(speculative):
+            raise ValueError(f"--policy: {p!r} is not supported here; choose from {', '.join(supported(speculative))}"
+                             + ("" if speculative else " (per-request policies need --speculative-algorithm)"))
         policy = get_policy(p)
+        groups = {"group_budget": group_budget} if "group_budget" in policy.knobs else {}
         if policy.vanilla:
             if not include_topk:
                 out.append(Setting(p, True, p))
             continue
         if policy.sweep_knob == "budget":
-            out.extend(Setting(f"{p}@{_fmt_budget(b)}", True, p, b, warmup_k) for b in budgets)
+            out.extend(Setting(f"{p}@{_fmt_budget(b)}", True, p, b, warmup_k, **groups) for b in budgets)
         elif policy.sweep_knob == "warmup_k":
             out.extend(Setting(f"{p}@k0={k}", True, p, warmup_k=k) for k in oea_k0)
         else:

@@ -31,13 +31,18 @@ def _hist_mean(now: dict, before: dict, name: str, labels: str = "") -> float | 
     return s / c if c > 0 else None
 
 
-def _mode_total(snapshot: dict, name: str, mode: str) -> float:
-    return sum(v for (n, lab), v in snapshot.items() if n == name and f'mode="{mode}"' in lab.split(","))
+# The forward modes of the decode step: plain decode, and the verify forwards of speculative decoding
+DECODE_MODES = ("decode", "target_verify")
+
+
+def _mode_total(snapshot: dict, name: str, modes: tuple[str, ...] = DECODE_MODES) -> float:
+    return sum(v for (n, lab), v in snapshot.items()
+               if n == name and any(f'mode="{m}"' in lab.split(",") for m in modes))
 
 
 def window_figures(before: dict, now: dict) -> dict[str, Any]:
     """Per-setting figures from two /metrics snapshots."""
-    fwd_s, moe_s, fwd_n = (_mode_total(now, n, "decode") - _mode_total(before, n, "decode") for n in
+    fwd_s, moe_s, fwd_n = (_mode_total(now, n) - _mode_total(before, n) for n in
                            ("xshare:forward_seconds_total", "xshare:moe_seconds_total", "xshare:forwards_total"))
     layers = sorted({int(lab.split('"')[1]) for (n, lab) in now if n == "xshare:active_experts_count" and lab})
     act = [_hist_mean(now, before, "xshare:active_experts", f'layer="{i}"') for i in layers]
@@ -52,7 +57,7 @@ def window_figures(before: dict, now: dict) -> dict[str, Any]:
         "vanilla_peak_gpu_experts": _hist_mean(now, before, "xshare:vanilla_peak_gpu_active_experts"),
         "mass_kept": _hist_mean(now, before, "xshare:mass_kept"),
         "top1_kept": _hist_mean(now, before, "xshare:top1_kept"),
-        # XSHARE_PROFILE (the bench turns it on): host time of decode forwards and of their MoE blocks
+        # XSHARE_PROFILE (the bench turns it on): host time of decode (or verify) forwards and of their MoE blocks
         "decode_forward_ms": 1e3 * fwd_s / fwd_n if fwd_n > 0 else None,
         "moe_share_decode": moe_s / fwd_s if fwd_s > 0 else None,
     }

@@ -15,15 +15,19 @@ def _f(v: float | None, spec: str = ".1f") -> str:
 
 
 def table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
-    headers = ["setting", "experts/layer", "peak GPU", "fwd ms", "MoE %", "tok/s", "decode tok/s", "x off", "exact",
-               "d pts", *tasks]
+    speculative = any(r.get("accept_length") is not None for r in rows)
+    headers = ["setting", "experts/layer", "peak GPU", "fwd ms", "MoE %", "tok/s", "decode tok/s", "x off",
+               "x off range", *(["accept", "x off"] if speculative else []), "exact", "d pts", *tasks]
     out = []
     for r in rows:
         layers = "/".join(_f(a) for a in r["activated_per_layer"]) if r.get("activated_per_layer") else "-"
         share = r.get("moe_share_decode")
+        spread = r.get("decode_tokens_per_s_ratio_range")
+        accept = [_f(r.get("accept_length"), ".2f"), _f(r.get("accept_length_ratio"), ".3f")] if speculative else []
         out.append([r["name"], layers, _f(r.get("peak_gpu_experts")), _f(r.get("decode_forward_ms")),
                     _f(None if share is None else 100 * share, ".0f"), _f(r.get("tokens_per_s")),
                     _f(r.get("decode_tokens_per_s")), _f(r.get("decode_tokens_per_s_ratio"), ".3f"),
+                    "-" if not spread else f"{spread[0]:.2f}-{spread[1]:.2f}", *accept,
                     _f(100 * r["accuracy"]["overall"]), _f(r.get("accuracy_delta_points"), "+.1f"),
                     *[_f(100 * r["accuracy"].get(t, 0.0), ".0f") for t in tasks]])
     return format_table(headers, out)

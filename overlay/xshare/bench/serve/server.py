@@ -29,7 +29,7 @@ def resolve_model(model_dir: str | os.PathLike | None, log: Callable[[str], None
 
 def start_server(model_dir: str | os.PathLike, *, token: str, sim_gpus: int, log_path: str | os.PathLike | None,
                  dtype: str = "float32", extra_env: dict[str, str] | None = None, port: int | None = None,
-                 threads: int | None = SERVER_THREADS,
+                 threads: int | None = SERVER_THREADS, sglang_args: tuple[str, ...] = (),
                  startup_timeout: float = 300.0) -> Any:
     """A real SGLang server with the plugin, selector off, admin endpoint and /metrics on (per-layer
     metrics: ``XSHARE_METRICS_DETAIL=layer``, which the per-layer figures read).
@@ -37,7 +37,8 @@ def start_server(model_dir: str | os.PathLike, *, token: str, sim_gpus: int, log
     ``threads``: OMP_NUM_THREADS of the server (None or 0: the environment's). One by default: on a
     small CPU the scheduler shares the cores with the tokenizer, the detokenizer, the HTTP server and
     the clients, and a second torch thread mostly waits for a core (twice the decode speed measured
-    on 2 cores with one thread, selector off)."""
+    on 2 cores with one thread, selector off). ``sglang_args``: more arguments of the server (the
+    speculative decoding options)."""
     from xshare.sglang.server import ServerProcess
 
     env = {"XSHARE_ADMIN_TOKEN": token, "XSHARE_SIM_GPUS": str(sim_gpus), "XSHARE_PROFILE": "1",
@@ -45,7 +46,7 @@ def start_server(model_dir: str | os.PathLike, *, token: str, sim_gpus: int, log
     if threads:  # torch threads of the server's processes (the scheduler runs the model)
         env.setdefault("OMP_NUM_THREADS", str(threads))
     srv = ServerProcess(model_dir, port, xshare_args=["--xshare-disable"],
-                        sglang_args=["--enable-metrics", "--dtype", dtype], env=env, log_path=log_path,
+                        sglang_args=["--enable-metrics", "--dtype", dtype, *sglang_args], env=env, log_path=log_path,
                         startup_timeout=startup_timeout)
     return srv.start()
 

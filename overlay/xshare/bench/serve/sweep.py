@@ -24,9 +24,11 @@ def _round_order(settings: Sequence[Setting], r: int) -> list[Setting]:
 
 
 def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], *, clients: int, rounds: int,
-          max_new_tokens: int, warmup_requests: int = 16,
+          max_new_tokens: int, warmup_requests: int = 16, fresh_cache: bool = False,
           log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Run every setting ``rounds`` times on the same ``problems``; per-setting figures."""
+    """Run every setting ``rounds`` times on the same ``problems``; per-setting figures. ``fresh_cache``:
+    empty the server's caches before each setting's run (speculative decoding: NGRAM drafts from a
+    corpus of the tokens served so far, which would otherwise hold the answers of the earlier runs)."""
     from xshare.models import tasks as T
 
     prompts = [p.prompt for p in problems]
@@ -40,6 +42,8 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
     for r in range(rounds):
         for s in _round_order(settings, r):
             client.set_config(s)
+            if fresh_cache:
+                client.flush_cache()
             before = settled_metrics(client)
             b = run_waves(client, prompts, clients, max_new_tokens)
             after = settled_metrics(client)
@@ -59,6 +63,9 @@ def sweep(client: Client, settings: Sequence[Setting], problems: Sequence[Any], 
                "wall_seconds": round(a.wall_seconds, 3),
                "tokens_per_s": a.completion_tokens / a.wall_seconds if a.wall_seconds else None,
                "decode_tokens_per_s": clients * a.decode_tokens / a.decode_seconds if a.decode_seconds else None,
+               "decode_tokens_per_s_rounds": [clients * b.decode_tokens / b.decode_seconds if b.decode_seconds else None
+                                              for b in batches[s.name]],
+               "accept_length": a.accept_length,
                "accuracy": T.accuracy(list(problems) * rounds, a.texts),
                "outputs_identical_across_rounds": all(b.texts == batches[s.name][0].texts for b in batches[s.name]),
                **merge_windows(windows[s.name])}
@@ -82,8 +89,12 @@ def _fill_off(rows: list[dict[str, Any]]) -> None:
     if peaks:
         off["peak_gpu_experts"] = off["vanilla_peak_gpu_experts"] = sum(peaks) / len(peaks)
     for r in rows:
-        for key in ("tokens_per_s", "decode_tokens_per_s"):
+        for key in ("tokens_per_s", "decode_tokens_per_s", "accept_length"):
             r[key + "_ratio"] = r[key] / off[key] if r.get(key) and off.get(key) else None
+        # the spread of the decode speed ratio: each round's ratio to off in the same round (min, max)
+        per_round = [a / b for a, b in zip(r["decode_tokens_per_s_rounds"], off["decode_tokens_per_s_rounds"],
+                                           strict=True) if a and b]
+        r["decode_tokens_per_s_ratio_range"] = [min(per_round), max(per_round)] if per_round else None
         r["activated"] = (sum(r["activated_per_layer"]) / len(r["activated_per_layer"])
                           if r.get("activated_per_layer") else None)
         r["accuracy_delta_points"] = 100 * (r["accuracy"]["overall"] - off["accuracy"]["overall"])

@@ -20,13 +20,21 @@ class BatchResult:
     decode_seconds: float = 0.0
     wall_seconds: float = 0.0
     requests: int = 0
+    verify_forwards: int = 0  # speculative decoding: verify forwards of the requests (meta_info spec_verify_ct)
+    accepted_tokens: int = 0  # tokens those forwards produced (accepted drafts + one each)
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def accept_length(self) -> float | None:
+        """Tokens per verify forward (SGLang's acceptance length), None without speculative decoding."""
+        return self.accepted_tokens / self.verify_forwards if self.verify_forwards else None
 
     @classmethod
     def pool(cls, batches: Sequence[BatchResult]) -> BatchResult:
         """Several rounds of the same prompts as one result (texts concatenated, counts summed)."""
         out = cls(texts=[t for b in batches for t in b.texts], errors=[e for b in batches for e in b.errors])
-        for name in ("completion_tokens", "decode_tokens", "decode_seconds", "wall_seconds", "requests"):
+        for name in ("completion_tokens", "decode_tokens", "decode_seconds", "wall_seconds", "requests",
+                     "verify_forwards", "accepted_tokens"):
             setattr(out, name, sum(getattr(b, name) for b in batches))
         return out
 
@@ -46,7 +54,10 @@ def run_waves(client: Client, prompts: Sequence[str], clients: int, max_new_toke
         meta = out.get("meta_info", {})
         n = int(meta.get("completion_tokens", 0))
         dec = float(meta.get("e2e_latency", 0.0)) - float(meta.get("first_token_latency", 0.0))
+        verify = int(meta.get("spec_verify_ct") or 0)
         with lock:
+            res.verify_forwards += verify
+            res.accepted_tokens += verify + int(meta.get("spec_num_correct_drafts") or 0)
             res.texts[i] = out["text"]
             res.completion_tokens += n
             res.requests += 1
