@@ -42,6 +42,7 @@ for r in range(ranks):
     rt = Runtime(load_settings(env), rank=r)
     rt.num_experts_hint = experts
     rt.enable_observability(metrics.Exporter(r, ep=(ep_size, r % ep_size, r < ep_size)))
+    rt.stats.mode = "decode"  # what Runtime.push sets for a decode forward
     for forward in range(3):
         for layer in layers:
             row = torch.rand(len(WINDOW_FIELDS) + 2 * gpus) * 8
@@ -49,6 +50,7 @@ for r in range(ranks):
             rt.stats.record_figures(row)
             rt.stats.record_seconds(1e-4)
             rt.stats.count_call()
+            rt.stats.record_call_host(layer, 6, 9, 16)  # an applied decode call: the per-mode sums
             rt.stats.note_layer(layer, "selects")
         rt.stats.count_forward()
     rt.stats.count_fallback("RuntimeError")

@@ -218,6 +218,23 @@ def build() -> dict[str, Any]:
             [(f'sum by (instance) (rate(xshare:forward_seconds_total{{{_X}, mode="decode"}}[{_RI}])) / '
               f'sum by (instance) (rate(xshare:forwards_total{{{_X}, mode="decode"}}[{_RI}]))', "{{instance}}")],
             w=12))
+        .with_panel(ts(
+            "Layer calls by forward mode",
+            "Routing hook calls and the calls the policy routed, per second, by forward mode (decode, "
+            "target_verify of speculative decoding, extend, ...).",
+            "ops",
+            [(f"sum by (mode) (rate(xshare:mode_calls_total{{{_X}}}[{_RI}]))", "calls {{mode}}"),
+             (f"sum by (mode) (rate(xshare:mode_applied_total{{{_X}}}[{_RI}]))", "routed {{mode}}")],
+            w=12))
+        .with_panel(ts(
+            "Activated experts per routed layer call, by forward mode",
+            "Experts the routed calls activated, and those SGLang's own top-k would have, per routed layer call.",
+            "short",
+            [(f"sum by (mode) (rate(xshare:mode_active_experts_total{{{_X}}}[{_RI}])) / "
+              f"sum by (mode) (rate(xshare:mode_applied_total{{{_X}}}[{_RI}]))", "selected {{mode}}"),
+             (f"sum by (mode) (rate(xshare:mode_vanilla_active_experts_total{{{_X}}}[{_RI}])) / "
+              f"sum by (mode) (rate(xshare:mode_applied_total{{{_X}}}[{_RI}]))", "vanilla {{mode}}")],
+            w=12))
         # -- configuration in force ----------------------------------------------------------------------
         .with_row(db.Row("Configuration in force"))
         .with_panel(ts(

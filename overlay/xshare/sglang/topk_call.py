@@ -12,6 +12,7 @@ whether the routed scaling factor is already in the weights.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +50,17 @@ def packed_outputs(cfg: Any) -> str | None:
     return None
 
 
-@functools.cache
 def _lora_topk_pack() -> bool:
-    """SGLang's experimental LoRA path with its fused top-k pack switched on (read once per process)."""
-    try:
-        from sglang.srt.layers.moe import topk as sglang_topk
+    """SGLang's experimental LoRA path with its fused top-k pack switched on (SGLang's own modules, when
+    they are loaded: a process that never imported SGLang's top-k is not serving with it)."""
+    sglang_topk = sys.modules.get("sglang.srt.layers.moe.topk")
+    return sglang_topk is not None and _lora_pack_on(sglang_topk)
 
+
+@functools.cache
+def _lora_pack_on(sglang_topk: Any) -> bool:
+    """Read once per process: the flags of SGLang's LoRA top-k pack."""
+    try:
         if not getattr(sglang_topk, "_SGLANG_EXPERIMENTAL_LORA_OPTI", False):
             return False
         from sglang.srt.lora.trtllm_lora_temp.environ import lora_envs
