@@ -14,10 +14,7 @@ import torch
 from torch import Tensor
 
 from xshare.selection.config import SelectorConfig
-from xshare.selection.types import Placement
-
-# SGLang's torch-native top-k adds this to the sum before renormalising (topk.py).
-RENORMALIZE_EPS = 1e-20
+from xshare.selection.types import RENORMALIZE_EPS, Placement
 
 
 def device_scalar(value: float | Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:

@@ -77,14 +77,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xshare.selection.types import FLOAT_DTYPES, check_router_logits
+from xshare.selection.types import FLOAT_DTYPES, RENORMALIZE_EPS, check_router_logits
 
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 CUSTOM_ROUTERS = ("llama4",)
 GATES = ("plain", "grouped", "biased_grouped", "llama4")
 
-# SGLang's _RENORMALIZE_SUM_EPSILON (topk.py): added to the routed-weight sum before dividing.
-RENORMALIZE_EPS = 1e-20
 
 _FLOAT_DTYPES = FLOAT_DTYPES
 # Eager ATen runs an elementwise op on one thread below this many elements (at::internal::GRAIN_SIZE

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# SGLang's _RENORMALIZE_SUM_EPSILON (topk.py): added to the routed-weight sum before renormalising.
+RENORMALIZE_EPS = 1e-20
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -500,7 +500,7 @@ static float xr_lane_sum(const float *w, int K, int lanes, float *acc) {
  *   (budget, k0, exact, prefer [T,PK] = the engine's routed picks), then src_ids / src_w [T,OW]
  *   (SGLang's outputs, routed columns first) copied to dst_ids / dst_w with the routed columns of the
  *   replaced rows overwritten: the affinities of the new experts, renormalised over the routed columns
- *   by the Inductor lane sum (`lanes`) plus 1e-20 when renorm, times `scale` when it is not 0 (the
+ *   by the Inductor lane sum (`lanes`) plus `eps` when renorm, times `scale` when it is not 0 (the
  *   routed scaling factor SGLang folds into the weights).
  * Out: affinity [T,E] f32, ids [T,K] i32, replaced [T] u8, flags [3,E] u8 (S, active, vanilla active),
  *   counts [5] i64: changed rows, checksum, short rows, |active|, |vanilla active|.
@@ -508,7 +508,8 @@ static float xr_lane_sum(const float *w, int K, int lanes, float *acc) {
 int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *score, const float *bias,
                              int round_aff, int choice_bf16, int gate, int G, int topk_group, const int32_t *prefer,
                              int n_valid, int apply, int budget, int k0, const uint8_t *exact,
-                             const int32_t *src_ids, const float *src_w, int renorm, int lanes, float scale,
+                             const int32_t *src_ids, const float *src_w, int renorm, float eps, int lanes,
+                             float scale,
                              float *affinity, int32_t *ids, uint8_t *replaced, uint8_t *flags, int64_t *counts,
                              int32_t *dst_ids, float *dst_w) {
     int64_t n = (int64_t)T * E;
@@ -573,7 +574,7 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
         const int64_t *rt = route + (int64_t)t * K;
         const float *a = affinity + (int64_t)t * E;
         for (int j = 0; j < K; j++) w[j] = a[rt[j]];
-        float denom = renorm ? xr_lane_sum(w, K, lanes, acc) + 1e-20f : 1.0f;
+        float denom = renorm ? xr_lane_sum(w, K, lanes, acc) + eps : 1.0f;
         for (int j = 0; j < K; j++) {
             float x = renorm ? w[j] / denom : w[j];
             di[j] = (int32_t)rt[j];

@@ -42,7 +42,7 @@ from xshare.selection.gates import (
 )
 from xshare.selection.kernels.cpu import CpuRouting, _native, _set_policy, kernel_error, library
 from xshare.selection.registry import get_policy
-from xshare.selection.types import Routing
+from xshare.selection.types import RENORMALIZE_EPS, Routing
 
 if TYPE_CHECKING:
     from xshare.selection.engine import LayerCall
@@ -239,7 +239,8 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
         num_rows, num_experts, top_k, src_ids.shape[1], pref.shape[1], score.data_ptr(), _ptr(bias),
         int(logits.dtype == torch.bfloat16), int(choice_bf16), _GATES[spec.gate], spec.num_expert_group or 0,
         spec.topk_group or 0, pref.data_ptr(), n_valid, int(apply), config.budget_for(num_experts), config.warmup_k,
-        _ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), inductor_lanes(logits.device),
+        _ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), RENORMALIZE_EPS,
+        inductor_lanes(logits.device),
         scale, affinity.data_ptr(), ids.data_ptr(), replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(),
         dst_ids.data_ptr(), dst_w.data_ptr())
     if rc != 0:
