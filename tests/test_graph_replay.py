@@ -134,6 +134,7 @@ def _replay_vs_eager(family: str, policy: str, change: str, *, exact: bool = Fal
     flags = [bool(i % 3 == 0) for i in range(T)] if exact else None
     mask = runtime.exact_rows(flags, 1, torch.device("cpu"))
     mask = None if mask is None else mask.clone()  # the flags as the forward set them (the replay must not clear them)
+    runtime.sync_knobs()  # what the forward hook does before every forward, replays included
     graph.replay()
     got = _answer(captured, call) if captured is not None else (call.ids.clone(), call.weights.clone())
     runtime.push(rt.ForwardState(mode="decode", exact=mask))
@@ -291,3 +292,29 @@ def test_sglangs_warm_up_runs_under_a_capture_are_not_counted(monkeypatch):
     graph.replay()  # what the graph recorded: the captured run's bookkeeping, counted on every replay
     graph.replay()
     assert runtime.stats.snapshot()["applied"] == 4
+
+
+def test_a_settings_change_reaches_the_knobs_at_the_next_forward_boundary():
+    """An admin change between forwards is checked at once (a config the knobs cannot take raises and
+    changes nothing) but written into the device knobs by the forward hook, before the next forward's
+    kernels on its own stream: a replay in flight never switches budgets between its layers, and ranks
+    that take the change between the same two steps switch at the same step."""
+    cfg, e, k = _family("softmax")
+    call = Call(cfg, e, k)
+    call.fill(1)
+    runtime = rt.install(_settings("xshare", e, budget=8))
+    runtime.push(rt.ForwardState(mode="decode"))
+    routing.route(runtime, call.args(), cfg)
+    runtime.pop()
+    knobs = next(iter(runtime._knobs.values()))
+    runtime.set_config(_settings("xshare", e, budget=12), 2)
+    assert int(knobs.budget) == 8  # not yet: a forward may be running on the device
+    seen = []
+    runner = SimpleNamespace(is_draft_worker=False)
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=T, spec_info=None,
+                            input_ids=torch.zeros(T, dtype=torch.int64))
+    hooks.model_runner_forward_hook(lambda _self, _batch: seen.append(int(knobs.budget)), runner, batch)
+    assert seen == [12]  # written before the model ran
+    with pytest.raises(ValueError):  # top_k = 4: a warm-up of 9 cannot be written; nothing changes
+        runtime.set_config(_settings("xshare", e, budget=12, warmup_k=9), 3)
+    assert runtime.version == 2 and runtime.settings.selector.warmup_k == 1

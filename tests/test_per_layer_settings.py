@@ -99,6 +99,8 @@ def test_runtime_keeps_one_knob_set_per_layer_updated_in_place():
     assert (int(k1.budget), int(k2.budget)) == (8, 16)
     ptr = k2.budget.data_ptr()
     rt.update_settings(PluginSettings(enabled=True, selector=SelectorConfig(budget=[4, 32], target_mass=[None, 0.9])))
+    assert (int(k1.budget), int(k2.budget)) == (8, 16)  # written at the next forward boundary, not in between
+    rt.sync_knobs()
     assert (int(k1.budget), int(k2.budget)) == (4, 32) and k2.budget.data_ptr() == ptr
     assert float(k1.target_mass) == 0.0 and float(k2.target_mass) == pytest.approx(0.9)
 

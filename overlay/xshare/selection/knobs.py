@@ -72,6 +72,10 @@ class SelectorKnobs:
         tensors = {k: torch.full((), v, dtype=_DTYPES.get(k, torch.int64), device=device) for k, v in vals.items()}
         return cls(**tensors, num_experts=num_experts, top_k=top_k)
 
+    def check(self, config: SelectorConfig) -> None:
+        """Raise ValueError if ``config`` cannot be written into these knobs (what :meth:`update` checks)."""
+        _values(config, self.num_experts, self.top_k, True)
+
     def update(self, config: SelectorConfig, *, enabled: bool = True) -> None:
         """Write ``config``'s values into the tensors in place (validated first: all or nothing)."""
         vals = _values(config, self.num_experts, self.top_k, enabled)

@@ -275,6 +275,7 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
         runtime.stats.count_fallback("forward_state")
         runtime.log_once("forward_state", logging.ERROR, "xshare: cannot read the forward batch: %s", exc,
                          exc_info=True)
+    runtime.sync_knobs()  # a settings change reaches the device here, before this forward's kernels
     runtime.push(state)
     t0 = time.perf_counter()
     try:
@@ -334,6 +335,7 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
     except Exception as exc:  # noqa: BLE001
         runtime.log_once("capture_state", logging.ERROR, "xshare: cannot read the capture state: %s", exc)
+    runtime.sync_knobs()  # before SGLang captures: a write inside the capture would replay forever
     runtime.push(state)
     runtime.graphs_captured += 1  # from now on a settings change the graphs cannot follow is refused
     try:

@@ -36,6 +36,8 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
     # captured into a CUDA graph still records the selector, behind the knobs' device on/off switch
     # (off now), so that replays follow a later enable.
     capturing = state is not None and state.capturing
+    if not capturing:  # eager: a pending settings change reaches the knobs (the forward hook's job in serving)
+        runtime.sync_knobs()
     if not s.enabled and not capturing:
         runtime.skip("disabled")
         _prepare(runtime, args, topk_config)

@@ -111,6 +111,7 @@ class Runtime:
         self._stack: list[ForwardState | None] = []
         self.current_topk: Any = None  # the SGLang TopK module running (triton_kernel runner routing only)
         self._knobs: dict[tuple, SelectorKnobs] = {}
+        self._knobs_dirty = False  # settings changed since the knobs were last written (sync_knobs)
         self._group_buffers: dict[tuple, Tensor] = {}
         self._exact_buffers: dict[str, Tensor] = {}  # device -> bool [EXACT_BUFFER_ROWS] (CUDA graphs read it)
         self._exact_dirty: set[str] = set()  # devices whose buffer holds True rows
@@ -154,12 +155,30 @@ class Runtime:
 
     # -- settings (one holder; an admin endpoint can swap them) ----------------------------------
     def update_settings(self, settings: PluginSettings) -> None:
-        """Swap the active settings; device knobs are updated in place (CUDA-graph safe for the
-        numeric settings and the on/off switch; a policy change takes effect in eager forwards and new
-        captures)."""
+        """Swap the active settings (checked against every layer's device knobs first: a config they cannot
+        take raises and changes nothing). The knobs themselves are written at the next forward boundary
+        (:meth:`sync_knobs`, called by the forward hook on the forward's own stream before the model runs),
+        so a replayed graph never switches budgets between its layers and every rank switches at the same
+        step; a policy change takes effect in eager forwards and new captures."""
         with self._lock:
-            self._write_knobs(settings, settings.enabled and not self._diverged)
+            for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
+                knobs.check(self.layer_config(settings.selector, layer_id).replace(scoring=scoring,
+                                                                                   renormalize=renorm))
             self.settings = settings
+            self._knobs_dirty = True
+
+    def sync_knobs(self) -> None:
+        """Write the settings in force into every layer's device knobs, if they changed since the last
+        write: at a forward boundary, outside any capture (a write captured into a graph would undo later
+        changes on every replay)."""
+        if not self._knobs_dirty:
+            return
+        with self._lock:
+            self._knobs_dirty = False
+            try:
+                self._write_knobs(self.settings, self.switch_on())
+            except Exception as exc:  # noqa: BLE001 - checked when set; a forward never fails on the knobs
+                self.log_once("sync_knobs", logging.ERROR, "xshare: writing the device knobs failed: %s", exc)
 
     def _write_knobs(self, settings: PluginSettings, switch: bool) -> None:
         for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
@@ -176,7 +195,7 @@ class Runtime:
     def diverged(self, value: bool) -> None:
         with self._lock:
             self._diverged = bool(value)
-            self._write_knobs(self.settings, self.switch_on())
+            self._knobs_dirty = True  # the switch follows at the next forward boundary (sync_knobs)
 
     def switch_on(self) -> bool:
         """The device on/off switch every layer's knobs hold: enabled and on the group's config."""
