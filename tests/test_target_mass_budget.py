@@ -124,6 +124,7 @@ def test_admin_changes_lift_and_restore_the_cap_on_every_rank():
         new = admin.build_config(admin.config_of(runtime.settings), update, replace_all=False, model=model)
         new = json.loads(json.dumps(new))  # as the signed message and the persisted file carry it
         runtime.update_settings(admin.settings_from_config(runtime.settings, new))
+        runtime.sync_knobs()  # what the forward hook does before the next forward
         return new
 
     new = apply({"target_mass": 0.9})
