@@ -13,7 +13,8 @@ makes the row say so, with ``correct`` false.
 Per router family and batch size: the vanilla gate alone in a CUDA graph; ``route`` captured with the
 runtime in the state the adapter sets under SGLang's graph capture (``ForwardState(capturing=True)``),
 then replayed on new inputs written into the same buffers and checked against an eager ``route`` call
-(``decide`` forced to its torch backend where that switch exists); the same with the per-call metrics
+(``decide`` forced to its torch backend where that switch exists), also after settings changes (a
+smaller budget, the selector off, on again: :func:`_follow_changes`); the same with the per-call metrics
 window on (SGLang's ``--enable-metrics``). On the CPU (``--cpu``) a "replay" is a call in the capturing
 state, times come from ``perf_counter``, and the selector's backend setting is 'triton' (interpreted):
 what 'auto' picks for CUDA tensors, so that CI checks the path a GPU serves against the torch reference.
@@ -432,6 +433,38 @@ def _eager_us(ctx: Context, sc: ServedCall) -> float:
     return statistics.median(samples) * 1e6
 
 
+def _follow_changes(ctx: Context, sc: ServedCall, replay: Callable[[], None], output: Callable[[], Any]) -> list[str]:
+    """The captured graph after settings changes, as the admin endpoint makes them (the settings swapped,
+    the knobs written at the next forward boundary): a smaller budget, the selector off, on again. Each
+    replay on a new batch must equal an eager call in the new state (off: SGLang's own routing). The
+    first settings are restored after."""
+    import dataclasses
+
+    runtime = sc.runtime
+    start = runtime.settings
+    smaller = max(sc.family["top_k"], _budget(sc.family) // 2)
+    changes = [("budget", dataclasses.replace(start, selector=start.selector.replace(budget=smaller))),
+               ("disable", dataclasses.replace(start, enabled=False)),
+               ("enable", start)]
+    diffs: list[str] = []
+    try:
+        for name, settings in changes:
+            runtime.update_settings(settings)
+            runtime.sync_knobs()  # what the forward hook does before the next forward, replays included
+            sc.fill(sc.batch)
+            replay()
+            ctx.sync()
+            if settings.enabled:
+                diffs += [f"after {name}: {d}" for d in compare(output(), sc.reference())]
+            else:
+                own = {"topk_ids": sc.topk_ids, "topk_weights": sc.topk_weights}
+                diffs += [f"after {name}: {d}" for d in compare(output(), own)]
+    finally:
+        runtime.update_settings(start)
+        runtime.sync_knobs()
+    return diffs
+
+
 def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
     """Capture ``sc``'s call in the capturing state, check replays on new inputs against the eager
     reference, time the replays: ``served_us`` (None when the captured calls left the routing to SGLang:
@@ -456,6 +489,8 @@ def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
                 replay()
                 ctx.sync()
                 diffs += [f"check {i + 1}: {d}" for d in compare(output(), sc.reference())]
+            if replay is not None:
+                diffs += _follow_changes(ctx, sc, replay, output)
             res["diffs"] = diffs[:8]
             res["changed_rows"] = _changed_rows(sc, output())
             res["correct"] = not diffs and not res["fallback"]
