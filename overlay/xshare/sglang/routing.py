@@ -71,9 +71,9 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             return None
         if state.exact is not None or state.exact_unknown:
             # this rank's flags cover its own rows only, its peers' not at all: every rank ignores them alike
+            # (below: no exact-rows refusal, and _route reads no mask)
             runtime.log_once("exact_shared_rows", logging.WARNING, "xshare: exact routing is not honoured with "
                              "attention DP over a TP MoE (each rank knows only its own requests' flags)")
-            state = dataclasses.replace(state, exact=None, exact_unknown=False)
     elif state.mode not in runtime.modes():
         runtime.skip(f"mode_{state.mode}")
         return None
@@ -86,7 +86,8 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             unsupported = "router_config"
             runtime.log_once("router_config", logging.WARNING, "xshare: layer router %s does not fit the layer: %s",
                              spec, exc)
-    if unsupported is None and (state.exact_unknown or (global_mode and state.exact is not None)):
+    if unsupported is None and not runtime.shared_rows and (state.exact_unknown
+                                                          or (global_mode and state.exact is not None)):
         # a request asked for exact routing and this call cannot honour it row by row: SGLang routes it all
         unsupported = "exact_rows_unknown" if state.exact_unknown else "exact_routing_global_mode"
     if unsupported is not None:
@@ -107,14 +108,10 @@ def route(runtime: Runtime, args: dict[str, Any], topk_config: Any) -> dict[str,
             runtime.skip(unmapped)
             return None
     joined: list[bool] = []  # DeepEP global mode: this call's one part of the group's all-reduce
-
-    def all_reduce(local: torch.Tensor) -> torch.Tensor:
-        joined.append(True)
-        return runtime.all_reduce(local)
-
+    all_reduce = _counted(runtime.all_reduce, joined) if global_mode else None
     try:
         t0 = time.perf_counter()
-        out = _route(runtime, call, state, global_mode, offset, all_reduce if global_mode else None)
+        out = _route(runtime, call, state, global_mode, offset, all_reduce)
         if runtime.observe and out is not None:
             stats.record_seconds(time.perf_counter() - t0)
         return out
@@ -150,6 +147,14 @@ def route_logits(runtime: Runtime, topk: Any, logits: torch.Tensor, top_k: int,
     if out is None:
         return None
     return out["topk_ids"][:, :k].to(torch.int64).sort(dim=-1).values.to(torch.int16)
+
+
+def _counted(all_reduce: Any, joined: list[bool]) -> Any:
+    """``all_reduce`` that notes in ``joined`` that this rank made its part."""
+    def part(local: torch.Tensor) -> torch.Tensor:
+        joined.append(True)
+        return all_reduce(local)
+    return part
 
 
 def stream_capturing(device: torch.device) -> bool:

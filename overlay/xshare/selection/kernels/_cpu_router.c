@@ -509,7 +509,7 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
                              int round_aff, int choice_bf16, int gate, int G, int topk_group, const int32_t *prefer,
                              int n_valid, int apply, int budget, int k0, const uint8_t *exact,
                              const int32_t *src_ids, const float *src_w, int renorm, float eps, int lanes,
-                             float scale,
+                             float scale, float sum_scale,
                              float *affinity, int32_t *ids, uint8_t *replaced, uint8_t *flags, int64_t *counts,
                              int32_t *dst_ids, float *dst_w) {
     int64_t n = (int64_t)T * E;
@@ -546,12 +546,12 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
             for (int e = 0; e < per_group; e++) r[gpick[j] * per_group + e] = 1;
     }
     for (int e = 0; e < E; e++) colsum[e] = 0.0;
-    if (apply) { /* the reference's fixed-point column sums (common.fixed_point_totals) over usable entries */
+    if (apply) { /* the reference's fixed-point column sums (common.fixed_point_totals, units of 1/sum_scale) */
         for (int e = 0; e < E; e++) {
             int64_t total = 0;
             for (int t = 0; t < n_valid; t++) {
                 int64_t i = (int64_t)t * E + e;
-                if ((!reach || reach[i]) && xr_finite(choice[i])) total += (int64_t)(affinity[i] * 1073741824.0f);
+                if ((!reach || reach[i]) && xr_finite(choice[i])) total += (int64_t)(affinity[i] * sum_scale);
             }
             colsum[e] = (double)total;
         }

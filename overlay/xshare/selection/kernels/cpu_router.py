@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from xshare.selection.api import check_exact, check_inputs
-from xshare.selection.common import fixed_point_totals
+from xshare.selection.common import SUM_SCALE, fixed_point_totals
 from xshare.selection.config import SelectorConfig
 from xshare.selection.gates import (
     GateScores,
@@ -240,9 +240,8 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
         int(logits.dtype == torch.bfloat16), int(choice_bf16), _GATES[spec.gate], spec.num_expert_group or 0,
         spec.topk_group or 0, pref.data_ptr(), n_valid, int(apply), config.budget_for(num_experts), config.warmup_k,
         _ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), RENORMALIZE_EPS,
-        inductor_lanes(logits.device),
-        scale, affinity.data_ptr(), ids.data_ptr(), replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(),
-        dst_ids.data_ptr(), dst_w.data_ptr())
+        inductor_lanes(logits.device), scale, float(SUM_SCALE), affinity.data_ptr(), ids.data_ptr(),
+        replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(), dst_ids.data_ptr(), dst_w.data_ptr())
     if rc != 0:
         raise RuntimeError(kernel_error(rc))
     in_set, active, vanilla_active = flags.unbind(0)
