@@ -16,8 +16,8 @@ from xshare.sglang.admin import common
 from xshare.sglang.admin.config import ConfigInvalid, build_config, config_of
 from xshare.sglang.admin.http import STARTUP, AdminState, RedactQuery, ReservedKeyGuard
 from xshare.sglang.admin.scheduler import handle_message
-from xshare.sglang.runtime import Runtime
 from xshare.sglang.settings import PluginSettings
+from xshare.sglang.state import ProcessState
 
 MODEL = ModelShape(num_experts=32, top_k=4, moe_layers=(1, 2, 3))
 
@@ -92,7 +92,7 @@ def test_message_round_trip_and_signature():
 
 
 def _runtime(**selector):
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(**selector)))
+    rt = ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(**selector)))
     rt.channel_key = "key"
     return rt
 

@@ -178,7 +178,8 @@ _NO_SGLANG = textwrap.dedent(r"""
 
     sys.meta_path.insert(0, Block())
     import torch
-    from xshare.sglang import routing, runtime
+    from xshare.sglang import layer
+    from xshare.sglang import state as runtime
     from xshare.sglang.settings import PluginSettings
     from xshare.selection import SelectorConfig
     from xshare.bench.gpu.context import CPU_SERVED_FAMILIES
@@ -190,11 +191,11 @@ _NO_SGLANG = textwrap.dedent(r"""
     cases = {"plain_scaled": TopKConfigStandIn(top_k=4, routed_scaling_factor=2.5),
              "deepseek_v3": topk_config(CPU_SERVED_FAMILIES["deepseek-v3"], torch.device("cpu"))}
     for name, cfg in cases.items():
-        rt = runtime.Runtime(PluginSettings(enabled=True, selector=selector, cpu_kernel=False))
+        rt = runtime.ProcessState(PluginSettings(enabled=True, selector=selector, cpu_kernel=False))
         rt.push(runtime.ForwardState(mode="decode"))
         logits = torch.randn(8, 32, generator=g)
         ids, weights = vanilla_gate(cfg, logits)
-        answer = routing.route(rt, {"topk_ids": ids, "topk_weights": weights, "router_logits": logits,
+        answer = layer.route(rt, {"topk_ids": ids, "topk_weights": weights, "router_logits": logits,
                                     "layer_id": 0, "num_token_non_padded": None}, cfg)
         snap = rt.stats.snapshot()
         out[name] = {"routed": answer is not None, "fallbacks": snap["fallbacks_total"], "applied": snap["applied"]}
@@ -229,7 +230,8 @@ def test_the_stand_in_topk_config_and_the_vanilla_gates_are_sglangs():
 
     from xshare.bench.gpu.served import SharedExpertsStandIn, TopKConfigStandIn, topk_config, vanilla_gate
     from xshare.selection import SelectorConfig
-    from xshare.sglang import routing, runtime
+    from xshare.sglang import layer
+    from xshare.sglang import state as runtime
     from xshare.sglang.settings import PluginSettings
 
     real = {f.name: f.default for f in dataclasses.fields(topk.TopKConfig) if f.init}
@@ -264,9 +266,9 @@ def test_the_stand_in_topk_config_and_the_vanilla_gates_are_sglangs():
         torch.testing.assert_close(weights[:, k:], want.topk_weights[:, k:].float())
         answers = []
         for c in (cfg, sglang_cfg):
-            rt = runtime.Runtime(PluginSettings(enabled=True, selector=selector, cpu_kernel=False))
+            rt = runtime.ProcessState(PluginSettings(enabled=True, selector=selector, cpu_kernel=False))
             rt.push(runtime.ForwardState(mode="decode"))
-            answers.append(routing.route(rt, {"topk_ids": ids.clone(), "topk_weights": weights.clone(),
+            answers.append(layer.route(rt, {"topk_ids": ids.clone(), "topk_weights": weights.clone(),
                                               "router_logits": x, "layer_id": 0, "num_token_non_padded": None}, c))
         assert answers[0] is not None and answers[1] is not None, name
         assert torch.equal(answers[0]["topk_ids"], answers[1]["topk_ids"]), name
@@ -283,14 +285,14 @@ def _two_families(monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def test_a_served_path_left_to_sglang_fails_the_check_and_says_why(tmp_path, monkeypatch):
-    from xshare.sglang import routing
+    from xshare.sglang import layer
 
     few = _two_families(monkeypatch)
 
     def broken(*args, **kwargs):
         raise RuntimeError("the selector broke")
 
-    monkeypatch.setattr(routing, "decide", broken)  # route catches it: the call falls back to SGLang's routing
+    monkeypatch.setattr(layer, "decide", broken)  # route catches it: the call falls back to SGLang's routing
     assert main(_args(tmp_path, "--parts", "served_path")) == 1
     p5 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["served_path"]
     assert p5["status"] == "fail" and len(p5["rows"]) == 2 * len(few) + 3  # and the torch-path policies
@@ -304,10 +306,10 @@ def test_a_served_path_left_to_sglang_fails_the_check_and_says_why(tmp_path, mon
 
 
 def test_a_captured_answer_unlike_the_eager_one_fails_the_check(tmp_path, monkeypatch):
-    from xshare.sglang import routing
+    from xshare.sglang import layer
 
     _two_families(monkeypatch)
-    real = routing.route
+    real = layer.route
 
     def capture_differs(runtime, args, topk_config):
         out = real(runtime, args, topk_config)
@@ -315,7 +317,7 @@ def test_a_captured_answer_unlike_the_eager_one_fails_the_check(tmp_path, monkey
             out = dict(out, topk_ids=out["topk_ids"].flip(-1))  # same experts, another column order
         return out
 
-    monkeypatch.setattr(routing, "route", capture_differs)
+    monkeypatch.setattr(layer, "route", capture_differs)
     assert main(_args(tmp_path, "--parts", "served_path")) == 1
     p5 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["served_path"]
     assert p5["status"] == "fail" and p5["rows"]

@@ -13,8 +13,8 @@ which on ``meta`` reaches no aten op at all) and as a dispatch mode (what ATen r
 tensor), and records each as a site (the selector's file and line that asked for it).
 :func:`test_the_detector_catches_each_forbidden_pattern` shows every rule firing.
 
-The proof then runs :func:`xshare.sglang.routing.route` as SGLang's ``_post_process_topk_ids`` hook
-calls it (arguments bound as the hook binds them, SGLang's real ``TopKConfig``, a real ``Runtime``
+The proof then runs :func:`xshare.sglang.layer.route` as SGLang's ``_post_process_topk_ids`` hook
+calls it (arguments bound as the hook binds them, SGLang's real ``TopKConfig``, a real ``ProcessState``
 with metrics observed) on ``meta`` tensors (a device without data: any value read fails there too),
 for every router family and every policy (and DeepEP global mode for its policies), inside a captured
 forward and an eager one, and asserts no site was recorded, no fallback was counted and the call
@@ -42,8 +42,8 @@ from torch.utils._pytree import tree_flatten
 from conftest import require_module
 from xshare.selection import Placement, SelectorConfig, available_policies
 from xshare.selection.group_stats import global_policies
-from xshare.sglang import routing
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer as routing
+from xshare.sglang import state as rt
 from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
@@ -251,14 +251,14 @@ def _hook_args(cfg, e: int, capturing: bool) -> dict:  # noqa: ANN001
             "expert_location_dispatch_info": None, "padded_rows_masked": False}
 
 
-def _runtime(policy: str, e: int) -> rt.Runtime:
+def _runtime(policy: str, e: int) -> rt.ProcessState:
     selector = SelectorConfig(policy=policy, budget=max(2, e // 4), warmup_k=1)
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=selector, sim_gpus=4))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=selector, sim_gpus=4))
     runtime.observe = True  # the per-call metrics window is written too
     return runtime
 
 
-def _route_twice(runtime: rt.Runtime, cfg, e: int, capturing: bool) -> tuple[list[Transfer], list[Transfer], dict]:  # noqa: ANN001
+def _route_twice(runtime: rt.ProcessState, cfg, e: int, capturing: bool) -> tuple[list[Transfer], list[Transfer], dict]:  # noqa: ANN001
     """The layer's first call (the warm-up forward), then the call under test, both watched."""
     with forbid_host_transfers() as first:
         assert routing.route(runtime, _hook_args(cfg, e, capturing), cfg) is not None, dict(runtime.stats.fallbacks)
@@ -271,7 +271,7 @@ def _route_twice(runtime: rt.Runtime, cfg, e: int, capturing: bool) -> tuple[lis
     return first, second, out
 
 
-def _check_counters(runtime: rt.Runtime) -> None:
+def _check_counters(runtime: rt.ProcessState) -> None:
     stats = runtime.stats  # its host counters (snapshot() would read the device sums)
     assert dict(stats.fallbacks) == {} and dict(stats.skipped) == {}, (stats.fallbacks, stats.skipped)
     assert stats.applied == 2 and stats.coverage == {3: "selects"}
@@ -376,7 +376,7 @@ _PLACEMENT_TENSORS = ("slot_gpu", "slot_expert", "replicas", "replica_gpu", "pri
 def test_placement_device_copies_are_kept_and_rewritten_in_place_when_eplb_rebalances(monkeypatch):
     from sglang.srt.eplb import expert_location
 
-    from xshare.sglang import hooks
+    from xshare.sglang.hooks import model as model_hooks
     from xshare.sglang.placement import sglang_placement
 
     e, ep, layer = 16, 4, 1
@@ -402,7 +402,7 @@ def test_placement_device_copies_are_kept_and_rewritten_in_place_when_eplb_rebal
         expected = Placement.from_physical(after[layer], ep)
         assert expected.replicas.shape[1] == 3 and held.replicas.shape[1] >= 3  # fixed width: no reallocation
         with _CopyLog() as log:
-            hooks.expert_location_update_hook(None, live, None, update_layer_ids=[layer])
+            model_hooks.expert_location_update_hook(None, live, None, update_layer_ids=[layer])
         written = {id(dst): src for dst, src in log.copies}
         for name, tensor in zip(_PLACEMENT_TENSORS, tensors, strict=True):
             assert id(tensor) in written, f"{name} was not rewritten in place"

@@ -1,4 +1,4 @@
-"""The start-up coverage report (xshare.sglang.coverage) on SGLang's own TopKConfig, output formats and
+"""The start-up coverage report (xshare.sglang.observe.coverage) on SGLang's own TopKConfig, output formats and
 runner backends: which layers the selector will select on, skip (why) or never see (bypassed by the
 runner backend, and what to set), and what the runtime does with the report."""
 
@@ -10,8 +10,8 @@ import torch
 
 from conftest import require_module
 from xshare.selection import SelectorConfig
-from xshare.sglang import coverage
-from xshare.sglang import runtime as rt
+from xshare.sglang import state as rt
+from xshare.sglang.observe import coverage, report
 from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
@@ -54,14 +54,14 @@ def test_packed_top_k_outputs_are_left_to_sglang_and_reported():
     """A gate that also writes FlashInfer's packed ids (the runner reads those, not topk_ids) is left to
     SGLang: the coverage report names it, and the routing hook neither replaces nor counts the call as
     applied."""
-    from xshare.sglang import routing
+    from xshare.sglang import layer as routing
 
     layer = _layer(use_grouped_topk=True, num_expert_group=4, topk_group=2, correction_bias=torch.zeros(16),
                    fused_gate_packed_ids=True)
     assert coverage.layer_status(layer, "cuda") == "unsupported_packed_topk_ids"
     assert coverage.layer_status(_layer(use_grouped_topk=True, num_expert_group=4, topk_group=2,
                                         correction_bias=torch.zeros(16)), "cuda") == "ready"
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4)))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4)))
     runtime.push(rt.ForwardState(mode="decode"))
     logits = torch.randn(6, 16)
     ids = torch.topk(logits, 2, dim=-1).indices.to(torch.int32)
@@ -84,13 +84,13 @@ def test_summary_names_what_to_set_for_bypassed_layers():
 
 
 def _runtime(**kw):
-    return rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4), **kw))
+    return rt.ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4), **kw))
 
 
 def test_an_enabled_selector_that_reaches_no_layer_warns_at_start_up(caplog):
     runtime = _runtime()
     with caplog.at_level(logging.INFO, logger="xshare.sglang"):
-        msg = runtime.startup_coverage({0: "bypassed_triton_kernel", 1: "bypassed_triton_kernel"})
+        msg = report.startup_coverage(runtime, {0: "bypassed_triton_kernel", 1: "bypassed_triton_kernel"})
     assert msg is not None and "will select on no MoE layer" in msg
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "--moe-runner-backend triton" in warnings[0].getMessage()
@@ -102,7 +102,7 @@ def test_an_enabled_selector_that_reaches_no_layer_warns_at_start_up(caplog):
 def test_a_selector_that_reaches_a_layer_only_logs_the_report(caplog):
     runtime = _runtime()
     with caplog.at_level(logging.INFO, logger="xshare.sglang"):
-        assert runtime.startup_coverage({0: "ready", 1: "draft_layer"}) is None
+        assert report.startup_coverage(runtime, {0: "ready", 1: "draft_layer"}) is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("coverage at start-up" in r.getMessage() for r in caplog.records)
     runtime.stats.note_layer(0, "selects")  # the first applied call upgrades "ready"
@@ -111,15 +111,15 @@ def test_a_selector_that_reaches_a_layer_only_logs_the_report(caplog):
 
 def test_require_coverage_refuses_to_start_when_no_layer_will_select():
     runtime = _runtime(require_coverage=True)
-    with pytest.raises(rt.CoverageRefused, match="XSHARE_REQUIRE_COVERAGE"):
-        runtime.startup_coverage({0: "unsupported_custom_routing_function"})
-    assert _runtime(require_coverage=True).startup_coverage({0: "ready"}) is None
+    with pytest.raises(report.CoverageRefused, match="XSHARE_REQUIRE_COVERAGE"):
+        report.startup_coverage(runtime, {0: "unsupported_custom_routing_function"})
+    assert report.startup_coverage(_runtime(require_coverage=True), {0: "ready"}) is None
 
 
 def test_a_disabled_selector_reports_but_never_warns(caplog):
-    runtime = rt.Runtime(PluginSettings(enabled=False))
+    runtime = rt.ProcessState(PluginSettings(enabled=False))
     with caplog.at_level(logging.INFO, logger="xshare.sglang"):
-        assert runtime.startup_coverage({0: "bypassed_triton_kernel"}) is None
+        assert report.startup_coverage(runtime, {0: "bypassed_triton_kernel"}) is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -139,12 +139,12 @@ def _bound(backend, fmt):
     ("TRITON", "STANDARD", True, True, "STANDARD"),
 ])
 def test_flashinfer_trtllm_layers_are_switched_to_routed_top_k(monkeypatch, backend, fmt, enabled, routed, expected):
-    from xshare.sglang import hooks
+    from xshare.sglang.hooks import routing as routing_hooks
 
-    runtime = rt.Runtime(PluginSettings(enabled=enabled, routed_topk=routed))
+    runtime = rt.ProcessState(PluginSettings(enabled=enabled, routed_topk=routed))
     monkeypatch.setattr(rt, "get", lambda: runtime)
     layer = _bound(backend, fmt)
-    hooks.bind_runner_backend_hook(None, layer, layer.topk_config.runner_backend)
+    routing_hooks.bind_runner_backend_hook(None, layer, layer.topk_config.runner_backend)
     assert layer.topk_config.output_format.name == expected
     status = coverage.layer_status(layer, "cuda")
     if expected == "STANDARD":

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from conftest import missing
 from xshare.selection import SelectorConfig, engine
 from xshare.selection.kernels import cpu as K
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
+from xshare.sglang.observe.figures import call_figures, cpu_call_figures, routing_checksum
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.stats import call_figures, cpu_call_figures, routing_checksum
 
 if not K.cpu_kernel_available():  # it needs a C compiler (CC, cc, gcc or clang)
     missing(f"no CPU kernel: {K.cpu_kernel_problem()}")
@@ -154,11 +155,12 @@ def test_broken_compiler_is_reported_not_raised(tmp_path, monkeypatch):
     assert not K.cpu_kernel_available()
     assert "failed" in K.cpu_kernel_problem()
     # the adapter then routes with the torch reference, and says so once
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=3, warmup_k=0)))
+    runtime = rt.ProcessState(PluginSettings(enabled=True,
+                                             selector=SelectorConfig(policy="xshare", budget=3, warmup_k=0)))
     runtime.push(rt.ForwardState(mode="decode"))
     logits = torch.randn(6, 8)
     ids, w = _vanilla(logits, 2)
-    out = runtime.route({"topk_ids": ids, "topk_weights": w, "router_logits": logits, "layer_id": 0,
+    out = layer.route(runtime, {"topk_ids": ids, "topk_weights": w, "router_logits": logits, "layer_id": 0,
                          "num_token_non_padded": None}, topk_config=_topk_config(2))
     assert out is not None and torch.unique(out["topk_ids"]).numel() <= 3
     assert runtime.stats.snapshot()["fallbacks_total"] == 0
@@ -184,7 +186,7 @@ def test_adapter_paths_agree(policy, padded):
     """The serving adapter with the fast path on and off: same routing, counters and metric rows."""
     runtimes = []
     for fast in (True, False):
-        r = rt.Runtime(PluginSettings(enabled=True, cpu_kernel=fast, sim_gpus=4,
+        r = rt.ProcessState(PluginSettings(enabled=True, cpu_kernel=fast, sim_gpus=4,
                                       selector=SelectorConfig(policy=policy, budget=5, warmup_k=1)))
         r.observe = True
         r.push(rt.ForwardState(mode="decode"))
@@ -194,7 +196,7 @@ def test_adapter_paths_agree(policy, padded):
         logits = (torch.randn(16, 24, generator=g) * 2).round(decimals=1)
         ids, w = _vanilla(logits, 4)
         nt = torch.tensor(11) if padded else None
-        outs = [r.route({"topk_ids": ids, "topk_weights": w, "router_logits": logits, "layer_id": step % 3,
+        outs = [layer.route(r, {"topk_ids": ids, "topk_weights": w, "router_logits": logits, "layer_id": step % 3,
                          "num_token_non_padded": nt}, topk_config=_topk_config(4)) for r in runtimes]
         assert torch.equal(outs[0]["topk_ids"], outs[1]["topk_ids"])
         assert outs[0]["topk_ids"].dtype == ids.dtype

@@ -20,9 +20,10 @@ from xshare.selection import SelectorConfig, engine
 from xshare.selection.gates import RouterSpec, reference_route, router_scores
 from xshare.selection.kernels import cpu as K
 from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
+from xshare.sglang.observe.figures import routing_checksum
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.stats import routing_checksum
 
 if not K.cpu_kernel_available():  # it needs a C compiler (CC, cc, gcc or clang)
     missing(f"no CPU kernel: {K.cpu_kernel_problem()}")
@@ -313,7 +314,7 @@ def test_adapter_paths_agree(family, padded):
     cfg = _topk_config(spec, k)
     runtimes = []
     for fast in (True, False):
-        r = rt.Runtime(PluginSettings(enabled=True, cpu_kernel=fast, sim_gpus=4,
+        r = rt.ProcessState(PluginSettings(enabled=True, cpu_kernel=fast, sim_gpus=4,
                                       selector=SelectorConfig(policy="xshare", budget=max(k, e // 4), warmup_k=1)))
         r.observe = True
         r.push(rt.ForwardState(mode="decode"))
@@ -324,7 +325,7 @@ def test_adapter_paths_agree(family, padded):
         own = reference_route(x, k, spec)
         args = {"topk_ids": own.topk_ids, "topk_weights": own.topk_weights, "router_logits": x,
                 "layer_id": step % 3, "num_token_non_padded": torch.tensor(11) if padded else None}
-        outs = [r.route(dict(args), topk_config=cfg) for r in runtimes]
+        outs = [layer.route(r, dict(args), topk_config=cfg) for r in runtimes]
         assert outs[0] is not None and outs[1] is not None
         assert torch.equal(outs[0]["topk_ids"], outs[1]["topk_ids"])
         assert torch.equal(outs[0]["topk_weights"], outs[1]["topk_weights"])

@@ -239,7 +239,7 @@ def _exporter(skip: set[str] = frozenset()):
 
 def test_dashboard_contract_is_the_plugins():
     """The names, types and labels the dashboard assumes are the ones the plugin's exporter declares."""
-    from xshare.sglang import metrics
+    from xshare.sglang.observe import metrics
     assert {n: (t, ("rank", *labels)) for n, (t, labels, _doc) in metrics.METRICS.items()} == XSHARE_METRICS
 
 

@@ -457,7 +457,7 @@ def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
     # A labelled counter has no series until its first increment (prometheus_client's multiprocess mode writes
     # nothing before), so fallbacks and config changes are absent from a healthy server that had none: accept
     # exactly those, when the plugin declares them as counters.
-    from xshare.sglang.metrics import METRICS
+    from xshare.sglang.observe.metrics import METRICS
 
     quiet = {n for n in missing if n.endswith("_total") and METRICS.get(n, ("",))[0] == "counter" and METRICS[n][1]}
     assert set(missing) - quiet == set(), missing

@@ -284,7 +284,7 @@ def test_replays_a_shard_of_the_live_recorder(tmp_path, capsys):
     """A trace written by the SGLang plugin's recorder (router logits, recorded batches) replays as is."""
     import torch
 
-    from xshare.sglang.trace import TraceRecorder
+    from xshare.sglang.observe.trace import TraceRecorder
 
     rec = TraceRecorder(tmp_path / "rec", max_tokens=10_000, flush_tokens=10_000, meta={"model": "toy"})
     gen = torch.Generator().manual_seed(0)
@@ -316,7 +316,7 @@ def test_a_recorded_biased_grouped_router_trace_replays_with_its_router(tmp_path
 
     from xshare.eval.traces import load_trace
     from xshare.selection.gates import RouterSpec, reference_route, router_scores
-    from xshare.sglang.trace import TraceRecorder
+    from xshare.sglang.observe.trace import TraceRecorder
 
     gen = torch.Generator().manual_seed(1)
     specs = {layer: RouterSpec(scoring="sigmoid", correction_bias=torch.randn(16, generator=gen) * 0.5,

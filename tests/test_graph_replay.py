@@ -10,7 +10,7 @@ nothing.
 
 Per router family x policy x change: the call is captured in the capturing state the adapter sets
 under SGLang's graph capture, the change is made as the adapter makes it (settings through
-``Runtime.set_config``, exact rows through ``Runtime.exact_rows``, a new batch and row count written
+``ProcessState.set_config``, exact rows through ``ProcessState.exact_rows``, a new batch and row count written
 into the same buffers), the graph replayed, and its output compared with an eager ``route`` of the
 same buffers (the torch path, as the graph).
 """
@@ -26,8 +26,9 @@ from conftest import require_module
 from graph_replay import Graph
 from xshare.selection import SelectorConfig
 from xshare.selection.gates import RouterSpec, reference_route
-from xshare.sglang import hooks, routing
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
+from xshare.sglang.hooks import forward as forward_hooks
 from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
@@ -106,14 +107,14 @@ CHANGES = {
 }
 
 
-def _capture(runtime: rt.Runtime, graph: Graph, fn):  # noqa: ANN001, ANN202
+def _capture(runtime: rt.ProcessState, graph: Graph, fn):  # noqa: ANN001, ANN202
     """``fn`` captured as SGLang captures a decode batch: inside ``DecodeCudaGraphRunner.capture_one_shape``,
     which the plugin's hook wraps (the capturing state, the buffers made before SGLang captures)."""
     runner = SimpleNamespace(model_runner=SimpleNamespace(device="cpu", is_draft_worker=False),
                              capture_forward_mode=ForwardMode.DECODE, captured_req_width=1)
     runtime.scattered_input = False  # the process facts of a single-rank CPU server
     assert rt.get() is runtime  # the hook acts on the process's runtime
-    return hooks.capture_one_shape_hook(lambda _self: graph.capture(fn), runner)
+    return forward_hooks.capture_one_shape_hook(lambda _self: graph.capture(fn), runner)
 
 
 def _replay_vs_eager(family: str, policy: str, change: str, *, exact: bool = False, rows: int = T):
@@ -124,10 +125,10 @@ def _replay_vs_eager(family: str, policy: str, change: str, *, exact: bool = Fal
     runtime.observe = True
     call.fill(1)
     runtime.push(rt.ForwardState(mode="decode"))  # the warm-up forward before capture
-    routing.route(runtime, call.args(), cfg)
+    layer.route(runtime, call.args(), cfg)
     runtime.pop()
     graph = Graph()
-    captured = _capture(runtime, graph, lambda: routing.route(runtime, call.args(), cfg))
+    captured = _capture(runtime, graph, lambda: layer.route(runtime, call.args(), cfg))
     new = _settings(policy, e, **CHANGES[change](policy, e))
     runtime.set_config(new, 2)
     call.fill(7, rows)
@@ -138,7 +139,7 @@ def _replay_vs_eager(family: str, policy: str, change: str, *, exact: bool = Fal
     graph.replay()
     got = _answer(captured, call) if captured is not None else (call.ids.clone(), call.weights.clone())
     runtime.push(rt.ForwardState(mode="decode", exact=mask))
-    want = _answer(routing.route(runtime, call.args(), cfg), call)
+    want = _answer(layer.route(runtime, call.args(), cfg), call)
     runtime.pop()
     return got, want, runtime, call.ids.clone()
 
@@ -176,7 +177,7 @@ def test_a_change_a_captured_graph_cannot_follow_is_refused(field, value):
     runtime = rt.install(_settings("xshare", e))
     changed = _settings(value, e) if field == "policy" else _settings("xshare", e, **{field: value})
     assert runtime.capture_refusal(changed) is None  # no graph yet: applied
-    _capture(runtime, Graph(), lambda: routing.route(runtime, call.args(), cfg))
+    _capture(runtime, Graph(), lambda: layer.route(runtime, call.args(), cfg))
     before = runtime.settings
     why = _try_apply(runtime, SimpleNamespace(), {"version": 2, "config": config_of(changed)})
     assert field in why and "CUDA graphs" in why and "restart" in why, why
@@ -198,21 +199,21 @@ def test_padding_rows_do_not_vote_where_sglang_passes_no_count(family, policy):
     call.fill(1)
     args = dict(call.args(), num_token_non_padded=None)
     runtime.push(rt.ForwardState(mode="decode"))
-    routing.route(runtime, args, cfg)  # the warm-up forward
+    layer.route(runtime, args, cfg)  # the warm-up forward
     runtime.pop()
     graph = Graph()
-    captured = _capture(runtime, graph, lambda: routing.route(runtime, dict(args), cfg))
+    captured = _capture(runtime, graph, lambda: layer.route(runtime, dict(args), cfg))
     assert captured is not None
     call.fill(7)
     real = T - 5
     runner = SimpleNamespace(is_draft_worker=False)
     batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=real, spec_info=None,
                             input_ids=torch.zeros(real, dtype=torch.int64))
-    hooks.model_runner_forward_hook(lambda _self, _batch: graph.replay(), runner, batch)
+    forward_hooks.model_runner_forward_hook(lambda _self, _batch: graph.replay(), runner, batch)
     got = _answer(captured, call)
     runtime.push(rt.ForwardState(mode="decode"))
-    want = _answer(routing.route(runtime, dict(args, num_token_non_padded=torch.full((1,), real)), cfg), call)
-    vote_all = _answer(routing.route(runtime, dict(args), cfg), call)  # every row counted, as before
+    want = _answer(layer.route(runtime, dict(args, num_token_non_padded=torch.full((1,), real)), cfg), call)
+    vote_all = _answer(layer.route(runtime, dict(args), cfg), call)  # every row counted, as before
     runtime.pop()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(got[0][:real], vote_all[0][:real]) or policy == "xshare_spec"  # padding did vote
@@ -236,7 +237,7 @@ def test_each_two_batch_overlap_micro_batch_reads_its_own_exact_flags(family, ca
         half["num_token_non_padded"] = None
 
     def forward():  # one forward: the layer on micro-batch a, then on micro-batch b
-        return [routing.route(runtime, dict(h), cfg) for h in halves]
+        return [layer.route(runtime, dict(h), cfg) for h in halves]
 
     runtime.push(rt.ForwardState(mode="decode"))
     forward()  # warm-up
@@ -257,7 +258,7 @@ def test_each_two_batch_overlap_micro_batch_reads_its_own_exact_flags(family, ca
     for i, (half, out) in enumerate(zip(halves, outs, strict=True)):
         own = mask[:split] if i == 0 else mask[split:]
         runtime.push(rt.ForwardState(mode="decode", exact=own.clone()))
-        want = routing.route(runtime, dict(half), cfg)  # the micro-batch routed on its own
+        want = layer.route(runtime, dict(half), cfg)  # the micro-batch routed on its own
         runtime.pop()
         assert want is not None and out is not None
         assert torch.equal(out["topk_ids"], want["topk_ids"]), i
@@ -272,17 +273,17 @@ def test_sglangs_warm_up_runs_under_a_capture_are_not_counted(monkeypatch):
     call.fill(1)
     runtime = rt.install(_settings("xshare", e))
     runtime.push(rt.ForwardState(mode="decode"))
-    routing.route(runtime, call.args(), cfg)  # an eager forward: counted
+    layer.route(runtime, call.args(), cfg)  # an eager forward: counted
     runtime.pop()
     assert runtime.stats.snapshot()["applied"] == 1
     capturing = [False]
-    monkeypatch.setattr(routing, "stream_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(layer, "stream_capturing", lambda device: capturing[0])
 
     def shape():  # SGLang's capture of one shape: two warm-up runs, then the run it captures
-        routing.route(runtime, call.args(), cfg)
-        routing.route(runtime, call.args(), cfg)
+        layer.route(runtime, call.args(), cfg)
+        layer.route(runtime, call.args(), cfg)
         capturing[0] = True
-        return routing.route(runtime, call.args(), cfg)
+        return layer.route(runtime, call.args(), cfg)
 
     graph = Graph()
     assert _capture(runtime, graph, shape) is not None
@@ -304,7 +305,7 @@ def test_a_settings_change_reaches_the_knobs_at_the_next_forward_boundary():
     call.fill(1)
     runtime = rt.install(_settings("xshare", e, budget=8))
     runtime.push(rt.ForwardState(mode="decode"))
-    routing.route(runtime, call.args(), cfg)
+    layer.route(runtime, call.args(), cfg)
     runtime.pop()
     knobs = next(iter(runtime._knobs.values()))
     runtime.set_config(_settings("xshare", e, budget=12), 2)
@@ -313,7 +314,7 @@ def test_a_settings_change_reaches_the_knobs_at_the_next_forward_boundary():
     runner = SimpleNamespace(is_draft_worker=False)
     batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=T, spec_info=None,
                             input_ids=torch.zeros(T, dtype=torch.int64))
-    hooks.model_runner_forward_hook(lambda _self, _batch: seen.append(int(knobs.budget)), runner, batch)
+    forward_hooks.model_runner_forward_hook(lambda _self, _batch: seen.append(int(knobs.budget)), runner, batch)
     assert seen == [12]  # written before the model ran
     with pytest.raises(ValueError):  # top_k = 4: a warm-up of 9 cannot be written; nothing changes
         runtime.set_config(_settings("xshare", e, budget=12, warmup_k=9), 3)

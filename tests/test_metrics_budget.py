@@ -1,7 +1,8 @@
 """The series budget: the ``xshare:*`` series a DeepSeek-V3 group on 4 x 8 GPUs exports (58 MoE layers, 256 routed
 experts, EP 32, 32 scheduler ranks), counted on the exposition of the real exporter.
 
-Each rank is a real :class:`xshare.sglang.runtime.Runtime` with the real :class:`xshare.sglang.metrics.Exporter`
+Each rank is a real :class:`xshare.sglang.state.ProcessState` with the real
+:class:`xshare.sglang.observe.metrics.Exporter`
 (``ep`` = its EP rank of 32): a window row per MoE layer with 32 GPU columns, every layer noted as selecting,
 fallbacks, 80 config changes (policies, budgets, enable/disable), flushed into a real prometheus_client
 multiprocess directory; SGLang's own collector class reads it back and the ``xshare:`` samples are counted. Runs in
@@ -30,19 +31,19 @@ import json, sys, torch
 from collections import Counter
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
-from xshare.sglang import metrics
-from xshare.sglang.runtime import Runtime
+from xshare.sglang.observe import metrics
+from xshare.sglang.state import ProcessState
 from xshare.sglang.settings import load_settings
-from xshare.sglang.stats import WINDOW_FIELDS
+from xshare.sglang.observe.stats import WINDOW_FIELDS
 
 detail, layers, experts, gpus, ep_size, ranks, changes, profile = json.loads(sys.argv[1])
 env = {"XSHARE_ENABLE": "1", "XSHARE_METRICS_DETAIL": detail}
 policies = [("xshare", "0.5"), ("xshare_ep", "0.25"), ("xshare_spec", "64"), ("topk", "8"), ("xshare", "32")]
 for r in range(ranks):
-    rt = Runtime(load_settings(env), rank=r)
+    rt = ProcessState(load_settings(env), rank=r)
     rt.num_experts_hint = experts
     rt.enable_observability(metrics.Exporter(r, ep=(ep_size, r % ep_size, r < ep_size)))
-    rt.stats.mode = "decode"  # what Runtime.push sets for a decode forward
+    rt.stats.mode = "decode"  # what ProcessState.push sets for a decode forward
     for forward in range(3):
         for layer in layers:
             row = torch.rand(len(WINDOW_FIELDS) + 2 * gpus) * 8
@@ -108,14 +109,14 @@ def test_deepseek_v3_on_32_gpus_fits_the_budget(tmp_path):
     # the coverage metric: one (selects) series per rank
     assert fams["xshare:layers"] == RANKS
     # distributions come from rank 0 only: one aggregated series set per histogram
-    from xshare.sglang.metrics import DISTRIBUTIONS
+    from xshare.sglang.observe.metrics import DISTRIBUTIONS
 
     for name in DISTRIBUTIONS:
         assert fams[name.removesuffix("_total")] == len(metrics_buckets(name)) + 3, name
 
 
 def metrics_buckets(name: str) -> tuple[float, ...]:
-    from xshare.sglang import metrics
+    from xshare.sglang.observe import metrics
 
     return metrics._BUCKETS[name]
 

@@ -12,7 +12,8 @@ import torch
 from xshare.selection import Placement, SelectorConfig, select
 from xshare.selection.types import ModelShape
 from xshare.sglang import admin
-from xshare.sglang.stats import WINDOW_CAPACITY, WINDOW_FIELDS, SelectorStats, call_figures
+from xshare.sglang.observe.figures import call_figures
+from xshare.sglang.observe.stats import WINDOW_CAPACITY, WINDOW_FIELDS, SelectorStats
 
 F = {f: i for i, f in enumerate(WINDOW_FIELDS)}
 
@@ -96,9 +97,10 @@ def test_build_config_patch_and_put():
 def test_exporter_writes_the_contract_into_a_multiprocess_dir(tmp_path):
     code = r"""
 import json, sys, torch
-from xshare.sglang import metrics, runtime
+from xshare.sglang import state as runtime
+from xshare.sglang.observe import metrics
 from xshare.sglang.settings import load_settings
-from xshare.sglang.stats import WINDOW_FIELDS
+from xshare.sglang.observe.stats import WINDOW_FIELDS
 rt = runtime.install(load_settings({"XSHARE_ENABLE": "1", "XSHARE_BUDGET": "4", "XSHARE_METRICS_DETAIL": "layer"}),
                      rank=1)
 rt.num_experts_hint = 16
@@ -113,7 +115,7 @@ rt.stats.record_forward_time("decode", 0.25); rt.stats.record_moe_time("decode",
 rt.flush_metrics()  # counters carry the difference since the last flush
 rt.set_config(load_settings({"XSHARE_ENABLE": "1", "XSHARE_POLICY": "xshare_ep", "XSHARE_BUDGET": "6"}), 7)
 # the same rank at the default detail (group): rank 1 exports no distributions; its layers are aggregated
-grp = runtime.Runtime(load_settings({"XSHARE_ENABLE": "1"}), rank=2)
+grp = runtime.ProcessState(load_settings({"XSHARE_ENABLE": "1"}), rank=2)
 grp.num_experts_hint = 16
 grp.enable_observability(metrics.create(2))
 grp.stats.record_figures(row); row2 = row.clone(); row2[0] = 1; row2[len(WINDOW_FIELDS)] = 2
@@ -148,11 +150,11 @@ print(generate_latest(reg).decode())
 
 
 def test_coverage_counts_states_and_caps_reasons():
-    """xshare:layers' values from the runtime's coverage report (xshare.sglang.coverage's statuses): selects /
+    """xshare:layers' values from the runtime's coverage report (xshare.sglang.observe.coverage's statuses): selects /
     ready / skipped and bypassed with their reason, capped."""
     from types import SimpleNamespace
 
-    from xshare.sglang import metrics
+    from xshare.sglang.observe import metrics
 
     st = SelectorStats()
     rt = SimpleNamespace(stats=st)

@@ -10,7 +10,9 @@ from xshare.selection.schema import SELECTOR
 from xshare.selection.types import ModelShape
 from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config
 from xshare.sglang.model_shape import moe_layer_ids
+from xshare.sglang.observe import report
 from xshare.sglang.settings import SettingError, load_settings
+from xshare.sglang.state import ProcessState
 
 MODEL = ModelShape(num_experts=64, top_k=6, moe_layers=(1, 2, 3, 4))
 
@@ -89,10 +91,9 @@ def test_moe_layer_ids_from_model_configs():
 def test_runtime_keeps_one_knob_set_per_layer_updated_in_place():
     import torch
 
-    from xshare.sglang.runtime import Runtime
     from xshare.sglang.settings import PluginSettings
 
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget={"default": 8, "2": 16})))
+    rt = ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(budget={"default": 8, "2": 16})))
     rt.moe_layers = (1, 2)
     k1 = rt.knobs_for(rt.layer_config(rt.settings.selector, 1), 64, 6, torch.device("cpu"), 1)
     k2 = rt.knobs_for(rt.layer_config(rt.settings.selector, 2), 64, 6, torch.device("cpu"), 2)
@@ -106,15 +107,15 @@ def test_runtime_keeps_one_knob_set_per_layer_updated_in_place():
 
 
 def test_a_per_layer_list_that_does_not_fit_the_loaded_model_refuses_to_start():
-    from xshare.sglang.runtime import Runtime, SettingsRefused
+    from xshare.sglang.observe.report import SettingsRefused
     from xshare.sglang.settings import PluginSettings
 
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget=[6, 8, 8])))
+    rt = ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(budget=[6, 8, 8])))
     with pytest.raises(SettingsRefused, match=r"^xshare: refusing to start: XSHARE_BUDGET: budget: .*3 values.*4 MoE"):
-        rt.check_model_settings(64, 6, (1, 2, 3, 4))
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(target_mass={"7": 0.9})))
+        report.check_model_settings(rt, 64, 6, (1, 2, 3, 4))
+    rt = ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(target_mass={"7": 0.9})))
     with pytest.raises(SettingsRefused, match="XSHARE_TARGET_MASS: target_mass: unknown MoE layer id"):
-        rt.check_model_settings(64, 6, (1, 2, 3, 4))
-    rt = Runtime(PluginSettings(enabled=True, selector=SelectorConfig(budget=[6, 8, 8, 8])))
-    rt.check_model_settings(64, 6, (1, 2, 3, 4))
+        report.check_model_settings(rt, 64, 6, (1, 2, 3, 4))
+    rt = ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(budget=[6, 8, 8, 8])))
+    report.check_model_settings(rt, 64, 6, (1, 2, 3, 4))
     assert rt.moe_layers == (1, 2, 3, 4) and rt.layer_config(rt.settings.selector, 2).budget == 8

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from xshare.sglang import hooks
-from xshare.sglang import runtime as rt
+from xshare.sglang import state as rt
+from xshare.sglang.hooks import forward as forward_hooks
+from xshare.sglang.observe.stats import SelectorStats
 from xshare.sglang.settings import PluginSettings, SettingError, load_settings
-from xshare.sglang.stats import SelectorStats
 
 
 def test_snapshot_gives_the_moe_share_per_mode():
@@ -45,13 +45,13 @@ def test_hooks_time_the_forward_and_the_moe_blocks_inside_it(profile):
         def forward(self, forward_batch):
             time.sleep(0.002)
             for _layer in range(2):  # the MoE hook sees the forward's mode through the runtime stack
-                hooks.moe_forward_hook(moe_block, None, 1)
+                forward_hooks.moe_forward_hook(moe_block, None, 1)
             return "out"
 
         mode = SimpleNamespace(is_target_verify=lambda: False, is_decode=lambda: True, is_idle=lambda: False,
                                is_extend=lambda: False)
         batch = SimpleNamespace(forward_mode=mode, batch_size=4)
-        assert hooks.model_runner_forward_hook(forward, SimpleNamespace(), batch) == "out"
+        assert forward_hooks.model_runner_forward_hook(forward, SimpleNamespace(), batch) == "out"
         prof = runtime.stats.profile_snapshot()
         if not profile:
             assert "decode" not in prof or prof["decode"]["forwards"] == 0

@@ -162,19 +162,19 @@ def test_a_failing_router_layer_still_joins_the_group_all_reduce(bad):
 
 
 def _adapter_worker(rank: int, world: int, init_file: str, fault: str, out_dir: str) -> None:
-    """One rank of a DeepEP global-mode group running the routing hook's path (a real Runtime) over a few
+    """One rank of a DeepEP global-mode group running the routing hook's path (a real ProcessState) over a few
     layers, with ``fault`` injected on rank 1."""
     from datetime import timedelta
 
-    from xshare.sglang import routing
-    from xshare.sglang import runtime as rt
+    from xshare.sglang import layer as routing
+    from xshare.sglang import state as rt
     from xshare.sglang.settings import PluginSettings
 
     topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        runtime = rt.Runtime(PluginSettings(enabled=True, deepep_mode="global",
+        runtime = rt.ProcessState(PluginSettings(enabled=True, deepep_mode="global",
                                             selector=SelectorConfig(policy="xshare", budget=5, warmup_k=1)))
         runtime.scattered_input = True
         calls: list = []

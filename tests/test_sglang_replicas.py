@@ -20,8 +20,9 @@ import torch
 from conftest import require_module
 from xshare.eval.predict import plan_layers
 from xshare.selection import Placement, SelectorConfig
-from xshare.sglang import hooks, replicas
-from xshare.sglang import runtime as rt
+from xshare.sglang import state as rt
+from xshare.sglang.hooks import model as model_hooks
+from xshare.sglang.hooks import routing as routing_hooks
 from xshare.sglang.placement import sglang_placement
 from xshare.sglang.settings import PluginSettings, SettingError, load_settings
 
@@ -96,7 +97,7 @@ def _hook(monkeypatch, target, fn):
 def test_sglang_recorder_counts_the_selected_routing(sglang_ep, monkeypatch):
     _, meta, recorder = sglang_ep
     assert type(recorder).__name__ == "_ExpertDistributionRecorderReal"
-    _hook(monkeypatch, hooks.POST_PROCESS_TARGET, hooks.post_process_topk_ids_hook)
+    _hook(monkeypatch, routing_hooks.POST_PROCESS_TARGET, routing_hooks.post_process_topk_ids_hook)
     budget = 6
     runtime = rt.install(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=budget,
                                                                                warmup_k=0)))
@@ -134,7 +135,7 @@ def _manager(config):
 
 def test_a_predictive_plan_goes_through_sglangs_rebalance_entry_point(sglang_ep, monkeypatch):
     config, meta, _ = sglang_ep
-    _hook(monkeypatch, replicas.COMPUTE_METADATA_TARGET, replicas.compute_metadata_hook)
+    _hook(monkeypatch, model_hooks.COMPUTE_METADATA_TARGET, model_hooks.compute_metadata_hook)
     runtime = rt.install(PluginSettings(enabled=True, replica_plan="predictive", replica_planner="greedy",
                                         replica_alpha=0.5))
     try:
@@ -152,7 +153,7 @@ def test_a_predictive_plan_goes_through_sglangs_rebalance_entry_point(sglang_ep,
             assert {3, 17} <= set(row[:, 8].tolist())  # the hot experts got the spare slots
         # SGLang's own in-place update (what its ExpertLocationUpdater does once the weights moved) ...
         meta.update(new, update_layer_ids=list(range(LAYERS)))
-        hooks.expert_location_update_hook(None, meta, new, update_layer_ids=list(range(LAYERS)))
+        model_hooks.expert_location_update_hook(None, meta, new, update_layer_ids=list(range(LAYERS)))
         # ... and the GPU-aware policies' placement follows it
         placement = sglang_placement(runtime.placements, 1, E)
         ref = Placement.from_physical(torch.from_numpy(want[1]), 4)
@@ -163,7 +164,7 @@ def test_a_predictive_plan_goes_through_sglangs_rebalance_entry_point(sglang_ep,
         forecast = 0.5 * second.sum(0).double().numpy() + 0.5 * window.sum(0).double().numpy()
         assert np.array_equal(again.physical_to_logical_map_cpu.numpy(),
                               plan_layers(forecast, 4, 1, "greedy", previous=want))
-        assert replicas.planner_of(runtime).plans == 2 and replicas.planner_of(runtime).refused == 0
+        assert runtime.replicas.plans == 2 and runtime.replicas.refused == 0
     finally:
         rt.uninstall()
 
@@ -172,27 +173,27 @@ def test_with_replica_plan_eplb_sglangs_own_plan_is_untouched(sglang_ep, monkeyp
     config, _, _ = sglang_ep
     window = _skewed_window()
     own = _manager(config)._compute_expert_location_metadata(window, broadcast_over_world=False)
-    _hook(monkeypatch, replicas.COMPUTE_METADATA_TARGET, replicas.compute_metadata_hook)
+    _hook(monkeypatch, model_hooks.COMPUTE_METADATA_TARGET, model_hooks.compute_metadata_hook)
     runtime = rt.install(PluginSettings(enabled=True, replica_plan="eplb"))
     try:
         via_hook = _manager(config)._compute_expert_location_metadata(window, broadcast_over_world=False)
     finally:
         rt.uninstall()
     assert torch.equal(own.physical_to_logical_map_cpu, via_hook.physical_to_logical_map_cpu)
-    assert replicas.planner_of(runtime).plans == 0
+    assert runtime.replicas.plans == 0
 
 
 @pytest.mark.parametrize("sglang_ep", [3], indirect=True)
 def test_a_plan_that_does_not_fit_the_slots_changes_nothing(sglang_ep, monkeypatch, caplog):
     """EP size 3 with 4 redundant experts: the spare slots do not split evenly over the GPUs."""
     config, meta, _ = sglang_ep
-    _hook(monkeypatch, replicas.COMPUTE_METADATA_TARGET, replicas.compute_metadata_hook)
+    _hook(monkeypatch, model_hooks.COMPUTE_METADATA_TARGET, model_hooks.compute_metadata_hook)
     runtime = rt.install(PluginSettings(enabled=True, replica_plan="predictive"))
     try:
         before = meta.physical_to_logical_map_cpu.clone()
         new = _manager(config)._compute_expert_location_metadata(_skewed_window(), broadcast_over_world=False)
         assert torch.equal(new.physical_to_logical_map_cpu, before)  # the map in force: no weight moves
-        planner = replicas.planner_of(runtime)
+        planner = runtime.replicas
         assert planner.refused == 1 and planner.plans == 0 and "--replica-slots" in planner.last_error
         assert "no predictive replica plan" in caplog.text
     finally:

@@ -1,7 +1,7 @@
 """The serving adapter on every router family SGLang 0.5.23 implements, against SGLang's own routing.
 
 SGLang's real ``select_experts`` (the CPU path) routes random router logits for a real ``TopKConfig``;
-the adapter (``Runtime.route``, what the routing hook calls) then rewrites that call's output. With a
+the adapter (``xshare.sglang.layer.route``, what the routing hook calls) then rewrites that call's output. With a
 budget >= E its output is SGLang's bit for bit (ids, column order, weights, shared slot); with a
 budget m < E every changed row routes inside the set the policy chose, the group limit holds, the
 weights are SGLang's rule on the new ids, no unreachable expert is routed, and the batch activates at
@@ -14,7 +14,8 @@ import torch
 from conftest import require_module
 from xshare.selection import SelectorConfig
 from xshare.selection.gates import RouterSpec, router_scores
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
 from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
@@ -79,11 +80,11 @@ def _sglang(cfg, x):  # noqa: ANN001, ANN202
 
 
 def _route(cfg, x, ids, w, selector):  # noqa: ANN001, ANN202
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=selector))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=selector))
     runtime.push(rt.ForwardState(mode="decode"))
     args = {"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x, "layer_id": 0,
             "num_token_non_padded": None}
-    out = runtime.route(args, topk_config=cfg)
+    out = layer.route(runtime, args, topk_config=cfg)
     return out, runtime.stats.snapshot()
 
 
@@ -162,11 +163,11 @@ def test_router_layers_route_under_cuda_graph_capture_without_host_reads(family,
     settings = PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=e // 4, warmup_k=1))
 
     def route(capturing: bool):
-        runtime = rt.Runtime(settings)
+        runtime = rt.ProcessState(settings)
         runtime.push(rt.ForwardState(mode="decode", capturing=capturing))
         args = {"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x, "layer_id": 0,
                 "num_token_non_padded": torch.tensor(T - 2)}
-        return runtime, runtime.route(args, topk_config=cfg)
+        return runtime, layer.route(runtime, args, topk_config=cfg)
 
     eager_rt, eager = route(False)
     reads: list[str] = []
@@ -197,11 +198,11 @@ def test_every_policy_works_on_a_grouped_biased_router(policy):
     ids, w = _sglang(cfg, x)
     settings = PluginSettings(enabled=True, sim_gpus=4, selector=SelectorConfig(policy=policy, budget=16,
                                                                                 warmup_k=1))
-    runtime = rt.Runtime(settings)
+    runtime = rt.ProcessState(settings)
     runtime.push(rt.ForwardState(mode="decode", tokens_per_req=2))
     args = {"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x, "layer_id": 0,
             "num_token_non_padded": None}
-    out = runtime.route(args, topk_config=cfg)
+    out = layer.route(runtime, args, topk_config=cfg)
     snap = runtime.stats.snapshot()
     assert out is not None and snap["fallbacks_total"] == 0 and snap["applied"] == 1, snap
     gs = router_scores(x, RouterSpec.from_topk_config(cfg))
@@ -252,10 +253,10 @@ def test_stats_say_which_backend_routed_each_layer(policy, expected):
     x = _logits(e, torch.float32, seed=5)
     ids, w = _sglang(cfg, x)
     selector = SelectorConfig(policy=policy, budget=e // 4, warmup_k=1, backend="triton")
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=selector))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=selector))
     runtime.push(rt.ForwardState(mode="decode"))
     for layer_id in (3, 7):
-        out = runtime.route({"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x,
+        out = layer.route(runtime, {"topk_ids": ids.clone(), "topk_weights": w.clone(), "router_logits": x,
                              "layer_id": layer_id}, topk_config=cfg)
         assert out is not None
     snap = runtime.stats.snapshot()

@@ -1,4 +1,4 @@
-"""The adapter's routing decision (xshare.sglang.runtime / hooks) on plain tensors.
+"""The adapter's routing decision (xshare.sglang.state / hooks) on plain tensors.
 
 SGLang's objects are stood in for by small namespaces with the attributes the adapter reads; the
 real server path is covered by test_sglang_e2e*.py.
@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from xshare.selection import SelectorConfig
-from xshare.sglang import hooks
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
+from xshare.sglang.hooks import binding
+from xshare.sglang.hooks import routing as routing_hooks
+from xshare.sglang.observe import report
 from xshare.sglang.settings import PluginSettings
 
 E, K = 16, 4
@@ -44,7 +47,7 @@ def call_args(logits, shared=0, ids_dtype=torch.int64):
 
 def make_runtime(**kw):
     sel = kw.pop("selector", SelectorConfig(policy="xshare", budget=4, warmup_k=0))
-    return rt.Runtime(PluginSettings(enabled=True, selector=sel, **kw))
+    return rt.ProcessState(PluginSettings(enabled=True, selector=sel, **kw))
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ def test_decode_batch_is_rewritten_within_budget(logits):
     runtime = make_runtime()
     runtime.push(rt.ForwardState(mode="decode"))
     args = call_args(logits)
-    out = runtime.route(args, topk_config=topk_config())
+    out = layer.route(runtime, args, topk_config=topk_config())
     assert out is not None
     ids, w = out["topk_ids"], out["topk_weights"]
     assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == (12, K)
@@ -76,7 +79,7 @@ def test_budget_at_least_e_reproduces_vanilla(logits):
     runtime = make_runtime(selector=SelectorConfig(policy="xshare", budget=E))
     runtime.push(rt.ForwardState(mode="decode"))
     args = call_args(logits)
-    out = runtime.route(args, topk_config=topk_config())
+    out = layer.route(runtime, args, topk_config=topk_config())
     assert torch.equal(out["topk_ids"], args["topk_ids"])
     assert torch.allclose(out["topk_weights"], args["topk_weights"], atol=1e-6)
     assert runtime.stats.snapshot()["layers"]["3"]["changed_tokens"] == 0
@@ -86,7 +89,7 @@ def test_shared_expert_columns_are_left_alone(logits):
     runtime = make_runtime()
     runtime.push(rt.ForwardState(mode="decode"))
     args = call_args(logits, shared=1, ids_dtype=torch.int32)
-    out = runtime.route(args, topk_config=topk_config(shared=1))
+    out = layer.route(runtime, args, topk_config=topk_config(shared=1))
     assert out["topk_ids"].dtype == torch.int32 and out["topk_ids"].shape == (12, K + 1)
     assert torch.equal(out["topk_ids"][:, -1], args["topk_ids"][:, -1])
     assert torch.equal(out["topk_weights"][:, -1], args["topk_weights"][:, -1])
@@ -113,17 +116,17 @@ def test_shared_expert_columns_are_left_alone(logits):
 def test_not_applicable_calls_are_left_to_sglang(logits, state, cfg, reason):
     runtime = make_runtime()
     runtime.push(state)
-    assert runtime.route(call_args(logits), topk_config=topk_config(**cfg)) is None
+    assert layer.route(runtime, call_args(logits), topk_config=topk_config(**cfg)) is None
     assert runtime.stats.skipped[reason] == 1 and runtime.stats.applied == 0
 
 
 def test_prefill_when_asked_and_batch_size_range(logits):
     runtime = make_runtime(apply_prefill=True)
     runtime.push(rt.ForwardState(mode="extend"))
-    assert runtime.route(call_args(logits), topk_config=topk_config()) is not None
+    assert layer.route(runtime, call_args(logits), topk_config=topk_config()) is not None
     runtime = make_runtime(selector=SelectorConfig(policy="xshare", budget=4, min_tokens=16))
     runtime.push(rt.ForwardState(mode="decode"))
-    assert runtime.route(call_args(logits), topk_config=topk_config()) is None
+    assert layer.route(runtime, call_args(logits), topk_config=topk_config()) is None
     assert runtime.stats.skipped["batch_size"] == 1
 
 
@@ -131,7 +134,7 @@ def test_injected_fault_falls_back_and_is_counted(logits, caplog):
     runtime = make_runtime(fault_inject="every:2")
     runtime.push(rt.ForwardState(mode="decode"))
     with caplog.at_level(logging.ERROR, logger="xshare.sglang"):
-        results = [runtime.route(call_args(logits), topk_config=topk_config()) for _ in range(6)]
+        results = [layer.route(runtime, call_args(logits), topk_config=topk_config()) for _ in range(6)]
     assert [r is None for r in results] == [False, True, False, True, False, True]
     assert runtime.stats.fallbacks == {"InjectedFault": 3} and runtime.stats.applied == 3
     assert sum("selector failed" in r.message for r in caplog.records) == 1  # logged once
@@ -148,17 +151,17 @@ def test_xshare_spec_groups_follow_tokens_per_request():
 def test_update_settings_swaps_the_active_config(logits, cpu_kernel):
     runtime = make_runtime(cpu_kernel=cpu_kernel)
     runtime.push(rt.ForwardState(mode="decode"))
-    first = runtime.route(call_args(logits), topk_config=topk_config())
+    first = layer.route(runtime, call_args(logits), topk_config=topk_config())
     assert torch.unique(first["topk_ids"]).numel() <= 4
     runtime.update_settings(PluginSettings(enabled=True, cpu_kernel=cpu_kernel,
                                            selector=SelectorConfig(policy="xshare", budget=6, warmup_k=0)))
-    second = runtime.route(call_args(logits), topk_config=topk_config())
+    second = layer.route(runtime, call_args(logits), topk_config=topk_config())
     assert 4 < torch.unique(second["topk_ids"]).numel() <= 6
     if not cpu_kernel:  # the device knobs of the torch path follow in place
         knobs = next(iter(runtime._knobs.values()))
         assert knobs.budget.item() == 6
     runtime.update_settings(PluginSettings(enabled=False))
-    assert runtime.route(call_args(logits), topk_config=topk_config()) is None
+    assert layer.route(runtime, call_args(logits), topk_config=topk_config()) is None
 
 
 def _fake_post_process(topk_ids, topk_weights, topk_config, router_logits, layer_id, num_token_non_padded=None,
@@ -171,18 +174,18 @@ def test_hook_binds_positional_and_keyword_arguments(logits):
     try:
         rt.get().push(rt.ForwardState(mode="decode"))
         a = call_args(logits)
-        ids, w, info = hooks.post_process_topk_ids_hook(
+        ids, w, info = routing_hooks.post_process_topk_ids_hook(
             _fake_post_process, a["topk_ids"], a["topk_weights"], topk_config(), logits, 3,
             expert_location_dispatch_info="info")
         assert torch.unique(ids).numel() <= 4 and info == "info"
-        ids2, _, _ = hooks.post_process_topk_ids_hook(
+        ids2, _, _ = routing_hooks.post_process_topk_ids_hook(
             _fake_post_process, topk_ids=a["topk_ids"], topk_weights=a["topk_weights"], topk_config=topk_config(),
             router_logits=logits, layer_id=3)
         assert torch.equal(ids, ids2)
     finally:
         rt.uninstall()
     # without a runtime (plugin disabled / other process) the call passes through untouched
-    out = hooks.post_process_topk_ids_hook(_fake_post_process, a["topk_ids"], a["topk_weights"], topk_config(),
+    out = routing_hooks.post_process_topk_ids_hook(_fake_post_process, a["topk_ids"], a["topk_weights"], topk_config(),
                                            logits, 3)
     assert out[0] is a["topk_ids"]
 
@@ -210,9 +213,9 @@ def test_bind_arguments_is_inspects_bind(fn):
             want = dict(bound.arguments)
         except TypeError:
             with pytest.raises(TypeError):
-                hooks.bind_arguments(fn, args, kwargs)
+                binding.bind_arguments(fn, args, kwargs)
             continue
-        got = hooks.bind_arguments(fn, args, kwargs)
+        got = binding.bind_arguments(fn, args, kwargs)
         assert got == want and list(got) == list(want), (args, kwargs)
         assert fn(**got) == fn(*args, **kwargs)
         agreed += 1
@@ -253,7 +256,7 @@ def test_exact_ties_are_broken_as_sglang_broke_them():
     w = probs.gather(1, sglang_ids)
     args = {"topk_ids": sglang_ids.clone(), "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": logits,
             "layer_id": 0, "num_token_non_padded": None}
-    out = runtime.route(args, topk_config=topk_config())
+    out = layer.route(runtime, args, topk_config=topk_config())
     assert torch.equal(out["topk_ids"], sglang_ids)  # same experts, same column order
     assert torch.equal(out["topk_weights"], args["topk_weights"])
     assert runtime.stats.snapshot()["layers"]["0"]["changed_tokens"] == 0
@@ -292,7 +295,7 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
         runtime.push(rt.ForwardState(mode="decode"))
         args = call_args(logits)
         args["layer_id"] = 1
-        out = runtime.route(args, topk_config=topk_config())
+        out = layer.route(runtime, args, topk_config=topk_config())
         assert out["expert_location_dispatch_info"] is None
         phys = out["topk_ids"]
         assert phys.min() >= 0 and phys.max() < num_slots
@@ -306,7 +309,7 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
         # SGLang's LP dispatch all-reduces in its solver on every rank: the dispatch stays, ids stay logical
         args = dict(call_args(logits), layer_id=1,
                     expert_location_dispatch_info=SimpleNamespace(ep_dispatch_algorithm="lp"))
-        out = runtime.route(args, topk_config=topk_config())
+        out = layer.route(runtime, args, topk_config=topk_config())
         assert "expert_location_dispatch_info" not in out and out["topk_ids"].max() < E
         assert torch.unique(out["topk_ids"]).numel() <= 8
     finally:
@@ -316,13 +319,13 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
 def test_coverage_per_layer_and_a_loud_warning_when_no_layer_selects(logits, caplog):
     unknown = topk_config(custom_routing_function=lambda *a: None)
     runtime = make_runtime()
-    for _ in range(rt.COVERAGE_CHECK_FORWARDS):
+    for _ in range(report.COVERAGE_CHECK_FORWARDS):
         state = rt.ForwardState(mode="decode")
         runtime.push(state)
-        runtime.route(call_args(logits), topk_config=unknown)
+        layer.route(runtime, call_args(logits), topk_config=unknown)
         runtime.pop()
         with caplog.at_level(logging.WARNING, logger="xshare.sglang"):
-            runtime.forward_ended(state)
+            report.forward_ended(runtime, state)
     assert runtime.stats.snapshot()["coverage"] == {"3": "unsupported_custom_routing_function"}
     warned = [r.getMessage() for r in caplog.records if "selected on no MoE layer" in r.getMessage()]
     assert len(warned) == 1 and "3: unsupported_custom_routing_function" in warned[0], warned
@@ -332,16 +335,16 @@ def test_coverage_per_layer_and_a_loud_warning_when_no_layer_selects(logits, cap
     runtime = make_runtime()
     state = rt.ForwardState(mode="decode")
     runtime.push(state)
-    assert runtime.route(call_args(logits), topk_config=topk_config()) is not None
-    assert runtime.check_coverage() is None and runtime.stats.snapshot()["coverage"] == {"3": "selects"}
+    assert layer.route(runtime, call_args(logits), topk_config=topk_config()) is not None
+    assert report.check_coverage(runtime) is None and runtime.stats.snapshot()["coverage"] == {"3": "selects"}
 
     # the hook never called (a runner backend that bypasses select_experts)
     runtime = make_runtime()
-    runtime._applicable_forwards = rt.COVERAGE_CHECK_FORWARDS
-    assert "never called" in runtime.check_coverage()
-    assert make_runtime(selector=SelectorConfig()).check_coverage() is not None  # enabled, nothing seen
-    off = rt.Runtime(PluginSettings(enabled=False))
-    assert off.check_coverage() is None
+    runtime.applicable_forwards = report.COVERAGE_CHECK_FORWARDS
+    assert "never called" in report.check_coverage(runtime)
+    assert report.check_coverage(make_runtime(selector=SelectorConfig())) is not None  # enabled, nothing seen
+    off = rt.ProcessState(PluginSettings(enabled=False))
+    assert report.check_coverage(off) is None
 
 
 def test_require_coverage_stops_after_the_first_decode_forward(logits):
@@ -349,14 +352,14 @@ def test_require_coverage_stops_after_the_first_decode_forward(logits):
     runtime = make_runtime(require_coverage=True)
     state = rt.ForwardState(mode="decode")
     runtime.push(state)
-    runtime.route(call_args(logits), topk_config=unknown)
+    layer.route(runtime, call_args(logits), topk_config=unknown)
     runtime.pop()
-    with pytest.raises(rt.CoverageRefused, match="selected on no MoE layer"):
-        runtime.forward_ended(state)
+    with pytest.raises(report.CoverageRefused, match="selected on no MoE layer"):
+        report.forward_ended(runtime, state)
     # a batch below min_tokens is not a coverage problem at the first forward
     small = make_runtime(require_coverage=True, selector=SelectorConfig(policy="xshare", budget=4, min_tokens=64))
     small.push(state)
-    small.route(call_args(logits), topk_config=topk_config())
+    layer.route(small, call_args(logits), topk_config=topk_config())
     small.pop()
-    small.forward_ended(state)
+    report.forward_ended(small, state)
     assert small.stats.snapshot()["skipped"] == {"batch_size": 1}

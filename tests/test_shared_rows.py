@@ -10,8 +10,8 @@ import torch
 
 from conftest import require_module
 from xshare.selection import SelectorConfig
-from xshare.sglang import routing
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
 from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
@@ -20,8 +20,8 @@ from test_sglang_router_families import _cfg  # noqa: E402
 POLICIES = ["xshare", "xshare_ep", "lynx", "des_vote", "oea", "xshare_spec"]
 
 
-def _rank(policy: str, e: int, local: dict) -> rt.Runtime:
-    runtime = rt.Runtime(PluginSettings(enabled=True, sim_gpus=4,
+def _rank(policy: str, e: int, local: dict) -> rt.ProcessState:
+    runtime = rt.ProcessState(PluginSettings(enabled=True, sim_gpus=4,
                                         selector=SelectorConfig(policy=policy, budget=max(4, e // 4), warmup_k=1)))
     runtime.scattered_input = False
     runtime.shared_rows = True  # what the plugin reads from SGLang: attention DP size > 1, no a2a backend
@@ -50,7 +50,7 @@ def test_ranks_sharing_rows_route_them_alike_whatever_their_local_state(family, 
             dict(mode="decode", global_mode="decode", exact_unknown=True),
             dict(mode="decode", global_mode="decode", exact=torch.zeros(rows - 1, dtype=torch.bool)),
         ]
-        outs = [routing.route(_rank(policy, e, local), dict(args), cfg) for local in locals_]
+        outs = [layer.route(_rank(policy, e, local), dict(args), cfg) for local in locals_]
         first = outs[0]
         assert first is not None
         applied += 1
@@ -58,7 +58,7 @@ def test_ranks_sharing_rows_route_them_alike_whatever_their_local_state(family, 
             assert out is not None and torch.equal(out["topk_ids"], first["topk_ids"])
             assert torch.equal(out["topk_weights"], first["topk_weights"])
         # a DP group in prefill leaves the call to SGLang on every rank, whatever a rank's own mode
-        idle = [routing.route(_rank(policy, e, dict(mode=m, global_mode="extend")), dict(args), cfg)
+        idle = [layer.route(_rank(policy, e, dict(mode=m, global_mode="extend")), dict(args), cfg)
                 for m in ("decode", "idle")]
         assert idle == [None, None]
     assert applied == 6

@@ -169,7 +169,7 @@ def test_serve_refuses_a_speculative_mode_the_stand_ins_cannot_run():
 
 # -- per-forward-mode stats -----------------------------------------------------------------------------------------
 def test_stats_are_kept_per_forward_mode():
-    from xshare.sglang.stats import SelectorStats
+    from xshare.sglang.observe.stats import SelectorStats
 
     st = SelectorStats()
     st.mode = "decode"
@@ -191,7 +191,7 @@ def test_stats_are_kept_per_forward_mode():
 
 
 def test_experts_per_request_are_counted_per_request():
-    from xshare.sglang.stats import SelectorStats
+    from xshare.sglang.observe.stats import SelectorStats
 
     st = SelectorStats()
     st.mode = "target_verify"
@@ -209,10 +209,12 @@ def test_experts_per_request_are_counted_per_request():
 # -- a verify call whose rows cannot be mapped keeps SGLang's routing, counted by reason -----------------------------
 def _verify_route(state, policy="xshare_spec", rows=8):
     from xshare.selection import SelectorConfig
-    from xshare.sglang import runtime as rt
+    from xshare.sglang import layer
+    from xshare.sglang import state as rt
     from xshare.sglang.settings import PluginSettings
 
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy=policy, budget=4, warmup_k=0)))
+    runtime = rt.ProcessState(PluginSettings(enabled=True,
+                                             selector=SelectorConfig(policy=policy, budget=4, warmup_k=0)))
     runtime.push(state)
     logits = torch.randn(rows, 16, generator=torch.Generator().manual_seed(1))
     w, ids = torch.topk(torch.softmax(logits, -1), 4, dim=-1)
@@ -222,7 +224,7 @@ def _verify_route(state, policy="xshare_spec", rows=8):
                           renormalize=True, custom_routing_function=None, correction_bias=None, use_grouped_topk=False,
                           num_expert_group=None, topk_group=None, routed_scaling_factor=None,
                           apply_routed_scaling_factor_on_output=False, fused_shared_experts_scaling_factor=None)
-    out = runtime.route(args, topk_config=cfg)
+    out = layer.route(runtime, args, topk_config=cfg)
     return out, runtime.stats.snapshot()["modes"]["target_verify"]
 
 
@@ -232,7 +234,7 @@ def _verify_route(state, policy="xshare_spec", rows=8):
     (None, "verify_layout_ragged_device_only", "verify_layout_ragged_device_only"),
 ])
 def test_unmappable_verify_rows_keep_sglangs_routing(groups, unmapped, reason):
-    from xshare.sglang.runtime import ForwardState
+    from xshare.sglang.state import ForwardState
 
     state = ForwardState(mode="target_verify", tokens_per_req=2, groups=groups, unmapped=unmapped)
     out, verify = _verify_route(state)
@@ -240,7 +242,7 @@ def test_unmappable_verify_rows_keep_sglangs_routing(groups, unmapped, reason):
 
 
 def test_mapped_verify_rows_are_routed_and_ungrouped_policies_ignore_the_layout():
-    from xshare.sglang.runtime import ForwardState
+    from xshare.sglang.state import ForwardState
 
     out, verify = _verify_route(ForwardState(mode="target_verify", tokens_per_req=2, groups=torch.arange(8) // 2))
     assert out is not None and verify["applied"] == 1 and verify["requests"]["request_calls"] == 4

@@ -1,7 +1,7 @@
-"""The routing hook's per-call bookkeeping, added on the device (``xshare.sglang.tally``,
+"""The routing hook's per-call bookkeeping, added on the device (``xshare.sglang.observe.tally``,
 ``SelectorStats.record_call``).
 
-* Through the real adapter (``Runtime.route``), the layer sums that ``/xshare/stats`` and the stats
+* Through the real adapter (``xshare.sglang.layer.route``), the layer sums that ``/xshare/stats`` and the stats
   file report, and the window rows the Prometheus metrics are made of, equal the per-call definitions
   computed independently for every call (``routing_checksum``, ``call_figures``, SGLang's active experts
   and the changed-token sorts): padding rows, exact rows, replicas, plain and router-spec layers, the C
@@ -10,7 +10,7 @@
   float figures to float32 rounding), and compiles for sm_90 without spilling.
 * The buffers are made once, reset in place by the fold, never read in the hot path; the torch path runs
   on meta tensors.
-* Operations per ``_record`` call (B = 16, E = 128, observed), counted with a torch dispatch mode: 86
+* Operations per ``record_call`` call (B = 16, E = 128, observed), counted with a torch dispatch mode: 86
   kernel-launching aten ops before this bookkeeping moved to the device (96 with views); now at most
   :data:`MAX_TORCH_OPS` on the torch path and one kernel launch on the CUDA path.
 """
@@ -30,17 +30,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from xshare.selection import Placement, SelectorConfig
 from xshare.selection.common import active_experts, valid_rows
-from xshare.sglang import routing, stats, tally
-from xshare.sglang import runtime as rt
-from xshare.sglang.metrics import Exporter
+from xshare.sglang import layer as routing
+from xshare.sglang import state as rt
+from xshare.sglang.observe import stats, tally
+from xshare.sglang.observe.figures import call_figures, routing_checksum
+from xshare.sglang.observe.metrics import Exporter
+from xshare.sglang.observe.stats import WINDOW_FIELDS, SelectorStats
+from xshare.sglang.observe.tally import LAYER_SUMS, Target
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.stats import WINDOW_FIELDS, SelectorStats, call_figures, routing_checksum
-from xshare.sglang.tally import LAYER_SUMS, Target
 
 E, K, T = 32, 4, 12
 NF = len(WINDOW_FIELDS)
 MASS, TOP1 = WINDOW_FIELDS.index("mass_kept"), WINDOW_FIELDS.index("top1_kept")  # the float figures
-MAX_TORCH_OPS = 42  # the torch path of one observed _record call (B = 16, E = 128); 86 before
+MAX_TORCH_OPS = 42  # the torch path of one observed record_call (B = 16, E = 128); 86 before
 VIEW_OPS = {"view", "unsqueeze", "expand", "slice", "select", "alias", "reshape", "t", "transpose", "squeeze",
             "_unsafe_view", "as_strided", "detach", "permute", "unbind", "split", "lift_fresh"}
 
@@ -73,7 +75,7 @@ def _expected(runtime, call, decision, placement):
 def _watch(monkeypatch, runtime):
     """Record the expected figures of every applied call next to the real bookkeeping."""
     seen = {"sums": defaultdict(lambda: [0] * len(LAYER_SUMS)), "rows": [], "paths": Counter()}
-    original = routing._record
+    original = routing.record_call
 
     def record(rt_, call, decision, placement):
         sums, row = _expected(rt_, call, decision, placement)
@@ -85,7 +87,7 @@ def _watch(monkeypatch, runtime):
         seen["paths"]["spec"] += decision.replaced is not None
         original(rt_, call, decision, placement)
 
-    monkeypatch.setattr(routing, "_record", record)
+    monkeypatch.setattr(routing, "record_call", record)
     return seen
 
 
@@ -132,7 +134,7 @@ def _route_all(runtime, steps):
             state.exact[exact] = True
         runtime.push(state)
         w = torch.full(ids.shape, 1.0 / K)
-        out = runtime.route({"topk_ids": ids, "topk_weights": w, "router_logits": logits, "layer_id": layer,
+        out = routing.route(runtime, {"topk_ids": ids, "topk_weights": w, "router_logits": logits, "layer_id": layer,
                              "num_token_non_padded": nt}, topk_config=cfg)
         runtime.pop()
         assert out is not None, runtime.stats.fallbacks
@@ -142,7 +144,7 @@ def _route_all(runtime, steps):
 @pytest.mark.parametrize("cpu_kernel", [False, True])
 def test_device_figures_match_the_per_call_definitions(policy, cpu_kernel, monkeypatch):
     mass = 0.9 if policy == "xshare" else None  # a mass target the budget of 6 stops short on some calls
-    runtime = rt.Runtime(PluginSettings(enabled=True, cpu_kernel=cpu_kernel, sim_gpus=4, selector=SelectorConfig(
+    runtime = rt.ProcessState(PluginSettings(enabled=True, cpu_kernel=cpu_kernel, sim_gpus=4, selector=SelectorConfig(
         policy=policy, budget=6, warmup_k=1, target_mass=mass)))
     runtime.enable_observability(Exporter(0, prometheus=False))
     if policy == "xshare_ep":  # SGLang's placement with redundant experts: the policy picks the replicas
@@ -324,25 +326,25 @@ class _Launches:
 
 
 def _runtime_call(cpu_kernel=False, rows=16, experts=128, k=8):
-    runtime = rt.Runtime(PluginSettings(enabled=True, cpu_kernel=cpu_kernel, sim_gpus=8,
+    runtime = rt.ProcessState(PluginSettings(enabled=True, cpu_kernel=cpu_kernel, sim_gpus=8,
                                         selector=SelectorConfig(policy="xshare", budget=32, warmup_k=1)))
     runtime.enable_observability(Exporter(0, prometheus=False))
     logits, old, _new, _active, n = _inputs(1, rows, experts, k, padded=False)
     args = {"topk_ids": old.to(torch.int32), "topk_weights": torch.full((rows, k), 1.0 / k), "router_logits": logits,
             "layer_id": 3, "num_token_non_padded": torch.tensor(n - 3)}
     captured = {}
-    original = routing._record
+    original = routing.record_call
 
     def keep(rt_, call, decision, placement):
         captured.update(call=call, decision=decision, placement=placement)
         original(rt_, call, decision, placement)
 
-    routing._record = keep
+    routing.record_call = keep
     try:
         runtime.push(rt.ForwardState(mode="decode"))
-        assert runtime.route(args, topk_config=topk_config(top_k=k)) is not None
+        assert routing.route(runtime, args, topk_config=topk_config(top_k=k)) is not None
     finally:
-        routing._record = original
+        routing.record_call = original
     return runtime, captured
 
 
@@ -362,12 +364,12 @@ def _count_ops(fn):
 
 
 def test_record_op_counts(monkeypatch):
-    """Ops of one observed _record call (B = 16, E = 128, top-8, 8 GPUs) on each path, no value read back."""
+    """Ops of one observed record_call (B = 16, E = 128, top-8, 8 GPUs) on each path, no value read back."""
     runtime, c = _runtime_call()
-    again = lambda: routing._record(runtime, c["call"], c["decision"], c["placement"])  # noqa: E731
+    again = lambda: routing.record_call(runtime, c["call"], c["decision"], c["placement"])  # noqa: E731
     with monkeypatch.context() as m:  # nothing reads a value back to the host
         for name in _SYNC_METHODS:
-            m.setattr(torch.Tensor, name, lambda *a, _n=name, **kw: pytest.fail(f"Tensor.{_n}() in _record"))
+            m.setattr(torch.Tensor, name, lambda *a, _n=name, **kw: pytest.fail(f"Tensor.{_n}() in record_call"))
         torch_ops, ops = _count_ops(again)
     print(f"torch path: {torch_ops} ops besides views: {dict(ops)}")
     assert torch_ops <= MAX_TORCH_OPS
@@ -391,7 +393,7 @@ def test_record_op_counts(monkeypatch):
     runtime, c = _runtime_call(cpu_kernel=True)  # the C kernel's call: host numbers into the same buffers
     if c["decision"].cpu is None:
         pytest.skip(f"the C kernel is unavailable: {runtime.cpu_kernel_ready()}")
-    c_ops, ops = _count_ops(lambda: routing._record(runtime, c["call"], c["decision"], c["placement"]))
+    c_ops, ops = _count_ops(lambda: routing.record_call(runtime, c["call"], c["decision"], c["placement"]))
     print(f"C path: {c_ops} ops besides views: {dict(ops)}")
     assert c_ops <= 4
 
@@ -485,7 +487,7 @@ def test_kernel_compiles_for_sm90_without_spills(shape, tmp_path, monkeypatch):
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
-    from xshare.sglang._triton_tally import _tally_kernel as kernel
+    from xshare.sglang.observe._triton_tally import _tally_kernel as kernel
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     rows, experts, k, gpus, dtype, observe = shape

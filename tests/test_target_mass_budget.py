@@ -25,7 +25,8 @@ from xshare.selection.group_stats import finish_global, prepare_global
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.policies.xshare import xshare_set
 from xshare.selection.types import ModelShape
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
 from xshare.sglang.admin import config as admin
 from xshare.sglang.settings import PluginSettings, load_settings
 
@@ -102,9 +103,9 @@ def _current(cfg: SelectorConfig) -> dict:
 def test_admin_changes_lift_and_restore_the_cap_on_every_rank():
     """PATCH target_mass on a default config lifts the cap; PATCH target_mass null restores the default;
     a PATCH that sets both caps. The config travels as JSON (signed message, persisted file) and the
-    ranks' device knobs follow (a real Runtime routing a decode call)."""
+    ranks' device knobs follow (a real ProcessState routing a decode call)."""
     model = ModelShape(num_experts=16, top_k=4)
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare")))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare")))
     runtime.push(rt.ForwardState(mode="decode"))
     logits = torch.randn(12, 16, generator=torch.Generator().manual_seed(0)) * 2
     w, ids = torch.topk(torch.softmax(logits, -1), 4, dim=-1)
@@ -116,7 +117,7 @@ def test_admin_changes_lift_and_restore_the_cap_on_every_rank():
                                   correction_bias=None, use_grouped_topk=False, num_expert_group=None, topk_group=None,
                                   routed_scaling_factor=None, apply_routed_scaling_factor_on_output=False,
                                   fused_shared_experts_scaling_factor=None)
-    assert runtime.route(args, topk_config=topk_config) is not None
+    assert layer.route(runtime, args, topk_config=topk_config) is not None
     knobs = next(iter(runtime._knobs.values()))
     assert knobs.budget.item() == 8
 
@@ -229,7 +230,7 @@ def test_the_server_counts_calls_whose_budget_stopped_the_target(cpu_kernel):
     from types import SimpleNamespace
 
     cfg = SelectorConfig(target_mass=0.95, budget=24)
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=cfg, cpu_kernel=cpu_kernel))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=cfg, cpu_kernel=cpu_kernel))
     runtime.push(rt.ForwardState(mode="decode"))
     topk_config = SimpleNamespace(top_k=K, num_shared_topk_slots=0, allow_routed_experts_capture=True,
                                   scoring_func="softmax", renormalize=True, custom_routing_function=None,
@@ -242,7 +243,7 @@ def test_the_server_counts_calls_whose_budget_stopped_the_target(cpu_kernel):
         w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
         args = {"topk_ids": ids, "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": logits,
                 "layer_id": 5, "num_token_non_padded": None, "expert_location_dispatch_info": None}
-        assert runtime.route(args, topk_config=topk_config) is not None
+        assert layer.route(runtime, args, topk_config=topk_config) is not None
         expected += bool(select(logits, K, cfg).cap_bound)
     snap = runtime.stats.snapshot()
     assert snap["applied"] == len(batches) and snap["fallbacks_total"] == 0
@@ -252,9 +253,10 @@ def test_the_server_counts_calls_whose_budget_stopped_the_target(cpu_kernel):
 def test_the_metric_counts_what_the_stats_count(tmp_path):
     code = r"""
 import torch
-from xshare.sglang import metrics, runtime
+from xshare.sglang import state as runtime
+from xshare.sglang.observe import metrics
 from xshare.sglang.settings import load_settings
-r = runtime.Runtime(load_settings({"XSHARE_ENABLE": "1", "XSHARE_TARGET_MASS": "0.9"}), rank=0)
+r = runtime.ProcessState(load_settings({"XSHARE_ENABLE": "1", "XSHARE_TARGET_MASS": "0.9"}), rank=0)
 r.enable_observability(metrics.create(0))
 r.flush_metrics()
 for flag in (True, False, True, True):

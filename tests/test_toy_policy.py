@@ -55,19 +55,20 @@ out["select_max_id"] = int(r.topk_ids.max())
 out["select_active"] = int(r.active.sum())
 
 # the server adapter's routing decision (both the C fast path and the torch path)
-from xshare.sglang import runtime as rt
+from xshare.sglang import layer
+from xshare.sglang import state as rt
 from xshare.sglang.settings import PluginSettings
 topk_config = types.SimpleNamespace(top_k=4, num_shared_topk_slots=0, allow_routed_experts_capture=True,
     scoring_func="softmax", renormalize=True, custom_routing_function=None, correction_bias=None,
     use_grouped_topk=False, num_expert_group=None, topk_group=None, routed_scaling_factor=None)
 w, ids = torch.topk(torch.softmax(logits, -1), 4, dim=-1)
 for cpu_kernel in (True, False):
-    runtime = rt.Runtime(PluginSettings(enabled=True, cpu_kernel=cpu_kernel,
+    runtime = rt.ProcessState(PluginSettings(enabled=True, cpu_kernel=cpu_kernel,
                                         selector=SelectorConfig(policy="toy_low", budget=6, warmup_k=0)))
     runtime.push(rt.ForwardState(mode="decode"))
     args = {"topk_ids": ids.clone(), "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": logits,
             "layer_id": 0, "num_token_non_padded": None}
-    res = runtime.route(args, topk_config=topk_config)
+    res = layer.route(runtime, args, topk_config=topk_config)
     out[f"server_max_id_{cpu_kernel}"] = int(res["topk_ids"].max())
     out[f"server_fallbacks_{cpu_kernel}"] = runtime.stats.snapshot()["fallbacks_total"]
 

@@ -13,8 +13,9 @@ import torch
 
 from conftest import require_module
 from xshare.selection import SelectorConfig
-from xshare.sglang import coverage, hooks
-from xshare.sglang import runtime as rt
+from xshare.sglang import state as rt
+from xshare.sglang.hooks import routing as routing_hooks
+from xshare.sglang.observe import coverage
 from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
@@ -45,7 +46,7 @@ def reference_routing(logits, n_expts_act, sm_first=False, expt_indx=None, simul
 
 
 def _runtime(budget):
-    runtime = rt.Runtime(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=budget,
+    runtime = rt.ProcessState(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=budget,
                                                                               warmup_k=0)))
     runtime.push(rt.ForwardState(mode="decode"))
     runtime.current_topk = SimpleNamespace(layer_id=3, topk_config=topk.TopKConfig(top_k=K, renormalize=True))
@@ -67,7 +68,7 @@ def _logits(seed=0):
 def test_budget_at_e_is_the_runners_own_routing(installed):
     installed(_runtime(E))
     x = _logits()
-    ids, w = hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
+    ids, w = routing_hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
     own_ids, own_w = reference_routing(x, K)
     assert torch.equal(ids, own_ids) and torch.equal(w, own_w)
 
@@ -78,7 +79,7 @@ def test_tied_bf16_logits_keep_the_runners_own_experts_at_budget_e(installed, bu
     order its own top-k picks (ties to the lower id), not torch.topk's tie order."""
     installed(_runtime(budget))
     x = (_logits(5) * 2).round().clamp(-3, 3).to(torch.bfloat16)  # 7 distinct values over 32 experts
-    ids, w = hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
+    ids, w = routing_hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
     own_ids, own_w = reference_routing(x, K)
     assert torch.equal(ids, own_ids) and torch.equal(w, own_w)
 
@@ -87,7 +88,7 @@ def test_a_budget_routes_inside_the_set_with_the_layers_weights(installed):
     runtime = _runtime(8)
     installed(runtime)
     x = _logits(1)
-    ids, w = hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
+    ids, w = routing_hooks.triton_routing_hook(reference_routing, x, K, sm_first=False)
     assert torch.unique(ids).numel() <= 8 < torch.unique(reference_routing(x, K)[0]).numel()
     assert all(len(set(r.tolist())) == K for r in ids)
     torch.testing.assert_close(w, torch.softmax(x.gather(1, ids), -1))  # renormalised over the new experts
@@ -102,10 +103,10 @@ def test_calls_outside_a_topk_forward_or_with_their_own_indices_pass_through(ins
     installed(runtime)
     x = _logits(2)
     given = torch.topk(x, K).indices.to(torch.int16)
-    ids, _ = hooks.triton_routing_hook(reference_routing, x, K, expt_indx=given)
+    ids, _ = routing_hooks.triton_routing_hook(reference_routing, x, K, expt_indx=given)
     assert torch.equal(ids, given.long())
     runtime.current_topk = None
-    ids, _ = hooks.triton_routing_hook(reference_routing, x, K)
+    ids, _ = routing_hooks.triton_routing_hook(reference_routing, x, K)
     assert torch.equal(ids, reference_routing(x, K)[0])
     assert runtime.stats.snapshot()["applied"] == 0
 
@@ -120,7 +121,7 @@ def test_a_routing_that_refuses_the_experts_falls_back_and_is_counted(installed)
         return reference_routing(logits, n_expts_act, sm_first, None, simulated_ep, n_rows)
 
     x = _logits(3)
-    ids, _ = hooks.triton_routing_hook(picky, x, K)
+    ids, _ = routing_hooks.triton_routing_hook(picky, x, K)
     assert torch.equal(ids, reference_routing(x, K)[0])
     assert runtime.stats.snapshot()["fallbacks"] == {"triton_kernel_routing": 1}
 
@@ -130,7 +131,7 @@ def test_the_topk_forward_hook_names_the_running_layer_only_while_it_runs(instal
     runtime.current_topk = None
     installed(runtime)
     layer = SimpleNamespace(layer_id=5)
-    seen = hooks.topk_forward_cuda_hook(lambda self, *a: runtime.current_topk, layer)
+    seen = routing_hooks.topk_forward_cuda_hook(lambda self, *a: runtime.current_topk, layer)
     assert seen is layer and runtime.current_topk is None
 
 
@@ -138,7 +139,7 @@ def test_coverage_counts_the_triton_kernel_runner_as_ready_where_the_hook_can_be
     cfg = topk.TopKConfig(top_k=K, renormalize=True)
     cfg.output_format = topk.TopKOutputFormat.TRITON_KERNEL
     layer = SimpleNamespace(topk_config=cfg, is_draft=False)
-    monkeypatch.setattr(hooks, "triton_routing_available", lambda: False)
+    monkeypatch.setattr(coverage, "triton_routing_available", lambda: False)
     assert coverage.layer_status(layer, "cuda") == "bypassed_triton_kernel"
-    monkeypatch.setattr(hooks, "triton_routing_available", lambda: True)
+    monkeypatch.setattr(coverage, "triton_routing_available", lambda: True)
     assert coverage.layer_status(layer, "cuda") == "ready"

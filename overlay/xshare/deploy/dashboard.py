@@ -7,8 +7,8 @@ Built with grafana-foundation-sdk's builders (``scripts/install_deploy_tools.sh`
 
 The committed JSON lives inside the Helm chart, which ships it as a ConfigMap (so ``helm package`` carries it);
 ``dashboards/xshare-sglang.json`` at the repository root is a link to it, the file to import in Grafana. Panels
-read the plugin's metrics (:data:`XSHARE_METRICS`, the contract of :mod:`xshare.sglang.metrics`: every series has
-label ``rank``) and SGLang's own ``sglang:*`` metrics. Variables: ``datasource``, ``model`` (SGLang's
+read the plugin's metrics (:data:`XSHARE_METRICS`, the contract of :mod:`xshare.sglang.observe.metrics`: every
+series has label ``rank``) and SGLang's own ``sglang:*`` metrics. Variables: ``datasource``, ``model`` (SGLang's
 ``model_name``), ``instance`` (every scraped pod or process, leader and workers) and ``layer``.
 """
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xshare.sglang.metrics import METRICS
+from xshare.sglang.observe.metrics import METRICS
 
 UID = "xshare-sglang"
 TITLE = "XShare on SGLang: MoE expert activation and peak GPU load"
@@ -28,7 +28,7 @@ TITLE = "XShare on SGLang: MoE expert activation and peak GPU load"
 DEFAULT_OUT = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "xshare-sglang" / "dashboards" / f"{UID}.json"
 
 #: The plugin's metrics as exposed on /metrics (counters with their ``_total`` suffix): name -> (type, labels),
-#: derived from the plugin's own definitions (:data:`xshare.sglang.metrics.METRICS`; every series has ``rank``).
+#: derived from the plugin's own definitions (:data:`xshare.sglang.observe.metrics.METRICS`; every series has ``rank``).
 XSHARE_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     name: (kind, ("rank", *labels)) for name, (kind, labels, _doc) in METRICS.items()
 }

@@ -7,11 +7,11 @@ rank, detokenizer, DP controller) before it applies the registered hooks. :func:
   message naming it (``SystemExit``, which SGLang's plugin loader does not swallow), so the
   launcher refuses to start before any scheduler is spawned;
 * does nothing more unless ``XSHARE_ENABLE`` is on;
-* in the HTTP process, checks the per-request exact-routing flag (:mod:`xshare.sglang.requests`);
+* in the HTTP process, checks the per-request exact-routing flag (:mod:`xshare.sglang.hooks.requests`);
 * in a scheduler process (``run_scheduler_process``, or a Ray ``SchedulerActor`` once
-  ``patches/`` is applied) creates the process's :class:`~xshare.sglang.runtime.Runtime` and
-  registers the hooks of :mod:`xshare.sglang.hooks`. Other processes get no hooks (they never run
-  the model; this also spares them importing the model code). ``XSHARE_HOOK_ALL_PROCESSES=1``
+  ``patches/`` is applied) creates the process's :class:`~xshare.sglang.state.ProcessState` and
+  registers the hooks of :func:`scheduler_hooks`, the one table of every hook the plugin registers
+  there. Other processes get no hooks (they never run the model). ``XSHARE_HOOK_ALL_PROCESSES=1``
   registers them everywhere (for launchers that run the model in another kind of process).
 """
 
@@ -21,10 +21,18 @@ import logging
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from types import FrameType
+from typing import Any
 
-from xshare.sglang import PLUGIN_NAME, SGLANG_VERSION
+from xshare.selection.schema import parse_bool_text
+from xshare.sglang import PLUGIN_NAME, SGLANG_VERSION, admin
+from xshare.sglang import state as state_mod
+from xshare.sglang.hooks import forward, model, requests, routing
+from xshare.sglang.observe.coverage import triton_routing_available
+from xshare.sglang.settings import HOOK_ALL_ENV, PluginSettings, SettingError, load_settings
 
 log = logging.getLogger("xshare.sglang")
 
@@ -60,26 +68,54 @@ def refuse(message: str) -> None:
     raise SystemExit(text)
 
 
+@dataclass(frozen=True)
+class Hook:
+    """One registration with SGLang's ``HookRegistry``: ``function`` runs ``kind`` (AFTER / AROUND)
+    ``target`` in a scheduler process, when ``when`` holds for the start-up settings."""
+
+    target: str
+    function: Callable[..., Any]
+    kind: str
+    when: Callable[[PluginSettings], bool] = lambda settings: True
+
+
+def scheduler_hooks() -> tuple[Hook, ...]:
+    """Every hook the plugin registers in a scheduler process, in registration order."""
+    return (
+        Hook(admin.UPDATE_HANDLERS_TARGET, admin.update_handlers_hook, "AFTER"),
+        Hook(admin.GET_STATE_TARGET, admin.get_internal_state_hook, "AFTER"),
+        Hook(admin.ON_IDLE_TARGET, admin.on_idle_hook, "AFTER"),
+        Hook(routing.POST_PROCESS_TARGET, routing.post_process_topk_ids_hook, "AROUND"),
+        Hook(forward.FORWARD_TARGET, forward.model_runner_forward_hook, "AROUND"),
+        Hook(forward.CAPTURE_TARGET, forward.capture_one_shape_hook, "AROUND"),
+        Hook(model.LOAD_MODEL_TARGET, model.load_model_hook, "AFTER"),
+        Hook(model.EPLB_UPDATE_TARGET, model.expert_location_update_hook, "AFTER"),
+        Hook(model.COMPUTE_METADATA_TARGET, model.compute_metadata_hook, "AROUND",
+             lambda s: s.replica_plan == "predictive"),
+        Hook(routing.BIND_RUNNER_TARGET, routing.bind_runner_backend_hook, "AFTER", lambda s: s.routed_topk),
+        Hook(routing.TOPK_FORWARD_CUDA_TARGET, routing.topk_forward_cuda_hook, "AROUND",
+             lambda s: triton_routing_available()),
+        Hook(routing.TRITON_ROUTING_TARGET, routing.triton_routing_hook, "AROUND",
+             lambda s: triton_routing_available()),
+        Hook(requests.INIT_FORWARD_BATCH_TARGET, requests.init_forward_batch_hook, "AFTER"),
+        Hook(forward.MOE_FORWARD_TARGET, forward.moe_forward_hook, "AROUND", lambda s: s.profile),
+        Hook(routing.EMPTY_TOPK_TARGET, routing.empty_topk_output_hook, "AFTER", lambda s: s.deepep_mode == "global"),
+    )
+
+
 def register() -> None:
     """Entry point called by SGLang's ``load_plugins()``."""
     global _registered, _verify_registered
-    from xshare.selection.schema import parse_bool_text
-    from xshare.sglang.settings import HOOK_ALL_ENV, SettingError, load_settings
-
     try:
         settings = load_settings()
     except SettingError as exc:
         refuse(str(exc))
         return
-    from xshare.sglang import admin
-
     admin_on = admin.admin_configured()
     if not settings.enabled and not admin_on:
         log.info("xshare: plugin loaded, selector disabled (set XSHARE_ENABLE=1 to enable it)")
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    from xshare.sglang import requests
 
     frame = _scheduler_frame()
     if frame is None and not _verify_registered:
@@ -101,35 +137,15 @@ def register() -> None:
     if version != SGLANG_VERSION:
         log.warning("xshare: written for sglang %s, running on %s: the hook targets may have moved",
                     SGLANG_VERSION, version)
-
-    from xshare.sglang import hooks, replicas, runtime
-
     rank = _rank_of(frame)
-    rt = runtime.install(settings, rank=rank)
+    state = state_mod.install(settings, rank=rank)
     try:
-        admin.scheduler_setup(rt)
+        admin.scheduler_setup(state)
     except Exception as exc:  # noqa: BLE001 - observability never stops serving
         log.error("xshare: metrics/admin setup failed in pid %d: %s", os.getpid(), exc, exc_info=True)
-    HookRegistry.register(admin.UPDATE_HANDLERS_TARGET, admin.update_handlers_hook, HookType.AFTER)
-    HookRegistry.register(admin.GET_STATE_TARGET, admin.get_internal_state_hook, HookType.AFTER)
-    HookRegistry.register(admin.ON_IDLE_TARGET, admin.on_idle_hook, HookType.AFTER)
-    HookRegistry.register(hooks.POST_PROCESS_TARGET, hooks.post_process_topk_ids_hook, HookType.AROUND)
-    HookRegistry.register(hooks.FORWARD_TARGET, hooks.model_runner_forward_hook, HookType.AROUND)
-    HookRegistry.register(hooks.CAPTURE_TARGET, hooks.capture_one_shape_hook, HookType.AROUND)
-    HookRegistry.register(hooks.LOAD_MODEL_TARGET, hooks.load_model_hook, HookType.AFTER)
-    HookRegistry.register(hooks.EPLB_UPDATE_TARGET, hooks.expert_location_update_hook, HookType.AFTER)
-    if settings.replica_plan == "predictive":
-        HookRegistry.register(replicas.COMPUTE_METADATA_TARGET, replicas.compute_metadata_hook, HookType.AROUND)
-    if settings.routed_topk:
-        HookRegistry.register(hooks.BIND_RUNNER_TARGET, hooks.bind_runner_backend_hook, HookType.AFTER)
-    if hooks.triton_routing_available():
-        HookRegistry.register(hooks.TOPK_FORWARD_CUDA_TARGET, hooks.topk_forward_cuda_hook, HookType.AROUND)
-        HookRegistry.register(hooks.TRITON_ROUTING_TARGET, hooks.triton_routing_hook, HookType.AROUND)
-    HookRegistry.register(requests.INIT_FORWARD_BATCH_TARGET, requests.init_forward_batch_hook, HookType.AFTER)
-    if settings.profile:
-        HookRegistry.register(hooks.MOE_FORWARD_TARGET, hooks.moe_forward_hook, HookType.AROUND)
-    if settings.deepep_mode == "global":
-        HookRegistry.register(hooks.EMPTY_TOPK_TARGET, hooks.empty_topk_output_hook, HookType.AFTER)
+    for hook in scheduler_hooks():
+        if hook.when(settings):
+            HookRegistry.register(hook.target, hook.function, getattr(HookType, hook.kind))
     _registered = True
     log.info("xshare: %s plugin registered its hooks in pid %d (rank %d): %s", PLUGIN_NAME, os.getpid(), rank,
              settings.describe())

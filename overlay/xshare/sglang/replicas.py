@@ -7,14 +7,15 @@ and asks ``EPLBManager._compute_expert_location_metadata(logical_count)`` for th
 (``ExpertLocationUpdater``) and updates the metadata in place. The recorder counts the routing the
 selector produced: the routing hook rewrites the ids before SGLang's ``select_experts`` records them.
 
-With ``XSHARE_REPLICA_PLAN=predictive`` the AROUND hook :func:`compute_metadata_hook` answers that
+With ``XSHARE_REPLICA_PLAN=predictive`` the AROUND hook :func:`xshare.sglang.hooks.model.compute_metadata_hook`
+answers that
 question instead: the forecast is an EWMA over the rebalance windows (``XSHARE_REPLICA_ALPHA`` on the
 newest; 1 = the window alone, SGLang's own input), the plan is :func:`xshare.eval.predict.plan_layers`
 (``XSHARE_REPLICA_PLANNER``: ``greedy`` spare slots beside a fixed home, or ``eplb`` on the forecast,
 renumbered to move as little as it can), with SGLang's own slot count (E + ``--ep-num-redundant-experts``
 over the EP ranks), built into metadata by SGLang's ``ExpertLocationMetadata.init_by_mapping``. SGLang
 then moves the weights and updates its metadata as for its own plan; the placement cache of the
-GPU-aware policies follows (:func:`xshare.sglang.hooks.expert_location_update_hook`).
+GPU-aware policies follows (:func:`xshare.sglang.hooks.model.expert_location_update_hook`).
 
 Every rank gets the same all-reduced window, so every rank computes the same plan. A plan that cannot be
 made (spare slots that do not split evenly over the EP ranks, a plan that does not fit them) changes
@@ -31,12 +32,8 @@ import numpy as np
 import torch
 
 from xshare.eval.predict import check_plan, plan_layers, spare_slots
-from xshare.sglang import runtime as rt_mod
 
 log = logging.getLogger("xshare.sglang")
-
-COMPUTE_METADATA_TARGET = "sglang.srt.eplb.eplb_manager.EPLBManager._compute_expert_location_metadata"
-
 
 class ReplicaPlanner:
     """The forecast across rebalances (float64 [L, E]) and the counts of plans made and refused."""
@@ -72,47 +69,3 @@ class ReplicaPlanner:
         for row in out:
             check_plan(row, num_experts, ep_size, slots)
         return out
-
-
-def planner_of(runtime: Any) -> ReplicaPlanner:
-    """The runtime's planner (made on first use)."""
-    planner = getattr(runtime, "replica_planner", None)
-    if planner is None:
-        planner = runtime.replica_planner = ReplicaPlanner()
-    return planner
-
-
-def compute_metadata_hook(original: Any, self: Any, logical_count: Any, *args: Any, **kwargs: Any) -> Any:
-    """AROUND ``EPLBManager._compute_expert_location_metadata(self, logical_count, *, broadcast_over_world)``."""
-    runtime = rt_mod.get()
-    if runtime is None or runtime.settings.replica_plan != "predictive" or kwargs.get("broadcast_over_world"):
-        return original(self, logical_count, *args, **kwargs)
-    from sglang.srt.eplb.expert_location import ExpertLocationMetadata, get_global_expert_location_metadata
-
-    current_meta = get_global_expert_location_metadata()
-    current = current_meta.physical_to_logical_map_cpu
-    planner = planner_of(runtime)
-    settings = runtime.settings
-    try:
-        p2l = planner.plan(logical_count, current.numpy(), int(current_meta.ep_size), settings.replica_planner,
-                           settings.replica_alpha)
-    except Exception as exc:  # noqa: BLE001 - serving never fails because of the plugin
-        planner.refused += 1
-        planner.last_error = str(exc)
-        runtime.log_once(f"replica_plan:{exc}", logging.ERROR,
-                         "xshare: no predictive replica plan, the placement stays as it is: %s", exc)
-        p2l = current.numpy()
-    else:
-        planner.plans += 1
-    return ExpertLocationMetadata.init_by_mapping(self._model_config, torch.from_numpy(np.ascontiguousarray(p2l)),
-                                                  moe_ep_rank=_moe_ep_rank())
-
-
-def _moe_ep_rank() -> int | None:
-    """This process's EP rank (None where SGLang has not written it: init_by_mapping then asks torch)."""
-    from sglang.srt.runtime_context import get_parallel
-
-    try:
-        return int(get_parallel().moe_ep_rank or 0)
-    except Exception:  # noqa: BLE001
-        return None

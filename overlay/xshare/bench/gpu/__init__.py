@@ -22,7 +22,7 @@ order, the report rewritten after each so that a run cut off still leaves the fi
    (:mod:`xshare.bench._routing`): kernel-level speed-up, the selector's share of the layer, and the
    speed-up with the served path's time per call (``speedup_served``, as part 5 measures it).
 5. **served path**: the plugin's whole per-call routing as SGLang calls it,
-   ``xshare.sglang.routing.route(runtime, args, topk_config)`` with the routing hook's arguments and a
+   ``xshare.sglang.layer.route(runtime, args, topk_config)`` with the routing hook's arguments and a
    stand-in of SGLang's ``TopKConfig`` (SGLang cannot be installed there), captured in a CUDA graph with
    the runtime in its capturing state, then replayed, for every router family (Qwen3-235B, GPT-OSS-120B,
    DeepSeek-V3 with its fused shared slot, GLM-4.5, Kimi-K2, DeepSeek-V2, Llama-4) at B 1, 16, 64, against

@@ -2,7 +2,7 @@
 
 SGLang's routing hook hands the plugin one ``_post_process_topk_ids`` call per MoE layer: the gate's
 ``topk_ids`` / ``topk_weights``, the router logits, the layer's ``TopKConfig``, the layer id and
-``num_token_non_padded``; the plugin answers with :func:`xshare.sglang.routing.route`. SGLang cannot
+``num_token_non_padded``; the plugin answers with :func:`xshare.sglang.layer.route`. SGLang cannot
 be installed where this check runs, so the call is built here: :class:`TopKConfigStandIn` mirrors the
 fields of SGLang's ``TopKConfig`` (a test compares them with the real class where SGLang is installed),
 :class:`Llama4MoE` carries Llama-4's routing function under the name the adapter recognises, and
@@ -180,8 +180,8 @@ class ServedCall:
     def __init__(self, ctx: Context, family: dict[str, Any], *, batch: int, policy: str, budget: int,
                  sim_gpus: int | None = None, observe: bool = False, seed: int = 0) -> None:
         from xshare.selection import SelectorConfig
-        from xshare.sglang.runtime import Runtime
         from xshare.sglang.settings import PluginSettings
+        from xshare.sglang.state import ProcessState
 
         self.ctx, self.family, self.batch = ctx, family, batch
         e, k = family["experts"], family["top_k"]
@@ -190,7 +190,8 @@ class ServedCall:
         selector = SelectorConfig(policy=policy, budget=budget, warmup_k=1,
                                   **({"backend": backend} if backend is not None else {}))
         # cpu_kernel off: the C fast path would route only the eager CPU reference, not the captured call
-        self.runtime = Runtime(PluginSettings(enabled=True, selector=selector, sim_gpus=sim_gpus, cpu_kernel=False))
+        self.runtime = ProcessState(PluginSettings(enabled=True, selector=selector, sim_gpus=sim_gpus,
+                                                   cpu_kernel=False))
         self.runtime.observe = observe  # what enable_observability sets (the exporter is not needed to route)
         self.sigma = _sigma(e, k)
         self.seed = seed
@@ -228,14 +229,14 @@ class ServedCall:
 
     def call(self) -> dict[str, Any] | None:
         """One ``route`` call in the runtime's current forward state."""
-        from xshare.sglang.routing import route
+        from xshare.sglang.layer import route
 
         return route(self.runtime, self.args(), self.cfg)
 
     def reference(self) -> dict[str, Any] | None:
         """The same call eagerly, outside capture (a decode forward), ``decide`` on its torch backend
         where it has that switch."""
-        from xshare.sglang.runtime import ForwardState
+        from xshare.sglang.state import ForwardState
 
         self.runtime.push(ForwardState(mode="decode"))
         try:
@@ -264,9 +265,9 @@ def torch_backend() -> Iterator[str]:
     """While inside: the adapter's ``decide`` routes on its torch backend, through whichever switch it
     has (the config's ``backend`` field, or a ``backend`` argument); without a switch, the same path.
     Yields the reference's description."""
-    from xshare.sglang import routing
+    from xshare.sglang import layer
 
-    original = getattr(routing, "decide", None)
+    original = getattr(layer, "decide", None)
     sig = inspect.signature(original) if original is not None else None
     if sig is not None and "backend" in sig.parameters:
         def forced(*args: Any, **kwargs: Any) -> Any:
@@ -283,11 +284,11 @@ def torch_backend() -> Iterator[str]:
     else:
         yield "eager route (the same path, not captured)"
         return
-    routing.decide = forced
+    layer.decide = forced
     try:
         yield kind
     finally:
-        routing.decide = original
+        layer.decide = original
 
 
 def served_backend(ctx: Context) -> str | None:
@@ -380,9 +381,9 @@ def _backend(sc: ServedCall) -> str | None:
     """The backend that routed one call, if the adapter's decision says (``Decision.backend``, with
     ``Decision.reason`` in brackets: why the torch reference routed where another backend was wanted;
     ``c`` when the C fast path routed); None when it does not say."""
-    from xshare.sglang import routing
+    from xshare.sglang import layer
 
-    original = getattr(routing, "decide", None)
+    original = getattr(layer, "decide", None)
     if original is None:
         return None
     seen: list[Any] = []
@@ -392,11 +393,11 @@ def _backend(sc: ServedCall) -> str | None:
         seen.append(decision)
         return decision
 
-    routing.decide = recording
+    layer.decide = recording
     try:
         sc.call()
     finally:
-        routing.decide = original
+        layer.decide = original
     if not seen:
         return None
     backend = getattr(seen[-1], "backend", None)
@@ -471,7 +472,7 @@ def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
     the graph then holds no routing to time), ``mode``, ``correct``, ``fallback`` (calls left to SGLang
     while capturing, by reason), ``capture_error``, ``diffs``, ``log``, ``backend``, ``eager_us``,
     ``changed_rows`` (of the last checked batch)."""
-    from xshare.sglang.runtime import ForwardState
+    from xshare.sglang.state import ForwardState
 
     res: dict[str, Any] = {"served_us": None, "eager_us": None, "mode": None, "correct": False, "fallback": {},
                            "capture_error": None, "diffs": [], "log": [], "backend": None, "calls": 0,
@@ -542,7 +543,7 @@ def _budget(family: dict[str, Any]) -> int:
 def warm_call(ctx: Context, family: dict[str, Any], batch: int, policy: str = "xshare",
               budget: int | None = None, sim_gpus: int | None = None) -> None:
     """One eager call in the capturing state (compiles whatever kernels the served path launches)."""
-    from xshare.sglang.runtime import ForwardState
+    from xshare.sglang.state import ForwardState
 
     sc = ServedCall(ctx, family, batch=batch, policy=policy, budget=budget or _budget(family), sim_gpus=sim_gpus)
     sc.runtime.push(ForwardState(mode="decode", capturing=True))

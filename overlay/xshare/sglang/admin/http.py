@@ -61,7 +61,7 @@ class AdminState:
         return None if self.dir is None else self.dir / PERSIST_FILE
 
     def count(self, result: str) -> None:
-        from xshare.sglang.metrics import METRICS, multiprocess_dir
+        from xshare.sglang.observe.metrics import METRICS, multiprocess_dir
 
         if multiprocess_dir() is None:
             return

@@ -220,7 +220,7 @@ def update_handlers_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
     reaches SGLang's reply; ``apply`` has nothing left to do."""
     from sglang.srt.managers.scheduler_components.internal_state import UpdateRejected, _UpdateHandler
 
-    from xshare.sglang import runtime as rt_mod
+    from xshare.sglang import state as rt_mod
 
     runtime = rt_mod.get()
     if runtime is None or not isinstance(result, dict):
@@ -245,7 +245,7 @@ def update_handlers_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
 def get_internal_state_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER ``SchedulerInternalStateController.get_internal_state``: the group view (every rank's
     version and config as of the last change) and this rank's last metrics summary, under VIEW_KEY."""
-    from xshare.sglang import runtime as rt_mod
+    from xshare.sglang import state as rt_mod
 
     runtime = rt_mod.get()
     state = getattr(result, "internal_state", None)
@@ -262,10 +262,10 @@ def get_internal_state_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
 
 def on_idle_hook(result: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER ``Scheduler.on_idle``: flush a metrics window that has not been flushed yet (host check)."""
-    from xshare.sglang import runtime as rt_mod
+    from xshare.sglang import state as rt_mod
 
     runtime = rt_mod.get()
-    if runtime is not None and runtime.observe and runtime.stats.forwards != runtime._last_flush:
+    if runtime is not None and runtime.observe and runtime.stats.forwards != runtime.last_flush:
         runtime.flush_metrics()
     return None
 
@@ -273,7 +273,7 @@ def on_idle_hook(result: Any, *args: Any, **kwargs: Any) -> None:
 def scheduler_setup(runtime: Any) -> None:
     """In a scheduler process, once its runtime exists: the channel key (taken out of the environment,
     so this process's children do not inherit it), its group rank and the metrics exporter."""
-    from xshare.sglang import metrics
+    from xshare.sglang.observe import metrics
 
     runtime.channel_key = os.environ.pop(CHANNEL_KEY_ENV, "")
 

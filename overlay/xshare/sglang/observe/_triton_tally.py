@@ -6,7 +6,7 @@ own ids and the policy's ids [T, K], the selected experts [E] and (``OBSERVE``) 
 it adds the call's layer sums into one row of the int64 sums page and (``OBSERVE``) writes the call's
 window row into the float32 ring at the ring's device index, then advances the index. Static shapes,
 no host value (``num_tokens`` may be a device scalar), so a captured CUDA graph replays it and every
-replay adds. The figures and their definitions are :func:`xshare.sglang.tally.tally_torch`'s; this is
+replay adds. The figures and their definitions are :func:`xshare.sglang.observe.tally.tally_torch`'s; this is
 the same arithmetic in one launch.
 
 Like the selector's kernels it uses only Triton builtins (``tl.full``, ``tl.reduce`` with Triton's own

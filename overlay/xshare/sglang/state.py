@@ -1,58 +1,59 @@
-"""The plugin's per-process state: one :class:`Runtime` per SGLang scheduler process.
+"""The plugin's per-process state: one :class:`ProcessState` per SGLang scheduler process, and the
+:class:`ForwardState` of the forward running in it.
 
-It holds the active settings (swapped at run time by the admin endpoint through
-:meth:`Runtime.set_config`), the device knobs the selector reads, the counters, the per-forward
-state the hooks fill before the model runs (forward mode, request id of every row), the placement
-cache and the optional trace recorder. The routing decision of a layer call is
-:mod:`xshare.sglang.routing`; the names of SGLang's arguments are read in
-:mod:`xshare.sglang.topk_call` and :mod:`xshare.sglang.hooks`.
+What flows through it: the active :class:`~xshare.sglang.settings.PluginSettings` (swapped at run time
+by the admin endpoint through :meth:`ProcessState.set_config`), the per-layer device knobs the selector
+reads (:class:`~xshare.selection.knobs.SelectorKnobs`), the device buffers a captured CUDA graph reads
+(request id of every row, the exact-routing mask, the real-row count), the facts of the process that
+SGLang tells the hooks once (a2a backend, attention DP, two-batch overlap, the MoE layer ids), the
+counters (:class:`~xshare.sglang.observe.stats.SelectorStats`), the placement cache and the optional
+trace recorder.
+
+Writers: the hooks (:mod:`xshare.sglang.hooks`) fill the process facts and push/pop the forward
+state; the admin path (:mod:`xshare.sglang.admin`) swaps the settings and the group view; the routing
+decision (:mod:`xshare.sglang.layer`) only reads, and adds to the counters. This module imports
+neither of them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from xshare._io import write_json_atomic
 from xshare.selection import SelectorConfig
-from xshare.selection.engine import planned_backend
 from xshare.selection.group_stats import AllReduce
 from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
 from xshare.selection.knobs import SelectorKnobs
-from xshare.sglang.coverage import reaches_no_layer
-from xshare.sglang.coverage import summary as coverage_summary
-from xshare.sglang.faults import FaultInjector, InjectedFault
+from xshare.sglang.faults import FaultInjector
+from xshare.sglang.observe.stats import SelectorStats
+from xshare.sglang.observe.trace import TraceRecorder
 from xshare.sglang.placement import PlacementCache
+from xshare.sglang.replicas import ReplicaPlanner
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.stats import SelectorStats
-from xshare.sglang.trace import TraceRecorder
 
 log = logging.getLogger("xshare.sglang")
 
 MODES_DEFAULT = ("decode", "target_verify")
 # Rows of the persistent exact-routing buffer that CUDA graphs read (larger eager batches get their own).
 EXACT_BUFFER_ROWS = 8192
-# After this many forwards in a mode the selector applies to, an enabled selector that selected on
-# no MoE layer says so (WARNING, once), with the reasons.
-COVERAGE_CHECK_FORWARDS = 32
 
-__all__ = ["CoverageRefused", "ForwardState", "InjectedFault", "MODES_DEFAULT", "Runtime", "SettingsRefused", "get",
-           "install",
+__all__ = ["EXACT_BUFFER_ROWS", "ForwardState", "MODES_DEFAULT", "MetricsSink", "ProcessState", "get", "install",
            "uninstall"]
 
 
-class SettingsRefused(RuntimeError):
-    """A per-layer setting does not fit the loaded model (list length, unknown layer id): the scheduler stops."""
+class MetricsSink(Protocol):
+    """What the state hands its metrics window to (:class:`xshare.sglang.observe.metrics.Exporter`)."""
 
+    def flush(self, state: ProcessState) -> None: ...
 
-class CoverageRefused(RuntimeError):
-    """XSHARE_REQUIRE_COVERAGE: the selector is enabled but selects on no MoE layer; the scheduler stops."""
+    def config_changed(self, state: ProcessState) -> None: ...
+
+    def config_change(self, result: str) -> None: ...
 
 
 TBO_MICRO_BATCHES = 2  # SGLang's two-batch overlap splits a forward into two micro-batches
@@ -100,8 +101,8 @@ class ForwardState:
     global_applies: bool = False
 
 
-class Runtime:
-    """Per-process holder. Create with :func:`install`; read with :func:`get`."""
+class ProcessState:
+    """The state of one scheduler process. Create with :func:`install`; read with :func:`get`."""
 
     def __init__(self, settings: PluginSettings, *, rank: int = 0) -> None:
         self._lock = threading.Lock()
@@ -109,7 +110,7 @@ class Runtime:
         self.rank = rank
         self.stats = SelectorStats()
         self._stack: list[ForwardState | None] = []
-        self.current_topk: Any = None  # the SGLang TopK module running (triton_kernel runner routing only)
+        self.current_topk: Any = None  # SGLang's TopK module running (triton_kernel runner routing only)
         self._knobs: dict[tuple, SelectorKnobs] = {}
         self._knobs_dirty = False  # settings changed since the knobs were last written (sync_knobs)
         self._group_buffers: dict[tuple, Tensor] = {}
@@ -125,7 +126,8 @@ class Runtime:
         self._logged: set[str] = set()
         self.fault = FaultInjector()
         self.first_applied_logged = False
-        self._applicable_forwards = 0
+        self.applicable_forwards = 0  # forwards of a mode the selector applies to (xshare.sglang.observe.report)
+        self.replicas = ReplicaPlanner()  # XSHARE_REPLICA_PLAN=predictive plans (xshare.sglang.hooks.model)
         self.placements = PlacementCache(lambda: self.settings.sim_gpus)
         # Set by the hooks once SGLang's runtime is up:
         self.all_reduce: AllReduce | None = None  # DeepEP global mode only
@@ -133,7 +135,7 @@ class Runtime:
         self.num_experts_hint: int | None = None
         self.moe_layers: tuple[int, ...] = ()  # the model's MoE layer ids (per-layer settings are indexed by them)
         self.trace: TraceRecorder | None = None
-        # Observability (xshare.sglang.metrics / xshare.sglang.admin): the config version, the
+        # Observability (xshare.sglang.observe.metrics / xshare.sglang.admin): the config version, the
         # Prometheus exporter (only with SGLang's --enable-metrics) and the admin state directory.
         self.version = 0
         self.config_source = "start-up settings"  # or "persisted", "admin change" (GET /xshare/config)
@@ -145,10 +147,10 @@ class Runtime:
         self.group_view: list[dict[str, Any]] | None = None
         self._diverged = False
         self.last_summary: dict[str, Any] | None = None
-        self.metrics: Any = None
+        self.metrics: MetricsSink | None = None
         self.observe = False  # record the per-call metric window (set by enable_observability)
-        self._flush_pending = False
-        self._last_flush = 0
+        self.flush_pending = False  # flush at the end of this forward (the first applied call asks)
+        self.last_flush = 0  # the forward count at the last flush
         if settings.trace_dir is not None:
             self.trace = TraceRecorder(settings.trace_dir, max_tokens=settings.trace_max_tokens,
                                        flush_tokens=settings.trace_flush_tokens, rank=rank)
@@ -338,93 +340,9 @@ class Runtime:
     def modes(self) -> tuple[str, ...]:
         return MODES_DEFAULT + (("extend",) if self.settings.apply_prefill else ())
 
-    def forward_ended(self, state: ForwardState | None) -> None:
-        self.stats.count_forward()
-        if state is not None and state.mode in self.modes() and not state.is_draft and not state.capturing:
-            self._applicable_forwards += 1
-            if self._applicable_forwards in (1, COVERAGE_CHECK_FORWARDS):
-                msg = self.check_coverage(final=self._applicable_forwards > 1)
-                if msg is not None and self.settings.require_coverage:
-                    raise CoverageRefused(f"{msg}; refusing to serve (XSHARE_REQUIRE_COVERAGE=1)")
-        if self.trace is not None and state is not None and not state.capturing:
-            self.trace.end_forward()
-        s = self.settings
-        if s.stats_dir is not None and self.stats.forwards % s.stats_every == 0:
-            self.write_stats()
-        if self.observe and (self._flush_pending or self.stats.forwards - self._last_flush >= s.metrics_flush_every):
-            self.flush_metrics()
-
-    def check_coverage(self, *, final: bool = True) -> str | None:
-        """If the selector is enabled but has selected on no MoE layer, log it once (WARNING) with the
-        reasons; returns the message (None when it selects somewhere, or is off). ``final=False`` (after
-        the first decode forward) speaks only when the hook was never called or every layer seen has a
-        reason of its own (an unsupported router), not for a batch that was merely too small."""
-        st = self.stats
-        if not self.settings.enabled or st.applied:
-            return None
-        if not final and st.calls and (not st.coverage or not reaches_no_layer(st.coverage)):
-            return None
-        if st.calls == 0:
-            msg = (f"xshare: the selector is enabled but the routing hook was never called in "
-                   f"{self._applicable_forwards} decode forwards: this MoE runner backend computes its routing "
-                   f"without SGLang's select_experts (docs/routers.md says what to set)")
-        else:
-            layers = ", ".join(f"{k}: {v}" for k, v in sorted(st.coverage.items())) or "none noted"
-            reasons = ", ".join(f"{r} x{n}" for r, n in st.skipped.most_common(4))
-            msg = (f"xshare: the selector is enabled but selected on no MoE layer in {self._applicable_forwards} "
-                   f"decode forwards; layers: {layers}; skip reasons: {reasons}")
-        self.log_once("coverage", logging.WARNING, "%s", msg)
-        return msg
-
-    def check_model_settings(self, num_experts: int | None, top_k: int | None, moe_layers: tuple[int, ...]) -> None:
-        """At model load: remember the MoE layer ids (per-layer settings are indexed by them) and refuse a
-        per-layer budget / target mass that does not fit them (:class:`SettingsRefused`, naming the variable)."""
-        from xshare.selection.registry import check_for_model
-        from xshare.selection.types import ModelShape
-        from xshare.sglang.settings import env_name
-
-        if moe_layers:
-            self.moe_layers = tuple(moe_layers)
-        sel = self.settings.selector
-        if not sel.per_layer:
-            return
-        try:
-            check_for_model(sel, ModelShape(num_experts or 0, top_k or 1, self.moe_layers))
-        except ValueError as exc:
-            name = str(exc).split(":", 1)[0].split(" ", 1)[0]
-            raise SettingsRefused(f"xshare: refusing to start: {env_name(name)}: {exc}") from None
-
-    def startup_coverage(self, statuses: dict[int, str], device_type: str = "cpu") -> str | None:
-        """The start-up coverage report of the loaded model (:mod:`xshare.sglang.coverage`): noted per
-        layer, logged (INFO; a WARNING when the enabled selector reaches no layer, naming why and what to
-        set); with ``require_coverage`` such a start raises :class:`CoverageRefused`. Returns the warning."""
-        for layer_id, status in statuses.items():
-            self.stats.coverage.setdefault(layer_id, status)
-        self.stats.startup_coverage = dict(statuses)
-        text = coverage_summary(statuses)
-        log.info("xshare: coverage at start-up (rank %d): %s; backend %s", self.rank, text,
-                 planned_backend(self.settings.selector, device_type,
-                                 cpu_kernel=device_type == "cpu" and self.cpu_kernel_ready()))
-        if not self.settings.enabled or not reaches_no_layer(statuses):
-            return None
-        msg = f"xshare: the selector is enabled but will select on no MoE layer of this model: {text}"
-        self.log_once("coverage", logging.WARNING, "%s", msg)
-        if self.settings.require_coverage:
-            raise CoverageRefused(f"{msg}; refusing to serve (XSHARE_REQUIRE_COVERAGE=1)")
-        return msg
-
-    def write_stats(self) -> None:
-        s = self.settings
-        if s.stats_dir is None:
-            return
-        snap = self.stats.snapshot()
-        snap.update({"rank": self.rank, "settings": s.describe(), "enabled": s.enabled,
-                     "policy": s.selector.policy, "budget": s.selector.to_dict()["budget"]})
-        write_json_atomic(s.stats_dir / f"xshare-stats-{os.getpid()}.json", snap)
-
     # -- observability ------------------------------------------------------------------------------
-    def enable_observability(self, exporter: Any) -> None:
-        """Record the per-call window and flush it to ``exporter`` (:class:`xshare.sglang.metrics.Exporter`)."""
+    def enable_observability(self, exporter: MetricsSink) -> None:
+        """Record the per-call window and flush it to ``exporter``."""
         self.metrics = exporter
         self.observe = True
         exporter.config_changed(self)
@@ -434,8 +352,8 @@ class Runtime:
         counter, the only host synchronisations of the metrics; after the forward, never inside it)."""
         if self.metrics is None:
             return
-        self._flush_pending = False
-        self._last_flush = self.stats.forwards
+        self.flush_pending = False
+        self.last_flush = self.stats.forwards
         try:
             self.metrics.flush(self)
         except Exception as exc:  # noqa: BLE001 - metrics never break serving
@@ -453,29 +371,13 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - metrics never decide a change
                 self.log_once("metrics_config", logging.ERROR, "xshare: config metrics failed: %s", exc)
 
-    # -- the routing decision (xshare.sglang.routing) ----------------------------------------------
+    # -- read by the routing decision (xshare.sglang.layer) -----------------------------------------
     def skip(self, reason: str) -> None:
         self.stats.count_skip(reason)
 
     def global_mode(self) -> bool:
         """DeepEP global mode is on: MoE rows are DP-local and the group shares one set per layer."""
         return bool(self.scattered_input and self.settings.deepep_mode == "global" and self.all_reduce is not None)
-
-    def route(self, args: dict[str, Any], *, topk_config: Any) -> dict[str, Any] | None:
-        """Decide one ``_post_process_topk_ids`` call (:func:`xshare.sglang.routing.route`): replacement
-        arguments, or None to leave SGLang's routing unchanged. Never raises."""
-        from xshare.sglang.routing import route
-
-        return route(self, args, topk_config)
-
-    def first_applied(self) -> None:
-        if not self.first_applied_logged:
-            self.first_applied_logged = True
-            self._flush_pending = True
-            log.info("xshare: selector active in scheduler pid %d (rank %d): %s", os.getpid(), self.rank,
-                     self.settings.describe())
-            if self.settings.stats_dir is not None:
-                self.write_stats()
 
     def cpu_kernel_ready(self) -> bool:
         """Whether the C fast path is built and on (builds it on the first call; says once why not)."""
@@ -488,20 +390,21 @@ class Runtime:
         return False
 
 
-_RUNTIME: Runtime | None = None
+_STATE: ProcessState | None = None
 
 
-def install(settings: PluginSettings, *, rank: int = 0) -> Runtime:
-    """Create this process's runtime (replacing any previous one)."""
-    global _RUNTIME
-    _RUNTIME = Runtime(settings, rank=rank)
-    return _RUNTIME
+def install(settings: PluginSettings, *, rank: int = 0) -> ProcessState:
+    """Create this process's state (replacing any previous one)."""
+    global _STATE
+    _STATE = ProcessState(settings, rank=rank)
+    return _STATE
 
 
-def get() -> Runtime | None:
-    return _RUNTIME
+def get() -> ProcessState | None:
+    """This process's state, or None where the plugin installed none (not a scheduler, selector off)."""
+    return _STATE
 
 
 def uninstall() -> None:
-    global _RUNTIME
-    _RUNTIME = None
+    global _STATE
+    _STATE = None

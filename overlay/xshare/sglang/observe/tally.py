@@ -1,6 +1,6 @@
 """The per-call bookkeeping of the routing hook, added on the device into preallocated accumulators.
 
-One applied MoE layer call adds its figures into two buffers that :class:`xshare.sglang.stats.SelectorStats`
+One applied MoE layer call adds its figures into two buffers that :class:`xshare.sglang.observe.stats.SelectorStats`
 allocates once per device (and window width) and never per call:
 
 * ``sums``    int64 [slots, S]: one row per MoE layer, the running sums :data:`LAYER_SUMS` (calls,
@@ -10,7 +10,7 @@ allocates once per device (and window width) and never per call:
   row per call (:data:`WINDOW_FIELDS`, then activated experts per GPU, then tokens per GPU), written at
   ``window_idx % capacity``; the index then moves on by one. Only while the metrics are observed.
 
-:func:`tally` does it with one Triton launch on CUDA (``xshare.sglang._triton_tally``) and with
+:func:`tally` does it with one Triton launch on CUDA (``xshare.sglang.observe._triton_tally``) and with
 :func:`tally_torch` elsewhere (CPU, meta, CUDA without Triton): the same figures, integer ones
 identical, float ones (mass kept) to float32 rounding. Neither reads a value back to the host, copies
 from the host or allocates per call beyond the torch path's temporaries, so the call can be captured
@@ -206,7 +206,7 @@ def tally_torch(target: Target, *, logits: Tensor, engine_ids: Tensor, chosen_id
 
 def _kernel() -> Any | None:
     try:
-        from xshare.sglang import _triton_tally
+        from xshare.sglang.observe import _triton_tally
     except (ImportError, AttributeError):  # no Triton, or one without the combine functions used: torch serves
         return None
     return _triton_tally._tally_kernel

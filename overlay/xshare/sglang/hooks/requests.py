@@ -11,13 +11,15 @@ That request's tokens keep the model's own top-k routing; the others in the batc
 the budget. The value must be JSON ``true`` or ``false``: anything else is refused when SGLang checks
 the sampling parameters (its usual 400 answer for a bad parameter), before the request is queued.
 
-Pure Python (no SGLang import): the hooks pass SGLang's objects in.
+No SGLang import: SGLang passes its objects in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+from xshare.sglang import state as state_mod
 
 EXACT_KEY = "xshare_exact"
 VERIFY_TARGET = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
@@ -58,9 +60,7 @@ def init_forward_batch_hook(result: Any, cls: Any, batch: Any, *args: Any, **kwa
     try:
         setattr(result, EXACT_ATTR, exact_flags(getattr(batch, "reqs", None) or ()))
     except Exception:  # noqa: BLE001 - never break a forward; counted, the forward then has no exact rows
-        from xshare.sglang import runtime as rt_mod
-
-        runtime = rt_mod.get()
+        runtime = state_mod.get()
         if runtime is not None:
             runtime.stats.count_fallback("exact_flags")
     return None

@@ -2,7 +2,7 @@
 
 Host counters (calls, skips and fallbacks by reason) are plain ints. The figures of each applied
 MoE layer call are added on the device (:meth:`SelectorStats.record_call`, one fused step:
-:func:`xshare.sglang.tally.tally`) into buffers allocated once per device and never per call:
+:func:`xshare.sglang.observe.tally.tally`) into buffers allocated once per device and never per call:
 
 * the layer sums (:data:`LAYER_COLUMNS`: calls, activated experts with and without the selector,
   tokens, changed tokens, the checksum, calls whose budget stopped a mass target short): pages of
@@ -12,7 +12,7 @@ MoE layer call are added on the device (:meth:`SelectorStats.record_call`, one f
   tokens per GPU) written into a persistent ring [WINDOW_CAPACITY, F] at a device-side index.
 
 Every count is also kept per forward mode (``decode``, ``target_verify``, ``extend``, ...: the mode of
-the running forward, :attr:`SelectorStats.mode`, set by the runtime before the model runs): a layer's
+the running forward, :attr:`SelectorStats.mode`, set by the forward hook before the model runs): a layer's
 sums rows are one per (layer, mode), folded into per-layer totals for ``layers`` and reported per
 mode in ``modes`` (:meth:`SelectorStats.mode_report`), with the calls and skips of each mode and, for
 policies that group rows by request, the experts each request's rows used (:meth:`record_requests`).
@@ -20,7 +20,7 @@ policies that group rows by request, the experts each request's rows used (:meth
 The CPU C kernel's calls (:meth:`SelectorStats.record_call_host`) add their host numbers into the
 same CPU buffers through numpy views (no tensor op). The host reads the buffers only outside the
 forward, at the existing flush points: :meth:`SelectorStats.snapshot` (the stats file, written from
-``Runtime.forward_ended`` every ``stats_every`` forwards) folds the layer sums into host totals and
+``xshare.sglang.observe.report.forward_ended`` every ``stats_every`` forwards) folds the layer sums into host totals and
 takes what it read off the device rows in place; :meth:`SelectorStats.drain_window` (the metrics
 flush, every ``metrics_flush_every`` forwards, when the scheduler goes idle, before an admin change)
 reads the ring rows written since the last drain. Each is one device-to-host transfer.
@@ -37,15 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xshare.sglang.tally import LAYER_SUMS, WINDOW_FIELDS, Target, tally
+from xshare.sglang.observe.tally import LAYER_SUMS, WINDOW_FIELDS, Target, tally
 
 WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
 # Columns of a layer's sums row: tally()'s LAYER_SUMS, then counters added with SelectorStats.count_layer.
 LAYER_COLUMNS: tuple[str, ...] = LAYER_SUMS
 LAYER_PAGE = 64  # layer rows per sums page (a page is never reallocated; more layers get another page)
 
-__all__ = ["LAYER_COLUMNS", "LAYER_PAGE", "WINDOW_CAPACITY", "WINDOW_FIELDS", "SelectorStats", "call_figures",
-           "cpu_call_figures", "routing_checksum"]
+__all__ = ["LAYER_COLUMNS", "LAYER_PAGE", "WINDOW_CAPACITY", "WINDOW_FIELDS", "SelectorStats"]
 
 
 def _capturing(device: torch.device) -> bool:
@@ -71,80 +70,6 @@ class _Page:
         return self._host
 
 
-def routing_checksum(ids: Tensor, valid: Tensor) -> Tensor:
-    """int64: sum over valid rows t and columns j of (id + 1) * (t + 1) * (j + 1): an order-sensitive
-    digest of a layer's routing, compared across tensor-parallel ranks (the CPU kernel computes the
-    same number in its routing pass). The definition, op by op; serving adds it with
-    :func:`xshare.sglang.tally.tally`."""
-    rows = torch.arange(1, ids.shape[0] + 1, device=ids.device).unsqueeze(1)
-    cols = torch.arange(1, ids.shape[1] + 1, device=ids.device).unsqueeze(0)
-    return ((ids.to(torch.int64) + 1) * rows * cols * valid.unsqueeze(1)).sum()
-
-
-def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int, row: Tensor | None = None) -> Tensor:
-    """The window row of :func:`call_figures` for one CPU-kernel routing (``CpuRouting``), computed
-    by the C library in one pass (float32 [len(WINDOW_FIELDS) + 2 * num_gpus]); written into ``row``
-    when given (a contiguous float32 CPU view, e.g. the window ring's next row)."""
-    from xshare.selection.kernels.cpu import kernel_error, library
-
-    lib = library()
-    num_rows, num_experts = out.scores.shape
-    top_k = out.routing.topk_ids.shape[1]
-    if out.prefer is None:
-        raise ValueError("cpu_call_figures needs the engine's own top-k (prefer)")
-    gpu = expert_gpu.to(torch.int64).contiguous()
-    width = len(WINDOW_FIELDS) + 2 * num_gpus
-    if row is None:
-        row = torch.empty(width, dtype=torch.float32)
-    elif row.shape != (width,) or row.dtype != torch.float32 or row.device.type != "cpu" or not row.is_contiguous():
-        raise ValueError(f"cpu_call_figures: row must be a contiguous float32 CPU tensor [{width}], got "
-                         f"{row.dtype} {tuple(row.shape)} on {row.device}")
-    ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
-    rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.prefer.shape[1], num_gpus, int(layer_id),
-                                ptr(out.logits), ptr(out.scores), ptr(out.routing.topk_ids), ptr(out.prefer),
-                                ptr(out.routing.active), ptr(out.vanilla_active), out.num_valid, ptr(gpu), ptr(row))
-    if rc != 0:
-        raise RuntimeError(kernel_error(rc))
-    return row
-
-
-def call_figures(layer_id: int, logits: Tensor, vanilla_ids: Tensor, chosen_ids: Tensor, active: Tensor,
-                 vanilla_active: Tensor, valid: Tensor, expert_gpu: Tensor, num_gpus: int,
-                 scoring: str = "softmax") -> Tensor:
-    """One window row (float32 [len(WINDOW_FIELDS) + 2 * num_gpus], on the logits' device) for one applied call:
-    the definition of the figures, op by op (serving adds them with :func:`xshare.sglang.tally.tally`,
-    one fused step; the tests compare the two).
-
-    ``vanilla_ids``/``chosen_ids`` int [T, k]: SGLang's own top-k and the policy's; ``active`` /
-    ``vanilla_active`` bool [E]; ``valid`` bool [T] (non-padded rows); ``expert_gpu`` int64 [E]: the
-    GPU of each logical expert. Mass kept: per token, the gate probability of its chosen experts over
-    that of its own top-k, averaged over valid tokens; top-1 kept: the share of valid tokens whose
-    highest-scoring expert is among their chosen ones. Pure tensor ops, no host synchronisation.
-    """
-    dev = logits.device
-    lg = logits.float()
-    probs = torch.softmax(lg, dim=-1) if scoring == "softmax" else torch.sigmoid(lg)
-    chosen = chosen_ids.to(torch.int64).clamp(0, lg.shape[1] - 1)
-    vanilla = vanilla_ids.to(torch.int64).clamp(0, lg.shape[1] - 1)
-    validf = valid.to(torch.float32)
-    n_valid = validf.sum().clamp_min(1.0)
-    kept = probs.gather(1, chosen).sum(1) / probs.gather(1, vanilla).sum(1).clamp_min(1e-30)
-    mass_kept = (kept.clamp(max=1.0) * validf).sum() / n_valid
-    top1 = lg.argmax(1, keepdim=True)
-    top1_kept = ((chosen == top1).any(1).to(torch.float32) * validf).sum() / n_valid
-    gpu = expert_gpu.to(device=dev, dtype=torch.int64)
-    gpu_active = torch.zeros(num_gpus, device=dev).index_add_(0, gpu, active.to(torch.float32))
-    gpu_vanilla = torch.zeros(num_gpus, device=dev).index_add_(0, gpu, vanilla_active.to(torch.float32))
-    hits = torch.zeros(lg.shape[0], num_gpus, device=dev).scatter_(1, gpu[chosen], 1.0)
-    gpu_tokens = (hits * validf.unsqueeze(1)).sum(0)
-    n_active = gpu_active.sum()
-    peak = gpu_active.max()
-    ratio = torch.where(n_active > 0, peak * num_gpus / n_active.clamp_min(1.0), torch.ones((), device=dev))
-    head = torch.stack([torch.full((), float(layer_id), device=dev), n_active, vanilla_active.to(torch.float32).sum(),
-                        peak, gpu_vanilla.max(), ratio, mass_kept, top1_kept, validf.sum()])
-    return torch.cat([head, gpu_active, gpu_tokens])
-
-
 class SelectorStats:
     """Counters of one process. Thread-safe for the host counters; device sums are updated in the
     forward thread only."""
@@ -158,7 +83,7 @@ class SelectorStats:
         self.forwards = 0  # model forwards seen by the forward hook
         self.exact_tokens = 0  # rows routed exactly at their request's asking (per forward, host count)
         self.started = time.time()
-        self.mode = "other"  # forward mode of the running forward (Runtime.push sets it)
+        self.mode = "other"  # forward mode of the running forward (ProcessState.push sets it)
         self.mode_calls: Counter[str] = Counter()  # forward mode -> routing hook invocations
         self.mode_skipped: dict[str, Counter[str]] = {}  # forward mode -> reason -> calls left to SGLang
         # (device, mode) -> int64 [4] on the device: requests seen, sum and max of experts per request,
@@ -173,7 +98,7 @@ class SelectorStats:
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
         self._cap_bound: Tensor | None = None  # calls whose budget stopped a mass target short (device)
         # MoE layer -> "selects", "ready" (from the start-up report, not applied yet), or the reason the
-        # selector leaves the layer to SGLang (see note_layer; statuses: xshare.sglang.coverage)
+        # selector leaves the layer to SGLang (see note_layer; statuses: xshare.sglang.observe.coverage)
         self.coverage: dict[int, str] = {}
         self.startup_coverage: dict[int, str] = {}  # the start-up report, as it was at load time
         # MoE layer -> what routed its last applied (eager or captured) call: 'triton', 'c', 'torch', or
@@ -213,7 +138,7 @@ class SelectorStats:
     def record_call(self, layer_id: int, *, logits: Tensor, engine_ids: Tensor, chosen_ids: Tensor, active: Tensor,
                     num_tokens: int | Tensor | None = None, placement: Any = None, scoring: str = "softmax",
                     cap_bound: Tensor | None = None, backend: str = "auto") -> None:
-        """One applied call, added on the device (:func:`xshare.sglang.tally.tally`: one Triton launch on
+        """One applied call, added on the device (:func:`xshare.sglang.observe.tally.tally`: one Triton launch on
         CUDA): the layer sums, and with ``placement`` (observed metrics) the window row. ``logits`` float
         [T, E]; ``engine_ids`` / ``chosen_ids`` int [T, K]: SGLang's own top-k and the policy's;
         ``active`` bool [E]; ``num_tokens``: padding rows start there (int, 0-d device tensor or None);
@@ -239,7 +164,7 @@ class SelectorStats:
 
     def count_layer(self, layer_id: int, name: str, value: Tensor) -> None:
         """Add ``value`` (a 0-d tensor on the layer's device) into the layer's column ``name`` of
-        :data:`LAYER_COLUMNS` (a counter beyond :data:`~xshare.sglang.tally.LAYER_SUMS`; one op)."""
+        :data:`LAYER_COLUMNS` (a counter beyond :data:`~xshare.sglang.observe.tally.LAYER_SUMS`; one op)."""
         slot = self._slot(layer_id, value.device)
         if slot is None:
             return

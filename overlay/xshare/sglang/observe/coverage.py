@@ -21,6 +21,7 @@ one module that reads SGLang's TopK modules for this.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections import Counter
 from typing import Any
@@ -49,6 +50,15 @@ def state_of(status: str) -> str:
     return "bypassed" if status.startswith("bypassed_") else "skipped"
 
 
+def triton_routing_available() -> bool:
+    """Whether SGLang's ``triton_kernel`` runner can run here (the ``triton_kernels`` package imports),
+    so that its routing function exists and the plugin hooks it."""
+    try:
+        return importlib.util.find_spec("triton_kernels") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def layer_status(topk: Any, device_type: str) -> str:
     """The coverage status of one SGLang ``TopK`` module (duck-typed) on a ``device_type`` device."""
     cfg = getattr(topk, "topk_config", None)
@@ -62,8 +72,6 @@ def layer_status(topk: Any, device_type: str) -> str:
         backend = getattr(cfg, "runner_backend", None)
         name = getattr(backend, "value", None) or str(backend or "unknown").lower()
         if fmt == "TRITON_KERNEL":
-            from xshare.sglang.hooks import triton_routing_available
-
             # the plugin hooks this runner's routing function wherever it can run
             return READY if triton_routing_available() else "bypassed_triton_kernel"
         return "bypassed_flashinfer_mxfp4" if "mxfp4" in name else "bypassed_flashinfer_trtllm"

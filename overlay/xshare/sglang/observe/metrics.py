@@ -9,7 +9,7 @@ reads, and no process-local registry is involved (so a second exporter never cla
 
 Every series carries ``rank`` (the scheduler's TP rank). Recording never synchronises the device:
 the routing hook writes one row of figures per applied call into a device ring buffer, in the same
-device launch that adds the layer sums (:meth:`xshare.sglang.stats.SelectorStats.record_call`);
+device launch that adds the layer sums (:meth:`xshare.sglang.observe.stats.SelectorStats.record_call`);
 :meth:`Exporter.flush` drains it every
 ``XSHARE_METRICS_FLUSH_EVERY`` forwards (default 16), after the first applied forward and when the
 scheduler goes idle.
@@ -30,7 +30,10 @@ from collections import defaultdict
 from typing import Any
 
 from xshare.selection.config import DEFAULT_BUDGET
-from xshare.sglang.stats import WINDOW_FIELDS
+from xshare.sglang.observe.coverage import state_of
+from xshare.sglang.observe.stats import WINDOW_FIELDS, SelectorStats
+from xshare.sglang.placement import ep_position
+from xshare.sglang.state import ProcessState
 
 log = logging.getLogger("xshare.sglang")
 
@@ -153,19 +156,17 @@ class Exporter:
 
     # -- what this rank exports (XSHARE_METRICS_DETAIL) --------------------------------------------
     @staticmethod
-    def detail(runtime: Any) -> str:
-        return str(getattr(runtime.settings, "metrics_detail", "group"))
+    def detail(state: ProcessState) -> str:
+        return str(getattr(state.settings, "metrics_detail", "group"))
 
-    def reports_distributions(self, runtime: Any) -> bool:
+    def reports_distributions(self, state: ProcessState) -> bool:
         """The routing distributions (:data:`DISTRIBUTIONS`): every rank, or rank 0 only (``group``)."""
-        return self.detail(runtime) != "group" or self.rank == "0"
+        return self.detail(state) != "group" or self.rank == "0"
 
     def owned_gpus(self, num_gpus: int) -> list[int]:
         """The placement's GPUs this rank reports: those of its EP rank (GPU j belongs to EP rank
         j mod EP size), by the first of the ranks that share that EP rank (the others see the same)."""
         if self.ep is None:
-            from xshare.sglang.placement import ep_position
-
             self.ep = ep_position()
         size, ep_rank, first = self.ep
         if not first:
@@ -173,18 +174,18 @@ class Exporter:
         return [j for j in range(num_gpus) if j % max(size, 1) == ep_rank]
 
     # -- config ------------------------------------------------------------------------------------
-    def config_changed(self, runtime: Any) -> None:
+    def config_changed(self, state: ProcessState) -> None:
         if not self.m:
             return
-        s = runtime.settings
+        s = state.settings
         sel = s.selector
-        e = runtime.num_experts_hint
+        e = state.num_experts_hint
         budget = sel.budget_for(e) if e else sel.scalar_value("budget")  # per-layer: one shown value
         if budget is None:  # not given and E unknown: the default as a fraction of E (1 = uncapped mass target)
             budget = 1.0 if sel.has_target_mass else DEFAULT_BUDGET
         values = {"xshare:budget": budget, "xshare:warmup_k": sel.warmup_k,
                   "xshare:group_budget": sel.group_budget or 0, "xshare:gpu_cap": sel.gpu_cap or 0,
-                  "xshare:enabled": 1 if s.enabled else 0, "xshare:config_version": runtime.version}
+                  "xshare:enabled": 1 if s.enabled else 0, "xshare:config_version": state.version}
         for name, v in values.items():
             self._metric(name).set(float(v))
         for policy in self._policies - {sel.policy}:  # one series per policy ever used, not per version
@@ -197,26 +198,24 @@ class Exporter:
             self._metric("xshare:config_changes_total", result).inc()
 
     # -- coverage ------------------------------------------------------------------------------------
-    def coverage_counts(self, runtime: Any) -> dict[tuple[str, str], int]:
-        """(state, reason) -> MoE layers, from the runtime's coverage report (:mod:`xshare.sglang.coverage`:
+    def coverage_counts(self, state: ProcessState) -> dict[tuple[str, str], int]:
+        """(state, reason) -> MoE layers, from the state's coverage report (:mod:`xshare.sglang.observe.coverage`:
         the start-up survey, then ``selects`` where the policy was applied): state ``selects`` or ``ready``
         (reason empty), ``skipped`` or ``bypassed`` with the status as the reason (at most
         :data:`MAX_COVERAGE_REASONS` reasons, then ``other``)."""
-        from xshare.sglang.coverage import state_of
-
         out: dict[tuple[str, str], int] = defaultdict(int)
-        for status in runtime.stats.coverage.values():
-            state = state_of(status)
-            if state in ("selects", "ready"):
-                out[(state, "")] += 1
+        for status in state.stats.coverage.values():
+            kind = state_of(status)
+            if kind in ("selects", "ready"):
+                out[(kind, "")] += 1
                 continue
             if status not in self._coverage_reasons and len(self._coverage_reasons) < MAX_COVERAGE_REASONS:
                 self._coverage_reasons.add(status)
-            out[(state, status if status in self._coverage_reasons else "other")] += 1
+            out[(kind, status if status in self._coverage_reasons else "other")] += 1
         return dict(out)
 
-    def _export_coverage(self, runtime: Any) -> None:
-        counts = self.coverage_counts(runtime)
+    def _export_coverage(self, state: ProcessState) -> None:
+        counts = self.coverage_counts(state)
         for key in set(self._coverage) | set(counts):
             v = counts.get(key, 0)
             if self._coverage.get(key) != v:
@@ -224,12 +223,13 @@ class Exporter:
                 self._coverage[key] = v
 
     # -- the window ----------------------------------------------------------------------------------
-    def flush(self, runtime: Any) -> None:
-        stats = runtime.stats
+    def flush(self, state: ProcessState) -> None:
+        """Drain the state's metrics window (one device-to-host read) into the Prometheus series and the
+        last window's summary (``self.last``, handed to ``on_flush``)."""
+        stats = state.stats
         rows = stats.drain_window()
         seconds = stats.drain_seconds()
-        nf = len(WINDOW_FIELDS)
-        g = (rows.shape[1] - nf) // 2 if rows.numel() else 0
+        g = (rows.shape[1] - len(WINDOW_FIELDS)) // 2 if rows.numel() else 0
         cap_bound = stats.cap_bound_calls()  # a device sum: read here, at the flush
         modes = stats.mode_report(fold=False)  # the layer sums were just folded
         by_layer: dict[int, list[list[float]]] = defaultdict(list)
@@ -237,86 +237,16 @@ class Exporter:
         for r in all_rows:
             by_layer[int(r[0])].append(r)
         if self.m:
-            per_layer = self.detail(runtime) == "layer"
-            if self.reports_distributions(runtime):
-                peak, vpeak = self._metric("xshare:peak_gpu_active_experts"), \
-                    self._metric("xshare:vanilla_peak_gpu_active_experts")
-                ratio, mass, top1 = self._metric("xshare:peak_mean_ratio"), self._metric("xshare:mass_kept"), \
-                    self._metric("xshare:top1_kept")
-                for layer, lrows in by_layer.items():
-                    label = str(layer) if per_layer else ALL_LAYERS
-                    act = self._metric("xshare:active_experts", label)
-                    van = self._metric("xshare:vanilla_active_experts", label)
-                    for r in lrows:
-                        act.observe(r[1])
-                        van.observe(r[2])
-                        peak.observe(r[3])
-                        vpeak.observe(r[4])
-                        ratio.observe(r[5])
-                        mass.observe(r[6])
-                        top1.observe(r[7])
-                sec = self._metric("xshare:selector_seconds")
-                for s in seconds:
-                    sec.observe(s)
-            owned = self.owned_gpus(g) if g else []
+            per_layer = self.detail(state) == "layer"
+            if self.reports_distributions(state):
+                self._observe_distributions(by_layer, seconds, per_layer)
             groups = [(str(layer), lrows) for layer, lrows in by_layer.items()] if per_layer else \
                 ([(ALL_LAYERS, all_rows)] if all_rows else [])
-            for label, lrows in groups:
-                n = len(lrows)
-                for gpu in owned:
-                    self._metric("xshare:gpu_active_experts", label, str(gpu)).set(
-                        sum(r[nf + gpu] for r in lrows) / n)
-                    self._metric("xshare:gpu_tokens", label, str(gpu)).set(
-                        sum(r[nf + g + gpu] for r in lrows) / n)
-            for mode, (n, fs, _mc, ms) in list(stats.profile.items()):
-                prev_n, prev_fs, prev_ms = self._profile.get(mode, (0, 0.0, 0.0))
-                if n > prev_n:
-                    self._metric("xshare:forwards_total", mode).inc(n - prev_n)
-                if fs > prev_fs:
-                    self._metric("xshare:forward_seconds_total", mode).inc(fs - prev_fs)
-                if ms > prev_ms:
-                    self._metric("xshare:moe_seconds_total", mode).inc(ms - prev_ms)
-                self._profile[mode] = (n, fs, ms)
-            for mode, fig in modes.items():
-                for name, key in (("xshare:mode_calls_total", "calls"), ("xshare:mode_applied_total", "applied"),
-                                  ("xshare:mode_active_experts_total", "activated"),
-                                  ("xshare:mode_vanilla_active_experts_total", "vanilla_activated")):
-                    prev = self._modes.get((name, mode), 0)
-                    if fig[key] > prev:
-                        self._metric(name, mode).inc(fig[key] - prev)
-                        self._modes[(name, mode)] = fig[key]
-            if stats.exact_tokens > self._exact_tokens:
-                self._metric("xshare:exact_tokens_total").inc(stats.exact_tokens - self._exact_tokens)
-                self._exact_tokens = stats.exact_tokens
-            if cap_bound > self._cap_bound:
-                self._metric("xshare:mass_cap_bound_total").inc(cap_bound - self._cap_bound)
-                self._cap_bound = cap_bound
-            calls = stats.calls
-            if calls > self._calls:
-                self._metric("xshare:selector_calls_total").inc(calls - self._calls)
-                self._calls = calls
-            for reason, count in dict(stats.fallbacks).items():
-                prev = self._fallbacks.get(reason, 0)
-                if count > prev:
-                    if reason not in self._labeled and len(self._labeled) < MAX_FALLBACK_REASONS:
-                        self._labeled.add(reason)
-                    label = reason if reason in self._labeled else "other"
-                    self._metric("xshare:fallbacks_total", label).inc(count - prev)
-                    self._fallbacks[reason] = count
-            self._export_coverage(runtime)
-        summary: dict[str, Any] = {"rows": int(rows.shape[0]), "forwards": stats.forwards, "calls": stats.calls,
-                                   "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,
-                                   "mass_cap_bound": cap_bound,
-                                   "skipped": dict(stats.skipped),
-                                   "coverage": {str(k): v for k, v in sorted(stats.coverage.items())},
-                                   "modes": modes, "layers": {}}
-        for layer, lrows in sorted(by_layer.items()):
-            n = len(lrows)
-            fig = {f: sum(r[i] for r in lrows) / n for i, f in enumerate(WINDOW_FIELDS) if i > 0}
-            fig["calls"] = n
-            fig["gpu_active_experts"] = [sum(r[nf + j] for r in lrows) / n for j in range(g)]
-            fig["gpu_tokens"] = [sum(r[nf + g + j] for r in lrows) / n for j in range(g)]
-            summary["layers"][str(layer)] = fig
+            self._set_gpu_gauges(groups, g)
+            self._count_totals(stats, modes, cap_bound)
+            self._export_coverage(state)
+        summary = _window_summary(stats, by_layer, g, modes, cap_bound)
+        summary["rows"] = int(rows.shape[0])
         if rows.shape[0]:
             self.last = summary
         else:  # an empty window: keep the last window's figures, with today's coverage and skips
@@ -324,6 +254,99 @@ class Exporter:
                          "mass_cap_bound": cap_bound, "modes": modes}
         if self.on_flush is not None:
             self.on_flush(self.last)
+
+    def _observe_distributions(self, by_layer: dict[int, list[list[float]]], seconds: list[float],
+                               per_layer: bool) -> None:
+        """The window's rows into the routing histograms (:data:`DISTRIBUTIONS`) and the selector's seconds."""
+        peak, vpeak = self._metric("xshare:peak_gpu_active_experts"), \
+            self._metric("xshare:vanilla_peak_gpu_active_experts")
+        ratio, mass, top1 = self._metric("xshare:peak_mean_ratio"), self._metric("xshare:mass_kept"), \
+            self._metric("xshare:top1_kept")
+        for layer, lrows in by_layer.items():
+            label = str(layer) if per_layer else ALL_LAYERS
+            act = self._metric("xshare:active_experts", label)
+            van = self._metric("xshare:vanilla_active_experts", label)
+            for r in lrows:
+                act.observe(r[1])
+                van.observe(r[2])
+                peak.observe(r[3])
+                vpeak.observe(r[4])
+                ratio.observe(r[5])
+                mass.observe(r[6])
+                top1.observe(r[7])
+        sec = self._metric("xshare:selector_seconds")
+        for s in seconds:
+            sec.observe(s)
+
+    def _set_gpu_gauges(self, groups: list[tuple[str, list[list[float]]]], g: int) -> None:
+        """Per layer label, the mean activated experts and tokens of each GPU this rank owns."""
+        nf = len(WINDOW_FIELDS)
+        owned = self.owned_gpus(g) if g else []
+        for label, lrows in groups:
+            n = len(lrows)
+            for gpu in owned:
+                self._metric("xshare:gpu_active_experts", label, str(gpu)).set(
+                    sum(r[nf + gpu] for r in lrows) / n)
+                self._metric("xshare:gpu_tokens", label, str(gpu)).set(
+                    sum(r[nf + g + gpu] for r in lrows) / n)
+
+    def _count_totals(self, stats: SelectorStats, modes: dict[str, dict[str, Any]], cap_bound: int) -> None:
+        """The counters' growth since the last flush into the ``*_total`` series."""
+        for mode, (n, fs, _mc, ms) in list(stats.profile.items()):
+            prev_n, prev_fs, prev_ms = self._profile.get(mode, (0, 0.0, 0.0))
+            if n > prev_n:
+                self._metric("xshare:forwards_total", mode).inc(n - prev_n)
+            if fs > prev_fs:
+                self._metric("xshare:forward_seconds_total", mode).inc(fs - prev_fs)
+            if ms > prev_ms:
+                self._metric("xshare:moe_seconds_total", mode).inc(ms - prev_ms)
+            self._profile[mode] = (n, fs, ms)
+        for mode, fig in modes.items():
+            for name, key in (("xshare:mode_calls_total", "calls"), ("xshare:mode_applied_total", "applied"),
+                              ("xshare:mode_active_experts_total", "activated"),
+                              ("xshare:mode_vanilla_active_experts_total", "vanilla_activated")):
+                prev = self._modes.get((name, mode), 0)
+                if fig[key] > prev:
+                    self._metric(name, mode).inc(fig[key] - prev)
+                    self._modes[(name, mode)] = fig[key]
+        if stats.exact_tokens > self._exact_tokens:
+            self._metric("xshare:exact_tokens_total").inc(stats.exact_tokens - self._exact_tokens)
+            self._exact_tokens = stats.exact_tokens
+        if cap_bound > self._cap_bound:
+            self._metric("xshare:mass_cap_bound_total").inc(cap_bound - self._cap_bound)
+            self._cap_bound = cap_bound
+        if stats.calls > self._calls:
+            self._metric("xshare:selector_calls_total").inc(stats.calls - self._calls)
+            self._calls = stats.calls
+        for reason, count in dict(stats.fallbacks).items():
+            prev = self._fallbacks.get(reason, 0)
+            if count > prev:
+                if reason not in self._labeled and len(self._labeled) < MAX_FALLBACK_REASONS:
+                    self._labeled.add(reason)
+                label = reason if reason in self._labeled else "other"
+                self._metric("xshare:fallbacks_total", label).inc(count - prev)
+                self._fallbacks[reason] = count
+
+
+def _window_summary(stats: SelectorStats, by_layer: dict[int, list[list[float]]], g: int,
+                    modes: dict[str, dict[str, Any]], cap_bound: int) -> dict[str, Any]:
+    """The flushed window as the admin view shows it: counters, skips, coverage, per-mode figures and
+    each layer's mean figures (per-GPU lists of ``g`` GPUs)."""
+    nf = len(WINDOW_FIELDS)
+    summary: dict[str, Any] = {"rows": 0, "forwards": stats.forwards, "calls": stats.calls,
+                               "fallbacks": dict(stats.fallbacks), "dropped_rows": stats.window_dropped,
+                               "mass_cap_bound": cap_bound,
+                               "skipped": dict(stats.skipped),
+                               "coverage": {str(k): v for k, v in sorted(stats.coverage.items())},
+                               "modes": modes, "layers": {}}
+    for layer, lrows in sorted(by_layer.items()):
+        n = len(lrows)
+        fig = {f: sum(r[i] for r in lrows) / n for i, f in enumerate(WINDOW_FIELDS) if i > 0}
+        fig["calls"] = n
+        fig["gpu_active_experts"] = [sum(r[nf + j] for r in lrows) / n for j in range(g)]
+        fig["gpu_tokens"] = [sum(r[nf + g + j] for r in lrows) / n for j in range(g)]
+        summary["layers"][str(layer)] = fig
+    return summary
 
 
 def create(rank: int, on_flush: Any = None) -> Exporter:
