@@ -25,7 +25,8 @@ import torch
 from conftest import require_module
 from graph_replay import Graph
 from xshare.selection import SelectorConfig
-from xshare.selection.gates import RouterSpec, reference_route
+from xshare.selection.routers.gate import reference_route
+from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang import hooks, routing
 from xshare.sglang import runtime as rt
 from xshare.sglang.settings import PluginSettings

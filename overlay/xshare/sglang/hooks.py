@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from xshare.selection import get_policy
-from xshare.selection.group_stats import join_empty
+from xshare.selection.backends.global_mode import join_empty
 from xshare.sglang import runtime as rt_mod
 from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 from xshare.sglang.placement import sglang_placement

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from xshare.selection import get_policy
-from xshare.selection.engine import Decision, decide, layer_config
-from xshare.selection.gates import RouterSpec
-from xshare.selection.group_stats import join_empty
+from xshare.selection.backends.global_mode import join_empty
+from xshare.selection.decide import Decision, decide, layer_config
+from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang.stats import cpu_call_figures
 from xshare.sglang.topk_call import TopkCall, is_draft_layer, router_spec
 from xshare.sglang.verify_layout import ROWS_MISMATCH, ROWS_UNKNOWN

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from xshare._io import write_json_atomic
 from xshare.selection import SelectorConfig
-from xshare.selection.engine import planned_backend
-from xshare.selection.group_stats import AllReduce
-from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
+from xshare.selection.backends.c.kernel import cpu_kernel_available, cpu_kernel_problem
+from xshare.selection.call import AllReduce
+from xshare.selection.decide import planned_backend
 from xshare.selection.knobs import SelectorKnobs
 from xshare.sglang.coverage import reaches_no_layer
 from xshare.sglang.coverage import summary as coverage_summary

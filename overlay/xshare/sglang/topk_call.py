@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from xshare.selection import Placement
-from xshare.selection.engine import LayerCall, LayerRouting
-from xshare.selection.gates import SCORINGS, RouterSpec
+from xshare.selection.decide import LayerCall, LayerRouting
 from xshare.selection.knobs import SelectorKnobs
+from xshare.selection.routers.spec import SCORINGS, RouterSpec
 
 # RouterSpec per TopKConfig object (SGLang builds one per layer at load time): the spec is built and
 # validated once, not per call (its checks read the correction bias on the host).

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xshare.selection.gates import RouterSpec, reference_route, router_scores
+from xshare.selection.routers.gate import reference_route, router_scores
+from xshare.selection.routers.spec import RouterSpec
 
 log = logging.getLogger("xshare.sglang")
 
