@@ -137,16 +137,17 @@ def _args(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_a_wrong_selector_kernel_fails_the_check(tmp_path, monkeypatch):
-    import xshare.selection.kernels as kernels
+    import xshare.selection as selection
 
-    real = kernels.fused_select
+    real = selection.select
 
     def wrong(*a, **kw):
         r = real(*a, **kw)
-        r.topk_ids.copy_(r.topk_ids.flip(-1))  # same experts, wrong order
+        if kw.get("backend") == "triton":  # the kernel's routing; the reference stays right
+            r.topk_ids.copy_(r.topk_ids.flip(-1))  # same experts, wrong order
         return r
 
-    monkeypatch.setattr(kernels, "fused_select", wrong)
+    monkeypatch.setattr(selection, "select", wrong)
     assert main(_args(tmp_path, "--parts", "selector_vs_reference")) == 1
     p1 = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["selector_vs_reference"]
     assert p1["status"] == "fail" and p1["failures"] and "topk_ids differ" in p1["failures"][0]["diffs"][0]

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from conftest import require_module
 from xshare.selection import Placement, SelectorConfig, available_policies
-from xshare.selection.group_stats import global_policies
+from xshare.selection.backends.global_mode import global_policies
 from xshare.sglang import layer as routing
 from xshare.sglang import state as rt
 from xshare.sglang.settings import PluginSettings

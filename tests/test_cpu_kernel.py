@@ -1,4 +1,4 @@
-"""The CPU fast path (xshare.selection.kernels.cpu, _cpu_select.c) against the torch reference.
+"""The CPU fast path (xshare.selection.backends.c.kernel, _cpu_select.c) against the torch reference.
 
 Same routing as ``select`` with ``prefer`` (ids exactly, weights bit for bit), the same per-call
 figures as the adapter's torch path, and the serving adapter's fallback when it cannot be built.
@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import missing
-from xshare.selection import SelectorConfig, engine
-from xshare.selection.kernels import cpu as K
+from xshare.selection import SelectorConfig
+from xshare.selection.backends.c import kernel as K
+from xshare.selection.decide import LayerCall, LayerRouting, decide
 from xshare.sglang import layer
 from xshare.sglang import state as rt
 from xshare.sglang.observe.figures import call_figures, cpu_call_figures, routing_checksum
@@ -24,9 +25,9 @@ if not K.cpu_kernel_available():  # it needs a C compiler (CC, cc, gcc or clang)
 
 
 def reference(logits, top_k, cfg, prefer, num_tokens):
-    call = engine.LayerCall(logits, top_k, engine.LayerRouting(cfg.scoring, cfg.renormalize), engine_ids=prefer,
+    call = LayerCall(logits, top_k, LayerRouting(cfg.scoring, cfg.renormalize), engine_ids=prefer,
                             num_tokens=num_tokens)
-    return engine.decide(call, cfg).routing
+    return decide(call, cfg).routing
 
 
 @st.composite
@@ -68,7 +69,7 @@ def layer_call(draw):
 def test_cpu_route_is_the_reference(call):
     logits, k, cfg, prefer, num_tokens = call
     ref = reference(logits, k, cfg, prefer, num_tokens)
-    out = K.cpu_route(logits, k, cfg, prefer=prefer, num_tokens=num_tokens)
+    out = K.cpu_route(logits, k, cfg, engine_ids=prefer, num_tokens=num_tokens)
     assert torch.equal(out.routing.topk_ids, ref.topk_ids)
     assert torch.equal(out.routing.topk_weights, ref.topk_weights)  # bit for bit, NaN-free
     assert torch.equal(out.routing.active, ref.active)
@@ -88,12 +89,12 @@ def test_the_set_is_the_budgeted_union_of_warmup_and_fill():
     # 3 tokens, 6 experts: top-1s are 0, 0, 5 -> W = {0, 5}; fill by column sums -> expert 2
     logits = torch.tensor([[5.0, 1, 3, 0, 0, 0], [5.0, 0, 3, 1, 0, 0], [0.0, 0, 2.9, 0, 0, 5]])
     cfg = SelectorConfig(policy="xshare", budget=3, warmup_k=1)
-    out = K.cpu_route(logits, 2, cfg, prefer=torch.topk(logits, 2).indices)
+    out = K.cpu_route(logits, 2, cfg, engine_ids=torch.topk(logits, 2).indices)
     assert out.in_set.nonzero().flatten().tolist() == [0, 2, 5]
     assert out.routing.topk_ids.tolist() == [[0, 2], [0, 2], [5, 2]]
     assert out.routing.active.nonzero().flatten().tolist() == [0, 2, 5]
     assert out.changed_tokens == 0  # everyone's own top-2 already lies inside S
-    tight = K.cpu_route(logits, 2, cfg.replace(budget=2), prefer=torch.topk(logits, 2).indices)
+    tight = K.cpu_route(logits, 2, cfg.replace(budget=2), engine_ids=torch.topk(logits, 2).indices)
     assert tight.in_set.nonzero().flatten().tolist() == [0, 5]
     assert tight.routing.topk_ids[:, 0].tolist() == [0, 0, 5]
     assert tight.changed_tokens == 3
@@ -107,7 +108,7 @@ def test_figures_match_the_adapter_figures():
         prefer = torch.topk(logits, k).indices.to(torch.int32)
         cfg = SelectorConfig(policy="xshare", budget=rng.randint(1, e), warmup_k=rng.randint(0, k))
         num_tokens = None if it % 2 else rng.randint(0, t)
-        out = K.cpu_route(logits, k, cfg, prefer=prefer, num_tokens=num_tokens)
+        out = K.cpu_route(logits, k, cfg, engine_ids=prefer, num_tokens=num_tokens)
         expert_gpu = torch.arange(e) * gpus // e
         valid = torch.arange(t) < out.num_valid
         want = call_figures(3, logits, prefer, out.routing.topk_ids, out.routing.active, out.vanilla_active, valid,
@@ -120,7 +121,7 @@ def test_bad_ids_raise_instead_of_routing():
     logits = torch.randn(4, 8)
     cfg = SelectorConfig(policy="xshare", budget=3)
     with pytest.raises(RuntimeError, match="id"):
-        K.cpu_route(logits, 2, cfg, prefer=torch.full((4, 2), 11, dtype=torch.int32))
+        K.cpu_route(logits, 2, cfg, engine_ids=torch.full((4, 2), 11, dtype=torch.int32))
 
 
 def test_supports_only_its_policies_on_cpu_tensors():
@@ -221,10 +222,10 @@ def test_a_mass_target_is_chosen_in_torch_and_routed_in_c(monkeypatch):
     seen = []
     original = xshare_policy.XShare.batch_set
     monkeypatch.setattr(xshare_policy.XShare, "batch_set", lambda self, b: seen.append(1) or original(self, b))
-    got = K.cpu_route(logits, 4, cfg, prefer=prefer)
+    got = K.cpu_route(logits, 4, cfg, engine_ids=prefer)
     assert seen, "the torch set was not used"
     want = reference(logits, 4, cfg, prefer, None)
     assert torch.equal(got.routing.topk_ids, want.topk_ids)
     assert torch.equal(got.routing.topk_weights, want.topk_weights)
-    full = K.cpu_route(logits, 4, cfg.replace(target_mass=None), prefer=prefer)
+    full = K.cpu_route(logits, 4, cfg.replace(target_mass=None), engine_ids=prefer)
     assert int(got.routing.active.sum()) < int(full.routing.active.sum())

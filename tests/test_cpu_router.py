@@ -1,5 +1,5 @@
-"""The CPU fast path for router-spec layers (xshare.selection.kernels.cpu_router, _cpu_router.c) against
-the torch path of engine.decide_router.
+"""The CPU fast path for router-spec layers (xshare.selection.backends.c.router, _cpu_router.c) against
+the torch path of decide_router.
 
 Every router family x {fp32, bf16} on seeded random and tied inputs, with padding rows, exact rows,
 the engine's own picks (ties included, in its own column order), warm-up 0..top_k and budgets top_k..E:
@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from conftest import missing
-from xshare.selection import SelectorConfig, engine
-from xshare.selection.gates import RouterSpec, reference_route, router_scores
-from xshare.selection.kernels import cpu as K
-from xshare.selection.kernels.cpu_router import cpu_router_route, cpu_router_supports
+from xshare.selection import SelectorConfig
+from xshare.selection.backends.c import kernel as K
+from xshare.selection.backends.c.router import cpu_router_route, cpu_router_supports
+from xshare.selection.decide import LayerCall, decide, layer_config
+from xshare.selection.routers.gate import reference_route, router_scores
+from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang import layer
 from xshare.sglang import state as rt
 from xshare.sglang.observe.figures import routing_checksum
@@ -90,7 +92,7 @@ def _case(family: str, dtype: torch.dtype, seed: int):  # noqa: ANN202
                          min_tokens=rng.choice([1, 1, 1, 6]))
     num_tokens = rng.choice([None, None, rng.randint(0, t), torch.tensor(rng.randint(0, t))])
     exact = (torch.rand(t, generator=g) < 0.25) if rng.random() < 0.2 else None
-    call = engine.LayerCall(x, k, spec, engine_ids=engine_ids, num_tokens=num_tokens, exact=exact)
+    call = LayerCall(x, k, spec, engine_ids=engine_ids, num_tokens=num_tokens, exact=exact)
     return call, cfg
 
 
@@ -100,8 +102,8 @@ def test_c_path_is_the_torch_path(family, dtype):
     seen = {"replaced": 0, "short": 0, "kept": 0, "exact": 0}
     for seed in range(40):
         call, cfg = _case(family, dtype, seed * 7919 + len(family))
-        want = engine.decide(call, cfg)
-        got = engine.decide(call, cfg, cpu_kernel=True)
+        want = decide(call, cfg)
+        got = decide(call, cfg, cpu_kernel=True)
         assert isinstance(got.cpu, K.CpuRouting) and want.cpu is None, "the C path did not route"
         where = (family, dtype, seed, cfg)
         assert torch.equal(got.routing.topk_ids, want.routing.topk_ids), where
@@ -142,8 +144,8 @@ def test_served_path_is_the_torch_path(family, dtype):
         weights = own.topk_weights.clone()
         ids[:, :k], weights[:, :k] = ids[:, perm], weights[:, perm]  # the engine's own column order
         call = dataclasses.replace(call, engine_ids=ids[:, :k], engine_outputs=(ids, weights))
-        want = engine.decide(call, cfg)
-        got = engine.decide(call, cfg, cpu_kernel=True)
+        want = decide(call, cfg)
+        got = decide(call, cfg, cpu_kernel=True)
         assert got.outputs is not None and got.backend == "c", "the served path did not route"
         where = (family, dtype, seed, cfg)
         pick = want.replaced.unsqueeze(1)
@@ -171,16 +173,16 @@ def test_served_path_declines_what_it_does_not_write():
     own = reference_route(x, k, spec)
     cfg = SelectorConfig(policy="xshare", budget=k + 2, warmup_k=1)
     for outputs in [None, (own.topk_ids.long(), own.topk_weights), (own.topk_ids, own.topk_weights.bfloat16())]:
-        call = engine.LayerCall(x, k, spec, engine_ids=own.topk_ids[:, :k], engine_outputs=outputs)
-        got = engine.decide(call, cfg, cpu_kernel=True)
+        call = LayerCall(x, k, spec, engine_ids=own.topk_ids[:, :k], engine_outputs=outputs)
+        got = decide(call, cfg, cpu_kernel=True)
         assert got.outputs is None and got.backend == "c"
-        assert torch.equal(got.routing.topk_ids, engine.decide(call, cfg).routing.topk_ids)
+        assert torch.equal(got.routing.topk_ids, decide(call, cfg).routing.topk_ids)
     minimax, e2, k2 = FAMILIES["minimax_m2"]
     x2 = torch.randn(8, e2)
     own2 = reference_route(x2, k2, minimax())
-    call = engine.LayerCall(x2, k2, minimax(), engine_ids=own2.topk_ids,
+    call = LayerCall(x2, k2, minimax(), engine_ids=own2.topk_ids,
                             engine_outputs=(own2.topk_ids, own2.topk_weights))
-    assert engine.decide(call, cfg, cpu_kernel=True).outputs is None
+    assert decide(call, cfg, cpu_kernel=True).outputs is None
 
 
 def test_bookkeeping_is_the_adapters():
@@ -191,7 +193,7 @@ def test_bookkeeping_is_the_adapters():
         call, cfg = _case(family, torch.float32, 31 + seed)
         if call.engine_ids is None:
             continue
-        res = engine.decide(call, cfg, cpu_kernel=True).cpu
+        res = decide(call, cfg, cpu_kernel=True).cpu
         t, e = call.router_logits.shape
         n = t if call.num_tokens is None else int(call.num_tokens)
         valid = torch.arange(t) < n
@@ -203,7 +205,7 @@ def test_bookkeeping_is_the_adapters():
         assert torch.equal(res.vanilla_active, vanilla)
         assert res.changed_tokens == int(changed) and res.num_valid == n
         assert res.checksum == int(routing_checksum(ids, valid))
-        assert torch.equal(res.prefer, call.engine_ids.to(torch.int32))
+        assert torch.equal(res.engine_ids, call.engine_ids.to(torch.int32))
 
 
 def test_xshare_set_is_warmup_plus_fill():
@@ -214,9 +216,9 @@ def test_xshare_set_is_warmup_plus_fill():
     x = torch.tensor([[4.0, 3.0, 2.0, 1.0, -4.0, -4.0, -4.0, -4.0],
                       [4.0, -4.0, 3.0, 2.0, -4.0, -4.0, 1.0, -4.0],
                       [-4.0, -4.0, -4.0, -4.0, 4.0, 3.0, 2.5, 2.0]])
-    call = engine.LayerCall(x, 2, spec, engine_ids=reference_route(x, 2, spec).topk_ids)
+    call = LayerCall(x, 2, spec, engine_ids=reference_route(x, 2, spec).topk_ids)
     cfg = SelectorConfig(policy="xshare", budget=3, warmup_k=1)
-    res = cpu_router_route(call, engine.layer_config(cfg, spec), router_scores(x, spec))
+    res = cpu_router_route(call, layer_config(cfg, spec), router_scores(x, spec))
     # W = {0, 4}; the best other column sum is expert 2 (sigmoid 2 + sigmoid 3; row 2 cannot reach it)
     assert res.in_set.nonzero().flatten().tolist() == [0, 2, 4]
     assert res.routing.topk_ids.tolist()[:2] == [[0, 2], [0, 2]]  # groups 0 and 1, one expert of S each
@@ -258,10 +260,10 @@ def test_supports_what_it_routes():
     spec, e, k = FAMILIES["deepseek_v3"][0](), 64, 6
     x = torch.randn(4, e)
     gs = router_scores(x, spec)
-    call = engine.LayerCall(x, k, spec)
+    call = LayerCall(x, k, spec)
 
-    def ok(c: engine.LayerCall, cfg: SelectorConfig, scores: object = gs) -> bool:
-        return cpu_router_supports(c, engine.layer_config(cfg, spec), scores)
+    def ok(c: LayerCall, cfg: SelectorConfig, scores: object = gs) -> bool:
+        return cpu_router_supports(c, layer_config(cfg, spec), scores)
 
     assert ok(call, SelectorConfig(policy="xshare", budget=8))
     assert ok(call, SelectorConfig(policy="topk"))
@@ -269,13 +271,13 @@ def test_supports_what_it_routes():
     assert not ok(call, SelectorConfig(policy="xshare", budget=8, target_mass=0.9))  # mass targets: torch
     assert not ok(call, SelectorConfig(policy="xshare_ep", budget=8))  # needs a placement
     assert not ok(call, SelectorConfig(policy="des_seq", warmup_k=1))  # per-request sets
-    assert not ok(engine.LayerCall(x, k, spec, all_reduce=lambda t: t), SelectorConfig(policy="xshare", budget=8))
-    assert not ok(engine.LayerCall(x, k, spec, engine_ids=torch.zeros(4, 2, dtype=torch.int64)),
+    assert not ok(LayerCall(x, k, spec, all_reduce=lambda t: t), SelectorConfig(policy="xshare", budget=8))
+    assert not ok(LayerCall(x, k, spec, engine_ids=torch.zeros(4, 2, dtype=torch.int64)),
                   SelectorConfig(policy="xshare", budget=8))  # fewer engine picks than top_k
     x64 = x.double()
-    assert not ok(engine.LayerCall(x64, k, spec), SelectorConfig(policy="xshare", budget=8), router_scores(x64, spec))
+    assert not ok(LayerCall(x64, k, spec), SelectorConfig(policy="xshare", budget=8), router_scores(x64, spec))
     # a float64 gate goes to the torch path and still routes
-    out = engine.decide(engine.LayerCall(x64, k, spec), SelectorConfig(policy="xshare", budget=8), cpu_kernel=True)
+    out = decide(LayerCall(x64, k, spec), SelectorConfig(policy="xshare", budget=8), cpu_kernel=True)
     assert out.cpu is None and out.routing.topk_ids.shape == (4, k)
 
 
@@ -284,11 +286,11 @@ def test_bad_input_is_named():
     x = torch.randn(4, e)
     cfg = SelectorConfig(policy="xshare", budget=8, warmup_k=2)
     with pytest.raises(ValueError, match="warmup_k"):
-        engine.decide(engine.LayerCall(x, 1, spec), cfg, cpu_kernel=True)
+        decide(LayerCall(x, 1, spec), cfg, cpu_kernel=True)
     with pytest.raises(ValueError, match="exact"):
-        engine.decide(engine.LayerCall(x, k, spec, exact=torch.zeros(3, dtype=torch.bool)), cfg, cpu_kernel=True)
+        decide(LayerCall(x, k, spec, exact=torch.zeros(3, dtype=torch.bool)), cfg, cpu_kernel=True)
     with pytest.raises(RuntimeError, match="id"):  # an engine pick > E
-        engine.decide(engine.LayerCall(x, k, spec, engine_ids=torch.full((4, k), e + 3)), cfg, cpu_kernel=True)
+        decide(LayerCall(x, k, spec, engine_ids=torch.full((4, k), e + 3)), cfg, cpu_kernel=True)
 
 
 def _topk_config(spec: RouterSpec, top_k: int) -> SimpleNamespace:

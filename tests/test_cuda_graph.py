@@ -2,7 +2,7 @@
 
 Needs a CUDA device (skipped otherwise; the CPU-side proof that the hot path never synchronises is
 tests/test_no_host_sync.py). Both the torch path (``select``) and the fused Triton kernel
-(``fused_select``) are captured: static input buffers, a device ``num_tokens`` and ``SelectorKnobs``;
+(``select(backend="triton")``) are captured: static input buffers, a device ``num_tokens`` and ``SelectorKnobs``;
 each knob change and each new batch is written in place, the graph replayed, and the result compared
 with an eager call on the same inputs.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs, select
-from xshare.selection.kernels import fused_select, triton_available
+from xshare.selection.backends.triton.route import triton_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,7 +25,7 @@ BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
 def _run(backend: str, **kw):
     if backend == "torch":
         return select(**kw)
-    return fused_select(**kw, backend="triton")
+    return select(**kw, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

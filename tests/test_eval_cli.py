@@ -315,7 +315,8 @@ def test_a_recorded_biased_grouped_router_trace_replays_with_its_router(tmp_path
     import torch
 
     from xshare.eval.traces import load_trace
-    from xshare.selection.gates import RouterSpec, reference_route, router_scores
+    from xshare.selection.routers.gate import reference_route, router_scores
+    from xshare.selection.routers.spec import RouterSpec
     from xshare.sglang.observe.trace import TraceRecorder
 
     gen = torch.Generator().manual_seed(1)

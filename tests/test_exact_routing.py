@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from xshare.selection import SelectorConfig, SelectorKnobs, select
-from xshare.selection.api import prepare_batch
-from xshare.selection.engine import LayerCall, LayerRouting, decide, uses_cpu_kernel
-from xshare.selection.gates import RouterSpec
+from xshare.selection.backends.reference import prepare_batch
+from xshare.selection.decide import LayerCall, LayerRouting, decide, uses_cpu_kernel
 from xshare.selection.policies.xshare import xshare_set
+from xshare.selection.routers.spec import RouterSpec
 
 T, E, K = 12, 32, 4
 
@@ -30,9 +30,9 @@ def test_exact_rows_keep_the_engine_routing_and_the_others_share_the_budget(poli
     exact[[2, 7]] = True
     cfg = SelectorConfig(policy=policy, budget=6, warmup_k=1)
     placement = torch.arange(E) // 8 if policy == "xshare_ep" else None
-    base = select(logits, K, cfg, prefer=ids, placement=placement)
-    got = select(logits, K, cfg, prefer=ids, placement=placement, exact=exact)
-    vanilla = select(logits, K, SelectorConfig(policy="topk"), prefer=ids)
+    base = select(logits, K, cfg, engine_ids=ids, placement=placement)
+    got = select(logits, K, cfg, engine_ids=ids, placement=placement, exact=exact)
+    vanilla = select(logits, K, SelectorConfig(policy="topk"), engine_ids=ids)
     assert torch.equal(got.topk_ids[exact], ids[exact])  # the engine's ids, in its order
     assert torch.equal(got.topk_weights[exact], vanilla.topk_weights[exact])
     changed = (torch.sort(got.topk_ids[~exact].long(), 1).values != torch.sort(ids[~exact].long(), 1).values).any(1)

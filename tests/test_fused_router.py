@@ -1,7 +1,7 @@
 """The served selector's fused Triton kernels against the torch reference, on the CPU (Triton's interpreter).
 
 ``decide(call, config)`` with ``backend='triton'`` runs, on CPU tensors, the very kernels a GPU compiles
-(:mod:`xshare.selection.kernels.fused_router`); with ``backend='torch'`` it runs the torch reference
+(:mod:`xshare.selection.backends.triton.launch`); with ``backend='torch'`` it runs the torch reference
 the project defines each router family by. For every family SGLang serves (plain softmax / sigmoid,
 sqrtsoftplus with a bias, biased plain, DeepSeek-V2's grouped softmax, DeepSeek-V3's biased grouped
 gate with routed scaling and the shared slot, the one-group biased gates of GLM-4.5 / Kimi-K2,
@@ -23,9 +23,10 @@ from conftest import require_module
 require_module("triton", "requirements/dev.txt")
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs  # noqa: E402
-from xshare.selection.engine import LayerCall, LayerRouting, choose_backend, decide  # noqa: E402
-from xshare.selection.gates import RouterSpec, reference_route  # noqa: E402
-from xshare.selection.kernels.cases import make_logits  # noqa: E402
+from xshare.selection.backends.triton.cases import make_logits  # noqa: E402
+from xshare.selection.decide import LayerCall, LayerRouting, choose_backend, decide  # noqa: E402
+from xshare.selection.routers.gate import reference_route  # noqa: E402
+from xshare.selection.routers.spec import RouterSpec  # noqa: E402
 
 
 def _bias(gen: torch.Generator, experts: int, tied: bool) -> torch.Tensor:
@@ -217,7 +218,7 @@ def test_backend_choice_and_reasons():
 def test_every_backend_picks_the_same_tied_experts(family):
     """Binary logits tie whole columns: the torch reference, the C kernel and the fused kernels rank
     the tied experts alike because all three rank on the same fixed-point column sums."""
-    from xshare.selection.kernels.cpu import cpu_kernel_available
+    from xshare.selection.backends.c.kernel import cpu_kernel_available
 
     assert cpu_kernel_available()  # the C kernel is part of the comparison (it needs a C compiler)
     experts, top_k, build, _ = FAMILIES[family]

@@ -1,4 +1,4 @@
-"""xshare.selection.gates against SGLang 0.5.23's own routing code (imported from the venv, not mocked).
+"""xshare.selection.routers against SGLang 0.5.23's own routing code (imported from the venv, not mocked).
 
 With every expert allowed, reference_route must equal SGLang's gates bit for bit (ids, column order,
 weights) for fp32 and bf16 logits, exact ties included: the eager fused_topk_torch_native, the
@@ -22,16 +22,10 @@ topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.
 from sglang.srt.configs.shared_experts import SharedExpertsConfig  # noqa: E402
 from sglang.srt.models.llama4 import Llama4MoE  # noqa: E402
 
-from xshare.selection.gates import (  # noqa: E402
-    RENORMALIZE_EPS,
-    GateRouting,
-    RouterSpec,
-    inductor_row_sum,
-    reference_route,
-    routed_top_k,
-    router_scores,
-    vector_sigmoid,
-)
+from xshare.selection.routers.gate import GateRouting, reference_route, router_scores  # noqa: E402
+from xshare.selection.routers.numerics import inductor_row_sum, vector_sigmoid  # noqa: E402
+from xshare.selection.routers.spec import RouterSpec, routed_top_k  # noqa: E402
+from xshare.selection.types import RENORMALIZE_EPS  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 T = 300  # tokens per batch (not 0 or 1: torch.compile specialises those sizes)
@@ -190,7 +184,7 @@ def test_numeric_helpers():
     """inductor_row_sum adds in the lane order it documents; vector_sigmoid is ATen's sigmoid."""
     import numpy as np
 
-    from xshare.selection.gates import inductor_lanes
+    from xshare.selection.routers.numerics import inductor_lanes
 
     x = make_logits(T, 11, torch.float32, False, seed=7).abs()
     got = inductor_row_sum(x)

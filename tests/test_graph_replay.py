@@ -25,7 +25,8 @@ import torch
 from conftest import require_module
 from graph_replay import Graph
 from xshare.selection import SelectorConfig
-from xshare.selection.gates import RouterSpec, reference_route
+from xshare.selection.routers.gate import reference_route
+from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang import layer
 from xshare.sglang import state as rt
 from xshare.sglang.hooks import forward as forward_hooks

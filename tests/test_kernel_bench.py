@@ -81,7 +81,7 @@ def test_console_script_runs_a_point(tmp_path):
 def test_bench_selector_router_case(tmp_path, capsys, router):
     """--router times the biased grouped gate, the engine's torch path and its C path (same routing,
     checked by the benchmark itself) on the model's shape."""
-    from xshare.selection.kernels.cpu import cpu_kernel_available
+    from xshare.selection.backends.c.kernel import cpu_kernel_available
 
     out = tmp_path / "router.json"
     argv = ["bench", "selector", "--router", router, "--batch", "4,16", "--experts", "32", "--top-k", "4",

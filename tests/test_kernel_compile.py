@@ -1,6 +1,6 @@
 """The fused kernels compile for a GPU (sm_90, H100) without one: Triton's own compiler and the
 ``ptxas`` shipped in its wheel turn them into a cubin here, from exactly the arguments that
-``fused_select`` binds. This catches what the interpreter does not check (types, layouts, register
+``select(backend="triton")`` binds. This catches what the interpreter does not check (types, layouts, register
 pressure): the cubin must not spill to local memory.
 """
 
@@ -23,9 +23,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs  # noqa: E402
-from xshare.selection.gates import RouterSpec  # noqa: E402
-from xshare.selection.kernels import fused_router  # noqa: E402
-from xshare.selection.kernels.fused_router import prepare_fused  # noqa: E402
+from xshare.selection.backends.triton.launch import prepare_fused, triton_module  # noqa: E402
+from xshare.selection.routers.spec import RouterSpec  # noqa: E402
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 if not (_BIN / "ptxas").exists():  # shipped in the triton wheel (no GPU needed): a failure in CI
@@ -84,7 +83,7 @@ def test_kernels_compile_for_sm90_without_spills(case, tmp_path, monkeypatch):
     launch = prepare_fused(logits, c["top_k"], spec, config, engine_ids=engine_ids, placement=placement, knobs=knobs,
                            num_tokens=torch.tensor(c["rows"]), exact=torch.zeros(c["rows"], dtype=torch.bool),
                            groups=torch.arange(c["rows"]) // 4 if c["policy"] == "xshare_spec" else None)
-    mod = fused_router._triton()
+    mod = triton_module()
     for kernel, args in ((mod._gate_kernel, launch.gate_args), (mod._route_kernel, launch.route_args)):
         names = {p.name for p in kernel.params if p.is_constexpr}
         compiled = _compile(kernel, args, launch.num_warps, names)

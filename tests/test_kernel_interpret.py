@@ -1,11 +1,11 @@
 """The fused Triton selection kernel against the torch reference, on the CPU (Triton's interpreter).
 
-``fused_select(..., backend='triton')`` on CPU tensors runs the very kernels a GPU would compile, in
+``select(..., backend='triton')`` on CPU tensors runs the very kernels a GPU would compile, in
 Triton's interpreter. Every case compares with :func:`xshare.selection.select`: identical ids,
 identical ``active``, identical physical slots, weights within 1e-6. Inputs are randomised, with
 exact ties (discrete logits, duplicated experts and tokens), ``-inf`` entries, padding rows holding
 garbage, knob changes, both scorings, renormalisation on and off, and placements over 1..8 GPUs.
-The case generator lives in :mod:`xshare.selection.kernels.cases`, so that ``xshare bench gpu``
+The case generator lives in :mod:`xshare.selection.backends.triton.cases`, so that ``xshare bench gpu``
 replays the same cases on CUDA.
 """
 
@@ -22,13 +22,14 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs, select  # noqa: E402
-from xshare.selection.kernels import dispatch, fused_select, kernel_supports  # noqa: E402
-from xshare.selection.kernels.cases import compare, make_logits, random_case  # noqa: E402
+from xshare.selection.backends.triton import route  # noqa: E402
+from xshare.selection.backends.triton.cases import compare, make_logits, random_case  # noqa: E402
+from xshare.selection.backends.triton.route import kernel_supports  # noqa: E402
 
 
 def assert_same(kw: dict) -> None:
     ref = select(**kw)
-    got = fused_select(**kw, backend="triton")
+    got = select(**kw, backend="triton")
     assert not compare(ref, got), compare(ref, got)
     assert torch.equal(got.topk_ids, ref.topk_ids), (got.topk_ids, ref.topk_ids)
     torch.testing.assert_close(got.topk_weights, ref.topk_weights, atol=1e-6, rtol=0)
@@ -48,7 +49,7 @@ def test_all_tied_batch_takes_lowest_indices(policy):
     kw = {"router_logits": logits, "top_k": 4, "config": SelectorConfig(policy=policy, budget=8, warmup_k=1)}
     if policy == "xshare_ep":
         kw["placement"] = Placement.contiguous(32, 4)
-    got = fused_select(**kw, backend="triton")
+    got = select(**kw, backend="triton")
     assert_same(kw)
     # every token ties everywhere: W = {0}; the fill takes the lowest indices (per GPU at most 2 for ep)
     expected = [0, 1, 2, 3] if policy == "xshare" else [0, 1, 8, 9]
@@ -93,7 +94,7 @@ def test_knob_changes_in_place_are_followed():
         kw = {"router_logits": logits, "top_k": 6, "config": base, "placement": placement,
               "num_tokens": num_tokens, "knobs": knobs, "validate": False}
         assert_same(kw)
-        seen.add(tuple(map(tuple, fused_select(**kw, backend="triton").topk_ids.tolist())))
+        seen.add(tuple(map(tuple, select(**kw, backend="triton").topk_ids.tolist())))
     assert len(seen) >= 5  # the knobs really change the routing
 
 
@@ -103,19 +104,19 @@ def test_disabled_or_out_of_range_batches_route_like_topk():
     vanilla = select(logits, 4, SelectorConfig(policy="topk"))
     for config in (SelectorConfig(policy="xshare", budget=2, min_tokens=9),
                    SelectorConfig(policy="xshare", budget=2, max_tokens=7)):
-        got = fused_select(logits, 4, config, backend="triton")
+        got = select(logits, 4, config, backend="triton")
         assert torch.equal(got.topk_ids, vanilla.topk_ids)
         torch.testing.assert_close(got.topk_weights, vanilla.topk_weights, atol=1e-6, rtol=0)
     knobs = SelectorKnobs.create(SelectorConfig(policy="xshare", budget=2), 32, 4, enabled=False)
-    got = fused_select(logits, 4, SelectorConfig(policy="xshare", budget=2), knobs=knobs, backend="triton")
+    got = select(logits, 4, SelectorConfig(policy="xshare", budget=2), knobs=knobs, backend="triton")
     assert torch.equal(got.topk_ids, vanilla.topk_ids)
     # and enabled, the budget really bites
     knobs.update(SelectorConfig(policy="xshare", budget=2, warmup_k=0))
-    got = fused_select(logits, 4, SelectorConfig(policy="xshare"), knobs=knobs, backend="triton")
+    got = select(logits, 4, SelectorConfig(policy="xshare"), knobs=knobs, backend="triton")
     assert not torch.equal(got.topk_ids, vanilla.topk_ids)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_input_dtypes_and_strides(dtype):
     gen = torch.Generator().manual_seed(2)
     logits = make_logits(gen, 40, 24, "normal", masked=True).to(dtype)
@@ -124,6 +125,17 @@ def test_input_dtypes_and_strides(dtype):
     transposed = logits.t().contiguous().t()  # same values, column-major strides
     assert not transposed.is_contiguous()
     assert_same({"router_logits": transposed, "top_k": 6, "config": config})
+
+
+def test_float64_logits_are_not_for_the_kernels():
+    # the kernels read fp32 / bf16 / fp16 logits (kernel_problem); forcing them on float64 names the reason
+    gen = torch.Generator().manual_seed(2)
+    logits = make_logits(gen, 40, 24, "normal", masked=True).to(torch.float64)
+    config = SelectorConfig(policy="xshare", budget=6, warmup_k=2)
+    with pytest.raises(ValueError, match="backend='triton'.*logits_float64"):
+        select(logits, 6, config, backend="triton")
+    auto = select(logits, 6, config, backend="auto")  # the torch reference routes them
+    assert torch.equal(auto.topk_ids, select(logits, 6, config).topk_ids)
 
 
 def test_bigger_layer_in_several_row_blocks():
@@ -148,12 +160,12 @@ def test_auto_backend_on_cpu_is_the_torch_reference(monkeypatch):
     def no_kernel(*args, **kwargs):
         raise AssertionError("the kernel must not run for CPU tensors under backend='auto'")
 
-    monkeypatch.setattr(dispatch, "fused_route", no_kernel)
+    monkeypatch.setattr(route, "fused_route", no_kernel)
     logits = torch.randn(4, 16)
     config = SelectorConfig(policy="xshare", budget=4)
-    got = fused_select(logits, 2, config)
+    got = select(logits, 2, config, backend="auto")
     assert torch.equal(got.topk_ids, select(logits, 2, config).topk_ids)
-    got = fused_select(logits, 2, SelectorConfig(policy="lynx"), backend="auto")  # not a kernel policy
+    got = select(logits, 2, SelectorConfig(policy="lynx"), backend="auto")  # not a kernel policy
     assert got.topk_ids.shape == (4, 2)
 
 
@@ -161,23 +173,23 @@ def test_bad_arguments_are_named():
     logits = torch.randn(4, 16)
     config = SelectorConfig(policy="xshare", budget=4)
     with pytest.raises(ValueError, match="backend"):
-        fused_select(logits, 2, config, backend="cuda")
+        select(logits, 2, config, backend="cuda")
     with pytest.raises(ValueError, match="backend='triton'.*lynx"):
-        fused_select(logits, 2, SelectorConfig(policy="lynx"), backend="triton")
+        select(logits, 2, SelectorConfig(policy="lynx"), backend="triton")
     with pytest.raises(ValueError, match="top_k"):
-        fused_select(logits, 17, config, backend="triton")
+        select(logits, 17, config, backend="triton")
     with pytest.raises(ValueError, match="NaN"):
-        fused_select(torch.full((2, 16), float("nan")), 2, config, backend="triton")
+        select(torch.full((2, 16), float("nan")), 2, config, backend="triton")
     with pytest.raises(ValueError, match="placement"):
-        fused_select(logits, 2, SelectorConfig(policy="xshare_ep", budget=4), backend="triton")
+        select(logits, 2, SelectorConfig(policy="xshare_ep", budget=4), backend="triton")
     with pytest.raises(ValueError, match="num_tokens"):
-        fused_select(logits, 2, config, num_tokens=torch.tensor(2.0), backend="triton")
+        select(logits, 2, config, num_tokens=torch.tensor(2.0), backend="triton")
     with pytest.raises(ValueError, match="knobs"):
-        fused_select(logits, 2, config, knobs=SelectorKnobs.create(config, 16, 2, "meta"), backend="triton")
+        select(logits, 2, config, knobs=SelectorKnobs.create(config, 16, 2, "meta"), backend="triton")
     assert kernel_supports(config, 256) and not kernel_supports(config, 100_000)
     assert not kernel_supports(SelectorConfig(policy="oea"), 64)
 
 
 def test_empty_batch():
-    got = fused_select(torch.empty(0, 16), 2, SelectorConfig(policy="xshare", budget=4), backend="triton")
+    got = select(torch.empty(0, 16), 2, SelectorConfig(policy="xshare", budget=4), backend="triton")
     assert got.topk_ids.shape == (0, 2) and not bool(got.active.any())

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs, available_policies, get_policy, select
-from xshare.selection.kernels import dispatch, fused_select
+from xshare.selection.backends.triton import launch
+from xshare.selection.backends.triton.route import kernel_supports
 
 T, E, TOP_K, G = 12, 16, 4, 4
 
@@ -141,13 +142,11 @@ def _check_launches(log: list, knobs: SelectorKnobs, device: str, rows: int) -> 
 @pytest.mark.parametrize("policy", ["xshare", "xshare_ep"])
 @pytest.mark.parametrize("device", ["meta", "cpu"])
 def test_fused_host_path_is_sync_free(policy, device, monkeypatch):
-    from xshare.selection.kernels import fused_router
-
     kw = _inputs(policy, device, replicas=policy == "xshare_ep")
     log: list = []
-    monkeypatch.setattr(fused_router, "kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
+    monkeypatch.setattr(launch, "kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
     with _forbid_host_sync(monkeypatch) as calls:
-        routing = fused_select(**kw, backend="triton")
+        routing = select(**kw, backend="triton")
     assert calls == []
     _check_launches(log, kw["knobs"], device, T)
     assert routing.topk_ids.device.type == device and routing.topk_ids.shape == (T, TOP_K)
@@ -158,7 +157,7 @@ def test_fused_host_path_is_sync_free(policy, device, monkeypatch):
 # Router families (biased / grouped gates, routed by SGLang's gate restricted to the set): the same two
 # proofs, so these layers can route inside captured CUDA graphs too.
 def _specs(device: str) -> dict:
-    from xshare.selection.gates import RouterSpec
+    from xshare.selection.routers.spec import RouterSpec
 
     gen = torch.Generator().manual_seed(3)
     bias = (torch.randn(E, generator=gen) * 0.1).to(device)
@@ -177,8 +176,8 @@ def _specs(device: str) -> dict:
 
 
 def _router_call(family: str, policy: str, device: str):
-    from xshare.selection.engine import LayerCall
-    from xshare.selection.gates import reference_route
+    from xshare.selection.decide import LayerCall
+    from xshare.selection.routers.gate import reference_route
 
     kw = _inputs(policy, device)
     spec = _specs(device)[family]
@@ -200,7 +199,7 @@ ROUTER_FAMILIES = ["biased_grouped", "one_group_bias", "grouped_softmax", "plain
 @pytest.mark.parametrize("family", ROUTER_FAMILIES)
 @pytest.mark.parametrize("policy", available_policies())
 def test_router_families_run_on_meta_tensors(family, policy):
-    from xshare.selection.engine import decide
+    from xshare.selection.decide import decide
 
     call, config = _router_call(family, policy, "meta")
     decision = decide(call, config)
@@ -214,7 +213,7 @@ def test_router_families_run_on_meta_tensors(family, policy):
 @pytest.mark.parametrize("family", ROUTER_FAMILIES)
 @pytest.mark.parametrize("policy", ["xshare", "xshare_ep", "xshare_spec", "lynx", "topk"])
 def test_router_families_read_no_values_on_cpu(family, policy, monkeypatch):
-    from xshare.selection.engine import decide
+    from xshare.selection.decide import decide
 
     call, config = _router_call(family, policy, "cpu")
     expected = decide(call, config)
@@ -254,14 +253,14 @@ def test_target_mass_is_sync_free_and_read_from_its_knob(policy, monkeypatch):
 
 def test_the_fused_kernel_reads_the_mass_target_from_its_knob():
     cfg = SelectorConfig(policy="xshare", target_mass=0.95)  # no budget given: the mass target alone
-    assert dispatch.kernel_supports(cfg, E)  # backend='auto' on CUDA routes tau through the kernels too
+    assert kernel_supports(cfg, E)  # backend='auto' on CUDA routes tau through the kernels too
     kw = _inputs("xshare", "cpu")
     kw["config"] = cfg
     kw["knobs"] = knobs = SelectorKnobs.create(cfg, E, TOP_K, "cpu")
-    wide = fused_select(**kw, backend="triton")
+    wide = select(**kw, backend="triton")
     assert torch.equal(wide.topk_ids, select(**kw).topk_ids)
     knobs.update(cfg.replace(target_mass=0.3))  # in place: what a replayed graph would read
-    narrow = fused_select(**kw, backend="triton")
+    narrow = select(**kw, backend="triton")
     assert torch.equal(narrow.topk_ids, select(**kw).topk_ids)
     assert int(narrow.active.sum()) < int(wide.active.sum())
 
@@ -272,12 +271,11 @@ def test_the_fused_kernel_reads_the_mass_target_from_its_knob():
 def test_router_families_fused_host_path_is_sync_free(family, policy, device, monkeypatch):
     """decide(backend='triton') for every router family: argument binding and the two launches only
     (recorded, not run), no value read back, every knob a device tensor."""
-    from xshare.selection.engine import decide
-    from xshare.selection.kernels import fused_router
+    from xshare.selection.decide import decide
 
     call, config = _router_call(family, policy, device)
     log: list = []
-    monkeypatch.setattr(fused_router, "kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
+    monkeypatch.setattr(launch, "kernels", lambda interpret: (_Recorder(log), _Recorder(log)))
     with _forbid_host_sync(monkeypatch) as calls:
         decision = decide(call, config.replace(backend="triton"))
     assert calls == []

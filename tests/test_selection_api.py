@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs, available_policies, select
-from xshare.selection.api import prepare_batch
+from xshare.selection.backends.reference import prepare_batch
 from xshare.selection.common import preference_rank
 
 POLICIES = available_policies()
@@ -262,9 +262,9 @@ def test_prefer_breaks_exact_ties_in_the_given_order():
     cfg = SelectorConfig(policy="topk", budget=1)
     assert select(logits, 2, cfg).topk_ids.tolist() == [[0, 1], [0, 1]]  # default: lower index
     prefer = torch.tensor([[2, 1], [0, 3]])
-    r = select(logits, 2, cfg, prefer=prefer)
+    r = select(logits, 2, cfg, engine_ids=prefer)
     assert r.topk_ids.tolist() == [[2, 1], [0, 3]]
     # a preference never overrides a strictly higher score
-    assert select(logits, 2, cfg, prefer=torch.tensor([[3, -1], [3, 2]])).topk_ids.tolist() == [[0, 1], [0, 3]]
-    with pytest.raises(ValueError, match="prefer"):
-        select(logits, 2, cfg, prefer=torch.tensor([1, 2]))
+    assert select(logits, 2, cfg, engine_ids=torch.tensor([[3, -1], [3, 2]])).topk_ids.tolist() == [[0, 1], [0, 3]]
+    with pytest.raises(ValueError, match="engine_ids"):
+        select(logits, 2, cfg, engine_ids=torch.tensor([1, 2]))

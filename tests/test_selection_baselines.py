@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xshare.selection import SelectorConfig, select
-from xshare.selection.api import prepare_batch
+from xshare.selection.backends.reference import prepare_batch
 from xshare.selection.policies.lynx import lynx_scores
 
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xshare.selection import Placement, SelectorConfig, select
-from xshare.selection.api import prepare_batch
+from xshare.selection.backends.reference import prepare_batch
 from xshare.selection.policies.xshare import xshare_set
 from xshare.selection.policies.xshare_ep import xshare_ep_set
 from xshare.selection.policies.xshare_spec import xshare_spec_sets
@@ -202,7 +202,7 @@ def test_placement_from_sglang_physical_layout():
 # each token's top-k0 by the router's own choice score; the set is still the exact optimum.
 @st.composite
 def router_instances(draw):
-    from xshare.selection.gates import RouterSpec
+    from xshare.selection.routers.spec import RouterSpec
 
     groups = draw(st.sampled_from([1, 2, 4]))
     per_group = draw(st.sampled_from([2, 3]) if groups > 1 else st.sampled_from([4, 6, 8]))
@@ -227,8 +227,9 @@ def router_instances(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(router_instances())
 def test_xshare_set_is_exact_optimum_on_biased_and_grouped_routers(inst):
-    from xshare.selection.engine import LayerCall, decide, router_batch
-    from xshare.selection.gates import router_scores
+    from xshare.selection.backends.reference_router import router_batch
+    from xshare.selection.decide import LayerCall, decide
+    from xshare.selection.routers.gate import router_scores
 
     logits, spec, top_k, warmup_k, budget = inst
     cfg = SelectorConfig(policy="xshare", budget=budget, warmup_k=warmup_k)

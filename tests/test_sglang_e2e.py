@@ -77,7 +77,7 @@ def test_selector_runs_in_the_scheduler_process(server, workdir):
     assert stats["applied"] > 0 and stats["policy"] == "xshare" and stats["budget"] == BUDGET
     assert stats["skipped"].get("mode_extend", 0) > 0  # prefill is left alone by default
     assert f"selector active in scheduler pid {pid}" in server.log_tail(10**7)
-    from xshare.selection.kernels.cpu import cpu_kernel_available
+    from xshare.selection.backends.c.kernel import cpu_kernel_available
 
     if cpu_kernel_available():  # the CPU server routes through the C fast path (docs/kernel.md)
         assert "CPU selector kernel ready" in server.log_tail(10**7)

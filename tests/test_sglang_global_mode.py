@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from conftest import require_module
 from xshare.selection import Placement, SelectorConfig, select
-from xshare.selection.group_stats import global_select, join_empty
+from xshare.selection.backends.global_mode import join_empty
+from xshare.selection.decide import LayerCall, decide
 
 E, K, LAYERS = 16, 4, 3
 
@@ -45,7 +46,8 @@ def _worker(rank: int, world: int, init_file: str, rows: list[int], policy: str,
                 join_empty(E, all_reduce)  # the TopK.empty_topk_output path
                 results.append(None)
             else:
-                r = global_select(_logits(layer, rows[rank], rank), K, config, all_reduce, placement=placement)
+                call = LayerCall(_logits(layer, rows[rank], rank), K, placement=placement, all_reduce=all_reduce)
+                r = decide(call, config).routing
                 results.append((r.topk_ids, r.topk_weights))
         torch.save({"results": results, "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -90,7 +92,7 @@ def test_global_mode_equals_one_selection_over_all_ranks(tmp_path, rows, policy)
 # A biased, grouped router (DeepSeek-V3's: sigmoid + correction bias, 4 groups keep 2, routed scaling):
 # the same claim through the engine's router-spec path.
 def _spec():
-    from xshare.selection.gates import RouterSpec
+    from xshare.selection.routers.spec import RouterSpec
 
     bias = torch.randn(E, generator=torch.Generator().manual_seed(9)) * 0.1
     return RouterSpec(scoring="sigmoid", correction_bias=bias, num_expert_group=4, topk_group=2,
@@ -98,7 +100,7 @@ def _spec():
 
 
 def _router_worker(rank: int, world: int, init_file: str, rows: list[int], out_dir: str) -> None:
-    from xshare.selection.engine import LayerCall, decide
+    from xshare.selection.decide import LayerCall, decide
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -117,7 +119,7 @@ def _router_worker(rank: int, world: int, init_file: str, rows: list[int], out_d
 
 @pytest.mark.parametrize("rows", [[7, 5], [6, 0]])
 def test_global_mode_on_a_biased_grouped_router(tmp_path, rows):
-    from xshare.selection.engine import LayerCall, decide
+    from xshare.selection.decide import LayerCall, decide
 
     mp.start_processes(_router_worker, args=(2, str(tmp_path / "init"), rows, str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
@@ -144,7 +146,7 @@ def test_global_mode_on_a_biased_grouped_router(tmp_path, rows):
 def test_a_failing_router_layer_still_joins_the_group_all_reduce(bad):
     """A rank whose own part fails (a policy global mode cannot run, a layer the spec does not fit)
     raises (the adapter falls back) but still joins the all-reduce once, so its peers do not hang."""
-    from xshare.selection.engine import LayerCall, decide
+    from xshare.selection.decide import LayerCall, decide
     from xshare.selection.registry import all_policies
 
     calls = []

@@ -13,7 +13,8 @@ import torch
 
 from conftest import require_module
 from xshare.selection import SelectorConfig
-from xshare.selection.gates import RouterSpec, router_scores
+from xshare.selection.routers.gate import router_scores
+from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang import layer
 from xshare.sglang import state as rt
 from xshare.sglang.settings import PluginSettings
@@ -216,9 +217,9 @@ def test_which_path_routes_each_family():
     on CPU tensors the C kernel when it is built (plain and router-spec layers), the fused Triton
     kernel when forced (interpreted here; what 'auto' picks on CUDA), the torch reference when forced
     or when the call is one the wanted backend does not implement (a policy without a kernel)."""
-    from xshare.selection.engine import LayerCall, LayerRouting, decide
-    from xshare.selection.kernels import kernel_supports
-    from xshare.selection.kernels.cpu import cpu_kernel_available
+    from xshare.selection.backends.c.kernel import cpu_kernel_available
+    from xshare.selection.backends.triton.route import kernel_supports
+    from xshare.selection.decide import LayerCall, LayerRouting, decide
 
     config = SelectorConfig(policy="xshare", budget=8, warmup_k=1)
     x = _logits(32, torch.float32)
@@ -247,7 +248,7 @@ def test_which_path_routes_each_family():
 def test_stats_say_which_backend_routed_each_layer(policy, expected):
     """/xshare/stats 'backends': per layer what routed its applied calls, and why the torch reference did
     where the fused kernel was wanted; 'backend_calls' counts them."""
-    from xshare.selection.engine import planned_backend
+    from xshare.selection.decide import planned_backend
 
     cfg, e, k = _cfg("deepseek_v3")
     x = _logits(e, torch.float32, seed=5)

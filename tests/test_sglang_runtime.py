@@ -226,7 +226,8 @@ def test_bind_arguments_is_inspects_bind(fn):
                                     "oea"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_adapter_selection_matches_the_core_without_ties(policy, padded):
-    from xshare.selection import Placement, engine, select
+    from xshare.selection import Placement, select
+    from xshare.selection.decide import LayerCall, decide
     from xshare.selection.knobs import SelectorKnobs
 
     g = torch.Generator().manual_seed(7)
@@ -238,9 +239,9 @@ def test_adapter_selection_matches_the_core_without_ties(policy, padded):
     knobs = SelectorKnobs.create(config, E, K)
     ref = select(logits, K, config, groups=groups, placement=placement, num_tokens=nt, knobs=knobs)
     sg_ids = vanilla(logits)[0]
-    call = engine.LayerCall(logits, K, engine_ids=sg_ids, groups=groups, placement=placement, num_tokens=nt,
+    call = LayerCall(logits, K, engine_ids=sg_ids, groups=groups, placement=placement, num_tokens=nt,
                             knobs=knobs)
-    got = engine.decide(call, config).routing
+    got = decide(call, config).routing
     assert torch.equal(got.topk_ids, ref.topk_ids) and torch.equal(got.topk_weights, ref.topk_weights)
     assert torch.equal(got.active, ref.active)
 

@@ -34,7 +34,8 @@ def _rank(policy: str, e: int, local: dict) -> rt.ProcessState:
 def test_ranks_sharing_rows_route_them_alike_whatever_their_local_state(family, policy):
     cfg, e, k = _cfg(family)
     rng = random.Random(sum(map(ord, family + policy)))
-    from xshare.selection.gates import RouterSpec, reference_route
+    from xshare.selection.routers.gate import reference_route
+    from xshare.selection.routers.spec import RouterSpec
 
     spec = RouterSpec.from_topk_config(cfg)
     applied = 0

@@ -412,7 +412,7 @@ def test_buffers_are_made_once_and_not_under_capture(monkeypatch):
     assert len(st._pages["cpu"]) == 2  # one layer more than a page holds: a second page, the first one kept
     assert (page.sums.data_ptr(), st._window.data_ptr(), st._window_idx.data_ptr()) == pointers
     assert int(st._window_idx) == layers
-    monkeypatch.setattr(stats, "_capturing", lambda device: True)  # a graph being captured: make nothing
+    monkeypatch.setattr(stats, "capturing", lambda device: True)  # a graph being captured: make nothing
     st.record_call(999, **kw)
     assert st.unrecorded == 1 and ("cpu", 999) not in st._slots
     st.record_call(1, **kw)  # a layer that has its row: recorded (the capture records the launch)

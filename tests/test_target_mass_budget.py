@@ -18,10 +18,9 @@ import torch
 from conftest import SHARED, require_path
 from xshare.cli import main
 from xshare.selection import SelectorConfig, select
-from xshare.selection.api import prepare_batch
+from xshare.selection.backends.reference import prepare_batch
 from xshare.selection.common import MASS_RTOL, fill_count
-from xshare.selection.engine import LayerCall, decide
-from xshare.selection.group_stats import finish_global, prepare_global
+from xshare.selection.decide import LayerCall, decide
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.policies.xshare import xshare_set
 from xshare.selection.types import ModelShape
@@ -199,7 +198,7 @@ def test_every_routing_path_reports_the_same_flag():
     per-GPU cap report the flag; a policy without a mass target reports None; padding-only batches and
     the batch-size gate count nothing."""
     from xshare.selection import Placement
-    from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_route
+    from xshare.selection.backends.c.kernel import cpu_kernel_available, cpu_route
 
     cfg = SelectorConfig(target_mass=0.95, budget=24)
     seen = set()
@@ -210,8 +209,8 @@ def test_every_routing_path_reports_the_same_flag():
         knobs = SelectorKnobs.create(cfg, E, K)
         assert bool(select(logits, K, cfg, knobs=knobs).cap_bound) == bool(want)
         assert bool(decide(LayerCall(logits, K), cfg).routing.cap_bound) == bool(want)
-        batch, local = prepare_global(logits, K, cfg)
-        assert bool(finish_global(batch, local, cfg).cap_bound) == bool(want)
+        global_mode = LayerCall(logits, K, all_reduce=lambda stats: stats)  # a group of one rank
+        assert bool(decide(global_mode, cfg).routing.cap_bound) == bool(want)
         if cpu_kernel_available():
             assert bool(cpu_route(logits, K, cfg).routing.cap_bound) == bool(want)
         gated = cfg.replace(min_tokens=logits.shape[0] + 1)

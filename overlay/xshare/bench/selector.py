@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xshare.bench._common import Timer, format_table, int_list, write_json_atomic
-from xshare.selection import Placement, SelectorConfig, available_policies, engine, get_policy, select
+from xshare.selection import Placement, SelectorConfig, available_policies, get_policy, select
+from xshare.selection import decide as engine
+from xshare.selection.backends.c.kernel import cpu_kernel_available
+from xshare.selection.backends.triton.route import kernel_supports, triton_available
 from xshare.selection.config import parse_count
-from xshare.selection.gates import RouterSpec, reference_route
-from xshare.selection.kernels import fused_select, kernel_supports, triton_available
-from xshare.selection.kernels.cpu import cpu_kernel_available
 from xshare.selection.registry import validated
+from xshare.selection.routers.gate import reference_route
+from xshare.selection.routers.spec import RouterSpec
 
 MODE = "selector"
 HELP = "selector time vs vanilla top-k and vs the MoE layer's expert computation, over batch x experts x top-k"
@@ -237,7 +239,7 @@ def _point(b: int, e: int, k: int, args: argparse.Namespace, config: SelectorCon
         fns["select"], modes["select"] = _decode_step(lambda: engine.decide(call, config), device)
     if device.type == "cuda" and spec is None and triton_available() and kernel_supports(config, e):
         fns["kernel"], modes["kernel"] = _decode_step(
-            lambda: fused_select(logits, k, config, placement=placement, validate=False, backend="triton"), device)
+            lambda: select(logits, k, config, placement=placement, validate=False, backend="triton"), device)
     if device.type == "cpu" and cpu_kernel_available():
         fast = engine.decide(call, config, cpu_kernel=True)
         if fast.cpu is not None:  # the C path routes this call: the same routing, timed

@@ -37,7 +37,7 @@ from xshare.eval.costmodel import CostModel
 from xshare.eval.report import PLACEMENT_KEYS
 from xshare.eval.traces import Trace
 from xshare.selection import Placement, SelectorConfig, get_policy
-from xshare.selection.engine import LayerCall, LayerRouting, decide
+from xshare.selection.decide import LayerCall, LayerRouting, decide
 from xshare.selection.registry import validated
 from xshare.selection.schema import SELECTOR, SWEEP_FIELDS
 

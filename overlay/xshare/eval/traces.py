@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xshare.selection.gates import RouterSpec, router_scores
+from xshare.selection.routers.gate import router_scores
+from xshare.selection.routers.spec import RouterSpec
 
 REQUIRED_KEYS = ("topk_ids", "topk_weights", "seq_ids", "meta")
 # Logit of an expert outside a token's stored top-K: finite (usable), probability exactly 0 in float32

@@ -27,7 +27,7 @@ def router_spec(gate: torch.nn.Module) -> Any:
     """The :class:`~xshare.selection.gates.RouterSpec` of a GLM-4.5 / DeepSeek-V3 router (transformers'
     ``Glm4MoeTopkRouter``: the routed scaling factor is in its weights), or None for a softmax router."""
     from xshare.models.architecture import CORRECTION_BIAS
-    from xshare.selection.gates import RouterSpec
+    from xshare.selection.routers.spec import RouterSpec
 
     bias = getattr(gate, CORRECTION_BIAS, None)
     if not isinstance(bias, torch.Tensor):
@@ -92,7 +92,7 @@ class RoutingOverride:
         self.records[phase].append(self._current)
 
     def _route(self, gate: torch.nn.Module, layer: int, hidden_states: torch.Tensor) -> tuple:
-        from xshare.selection.engine import LayerCall, LayerRouting, decide
+        from xshare.selection.decide import LayerCall, LayerRouting, decide
 
         hs = hidden_states.reshape(-1, gate.hidden_dim)
         spec = self.specs[layer]

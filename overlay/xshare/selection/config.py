@@ -60,7 +60,7 @@ class SelectorConfig:
                   batch-size range where the policy applies; outside it, routing is exactly 'topk'.
     backend       what routes a call: 'auto' (the fused Triton kernel on CUDA tensors, the C kernel on
                   the CPU, the torch reference where neither implements the call), or 'triton', 'c',
-                  'torch' forced (:func:`xshare.selection.engine.decide`).
+                  'torch' forced (:func:`xshare.selection.decide.decide`).
     extra         policy-specific numeric knobs (validated by the policy), e.g. Lynx's bins.
     """
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
+import xshare.selection.policies as policies_package
+from xshare.selection.common import Batch, tiers_inside
 from xshare.selection.config import SelectorConfig
 from xshare.selection.schema import SWEEP_FIELDS
 from xshare.selection.types import ModelShape
-
-if TYPE_CHECKING:
-    from xshare.selection.common import Batch
 
 GROUP_USES = ("none", "optional", "required")
 KERNELS = ("cpu", "triton")
@@ -79,8 +78,6 @@ class Policy:
 
     def tiers(self, batch: Batch) -> Tensor:
         """Default for a set policy: every token prefers :meth:`batch_set`, then its own order."""
-        from xshare.selection.common import tiers_inside
-
         s = self.batch_set(batch)
         if s is None:
             raise NotImplementedError(f"policy {self.name!r} defines neither tiers() nor batch_set()")
@@ -89,7 +86,7 @@ class Policy:
     def batch_set(self, batch: Batch) -> Tensor | None:
         """bool [E]: the one expert set every token of the batch prefers (a *set policy*), or None
         when the policy's preferences are not of that form. Set policies get :meth:`tiers` for free,
-        and the CPU fast path (:mod:`xshare.selection.kernels.cpu`) routes them in C."""
+        and the CPU fast path (:mod:`xshare.selection.backends.c.kernel`) routes them in C."""
         return None
 
 
@@ -129,11 +126,9 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    from xshare.selection import policies
-
-    for info in pkgutil.iter_modules(policies.__path__):
+    for info in pkgutil.iter_modules(policies_package.__path__):
         if not info.name.startswith("_"):
-            importlib.import_module(f"{policies.__name__}.{info.name}")
+            importlib.import_module(f"{policies_package.__name__}.{info.name}")
     _DISCOVERED = True
 
 

@@ -5,22 +5,27 @@ SGLang (pinned to 0.5.23) discovers it through the entry point ``xshare`` in the
 every process it starts. The plugin is off unless ``XSHARE_ENABLE=1`` (or ``"enable": true`` in
 the JSON file named by ``XSHARE_CONFIG``); see :mod:`xshare.sglang.settings` and docs/sglang.md.
 
-Modules (sglang is imported lazily, inside functions, so importing these never pulls it in):
-  plugin       register(): settings, hooks, admin routes, refusal on bad settings
-  settings     environment / config file -> PluginSettings, from the one settings schema
-  hooks        the SGLang hook functions and the names of SGLang's forward-level objects
-  topk_call    the names of a layer's top-k call and TopKConfig -> the core's LayerCall
-  routing      one layer call's routing decision (through xshare.selection.engine) and bookkeeping
-  runtime      the per-process holder: active settings, knobs, stats, per-forward state
-  placement    expert placements (SGLang's expert-location metadata, or stand-ins), cached
-  model_shape  top_k and the expert count of the served model's config
-  faults       fault injection for tests
-  stats        in-process counters and the per-call metrics window
-  metrics      the Prometheus exporter (xshare:* on SGLang's /metrics)
-  admin        the admin endpoint (HTTP side, scheduler side, request model)
-  trace        bounded router-logits trace recorder (the ../shared/traces format)
-  server       start / stop a real SGLang server with the plugin (tests, benchmarks, demo)
-  cpu_check    which sgl_kernel symbols the installed sglang needs on the CPU
+Modules, from the top (imports only point down; sglang is imported lazily, inside functions, so
+importing these never pulls it in):
+  plugin          register(): settings, the one table of hook registrations, admin routes
+  hooks/          the functions SGLang calls: routing (one layer call), forward (the forward state),
+                  model (load, EPLB), requests (exact-routing flags), binding (arguments by name)
+  admin/          the admin endpoint (HTTP side, scheduler side, config messages)
+  layer           one layer call: SGLang's arguments -> the core's LayerCall -> decide() -> SGLang's
+                  replacement arguments
+  observe/        counters and the metrics window (stats, tally, figures, record), process reports
+                  (report), the Prometheus exporter (metrics), the routing trace, the coverage survey
+  state           ProcessState and ForwardState: settings, device knobs and buffers, process facts
+  topk_call       the names of a layer's top-k call and TopKConfig -> the core's LayerCall
+  verify_layout   speculative verify rows -> requests
+  settings        environment / config file -> PluginSettings, from the one settings schema
+  placement       expert placements (SGLang's expert-location metadata, or stand-ins), cached
+  replicas        predictive replica plans for SGLang's EPLB
+  model_shape     top_k and the expert count of the served model's config
+  faults          fault injection for tests
+  server          start / stop a real SGLang server with the plugin (tests, benchmarks, demo)
+  cpu_check       which sgl_kernel symbols the installed sglang needs on the CPU
+  one_batch       SGLang's one-batch benchmark with the plugin loaded
 """
 
 SGLANG_VERSION = "0.5.23"

@@ -4,9 +4,9 @@ Flow, one trip down and back: the routing hooks (:mod:`xshare.sglang.hooks.routi
 :func:`route` the call's arguments by name; it checks that the selector applies (on, the forward's
 mode, a router it routes, a batch it may select for), reads the call (:class:`~xshare.sglang.topk_call.
 TopkCall`), adds what the process state holds for it (device knobs, request ids of the rows, the
-exact-routing mask, the placement) into one :class:`~xshare.selection.engine.LayerCall`, hands that
-to the core's one entry (:func:`xshare.selection.engine.decide`, which picks the backend) and turns
-the :class:`~xshare.selection.engine.Decision` into SGLang's ``topk_ids`` / ``topk_weights``. The
+exact-routing mask, the placement) into one :class:`~xshare.selection.decide.LayerCall`, hands that
+to the core's one entry (:func:`xshare.selection.decide.decide`, which picks the backend) and turns
+the :class:`~xshare.selection.decide.Decision` into SGLang's ``topk_ids`` / ``topk_weights``. The
 per-call bookkeeping goes to :mod:`xshare.sglang.observe`. Reads the process state, never writes its
 settings; never raises: a failure is logged once, counted and left to SGLang's own top-k."""
 
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from xshare.selection import get_policy
-from xshare.selection.engine import Decision, decide, layer_config
-from xshare.selection.gates import RouterSpec
-from xshare.selection.group_stats import join_empty
+from xshare.selection.backends.global_mode import join_empty
+from xshare.selection.decide import Decision, decide, layer_config
+from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang.observe import report
 from xshare.sglang.observe.record import record_call
 from xshare.sglang.state import EXACT_BUFFER_ROWS, ForwardState, ProcessState

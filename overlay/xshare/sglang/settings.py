@@ -220,7 +220,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
     values = {f.name: _parse(f.name, raw, origin) for f in PLUGIN_FIELDS}
     selector = _selector_config(raw, origin)
     if values["deepep_mode"] == "global" and not get_policy(selector.policy).global_stats:
-        from xshare.selection.group_stats import global_policies
+        from xshare.selection.backends.global_mode import global_policies
 
         raise SettingError(
             f"{_where('deepep_mode', origin)}=global: supported only with policies {', '.join(global_policies())} "

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from xshare.selection import SelectorConfig
-from xshare.selection.group_stats import AllReduce
-from xshare.selection.kernels.cpu import cpu_kernel_available, cpu_kernel_problem
+from xshare.selection.backends.c.kernel import cpu_kernel_available, cpu_kernel_problem
+from xshare.selection.call import AllReduce
 from xshare.selection.knobs import SelectorKnobs
 from xshare.sglang.faults import FaultInjector
 from xshare.sglang.observe.stats import SelectorStats

@@ -4,7 +4,7 @@ arguments and of its ``TopKConfig``.
 The routing hook wraps ``sglang.srt.layers.moe.topk._post_process_topk_ids(topk_ids, topk_weights,
 topk_config, router_logits, layer_id, num_token_non_padded=None, expert_location_dispatch_info=None,
 padded_rows_masked=False)``. :class:`TopkCall` reads those arguments once; :meth:`TopkCall.layer_call`
-turns them into the core's :class:`~xshare.selection.engine.LayerCall`, and :meth:`TopkCall.replace`
+turns them into the core's :class:`~xshare.selection.decide.LayerCall`, and :meth:`TopkCall.replace`
 writes a routing back as the replacement arguments. Duck-typed: sglang is imported only to ask
 whether the routed scaling factor is already in the weights.
 """
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from xshare.selection import Placement
-from xshare.selection.engine import LayerCall, LayerRouting
-from xshare.selection.gates import SCORINGS, RouterSpec
+from xshare.selection.decide import LayerCall, LayerRouting
 from xshare.selection.knobs import SelectorKnobs
+from xshare.selection.routers.spec import SCORINGS, RouterSpec
 
 # RouterSpec per TopKConfig object (SGLang builds one per layer at load time): the spec is built and
 # validated once, not per call (its checks read the correction bias on the host).

@@ -73,7 +73,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--time-budget must be > 0, got {args.time_budget}")
     if not args.cpu and not torch.cuda.is_available():
         raise ValueError("no CUDA device here: pass --cpu for the CPU mode")
-    from xshare.selection.kernels import triton_available
+    from xshare.selection.backends.triton.route import triton_available
 
     if not triton_available():
         raise ValueError("Triton is not importable: the check runs the Triton kernels (pip install triton)")

@@ -10,7 +10,7 @@ from xshare.bench.gpu.context import Context
 
 
 def selector_cases(ctx: Context) -> list[tuple[str, dict[str, Any]]]:
-    from xshare.selection.kernels.cases import POLICIES, SCORINGS, grid_cases, random_case, special_cases
+    from xshare.selection.backends.triton.cases import POLICIES, SCORINGS, grid_cases, random_case, special_cases
 
     cases = list(grid_cases(ctx.seeds))
     special = list(special_cases())
@@ -26,8 +26,7 @@ def selector_cases(ctx: Context) -> list[tuple[str, dict[str, Any]]]:
 
 def part_selector_vs_reference(ctx: Context) -> dict[str, Any]:
     from xshare.selection import select
-    from xshare.selection.kernels import fused_select
-    from xshare.selection.kernels.cases import compare, to_device
+    from xshare.selection.backends.triton.cases import compare, to_device
 
     cases = selector_cases(ctx)
     failures, families, done = [], {}, 0
@@ -37,7 +36,7 @@ def part_selector_vs_reference(ctx: Context) -> dict[str, Any]:
             break
         kwd = to_device(kw, ctx.device)
         ref = select(**kwd)
-        got = fused_select(**kwd, backend="triton")
+        got = select(**kwd, backend="triton")
         ctx.sync()
         diffs = compare(ref, got)
         cfg = kw["config"]

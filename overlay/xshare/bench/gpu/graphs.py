@@ -16,11 +16,12 @@ from xshare.bench.gpu.timing import cuda_graph
 def _recorded(ctx: Context, backend: str, kw: dict[str, Any]) -> tuple[Callable[[], None], Any, str]:
     """Record the selector once; return (replay, the routing its replays write into, mode)."""
     from xshare.selection import Routing, select
-    from xshare.selection.kernels import fused_select, prepare_select, run_launch
+    from xshare.selection.backends.triton.launch import run_launch
+    from xshare.selection.backends.triton.route import prepare_select
 
     if ctx.device.type == "cuda":
         def call() -> Any:
-            return fused_select(**kw, backend="triton") if backend == "triton" else select(**kw)
+            return select(**kw, backend="triton") if backend == "triton" else select(**kw)
 
         graph, out = cuda_graph(call)
         return graph.replay, out, "cuda-graph"
@@ -49,7 +50,7 @@ def _recorded(ctx: Context, backend: str, kw: dict[str, Any]) -> tuple[Callable[
 
 def part_cuda_graph(ctx: Context) -> dict[str, Any]:
     from xshare.selection import Placement, SelectorConfig, SelectorKnobs, select
-    from xshare.selection.kernels.cases import compare
+    from xshare.selection.backends.triton.cases import compare
 
     rows_n, e, k = (8, 32, 4) if ctx.cpu else (16, 128, 8)
     runs, ok = [], True

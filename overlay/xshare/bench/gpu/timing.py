@@ -85,7 +85,6 @@ def time_replays(ctx: Context, replay: Callable[[], Any], inner: int, *, replays
 def selector_fns(ctx: Context, b: int, e: int, k: int, policy: str, budget: int, scoring: str = "softmax",
                  gpus: int = 8, seed: int = 0) -> dict[str, Callable[[], Any]]:
     from xshare.selection import Placement, SelectorConfig, SelectorKnobs, select
-    from xshare.selection.kernels import fused_select
 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + b * 10_007 + e * 101 + k)
     logits = torch.randn(b, e, generator=gen).to(device=ctx.device, dtype=torch.bfloat16)
@@ -98,7 +97,7 @@ def selector_fns(ctx: Context, b: int, e: int, k: int, policy: str, budget: int,
     from xshare.bench.selector import vanilla_topk
 
     return {"topk": lambda: vanilla_topk(logits, k), "select": lambda: select(**kw),
-            "kernel": lambda: fused_select(**kw, backend="triton")}
+            "kernel": lambda: select(**kw, backend="triton")}
 
 
 def part_selector_timing(ctx: Context) -> dict[str, Any]:

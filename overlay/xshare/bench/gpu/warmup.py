@@ -33,15 +33,15 @@ def _warm_worker(payload: tuple[dict[str, Any], list[tuple]]) -> int:
     argd, jobs = payload
     ctx = Context(argparse.Namespace(**argd))
     from xshare.bench._fused_moe import FusedMoE, align
-    from xshare.selection.kernels import fused_select
-    from xshare.selection.kernels.cases import to_device
+    from xshare.selection import select
+    from xshare.selection.backends.triton.cases import to_device
 
     cases = dict(selector_cases(ctx)) if any(j[0] == "case" for j in jobs) else {}
     done = 0
     for job in jobs:
         try:
             if job[0] == "case":
-                fused_select(**to_device(cases[job[1]], ctx.device), backend="triton")
+                select(**to_device(cases[job[1]], ctx.device), backend="triton")
             elif job[0] == "served":
                 warm_call(ctx, ctx.served_families[job[1]], job[2])
             elif job[0] == "grid":

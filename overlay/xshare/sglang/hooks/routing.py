@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from xshare.selection.group_stats import join_empty
+from xshare.selection.backends.global_mode import join_empty
 from xshare.sglang import state as state_mod
 from xshare.sglang.hooks.binding import bind_arguments
 from xshare.sglang.layer import route, route_logits

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xshare.selection.kernels.cpu import kernel_error, library
+from xshare.selection.backends.c.kernel import kernel_error, library
 from xshare.sglang.observe.tally import WINDOW_FIELDS
 
 
@@ -33,8 +33,8 @@ def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int,
     lib = library()
     num_rows, num_experts = out.scores.shape
     top_k = out.routing.topk_ids.shape[1]
-    if out.prefer is None:
-        raise ValueError("cpu_call_figures needs the engine's own top-k (prefer)")
+    if out.engine_ids is None:
+        raise ValueError("cpu_call_figures needs the engine's own top-k (engine_ids)")
     gpu = expert_gpu.to(torch.int64).contiguous()
     width = len(WINDOW_FIELDS) + 2 * num_gpus
     if row is None:
@@ -43,8 +43,8 @@ def cpu_call_figures(out: Any, layer_id: int, expert_gpu: Tensor, num_gpus: int,
         raise ValueError(f"cpu_call_figures: row must be a contiguous float32 CPU tensor [{width}], got "
                          f"{row.dtype} {tuple(row.shape)} on {row.device}")
     ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
-    rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.prefer.shape[1], num_gpus, int(layer_id),
-                                ptr(out.logits), ptr(out.scores), ptr(out.routing.topk_ids), ptr(out.prefer),
+    rc = lib.xshare_cpu_figures(num_rows, num_experts, top_k, out.engine_ids.shape[1], num_gpus, int(layer_id),
+                                ptr(out.logits), ptr(out.scores), ptr(out.routing.topk_ids), ptr(out.engine_ids),
                                 ptr(out.routing.active), ptr(out.vanilla_active), out.num_valid, ptr(gpu), ptr(row))
     if rc != 0:
         raise RuntimeError(kernel_error(rc))

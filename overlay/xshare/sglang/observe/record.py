@@ -2,13 +2,13 @@
 the call's window row, added on the device (CUDA-graph safe) or from the C kernel's host numbers.
 
 Input: the process state (its counters and placement cache), the call as read from SGLang
-(:class:`~xshare.sglang.topk_call.TopkCall`), the core's :class:`~xshare.selection.engine.Decision`.
+(:class:`~xshare.sglang.topk_call.TopkCall`), the core's :class:`~xshare.selection.decide.Decision`.
 """
 
 from __future__ import annotations
 
 from xshare.selection import Placement
-from xshare.selection.engine import Decision
+from xshare.selection.decide import Decision
 from xshare.sglang.observe.figures import cpu_call_figures
 from xshare.sglang.state import ProcessState
 from xshare.sglang.topk_call import TopkCall

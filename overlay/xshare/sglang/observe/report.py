@@ -14,7 +14,7 @@ import logging
 import os
 
 from xshare._io import write_json_atomic
-from xshare.selection.engine import planned_backend
+from xshare.selection.decide import planned_backend
 from xshare.selection.registry import check_for_model
 from xshare.selection.types import ModelShape
 from xshare.sglang.observe.coverage import reaches_no_layer

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xshare.sglang.observe.tally import LAYER_SUMS, WINDOW_FIELDS, Target, tally
+from xshare.sglang.observe.tally import LAYER_SUMS, WINDOW_FIELDS, Target, capturing, tally
 
 WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
 # Columns of a layer's sums row: tally()'s LAYER_SUMS, then counters added with SelectorStats.count_layer.
@@ -45,10 +45,6 @@ LAYER_COLUMNS: tuple[str, ...] = LAYER_SUMS
 LAYER_PAGE = 64  # layer rows per sums page (a page is never reallocated; more layers get another page)
 
 __all__ = ["LAYER_COLUMNS", "LAYER_PAGE", "WINDOW_CAPACITY", "WINDOW_FIELDS", "SelectorStats"]
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class _Page:
@@ -188,7 +184,7 @@ class SelectorStats:
         key = (str(groups.device), self.mode)
         acc = self._request_sums.get(key)
         if acc is None:
-            if _capturing(groups.device):
+            if capturing(groups.device):
                 return
             acc = self._request_sums[key] = torch.zeros(4, dtype=torch.int64, device=groups.device)
         rows = groups.shape[0]
@@ -210,7 +206,7 @@ class SelectorStats:
         hit = self._slots.get(key)
         if hit is not None:
             return hit
-        if _capturing(device):
+        if capturing(device):
             return None
         pages = self._pages.setdefault(key[0], [])
         if not pages or len(pages[-1].layers) == LAYER_PAGE:
@@ -228,7 +224,7 @@ class SelectorStats:
         win = self._window
         if win is not None and win.shape[1] == width and win.device == device:
             return True
-        if _capturing(device):
+        if capturing(device):
             return False
         self._window = torch.zeros(WINDOW_CAPACITY, width, dtype=torch.float32, device=device)
         self._window_idx = torch.zeros((), dtype=torch.int64, device=device)
@@ -265,7 +261,7 @@ class SelectorStats:
         added in the same launch). The sum is made on the device's first call outside CUDA-graph capture
         (a captured call before it is not counted)."""
         if self._cap_bound is None or self._cap_bound.device != bound.device:
-            if bound.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if bound.device.type == "cuda" and torch.cuda.is_current_streamcapturing():
                 return
             self._cap_bound = torch.zeros((), dtype=torch.int64, device=bound.device)
         self._cap_bound += bound.to(torch.int64)
@@ -359,7 +355,7 @@ class SelectorStats:
         forward only; skipped for a page whose stream is capturing a CUDA graph."""
         for pages in self._pages.values():
             for page in pages:
-                if _capturing(page.sums.device):
+                if capturing(page.sums.device):
                     continue
                 host = page.sums.to("cpu", copy=True)
                 page.sums.sub_(host if page.host is not None else host.to(page.sums.device))

@@ -70,8 +70,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (no buffer may be made or cached then)."""
+    return device.type == "cuda" and torch.cuda.is_current_streamcapturing()
 
 
 # -- cached device constants of the torch path (never made or cached under CUDA-graph capture) -------------
@@ -89,7 +90,7 @@ def _row_constants(device: torch.device, num_rows: int, k: int) -> tuple[Tensor,
         size = max(num_rows, 64 if hit is None else 2 * hit[0].shape[0])
         rows = torch.arange(size, device=device)
         hit = (rows, (rows + 1).unsqueeze(1) * torch.arange(1, k + 1, device=device))
-        if _capturing(device):
+        if capturing(device):
             return hit[0][:num_rows], hit[1][:num_rows]
         _ROWS[key] = hit
     return hit[0][:num_rows], hit[1][:num_rows]
@@ -100,7 +101,7 @@ def _experts(device: torch.device, num_experts: int) -> Tensor:
     out = _EXPERTS.get(key)
     if out is None:
         out = torch.arange(num_experts, device=device)
-        if not _capturing(device):
+        if not capturing(device):
             _EXPERTS[key] = out
     return out
 
@@ -115,7 +116,7 @@ def _gpu_matrix(expert_gpu: Tensor, num_gpus: int) -> Tensor:
         return hit[2]
     cols = torch.arange(num_gpus + 1, device=expert_gpu.device)
     out = ((expert_gpu.unsqueeze(1) == cols) | (cols == num_gpus)).to(torch.float32)
-    if not _capturing(expert_gpu.device):
+    if not capturing(expert_gpu.device):
         if len(_GPUS) > 256:
             _GPUS.clear()
         _GPUS[id(expert_gpu)] = (expert_gpu, expert_gpu._version, out)
@@ -127,7 +128,7 @@ def _one(device: torch.device, dtype: torch.dtype) -> Tensor:
     out = _ONES.get(key)
     if out is None:
         out = torch.ones(1, dtype=dtype, device=device)
-        if not _capturing(device):
+        if not capturing(device):
             _ONES[key] = out
     return out
 
@@ -136,7 +137,7 @@ def _zero(device: torch.device) -> Tensor:
     out = _ZEROS.get(str(device))
     if out is None:
         out = torch.zeros(1, dtype=torch.int64, device=device)
-        if not _capturing(device):
+        if not capturing(device):
             _ZEROS[str(device)] = out
     return out
 

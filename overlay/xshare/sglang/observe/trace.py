@@ -7,7 +7,7 @@ appends the batch to the pending trace: ``seq_ids`` (one id per request, stable 
 top-K and its softmax/sigmoid probabilities, not renormalised, as in the README) and
 ``router_logits`` [L, T, E]; for layers whose router is not a plain top-k (a correction bias, expert
 groups, a recognised custom function) also the routing description (meta ``router``,
-:meth:`~xshare.selection.gates.RouterSpec.to_meta`) and the layers' biases (``correction_bias``
+:meth:`~xshare.selection.routers.spec.RouterSpec.to_meta`) and the layers' biases (``correction_bias``
 [L, E]), with ``topk_ids`` the model's own routing (bias and groups included). Every
 ``flush_tokens`` recorded tokens it writes a shard ``trace-r<rank>-p<pid>-<n>.npz`` (each shard a
 complete trace file, written atomically); after ``max_tokens`` tokens it writes the rest and stops.
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xshare.selection.gates import RouterSpec, reference_route, router_scores
+from xshare.selection.routers.gate import reference_route, router_scores
+from xshare.selection.routers.spec import RouterSpec
 
 log = logging.getLogger("xshare.sglang")
 

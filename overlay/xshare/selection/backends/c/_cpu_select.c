@@ -1,5 +1,5 @@
 /* The selector's CPU fast path: the routing decision of `xshare` / `topk` for one MoE layer in one
- * call (built at first use by xshare/selection/kernels/cpu.py with the system C compiler, loaded
+ * call (built at first use by xshare/selection/backends/c/kernel.py with the system C compiler, loaded
  * with ctypes; plain C99, no Python or torch headers).
  *
  * Same result as xshare.selection.select with `prefer` (the engine's own top-k) on the same inputs

@@ -22,13 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from xshare.selection.api import finish_routing, prepare_batch
+from xshare.selection.backends.reference import finish_routing, prepare_batch
+from xshare.selection.call import AllReduce, Decision, LayerCall
 from xshare.selection.common import Batch
 from xshare.selection.config import SelectorConfig
 from xshare.selection.registry import all_policies, get_policy
-from xshare.selection.types import Placement, Routing
-
-AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the group; may be in place or not
 
 
 @dataclasses.dataclass
@@ -75,47 +73,31 @@ def join_empty(num_experts: int, all_reduce: AllReduce, device: torch.device | s
     return all_reduce(torch.zeros(2 * num_experts, dtype=torch.float32, device=device))
 
 
-def prepare_global(
-    router_logits: Tensor,
-    top_k: int,
-    config: SelectorConfig,
-    *,
-    sglang_ids: Tensor | None = None,
-    placement: Placement | Tensor | None = None,
-    num_tokens: int | Tensor | None = None,
-) -> tuple[Batch, Tensor]:
+def _prepare(call: LayerCall, config: SelectorConfig) -> tuple[Batch, Tensor]:
     """This rank's batch and its float32 [2E] statistics (the all-reduce's input)."""
     if not get_policy(config.policy).global_stats:
         raise ValueError(f"global mode supports policies {', '.join(global_policies())}; got {config.policy!r}")
-    batch = prepare_batch(router_logits, top_k, config, placement=placement, num_tokens=num_tokens,
-                          prefer=sglang_ids, validate=False)
+    batch = prepare_batch(call.router_logits, call.top_k, config, placement=call.placement,
+                          num_tokens=call.num_tokens, engine_ids=call.engine_ids, validate=False)
     return batch, local_statistics(batch)
 
 
-def finish_global(batch: Batch, group_stats: Tensor, config: SelectorConfig) -> Routing:
-    """Route this rank's rows inside the set the group's (all-reduced) statistics determine."""
+def decide_global(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None = None) -> Decision:
+    """The decision for a plain layer call in DeepEP global mode (``call.all_reduce`` set; ``config``
+    with the layer's scoring applied): this rank's rows routed inside the set the group's all-reduced
+    statistics determine. Exactly one ``all_reduce`` of a float32 [2E] tensor per call, whatever the
+    rows (zero rows included), even when this rank's own part fails. The caller decides applicability
+    (batch-size range) from group-wide numbers, identically on every rank, before calling."""
+    try:
+        batch, local = _prepare(call, config)
+    except Exception:
+        # Every rank joins the all-reduce, even if its own part failed: otherwise the group hangs.
+        join_empty(call.router_logits.shape[1], call.all_reduce, call.router_logits.device)
+        raise
+    group_stats = call.all_reduce(local)
+    if checkpoint is not None:
+        checkpoint()
     batch = with_group_statistics(batch, group_stats)
     if config is not batch.config:
         batch = dataclasses.replace(batch, config=config)
-    return finish_routing(batch, decided=True)
-
-
-def global_select(
-    router_logits: Tensor,
-    top_k: int,
-    config: SelectorConfig,
-    all_reduce: AllReduce,
-    *,
-    sglang_ids: Tensor | None = None,
-    placement: Placement | Tensor | None = None,
-    num_tokens: int | Tensor | None = None,
-) -> Routing:
-    """Like :func:`xshare.selection.select` for this rank's rows, with the group's statistics.
-
-    Exactly one ``all_reduce`` call (of a float32 [2E] tensor) per invocation, whatever the rows
-    (zero rows included). The caller decides applicability (batch-size range) from group-wide
-    numbers, identically on every rank, before calling.
-    """
-    batch, local = prepare_global(router_logits, top_k, config, sglang_ids=sglang_ids, placement=placement,
-                                  num_tokens=num_tokens)
-    return finish_global(batch, all_reduce(local), config)
+    return Decision(finish_routing(batch, decided=True), config)

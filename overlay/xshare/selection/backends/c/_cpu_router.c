@@ -1,8 +1,8 @@
 /* The selector's CPU fast path for router-spec layers (biased and grouped gates: DeepSeek-V3/R1,
  * GLM-4.5, Kimi-K2, DeepSeek-V2, Llama-4, sqrtsoftplus, biased plain gates), built into the same
- * library as _cpu_select.c by xshare/selection/kernels/cpu.py (plain C99, loaded with ctypes).
+ * library as _cpu_select.c by xshare/selection/backends/c/kernel.py (plain C99, loaded with ctypes).
  *
- * Same decision as xshare.selection.engine's router-spec path (_decide_router) on the same inputs.
+ * Same decision as xshare.selection.decide's router-spec path (_decide_router) on the same inputs.
  * Torch computes the gate once (gates.router_scores: affinities, choice scores, the experts each
  * token reaches, bitwise SGLang's), the batch's column sums and, afterwards, the weights
  * (gather + gates._finish_weights); this file does the rest in one pass over the rows:

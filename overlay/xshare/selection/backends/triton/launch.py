@@ -1,12 +1,12 @@
 """The served selector's GPU backend: one layer call of any router family in two Triton launches.
 
-:func:`fused_route` runs :mod:`xshare.selection.kernels._triton_router` for a call the engine's
-:func:`~xshare.selection.engine.decide` hands it and returns what ``decide`` would have computed
+:func:`fused_route` runs :mod:`xshare.selection.backends.triton._triton_router` for a call the engine's
+:func:`~xshare.selection.decide.decide` hands it and returns what ``decide`` would have computed
 with the torch reference, under the same contract:
 
-* plain layers (a :class:`~xshare.selection.engine.LayerRouting`: softmax / sigmoid top-k) follow
+* plain layers (a :class:`~xshare.selection.call.LayerRouting`: softmax / sigmoid top-k) follow
   :func:`xshare.selection.select` (every row routed by tiers, padding and exact rows as vanilla);
-* router specs (:class:`~xshare.selection.gates.RouterSpec`: correction bias, expert groups, routed
+* router specs (:class:`~xshare.selection.routers.spec.RouterSpec`: correction bias, expert groups, routed
   scaling in the weights, sqrtsoftplus, Llama-4's custom function) follow ``decide_router`` (the
   rows the set restricts are routed inside it, every other row keeps the engine's ids, short rows
   counted).
@@ -28,9 +28,9 @@ from torch import Tensor
 
 from xshare._triton import interpreted
 from xshare.selection.config import SelectorConfig
-from xshare.selection.gates import RouterSpec
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
+from xshare.selection.routers.spec import RouterSpec
 from xshare.selection.types import Placement
 
 MAX_EXPERTS = 1024  # the index field of the ranking keys
@@ -44,9 +44,10 @@ _TILE = 2048  # elements of a [rows, experts] tile per program
 _PAIR_TILE = 8192  # elements of a [chunk, experts] tile of the set's pairwise ranking
 
 
-def _triton() -> Any | None:
+def triton_module() -> Any | None:
+    """The kernels' module, or None without Triton (imported on first use: Triton is optional)."""
     try:
-        from xshare.selection.kernels import _triton_router
+        from xshare.selection.backends.triton import _triton_router
     except (ImportError, AttributeError):  # no Triton, or one without the combine functions used
         return None
     return _triton_router
@@ -62,7 +63,7 @@ def kernel_problem(
     groups: Tensor | None = None,
 ) -> str | None:
     """None when :func:`fused_route` implements this call, else a short reason (for stats and logs)."""
-    if _triton() is None:
+    if triton_module() is None:
         return "triton_unavailable"
     if "triton" not in get_policy(config.policy).kernels:  # the policies that declare the kernel
         return f"policy_{config.policy}"
@@ -184,7 +185,7 @@ def prepare_fused(
     router_logits  float32 / bfloat16 / float16 [T, E] on the device the kernels run on (CPU: Triton's
                    interpreter).
     layer          a ``LayerRouting`` (plain) or a :class:`RouterSpec`; ``config`` already carries the
-                   layer's scoring (:func:`~xshare.selection.engine.layer_config`).
+                   layer's scoring (:func:`~xshare.selection.call.layer_config`).
     engine_ids     int [T, >= top_k]: the engine's own picks (their order breaks exact ties); required
                    for router specs.
     knobs          the layer's device knobs (read by the kernels at every replay); None: made from
@@ -196,82 +197,104 @@ def prepare_fused(
     Callers check :func:`kernel_problem` first; arguments are not validated again here.
     """
     num_rows, num_experts = router_logits.shape
-    device = router_logits.device
     if knobs is None:
-        knobs = SelectorKnobs.create(config, num_experts, top_k, device)
+        knobs = SelectorKnobs.create(config, num_experts, top_k, router_logits.device)
     const = _gate_constants(layer, config, router_logits)
-    block_e = _next_pow2(num_experts)
-    bt = min(_next_pow2(max(1, num_rows)), max(1, _TILE // block_e))
-    grid = (max(1, -(-num_rows // bt)),)
-    pref_w = 0 if engine_ids is None else min(int(engine_ids.shape[1]), top_k)
+    spec = config.policy == "xshare_spec"
+    buf = _outputs(num_rows, num_experts, top_k, router_logits.device, spec)
+    common = _common_args(router_logits, top_k, engine_ids, num_tokens, exact, const["MODE"])
+    per_request = {k: buf[k] for k in ("leader", "lead", "racc", "rwarm")}
+    shared = {"aff_ptr": buf["aff"], "key_ptr": buf["key"], "acc_ptr": buf["acc"], "warm_ptr": buf["warm"],
+              **{f"{k}_ptr": v for k, v in per_request.items()}, "SPEC": spec}
+    gate_args = dict(
+        common, **shared, logits_ptr=router_logits, stride_lt=router_logits.stride(0),
+        stride_le=router_logits.stride(1), bias_ptr=layer.correction_bias if isinstance(layer, RouterSpec) else None,
+        warmup_ptr=knobs.warmup_k, PREF_W=_pref_width(engine_ids, top_k), groups_ptr=groups if spec else None,
+        BLOCK_T=_next_pow2(num_rows) if spec else 1,
+        **{k: const[k] for k in ("SCORING", "GATE", "HAS_BIAS", "AFF_ROUND", "CHOICE_ROUND", "NUM_GROUPS",
+                                 "TOPK_GROUP", "GROUP_SIZE", "BLOCK_G", "SP_ROUND")})
+    capped = config.policy == "xshare_ep"
+    rsf = layer.routed_scaling_factor if isinstance(layer, RouterSpec) else None
+    route_args = dict(
+        common, **shared, gpu_ptr=placement.primary_gpu if capped else None, enabled_ptr=knobs.enabled,
+        budget_ptr=knobs.budget, tau_ptr=knobs.target_mass, cap_ptr=knobs.gpu_cap, min_ptr=knobs.min_tokens,
+        max_ptr=knobs.max_tokens, rsf=float(rsf or 1.0), ids_ptr=buf["ids"], w_ptr=buf["weights"],
+        repl_ptr=buf["replaced"], set_ptr=buf["in_set"], active_ptr=buf["active"], short_ptr=buf["short"],
+        bound_ptr=buf["bound"], gbud_ptr=knobs.group_budget, BLOCK_K=_next_pow2(top_k),
+        CH=max(1, min(common["BLOCK_E"], _PAIR_TILE // common["BLOCK_E"])),
+        VANILLA=config.policy == "topk", CAPPED=capped, NUM_GPUS=placement.num_gpus if capped else 1,
+        BLOCK_G=_next_pow2(placement.num_gpus) if capped else 1,
+        **{k: const[k] for k in ("RENORM", "SCALE", "SCALE_ROUND")})
+    router = const["MODE"] == 1
+    out = FusedRouting(topk_ids=buf["ids"], topk_weights=buf["weights"], active=buf["active"].view(torch.bool),
+                       in_set=buf["in_set"].view(torch.bool),
+                       replaced=buf["replaced"].view(torch.bool) if router else None,
+                       short_rows=buf["short"].reshape(()) if router else None,
+                       cap_bound=buf["bound"].view(torch.bool).reshape(()))
+    grid = (max(1, -(-num_rows // common["BT"])),)
+    return FusedLaunch(gate_args, route_args, grid, 4, out, buf["zero"])
+
+
+def _pref_width(engine_ids: Tensor | None, top_k: int) -> int:
+    """Columns of the engine's picks the kernels read (0: none)."""
+    return 0 if engine_ids is None else min(int(engine_ids.shape[1]), top_k)
+
+
+def _common_args(router_logits: Tensor, top_k: int, engine_ids: Tensor | None, num_tokens: int | Tensor | None,
+                 exact: Tensor | None, mode: int) -> dict[str, Any]:
+    """The arguments both kernels take: the engine's picks, exact rows, the valid-row count (none, a host
+    int, or a 0-d device tensor), the layer's sizes and the row-block shape."""
+    num_rows, num_experts = router_logits.shape
     if num_tokens is None:
         nt_mode, nt_ptr, nt_val = 0, None, 0
     elif isinstance(num_tokens, Tensor):
         nt_mode, nt_ptr, nt_val = 2, num_tokens.reshape(()), 0
     else:
         nt_mode, nt_ptr, nt_val = 1, None, max(-1, min(int(num_tokens), num_rows))
-    capped = config.policy == "xshare_ep"
     eids = engine_ids if engine_ids is not None else router_logits.new_empty((0, 1), dtype=torch.int32)
+    block_e = _next_pow2(num_experts)
+    return {"eids_ptr": eids, "stride_it": eids.stride(0), "stride_ie": eids.stride(1),
+            "exact_ptr": None if exact is None else exact.view(torch.int8), "nt_ptr": nt_ptr, "nt_val": nt_val,
+            "T": num_rows, "E": num_experts, "BLOCK_E": block_e,
+            "BT": min(_next_pow2(max(1, num_rows)), max(1, _TILE // block_e)), "TOP_K": top_k,
+            "IB": max(1, (num_experts - 1).bit_length()),
+            "PB": max(1, _pref_width(engine_ids, top_k).bit_length()), "MODE": mode,
+            "NT_MODE": nt_mode, "HAS_EXACT": exact is not None}
 
-    aff = torch.empty((num_rows, num_experts), dtype=torch.float32, device=device)
-    key = torch.empty((num_rows, num_experts), dtype=torch.int64, device=device)
-    # one zero-filled buffer: column sums, warm-up union, short-row count, cap-bound flag, active experts
-    # (and for xshare_spec, per request by its leading row: sums int64 [T, E], warm-up int32 [T, E], a flag)
-    spec = config.policy == "xshare_spec"
+
+def _outputs(num_rows: int, num_experts: int, top_k: int, device: torch.device,
+             spec: bool) -> dict[str, Tensor | None]:
+    """The kernels' scratch and outputs: affinities float32 [T, E] and ranking keys int64 [T, E]; one
+    zero-filled buffer holding the column sums, warm-up union, short-row count, cap-bound flag and active
+    experts (and for xshare_spec, per request by its leading row: sums int64 [T, E], warm-up int32 [T, E],
+    a flag); ids int32 / weights float32 [T, top_k], replaced int8 [T], the set int8 [E]."""
     base = 2 * num_experts + 1 + (num_experts + 8) // 8
     cells = num_rows * num_experts
     spec_words = cells + (cells + 1) // 2 + (num_rows + 7) // 8 if spec else 0
     zero = torch.zeros(base + spec_words, dtype=torch.int64, device=device)
-    acc, warm, short = zero[:num_experts], zero[num_experts:2 * num_experts], zero[2 * num_experts:2 * num_experts + 1]
     flags = zero[2 * num_experts + 1:].view(torch.int8)
-    active, bound = flags[:num_experts], flags[num_experts:num_experts + 1]
-    ids = torch.empty((num_rows, top_k), dtype=torch.int32, device=device)
-    weights = torch.empty((num_rows, top_k), dtype=torch.float32, device=device)
-    replaced = torch.empty(num_rows, dtype=torch.int8, device=device)
-    in_set = torch.empty(num_experts, dtype=torch.int8, device=device)
-    req: dict[str, Tensor | None] = dict.fromkeys(("leader", "lead", "racc", "rwarm"))
+    buf: dict[str, Tensor | None] = {
+        "aff": torch.empty((num_rows, num_experts), dtype=torch.float32, device=device),
+        "key": torch.empty((num_rows, num_experts), dtype=torch.int64, device=device),
+        "zero": zero, "acc": zero[:num_experts], "warm": zero[num_experts:2 * num_experts],
+        "short": zero[2 * num_experts:2 * num_experts + 1],
+        "active": flags[:num_experts], "bound": flags[num_experts:num_experts + 1],
+        "ids": torch.empty((num_rows, top_k), dtype=torch.int32, device=device),
+        "weights": torch.empty((num_rows, top_k), dtype=torch.float32, device=device),
+        "replaced": torch.empty(num_rows, dtype=torch.int8, device=device),
+        "in_set": torch.empty(num_experts, dtype=torch.int8, device=device),
+        "leader": None, "lead": None, "racc": None, "rwarm": None}
     if spec:
         rz = zero[base:]
-        req = {"racc": rz[:cells], "rwarm": rz[cells:cells + (cells + 1) // 2].view(torch.int32)[:cells],
-               "lead": rz[cells + (cells + 1) // 2:].view(torch.int8)[:num_rows],
-               "leader": torch.empty(num_rows, dtype=torch.int32, device=device)}
-
-    common = {"eids_ptr": eids, "stride_it": eids.stride(0), "stride_ie": eids.stride(1),
-              "exact_ptr": None if exact is None else exact.view(torch.int8), "nt_ptr": nt_ptr, "nt_val": nt_val,
-              "T": num_rows, "E": num_experts, "BLOCK_E": block_e, "BT": bt, "TOP_K": top_k,
-              "IB": max(1, (num_experts - 1).bit_length()), "PB": max(1, pref_w.bit_length()), "MODE": const["MODE"],
-              "NT_MODE": nt_mode, "HAS_EXACT": exact is not None}
-    gate_args = dict(
-        common, logits_ptr=router_logits, stride_lt=router_logits.stride(0), stride_le=router_logits.stride(1),
-        bias_ptr=layer.correction_bias if isinstance(layer, RouterSpec) else None, warmup_ptr=knobs.warmup_k,
-        aff_ptr=aff, key_ptr=key, acc_ptr=acc, warm_ptr=warm, PREF_W=pref_w, groups_ptr=groups if spec else None,
-        leader_ptr=req["leader"], lead_ptr=req["lead"], racc_ptr=req["racc"], rwarm_ptr=req["rwarm"], SPEC=spec,
-        BLOCK_T=_next_pow2(num_rows) if spec else 1,
-        **{k: const[k] for k in ("SCORING", "GATE", "HAS_BIAS", "AFF_ROUND", "CHOICE_ROUND", "NUM_GROUPS",
-                                 "TOPK_GROUP", "GROUP_SIZE", "BLOCK_G", "SP_ROUND")})
-    rsf = layer.routed_scaling_factor if isinstance(layer, RouterSpec) else None
-    route_args = dict(
-        common, aff_ptr=aff, key_ptr=key, acc_ptr=acc, warm_ptr=warm,
-        gpu_ptr=placement.primary_gpu if capped else None, enabled_ptr=knobs.enabled, budget_ptr=knobs.budget,
-        tau_ptr=knobs.target_mass, cap_ptr=knobs.gpu_cap, min_ptr=knobs.min_tokens, max_ptr=knobs.max_tokens,
-        rsf=float(rsf or 1.0), ids_ptr=ids, w_ptr=weights, repl_ptr=replaced, set_ptr=in_set, active_ptr=active,
-        short_ptr=short, bound_ptr=bound, leader_ptr=req["leader"], lead_ptr=req["lead"], racc_ptr=req["racc"],
-        rwarm_ptr=req["rwarm"], gbud_ptr=knobs.group_budget, SPEC=spec, BLOCK_K=_next_pow2(top_k),
-        CH=max(1, min(block_e, _PAIR_TILE // block_e)),
-        VANILLA=config.policy == "topk", CAPPED=capped, NUM_GPUS=placement.num_gpus if capped else 1,
-        BLOCK_G=_next_pow2(placement.num_gpus) if capped else 1,
-        **{k: const[k] for k in ("RENORM", "SCALE", "SCALE_ROUND")})
-    router = const["MODE"] == 1
-    out = FusedRouting(topk_ids=ids, topk_weights=weights, active=active.view(torch.bool),
-                       in_set=in_set.view(torch.bool), replaced=replaced.view(torch.bool) if router else None,
-                       short_rows=short.reshape(()) if router else None,
-                       cap_bound=bound.view(torch.bool).reshape(()))
-    return FusedLaunch(gate_args, route_args, grid, 4, out, zero)
+        buf.update(racc=rz[:cells], rwarm=rz[cells:cells + (cells + 1) // 2].view(torch.int32)[:cells],
+                   lead=rz[cells + (cells + 1) // 2:].view(torch.int8)[:num_rows],
+                   leader=torch.empty(num_rows, dtype=torch.int32, device=device))
+    return buf
 
 
 def kernels(interpret: bool) -> tuple[Any, Any]:
     """(gate kernel, route kernel), wrapped for Triton's interpreter when ``interpret``."""
-    mod = _triton()
+    mod = triton_module()
     if mod is None:
         raise ValueError("the fused kernels need Triton (pip install triton)")
     pair = (mod._gate_kernel, mod._route_kernel)

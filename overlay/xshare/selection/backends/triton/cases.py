@@ -3,7 +3,7 @@
 One generator for the interpreter tests (``tests/test_kernel_interpret.py``, CPU tensors) and for
 ``xshare bench gpu`` (the same cases on CUDA), so the GPU check replays exactly what the tests
 prove on the CPU. Every case is a keyword dict for :func:`xshare.selection.select` /
-:func:`~xshare.selection.kernels.fused_select`; inputs are drawn on the CPU from the seed (the same
+:func:`~xshare.selection.select`; inputs are drawn on the CPU from the seed (the same
 numbers on every device) and then moved with :func:`to_device`.
 """
 
@@ -120,7 +120,7 @@ def special_cases() -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"replicas[{policy}-max_tokens={max_tokens}]", {
                 "router_logits": logits, "top_k": 4, "placement": placement,
                 "config": SelectorConfig(policy=policy, budget=10, max_tokens=max_tokens)}
-    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+    for dtype in (torch.bfloat16, torch.float16):  # the logits dtypes the kernels read (kernel_problem)
         gen = torch.Generator().manual_seed(2)
         lg = make_logits(gen, 40, 24, "normal", masked=True).to(dtype)
         config = SelectorConfig(policy="xshare", budget=6, warmup_k=2)

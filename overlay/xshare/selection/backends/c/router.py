@@ -1,51 +1,52 @@
-"""The selector's CPU fast path for router-spec layers (biased and grouped gates: DeepSeek-V3/R1,
-GLM-4.5, Kimi-K2, DeepSeek-V2, Llama-4, ``sqrtsoftplus``, biased plain gates): the decision of
-:func:`xshare.selection.engine.decide_router` in one C call (``_cpu_router.c``, built into the library
-of :mod:`xshare.selection.kernels.cpu`).
+"""The C backend for router-spec layers (biased and grouped gates: DeepSeek-V3/R1, GLM-4.5, Kimi-K2,
+DeepSeek-V2, Llama-4, ``sqrtsoftplus``, biased plain gates): the decision of
+:func:`~xshare.selection.backends.reference_router.decide_router` in one C call (``_cpu_router.c``, built
+into the library of :mod:`xshare.selection.backends.c.kernel`).
 
-Torch computes what must stay bitwise SGLang's: the gate once (:func:`~xshare.selection.gates.router_scores`,
-as the torch path does), the batch's column sums, and the weights of the routed ids (gathered from the
-gate's affinities and finished by the gate's own ``_finish_weights``). C does the rest: the warm-up,
-the set, which rows the set restricts, each restricted row's group re-selection and top_k inside S,
-short rows, and the bookkeeping the adapter records. Its top-k orders ties as ``torch.topk`` does on
-the CPU, so ids, their column order and the weights equal the torch path's
-(``tests/test_cpu_router.py``).
+Torch computes what must stay bitwise SGLang's: the gate once
+(:func:`~xshare.selection.routers.gate.router_scores`, as the torch path does), the batch's column sums,
+and the weights of the routed ids (gathered from the gate's affinities and finished by the gate's own
+:func:`~xshare.selection.routers.gate.finish_weights`). C does the rest: the warm-up, the set, which rows
+the set restricts, each restricted row's group re-selection and top_k inside S, short rows, and the
+bookkeeping the adapter records. Its top-k orders ties as ``torch.topk`` does on the CPU, so ids, their
+column order and the weights equal the torch path's (``tests/test_cpu_router.py``).
 
 Policies: ``xshare`` (without a mass target) and ``topk`` entirely in C; the other set policies
-(``lynx``, ``des_vote``, ``oea``) pick their set in torch on :func:`~xshare.selection.engine.router_batch`
-and C routes inside it. Gates whose choice scores are float32 or bf16 (every family on fp32 / bf16
-logits with a float32 or bf16 bias).
+(``lynx``, ``des_vote``, ``oea``) pick their set in torch on
+:func:`~xshare.selection.backends.reference_router.router_batch` and C routes inside it. Gates whose
+choice scores are float32 or bf16 (every family on fp32 / bf16 logits with a float32 or bf16 bias).
 
-    res = cpu_router_route(call, config, router_scores(call.router_logits, call.layer))
-    res.routing, res.replaced, res.short_rows     # as engine.decide_router's Decision
+    decision, scores = decide_router_c(call, layer_config(config, call.layer))
+    decision.routing, decision.replaced, decision.short_rows   # None: the torch reference routes it
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from xshare.selection.api import check_exact, check_inputs
+from xshare.selection.backends.c.kernel import (
+    CpuRouting,
+    c_decides,
+    contiguous_int32,
+    kernel_error,
+    library,
+    ptr,
+    routable_set_policy,
+)
+from xshare.selection.backends.reference_router import router_batch
+from xshare.selection.call import Decision, LayerCall
+from xshare.selection.checks import check_exact, check_inputs
 from xshare.selection.common import SUM_SCALE, fixed_point_totals
 from xshare.selection.config import SelectorConfig
-from xshare.selection.gates import (
-    GateScores,
-    RouterSpec,
-    _compiled_score,
-    _finish_weights,
-    _Native,
-    inductor_lanes,
-    vector_sigmoid,
-)
-from xshare.selection.kernels.cpu import CpuRouting, _native, _set_policy, kernel_error, library
 from xshare.selection.registry import get_policy
+from xshare.selection.routers.gate import GateScores, NativeScores, finish_weights, router_scores
+from xshare.selection.routers.numerics import compiled_score, inductor_lanes, vector_sigmoid
+from xshare.selection.routers.spec import RouterSpec
 from xshare.selection.types import RENORMALIZE_EPS, Routing
-
-if TYPE_CHECKING:
-    from xshare.selection.engine import LayerCall
 
 _GATES = {"plain": 0, "grouped": 1, "biased_grouped": 2, "llama4": 3}
 _CHOICE_DTYPES = (torch.float32, torch.bfloat16)  # exact in float32; the biased group score rounds to bf16 in C
@@ -53,7 +54,7 @@ _CHOICE_DTYPES = (torch.float32, torch.bfloat16)  # exact in float32; the biased
 
 @dataclass
 class CpuRouterRouting(CpuRouting):
-    """:class:`~xshare.selection.kernels.cpu.CpuRouting` of a router-spec layer (``scores``: the gate
+    """:class:`~xshare.selection.backends.c.kernel.CpuRouting` of a router-spec layer (``scores``: the gate
     probabilities the adapter's figures read), plus what ``Decision`` carries for such layers."""
 
     replaced: Tensor  # bool [T]: rows routed inside the set (every other row keeps the engine's routing)
@@ -78,11 +79,11 @@ def cpu_router_supports(call: LayerCall, config: SelectorConfig, scores: GateSco
     if logits.device.type != "cpu" or logits.ndim != 2 or config.target_mass is not None:
         return False
     policy = get_policy(config.policy)
-    if not (_native(policy, config) or _set_policy(config.policy) is not None):
+    if not (c_decides(policy, config) or routable_set_policy(config.policy) is not None):
         return False
     if policy.uses_groups() and call.groups is not None:
         return False
-    if not isinstance(scores.native, _Native) or scores.native.choice.dtype not in _CHOICE_DTYPES:
+    if not isinstance(scores.native, NativeScores) or scores.native.choice.dtype not in _CHOICE_DTYPES:
         return False
     ids = call.engine_ids
     return ids is None or (isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[0] == logits.shape[0]
@@ -100,10 +101,10 @@ def _figure_probs(logits: Tensor, scores: GateScores, spec: RouterSpec, config: 
 
 
 def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores) -> CpuRouterRouting:
-    """The routing :func:`xshare.selection.engine.decide_router` gives ``call`` (same ids, column order
-    and weights, replaced and short rows), for a call :func:`cpu_router_supports` accepts. ``config``
-    has the layer's scoring applied (:func:`xshare.selection.engine.layer_config`); ``scores`` is
-    :func:`~xshare.selection.gates.router_scores` of the call's logits and spec. The numbers are the
+    """The routing :func:`~xshare.selection.backends.reference_router.decide_router` gives ``call`` (same ids,
+    column order and weights, replaced and short rows), for a call :func:`cpu_router_supports` accepts. ``config``
+    has the layer's scoring applied (:func:`xshare.selection.call.layer_config`); ``scores`` is
+    :func:`~xshare.selection.routers.gate.router_scores` of the call's logits and spec. The numbers are the
     config's (host values: the CPU runs no graphs). Raises ValueError for a call the core cannot route,
     RuntimeError if the kernel is unavailable or fails."""
     spec = call.layer
@@ -123,20 +124,15 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
     grouped = spec.num_expert_group is not None
     reachable = scores.reachable.contiguous() if grouped else None
     given_set = colsum = None
-    if apply and not _native(policy, config):
-        from xshare.selection.engine import router_batch  # the batch the torch path gives the policy
-
+    if apply and not c_decides(policy, config):
         given_set = policy.batch_set(router_batch(call, config, scores)).contiguous()
     elif apply:
         masked = torch.empty(num_rows, num_experts, dtype=torch.float32)
         affinity = scores.affinity.contiguous()
-        lib.xshare_cpu_router_scores(num_rows, num_experts, choice.data_ptr(), _ptr(reachable), affinity.data_ptr(),
+        lib.xshare_cpu_router_scores(num_rows, num_experts, choice.data_ptr(), ptr(reachable), affinity.data_ptr(),
                                      n_valid, masked.data_ptr())
         colsum = fixed_point_totals(masked).to(torch.float64)  # the torch path's sums, in fixed-point units
-    pref = None
-    if call.engine_ids is not None and call.engine_ids.numel():
-        pref = call.engine_ids if call.engine_ids.dtype == torch.int32 else call.engine_ids.to(torch.int32)
-        pref = pref.contiguous()
+    pref = contiguous_int32(call.engine_ids)
     shared = spec.num_fused_shared_experts
     width = top_k + shared
     gate = spec.gate
@@ -149,9 +145,9 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
     counts = torch.empty(3, dtype=torch.int64)  # changed rows, checksum, short rows
     base = flags.data_ptr()
     rc = lib.xshare_cpu_router(num_rows, num_experts, top_k, width, 0 if pref is None else pref.shape[1],
-                               choice.data_ptr(), _ptr(reachable), _ptr(colsum), _ptr(pref), n_valid, int(apply),
-                               config.budget_for(num_experts), config.warmup_k, _ptr(given_set),
-                               _ptr(exact), _GATES[gate],
+                               choice.data_ptr(), ptr(reachable), ptr(colsum), ptr(pref), n_valid, int(apply),
+                               config.budget_for(num_experts), config.warmup_k, ptr(given_set),
+                               ptr(exact), _GATES[gate],
                                spec.num_expert_group or 0, spec.topk_group or 0, unreached,
                                int(scores.native.choice.dtype == torch.bfloat16), int(sort), route.data_ptr(),
                                ids.data_ptr(), replaced.data_ptr(), base, base + num_experts,
@@ -159,12 +155,12 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
     if rc != 0:
         raise RuntimeError(kernel_error(rc))
     # the weights as the torch path computes them: gathered from the gate's affinities, finished by the gate
-    weights = _finish_weights(scores.native.affinity.gather(1, route), spec, gate, top_k)[:, :top_k]
+    weights = finish_weights(scores.native.affinity.gather(1, route), spec, gate, top_k)[:, :top_k]
     in_set, active, vanilla_active = flags.unbind(0)
     changed, checksum, _ = counts.tolist()
     return CpuRouterRouting(
         routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None),
-        scores=_figure_probs(logits, scores, spec, config), logits=logits.float().contiguous(), prefer=pref,
+        scores=_figure_probs(logits, scores, spec, config), logits=logits.float().contiguous(), engine_ids=pref,
         in_set=in_set, vanilla_active=vanilla_active, changed_tokens=changed, checksum=checksum,
         num_valid=n_valid, replaced=replaced, short_rows=counts[2])
 
@@ -172,7 +168,7 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
 def served_supports(call: LayerCall, config: SelectorConfig) -> bool:
     """Whether :func:`cpu_router_served` implements this call: a grouped or biased-grouped gate (DeepSeek-V3/R1,
     GLM-4.5, Kimi-K2, DeepSeek-V2) on float32 or bf16 CPU logits, a float32 or bf16 choice dtype, where the
-    weights' renormalising sum is emulated (:func:`~xshare.selection.gates.inductor_lanes`), ``xshare``
+    weights' renormalising sum is emulated (:func:`~xshare.selection.routers.numerics.inductor_lanes`), ``xshare``
     (without a mass target) or ``topk``, no request groups, no DeepEP global mode, and SGLang's outputs
     (``call.engine_outputs``: int32 ids and float32 weights, contiguous, routed columns first) to write the
     replacement in."""
@@ -186,7 +182,7 @@ def served_supports(call: LayerCall, config: SelectorConfig) -> bool:
     bias = spec.correction_bias
     if bias is not None and torch.promote_types(logits.dtype, bias.dtype) not in _CHOICE_DTYPES:
         return False
-    if inductor_lanes(logits.device) is None or not _native(get_policy(config.policy), config):
+    if inductor_lanes(logits.device) is None or not c_decides(get_policy(config.policy), config):
         return False
     if get_policy(config.policy).uses_groups() and call.groups is not None:
         return False
@@ -222,11 +218,10 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
         bias = spec.correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
         choice_bf16 = torch.promote_types(logits.dtype, spec.correction_bias.dtype) == torch.bfloat16
     else:  # grouped_topk: the compiled scores, already in the logits' dtype
-        score = _compiled_score(logits, spec.scoring, True).to(torch.float32)
+        score = compiled_score(logits, spec.scoring, True).to(torch.float32)
         bias, choice_bf16 = None, False
     score = score.contiguous()
-    engine = call.engine_ids
-    pref = (engine if engine.dtype == torch.int32 else engine.to(torch.int32)).contiguous()
+    pref = contiguous_int32(call.engine_ids)
     src_ids, src_w = call.engine_outputs
     dst_ids, dst_w = torch.empty_like(src_ids), torch.empty_like(src_w)
     affinity = torch.empty(num_rows, num_experts, dtype=torch.float32)
@@ -236,10 +231,10 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
     counts = torch.empty(5, dtype=torch.int64)  # changed rows, checksum, short rows, |active|, |vanilla active|
     scale = spec.routed_scaling_factor if spec.scaling_in_weights else 0.0
     rc = library().xshare_cpu_router_served(
-        num_rows, num_experts, top_k, src_ids.shape[1], pref.shape[1], score.data_ptr(), _ptr(bias),
+        num_rows, num_experts, top_k, src_ids.shape[1], pref.shape[1], score.data_ptr(), ptr(bias),
         int(logits.dtype == torch.bfloat16), int(choice_bf16), _GATES[spec.gate], spec.num_expert_group or 0,
         spec.topk_group or 0, pref.data_ptr(), n_valid, int(apply), config.budget_for(num_experts), config.warmup_k,
-        _ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), RENORMALIZE_EPS,
+        ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), RENORMALIZE_EPS,
         inductor_lanes(logits.device), scale, float(SUM_SCALE), affinity.data_ptr(), ids.data_ptr(),
         replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(), dst_ids.data_ptr(), dst_w.data_ptr())
     if rc != 0:
@@ -253,10 +248,29 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
         probs = (torch.softmax(lg, dim=-1) if config.scoring == "softmax" else torch.sigmoid(lg)).contiguous()
     return CpuRouterRouting(
         routing=Routing(topk_ids=ids, topk_weights=dst_w[:, :top_k], active=active, physical_ids=None),
-        scores=probs, logits=logits.float().contiguous(), prefer=pref, in_set=in_set, vanilla_active=vanilla_active,
+        scores=probs, logits=logits.float().contiguous(), engine_ids=pref, in_set=in_set, vanilla_active=vanilla_active,
         changed_tokens=changed, checksum=checksum, num_valid=n_valid, replaced=replaced, short_rows=counts[2],
         outputs=(dst_ids, dst_w), counts=(n_active, n_vanilla))
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+
+
+def decide_router_c(call: LayerCall, config: SelectorConfig,
+                    checkpoint: Callable[[], None] | None = None) -> tuple[Decision | None, GateScores | None]:
+    """The C kernel's decision for a router-spec call (``config`` with the layer's scoring applied), or
+    (None, the gate's scores) when neither C path implements it: the torch reference then reuses those
+    scores. :func:`cpu_router_served` first (the gate's rest, the decision and the outputs in one C
+    call), else :func:`cpu_router_route` on the gate's scores computed once here."""
+    if served_supports(call, config):
+        if checkpoint is not None:
+            checkpoint()
+        res = cpu_router_served(call, config)
+        return Decision(res.routing, config, cpu=res, replaced=res.replaced, short_rows=res.short_rows,
+                        outputs=res.outputs), None
+    scores = router_scores(call.router_logits, call.layer, exact=call.router_logits.device.type == "cpu")
+    if not cpu_router_supports(call, config, scores):
+        return None, scores
+    if checkpoint is not None:
+        checkpoint()
+    res = cpu_router_route(call, config, scores)
+    return Decision(res.routing, config, cpu=res, replaced=res.replaced, short_rows=res.short_rows), None

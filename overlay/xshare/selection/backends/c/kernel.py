@@ -6,7 +6,7 @@ On the CPU a tensor op costs microseconds whatever its size, and the torch refer
 a hundred of them per layer (ranks, sets, routing, bookkeeping): ~0.4-0.8 ms, as much as a small
 model's expert loop saves. ``_cpu_select.c`` does the same decision in one pass over the rows; the
 gate scores, the column sums and the renormalised weights stay in torch, so the result is the
-reference's bit for bit (tested against :func:`xshare.selection.select` with ``prefer``).
+reference's bit for bit (tested against :func:`xshare.selection.select` with ``engine_ids``).
 
 The C file is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``)
 into ``$XSHARE_CACHE_DIR/kernels`` (default ``~/.cache/xshare/kernels``), named by the hash of the
@@ -14,8 +14,8 @@ source and the compiler, and loaded with ctypes: no Python or torch headers, no 
 install time. Without a compiler :func:`cpu_kernel_available` is False (with the reason in
 :func:`cpu_kernel_problem`) and callers use the torch reference.
 
-    from xshare.selection.kernels.cpu import cpu_route, cpu_kernel_supports
-    out = cpu_route(router_logits, top_k, config, prefer=engine_ids, num_tokens=n, apply=True)
+    from xshare.selection.backends.c.kernel import cpu_route, cpu_kernel_supports
+    out = cpu_route(router_logits, top_k, config, engine_ids=engine_ids, num_tokens=n, apply=True)
     out.routing            # Routing (ids int32, weights float32, active bool [E])
 """
 
@@ -31,23 +31,25 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from xshare.selection.api import prepare_batch
+from xshare.selection.backends.reference import prepare_batch
+from xshare.selection.call import Decision, LayerCall
 from xshare.selection.common import RENORMALIZE_EPS, fixed_point_totals, gate_scores
 from xshare.selection.config import SelectorConfig
 from xshare.selection.registry import Policy, get_policy
 from xshare.selection.types import Routing
 
 SOURCE = Path(__file__).with_name("_cpu_select.c")
-# every C file of the library: the plain kernel, and the router-spec one (xshare.selection.kernels.cpu_router)
+# every C file of the library: the plain kernel, and the router-spec one (xshare.selection.backends.c.router)
 SOURCES = (SOURCE, Path(__file__).with_name("_cpu_router.c"))
 CACHE_ENV = "XSHARE_CACHE_DIR"
-_ERRORS = {-2: "prefer holds an expert id > E", -3: "an expert id is out of range", -4: "out of memory",
+_ERRORS = {-2: "engine_ids holds an expert id > E", -3: "an expert id is out of range", -4: "out of memory",
            -5: "NaN or +inf logits"}
 
 _lock = threading.Lock()
@@ -164,13 +166,13 @@ def cpu_kernel_problem() -> str | None:
     return _problem
 
 
-def _native(policy: Policy, config: SelectorConfig | None = None) -> bool:
+def c_decides(policy: Policy, config: SelectorConfig | None = None) -> bool:
     """The C code computes this policy's whole decision (``'cpu' in Policy.kernels``). The C set is
     XShare's budget fill: with a mass target, the set is chosen in torch and only the routing in C."""
     return "cpu" in policy.kernels and (config is None or config.target_mass is None or policy.vanilla)
 
 
-def _set_policy(name: str) -> Policy | None:
+def routable_set_policy(name: str) -> Policy | None:
     """The policy if it is a set policy the C routing can finish (it overrides ``batch_set`` and
     needs no placement), else None."""
     policy = get_policy(name)
@@ -183,7 +185,7 @@ def cpu_kernel_supports(config: SelectorConfig, router_logits: Tensor, groups: T
     """Whether :func:`cpu_route` implements this call: CPU tensors, no request groups, and the
     policy is one the C code decides itself (``Policy.kernels``) or another set policy (its set in
     torch, the rest in C)."""
-    return ((_native(get_policy(config.policy)) or _set_policy(config.policy) is not None)
+    return ((c_decides(get_policy(config.policy)) or routable_set_policy(config.policy) is not None)
             and router_logits.device.type == "cpu" and groups is None
             and router_logits.ndim == 2 and router_logits.shape[1] >= 1)
 
@@ -195,10 +197,10 @@ class CpuRouting:
     routing: Routing
     scores: Tensor  # float32 [T, E] gate scores (0 where unusable)
     logits: Tensor  # float32 [T, E] contiguous
-    prefer: Tensor | None  # int32 [T, k] contiguous (the engine's own top-k)
+    engine_ids: Tensor | None  # int32 [T, k] contiguous (the engine's own top-k)
     in_set: Tensor  # bool [E]: the policy's set S (all False when it did not apply)
-    vanilla_active: Tensor  # bool [E]: experts of ``prefer`` on valid rows
-    changed_tokens: int  # valid rows whose expert set differs from ``prefer``
+    vanilla_active: Tensor  # bool [E]: experts of ``engine_ids`` on valid rows
+    changed_tokens: int  # valid rows whose expert set differs from ``engine_ids``
     checksum: int  # order-sensitive digest of the ids over valid rows, computed in the same pass
     num_valid: int
 
@@ -207,18 +209,26 @@ class CpuRouting:
         return int(self.routing.active.sum()), int(self.vanilla_active.sum())
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def ptr(t: Tensor | None) -> int | None:
+    """The data pointer of ``t`` for a C argument (None: NULL)."""
     return None if t is None else t.data_ptr()
 
 
-def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, prefer: Tensor | None = None,
+def contiguous_int32(engine_ids: Tensor | None) -> Tensor | None:
+    """The engine's picks int [T, k] as the C code reads them (int32, contiguous), or None for none."""
+    if engine_ids is None or not engine_ids.numel():
+        return None
+    return (engine_ids if engine_ids.dtype == torch.int32 else engine_ids.to(torch.int32)).contiguous()
+
+
+def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, engine_ids: Tensor | None = None,
               num_tokens: int | Tensor | None = None, apply: bool | None = None,
               budget: int | None = None, warmup_k: int | None = None) -> CpuRouting:
-    """The routing of :func:`xshare.selection.select` (same ``prefer`` and ``num_tokens``) on CPU
+    """The routing of :func:`xshare.selection.select` (same ``engine_ids`` and ``num_tokens``) on CPU
     tensors, for a policy :func:`cpu_kernel_supports` accepts. ``apply`` overrides the batch-size gate
     (default: ``config.applies_to(valid rows)``); ``budget`` / ``warmup_k`` override the config's
     (host values: the CPU has no graphs to keep them in device tensors for). Shapes and types are
-    the caller's to check (:func:`xshare.selection.api.check_inputs`); raises RuntimeError if the
+    the caller's to check (:func:`xshare.selection.checks.check_inputs`); raises RuntimeError if the
     fast path is not available or the call fails."""
     lib = _load()
     if lib is None:
@@ -232,13 +242,13 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     k0 = config.warmup_k if warmup_k is None else int(warmup_k)
     given_set = None
     cap_bound = None  # set policies with a mass target note it on their batch
-    if apply and not _native(get_policy(config.policy), config):
-        policy = _set_policy(config.policy)
+    if apply and not c_decides(get_policy(config.policy), config):
+        policy = routable_set_policy(config.policy)
         if policy is None:
             raise ValueError(f"policy {config.policy!r} is not a set policy: the CPU kernel cannot route it")
         # the policy picks its set in torch, on the batch the reference builds; C routes
         batch = prepare_batch(router_logits, top_k, config, num_tokens=None if num_tokens is None else n_valid,
-                              prefer=prefer, validate=False)
+                              engine_ids=engine_ids, validate=False)
         if budget is not None or warmup_k is not None:
             batch = dataclasses.replace(batch, budget=m, warmup_k=k0)
         given_set = policy.batch_set(batch).contiguous()
@@ -257,17 +267,14 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     else:  # the reference's fixed-point sums (as float64 integers: C only compares them), ties as everywhere
         colsum = fixed_point_totals(scores, None if n_valid == num_rows else torch.arange(num_rows) < n_valid)
         colsum = colsum.to(torch.float64)
-    pref = None
-    if prefer is not None and prefer.numel():
-        pref = prefer if prefer.dtype == torch.int32 else prefer.to(torch.int32)
-        pref = pref.contiguous()
+    pref = contiguous_int32(engine_ids)
     ids = torch.empty(num_rows, top_k, dtype=torch.int32)
     flags = torch.empty(3, num_experts, dtype=torch.bool)  # S, active, vanilla active
     counts = (ctypes.c_int64 * 2)()
     base = flags.data_ptr()
     rc = lib.xshare_cpu_route(num_rows, num_experts, top_k, 0 if pref is None else pref.shape[1], logits.data_ptr(),
-                              scores.data_ptr(), colsum.data_ptr(), _ptr(pref), n_valid, int(apply), m, k0,
-                              _ptr(given_set), ids.data_ptr(), base, base + num_experts, base + 2 * num_experts, counts)
+                              scores.data_ptr(), colsum.data_ptr(), ptr(pref), n_valid, int(apply), m, k0,
+                              ptr(given_set), ids.data_ptr(), base, base + num_experts, base + 2 * num_experts, counts)
     if rc != 0:
         raise RuntimeError(kernel_error(rc))
     weights = scores.gather(1, ids.long())
@@ -276,5 +283,14 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, pref
     in_set, active, vanilla_active = flags.unbind(0)
     return CpuRouting(routing=Routing(topk_ids=ids, topk_weights=weights, active=active, physical_ids=None,
                                       cap_bound=cap_bound),
-                      scores=scores, logits=logits, prefer=pref, in_set=in_set, vanilla_active=vanilla_active,
+                      scores=scores, logits=logits, engine_ids=pref, in_set=in_set, vanilla_active=vanilla_active,
                       changed_tokens=counts[0], checksum=counts[1], num_valid=n_valid)
+
+
+def decide_cpu(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None = None) -> Decision:
+    """The decision for a plain layer call :func:`cpu_kernel_supports` accepts (``config`` with the layer's
+    scoring applied), by :func:`cpu_route`; ``Decision.cpu`` holds the by-products the adapter records."""
+    if checkpoint is not None:
+        checkpoint()
+    res = cpu_route(call.router_logits, call.top_k, config, engine_ids=call.engine_ids, num_tokens=call.num_tokens)
+    return Decision(res.routing, config, cpu=res)
