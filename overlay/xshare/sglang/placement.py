@@ -95,7 +95,7 @@ def sglang_placement(cache: PlacementCache, layer_id: int, num_experts: int) -> 
         from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
         meta = get_global_expert_location_metadata()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no expert-location metadata (no EP, unit tests): a contiguous placement
         meta = None
     layers = cache.layers
     sim_gpus = cache.sim_gpus()
@@ -125,7 +125,7 @@ def _ep_size() -> int:
         from sglang.srt.runtime_context import get_parallel
 
         return int(get_parallel().moe_ep_size or 1)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no parallel context: one EP rank
         return 1
 
 
@@ -140,5 +140,5 @@ def ep_position() -> tuple[int, int, bool]:
         size, rank = int(par.moe_ep_size or 1), int(par.moe_ep_rank or 0)
         first = int(getattr(par, "moe_tp_rank", 0) or 0) == 0 and int(getattr(par, "moe_dp_rank", 0) or 0) == 0
         return size, rank, first
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no parallel context: EP rank 0 of 1
         return 1, 0, True

@@ -212,7 +212,7 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
             report.forward_ended(runtime, state)
         except report.CoverageRefused:
             raise  # XSHARE_REQUIRE_COVERAGE: the operator asked for a scheduler that stops
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the forward already ran: its bookkeeping never fails it
             runtime.log_once("forward_end", logging.ERROR, "xshare: end-of-forward bookkeeping failed: %s", exc,
                              exc_info=True)
 
@@ -256,7 +256,7 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
             state.unmapped = RAGGED_GRAPH  # per-replay row counts: no fixed row -> request map to capture
         if runtime.scattered_input and runtime.all_reduce is not None:
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a capture never fails on the plugin: its calls keep SGLang's top-k
         runtime.log_once("capture_state", logging.ERROR, "xshare: cannot read the capture state: %s", exc)
     runtime.sync_knobs()  # before SGLang captures: a write inside the capture would replay forever
     runtime.push(state)

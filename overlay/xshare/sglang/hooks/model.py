@@ -104,5 +104,5 @@ def _moe_ep_rank() -> int | None:
 
     try:
         return int(get_parallel().moe_ep_rank or 0)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no parallel context in this process: init_by_mapping asks torch
         return None
