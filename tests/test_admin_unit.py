@@ -14,6 +14,7 @@ from xshare.selection.schema import INT_MAX
 from xshare.selection.types import ModelShape
 from xshare.sglang.admin import common
 from xshare.sglang.admin.config import ConfigInvalid, build_config, config_of
+from xshare.sglang.admin.guards import BodyLimit
 from xshare.sglang.admin.http import STARTUP, AdminState, RedactQuery, ReservedKeyGuard
 from xshare.sglang.admin.scheduler import handle_message
 from xshare.sglang.runtime import Runtime
@@ -185,3 +186,42 @@ def test_access_log_shows_no_query_string():
         "127.0.0.1:1", "GET", "/xshare/config?token=s3cret", "1.1", 401), None)
     RedactQuery().filter(record)
     assert "s3cret" not in record.getMessage() and "/xshare/config?<redacted>" in record.getMessage()
+
+
+# -- the body size limit of the /xshare routes (the e2e test sends real multi-MB bodies) ---------------------------
+def _limited(chunks, headers=()):
+    """(status, what the app received, messages left unread) for a body sent as ``chunks`` to /xshare/config."""
+    pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent, reached, refused = [], [], []
+
+    async def app(scope, receive, send):
+        message = {"more_body": True}
+        while message["more_body"]:
+            message = await receive()
+            reached.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive():
+        return pending.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/xshare/config", "headers": list(headers)}
+    asyncio.run(BodyLimit(app, on_refused=lambda: refused.append(1))(scope, receive, send))
+    return sent[0]["status"], reached, len(pending), len(refused)
+
+
+def test_body_limit_hands_a_small_chunked_body_on_unchanged():
+    chunks = [b'{"budget":', b" 8}"]
+    assert _limited(chunks) == (200, chunks, 0, 0)
+
+
+def test_body_limit_drains_an_oversized_chunked_body_then_answers_413():
+    chunks = [b"x" * 4096] * (common.MAX_BODY_BYTES // 4096 + 8)
+    assert _limited(chunks) == (413, [], 0, 1)  # every chunk read (none left), none reached the route
+
+
+def test_body_limit_answers_an_announced_oversize_with_expect_at_once():
+    headers = [(b"content-length", str(10**7).encode()), (b"expect", b"100-continue")]
+    assert _limited([b"x" * 4096] * 3, headers) == (413, [], 3, 1)  # nothing read: the body is never asked for

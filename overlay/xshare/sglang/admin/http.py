@@ -23,7 +23,6 @@ from xshare.sglang.admin.common import (
     ALLOW_LOCAL_ENV,
     APPLY_TIMEOUT_S,
     CHANNEL_KEY_ENV,
-    MAX_BODY_BYTES,
     PERSIST_FILE,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
@@ -34,6 +33,7 @@ from xshare.sglang.admin.common import (
     state_dir,
 )
 from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config, config_of
+from xshare.sglang.admin.guards import BodyLimit
 from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 
 log = logging.getLogger("xshare.sglang")
@@ -240,23 +240,15 @@ class AdminRoutes:
                 "ranks": ranks, "expected_ranks": expected, "consistent": consistent}
 
     async def parse_body(self, request: Any) -> dict[str, Any] | Any:
-        """The validated fields of a PUT/PATCH body, or a 413/422 reply. Parsed here, not by FastAPI:
-        SGLang's app turns request validation errors into 400s. Bodies over MAX_BODY_BYTES are not read."""
+        """The validated fields of a PUT/PATCH body, or a 422 reply. Parsed here, not by FastAPI: SGLang's
+        app turns request validation errors into 400s. The body is within MAX_BODY_BYTES (BodyLimit)."""
         from fastapi.responses import JSONResponse
 
         def refuse(status: int, msg: str, kind: str) -> Any:
             self.state.count("invalid")
             return JSONResponse(status_code=status, content={"detail": [{"loc": ["body"], "msg": msg, "type": kind}]})
 
-        too_big = f"the body exceeds {MAX_BODY_BYTES} bytes (a config is a few hundred)"
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return refuse(413, too_big, "too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return refuse(413, too_big, "too_large")
+        body = await request.body()
         try:
             raw = json.loads(bytes(body))
         except ValueError as exc:
@@ -441,7 +433,8 @@ def _redact_access_log() -> None:
 
 def install_routes(settings: Any) -> None:
     """In the HTTP process, before the schedulers are spawned: the channel key they inherit, the
-    /xshare routes, the /set_internal_state guard, the access-log redaction and the start-up sync."""
+    /xshare routes, the /set_internal_state guard, the body size limit, the access-log redaction and
+    the start-up sync."""
     global _STATE
     from sglang.srt.entrypoints import http_server
 
@@ -453,6 +446,7 @@ def install_routes(settings: Any) -> None:
     app = http_server.app
     routes.add_to(app)
     app.add_middleware(ReservedKeyGuard)
+    app.add_middleware(BodyLimit, on_refused=lambda: state.count("invalid"))
     _redact_access_log()
     original = app.router.lifespan_context
 
