@@ -14,9 +14,9 @@ from xshare.selection.schema import INT_MAX
 from xshare.selection.types import ModelShape
 from xshare.sglang.admin import common
 from xshare.sglang.admin.config import ConfigInvalid, build_config, config_of
-from xshare.sglang.admin.guards import BodyLimit
-from xshare.sglang.admin.http import STARTUP, AdminState, RedactQuery, ReservedKeyGuard
+from xshare.sglang.admin.guards import BodyLimit, RedactQuery, ReservedKeyGuard
 from xshare.sglang.admin.scheduler import handle_message
+from xshare.sglang.admin.state import STARTUP, AdminState
 from xshare.sglang.runtime import Runtime
 from xshare.sglang.settings import PluginSettings
 

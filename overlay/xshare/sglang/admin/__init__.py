@@ -58,8 +58,9 @@ from xshare.sglang.admin.config import (
     config_of,
     settings_from_config,
 )
-from xshare.sglang.admin.http import AdminState, install_routes
+from xshare.sglang.admin.http import install_routes
 from xshare.sglang.admin.scheduler import get_internal_state_hook, on_idle_hook, scheduler_setup, update_handlers_hook
+from xshare.sglang.admin.state import AdminState
 
 __all__ = [
     "ALLOW_LOCAL_ENV", "CONFIG_FIELDS", "CONTROL_KEY", "GET_STATE_TARGET", "MAX_BODY_BYTES", "ON_IDLE_TARGET",

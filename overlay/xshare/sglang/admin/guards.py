@@ -1,14 +1,18 @@
-"""ASGI middleware in front of SGLang's app for the admin endpoint: the body size limit of the /xshare
-routes. Data: the HTTP request's scope, its body messages (``http.request``) and the reply messages."""
+"""What stands in front of SGLang's app for the admin endpoint: the body size limit of the /xshare
+routes, the guard that keeps SGLang's own unauthenticated ``/set_internal_state`` away from the
+config, and the access-log filter that hides query strings. Data: an HTTP request's ASGI scope, its
+body messages (``http.request``), the reply messages, and uvicorn's access-log records."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from xshare.sglang.admin.common import DRAIN_IDLE_S, DRAIN_MAX_BYTES, MAX_BODY_BYTES
+from xshare.sglang.admin.common import DRAIN_IDLE_S, DRAIN_MAX_BYTES, MAX_BODY_BYTES, is_reserved_key
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -23,6 +27,16 @@ async def send_json(send: Send, status: int, content: Any, *, close: bool = Fals
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": reply})
+
+
+def replaying(messages: list[dict[str, Any]], receive: Receive) -> Receive:
+    """A ``receive`` that gives ``messages`` (already read) again, then what ``receive`` gives."""
+    pending = list(messages)
+
+    async def replay() -> dict[str, Any]:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 async def drain(receive: Receive, limit: int) -> None:
@@ -76,11 +90,7 @@ class BodyLimit:
             await drain(receive, DRAIN_MAX_BYTES)
             await self.too_large(send)
             return
-
-        async def replay() -> dict[str, Any]:
-            return received.pop(0) if received else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(received, receive), send)
 
     @staticmethod
     async def read_within_limit(receive: Receive) -> list[dict[str, Any]] | None:
@@ -102,3 +112,55 @@ class BodyLimit:
             self.on_refused()
         await send_json(send, 413, {"detail": [{"loc": ["body"], "msg": TOO_LARGE, "type": "too_large"}]},
                         close=True)
+
+
+# -- what keeps SGLang's own routes away from the config --------------------------------------------------
+class ReservedKeyGuard:
+    """ASGI middleware: SGLang's ``/set_internal_state`` (unauthenticated unless SGLang's
+    ``--admin-api-key`` is set) answers 403 for any ``xshare*`` key; only the admin route sends those."""
+
+    PATHS = ("/set_internal_state",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http" or scope.get("path", "").rstrip("/") not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message)
+            more = message.get("more_body", False) and message.get("type") == "http.request"
+        body = b"".join(m.get("body", b"") for m in chunks)
+        try:
+            keys = list(((json.loads(body) or {}).get("server_args") or {}).keys())
+        except (ValueError, AttributeError):
+            keys = []
+        if any(is_reserved_key(k) for k in keys):
+            await send_json(send, 403, {"detail": "xshare settings change only through the authenticated "
+                                                  "/xshare/config route"})
+            return
+        await self.app(scope, replaying(chunks, receive), send)
+
+
+class RedactQuery(logging.Filter):
+    """Access-log lines show no query string (a token sent as ``?token=...`` must not reach the log)."""
+
+    _QUERY = re.compile(r"\?[^\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(self._QUERY.sub("?<redacted>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = self._QUERY.sub("?<redacted>", record.msg)
+        return True
+
+
+def redact_access_log() -> None:
+    """Add :class:`RedactQuery` to uvicorn's access log (once)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in logger.filters):
+        logger.addFilter(RedactQuery())
