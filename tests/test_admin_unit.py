@@ -225,3 +225,17 @@ def test_body_limit_drains_an_oversized_chunked_body_then_answers_413():
 def test_body_limit_answers_an_announced_oversize_with_expect_at_once():
     headers = [(b"content-length", str(10**7).encode()), (b"expect", b"100-continue")]
     assert _limited([b"x" * 4096] * 3, headers) == (413, [], 3, 1)  # nothing read: the body is never asked for
+
+
+def test_the_runtime_is_an_admin_target():
+    """Admin reads and changes a runtime only through AdminTarget's names; the runtime has every one of them."""
+    from xshare.sglang.admin.target import AdminTarget
+
+    rt = Runtime(PluginSettings())
+    assert isinstance(rt, AdminTarget)
+    rt.mark_diverged()
+    assert rt.diverged and not rt.switch_on()
+    rt.mark_converged()
+    rt.record_group_rank(3)
+    rt.record_group_view([{"rank": 3}])
+    assert not rt.diverged and rt.group_rank == 3 and rt.group_view == [{"rank": 3}]

@@ -13,6 +13,7 @@ from xshare.selection.registry import validate
 from xshare.selection.schema import OPERATOR_FIELDS
 from xshare.selection.schema import Field as Setting
 from xshare.selection.types import ModelShape
+from xshare.sglang.settings import PluginSettings
 
 CONFIG_FIELDS = tuple(f.name for f in OPERATOR_FIELDS)
 
@@ -90,14 +91,15 @@ def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all
     return out
 
 
-def settings_from_config(settings: Any, config: dict[str, Any]) -> Any:
+def settings_from_config(settings: PluginSettings, config: dict[str, Any]) -> PluginSettings:
     """``settings`` (PluginSettings) with ``config``'s selector fields and on/off switch."""
     sel = settings.selector.to_dict()
     sel.update({k: config[k] for k in CONFIG_FIELDS})
     return replace(settings, enabled=bool(config["enabled"]), selector=SelectorConfig.from_dict(sel))
 
 
-def config_of(settings: Any) -> dict[str, Any]:
+def config_of(settings: PluginSettings) -> dict[str, Any]:
+    """The admin view of ``settings``: {"enabled", and the selector fields}."""
     out = {k: v for k, v in settings.selector.to_dict().items() if k in CONFIG_FIELDS}
     out["enabled"] = bool(settings.enabled)
     return out

@@ -30,6 +30,7 @@ from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config
 from xshare.sglang.admin.fanout import expected_ranks, fan_out, group_state, served_model_shape
 from xshare.sglang.admin.guards import BodyLimit, ReservedKeyGuard, redact_access_log
 from xshare.sglang.admin.state import ADMIN, PERSISTED, STARTUP, AdminState
+from xshare.sglang.settings import PluginSettings
 
 log = logging.getLogger("xshare.sglang")
 
@@ -234,7 +235,7 @@ class AdminRoutes:
                           summary="Each reporting rank's per-layer figures over its last metrics window")
 
 
-def install_routes(settings: Any) -> None:
+def install_routes(settings: PluginSettings) -> None:
     """In the HTTP process, before the schedulers are spawned: the channel key they inherit, the
     /xshare routes, the /set_internal_state guard, the body size limit, the access-log redaction and
     the start-up sync."""

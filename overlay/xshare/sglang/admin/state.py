@@ -15,6 +15,7 @@ from xshare._io import write_json_atomic
 from xshare.sglang.admin.common import CHANNEL_KEY_ENV, PERSIST_FILE
 from xshare.sglang.admin.config import config_of
 from xshare.sglang.metrics import METRICS, multiprocess_dir
+from xshare.sglang.settings import PluginSettings
 
 STARTUP, PERSISTED, ADMIN = "start-up settings", "persisted", "admin change"
 
@@ -23,7 +24,7 @@ class AdminState:
     """The HTTP process's view: the config in force, its version and origin, the change lock, and where
     the config is persisted (``XSHARE_ADMIN_STATE_DIR``; None: not persisted)."""
 
-    def __init__(self, settings: Any, directory: Path | None) -> None:
+    def __init__(self, settings: PluginSettings, directory: Path | None) -> None:
         self.settings = settings
         self.dir = directory
         self.startup = config_of(settings)  # the start-up settings' config
