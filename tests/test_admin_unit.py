@@ -105,7 +105,7 @@ def _message(rt, version, **changes):
 
 def test_a_rank_applies_a_signed_message():
     rt = _runtime(budget=8)
-    assert handle_message(rt, None, _message(rt, 1, budget=6)) is None
+    assert handle_message(rt, _message(rt, 1, budget=6)) is None
     assert rt.version == 1 and rt.settings.selector.budget == 6 and rt.config_source == "admin change"
     assert rt.group_view[0]["ok"] and rt.group_view[0]["version"] == 1
 
@@ -115,7 +115,7 @@ def test_a_rank_applies_a_signed_message():
 def test_a_refused_or_failing_change_leaves_the_rank_on_its_config(monkeypatch, fault, words):
     monkeypatch.setenv(common.FAULT_ENV, fault)
     rt = _runtime(budget=8)
-    why = handle_message(rt, None, _message(rt, 1, budget=6))
+    why = handle_message(rt, _message(rt, 1, budget=6))
     assert why is not None and words in why and "rank 0" in why
     assert rt.version == 0 and rt.settings.selector.budget == 8 and not rt.diverged
     assert rt.group_view[0]["ok"] is False and rt.group_view[0]["version"] == 0
@@ -124,9 +124,9 @@ def test_a_refused_or_failing_change_leaves_the_rank_on_its_config(monkeypatch, 
 def test_a_forged_or_invalid_message_changes_nothing():
     rt = _runtime(budget=8)
     forged = common.encode_message(1, {**config_of(rt.settings), "budget": 6}, "admin change", "other-key")
-    assert "bad signature" in handle_message(rt, None, forged)
+    assert "bad signature" in handle_message(rt, forged)
     bad = _message(rt, 2, warmup_k=-1)
-    assert "invalid on this rank" in handle_message(rt, None, bad)
+    assert "invalid on this rank" in handle_message(rt, bad)
     assert rt.version == 0 and rt.settings.selector.budget == 8
 
 
@@ -144,6 +144,19 @@ def test_restart_reapplies_the_persisted_config_unless_the_startup_settings_chan
     assert (version, config["budget"], source) == (6, 10, STARTUP) and "start-up settings win" in why
     (tmp_path / common.PERSIST_FILE).write_text("{broken")
     assert AdminState(settings, tmp_path).restored()[2] == STARTUP
+
+
+def test_an_invalid_persisted_config_is_not_reapplied(tmp_path):
+    """A persisted config is validated where it enters, at start, like a request's body: one the served model
+    cannot take (or a hand-edited one no policy accepts) gives way to the start-up settings, naming the field."""
+    settings = PluginSettings(enabled=True, selector=SelectorConfig(budget=8))
+    state = AdminState(settings, tmp_path)
+    state.persist(3, {**state.startup, "budget": 6}, "admin change")
+    assert state.restored(MODEL)[:3] == (3, {**state.startup, "budget": 6}, "persisted")
+    for bad, field in (({"budget": 33}, "budget"), ({"policy": "nope"}, "policy"), ({"warmup_k": -1}, "warmup_k")):
+        state.persist(3, {**state.startup, **bad}, "admin change")
+        version, config, source, why = state.restored(MODEL)
+        assert (version, config, source) == (4, state.startup, STARTUP) and field in why, why
 
 
 def test_persisting_into_an_unwritable_place_raises(tmp_path):

@@ -177,7 +177,7 @@ class AdminRoutes:
         """Before serving: put every rank on the persisted config (or the start-up settings), so ranks
         started with other settings (another node's environment) join the group's config."""
         state = self.state
-        version, config, source, why = state.restored()
+        version, config, source, why = state.restored(served_model_shape())
         async with state.lock:
             ok, failure = await fan_out(state, version, config, source)
             if not ok and source != STARTUP:

@@ -7,7 +7,9 @@ peers over the CPU group, which crosses nodes). Every rank of the group handles 
 of its event loop, between forward batches:
 
 1. the message source (the rank that received it from the HTTP process) checks its signature;
-2. each rank checks the config against its served model and applies it (never raising);
+2. each rank applies it (never raising): the config was validated where it entered, in the HTTP
+   process against the served model; a rank checks only what it alone knows (its captured CUDA
+   graphs, its device knobs);
 3. the ranks exchange their outcome (``all_gather_object`` over the TP CPU group);
 4. if any rank failed, every rank goes back to its previous config and SGLang's reply says
    ``updated=False``; the reasons are in the group view that ``get_internal_state`` returns.
@@ -24,8 +26,6 @@ import sys
 import time
 from typing import Any
 
-from xshare.selection.registry import validate
-from xshare.selection.types import ModelShape
 from xshare.sglang import metrics
 from xshare.sglang.admin.common import (
     CHANNEL_KEY_ENV,
@@ -37,7 +37,6 @@ from xshare.sglang.admin.common import (
 )
 from xshare.sglang.admin.config import config_of, settings_from_config
 from xshare.sglang.admin.target import AdminTarget
-from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 from xshare.sglang.settings import PluginSettings
 
 log = logging.getLogger("xshare.sglang")
@@ -127,21 +126,14 @@ def rank_status(runtime: AdminTarget, *, ok: bool = True, why: str = "") -> dict
             "selecting": not runtime.diverged, "ok": ok, "why": why, "time": time.time()}
 
 
-def _model_shape(controller: Any, runtime: AdminTarget) -> ModelShape | None:
-    hf = getattr(getattr(getattr(controller, "scheduler", None), "model_config", None), "hf_text_config", None)
-    top_k, e = moe_shape(hf)
-    e = e or runtime.num_experts_hint
-    layers = tuple(runtime.moe_layers) or moe_layer_ids(hf)  # the loaded model's survey, else its config
-    return ModelShape(num_experts=e, top_k=top_k, moe_layers=layers) if e and top_k else None
-
-
-def _try_apply(runtime: AdminTarget, controller: Any, message: dict[str, Any]) -> str:
-    """Check ``message``'s config against this rank's model and apply it; '' on success, else why not.
-    Never raises; on failure the rank is on its previous config."""
+def _try_apply(runtime: AdminTarget, message: dict[str, Any]) -> str:
+    """Apply ``message``'s config on this rank; '' on success, else why not. The config was validated
+    where it entered (the HTTP process, against the served model) and is trusted here: it is only made
+    into this rank's settings and checked against what a rank alone knows (its captured CUDA graphs,
+    its device knobs). Never raises; on failure the rank is on its previous config."""
     version, config = int(message["version"]), message["config"]
     try:
         new = settings_from_config(runtime.settings, config)
-        validate(new.selector, _model_shape(controller, runtime))
         frozen = runtime.capture_refusal(new)
         if frozen is not None:
             raise ValueError(frozen)
@@ -173,7 +165,7 @@ def _restore(runtime: AdminTarget, settings: PluginSettings, version: int, sourc
                   "until the next config change", runtime.group_rank, version, exc)
 
 
-def handle_message(runtime: AdminTarget, controller: Any, key: str) -> str | None:
+def handle_message(runtime: AdminTarget, key: str) -> str | None:
     """Handle one config message on this rank, together with its group; None when the whole group
     applied it, else the reason (naming the rank) every rank of the group went back for."""
     runtime.record_group_rank(group_rank())
@@ -185,7 +177,7 @@ def handle_message(runtime: AdminTarget, controller: Any, key: str) -> str | Non
         why = f"message refused: {exc}"
     old = (runtime.settings, runtime.version, runtime.config_source)
     if message is not None:
-        why = _try_apply(runtime, controller, message)
+        why = _try_apply(runtime, message)
     group = control_group()
     try:
         statuses = _gather(group, rank_status(runtime, ok=not why, why=why))
@@ -224,11 +216,10 @@ def update_handlers_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
     runtime = rt_mod.get()
     if runtime is None or not isinstance(result, dict):
         return None
-    controller = args[0] if args else None
 
     def validate_key(key: str, value: Any) -> None:
         try:
-            why = handle_message(runtime, controller, str(key))
+            why = handle_message(runtime, str(key))
         except Exception as exc:  # noqa: BLE001 - nothing here may end the scheduler
             why = f"rank {runtime.group_rank}: {type(exc).__name__}: {exc}"
         if why is not None:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from xshare._io import write_json_atomic
+from xshare.selection.types import ModelShape
 from xshare.sglang.admin.common import CHANNEL_KEY_ENV, PERSIST_FILE
-from xshare.sglang.admin.config import config_of
+from xshare.sglang.admin.config import ConfigInvalid, build_config, config_of
 from xshare.sglang.metrics import METRICS, multiprocess_dir
 from xshare.sglang.settings import PluginSettings
 
@@ -59,9 +60,10 @@ class AdminState:
             write_json_atomic(path, {"version": version, "config": config, "source": source,
                                      "startup": self.startup, "time": time.time()}, sort_keys=True)
 
-    def restored(self) -> tuple[int, dict[str, Any], str, str]:
+    def restored(self, model: ModelShape | None = None) -> tuple[int, dict[str, Any], str, str]:
         """(version, config, source, why) to start with: the persisted config when it was made from the
-        same start-up settings as this start, else the start-up settings."""
+        same start-up settings as this start and is valid for the served ``model`` (it enters here, so it
+        is validated here, like a request's body), else the start-up settings."""
         path = self.persist_path
         if path is None:
             return 0, dict(self.startup), STARTUP, "no XSHARE_ADMIN_STATE_DIR: the config is not persisted"
@@ -75,4 +77,9 @@ class AdminState:
         if startup != self.startup:
             return version + 1, dict(self.startup), STARTUP, (
                 f"{path} was made from other start-up settings: the new start-up settings win")
+        try:
+            config = build_config(self.startup, config, replace_all=True, model=model)
+        except ConfigInvalid as exc:
+            return version + 1, dict(self.startup), STARTUP, (
+                f"{path} holds an invalid config ({exc}): start-up settings")
         return version, config, PERSISTED, f"re-applied from {path}"

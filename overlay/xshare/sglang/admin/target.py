@@ -45,12 +45,6 @@ class AdminTarget(Protocol):
     @property
     def observe(self) -> bool: ...  # the per-call metrics window is recorded (and flushed to an exporter)
 
-    @property
-    def num_experts_hint(self) -> int | None: ...  # E as seen by the routing hook, when the config has none
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]: ...  # the loaded model's MoE layer ids
-
     def capture_refusal(self, new: PluginSettings) -> str | None:
         """Why ``new`` cannot be applied under the captured CUDA graphs, or None."""
 
