@@ -366,12 +366,14 @@ def test_nonsense_is_refused_and_a_no_op_is_a_no_op(server):
     assert after["version"] == before["version"] and after["config"] == before["config"]
 
 
-def raw_request(srv, method, path, body, *, send, token=TOKEN):
-    """Status of a request of which only the first ``send`` bytes of ``body`` are sent (raw socket)."""
+def raw_request(srv, method, path, body, *, send, token=TOKEN, expect=False):
+    """Status of a request of which only the first ``send`` bytes of ``body`` are sent (raw socket); with
+    ``expect``, the request announces ``Expect: 100-continue``."""
     host, port = srv.base_url.split("//", 1)[1].split(":")
+    expect_line = "Expect: 100-continue\r\n" if expect else ""
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         head = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n{expect_line}\r\n").encode()
         sock.sendall(head + body[:send])
         reply = b""
         while b"\r\n" not in reply:
@@ -380,6 +382,35 @@ def raw_request(srv, method, path, body, *, send, token=TOKEN):
                 break
             reply += chunk
     return int(reply.split(b" ", 2)[1])
+
+
+def test_an_oversized_body_gets_its_413_on_every_client(server, tmp_path):
+    """A 3.6 MB PATCH / PUT gets its 413 however the client sends it: urllib (the whole body at once, then
+    ``Connection: close``), curl (``Expect: 100-continue``: the 413 comes instead of the go-ahead), a raw client
+    that announces ``Expect: 100-continue`` and never sends the body; a wrong token gets the 413 too (the limit
+    comes first). None of them ends in a reset connection, and the config stays as it was."""
+    curl = require_binary("curl", "the Debian package curl")
+    before = config_now(server)
+    body = json.dumps({"extra": {f"key{i:06d}": i for i in range(180_000)}}).encode()
+    assert len(body) > 3_500_000
+    for i in range(8):
+        status, reply = call(server, "PATCH" if i % 2 else "PUT", "/xshare/config", raw=body,
+                             token=TOKEN if i < 6 else "wrong")
+        assert status == 413 and reply["detail"][0]["type"] == "too_large", (i, reply)
+    (tmp_path / "body.json").write_bytes(body)
+    for method in ("PATCH", "PUT"):
+        r = subprocess.run([curl, "-sS", "-o", str(tmp_path / "reply.json"), "-w", "%{http_code}", "-X", method,
+                            "-H", f"Authorization: Bearer {TOKEN}", "-H", "Content-Type: application/json",
+                            "-H", "Expect: 100-continue", "--data-binary", f"@{tmp_path / 'body.json'}",
+                            server.base_url + "/xshare/config"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout == "413", (r.stdout, r.stderr)
+        assert json.loads((tmp_path / "reply.json").read_text())["detail"][0]["type"] == "too_large"
+    t0 = time.monotonic()
+    assert raw_request(server, "PATCH", "/xshare/config", body, send=0, expect=True) == 413
+    assert time.monotonic() - t0 < 10  # answered at once: the body it waits for is never asked for
+    after = config_now(server)
+    assert after["version"] == before["version"] and after["config"] == before["config"]
+    serves(server)
 
 
 def test_the_state_location_never_wedges_the_endpoint(server):

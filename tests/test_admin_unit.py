@@ -14,8 +14,9 @@ from xshare.selection.schema import INT_MAX
 from xshare.selection.types import ModelShape
 from xshare.sglang.admin import common
 from xshare.sglang.admin.config import ConfigInvalid, build_config, config_of
-from xshare.sglang.admin.http import STARTUP, AdminState, RedactQuery, ReservedKeyGuard
+from xshare.sglang.admin.guards import BodyLimit, RedactQuery, ReservedKeyGuard
 from xshare.sglang.admin.scheduler import handle_message
+from xshare.sglang.admin.state import STARTUP, AdminState
 from xshare.sglang.settings import PluginSettings
 from xshare.sglang.state import ProcessState
 
@@ -104,7 +105,7 @@ def _message(rt, version, **changes):
 
 def test_a_rank_applies_a_signed_message():
     rt = _runtime(budget=8)
-    assert handle_message(rt, None, _message(rt, 1, budget=6)) is None
+    assert handle_message(rt, _message(rt, 1, budget=6)) is None
     assert rt.version == 1 and rt.settings.selector.budget == 6 and rt.config_source == "admin change"
     assert rt.group_view[0]["ok"] and rt.group_view[0]["version"] == 1
 
@@ -114,7 +115,7 @@ def test_a_rank_applies_a_signed_message():
 def test_a_refused_or_failing_change_leaves_the_rank_on_its_config(monkeypatch, fault, words):
     monkeypatch.setenv(common.FAULT_ENV, fault)
     rt = _runtime(budget=8)
-    why = handle_message(rt, None, _message(rt, 1, budget=6))
+    why = handle_message(rt, _message(rt, 1, budget=6))
     assert why is not None and words in why and "rank 0" in why
     assert rt.version == 0 and rt.settings.selector.budget == 8 and not rt.diverged
     assert rt.group_view[0]["ok"] is False and rt.group_view[0]["version"] == 0
@@ -123,9 +124,9 @@ def test_a_refused_or_failing_change_leaves_the_rank_on_its_config(monkeypatch, 
 def test_a_forged_or_invalid_message_changes_nothing():
     rt = _runtime(budget=8)
     forged = common.encode_message(1, {**config_of(rt.settings), "budget": 6}, "admin change", "other-key")
-    assert "bad signature" in handle_message(rt, None, forged)
+    assert "bad signature" in handle_message(rt, forged)
     bad = _message(rt, 2, warmup_k=-1)
-    assert "invalid on this rank" in handle_message(rt, None, bad)
+    assert "invalid on this rank" in handle_message(rt, bad)
     assert rt.version == 0 and rt.settings.selector.budget == 8
 
 
@@ -143,6 +144,19 @@ def test_restart_reapplies_the_persisted_config_unless_the_startup_settings_chan
     assert (version, config["budget"], source) == (6, 10, STARTUP) and "start-up settings win" in why
     (tmp_path / common.PERSIST_FILE).write_text("{broken")
     assert AdminState(settings, tmp_path).restored()[2] == STARTUP
+
+
+def test_an_invalid_persisted_config_is_not_reapplied(tmp_path):
+    """A persisted config is validated where it enters, at start, like a request's body: one the served model
+    cannot take (or a hand-edited one no policy accepts) gives way to the start-up settings, naming the field."""
+    settings = PluginSettings(enabled=True, selector=SelectorConfig(budget=8))
+    state = AdminState(settings, tmp_path)
+    state.persist(3, {**state.startup, "budget": 6}, "admin change")
+    assert state.restored(MODEL)[:3] == (3, {**state.startup, "budget": 6}, "persisted")
+    for bad, field in (({"budget": 33}, "budget"), ({"policy": "nope"}, "policy"), ({"warmup_k": -1}, "warmup_k")):
+        state.persist(3, {**state.startup, **bad}, "admin change")
+        version, config, source, why = state.restored(MODEL)
+        assert (version, config, source) == (4, state.startup, STARTUP) and field in why, why
 
 
 def test_persisting_into_an_unwritable_place_raises(tmp_path):
@@ -185,3 +199,56 @@ def test_access_log_shows_no_query_string():
         "127.0.0.1:1", "GET", "/xshare/config?token=s3cret", "1.1", 401), None)
     RedactQuery().filter(record)
     assert "s3cret" not in record.getMessage() and "/xshare/config?<redacted>" in record.getMessage()
+
+
+# -- the body size limit of the /xshare routes (the e2e test sends real multi-MB bodies) ---------------------------
+def _limited(chunks, headers=()):
+    """(status, what the app received, messages left unread) for a body sent as ``chunks`` to /xshare/config."""
+    pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent, reached, refused = [], [], []
+
+    async def app(scope, receive, send):
+        message = {"more_body": True}
+        while message["more_body"]:
+            message = await receive()
+            reached.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive():
+        return pending.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/xshare/config", "headers": list(headers)}
+    asyncio.run(BodyLimit(app, on_refused=lambda: refused.append(1))(scope, receive, send))
+    return sent[0]["status"], reached, len(pending), len(refused)
+
+
+def test_body_limit_hands_a_small_chunked_body_on_unchanged():
+    chunks = [b'{"budget":', b" 8}"]
+    assert _limited(chunks) == (200, chunks, 0, 0)
+
+
+def test_body_limit_drains_an_oversized_chunked_body_then_answers_413():
+    chunks = [b"x" * 4096] * (common.MAX_BODY_BYTES // 4096 + 8)
+    assert _limited(chunks) == (413, [], 0, 1)  # every chunk read (none left), none reached the route
+
+
+def test_body_limit_answers_an_announced_oversize_with_expect_at_once():
+    headers = [(b"content-length", str(10**7).encode()), (b"expect", b"100-continue")]
+    assert _limited([b"x" * 4096] * 3, headers) == (413, [], 3, 1)  # nothing read: the body is never asked for
+
+
+def test_the_process_state_is_an_admin_target():
+    """Admin reads and changes the process state only through AdminTarget's names; the state has every one of them."""
+    from xshare.sglang.admin.target import AdminTarget
+
+    rt = ProcessState(PluginSettings())
+    assert isinstance(rt, AdminTarget)
+    rt.mark_diverged()
+    assert rt.diverged and not rt.switch_on()
+    rt.mark_converged()
+    rt.record_group_rank(3)
+    rt.record_group_view([{"rank": 3}])
+    assert not rt.diverged and rt.group_rank == 3 and rt.group_view == [{"rank": 3}]

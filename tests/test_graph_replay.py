@@ -180,11 +180,11 @@ def test_a_change_a_captured_graph_cannot_follow_is_refused(field, value):
     assert runtime.capture_refusal(changed) is None  # no graph yet: applied
     _capture(runtime, Graph(), lambda: layer.route(runtime, call.args(), cfg))
     before = runtime.settings
-    why = _try_apply(runtime, SimpleNamespace(), {"version": 2, "config": config_of(changed)})
+    why = _try_apply(runtime, {"version": 2, "config": config_of(changed)})
     assert field in why and "CUDA graphs" in why and "restart" in why, why
     assert runtime.settings is before and runtime.version == 0
     budget = config_of(_settings("xshare", e, budget=9))
-    assert _try_apply(runtime, SimpleNamespace(), {"version": 3, "config": budget}) == ""
+    assert _try_apply(runtime, {"version": 3, "config": budget}) == ""
     assert runtime.settings.selector.budget == 9 and runtime.version == 3
 
 

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from xshare._http import request
+from xshare.selection.schema import OPERATOR_FIELDS
 
 NAME = "admin"
 HELP = "read or change a running server's selector config (/xshare admin endpoint)"
 
+
 def _set_fields() -> list[tuple[str, Any]]:
-    """The settings ``set`` can change: the operator's fields of the one schema (extra: JSON below)."""
-    from xshare.selection.schema import OPERATOR_FIELDS
+    """The settings ``set`` can change: the operator's fields of the one schema (extra: JSON below), each
+    parsed from its flag's text into a typed value where it enters (a bad value is a usage error)."""
 
     def typed(f: Any) -> Any:
         def parse(text: str) -> Any:

@@ -23,11 +23,16 @@ _NO_MAX = torch.iinfo(torch.int64).max
 _DTYPES = {"enabled": torch.bool, "target_mass": torch.float32}
 
 
-def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool) -> dict[str, int | float | bool]:
+def _check(config: SelectorConfig, num_experts: int, top_k: int) -> None:
+    """ValueError unless ``config`` fits a layer of ``num_experts`` experts and ``top_k``."""
     if top_k < 1 or top_k > num_experts:
         raise ValueError(f"top_k = {top_k} must be in [1, E = {num_experts}]")
     if config.warmup_k > top_k:
         raise ValueError(f"warmup_k = {config.warmup_k} exceeds top_k = {top_k}")
+
+
+def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool) -> dict[str, int | float | bool]:
+    """The tensors' values for ``config`` (checked already: by :func:`_check`, or where it entered)."""
     return {
         "enabled": bool(enabled),
         "budget": config.budget_for(num_experts),
@@ -67,17 +72,20 @@ class SelectorKnobs:
         *,
         enabled: bool = True,
     ) -> SelectorKnobs:
+        _check(config, num_experts, top_k)
         vals = _values(config, num_experts, top_k, enabled)
         # filled on the device (torch.full), not copied from the host: creating them is capture safe too
         tensors = {k: torch.full((), v, dtype=_DTYPES.get(k, torch.int64), device=device) for k, v in vals.items()}
         return cls(**tensors, num_experts=num_experts, top_k=top_k)
 
     def check(self, config: SelectorConfig) -> None:
-        """Raise ValueError if ``config`` cannot be written into these knobs (what :meth:`update` checks)."""
-        _values(config, self.num_experts, self.top_k, True)
+        """Raise ValueError if ``config`` cannot be written into these knobs: the one check of a config
+        against a layer's knobs, made when the config is set (nothing changes on a refusal)."""
+        _check(config, self.num_experts, self.top_k)
 
     def update(self, config: SelectorConfig, *, enabled: bool = True) -> None:
-        """Write ``config``'s values into the tensors in place (validated first: all or nothing)."""
+        """Write ``config``'s values into the tensors in place. ``config`` is trusted: it passed
+        :meth:`check` (or :meth:`create`'s) when it was set; every value is computed before any write."""
         vals = _values(config, self.num_experts, self.top_k, enabled)
         for k, v in vals.items():
             getattr(self, k).fill_(v)

@@ -389,6 +389,35 @@ class ProcessState:
                       "the torch reference routes instead", cpu_kernel_problem())
         return False
 
+    # admin protocol
+    # The named changes xshare.sglang.admin makes to a runtime (xshare.sglang.admin.target.AdminTarget).
+    def mark_diverged(self) -> None:
+        self.diverged = True
+
+    def mark_converged(self) -> None:
+        self.diverged = False
+
+    def record_group_rank(self, rank: int) -> None:
+        self.group_rank = int(rank)
+
+    def record_group_view(self, statuses: list[dict[str, Any]]) -> None:
+        self.group_view = statuses
+
+    def set_channel_key(self, key: str) -> None:
+        self.channel_key = key
+
+    def record_summary(self, summary: dict[str, Any]) -> None:
+        self.last_summary = summary
+
+    def flush_metrics_if_new(self) -> None:
+        """Flush the metrics window if forwards ran since the last flush (the scheduler went idle)."""
+        if self.observe and self.stats.forwards != self.last_flush:
+            self.flush_metrics()
+
+    def count_config_change(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.config_change(result)
+
 
 _STATE: ProcessState | None = None
 

@@ -15,11 +15,20 @@ Control path (no shared filesystem, no new IPC type): the HTTP process validates
 and sends SGLang's own ``SetInternalStateReq`` carrying the whole config in one signed key
 (:func:`~xshare.sglang.admin.common.encode_message`). SGLang fans it out to every DP rank and scheduler
 TP rank 0 broadcasts it to its TP peers over the CPU group, across nodes; every rank handles it in its
-event loop between forward batches (:mod:`xshare.sglang.admin.scheduler`): checks it, applies it, and
-the ranks of the group exchange their outcome, all or none. The HTTP side then reads every rank's
-state back through ``get_internal_state`` and answers 200 only when all ``tp x pp x dp`` ranks (SGLang's
-world size) are on the new version; otherwise it sends the previous config again and answers 409
-naming the rank and why.
+event loop between forward batches (:mod:`xshare.sglang.admin.scheduler`): applies it (the config was
+validated where it entered; a rank checks only its captured graphs and device knobs), and the ranks of
+the group exchange their outcome, all or none. The HTTP side then reads every rank's state back through
+``get_internal_state`` and answers 200 only when all ``tp x pp x dp`` ranks (SGLang's world size) are
+on the new version; otherwise it sends the previous config again and answers 409 naming the rank and
+why.
+
+Modules: :mod:`~xshare.sglang.admin.common` (names, limits, the signed message),
+:mod:`~xshare.sglang.admin.config` (the request model and the one validation of a change),
+:mod:`~xshare.sglang.admin.state` (the config in force, persisted), :mod:`~xshare.sglang.admin.guards`
+(body limit, ``/set_internal_state`` guard, access-log redaction), :mod:`~xshare.sglang.admin.http`
+(authorization, routes, the change), :mod:`~xshare.sglang.admin.fanout` (to every rank and back),
+:mod:`~xshare.sglang.admin.scheduler` (a rank's side) and :mod:`~xshare.sglang.admin.target` (what
+that side needs of a scheduler's runtime).
 
 SGLang's unauthenticated ``/set_internal_state`` cannot reach the config: the HTTP process refuses any
 ``xshare*`` key there (403), and the message source checks the signature made with a per-start key
@@ -58,8 +67,9 @@ from xshare.sglang.admin.config import (
     config_of,
     settings_from_config,
 )
-from xshare.sglang.admin.http import AdminState, install_routes
+from xshare.sglang.admin.http import install_routes
 from xshare.sglang.admin.scheduler import get_internal_state_hook, on_idle_hook, scheduler_setup, update_handlers_hook
+from xshare.sglang.admin.state import AdminState
 
 __all__ = [
     "ALLOW_LOCAL_ENV", "CONFIG_FIELDS", "CONTROL_KEY", "GET_STATE_TARGET", "MAX_BODY_BYTES", "ON_IDLE_TARGET",

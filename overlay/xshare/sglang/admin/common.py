@@ -34,7 +34,11 @@ GET_STATE_TARGET = ("sglang.srt.managers.scheduler_components.internal_state."
 ON_IDLE_TARGET = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 APPLY_TIMEOUT_S = 30.0
 MAX_BODY_BYTES = 16 * 1024  # a config is a few hundred bytes; larger bodies get 413
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# An oversized body is read and discarded before its 413 (so the client reads the reply), up to this
+# many bytes and while it keeps coming (a pause this long ends the wait).
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_IDLE_S = 1.0
+LOOPBACK = ("127.0.0.1", "::1", "localhost")  # callers let in without a token (opt-in)
 
 
 def admin_configured(environ: Any = None) -> bool:

@@ -13,6 +13,7 @@ from xshare.selection.registry import validate
 from xshare.selection.schema import OPERATOR_FIELDS
 from xshare.selection.schema import Field as Setting
 from xshare.selection.types import ModelShape
+from xshare.sglang.settings import PluginSettings
 
 CONFIG_FIELDS = tuple(f.name for f in OPERATOR_FIELDS)
 
@@ -51,53 +52,60 @@ class ConfigInvalid(ValueError):
 
 def build_config(current: dict[str, Any], update: dict[str, Any], *, replace_all: bool,
                  model: ModelShape | None) -> dict[str, Any]:
-    """The config after ``update`` (a dict of set fields), fully validated, against the served ``model``
-    too (:func:`xshare.selection.registry.validate`); raises :class:`ConfigInvalid` naming the field.
-    ``current``: {"enabled", and the selector fields}."""
-    base = {k: v for k, v in SelectorConfig().to_dict().items() if k in CONFIG_FIELDS} if replace_all else \
-        {k: current[k] for k in CONFIG_FIELDS}
+    """The config after ``update`` (a dict of set fields, as the request model parsed them), validated
+    once: built into one :class:`~xshare.selection.SelectorConfig` (every field's own check) and checked
+    by :func:`xshare.selection.registry.validate` against its policy and the served ``model``. Raises
+    :class:`ConfigInvalid` naming the field. ``current``: {"enabled", and the selector fields}. What
+    comes out is trusted from here on: the ranks apply it without checking it again."""
     enabled = update.get("enabled", current["enabled"])
     if enabled is None:
         raise ConfigInvalid("enabled", "must be true or false")
-    policy = update.get("policy", base["policy"])
-    if "policy" in update and policy is None:
-        raise ConfigInvalid("policy", "must be given")
-    if policy not in available_policies():
-        raise ConfigInvalid("policy", f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
-    cfg = SelectorConfig(policy=policy)
-    defaults = {f.name: f.default for f in OPERATOR_FIELDS}
-    merged = {**base, **{k: v for k, v in update.items() if k in CONFIG_FIELDS}}
-    if merged.get("warmup_k") is None:
-        raise ConfigInvalid("warmup_k", "must be given")
-    for f in OPERATOR_FIELDS:  # a required field sent as null takes its default
-        if merged.get(f.name) is None and not f.optional:
-            merged[f.name] = defaults[f.name]
-    for key in CONFIG_FIELDS[1:]:
-        try:
-            cfg = cfg.replace(**{key: merged[key]})
-            validate(cfg)
-        except (ValueError, TypeError) as exc:
-            raise ConfigInvalid(key, str(exc)) from None
-    if model is not None:
-        try:
-            validate(cfg, model)
-        except ValueError as exc:
-            text = str(exc)
-            named = [f for f in CONFIG_FIELDS if text.startswith(f)]
-            raise ConfigInvalid(max(named, key=len) if named else "config", text) from None
+    merged = _merged_fields(current, update, replace_all=replace_all)
+    try:
+        cfg = SelectorConfig(**merged)
+        validate(cfg, model)
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        raise ConfigInvalid(_field_named(text), text) from None
     out = {k: v for k, v in cfg.to_dict().items() if k in CONFIG_FIELDS}
     out["enabled"] = bool(enabled)
     return out
 
 
-def settings_from_config(settings: Any, config: dict[str, Any]) -> Any:
+def _merged_fields(current: dict[str, Any], update: dict[str, Any], *, replace_all: bool) -> dict[str, Any]:
+    """The selector fields after ``update``: on the defaults (PUT) or on ``current`` (PATCH); a required
+    field sent as null takes its default, except the policy and warmup_k, which must be given."""
+    base = {k: v for k, v in SelectorConfig().to_dict().items() if k in CONFIG_FIELDS} if replace_all else \
+        {k: current[k] for k in CONFIG_FIELDS}
+    merged = {**base, **{k: v for k, v in update.items() if k in CONFIG_FIELDS}}
+    if merged["policy"] is None:
+        raise ConfigInvalid("policy", "must be given")
+    if merged["policy"] not in available_policies():
+        raise ConfigInvalid("policy", f"unknown policy {merged['policy']!r}; available: "
+                                      f"{', '.join(available_policies())}")
+    if merged.get("warmup_k") is None:
+        raise ConfigInvalid("warmup_k", "must be given")
+    for f in OPERATOR_FIELDS:
+        if merged.get(f.name) is None and not f.optional:
+            merged[f.name] = f.default
+    return merged
+
+
+def _field_named(text: str) -> str:
+    """The setting a validation message is about (every message starts with its name), else "config"."""
+    named = [f for f in CONFIG_FIELDS if text.startswith(f)]
+    return max(named, key=len) if named else "config"
+
+
+def settings_from_config(settings: PluginSettings, config: dict[str, Any]) -> PluginSettings:
     """``settings`` (PluginSettings) with ``config``'s selector fields and on/off switch."""
     sel = settings.selector.to_dict()
     sel.update({k: config[k] for k in CONFIG_FIELDS})
     return replace(settings, enabled=bool(config["enabled"]), selector=SelectorConfig.from_dict(sel))
 
 
-def config_of(settings: Any) -> dict[str, Any]:
+def config_of(settings: PluginSettings) -> dict[str, Any]:
+    """The admin view of ``settings``: {"enabled", and the selector fields}."""
     out = {k: v for k, v in settings.selector.to_dict().items() if k in CONFIG_FIELDS}
     out["enabled"] = bool(settings.enabled)
     return out

@@ -7,7 +7,9 @@ peers over the CPU group, which crosses nodes). Every rank of the group handles 
 of its event loop, between forward batches:
 
 1. the message source (the rank that received it from the HTTP process) checks its signature;
-2. each rank checks the config against its served model and applies it (never raising);
+2. each rank applies it (never raising): the config was validated where it entered, in the HTTP
+   process against the served model; a rank checks only what it alone knows (its captured CUDA
+   graphs, its device knobs);
 3. the ranks exchange their outcome (``all_gather_object`` over the TP CPU group);
 4. if any rank failed, every rank goes back to its previous config and SGLang's reply says
    ``updated=False``; the reasons are in the group view that ``get_internal_state`` returns.
@@ -24,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from xshare.sglang import state as rt_mod
 from xshare.sglang.admin.common import (
     CHANNEL_KEY_ENV,
     CONTROL_KEY,
@@ -33,6 +36,9 @@ from xshare.sglang.admin.common import (
     refusal_fault,
 )
 from xshare.sglang.admin.config import config_of, settings_from_config
+from xshare.sglang.admin.target import AdminTarget
+from xshare.sglang.observe import metrics
+from xshare.sglang.settings import PluginSettings
 
 log = logging.getLogger("xshare.sglang")
 
@@ -115,32 +121,20 @@ def _gather(group: Any, item: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # -- the rank's state ------------------------------------------------------------------------------------
-def rank_status(runtime: Any, *, ok: bool = True, why: str = "") -> dict[str, Any]:
+def rank_status(runtime: AdminTarget, *, ok: bool = True, why: str = "") -> dict[str, Any]:
     return {"rank": runtime.group_rank, "tp_rank": runtime.rank, "pid": os.getpid(), "node": os.uname().nodename,
             "version": runtime.version, "config": config_of(runtime.settings), "source": runtime.config_source,
             "selecting": not runtime.diverged, "ok": ok, "why": why, "time": time.time()}
 
 
-def _model_shape(controller: Any, runtime: Any) -> Any:
-    from xshare.selection.types import ModelShape
-    from xshare.sglang.model_shape import moe_layer_ids, moe_shape
-
-    hf = getattr(getattr(getattr(controller, "scheduler", None), "model_config", None), "hf_text_config", None)
-    top_k, e = moe_shape(hf)
-    e = e or runtime.num_experts_hint
-    layers = tuple(runtime.moe_layers) or moe_layer_ids(hf)  # the loaded model's survey, else its config
-    return ModelShape(num_experts=e, top_k=top_k, moe_layers=layers) if e and top_k else None
-
-
-def _try_apply(runtime: Any, controller: Any, message: dict[str, Any]) -> str:
-    """Check ``message``'s config against this rank's model and apply it; '' on success, else why not.
-    Never raises; on failure the rank is on its previous config."""
-    from xshare.selection.registry import validate
-
+def _try_apply(runtime: AdminTarget, message: dict[str, Any]) -> str:
+    """Apply ``message``'s config on this rank; '' on success, else why not. The config was validated
+    where it entered (the HTTP process, against the served model) and is trusted here: it is only made
+    into this rank's settings and checked against what a rank alone knows (its captured CUDA graphs,
+    its device knobs). Never raises; on failure the rank is on its previous config."""
     version, config = int(message["version"]), message["config"]
     try:
         new = settings_from_config(runtime.settings, config)
-        validate(new.selector, _model_shape(controller, runtime))
         frozen = runtime.capture_refusal(new)
         if frozen is not None:
             raise ValueError(frozen)
@@ -163,19 +157,19 @@ def _try_apply(runtime: Any, controller: Any, message: dict[str, Any]) -> str:
     return ""
 
 
-def _restore(runtime: Any, settings: Any, version: int, source: str) -> None:
+def _restore(runtime: AdminTarget, settings: PluginSettings, version: int, source: str) -> None:
     try:
         runtime.set_config(settings, version, source=source)
-    except Exception as exc:  # noqa: BLE001
-        runtime.diverged = True
+    except Exception as exc:  # noqa: BLE001 - a config the rank cannot go back to: it stops selecting
+        runtime.mark_diverged()
         log.error("xshare: rank %d cannot return to config v%d (%s): it stops selecting (SGLang's routing) "
                   "until the next config change", runtime.group_rank, version, exc)
 
 
-def handle_message(runtime: Any, controller: Any, key: str) -> str | None:
+def handle_message(runtime: AdminTarget, key: str) -> str | None:
     """Handle one config message on this rank, together with its group; None when the whole group
     applied it, else the reason (naming the rank) every rank of the group went back for."""
-    runtime.group_rank = group_rank()
+    runtime.record_group_rank(group_rank())
     why = ""
     message: dict[str, Any] | None = None
     try:
@@ -184,7 +178,7 @@ def handle_message(runtime: Any, controller: Any, key: str) -> str | None:
         why = f"message refused: {exc}"
     old = (runtime.settings, runtime.version, runtime.config_source)
     if message is not None:
-        why = _try_apply(runtime, controller, message)
+        why = _try_apply(runtime, message)
     group = control_group()
     try:
         statuses = _gather(group, rank_status(runtime, ok=not why, why=why))
@@ -196,19 +190,17 @@ def handle_message(runtime: Any, controller: Any, key: str) -> str | None:
             statuses = [{**s, "ok": s["rank"] not in reasons, "why": reasons.get(s["rank"], "")}
                         for s in _gather(group, rank_status(runtime))]
     except Exception as exc:  # noqa: BLE001 - the group cannot agree: this rank stops selecting
-        runtime.diverged = True
+        runtime.mark_diverged()
         log.error("xshare: rank %d cannot reach its group for a config change (%s): it stops selecting",
                   runtime.group_rank, exc)
         return f"rank {runtime.group_rank}: the group exchange failed: {exc}"
-    runtime.group_view = statuses
+    runtime.record_group_view(statuses)
     if failed:
-        if runtime.metrics is not None:
-            runtime.metrics.config_change("rejected")
+        runtime.count_config_change("rejected")
         first = failed[0]
         return f"rank {first['rank']} ({first['node']}): {first['why']}"
-    runtime.diverged = False
-    if runtime.metrics is not None:
-        runtime.metrics.config_change("applied")
+    runtime.mark_converged()
+    runtime.count_config_change("applied")
     log.info("xshare: rank %d applied config v%d (%s): %s", runtime.group_rank, runtime.version,
              runtime.config_source, runtime.settings.describe())
     return None
@@ -220,16 +212,13 @@ def update_handlers_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
     reaches SGLang's reply; ``apply`` has nothing left to do."""
     from sglang.srt.managers.scheduler_components.internal_state import UpdateRejected, _UpdateHandler
 
-    from xshare.sglang import state as rt_mod
-
     runtime = rt_mod.get()
     if runtime is None or not isinstance(result, dict):
         return None
-    controller = args[0] if args else None
 
-    def validate(key: str, value: Any) -> None:
+    def validate_key(key: str, value: Any) -> None:
         try:
-            why = handle_message(runtime, controller, str(key))
+            why = handle_message(runtime, str(key))
         except Exception as exc:  # noqa: BLE001 - nothing here may end the scheduler
             why = f"rank {runtime.group_rank}: {type(exc).__name__}: {exc}"
         if why is not None:
@@ -239,46 +228,40 @@ def update_handlers_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
     def apply(key: str, value: Any) -> None:
         return None
 
-    return _Handlers(result, _UpdateHandler(validate, apply))
+    return _Handlers(result, _UpdateHandler(validate_key, apply))
 
 
 def get_internal_state_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER ``SchedulerInternalStateController.get_internal_state``: the group view (every rank's
     version and config as of the last change) and this rank's last metrics summary, under VIEW_KEY."""
-    from xshare.sglang import state as rt_mod
-
     runtime = rt_mod.get()
     state = getattr(result, "internal_state", None)
     if runtime is None or not isinstance(state, dict):
         return None
     try:
-        runtime.group_rank = group_rank()
+        runtime.record_group_rank(group_rank())
         ranks = runtime.group_view or [rank_status(runtime)]
         state[VIEW_KEY] = {"ranks": ranks, "stats": runtime.last_summary}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - the view is a report: it never fails SGLang's reply
         runtime.log_once("view", logging.ERROR, "xshare: cannot report the config view: %s", exc)
     return None
 
 
 def on_idle_hook(result: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER ``Scheduler.on_idle``: flush a metrics window that has not been flushed yet (host check)."""
-    from xshare.sglang import state as rt_mod
-
     runtime = rt_mod.get()
-    if runtime is not None and runtime.observe and runtime.stats.forwards != runtime.last_flush:
-        runtime.flush_metrics()
+    if runtime is not None:
+        runtime.flush_metrics_if_new()
     return None
 
 
-def scheduler_setup(runtime: Any) -> None:
+def scheduler_setup(runtime: AdminTarget) -> None:
     """In a scheduler process, once its runtime exists: the channel key (taken out of the environment,
     so this process's children do not inherit it), its group rank and the metrics exporter."""
-    from xshare.sglang.observe import metrics
-
-    runtime.channel_key = os.environ.pop(CHANNEL_KEY_ENV, "")
+    runtime.set_channel_key(os.environ.pop(CHANNEL_KEY_ENV, ""))
 
     def keep(summary: dict[str, Any]) -> None:
-        runtime.last_summary = {"rank": runtime.group_rank, "time": time.time(), **summary}
+        runtime.record_summary({"rank": runtime.group_rank, "time": time.time(), **summary})
 
     runtime.enable_observability(metrics.create(runtime.rank, on_flush=keep))
 
