@@ -16,7 +16,7 @@ from xshare.sglang.admin import common
 from xshare.sglang.admin.config import ConfigInvalid, build_config, config_of
 from xshare.sglang.admin.guards import BodyLimit, RedactQuery, ReservedKeyGuard
 from xshare.sglang.admin.scheduler import handle_message
-from xshare.sglang.admin.state import STARTUP, AdminState
+from xshare.sglang.admin.store import STARTUP, AdminState
 from xshare.sglang.settings import PluginSettings
 from xshare.sglang.state import ProcessState
 

@@ -24,7 +24,7 @@ why.
 
 Modules: :mod:`~xshare.sglang.admin.common` (names, limits, the signed message),
 :mod:`~xshare.sglang.admin.config` (the request model and the one validation of a change),
-:mod:`~xshare.sglang.admin.state` (the config in force, persisted), :mod:`~xshare.sglang.admin.guards`
+:mod:`~xshare.sglang.admin.store` (the config in force, persisted), :mod:`~xshare.sglang.admin.guards`
 (body limit, ``/set_internal_state`` guard, access-log redaction), :mod:`~xshare.sglang.admin.http`
 (authorization, routes, the change), :mod:`~xshare.sglang.admin.fanout` (to every rank and back),
 :mod:`~xshare.sglang.admin.scheduler` (a rank's side) and :mod:`~xshare.sglang.admin.target` (what
@@ -69,7 +69,7 @@ from xshare.sglang.admin.config import (
 )
 from xshare.sglang.admin.http import install_routes
 from xshare.sglang.admin.scheduler import get_internal_state_hook, on_idle_hook, scheduler_setup, update_handlers_hook
-from xshare.sglang.admin.state import AdminState
+from xshare.sglang.admin.store import AdminState
 
 __all__ = [
     "ALLOW_LOCAL_ENV", "CONFIG_FIELDS", "CONTROL_KEY", "GET_STATE_TARGET", "MAX_BODY_BYTES", "ON_IDLE_TARGET",

@@ -10,7 +10,7 @@ from typing import Any
 
 from xshare.selection.types import ModelShape
 from xshare.sglang.admin.common import APPLY_TIMEOUT_S, VIEW_KEY, encode_message
-from xshare.sglang.admin.state import AdminState
+from xshare.sglang.admin.store import AdminState
 from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 
 

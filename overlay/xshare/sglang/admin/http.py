@@ -2,7 +2,7 @@
 authorization, the body of a change parsed into a validated config, the change itself (persisted, fanned
 out to every rank, reverted on failure) and the start-up sync; :func:`install_routes` puts them, with the
 guards of :mod:`xshare.sglang.admin.guards`, on SGLang's app (see :mod:`xshare.sglang.admin`). Data: an
-HTTP request in, a JSON reply out; the config in force lives in :class:`~xshare.sglang.admin.state.AdminState`."""
+HTTP request in, a JSON reply out; the config in force lives in :class:`~xshare.sglang.admin.store.AdminState`."""
 
 # No ``from __future__ import annotations``: FastAPI reads the route handlers' annotations (Request,
 # Depends) at run time, and those are imported inside AdminRoutes.add_to.
@@ -29,7 +29,7 @@ from xshare.sglang.admin.common import (
 from xshare.sglang.admin.config import ConfigInvalid, ConfigUpdate, build_config
 from xshare.sglang.admin.fanout import expected_ranks, fan_out, group_state, served_model_shape
 from xshare.sglang.admin.guards import BodyLimit, ReservedKeyGuard, redact_access_log
-from xshare.sglang.admin.state import ADMIN, PERSISTED, STARTUP, AdminState
+from xshare.sglang.admin.store import ADMIN, PERSISTED, STARTUP, AdminState
 from xshare.sglang.settings import PluginSettings
 
 log = logging.getLogger("xshare.sglang")
