@@ -11,7 +11,7 @@ synthetic router logits for any (E, top_k).
 
     python scripts/trace_routing_stats.py [--traces ../shared/traces] [--out overlay/xshare/bench/_trace_routing.py]
 
-The output is deterministic (same traces -> same bytes); tests/test_trace_routing.py checks that.
+The output is deterministic (same traces -> same bytes); tests/eval/test_trace_routing.py checks that.
 """
 
 from __future__ import annotations

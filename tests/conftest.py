@@ -2,6 +2,9 @@
 
 pytest loads this file before the tests (and puts ``tests/`` on ``sys.path``, as the folder has no
 ``__init__.py``), so test files use the fixtures by name and the helpers with ``from conftest import ...``.
+The tests sit in one folder per part of the package (``selection/``, ``sglang/``, ``eval/``, ``models/``,
+``bench/``, ``deploy/``), real-server runs in ``e2e/``, and checks of the whole package here; this one
+conftest serves them all (a second ``conftest.py`` would shadow ``from conftest import ...``).
 
 Dependencies. :func:`require_module`, :func:`require_binary` and :func:`require_path` skip a test whose
 dependency is missing, with the reason, on a developer's machine; under ``CI=true`` they fail it instead, so
@@ -54,7 +57,8 @@ def missing(reason: str) -> NoReturn:
     Works in a test, a fixture or at module level (a module-level failure in CI is a collection error, which
     fails the run too). Only what CI can always have goes through here: a Python package the set-up installs, a
     Debian package of ``scripts/ci_system_deps.sh``, a C compiler, the shared data folder. Hardware that a CI
-    machine never has stays a plain ``skipif`` in its test file, e.g. a CUDA device (tests/test_cuda_graph.py):
+    machine never has stays a plain ``skipif`` in its test file, e.g. a CUDA device
+    (tests/selection/test_cuda_graph.py):
     failing there would only make CI red without a way to make it green.
     """
     __tracebackhide__ = True  # the skip or failure is reported at the test's line

@@ -319,7 +319,7 @@ SGLANG_PR11730 = Measurement(
 )
 
 # Fitted to SGLANG_PR11730 by fit_calibration() (least squares on the relative error; the test
-# tests/test_bench_costmodel.py re-fits and checks these rounded values): per fused-MoE call a fixed
+# tests/bench/test_bench_costmodel.py re-fits and checks these rounded values): per fused-MoE call a fixed
 # 23.8 us, and expert weights streamed at 0.561 x 4.8 TB/s = 2.69 TB/s.
 CALIBRATION: dict[str, float] = {"moe_fixed_us": 23.8, "expert_hbm_efficiency": 0.561}
 

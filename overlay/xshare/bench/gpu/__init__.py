@@ -6,7 +6,7 @@ order, the report rewritten after each so that a run cut off still leaves the fi
 
 1. **selector vs reference**: the fused Triton selector (``fused_select(backend='triton')``) against
    the torch reference ``select`` on the device, over the randomised cases of
-   ``tests/test_kernel_interpret.py`` (:mod:`xshare.selection.kernels.cases`: both policies the kernel
+   ``tests/selection/test_kernel_interpret.py`` (:mod:`xshare.selection.kernels.cases`: both policies the kernel
    implements, softmax and sigmoid routers, renormalisation on and off, plus the fixed cases), and
    ``--extra-cases`` more random seeds: ids identical, weights within 1e-6.
 2. **CUDA graph**: the selector (kernel and torch) captured once with device knobs, ``num_tokens`` and
@@ -31,7 +31,7 @@ order, the report rewritten after each so that a run cut off still leaves the fi
 
 ``--cpu`` runs the same code paths on the CPU at a tiny size (kernels in Triton's interpreter, CPU
 "replays" re-launch the recorded launch or call again in the capturing state, times by ``perf_counter``):
-CI runs it so the check cannot rot. Needs torch, triton, numpy and this package only (tests/test_bench_gpu.py
+CI runs it so the check cannot rot. Needs torch, triton, numpy and this package only (tests/bench/test_bench_gpu.py
 checks the imports; the plugin's routing modules import SGLang only lazily, where it exists). By default
 (--time-budget 260 s on a GPU) the whole check ends within 5 minutes on an H200.
 

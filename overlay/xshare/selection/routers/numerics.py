@@ -2,7 +2,7 @@
 SGLang's on the CPU (float32 tensors in, float32 out).
 
 Bitwise equality with SGLang (``allowed`` None or all True): ids, column order and weights are
-equal for fp32 and bf16 logits, ties included, on the CPU (tests/test_gates_sglang.py). Three
+equal for fp32 and bf16 logits, ties included, on the CPU (tests/selection/test_gates_sglang.py). Three
 things make that possible and are done here on purpose:
 
 * the ``torch.compile``'d gates compute their float32 reductions the way Inductor's CPU code does:

@@ -9,7 +9,7 @@ and the weights of the routed ids (gathered from the gate's affinities and finis
 :func:`~xshare.selection.routers.gate.finish_weights`). C does the rest: the warm-up, the set, which rows
 the set restricts, each restricted row's group re-selection and top_k inside S, short rows, and the
 bookkeeping the adapter records. Its top-k orders ties as ``torch.topk`` does on the CPU, so ids, their
-column order and the weights equal the torch path's (``tests/test_cpu_router.py``).
+column order and the weights equal the torch path's (``tests/selection/test_cpu_router.py``).
 
 Policies: ``xshare`` (without a mass target) and ``topk`` entirely in C; the other set policies
 (``lynx``, ``des_vote``, ``oea``) pick their set in torch on

@@ -1,6 +1,6 @@
 """Randomised selector cases: the fused kernel against the torch reference, on any device.
 
-One generator for the interpreter tests (``tests/test_kernel_interpret.py``, CPU tensors) and for
+One generator for the interpreter tests (``tests/selection/test_kernel_interpret.py``, CPU tensors) and for
 ``xshare bench gpu`` (the same cases on CUDA), so the GPU check replays exactly what the tests
 prove on the CPU. Every case is a keyword dict for :func:`xshare.selection.select` /
 :func:`~xshare.selection.select`; inputs are drawn on the CPU from the seed (the same
@@ -84,7 +84,7 @@ def random_case(seed: int, policy: str, scoring: str, renormalize: bool) -> dict
 
 
 def grid_cases(seeds: int = 6) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The parametrised random cases of tests/test_kernel_interpret.py: seeds x policies x scorings x
+    """The parametrised random cases of tests/selection/test_kernel_interpret.py: seeds x policies x scorings x
     renormalisation, named like the test ids."""
     for policy in POLICIES:
         for scoring in SCORINGS:

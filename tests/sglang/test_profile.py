@@ -1,5 +1,5 @@
 """XSHARE_PROFILE: forward and MoE-block host times per forward mode (hooks on plain objects; the
-real server path is covered by tests/test_bench_serve.py, which reads the MoE share from /metrics)."""
+real server path is covered by tests/e2e/test_bench_serve.py, which reads the MoE share from /metrics)."""
 
 import time
 from types import SimpleNamespace

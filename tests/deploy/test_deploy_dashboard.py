@@ -3,7 +3,7 @@
 promtool (Debian `prometheus`, scripts/ci_system_deps.sh) parses every expression; outside CI a machine
 without it skips those tests with the reason, in CI (CI=true) they fail instead (conftest.require_binary). The
 metric names the dashboard reads are compared with a real scrape: of a prometheus_client exporter serving the metrics
-contract over HTTP here, and of a live SGLang server in tests/test_deploy_launcher.py.
+contract over HTTP here, and of a live SGLang server in tests/deploy/test_deploy_launcher.py.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_committed_json_is_the_generator_output(dash):
 
 
 def test_one_copy_inside_the_chart():
-    """The chart carries the file itself (``helm package`` ships it, tests/test_deploy_helm.py); the repository's
+    """The chart carries the file itself (``helm package`` ships it, tests/deploy/test_deploy_helm.py); the repository's
     dashboards/xshare-sglang.json, the file to import in Grafana, is a link to it; the generator writes it."""
     from xshare.deploy.dashboard import DEFAULT_OUT
 
@@ -263,7 +263,7 @@ def test_names_match_a_scrape_of_the_metrics_contract(dash):
 
 @pytest.mark.parametrize("detail", ["group", "layer"])
 def test_every_panel_reads_what_the_exporter_writes_at_both_detail_levels(dash, tmp_path, detail):
-    """The real exporter (tests/test_metrics_budget.py's harness: 2 ranks, EP 2, 3 MoE layers) at the default
+    """The real exporter (tests/sglang/test_metrics_budget.py's harness: 2 ranks, EP 2, 3 MoE layers) at the default
     detail and at per-layer detail: every xshare metric a panel reads is in the exposition, and the layer variable
     finds its values (``all`` at the default detail, the layer ids at ``layer``)."""
     require_module("prometheus_client", DEPLOY_TOOLS)

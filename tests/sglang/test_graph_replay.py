@@ -1,4 +1,4 @@
-"""The routing hook's path under CUDA-graph capture and replay, emulated on the CPU (tests/graph_replay.py).
+"""The routing hook's path under CUDA-graph capture and replay, emulated on the CPU (tests/sglang/graph_replay.py).
 
 SGLang decodes by replaying graphs it captured at start-up, with the plugin's per-call path inside. A
 replay follows only what lives in device memory: the input buffers SGLang rewrites (logits, its own
@@ -21,9 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from graph_replay import Graph
 
 from conftest import require_module
-from graph_replay import Graph
 from xshare.selection import SelectorConfig
 from xshare.selection.routers.gate import reference_route
 from xshare.selection.routers.spec import RouterSpec
@@ -34,7 +34,6 @@ from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-
 from test_sglang_router_families import _cfg  # noqa: E402
 
 T = 12

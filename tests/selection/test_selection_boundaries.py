@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent / "overlay" / "xshare"
+ROOT = Path(__file__).resolve().parents[2] / "overlay" / "xshare"
 CORE = ROOT / "selection"
 # the steps decide() chains; callers outside the core reach them only through decide()
 ROUTING_STEPS = {"decide_plain", "decide_router", "decide_global", "decide_cpu", "decide_router_c", "decide_fused",

@@ -14,7 +14,7 @@ from xshare.selection import SelectorConfig
 from xshare.selection.schema import OPERATOR_FIELDS, SELECTOR_FIELDS, Field, parse_bool_text, parse_count
 from xshare.sglang import settings as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "k8s" / "xshare-sglang"
 
 

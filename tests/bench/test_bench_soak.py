@@ -1,6 +1,6 @@
 """``xshare bench soak`` without a server: its random configs are valid for the model and cover the registry, its
 invalid changes are invalid, and the command refuses non-loopback URLs and unbounded runs (the soak itself runs
-against a live server in tests/test_metrics_e2e.py)."""
+against a live server in tests/e2e/test_metrics_e2e.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The selector inside a captured CUDA graph follows knob changes made in place, without recapture.
 
 Needs a CUDA device (skipped otherwise; the CPU-side proof that the hot path never synchronises is
-tests/test_no_host_sync.py). Both the torch path (``select``) and the fused Triton kernel
+tests/selection/test_no_host_sync.py). Both the torch path (``select``) and the fused Triton kernel
 (``select(backend="triton")``) are captured: static input buffers, a device ``num_tokens`` and ``SelectorKnobs``;
 each knob change and each new batch is written in place, the graph replayed, and the result compared
 with an eager call on the same inputs.

@@ -16,7 +16,7 @@ import torch
 
 from conftest import require_module
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the stand-ins against SGLang's own kernels (Triton's interpreter, in a subprocess) -----------------------------
@@ -26,7 +26,8 @@ def op_checks():
     require_module("sglang", "scripts/install_sglang_cpu.sh", load=False)
     env = {k: v for k, v in os.environ.items() if k != "SGLANG_USE_CPU_ENGINE"}
     env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "speculative_ops_check.py"), "3"], capture_output=True,
+    script = ROOT / "tests" / "sglang" / "speculative_ops_check.py"
+    r = subprocess.run([sys.executable, str(script), "3"], capture_output=True,
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

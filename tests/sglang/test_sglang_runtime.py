@@ -105,7 +105,7 @@ def test_shared_expert_columns_are_left_alone(logits):
         (rt.ForwardState(mode="decode"), {"allow_routed_experts_capture": False}, "draft_layer"),
         (None, {}, "no_forward_state"),
         # routers the selector does not know stay SGLang's (biased / grouped routers are selected:
-        # tests/test_sglang_router_families.py)
+        # tests/sglang/test_sglang_router_families.py)
         (rt.ForwardState(mode="decode"), {"custom_routing_function": lambda *a: None},
          "unsupported_custom_routing_function"),
         (rt.ForwardState(mode="decode"), {"scoring_func": "relu"}, "unsupported_scoring_relu"),

@@ -1,4 +1,4 @@
-"""Run by tests/test_speculative_cpu.py in a subprocess under ``TRITON_INTERPRET=1``: SGLang 0.5.23's own Triton
+"""Run by tests/sglang/test_speculative_cpu.py in a subprocess under ``TRITON_INTERPRET=1``: SGLang 0.5.23's own Triton
 kernels of the speculative ops (their definition, run by Triton's interpreter on CPU tensors) against the CPU
 stand-ins of ``overlay/cpu_shims/sgl_kernel``, on random small inputs. Prints one JSON object: per op, the
 number of cases compared and the cases that differ (empty when every output matches)."""

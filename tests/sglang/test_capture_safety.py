@@ -48,7 +48,6 @@ from xshare.sglang.settings import PluginSettings
 
 topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
 from sglang.srt.models.llama4 import Llama4MoE  # noqa: E402
-
 from test_sglang_router_families import _cfg  # noqa: E402
 
 DEVICE = "meta"

@@ -1,6 +1,6 @@
 """The tiny models of the other router families (``xshare.models.tiny_moe.PRESETS``): their router configs,
 deterministic builds with a correction bias that changes routing, the Qwen3-MoE default left as it was, and
-``xshare tiny-model --arch``. Served for real by tests/test_sglang_e2e_routers.py."""
+``xshare tiny-model --arch``. Served for real by tests/e2e/test_sglang_e2e_routers.py."""
 
 from __future__ import annotations
 
