@@ -279,39 +279,19 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = _check(args)
-    except ValueError as e:
-        print(f"xshare bench selector: error: {e}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    threads = args.threads
-    torch.set_num_threads(threads)
-    dtype = _DTYPES[args.dtype]
-    torch.manual_seed(args.seed)
-    w13 = w2 = None
-    if not args.no_experts:
-        pool = min(args.expert_pool, max(args.experts))
-        scale = 1.0 / math.sqrt(args.hidden)
-        w13 = (torch.randn(pool, 2 * args.moe_intermediate, args.hidden) * scale).to(device=device, dtype=dtype)
-        w2 = (torch.randn(pool, args.hidden, args.moe_intermediate) * scale).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    timer = Timer(repeat=args.repeat, sync=sync)
-    load_before = os.getloadavg()
+def _expert_weights(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(w13 [pool, 2 I, H], w2 [pool, H, I]): random expert weights, or (None, None) with --no-experts."""
+    if args.no_experts:
+        return None, None
+    pool = min(args.expert_pool, max(args.experts))
+    scale = 1.0 / math.sqrt(args.hidden)
+    w13 = (torch.randn(pool, 2 * args.moe_intermediate, args.hidden) * scale).to(device=device, dtype=dtype)
+    w2 = (torch.randn(pool, args.hidden, args.moe_intermediate) * scale).to(device=device, dtype=dtype)
+    return w13, w2
 
-    points = []
-    for e in args.experts:
-        for k in args.top_k:
-            if k > e:
-                continue
-            for b in args.batch:
-                points.append(_point(b, e, k, args, config, device, dtype, w13, w2, timer))
-    if not points:
-        print("xshare bench selector: error: no grid point has --top-k <= --experts", file=sys.stderr)
-        return 2
 
+def _table(args: argparse.Namespace, points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the printed table: times per grid point, and the selector's share of the MoE layer."""
     has_kernel = any(p["kernel_us"] is not None for p in points)
     has_cpu = any(p["cpu_us"] is not None for p in points)
     headers = ["B", "E", "k", "topk_us", "select_us"] + (["kernel_us"] if has_kernel else []) \
@@ -339,10 +319,16 @@ def run(args: argparse.Namespace) -> int:
                 cs = p.get("cpu_share_of_layer")
                 r.append("-" if cs is None else f"{100 * cs:.2f}")
         rows.append(r)
-    meta = {
+    return headers, rows
+
+
+def _meta(args: argparse.Namespace, config: Any, device: torch.device, load_before: tuple[float, ...]
+          ) -> dict[str, Any]:
+    """What the times were measured on and with (``meta`` in the JSON)."""
+    return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
-        "threads": threads,
+        "threads": args.threads,
         "torch": torch.__version__,
         "dtype": args.dtype,
         "hidden": args.hidden,
@@ -356,20 +342,49 @@ def run(args: argparse.Namespace) -> int:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    print(f"xshare bench selector on {meta['device']} ({threads} threads, torch {torch.__version__}, {args.dtype}; "
-          f"H={args.hidden}, I={args.moe_intermediate}; router {args.router}; policy {args.policy}, "
+
+
+def _print_report(args: argparse.Namespace, meta: dict[str, Any], points: list[dict[str, Any]]) -> None:
+    """The settings line, the table, and the selector's share at the reference point."""
+    print(f"xshare bench selector on {meta['device']} ({args.threads} threads, torch {torch.__version__}, "
+          f"{args.dtype}; H={args.hidden}, I={args.moe_intermediate}; router {args.router}; policy {args.policy}, "
           f"budget {args.budget}, "
           f"warmup_k {args.warmup_k}); median of {args.repeat}, times in microseconds")
-    print(format_table(headers, rows))
-    if not args.no_experts:
-        print("share% = select / (select + experts_xshare): the selector's share of the MoE layer run with it; "
-              f"* = above the {100 * GOAL_SHARE:.0f}% goal. active = activated experts, top-k -> selector.")
-        fig = [p for p in points if (p["batch"], p["experts"], p["top_k"]) == FIGURE_POINT]
-        if fig:
-            f = fig[0]
-            print(f"figure (B=16, E=128, top_k=8): selector {f['select_us']:.1f} us = "
-                  f"{100 * f['select_share_of_layer']:.2f}% of the MoE layer "
-                  f"({f['experts_xshare_us']:.0f} us of experts); vanilla top-k {f['topk_us']:.1f} us")
+    print(format_table(*_table(args, points)))
+    if args.no_experts:
+        return
+    print("share% = select / (select + experts_xshare): the selector's share of the MoE layer run with it; "
+          f"* = above the {100 * GOAL_SHARE:.0f}% goal. active = activated experts, top-k -> selector.")
+    fig = [p for p in points if (p["batch"], p["experts"], p["top_k"]) == FIGURE_POINT]
+    if fig:
+        f = fig[0]
+        print(f"figure (B=16, E=128, top_k=8): selector {f['select_us']:.1f} us = "
+              f"{100 * f['select_share_of_layer']:.2f}% of the MoE layer "
+              f"({f['experts_xshare_us']:.0f} us of experts); vanilla top-k {f['topk_us']:.1f} us")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _check(args)
+    except ValueError as e:
+        print(f"xshare bench selector: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.set_num_threads(args.threads)
+    dtype = _DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    w13, w2 = _expert_weights(args, device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timer = Timer(repeat=args.repeat, sync=sync)
+    load_before = os.getloadavg()
+    points = [_point(b, e, k, args, config, device, dtype, w13, w2, timer)
+              for e in args.experts for k in args.top_k if k <= e for b in args.batch]
+    if not points:
+        print("xshare bench selector: error: no grid point has --top-k <= --experts", file=sys.stderr)
+        return 2
+    meta = _meta(args, config, device, load_before)
+    _print_report(args, meta, points)
     if args.json:
         write_json_atomic(args.json, {"meta": meta, "points": points})
         print(f"wrote {args.json}")
