@@ -207,7 +207,8 @@ def _publish_plots(rows: list[dict[str, Any]], folder: str, title: str) -> list[
 def _replay(args: argparse.Namespace, built: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
     """Replay the plan (or every predictive placement variant): (one row of metrics per setting, wall seconds)."""
     from xshare.eval.replan import replay_variants, variant_rows
-    from xshare.eval.replay import replay, summarise_all
+    from xshare.eval.replay import replay
+    from xshare.eval.summary import summarise_all
 
     progress = False if args.no_progress else None
     schedule = built["schedule"]
