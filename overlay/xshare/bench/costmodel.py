@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from typing import Any
 
 import numpy as np
 
+from xshare._io import help_epilog, usage_error
 from xshare.bench._common import format_table, int_list, write_json_atomic
 from xshare.eval.costmodel import CALIBRATION, GPUS, MODELS, SGLANG_PR11730, CostModel, uniform_active
 
@@ -37,14 +37,13 @@ DTYPES = {  # expert bytes per param, dense bytes per param (None = the preset's
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "Reproduce SGLang PR 11730's H200 measurement:\n"
         "  xshare bench costmodel --model qwen3-235b-a22b --gpu h200 --dtype fp8 --tp 8 --batch 1,2,4,8,16,24,32\n"
         "The vLLM port's setting (GPT-OSS-120B, 24 of 128 experts, concurrency 16, one H200):\n"
         "  xshare bench costmodel --model gpt-oss-120b --gpu h200 --batch 16 --budget 24 --routing trace\n"
         "See docs/costmodel.md."
-    )
+    ))
     g = p.add_argument_group("setting")
     g.add_argument("--model", choices=sorted(MODELS), required=True, help="model preset")
     g.add_argument("--gpu", choices=sorted(GPUS), default="h200", help="GPU preset (default h200)")
@@ -271,8 +270,7 @@ def run(args: argparse.Namespace) -> int:
                        selector_us=args.selector_us, tp=args.tp, moe_fixed_us=args.moe_fixed_us,
                        expert_hbm_efficiency=args.expert_hbm_efficiency)
     except ValueError as e:
-        print(f"xshare bench costmodel: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare bench costmodel", e)
     policy = args.budget is not None or args.reduction is not None
     exact = args.routing == "uniform" and args.ep == 1
     router = None if exact and not policy else _Router(args, model.num_experts, model.top_k)

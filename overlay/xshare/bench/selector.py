@@ -35,7 +35,6 @@ import argparse
 import math
 import os
 import platform
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xshare._io import help_epilog, usage_error
 from xshare.bench._common import Timer, format_table, int_list, write_json_atomic
 from xshare.selection import Placement, SelectorConfig, available_policies, engine, get_policy, select
 from xshare.selection.config import parse_count
@@ -65,13 +65,12 @@ ROUTERS = {"plain": None, "deepseek_v3": (8, 4, 1), "auxfree": (8, 4, 0)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "Grid: every combination of --batch x --experts x --top-k (top_k > E is skipped).\n"
         "Quick single point (the reference point, Qwen3-30B-A3B expert size):\n"
         "  xshare bench selector --batch 16 --experts 128 --top-k 8 --hidden 2048 --moe-intermediate 768\n"
         "See docs/kernel.md."
-    )
+    ))
     g = p.add_argument_group("grid")
     g.add_argument("--batch", type=int_list("--batch"), default=DEFAULT_BATCH, metavar="LIST",
                    help="tokens per batch, comma-separated (default 1,8,16,32,64)")
@@ -367,8 +366,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = _check(args)
     except ValueError as e:
-        print(f"xshare bench selector: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare bench selector", e)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     torch.set_num_threads(args.threads)
@@ -381,8 +379,7 @@ def run(args: argparse.Namespace) -> int:
     points = [_point(b, e, k, args, config, device, dtype, w13, w2, timer)
               for e in args.experts for k in args.top_k if k <= e for b in args.batch]
     if not points:
-        print("xshare bench selector: error: no grid point has --top-k <= --experts", file=sys.stderr)
-        return 2
+        return usage_error("xshare bench selector", "no grid point has --top-k <= --experts")
     meta = _meta(args, config, device, load_before)
     _print_report(args, meta, points)
     if args.json:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xshare._io import usage_error
+
 NAME = "demo"
 HELP = "start a real SGLang server with the plugin, send a batch with the selector off then on, print the figures"
 
@@ -218,8 +220,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         on = _check(args)
     except ValueError as e:
-        print(f"xshare demo: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare demo", e)
     off = Setting("off", False)
     t0 = time.monotonic()
     problems = T.heldout(args.problems, seed=args.seed)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
+from xshare._io import help_epilog, usage_error
 from xshare.commands._eval_plan import (
     DEFAULT_ALPHA,
     DEFAULT_BATCH,
@@ -133,8 +134,7 @@ def _output_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "Sweeps: --batch, --budget, --target-mass, --warmup-k and --gpu-cap are repeatable; every policy is run\n"
         f"over the knobs it reads ({_policy_knobs_text()}).\n"
         "Per-policy values: --policy 'oea:warmup_k=1,2,3'.\n\n"
@@ -142,7 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "  xshare eval --trace ../shared/traces/esft_intent.npz --trace ../shared/traces/esft_summary.npz \\\n"
         "      --policy topk --policy xshare --policy xshare_ep --budget 32 --gpu-cap 4 --gpus 8 --json out.json\n"
         "See docs/eval.md."
-    )
+    ))
     for title, add in (
         ("input", _input_arguments),
         ("policies and sweep", _sweep_arguments),
@@ -326,8 +326,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         built = build(args)
     except (UsageError, TraceError, ValueError) as err:
-        print(f"xshare eval: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error("xshare eval", err)
     for note in built["notes"]:
         print(f"note: {note}", file=sys.stderr)
     rows, wall = _replay(args, built)

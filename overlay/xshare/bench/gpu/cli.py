@@ -4,11 +4,11 @@ bench registry, :func:`xshare.bench.modes`, needs), and the argument checks."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from xshare._io import help_epilog, usage_error
 from xshare.bench._common import int_list
 from xshare.bench.gpu.context import CPU_TIME_BUDGET, GPU_TIME_BUDGET, PARTS
 from xshare.bench.gpu.runner import run_parts
@@ -19,15 +19,14 @@ HELP = ("the prepared GPU check: Triton selector vs reference, CUDA-graph replay
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "On the GPU machine (nothing installed but torch/triton/numpy):\n"
         "  PYTHONPATH=overlay python -m xshare bench gpu --out $OUT\n"
         "In CI (no GPU): xshare bench gpu --cpu --out DIR\n"
         "Writes DIR/gpu_check.json and DIR/gpu_check.md after every part. Exit status 0 when every check\n"
         "passed, 1 when one failed or a part raised (the report says which), 2 for bad arguments.\n"
         "See docs/kernel.md (GPU check)."
-    )
+    ))
     p.add_argument("--cpu", action="store_true", help="CPU mode: interpreter / torch, tiny sizes (CI)")
     p.add_argument("--out", default="gpu-check", help="output folder (default gpu-check/)")
     p.add_argument("--parts", default=",".join(PARTS),
@@ -86,6 +85,5 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
-        print(f"xshare bench gpu: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare bench gpu", e)
     return run_parts(args, parts, out)
