@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from xshare._io import help_epilog, usage_error
-from xshare.bench._common import format_table, int_list, write_json_atomic
+from xshare.bench._common import add_int_list, format_table, write_json_atomic
 from xshare.eval.costmodel import CALIBRATION, GPUS, MODELS, SGLANG_PR11730, CostModel, uniform_active
 
 MODE = "costmodel"
@@ -51,8 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert weight format (default auto: the preset's)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel: every expert sliced over TP GPUs (default 1)")
     g.add_argument("--ep", type=int, default=1, help="expert parallel over EP GPUs, contiguous placement (default 1)")
-    g.add_argument("--batch", type=int_list("--batch"), default=[1, 2, 4, 8, 16, 24, 32], metavar="LIST",
-                   help="decode batch sizes (default 1,2,4,8,16,24,32)")
+    add_int_list(g, "--batch", [1, 2, 4, 8, 16, 24, 32], "decode batch sizes (default 1,2,4,8,16,24,32)")
     g.add_argument("--routing", choices=("uniform", "trace"), default="uniform",
                    help="uniform (random gate logits, as SGLang's kernel benchmark) or trace (the ESFT traces' "
                         "batch statistics)")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xshare._io import help_epilog, usage_error
-from xshare.bench._common import Timer, format_table, int_list, write_json_atomic
+from xshare.bench._common import Timer, add_int_list, format_table, write_json_atomic
 from xshare.selection import Placement, SelectorConfig, available_policies, engine, get_policy, select
 from xshare.selection.config import parse_count
 from xshare.selection.gates import RouterSpec, reference_route
@@ -72,12 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "See docs/kernel.md."
     ))
     g = p.add_argument_group("grid")
-    g.add_argument("--batch", type=int_list("--batch"), default=DEFAULT_BATCH, metavar="LIST",
-                   help="tokens per batch, comma-separated (default 1,8,16,32,64)")
-    g.add_argument("--experts", type=int_list("--experts"), default=DEFAULT_EXPERTS, metavar="LIST",
-                   help="experts per layer E (default 64,128,256)")
-    g.add_argument("--top-k", type=int_list("--top-k"), default=DEFAULT_TOP_K, metavar="LIST",
-                   help="experts per token (default 4,6,8)")
+    add_int_list(g, "--batch", DEFAULT_BATCH, "tokens per batch, comma-separated (default 1,8,16,32,64)")
+    add_int_list(g, "--experts", DEFAULT_EXPERTS, "experts per layer E (default 64,128,256)")
+    add_int_list(g, "--top-k", DEFAULT_TOP_K, "experts per token (default 4,6,8)")
     g = p.add_argument_group("MoE layer (the expert computation)")
     g.add_argument("--hidden", type=int, default=2048, help="hidden size H (default 2048, Qwen3-30B-A3B)")
     g.add_argument("--moe-intermediate", type=int, default=768,
