@@ -34,31 +34,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from xshare._triton_ops import row_count
+from xshare._triton_ops import ordered, pop_best, round_as, routed_weights, row_count
 
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 _ADD = tl.standard._sum_combine
-
-
-# -- helpers of both kernels -----------------------------------------------------------------------------------
-@triton.jit
-def _round_as(x, ROUND: tl.constexpr):
-    """float32 ``x`` rounded as the engine holds it: 1 = bfloat16 (to nearest even, on the bits), 2 = float16,
-    0 = as it is (float32)."""
-    if ROUND == 1:
-        _rb = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        x = ((_rb + 0x7FFF + ((_rb >> 16) & 1)) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
-    elif ROUND == 2:
-        x = x.to(tl.float16).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _ordered(x):
-    """float32 -> int64 in [0, 2**32): the float's bits mapped so that integer order is float order."""
-    bits = x.to(tl.int32, bitcast=True)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
 
 
 # -- the gate kernel's pieces ------------------------------------------------------------------------------------
@@ -81,7 +61,7 @@ def _scores(x, fin, SCORING: tl.constexpr, SP_ROUND: tl.constexpr):
         u = 1.0 + y
         lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
         sp = tl.where(x > 20.0, x, lp)
-        p = tl.sqrt(_round_as(sp, SP_ROUND))
+        p = tl.sqrt(round_as(sp, SP_ROUND))
     return p
 
 
@@ -96,7 +76,7 @@ def _affinity_and_choice(x, p, fin, bias_ptr, offs_e, e_ok, MODE: tl.constexpr, 
         aff = p
         choice = p
     else:
-        aff = _round_as(p, AFF_ROUND)
+        aff = round_as(p, AFF_ROUND)
         if GATE == 3:  # llama4: ranks on the raw logits
             choice = x
         elif HAS_BIAS:
@@ -105,7 +85,7 @@ def _affinity_and_choice(x, p, fin, bias_ptr, offs_e, e_ok, MODE: tl.constexpr, 
                 c = p + b[None, :]  # float32 sigmoid + bias
             else:
                 c = aff + b[None, :]  # the score in the logits' dtype + bias
-            choice = _round_as(c, CHOICE_ROUND)
+            choice = round_as(c, CHOICE_ROUND)
         else:
             choice = aff
     return aff, choice
@@ -128,10 +108,10 @@ def _kept_groups(choice, m2, offs_e, BT: tl.constexpr, BLOCK_E: tl.constexpr, GA
         else:  # the sum of the group's two best choice scores (float32), in the choice dtype
             first = tl.reduce(tl.where(cg == m1[:, None], offs_e[None, :], BLOCK_E), 1, _MIN)
             m2nd = tl.reduce(tl.where(offs_e[None, :] == first[:, None], float("-inf"), cg), 1, _MAX)
-            s = _round_as(m1 + m2nd, CHOICE_ROUND)
+            s = round_as(m1 + m2nd, CHOICE_ROUND)
         gscore = tl.where(offs_g[None, :] == g, s[:, None], gscore)
     gscore = gscore + 0.0
-    gkey = tl.where(offs_g[None, :] < NUM_GROUPS, (_ordered(gscore) << 8) | (255 - offs_g[None, :]), -1)
+    gkey = tl.where(offs_g[None, :] < NUM_GROUPS, (ordered(gscore) << 8) | (255 - offs_g[None, :]), -1)
     keep = tl.full([BT, BLOCK_G], 0, tl.int32)
     for _ in tl.static_range(TOPK_GROUP):  # the kept groups: best group scores, lower index on ties
         best = tl.reduce(gkey, 1, _MAX)
@@ -226,7 +206,7 @@ def _gate_kernel(
     aff, choice = _affinity_and_choice(x, p, fin, bias_ptr, offs_e, e_ok, MODE, GATE, HAS_BIAS, AFF_ROUND,
                                        CHOICE_ROUND)
     choice = choice + 0.0  # -0.0 -> +0.0: equal values get equal keys
-    cord = _ordered(choice)  # order-preserving, unsigned
+    cord = ordered(choice)  # order-preserving, unsigned
 
     # ---- usable experts: finite choice, and (grouped gates) inside the token's kept groups
     if MODE == 0:
@@ -353,16 +333,6 @@ def _expert_set(acc_ptr, warm_ptr, gpu_ptr, budget_ptr, tau_ptr, cap_ptr, q, for
 
 
 @triton.jit
-def _pop_best(kk, aff, E: tl.constexpr, IB: tl.constexpr):
-    """Each row's best remaining key: (the keys without it, its expert id int32 [BT], its affinity float32 [BT])."""
-    best = tl.reduce(kk, 1, _MAX)
-    hit = kk == best[:, None]
-    idx = (E - 1 - (best & ((1 << IB) - 1))).to(tl.int32)
-    w = tl.reduce(tl.where(hit, aff, 0.0), 1, _ADD)
-    return tl.where(hit, -1, kk), idx, w
-
-
-@triton.jit
 def _route_in_set(key, aff, inside, own, m2, cols, E: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr,
                   TOP_K: tl.constexpr, IB: tl.constexpr, PB: tl.constexpr, SPEC: tl.constexpr):
     """``MODE`` 0 (plain layers): each row's top_k by (tier, key), tier 2 = inside S (and, ``SPEC``, inside its
@@ -374,7 +344,7 @@ def _route_in_set(key, aff, inside, own, m2, cols, E: tl.constexpr, BT: tl.const
         tier = tier + (inside & (own > 0)).to(tl.int64)
     kk = tl.where(m2, key | (tier << (33 + PB + IB)), -1)
     for i in tl.static_range(TOP_K):
-        kk, idx, w = _pop_best(kk, aff, E, IB)
+        kk, idx, w = pop_best(kk, aff, E, IB)
         out_ids = tl.where(cols[None, :] == i, idx[:, None], out_ids)
         out_w = tl.where(cols[None, :] == i, w[:, None], out_w)
     return out_ids, out_w
@@ -398,7 +368,7 @@ def _route_restricted(key, aff, inside, usable, app, m2, cols, low, offs_e, eids
     cord = (key >> (PB + IB)) & 0xFFFFFFFF
     kk = tl.where(inside & m2, (cord << IB) | low[None, :], -1)
     for i in tl.static_range(TOP_K):
-        kk, new_id, new_w = _pop_best(kk, aff, E, IB)
+        kk, new_id, new_w = pop_best(kk, aff, E, IB)
         eng = tl.load(eids_ptr + rows.to(tl.int64) * stride_it + i * stride_ie, mask=r_ok, other=-1).to(tl.int32)
         eng_w = tl.reduce(tl.where(offs_e[None, :] == eng[:, None], aff, 0.0), 1, _ADD)
         idx = tl.where(repl, new_id, eng)
@@ -406,17 +376,6 @@ def _route_restricted(key, aff, inside, usable, app, m2, cols, low, offs_e, eids
         out_ids = tl.where(cols[None, :] == i, idx[:, None], out_ids)
         out_w = tl.where(cols[None, :] == i, w[:, None], out_w)
     return out_ids, out_w, repl, short | empty
-
-
-@triton.jit
-def _final_weights(out_w, rsf, RENORM: tl.constexpr, SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr):
-    """The routed weights renormalised (``RENORM``) and scaled by the routed scaling factor (``SCALE``, rounded
-    as the engine holds the result)."""
-    if RENORM:
-        out_w = out_w / (tl.reduce(out_w, 1, _ADD) + 1e-20)[:, None]
-    if SCALE:
-        out_w = _round_as(out_w * rsf, SCALE_ROUND)
-    return out_w
 
 
 @triton.jit(do_not_specialize=["T", "nt_val", "rsf"])
@@ -480,7 +439,7 @@ def _route_kernel(
                                                         TOP_K, IB, PB)
         tl.store(repl_ptr + rows, repl.to(tl.int8), mask=r_ok)
         tl.atomic_add(short_ptr, tl.reduce((short & valid).to(tl.int64), 0, _ADD))
-    out_w = _final_weights(out_w, rsf, RENORM, SCALE, SCALE_ROUND)
+    out_w = routed_weights(out_w, rsf, RENORM, SCALE, SCALE_ROUND)
     kmask = r_ok[:, None] & (cols[None, :] < TOP_K)
     out_off = rows[:, None].to(tl.int64) * TOP_K + cols[None, :]
     tl.store(ids_ptr + out_off, out_ids, mask=kmask)
