@@ -1,9 +1,11 @@
-"""Files written all at once: the one atomic JSON writer of the project."""
+"""Output of the command line: the one atomic JSON writer of the project, the usage-error line, help epilogs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,3 +25,15 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 2, so
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def usage_error(prog: str, problem: object) -> int:
+    """Say on stderr what is wrong with the command line (``PROG: error: PROBLEM``); returns exit status 2."""
+    print(f"{prog}: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def help_epilog(p: argparse.ArgumentParser, text: str) -> None:
+    """Show ``text`` under the options of ``p``'s help, its line breaks kept (examples, pointers to the docs)."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = text

@@ -184,7 +184,7 @@ _NO_SGLANG = textwrap.dedent(r"""
     from xshare.sglang.settings import PluginSettings
     from xshare.selection import SelectorConfig
     from xshare.bench.gpu.context import CPU_SERVED_FAMILIES
-    from xshare.bench.gpu.served import TopKConfigStandIn, topk_config, vanilla_gate
+    from xshare.bench.gpu.standins import TopKConfigStandIn, topk_config, vanilla_gate
 
     out = {}
     selector = SelectorConfig(policy="xshare", budget=8, warmup_k=1)
@@ -229,7 +229,7 @@ def test_the_stand_in_topk_config_and_the_vanilla_gates_are_sglangs():
     from sglang.srt.configs.shared_experts import SharedExpertsConfig
     from sglang.srt.models.llama4 import Llama4MoE
 
-    from xshare.bench.gpu.served import SharedExpertsStandIn, TopKConfigStandIn, topk_config, vanilla_gate
+    from xshare.bench.gpu.standins import SharedExpertsStandIn, TopKConfigStandIn, topk_config, vanilla_gate
     from xshare.selection import SelectorConfig
     from xshare.sglang import layer
     from xshare.sglang import state as runtime

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from xshare.bench.soak import Shape, check_loopback, invalid_changes, random_config
+from xshare.bench._soak_traffic import Shape, invalid_changes, random_config
+from xshare.bench.soak import check_loopback
 from xshare.selection import SelectorConfig
 from xshare.selection.registry import available_policies, validate
 from xshare.selection.types import ModelShape

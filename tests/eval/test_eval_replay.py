@@ -6,7 +6,8 @@ import torch
 
 from xshare.eval.batching import decode_batches, recorded_batches
 from xshare.eval.eplb import rebalance_experts
-from xshare.eval.replay import Plan, Setting, make_settings, parse_policy_spec, replay, summarise, summarise_all
+from xshare.eval.replay import Plan, Setting, make_settings, parse_policy_spec, replay
+from xshare.eval.summary import summarise, summarise_all
 from xshare.eval.synth import write_synthetic_trace
 from xshare.eval.traces import load_trace
 from xshare.selection import Placement, select

@@ -26,6 +26,11 @@ def int_list(name: str, *, minimum: int = 1) -> Callable[[str], list[int]]:
     return parse
 
 
+def add_int_list(g: Any, flag: str, default: list[int] | None, help: str) -> None:  # noqa: A002 (argparse's name)
+    """``flag LIST``: comma-separated integers >= 1 (:func:`int_list`) on the parser or argument group ``g``."""
+    g.add_argument(flag, type=int_list(flag), default=default, metavar="LIST", help=help)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain right-aligned text table."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]

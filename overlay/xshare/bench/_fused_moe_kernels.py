@@ -3,9 +3,9 @@
 
 Both kernels run one program per (row block, column block); a row block holds BLOCK_M token-expert
 pairs of one expert (``block_expert``), padding rows hold ``num_pairs`` and are masked. Only that
-expert's weights are loaded. Like the selector's kernels they use Triton builtins only (no helper
-``@jit``, no ``tl.zeros``/``tl.sigmoid``/``tl.cdiv``), so they also run in Triton's interpreter in a
-process that imported Triton in compiled mode.
+expert's weights are loaded. Like the selector's kernels they use Triton builtins (no ``tl.zeros``/
+``tl.sigmoid``/``tl.cdiv``) and one ``@triton.jit`` helper (the pair block), so they also run in Triton's
+interpreter (:func:`xshare._triton.interpreted`) in a process that imported Triton in compiled mode.
 """
 
 from __future__ import annotations
@@ -18,6 +18,17 @@ import triton.language as tl
 from xshare._triton import interpreted
 
 
+@triton.jit
+def _pair_block(pairs_ptr, block_expert_ptr, num_pairs, BLOCK_M: tl.constexpr):
+    """The program's block of sorted (token, expert) pairs (grid axis 0): (its expert, int64; the pair indices
+    [BLOCK_M]; which of them are real pairs, not padding)."""
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pairs_ptr + rows)
+    return e, pair, pair < num_pairs
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_up_kernel(
     x_ptr, w13_ptr, act_ptr, pairs_ptr, block_expert_ptr, num_pairs,
@@ -25,12 +36,8 @@ def _moe_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    e, pair, valid = _pair_block(pairs_ptr, block_expert_ptr, num_pairs, BLOCK_M)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + rows)
-    valid = pair < num_pairs
     tok = (pair // TOP_K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
@@ -64,12 +71,8 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    e, pair, valid = _pair_block(pairs_ptr, block_expert_ptr, num_pairs, BLOCK_M)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + rows)
-    valid = pair < num_pairs
     prow = pair.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from typing import Any
 
 import numpy as np
 
-from xshare.bench._common import format_table, int_list, write_json_atomic
+from xshare._io import help_epilog, usage_error
+from xshare.bench._common import add_int_list, format_table, write_json_atomic
 from xshare.eval.costmodel import CALIBRATION, GPUS, MODELS, SGLANG_PR11730, CostModel, uniform_active
 
 MODE = "costmodel"
@@ -37,14 +37,13 @@ DTYPES = {  # expert bytes per param, dense bytes per param (None = the preset's
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "Reproduce SGLang PR 11730's H200 measurement:\n"
         "  xshare bench costmodel --model qwen3-235b-a22b --gpu h200 --dtype fp8 --tp 8 --batch 1,2,4,8,16,24,32\n"
         "The vLLM port's setting (GPT-OSS-120B, 24 of 128 experts, concurrency 16, one H200):\n"
         "  xshare bench costmodel --model gpt-oss-120b --gpu h200 --batch 16 --budget 24 --routing trace\n"
         "See docs/costmodel.md."
-    )
+    ))
     g = p.add_argument_group("setting")
     g.add_argument("--model", choices=sorted(MODELS), required=True, help="model preset")
     g.add_argument("--gpu", choices=sorted(GPUS), default="h200", help="GPU preset (default h200)")
@@ -52,8 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert weight format (default auto: the preset's)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel: every expert sliced over TP GPUs (default 1)")
     g.add_argument("--ep", type=int, default=1, help="expert parallel over EP GPUs, contiguous placement (default 1)")
-    g.add_argument("--batch", type=int_list("--batch"), default=[1, 2, 4, 8, 16, 24, 32], metavar="LIST",
-                   help="decode batch sizes (default 1,2,4,8,16,24,32)")
+    add_int_list(g, "--batch", [1, 2, 4, 8, 16, 24, 32], "decode batch sizes (default 1,2,4,8,16,24,32)")
     g.add_argument("--routing", choices=("uniform", "trace"), default="uniform",
                    help="uniform (random gate logits, as SGLang's kernel benchmark) or trace (the ESFT traces' "
                         "batch statistics)")
@@ -189,6 +187,79 @@ def _published(args: argparse.Namespace) -> dict[int, float] | None:
     return dict(zip(meas.batch, meas.kernel_us, strict=True)) if same else None
 
 
+class _Step:
+    """The modelled times of one batch size: the fused-MoE call on the busiest GPU (memory, compute, fixed), the
+    all-to-all under expert parallelism, and the whole decode step."""
+
+    def __init__(self, args: argparse.Namespace, cm: CostModel) -> None:
+        self.args, self.cm, self.model = args, cm, cm.model
+        self.kernel = dataclasses.replace(cm, a2a_latency_us=0.0)  # the fused-MoE call alone; a2a_us per step
+        self.zero = np.zeros((1, 1))
+
+    def layer_us(self, active: float, assign: float, batch: int) -> dict[str, float]:
+        """One MoE layer with ``active`` experts and ``assign`` token-expert pairs on the busiest GPU."""
+        cm, zero = self.cm, self.zero
+        t = self.kernel.layer_times(np.array([[active]]), np.array([[assign]]), zero, zero, np.array([batch]))[0]
+        mem = active * cm.expert_bytes / cm.expert_bandwidth
+        flops = 2.0 * self.model.params_per_expert / cm.tp * assign / cm.peak_flops
+        return {"us": t * 1e6, "memory_us": mem * 1e6, "compute_us": flops * 1e6}
+
+    def a2a_us(self, batch: int) -> float:
+        """The dispatch and combine all-to-all of one layer (0 without expert parallelism)."""
+        args, model = self.args, self.model
+        if args.ep == 1:
+            return 0.0
+        # every token goes to the GPUs of its experts and back: about B * (1 - 1/G) tokens each way per GPU
+        vol = batch * (1 - 1 / args.ep) * model.top_k / args.ep * model.hidden * self.cm.act_bytes
+        return 2 * (args.a2a_latency_us + vol / self.cm.link_bandwidth * 1e6)
+
+    def add_step(self, row: dict[str, Any], policy: bool) -> None:
+        """The decode step: non-MoE weights + every MoE layer (+ selector) + KV cache + a fixed overhead."""
+        args, cm, b = self.args, self.cm, row["batch"]
+        fixed_ms = (cm.non_moe_seconds() + cm.kv_seconds(b, args.context)) * 1e3 + args.step_overhead_us * 1e-3
+        row["non_moe_ms"] = cm.non_moe_seconds() * 1e3
+        row["kv_ms"] = cm.kv_seconds(b, args.context) * 1e3
+        row["step_ms"] = fixed_ms + self.model.moe_layers * (row["moe_layer_us"] + row["a2a_us"]) * 1e-3
+        if policy:
+            row["xshare_step_ms"] = fixed_ms + self.model.moe_layers * (
+                row["xshare_moe_layer_us"] + row["a2a_us"] + args.selector_us) * 1e-3
+            row["otps_ratio"] = row["step_ms"] / row["xshare_step_ms"]
+
+
+def _row(step: _Step, router: _Router | None, b: int, exact: bool, policy: bool,
+         published: dict[int, float] | None) -> dict[str, Any]:
+    """The figures of batch size ``b``: vanilla's activated experts and layer time, the published time, xshare's."""
+    args, e, k = step.args, step.model.num_experts, step.model.top_k
+    row: dict[str, Any] = {"batch": b}
+    if router is None:
+        v = {"active": float(uniform_active(e, k, b)), "busiest": float(uniform_active(e, k, b)),
+             "assign": float(b * k)}
+        logits = None
+    else:
+        logits = router.logits(b)
+        v = router.stats(router.vanilla(logits))
+        if exact:
+            v["active"] = v["busiest"] = float(uniform_active(e, k, b))
+    lt = step.layer_us(v["busiest"], v["assign"], b)
+    row.update({"active_experts": v["busiest"], "active_experts_total": v["active"],
+                "moe_layer_us": lt["us"], "memory_us": lt["memory_us"], "compute_us": lt["compute_us"],
+                "fixed_us": args.moe_fixed_us, "a2a_us": step.a2a_us(b)})
+    if published is not None and b in published:
+        row["published_us"] = published[b]
+        row["error"] = lt["us"] / published[b] - 1
+    if policy:
+        if args.budget is not None:
+            budget, x = args.budget, router.stats(router.xshare(logits, args.budget))
+        else:
+            budget, x = router.budget_for(logits, (1 - args.reduction) * v["busiest"])
+        xt = step.layer_us(x["busiest"], x["assign"], b)
+        row.update({"budget": budget, "xshare_active_experts": x["busiest"],
+                    "xshare_active_experts_total": x["active"], "xshare_moe_layer_us": xt["us"],
+                    "moe_speedup": lt["us"] / xt["us"]})
+    step.add_step(row, policy)
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _check(args)
@@ -198,67 +269,13 @@ def run(args: argparse.Namespace) -> int:
                        selector_us=args.selector_us, tp=args.tp, moe_fixed_us=args.moe_fixed_us,
                        expert_hbm_efficiency=args.expert_hbm_efficiency)
     except ValueError as e:
-        print(f"xshare bench costmodel: error: {e}", file=sys.stderr)
-        return 2
-    e, k = model.num_experts, model.top_k
+        return usage_error("xshare bench costmodel", e)
     policy = args.budget is not None or args.reduction is not None
     exact = args.routing == "uniform" and args.ep == 1
-    router = None if exact and not policy else _Router(args, e, k)
+    router = None if exact and not policy else _Router(args, model.num_experts, model.top_k)
     published = _published(args)
-    zero = np.zeros((1, 1))
-    kernel = dataclasses.replace(cm, a2a_latency_us=0.0)  # the fused-MoE call alone; a2a_us is added per step
-    rows: list[dict[str, Any]] = []
-
-    def layer_us(active: float, assign: float, batch: int) -> dict[str, float]:
-        t = kernel.layer_times(np.array([[active]]), np.array([[assign]]), zero, zero, np.array([batch]))[0]
-        mem = active * cm.expert_bytes / cm.expert_bandwidth
-        flops = 2.0 * model.params_per_expert / cm.tp * assign / cm.peak_flops
-        return {"us": t * 1e6, "memory_us": mem * 1e6, "compute_us": flops * 1e6}
-
-    def a2a_us(batch: int) -> float:
-        if args.ep == 1:
-            return 0.0
-        # every token goes to the GPUs of its experts and back: about B * (1 - 1/G) tokens each way per GPU
-        vol = batch * (1 - 1 / args.ep) * k / args.ep * model.hidden * cm.act_bytes
-        return 2 * (args.a2a_latency_us + vol / cm.link_bandwidth * 1e6)
-
-    for b in args.batch:
-        row: dict[str, Any] = {"batch": b}
-        if router is None:
-            v = {"active": float(uniform_active(e, k, b)), "busiest": float(uniform_active(e, k, b)),
-                 "assign": float(b * k)}
-            logits = None
-        else:
-            logits = router.logits(b)
-            v = router.stats(router.vanilla(logits))
-            if exact:
-                v["active"] = v["busiest"] = float(uniform_active(e, k, b))
-        lt = layer_us(v["busiest"], v["assign"], b)
-        row.update({"active_experts": v["busiest"], "active_experts_total": v["active"],
-                    "moe_layer_us": lt["us"], "memory_us": lt["memory_us"], "compute_us": lt["compute_us"],
-                    "fixed_us": args.moe_fixed_us, "a2a_us": a2a_us(b)})
-        if published is not None and b in published:
-            row["published_us"] = published[b]
-            row["error"] = lt["us"] / published[b] - 1
-        if policy:
-            if args.budget is not None:
-                budget, x = args.budget, router.stats(router.xshare(logits, args.budget))
-            else:
-                budget, x = router.budget_for(logits, (1 - args.reduction) * v["busiest"])
-            xt = layer_us(x["busiest"], x["assign"], b)
-            row.update({"budget": budget, "xshare_active_experts": x["busiest"],
-                        "xshare_active_experts_total": x["active"], "xshare_moe_layer_us": xt["us"],
-                        "moe_speedup": lt["us"] / xt["us"]})
-        # the decode step: non-MoE weights + every MoE layer (+ selector) + KV cache + a fixed overhead
-        fixed_ms = (cm.non_moe_seconds() + cm.kv_seconds(b, args.context)) * 1e3 + args.step_overhead_us * 1e-3
-        row["non_moe_ms"] = cm.non_moe_seconds() * 1e3
-        row["kv_ms"] = cm.kv_seconds(b, args.context) * 1e3
-        row["step_ms"] = fixed_ms + model.moe_layers * (lt["us"] + row["a2a_us"]) * 1e-3
-        if policy:
-            row["xshare_step_ms"] = fixed_ms + model.moe_layers * (
-                row["xshare_moe_layer_us"] + row["a2a_us"] + args.selector_us) * 1e-3
-            row["otps_ratio"] = row["step_ms"] / row["xshare_step_ms"]
-        rows.append(row)
+    step = _Step(args, cm)
+    rows = [_row(step, router, b, exact, policy, published) for b in args.batch]
 
     _print(args, cm, rows, published is not None, policy, router)
     if args.json:

@@ -5,9 +5,9 @@ For every point of the grid B (tokens) x E (experts) x top_k, one run times, int
 * ``topk``     vanilla routing as SGLang's torch-native path computes it (softmax in float32, top-k,
                renormalise): the baseline the selector replaces;
 * ``select``   the xshare selector, :func:`xshare.selection.select` (torch; the CPU path);
-* ``kernel``   on CUDA only, the fused Triton selector (:func:`xshare.selection.kernels.fused_select`);
+* ``kernel``   on CUDA only, the fused Triton selector (:func:`xshare.selection.api.select`);
 * ``cpu``      on the CPU, the C fast path the serving adapter uses there
-               (:func:`xshare.selection.engine.decide` with ``cpu_kernel``), when it is built;
+               (:func:`xshare.selection.decide.decide` with ``cpu_kernel``), when it is built;
 * ``experts``  the MoE layer's expert computation for the vanilla routing, as SGLang's torch-native MoE
                (``moe_forward_native``) does it on the CPU: tokens sorted by expert, a loop over the
                activated experts, each a SwiGLU MLP (gate/up [2I, H], down [H, I]), weighted sum;
@@ -16,8 +16,8 @@ For every point of the grid B (tokens) x E (experts) x top_k, one run times, int
 With ``--router`` the layer has a biased, grouped router (``deepseek_v3``: sigmoid + correction bias,
 8 groups keep 4, routed scaling 2.5, a fused shared slot; ``auxfree``: the same gate without the shared
 slot, as the tiny aux-loss-free model serves it): ``topk`` is then the gate itself
-(:func:`xshare.selection.gates.reference_route`), ``select`` the torch path of
-:func:`xshare.selection.engine.decide` and ``cpu`` its C path, both with the gate's own picks as
+(:func:`xshare.selection.routers.gate.reference_route`), ``select`` the torch path of
+:func:`xshare.selection.decide.decide` and ``cpu`` its C path, both with the gate's own picks as
 the engine's.
 
 On CUDA, top-k and both selectors are captured in a CUDA graph and replayed, as decode runs them
@@ -35,7 +35,6 @@ import argparse
 import math
 import os
 import platform
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xshare.bench._common import Timer, format_table, int_list, write_json_atomic
+from xshare._io import help_epilog, usage_error
+from xshare.bench._common import Timer, add_int_list, format_table, write_json_atomic
 from xshare.selection import Placement, SelectorConfig, available_policies, get_policy, select
 from xshare.selection import decide as engine
 from xshare.selection.backends.c.kernel import cpu_kernel_available
@@ -67,20 +67,16 @@ ROUTERS = {"plain": None, "deepseek_v3": (8, 4, 1), "auxfree": (8, 4, 0)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "Grid: every combination of --batch x --experts x --top-k (top_k > E is skipped).\n"
         "Quick single point (the reference point, Qwen3-30B-A3B expert size):\n"
         "  xshare bench selector --batch 16 --experts 128 --top-k 8 --hidden 2048 --moe-intermediate 768\n"
         "See docs/kernel.md."
-    )
+    ))
     g = p.add_argument_group("grid")
-    g.add_argument("--batch", type=int_list("--batch"), default=DEFAULT_BATCH, metavar="LIST",
-                   help="tokens per batch, comma-separated (default 1,8,16,32,64)")
-    g.add_argument("--experts", type=int_list("--experts"), default=DEFAULT_EXPERTS, metavar="LIST",
-                   help="experts per layer E (default 64,128,256)")
-    g.add_argument("--top-k", type=int_list("--top-k"), default=DEFAULT_TOP_K, metavar="LIST",
-                   help="experts per token (default 4,6,8)")
+    add_int_list(g, "--batch", DEFAULT_BATCH, "tokens per batch, comma-separated (default 1,8,16,32,64)")
+    add_int_list(g, "--experts", DEFAULT_EXPERTS, "experts per layer E (default 64,128,256)")
+    add_int_list(g, "--top-k", DEFAULT_TOP_K, "experts per token (default 4,6,8)")
     g = p.add_argument_group("MoE layer (the expert computation)")
     g.add_argument("--hidden", type=int, default=2048, help="hidden size H (default 2048, Qwen3-30B-A3B)")
     g.add_argument("--moe-intermediate", type=int, default=768,
@@ -281,39 +277,19 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = _check(args)
-    except ValueError as e:
-        print(f"xshare bench selector: error: {e}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    threads = args.threads
-    torch.set_num_threads(threads)
-    dtype = _DTYPES[args.dtype]
-    torch.manual_seed(args.seed)
-    w13 = w2 = None
-    if not args.no_experts:
-        pool = min(args.expert_pool, max(args.experts))
-        scale = 1.0 / math.sqrt(args.hidden)
-        w13 = (torch.randn(pool, 2 * args.moe_intermediate, args.hidden) * scale).to(device=device, dtype=dtype)
-        w2 = (torch.randn(pool, args.hidden, args.moe_intermediate) * scale).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    timer = Timer(repeat=args.repeat, sync=sync)
-    load_before = os.getloadavg()
+def _expert_weights(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(w13 [pool, 2 I, H], w2 [pool, H, I]): random expert weights, or (None, None) with --no-experts."""
+    if args.no_experts:
+        return None, None
+    pool = min(args.expert_pool, max(args.experts))
+    scale = 1.0 / math.sqrt(args.hidden)
+    w13 = (torch.randn(pool, 2 * args.moe_intermediate, args.hidden) * scale).to(device=device, dtype=dtype)
+    w2 = (torch.randn(pool, args.hidden, args.moe_intermediate) * scale).to(device=device, dtype=dtype)
+    return w13, w2
 
-    points = []
-    for e in args.experts:
-        for k in args.top_k:
-            if k > e:
-                continue
-            for b in args.batch:
-                points.append(_point(b, e, k, args, config, device, dtype, w13, w2, timer))
-    if not points:
-        print("xshare bench selector: error: no grid point has --top-k <= --experts", file=sys.stderr)
-        return 2
 
+def _table(args: argparse.Namespace, points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the printed table: times per grid point, and the selector's share of the MoE layer."""
     has_kernel = any(p["kernel_us"] is not None for p in points)
     has_cpu = any(p["cpu_us"] is not None for p in points)
     headers = ["B", "E", "k", "topk_us", "select_us"] + (["kernel_us"] if has_kernel else []) \
@@ -341,10 +317,16 @@ def run(args: argparse.Namespace) -> int:
                 cs = p.get("cpu_share_of_layer")
                 r.append("-" if cs is None else f"{100 * cs:.2f}")
         rows.append(r)
-    meta = {
+    return headers, rows
+
+
+def _meta(args: argparse.Namespace, config: Any, device: torch.device, load_before: tuple[float, ...]
+          ) -> dict[str, Any]:
+    """What the times were measured on and with (``meta`` in the JSON)."""
+    return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
-        "threads": threads,
+        "threads": args.threads,
         "torch": torch.__version__,
         "dtype": args.dtype,
         "hidden": args.hidden,
@@ -358,20 +340,47 @@ def run(args: argparse.Namespace) -> int:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    print(f"xshare bench selector on {meta['device']} ({threads} threads, torch {torch.__version__}, {args.dtype}; "
-          f"H={args.hidden}, I={args.moe_intermediate}; router {args.router}; policy {args.policy}, "
+
+
+def _print_report(args: argparse.Namespace, meta: dict[str, Any], points: list[dict[str, Any]]) -> None:
+    """The settings line, the table, and the selector's share at the reference point."""
+    print(f"xshare bench selector on {meta['device']} ({args.threads} threads, torch {torch.__version__}, "
+          f"{args.dtype}; H={args.hidden}, I={args.moe_intermediate}; router {args.router}; policy {args.policy}, "
           f"budget {args.budget}, "
           f"warmup_k {args.warmup_k}); median of {args.repeat}, times in microseconds")
-    print(format_table(headers, rows))
-    if not args.no_experts:
-        print("share% = select / (select + experts_xshare): the selector's share of the MoE layer run with it; "
-              f"* = above the {100 * GOAL_SHARE:.0f}% goal. active = activated experts, top-k -> selector.")
-        fig = [p for p in points if (p["batch"], p["experts"], p["top_k"]) == FIGURE_POINT]
-        if fig:
-            f = fig[0]
-            print(f"figure (B=16, E=128, top_k=8): selector {f['select_us']:.1f} us = "
-                  f"{100 * f['select_share_of_layer']:.2f}% of the MoE layer "
-                  f"({f['experts_xshare_us']:.0f} us of experts); vanilla top-k {f['topk_us']:.1f} us")
+    print(format_table(*_table(args, points)))
+    if args.no_experts:
+        return
+    print("share% = select / (select + experts_xshare): the selector's share of the MoE layer run with it; "
+          f"* = above the {100 * GOAL_SHARE:.0f}% goal. active = activated experts, top-k -> selector.")
+    fig = [p for p in points if (p["batch"], p["experts"], p["top_k"]) == FIGURE_POINT]
+    if fig:
+        f = fig[0]
+        print(f"figure (B=16, E=128, top_k=8): selector {f['select_us']:.1f} us = "
+              f"{100 * f['select_share_of_layer']:.2f}% of the MoE layer "
+              f"({f['experts_xshare_us']:.0f} us of experts); vanilla top-k {f['topk_us']:.1f} us")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _check(args)
+    except ValueError as e:
+        return usage_error("xshare bench selector", e)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.set_num_threads(args.threads)
+    dtype = _DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    w13, w2 = _expert_weights(args, device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timer = Timer(repeat=args.repeat, sync=sync)
+    load_before = os.getloadavg()
+    points = [_point(b, e, k, args, config, device, dtype, w13, w2, timer)
+              for e in args.experts for k in args.top_k if k <= e for b in args.batch]
+    if not points:
+        return usage_error("xshare bench selector", "no grid point has --top-k <= --experts")
+    meta = _meta(args, config, device, load_before)
+    _print_report(args, meta, points)
     if args.json:
         write_json_atomic(args.json, {"meta": meta, "points": points})
         print(f"wrote {args.json}")

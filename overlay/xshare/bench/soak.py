@@ -30,82 +30,19 @@ import random
 import re
 import secrets
 import sys
-import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xshare._http import request
+from xshare.bench._soak_traffic import Shape, Traffic, run_traffic
 
 MODE = "soak"
 HELP = "soak test: concurrent clients while the config changes every 2 s (failures, fallbacks, config, memory)"
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 INJECTED = "InjectedFault"  # the fallback reason of XSHARE_FAULT_INJECT
-PROMPTS = [f"def {n}(a, b):\n    return" for n in ("add", "sub", "mul", "div", "load", "save", "read", "send")]
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The served model's MoE shape (what a random config is drawn for)."""
-
-    num_experts: int
-    top_k: int
-
-
-# -- configs -----------------------------------------------------------------------------------------------
-def random_config(rng: random.Random, shape: Shape) -> dict[str, Any]:
-    """A random config the served model accepts: a registered policy and random values of its knobs
-    (:attr:`xshare.selection.registry.Policy.knobs`), validated locally against the model's shape."""
-    from xshare.selection import SelectorConfig
-    from xshare.selection.registry import all_policies, validate
-    from xshare.selection.types import ModelShape
-
-    e, k = shape.num_experts, shape.top_k
-    model = ModelShape(num_experts=e, top_k=k)
-    policies = all_policies()
-    for _ in range(100):
-        policy = rng.choice(policies)
-        body: dict[str, Any] = {"policy": policy.name, "enabled": True}
-        if "budget" in policy.knobs:
-            body["budget"] = rng.randint(k, e) if rng.random() < 0.7 else round(rng.uniform(k / e, 1.0), 3)
-        if "warmup_k" in policy.knobs:
-            body["warmup_k"] = rng.randint(0, k)
-        if "group_budget" in policy.knobs and rng.random() < 0.5:
-            body["group_budget"] = rng.randint(k, e)
-        if "gpu_cap" in policy.knobs and rng.random() < 0.5:
-            body["gpu_cap"] = rng.randint(max(1, k), e)
-        fields = {f: v for f, v in body.items() if f != "enabled"}
-        try:
-            config = SelectorConfig(**fields)
-            validate(config, model)
-            if isinstance(body.get("budget"), float) and config.budget_for(e) < k:
-                continue
-        except ValueError:
-            continue
-        return body
-    raise RuntimeError("no valid random config found in 100 draws")
-
-
-def invalid_changes(shape: Shape) -> list[tuple[str, str, Any]]:
-    """(what, method, body) of changes the admin endpoint must refuse on this model."""
-    e, k = shape.num_experts, shape.top_k
-    return [
-        ("unknown field", "PATCH", {"budgett": 8}),
-        ("unknown policy", "PATCH", {"policy": "no_such_policy"}),
-        ("budget above E", "PATCH", {"budget": e + 1}),
-        ("budget below top_k", "PATCH", {"budget": max(k - 1, 0)}),
-        ("budget 0", "PATCH", {"budget": 0}),
-        ("budget a string", "PATCH", {"budget": "eight"}),
-        ("negative warm-up", "PATCH", {"warmup_k": -1}),
-        ("warm-up above top_k", "PATCH", {"warmup_k": k + 1}),
-        ("budget 2**63", "PATCH", {"budget": 2**63}),
-        ("gpu_cap 0", "PUT", {"policy": "xshare_ep", "budget": k, "gpu_cap": 0}),
-        ("enabled null", "PATCH", {"enabled": None}),
-        ("not an object", "PATCH", [1, 2, 3]),
-    ]
 
 
 def model_shape_of(base_url: str) -> Shape:
@@ -168,128 +105,41 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
+def _memory(pids: list[int], rss_start: dict[int, float], rss_end: dict[int, float], margin_pct: float,
+            margin_mib: float) -> list[dict[str, Any]]:
+    """Per server process: its RSS at the start and the end, the limit, and whether it stayed within."""
+    memory = []
+    titles = process_titles(pids)
+    for pid in pids:
+        a, b = rss_start.get(pid), rss_end.get(pid)
+        limit = None if a is None else a * (1 + margin_pct / 100) + margin_mib
+        memory.append({"pid": pid, "process": titles.get(pid, "?"), "start_mib": a, "end_mib": b,
+                       "limit_mib": limit, "ok": a is not None and b is not None and b <= limit})
+    return memory
+
+
 def soak(base_url: str, token: str, *, clients: int = 32, duration: float = 180.0, change_every: float = 2.0,
          max_requests: int = 100_000, max_new_tokens: int = 16, pids: list[int] | None = None, seed: int = 0,
          rss_margin_pct: float = 10.0, rss_margin_mib: float = 64.0, log: Any = print) -> dict[str, Any]:
     """Run the soak against ``base_url`` (loopback) and return its figures (see the module docstring)."""
     base_url = check_loopback(base_url)
-    rng = random.Random(seed)
     shape = model_shape_of(base_url)
     pids = list(pids or [])
-    lock = threading.Lock()
-    counts = {"requests": 0, "completed": 0, "failed": 0, "truncated": 0}
-    errors: list[str] = []
+    traffic = Traffic(base_url, token, shape, max_new_tokens, random.Random(seed))
 
-    def one(i: int) -> None:
-        body = {"text": PROMPTS[i % len(PROMPTS)],
-                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
-        try:
-            status, reply = request(base_url + "/generate", "POST", body=body, timeout=600)
-        except OSError as exc:
-            status, reply = None, f"{type(exc).__name__}: {exc}"
-        with lock:
-            counts["requests"] += 1
-            if status != 200 or not isinstance(reply, dict):
-                counts["failed"] += 1
-                if len(errors) < 10:
-                    errors.append(f"{status}: {str(reply)[:200]}")
-                return
-            meta = reply.get("meta_info") or {}
-            reason = (meta.get("finish_reason") or {}).get("type")
-            if meta.get("completion_tokens") != max_new_tokens or reason != "length":
-                counts["truncated"] += 1
-                if len(errors) < 10:
-                    errors.append(f"truncated: {meta.get('completion_tokens')} tokens, finish {reason}")
-                return
-            counts["completed"] += 1
-
-    # warm-up: every client once, so the memory baseline is taken after the first allocations
     log(f"soak: {base_url}, model E={shape.num_experts} top_k={shape.top_k}; warm-up ({clients} requests) ...")
-    warm = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    for t in warm:
-        t.start()
-    for t in warm:
-        t.join()
-    warm_counts = dict(counts)
-    for k in counts:
-        counts[k] = 0
+    warm_counts = traffic.warm_up(clients)
     fallbacks_start = fallbacks(base_url)
     rss_start = rss_mib(pids)
     status, state = request(base_url + "/xshare/config", "GET", token=token, timeout=60)
     if status != 200:
         raise RuntimeError(f"GET /xshare/config answered {status}: {state} (is the admin token right?)")
-    last_ack = {"version": state["version"], "config": state["config"]}
+    last_ack = traffic.last_ack
+    last_ack.update(version=state["version"], config=state["config"])
 
-    stop = threading.Event()
-    deadline = time.monotonic() + duration
-    issued = [0]
-
-    def client(c: int) -> None:
-        while not stop.is_set() and time.monotonic() < deadline:
-            with lock:
-                if issued[0] >= max_requests:
-                    return
-                issued[0] += 1
-                i = issued[0]
-            one(c + i)
-
-    changes = {"valid_sent": 0, "acknowledged": 0, "valid_refused": 0, "toggles": 0, "invalid_sent": 0,
-               "invalid_refused": 0, "invalid_accepted": 0, "admin_errors": 0}
-    change_log: list[str] = []
-    invalid = invalid_changes(shape)
-
-    def changer() -> None:
-        while not stop.wait(change_every):
-            if time.monotonic() >= deadline:
-                return
-            roll = rng.random()
-            if roll < 0.55:
-                kind, method, body, what = "valid", "PUT", random_config(rng, shape), "random config"
-            elif roll < 0.75:
-                enabled = not bool(last_ack["config"].get("enabled", True))
-                kind, method, body, what = "toggle", "PATCH", {"enabled": enabled}, f"enabled={enabled}"
-            else:
-                what, method, body = rng.choice(invalid)
-                kind = "invalid"
-            try:
-                status, reply = request(base_url + "/xshare/config", method, token=token, body=body, timeout=120)
-            except OSError as exc:
-                status, reply = None, str(exc)
-            with lock:
-                if kind == "invalid":
-                    changes["invalid_sent"] += 1
-                else:
-                    changes["valid_sent"] += 1
-                    changes["toggles"] += kind == "toggle"
-                if status == 200 and isinstance(reply, dict):
-                    last_ack.update(version=reply["version"], config=reply["config"])
-                    changes["acknowledged"] += 1
-                    if kind == "invalid":
-                        changes["invalid_accepted"] += 1
-                        change_log.append(f"invalid change accepted ({what}): {body}")
-                elif status is not None and 400 <= status < 500:
-                    if kind == "invalid":
-                        changes["invalid_refused"] += 1
-                    else:
-                        changes["valid_refused"] += 1
-                        change_log.append(f"valid change refused ({what}) {status}: {str(reply)[:200]}")
-                else:
-                    changes["admin_errors"] += 1
-                    change_log.append(f"{what}: {status} {str(reply)[:200]}")
-
-    t0 = time.monotonic()
     log(f"soak: {clients} clients for {duration:.0f} s (at most {max_requests} requests), a config change every "
         f"{change_every:g} s ...")
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    ch = threading.Thread(target=changer, daemon=True)
-    for t in threads:
-        t.start()
-    ch.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    ch.join()
-    elapsed = time.monotonic() - t0
+    elapsed = run_traffic(traffic, clients, duration, change_every, max_requests)
     time.sleep(1.5)  # the schedulers go idle and flush their last metrics window
     fallbacks_end = fallbacks(base_url)
     rss_end = rss_mib(pids)
@@ -298,18 +148,13 @@ def soak(base_url: str, token: str, *, clients: int = 32, duration: float = 180.
     on_last = [r.get("version") == last_ack["version"] and r.get("config") == last_ack["config"] for r in ranks]
     unexpected = {r: fallbacks_end.get(r, 0.0) - fallbacks_start.get(r, 0.0) for r in fallbacks_end
                   if r != INJECTED and fallbacks_end.get(r, 0.0) > fallbacks_start.get(r, 0.0)}
-    memory = []
-    titles = process_titles(pids)
-    for pid in pids:
-        a, b = rss_start.get(pid), rss_end.get(pid)
-        limit = None if a is None else a * (1 + rss_margin_pct / 100) + rss_margin_mib
-        memory.append({"pid": pid, "process": titles.get(pid, "?"), "start_mib": a, "end_mib": b,
-                       "limit_mib": limit, "ok": a is not None and b is not None and b <= limit})
+    memory = _memory(pids, rss_start, rss_end, rss_margin_pct, rss_margin_mib)
+    counts, changes = traffic.counts, traffic.changes
     result = {
         "url": base_url, "model": {"num_experts": shape.num_experts, "top_k": shape.top_k},
         "clients": clients, "duration_s": round(elapsed, 1), "max_new_tokens": max_new_tokens,
-        "warmup": warm_counts, **counts, "errors": errors,
-        "changes": changes, "change_problems": change_log[:20],
+        "warmup": warm_counts, **counts, "errors": traffic.errors,
+        "changes": changes, "change_problems": traffic.change_log[:20],
         "fallbacks_unexpected": unexpected,
         "last_acknowledged": last_ack, "final_status": status,
         "ranks": [{"rank": r.get("rank"), "version": r.get("version")} for r in ranks],

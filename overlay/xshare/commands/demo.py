@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xshare._io import usage_error
+
 NAME = "demo"
 HELP = "start a real SGLang server with the plugin, send a batch with the selector off then on, print the figures"
 
@@ -77,69 +79,78 @@ def _selector(args: argparse.Namespace) -> Any:
     return Setting(f"on ({args.policy}, budget {budget}, k0 {warmup})", True, args.policy, budget, warmup)
 
 
-def run(args: argparse.Namespace) -> int:
-    import tempfile
+def _say(t0: float, text: str) -> None:
+    """A progress line stamped with the seconds since the demo started."""
+    print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)
 
-    from xshare.bench._common import format_table, write_json_atomic
-    from xshare.bench.serve.client import Client
-    from xshare.bench.serve.grid import Setting
+
+def _check(args: argparse.Namespace) -> Any:
+    """The 'on' setting of the options, and the counts checked; ValueError names the bad option."""
+    on = _selector(args)
+    for name in ("clients", "problems", "sim_gpus", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return on
+
+
+def _measure(client: Any, args: argparse.Namespace, off: Any, on: Any, problems: list[Any], t0: float
+             ) -> dict[str, Any]:
+    """Warm up, then ``--rounds`` rounds of the batch off and on (interleaved); setting name -> the pooled batch
+    (``batch``), the metric figures of its windows (``figures``) and its accuracy (``accuracy``)."""
     from xshare.bench.serve.metrics import merge_windows, settled_metrics
-    from xshare.bench.serve.server import resolve_model, start_server
     from xshare.bench.serve.waves import BatchResult, run_waves
     from xshare.models import tasks as T
 
-    try:
-        on = _selector(args)
-        for name in ("clients", "problems", "sim_gpus", "rounds"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    except ValueError as e:
-        print(f"xshare demo: error: {e}", file=sys.stderr)
-        return 2
-    off = Setting("off", False)
-    t0 = time.monotonic()
-    problems = T.heldout(args.problems, seed=args.seed)
     prompts = [p.prompt for p in problems]
     max_new = T.MAX_ANSWER_CHARS + 1
+    client.set_config(off)
+    run_waves(client, [p.prompt for p in T.heldout(args.clients, seed=10_000)], args.clients, max_new)  # warm-up
+    runs: dict[str, list[tuple[Any, dict, dict]]] = {off.name: [], on.name: []}
+    for r in range(args.rounds):  # interleaved, so that drifts of a shared CPU hit both settings
+        for setting in ((off, on) if r % 2 == 0 else (on, off)):
+            reply = client.set_config(setting)
+            if setting.enabled and r == 0:
+                _say(t0, f"PUT /xshare/config -> v{reply['version']}: {reply['config']} (applied on "
+                         f"{len(reply['ranks'])} rank(s) while serving)")
+            before = settled_metrics(client)
+            batch = run_waves(client, prompts, args.clients, max_new)
+            runs[setting.name].append((batch, before, settled_metrics(client)))
+            _say(t0, f"round {r + 1}/{args.rounds} {setting.name}: {batch.requests}/{len(prompts)} answered by "
+                     f"{args.clients} concurrent clients in {batch.wall_seconds:.1f} s")
+    results = {}
+    for name, rs in runs.items():
+        pooled = BatchResult.pool([b for b, _, _ in rs])
+        results[name] = {"batch": pooled, "figures": merge_windows([(bf, af) for _, bf, af in rs]),
+                         "accuracy": T.accuracy(problems * len(rs), pooled.texts)}
+    return results
+
+
+def _serve(args: argparse.Namespace, off: Any, on: Any, problems: list[Any], t0: float
+           ) -> tuple[dict[str, Any] | None, str, list[int], int | None]:
+    """Start the server, measure, stop it: (the results or None after an error, the /metrics text, the processes
+    the stop left behind, the server's pid)."""
+    import tempfile
+
+    from xshare.bench.serve.client import Client
+    from xshare.bench.serve.server import resolve_model, start_server
+
     tmp = tempfile.TemporaryDirectory(prefix="xshare-demo-")
     log_path = Path(args.log) if args.log else Path(tmp.name) / "server.log"
     srv = None
-    results: dict[str, Any] = {}
-    leftovers: list[int] = []
-    server_pid = None
-    ok = False
+    results, metrics_text, leftovers, server_pid = None, "", [], None
     try:
         model = resolve_model(args.model_dir)
-        print(f"[{time.monotonic() - t0:5.1f}s] model: {model}")
+        _say(t0, f"model: {model}")
         token = secrets.token_hex(16)
-        print(f"[{time.monotonic() - t0:5.1f}s] starting SGLang with the xshare plugin (selector off, admin endpoint, "
-              f"--enable-metrics, {args.sim_gpus} simulated GPUs) ...", flush=True)
+        _say(t0, f"starting SGLang with the xshare plugin (selector off, admin endpoint, --enable-metrics, "
+                 f"{args.sim_gpus} simulated GPUs) ...")
         srv = start_server(model, token=token, sim_gpus=args.sim_gpus, log_path=log_path, dtype=args.dtype,
                            threads=args.server_threads)
         client = Client(srv.base_url, token)
-        print(f"[{time.monotonic() - t0:5.1f}s] server ready at {srv.base_url} ({srv.startup_seconds:.0f} s)",
-              flush=True)
-        client.set_config(off)
-        run_waves(client, [p.prompt for p in T.heldout(args.clients, seed=10_000)], args.clients, max_new)  # warm-up
-        runs: dict[str, list[tuple[Any, dict, dict]]] = {off.name: [], on.name: []}
-        for r in range(args.rounds):  # interleaved, so that drifts of a shared CPU hit both settings
-            for setting in ((off, on) if r % 2 == 0 else (on, off)):
-                reply = client.set_config(setting)
-                if setting.enabled and r == 0:
-                    print(f"[{time.monotonic() - t0:5.1f}s] PUT /xshare/config -> v{reply['version']}: "
-                          f"{reply['config']} (applied on {len(reply['ranks'])} rank(s) while serving)", flush=True)
-                before = settled_metrics(client)
-                batch = run_waves(client, prompts, args.clients, max_new)
-                runs[setting.name].append((batch, before, settled_metrics(client)))
-                print(f"[{time.monotonic() - t0:5.1f}s] round {r + 1}/{args.rounds} {setting.name}: "
-                      f"{batch.requests}/{len(prompts)} answered by {args.clients} concurrent clients in "
-                      f"{batch.wall_seconds:.1f} s", flush=True)
-        for name, rs in runs.items():
-            pooled = BatchResult.pool([b for b, _, _ in rs])
-            results[name] = {"batch": pooled, "figures": merge_windows([(bf, af) for _, bf, af in rs]),
-                             "accuracy": T.accuracy(problems * len(rs), pooled.texts)}
+        _say(t0, f"server ready at {srv.base_url} ({srv.startup_seconds:.0f} s)")
+        measured = _measure(client, args, off, on, problems, t0)
         metrics_text = client.metrics_text()
-        ok = True
+        results = measured
     except (RuntimeError, OSError, ValueError) as e:
         print(f"xshare demo: error: {e}", file=sys.stderr)
         if srv is not None or log_path.exists():
@@ -148,34 +159,49 @@ def run(args: argparse.Namespace) -> int:
         if srv is not None:
             server_pid = srv.proc.pid if srv.proc is not None else None
             leftovers = srv.stop()
-            print(f"[{time.monotonic() - t0:5.1f}s] server stopped "
-                  f"({'cleanly' if not leftovers else f'left processes {leftovers}, killed'})")
+            _say(t0, f"server stopped ({'cleanly' if not leftovers else f'left processes {leftovers}, killed'})")
         tmp.cleanup()
-    if not ok:
-        return 1
+    return results, metrics_text, leftovers, server_pid
 
+
+def _rows(args: argparse.Namespace, results: dict[str, Any], off: Any, on: Any) -> list[dict[str, Any]]:
+    """One row per setting (off, on): requests, activated experts per layer, peak GPU, tokens/s, accuracy."""
     r_off, r_on = results[off.name], results[on.name]
     van = r_on["figures"]["vanilla_per_layer"]
-    rows_out = []
-    headers = ["selector", "experts/layer", "peak GPU", "tok/s", "decode tok/s", "exact match", *T.TASKS]
-    table_rows = []
+    rows = []
     for name, r, layers, peak in (
             ("off", r_off, van, r_on["figures"]["vanilla_peak_gpu_experts"]),
             (on.name, r_on, r_on["figures"]["activated_per_layer"], r_on["figures"]["peak_gpu_experts"])):
         b = r["batch"]
         tps = b.completion_tokens / b.wall_seconds if b.wall_seconds else 0.0
         dps = args.clients * b.decode_tokens / b.decode_seconds if b.decode_seconds else 0.0
-        rows_out.append({"setting": name, "requests": b.requests, "activated_per_layer": layers,
-                         "peak_gpu_experts": peak, "tokens_per_s": tps, "decode_tokens_per_s": dps,
-                         "accuracy": r["accuracy"]})
-        table_rows.append([name, "/".join(f"{x:.1f}" for x in layers) if layers else "-",
-                           "-" if peak is None else f"{peak:.1f}", f"{tps:.1f}", f"{dps:.1f}",
-                           f"{100 * r['accuracy']['overall']:.1f}%",
-                           *[f"{100 * r['accuracy'].get(t, 0.0):.0f}" for t in T.TASKS]])
+        rows.append({"setting": name, "requests": b.requests, "activated_per_layer": layers,
+                     "peak_gpu_experts": peak, "tokens_per_s": tps, "decode_tokens_per_s": dps,
+                     "accuracy": r["accuracy"]})
+    return rows
+
+
+def _table_row(r: dict[str, Any]) -> list[str]:
+    """One row of :func:`_rows` as the cells of the printed table."""
+    from xshare.models import tasks as T
+
+    layers, peak = r["activated_per_layer"], r["peak_gpu_experts"]
+    return [r["setting"], "/".join(f"{x:.1f}" for x in layers) if layers else "-",
+            "-" if peak is None else f"{peak:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}",
+            f"{100 * r['accuracy']['overall']:.1f}%", *[f"{100 * r['accuracy'].get(t, 0.0):.0f}" for t in T.TASKS]]
+
+
+def _print_figures(args: argparse.Namespace, rows: list[dict[str, Any]], metrics_text: str) -> float:
+    """The off/on table, the decode speed ratio (returned) and the plugin's lines of /metrics."""
+    from xshare.bench._common import format_table
+    from xshare.models import tasks as T
+
+    headers = ["selector", "experts/layer", "peak GPU", "tok/s", "decode tok/s", "exact match", *T.TASKS]
+    table_rows = [_table_row(r) for r in rows]
     print()
     print(format_table(headers, table_rows))
-    ratio = rows_out[1]["decode_tokens_per_s"] / rows_out[0]["decode_tokens_per_s"] \
-        if rows_out[0]["decode_tokens_per_s"] else float("nan")
+    ratio = rows[1]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"] \
+        if rows[0]["decode_tokens_per_s"] else float("nan")
     print(f"decode tokens/s on/off = {ratio:.3f}; experts/layer = mean activated experts per MoE layer per decode "
           f"forward ('off': what SGLang's top-k activates on the same batches, recorded during the 'on' run); "
           f"peak GPU = most experts on one of {args.sim_gpus} simulated EP GPUs")
@@ -183,12 +209,32 @@ def run(args: argparse.Namespace) -> int:
     for line in metrics_text.splitlines():
         if line.startswith(_METRIC_PREFIXES) and "_bucket" not in line:
             print("  " + line)
+    return ratio
+
+
+def run(args: argparse.Namespace) -> int:
+    from xshare.bench._common import write_json_atomic
+    from xshare.bench.serve.grid import Setting
+    from xshare.models import tasks as T
+
+    try:
+        on = _check(args)
+    except ValueError as e:
+        return usage_error("xshare demo", e)
+    off = Setting("off", False)
+    t0 = time.monotonic()
+    problems = T.heldout(args.problems, seed=args.seed)
+    results, metrics_text, leftovers, server_pid = _serve(args, off, on, problems, t0)
+    if results is None:
+        return 1
+    rows = _rows(args, results, off, on)
+    ratio = _print_figures(args, rows, metrics_text)
     print(f"\ndone in {time.monotonic() - t0:.0f} s")
     if args.json:
-        write_json_atomic(args.json, {"rows": rows_out, "decode_ratio": ratio, "leftover_processes": leftovers,
+        write_json_atomic(args.json, {"rows": rows, "decode_ratio": ratio, "leftover_processes": leftovers,
                                       "server_pid": server_pid,
                                       "seconds": time.monotonic() - t0})
-    failed = [r["setting"] for r in rows_out if r["requests"] != args.rounds * len(prompts)]
+    failed = [r["setting"] for r in rows if r["requests"] != args.rounds * len(problems)]
     if failed or leftovers:
         print(f"xshare demo: FAILED: unanswered requests in {failed}; leftover processes {leftovers}",
               file=sys.stderr)

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from xshare._io import usage_error
 from xshare.deploy.launcher import DEFAULT_SERVER_CMD, STANDIN_SERVER_CMD, LaunchConfig, LaunchError
 
 NAME = "launch"
@@ -93,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
     except ValueError as e:
-        print(f"xshare launch: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare launch", e)
     try:
         from xshare.deploy.launcher import RayLauncher
     except ImportError as e:  # ray missing

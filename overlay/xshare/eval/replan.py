@@ -48,9 +48,9 @@ from xshare.eval.replay import (
     layer_inputs,
     route_and_measure,
     run_units,
-    summarise,
     unit_settings,
 )
+from xshare.eval.summary import summarise
 from xshare.eval.traces import Trace
 from xshare.selection import Placement
 
@@ -221,7 +221,7 @@ def replay_variants(sched: Schedule, jobs: int = 1, progress: bool | None = None
 
 def variant_rows(sched: Schedule, replayed: Sequence[tuple[Variant, ReplayResult, dict[Setting, VariantStats]]]
                  ) -> list[dict[str, Any]]:
-    """The result rows (:func:`xshare.eval.replay.summarise` plus the placement keys) of every variant."""
+    """The result rows (:func:`xshare.eval.summary.summarise` plus the placement keys) of every variant."""
     plan = sched.plan
     rows = []
     for v, result, extras in replayed:

@@ -20,10 +20,9 @@ Averages are over layers and batches (``../shared/traces/README.md``).
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,6 @@ from torch import Tensor
 
 from xshare.eval.batching import Batches
 from xshare.eval.costmodel import CostModel
-from xshare.eval.report import PLACEMENT_KEYS
 from xshare.eval.traces import Trace
 from xshare.selection import Placement, SelectorConfig, get_policy
 from xshare.selection.decide import LayerCall, LayerRouting, decide
@@ -163,7 +161,7 @@ class LayerStats:
 
 def _route(plan: Plan, cfg: SelectorConfig, logits: Tensor, groups: Tensor, sizes: list[int],
            placement: Placement, layer: int = 0) -> tuple[Tensor, Tensor | None, float, np.ndarray | None]:
-    """Route every batch of a layer through the core's one seam (:func:`xshare.selection.engine.decide`,
+    """Route every batch of a layer through the core's one seam (:func:`xshare.selection.decide.decide`,
     as the server does); ids/physical padded to [NB, W, k] with 0, and per batch whether the budget
     stopped the mass target short (``Routing.cap_bound``; None when the policy has no mass target)."""
     nb, width = logits.shape[0], logits.shape[1]
@@ -391,113 +389,3 @@ def replay(plan: Plan, jobs: int = 1, progress: bool | None = None) -> ReplayRes
             for s, st in collected[(b, li)].items():
                 result.stats.setdefault(s, []).append(st)
     return result
-
-
-# -- summaries -------------------------------------------------------------------------------------
-def _f(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _stack(stats: Iterable[LayerStats], name: str) -> np.ndarray:
-    return np.stack([getattr(s, name) for s in stats])  # [L', NB]
-
-
-def summarise(result: ReplayResult, setting: Setting) -> dict[str, Any]:
-    """The result row of one setting (the stable JSON schema; see docs/eval.md)."""
-    plan = result.plan
-    trace = plan.trace
-    num_experts = trace.num_experts
-    stats = result.stats[setting]
-    van = result.stats[Setting(VANILLA, setting.batch)]
-    cfg = setting.config()
-    knobs = knobs_of(setting.policy)
-    g = plan.placements[0].num_gpus
-    budget = cfg.budget_for(num_experts) if "budget" in knobs else None
-    gpu_cap = None
-    if "gpu_cap" in knobs:
-        gpu_cap = cfg.gpu_cap if cfg.gpu_cap is not None else -(-cfg.budget_for(num_experts) // g)
-    active = _stack(stats, "active")
-    v_active = _stack(van, "active")
-    # calls (layer x batch) whose budget stopped the mass target short: only rows with a mass target
-    bound = _stack(stats, "cap_bound") if cfg.has_target_mass and all(s.cap_bound is not None for s in stats) \
-        else None
-    peak = _stack(stats, "peak")
-    v_peak = _stack(van, "peak")
-    batches = plan.batches[setting.batch]
-    row: dict[str, Any] = {
-        "policy": setting.policy,
-        "label": setting.label(),
-        "batch": setting.batch,
-        "batch_tokens_mean": _f(batches.sizes.mean()),
-        "num_batches": batches.num_batches,
-        "budget": budget,
-        "budget_arg": setting.budget if "budget" in knobs else None,
-        "target_mass": cfg.to_dict()["target_mass"] if "target_mass" in knobs else None,
-        "warmup_k": cfg.warmup_k if "warmup_k" in knobs else None,
-        "group_budget": (cfg.group_budget_for(num_experts, trace.top_k) if "group_budget" in knobs else None),
-        "gpus": g,
-        "placement": plan.placement_kind,
-        **dict.fromkeys(PLACEMENT_KEYS),
-        "gpu_cap": gpu_cap,
-        "active_experts_mean": _f(active.mean()),
-        "active_experts_p50": _f(np.percentile(active, 50)),
-        "active_experts_p95": _f(np.percentile(active, 95)),
-        "active_experts_max": int(active.max()),
-        "vanilla_active_experts_mean": _f(v_active.mean()),
-        "reduction": _f(1.0 - active.mean() / v_active.mean()),
-        "mass_kept": _f(_stack(stats, "mass").mean()),
-        "top1_kept": _f(_stack(stats, "top1").mean()),
-        "cap_bound": None if bound is None else _f(bound.mean()),
-        "peak_gpu_experts_mean": _f(peak.mean()),
-        "peak_gpu_experts_max": int(peak.max()),
-        "vanilla_peak_gpu_experts_mean": _f(v_peak.mean()),
-        "peak_ratio": _f(v_peak.mean() / peak.mean()),
-        "peak_over_mean_gpu": _f(_stack(stats, "peak_over_mean").mean()),
-        "vanilla_peak_over_mean_gpu": _f(_stack(van, "peak_over_mean").mean()),
-        "tokens_per_gpu_max_over_mean": _f(_stack(stats, "tokens_max_over_mean").mean()),
-        "vanilla_tokens_per_gpu_max_over_mean": _f(_stack(van, "tokens_max_over_mean").mean()),
-        "peak_gpu_tokens_mean": _f(_stack(stats, "tokens_peak").mean()),
-        "vanilla_peak_gpu_tokens_mean": _f(_stack(van, "tokens_peak").mean()),
-        "gpu_tokens_mean": _f(_stack(stats, "tokens_mean").mean()),
-        "selector_ms_per_layer": _f(1e3 * sum(s.select_seconds for s in stats) / sum(s.calls for s in stats)),
-        "vanilla_selector_ms_per_layer": _f(1e3 * sum(s.select_seconds for s in van) / sum(s.calls for s in van)),
-        "gpu_load_mean": [_f(x) for x in np.mean([s.gpu_active_mean for s in stats], 0)],
-        "vanilla_gpu_load_mean": [_f(x) for x in np.mean([s.gpu_active_mean for s in van], 0)],
-        "per_layer": {
-            "layer": [trace.layer_names[i] for i in plan.layers],
-            "active_experts_mean": [_f(x) for x in active.mean(1)],
-            "vanilla_active_experts_mean": [_f(x) for x in v_active.mean(1)],
-            "mass_kept": [_f(x) for x in _stack(stats, "mass").mean(1)],
-            "top1_kept": [_f(x) for x in _stack(stats, "top1").mean(1)],
-            "cap_bound": None if bound is None else [_f(x) for x in bound.mean(1)],
-            "peak_gpu_experts_mean": [_f(x) for x in peak.mean(1)],
-            "budget": [cfg.for_layer(i, range(trace.num_layers)).budget_for(num_experts) if "budget" in knobs
-                       else None for i in plan.layers],
-        },
-    }
-    cost = plan.cost
-    if cost is not None:
-        n_layers = len(plan.layers)
-        moe_sum = _stack(stats, "moe_seconds").sum(0)
-        v_moe_sum = _stack(van, "moe_seconds").sum(0)
-        selector = setting.policy != VANILLA
-        step = cost.step_seconds(moe_sum, n_layers, selector=selector)
-        v_step = cost.step_seconds(v_moe_sum, n_layers, selector=False)
-        non_moe = cost.non_moe_seconds()
-        row.update({
-            "modelled_moe_ms_per_step": _f(1e3 * (step.mean() - non_moe)),
-            "vanilla_modelled_moe_ms_per_step": _f(1e3 * (v_step.mean() - non_moe)),
-            "modelled_step_ms": _f(1e3 * step.mean()),
-            "vanilla_modelled_step_ms": _f(1e3 * v_step.mean()),
-            "moe_speedup": _f((v_step.mean() - non_moe) / (step.mean() - non_moe)),
-            "otps_ratio": _f(v_step.mean() / step.mean()),
-        })
-    else:
-        row.update({k: None for k in ("modelled_moe_ms_per_step", "vanilla_modelled_moe_ms_per_step",
-                                      "modelled_step_ms", "vanilla_modelled_step_ms", "moe_speedup", "otps_ratio")})
-    return row
-
-
-def summarise_all(result: ReplayResult) -> list[dict[str, Any]]:
-    return [summarise(result, s) for s in result.plan.settings]

@@ -11,12 +11,12 @@ Format (``../shared/traces/README.md``), one ``.npz`` per trace:
     meta           0-d str (JSON)    needs ``num_experts`` and ``top_k``; ``scoring`` (softmax|sigmoid),
                                      ``layers``, ``model`` are used when present; ``router`` (optional):
                                      the layers' routing description when it is not a plain top-k
-                                     (:meth:`xshare.selection.gates.RouterSpec.to_meta`: correction
+                                     (:meth:`xshare.selection.routers.spec.RouterSpec.to_meta`: correction
                                      bias, expert groups, routed scaling, custom function)
     correction_bias float [L, E]     the layers' correction biases (with a ``router`` that has one)
 
 With a ``router`` (written by the server's recorder for biased / grouped routers) the replay routes
-each layer as the server does for that router (:func:`xshare.selection.engine.decide_router`), and
+each layer as the server does for that router (:func:`xshare.selection.backends.reference_router.decide_router`), and
 gate probabilities are the router's affinities.
 
 Without ``router_logits`` only a token's stored top-K probabilities are known: their logits are the
@@ -96,7 +96,7 @@ class Trace:
     correction_bias: np.ndarray | None = None  # float32 [L, E] with a router that has a bias
 
     def layer_router(self, layer: int) -> RouterSpec | None:
-        """The layer's :class:`~xshare.selection.gates.RouterSpec` (None: a plain top-k router)."""
+        """The layer's :class:`~xshare.selection.routers.spec.RouterSpec` (None: a plain top-k router)."""
         self._check_layer(layer)
         if self.router is None:
             return None

@@ -82,19 +82,16 @@ def _decoder_fields(*, vocab_size: int, hidden_size: int, num_layers: int, num_h
 
 
 def qwen3_moe_config(  # noqa: ANN201 (transformers.Qwen3MoeConfig)
-        *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
-        num_kv_heads: int, head_dim: int, max_position_embeddings: int, moe_intermediate_size: int, num_experts: int,
-        top_k: int, bos_token_id: int, eos_token_id: int, pad_token_id: int, router_aux_loss_coef: float | None = None):
+        *, intermediate_size: int, moe_intermediate_size: int, num_experts: int,
+        router_aux_loss_coef: float | None = None, **decoder: int):
     """The Hugging Face config of a tiny model: every layer sparse (``intermediate_size`` unused by the
-    layers), top-k weights renormalised, untied embeddings; ``router_aux_loss_coef`` None: the library's."""
+    layers), top-k weights renormalised, untied embeddings; ``router_aux_loss_coef`` None: the library's;
+    ``decoder``: the fields every tiny architecture shares (:func:`_decoder_fields`)."""
     from transformers import Qwen3MoeConfig
 
     extra = {} if router_aux_loss_coef is None else {"router_aux_loss_coef": router_aux_loss_coef}
     return Qwen3MoeConfig(
-        **_decoder_fields(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                          num_kv_heads=num_kv_heads, head_dim=head_dim,
-                          max_position_embeddings=max_position_embeddings, top_k=top_k, bos_token_id=bos_token_id,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id),
+        **_decoder_fields(**decoder),
         intermediate_size=intermediate_size,
         moe_intermediate_size=moe_intermediate_size,
         num_experts=num_experts,
@@ -105,22 +102,19 @@ def qwen3_moe_config(  # noqa: ANN201 (transformers.Qwen3MoeConfig)
 
 
 def glm4_moe_config(  # noqa: ANN201 (transformers.Glm4MoeConfig)
-        *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
-        num_kv_heads: int, head_dim: int, max_position_embeddings: int, moe_intermediate_size: int, num_experts: int,
-        top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool,
-        n_shared_experts: int, first_k_dense_replace: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
+        *, intermediate_size: int, moe_intermediate_size: int, num_experts: int, n_group: int, topk_group: int,
+        routed_scaling_factor: float, norm_topk_prob: bool, n_shared_experts: int, first_k_dense_replace: int,
+        **decoder: int):
     """The Hugging Face config of a tiny GLM-4.5-architecture model (``Glm4MoeForCausalLM``): the first
     ``first_k_dense_replace`` layers dense (``intermediate_size``), the rest sparse; sigmoid router with a
     correction bias, ``num_experts`` experts in ``n_group`` groups of which ``topk_group`` are kept, top-k
     weights renormalised if ``norm_topk_prob`` and scaled by ``routed_scaling_factor``; ``n_shared_experts``
-    shared experts of ``moe_intermediate_size`` each; no multi-token-prediction layer; untied embeddings."""
+    shared experts of ``moe_intermediate_size`` each; no multi-token-prediction layer; untied embeddings;
+    ``decoder``: the fields every tiny architecture shares (:func:`_decoder_fields`)."""
     from transformers import Glm4MoeConfig
 
     return Glm4MoeConfig(
-        **_decoder_fields(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                          num_kv_heads=num_kv_heads, head_dim=head_dim,
-                          max_position_embeddings=max_position_embeddings, top_k=top_k, bos_token_id=bos_token_id,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id),
+        **_decoder_fields(**decoder),
         intermediate_size=intermediate_size,
         moe_intermediate_size=moe_intermediate_size,
         n_routed_experts=num_experts,
@@ -137,19 +131,15 @@ def glm4_moe_config(  # noqa: ANN201 (transformers.Glm4MoeConfig)
 
 
 def mixtral_config(  # noqa: ANN201 (transformers.MixtralConfig)
-        *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
-        max_position_embeddings: int, moe_intermediate_size: int, num_experts: int, top_k: int, bos_token_id: int,
-        eos_token_id: int, pad_token_id: int):
+        *, moe_intermediate_size: int, num_experts: int, **decoder: int):
     """The Hugging Face config of a tiny Mixtral (``MixtralForCausalLM``): every layer sparse, experts of
     width ``moe_intermediate_size`` (Mixtral's ``intermediate_size``), softmax top-k renormalised (always,
-    in Mixtral), no sliding window, untied embeddings."""
+    in Mixtral), no sliding window, untied embeddings; ``decoder``: the fields every tiny architecture shares
+    (:func:`_decoder_fields`)."""
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        **_decoder_fields(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                          num_kv_heads=num_kv_heads, head_dim=head_dim,
-                          max_position_embeddings=max_position_embeddings, top_k=top_k, bos_token_id=bos_token_id,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id),
+        **_decoder_fields(**decoder),
         intermediate_size=moe_intermediate_size,
         num_local_experts=num_experts,
         sliding_window=None,

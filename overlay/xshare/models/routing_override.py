@@ -1,11 +1,11 @@
 """Batch-aware selection in place of the router, for offline evaluation (HF transformers).
 
 :class:`RoutingOverride` replaces the router of every MoE layer by the selection core's decision
-(:func:`xshare.selection.engine.decide`) over the batch's live rows (finished requests and left padding
+(:func:`xshare.selection.decide.decide`) over the batch's live rows (finished requests and left padding
 are excluded) and records the activated experts per layer and the per-task expert usage. Two routers:
 Qwen3-MoE's softmax top-k, and the GLM-4.5 / DeepSeek-V3 router of the aux-loss-free model (sigmoid,
 correction bias, expert groups: the model's own gate routes, and the core gets the layer's
-:class:`~xshare.selection.gates.RouterSpec`).
+:class:`~xshare.selection.routers.spec.RouterSpec`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def router_spec(gate: torch.nn.Module) -> Any:
-    """The :class:`~xshare.selection.gates.RouterSpec` of a GLM-4.5 / DeepSeek-V3 router (transformers'
+    """The :class:`~xshare.selection.routers.spec.RouterSpec` of a GLM-4.5 / DeepSeek-V3 router (transformers'
     ``Glm4MoeTopkRouter``: the routed scaling factor is in its weights), or None for a softmax router."""
     from xshare.models.architecture import CORRECTION_BIAS
     from xshare.selection.routers.spec import RouterSpec

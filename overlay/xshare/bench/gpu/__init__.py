@@ -6,7 +6,7 @@ order, the report rewritten after each so that a run cut off still leaves the fi
 
 1. **selector vs reference**: the fused Triton selector (``fused_select(backend='triton')``) against
    the torch reference ``select`` on the device, over the randomised cases of
-   ``tests/selection/test_kernel_interpret.py`` (:mod:`xshare.selection.kernels.cases`: both policies the kernel
+   ``tests/selection/test_kernel_interpret.py`` (:mod:`xshare.selection.backends.triton.cases`: both policies the kernel
    implements, softmax and sigmoid routers, renormalisation on and off, plus the fixed cases), and
    ``--extra-cases`` more random seeds: ids identical, weights within 1e-6.
 2. **CUDA graph**: the selector (kernel and torch) captured once with device knobs, ``num_tokens`` and
@@ -42,9 +42,10 @@ cycles): :mod:`.cli` (``MODE``, ``HELP``, ``add_arguments``, ``run``, the argume
 :mod:`.runner` (``PART_FNS``; warm-up, then the parts in order, the report rewritten after each),
 :mod:`.warmup` (kernels compiled in worker processes), :mod:`.correctness` (part 1), :mod:`.graphs`
 (part 2), :mod:`.timing` (part 3 and the CUDA-graph / CUDA-event timing the parts share),
-:mod:`.moe_layer` (part 4), :mod:`.served` (part 5: the stand-in ``TopKConfig``, the vanilla gates, the
-served call and its measurement, shared with part 4) and :mod:`.report` (the run's metadata and the markdown
-tables).
+:mod:`.moe_layer` (part 4), :mod:`.standins` (the stand-in ``TopKConfig``, the vanilla gates), :mod:`.served`
+(part 5: the served call and its measurement, shared with part 4), :mod:`.reference` (part 5's eager
+reference and the comparison of answers) and :mod:`.report` (the run's metadata and the
+markdown tables).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ from xshare.bench.gpu.graphs import part_cuda_graph
 from xshare.bench.gpu.moe_layer import part_moe_layer
 from xshare.bench.gpu.report import markdown, meta
 from xshare.bench.gpu.runner import PART_FNS, run_parts
-from xshare.bench.gpu.served import ServedCall, TopKConfigStandIn, part_served_path, vanilla_gate
+from xshare.bench.gpu.served import ServedCall, part_served_path
+from xshare.bench.gpu.standins import TopKConfigStandIn, vanilla_gate
 from xshare.bench.gpu.timing import cuda_graph, part_selector_timing, selector_fns, time_call
 from xshare.bench.gpu.warmup import warm
 

@@ -4,12 +4,12 @@ bench registry, :func:`xshare.bench.modes`, needs), and the argument checks."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from xshare.bench._common import int_list
+from xshare._io import help_epilog, usage_error
+from xshare.bench._common import add_int_list
 from xshare.bench.gpu.context import CPU_TIME_BUDGET, GPU_TIME_BUDGET, PARTS
 from xshare.bench.gpu.runner import run_parts
 
@@ -19,15 +19,14 @@ HELP = ("the prepared GPU check: Triton selector vs reference, CUDA-graph replay
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
+    help_epilog(p, (
         "On the GPU machine (nothing installed but torch/triton/numpy):\n"
         "  PYTHONPATH=overlay python -m xshare bench gpu --out $OUT\n"
         "In CI (no GPU): xshare bench gpu --cpu --out DIR\n"
         "Writes DIR/gpu_check.json and DIR/gpu_check.md after every part. Exit status 0 when every check\n"
         "passed, 1 when one failed or a part raised (the report says which), 2 for bad arguments.\n"
         "See docs/kernel.md (GPU check)."
-    )
+    ))
     p.add_argument("--cpu", action="store_true", help="CPU mode: interpreter / torch, tiny sizes (CI)")
     p.add_argument("--out", default="gpu-check", help="output folder (default gpu-check/)")
     p.add_argument("--parts", default=",".join(PARTS),
@@ -40,16 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random seeds per (policy, scoring, renormalise) family (default 6 = the tests'; 2 with --cpu)")
     p.add_argument("--extra-cases", type=int, default=None,
                    help="further random cases beyond the tests' (default 200 on a GPU, 0 with --cpu)")
-    p.add_argument("--batch", type=int_list("--batch"), default=None, metavar="LIST",
-                   help="part 3 batch sizes (default 1,8,16,32,64; 1,8 with --cpu)")
-    p.add_argument("--experts", type=int_list("--experts"), default=None, metavar="LIST",
-                   help="part 3 experts per layer (default 64,128,256; 16 with --cpu)")
-    p.add_argument("--top-k", type=int_list("--top-k"), default=None, metavar="LIST",
-                   help="part 3 experts per token (default 4,6,8; 4 with --cpu)")
-    p.add_argument("--moe-batch", type=int_list("--moe-batch"), default=None, metavar="LIST",
-                   help="part 4 batch sizes (default 16,32; 8 with --cpu)")
-    p.add_argument("--served-batch", type=int_list("--served-batch"), default=None, metavar="LIST",
-                   help="part 5 batch sizes (default 1,16,64; 1,4 with --cpu)")
+    add_int_list(p, "--batch", None, "part 3 batch sizes (default 1,8,16,32,64; 1,8 with --cpu)")
+    add_int_list(p, "--experts", None, "part 3 experts per layer (default 64,128,256; 16 with --cpu)")
+    add_int_list(p, "--top-k", None, "part 3 experts per token (default 4,6,8; 4 with --cpu)")
+    add_int_list(p, "--moe-batch", None, "part 4 batch sizes (default 16,32; 8 with --cpu)")
+    add_int_list(p, "--served-batch", None, "part 5 batch sizes (default 1,16,64; 1,4 with --cpu)")
     p.add_argument("--replays", type=int, default=None,
                    help="graph replays per timing sample (default 50 on a GPU, 2 with --cpu)")
     p.add_argument("--jobs", type=int, default=None,
@@ -86,6 +80,5 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
-        print(f"xshare bench gpu: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare bench gpu", e)
     return run_parts(args, parts, out)

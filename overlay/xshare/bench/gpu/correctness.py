@@ -1,5 +1,5 @@
 """Part 1: the fused Triton selector against the torch reference ``select`` on the run's device, over
-the interpreter tests' cases (:mod:`xshare.selection.kernels.cases`) and ``--extra-cases`` more."""
+the interpreter tests' cases (:mod:`xshare.selection.backends.triton.cases`) and ``--extra-cases`` more."""
 
 from __future__ import annotations
 

@@ -3,10 +3,9 @@
 SGLang's routing hook hands the plugin one ``_post_process_topk_ids`` call per MoE layer: the gate's
 ``topk_ids`` / ``topk_weights``, the router logits, the layer's ``TopKConfig``, the layer id and
 ``num_token_non_padded``; the plugin answers with :func:`xshare.sglang.layer.route`. SGLang cannot
-be installed where this check runs, so the call is built here: :class:`TopKConfigStandIn` mirrors the
-fields of SGLang's ``TopKConfig`` (a test compares them with the real class where SGLang is installed),
-:class:`Llama4MoE` carries Llama-4's routing function under the name the adapter recognises, and
-:func:`vanilla_gate` is each family's gate as plain torch ops. Whatever ``route`` does is measured as
+be installed where this check runs, so the call is built here from the stand-ins of
+:mod:`xshare.bench.gpu.standins` (``TopKConfig``, Llama-4's routing function, each family's gate as plain torch
+ops: :func:`~xshare.bench.gpu.standins.vanilla_gate`). Whatever ``route`` does is measured as
 it is: a call it leaves to SGLang (a fallback or a skip, read from the runtime's counters and its log)
 makes the row say so, with ``correct`` false.
 
@@ -24,147 +23,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from xshare.bench.gpu.context import Context
+from xshare.bench.gpu.reference import (
+    caught_log,
+    compare,
+    reference_kind,
+    routed_backend,
+    served_backend,
+    torch_backend,
+)
+from xshare.bench.gpu.standins import topk_config, vanilla_gate
 from xshare.bench.gpu.timing import cuda_graph, time_call, time_replays
 
 CHECKS = 2  # replays on new inputs checked against the eager reference, per measurement
-WEIGHT_TOL = 1e-6  # relative (to max(1, |reference|)) tolerance on the routed weights
-
-
-# -- stand-ins for SGLang's objects (SGLang is not installed where this runs) ------------------------
-@dataclass(frozen=True)
-class SharedExpertsStandIn:
-    """The shared-expert layout a ``TopKConfig`` carries (``shared_experts``): fused shared experts
-    occupy ``num_shared_topk_slots`` columns after the routed ones (none under Waterfill expansion)."""
-
-    fusion_disabled: bool = False
-    num_fused_shared_experts: int = 0
-    use_waterfill: bool = False
-
-    @property
-    def num_shared_topk_slots(self) -> int:
-        return 0 if self.use_waterfill else self.num_fused_shared_experts
-
-
-@dataclass
-class TopKConfigStandIn:
-    """The fields of SGLang 0.5.23's ``TopKConfig`` (``sglang.srt.layers.moe.topk``) under their names,
-    with its defaults: what the adapter reads from a layer. ``top_k`` is the output width (routed
-    experts plus shared slots)."""
-
-    top_k: int
-    use_grouped_topk: bool = False
-    topk_group: int | None = None
-    num_expert_group: int | None = None
-    renormalize: bool = True
-    shared_experts: SharedExpertsStandIn = field(default_factory=SharedExpertsStandIn)
-    custom_routing_function: Callable[..., Any] | None = None
-    correction_bias: Tensor | None = None
-    torch_native: bool = False
-    routed_scaling_factor: float | None = None
-    apply_routed_scaling_factor_on_output: bool = False
-    fused_shared_experts_scaling_factor: float | None = None
-    output_format: Any = None
-    runner_backend: Any = None
-    routing_method_type: Any = None
-    scoring_func: str = "softmax"
-    sqrtsoftplus_log1p: bool = False
-    fused_gate_packed_ids: bool = False
-    allow_routed_experts_capture: bool = True
-    layer_id: int | None = None
-
-    @property
-    def num_shared_topk_slots(self) -> int:
-        return self.shared_experts.num_shared_topk_slots
-
-
-class Llama4MoE:
-    """Holds Llama-4's router function under the qualified name SGLang's model gives it
-    (``Llama4MoE.custom_routing_function``), which is how the adapter recognises that router."""
-
-    @staticmethod
-    def custom_routing_function(hidden_states: Tensor, gating_output: Tensor, topk: int,
-                                renormalize: bool) -> tuple[Tensor, Tensor]:
-        """(weights [T, topk] in the hidden dtype, ids int32 [T, topk]): each token's top logits, each
-        weighted by its own sigmoid (no renormalisation)."""
-        values, ids = torch.topk(gating_output, topk, dim=-1)
-        return torch.sigmoid(values.float()).to(hidden_states.dtype), ids.to(torch.int32)
-
-
-def topk_config(family: dict[str, Any], device: torch.device, seed: int = 0) -> TopKConfigStandIn:
-    """The ``TopKConfig`` a model of ``family`` (:data:`~xshare.bench.gpu.context.SERVED_FAMILIES`)
-    builds for one MoE layer; the correction bias (float32 [E]) is drawn from ``seed`` on the device."""
-    e, k = family["experts"], family["top_k"]
-    shared = int(family.get("shared", 0))
-    groups = family.get("groups")
-    bias = None
-    if family.get("bias"):
-        bias = (torch.randn(e, generator=torch.Generator().manual_seed(seed)) * 0.1).to(device)
-    custom = Llama4MoE.custom_routing_function if family.get("custom") == "llama4" else None
-    return TopKConfigStandIn(
-        top_k=k + shared, use_grouped_topk=groups is not None,
-        num_expert_group=groups[0] if groups else None, topk_group=groups[1] if groups else None,
-        renormalize=bool(family.get("renormalize", True)),
-        shared_experts=SharedExpertsStandIn(num_fused_shared_experts=shared),
-        custom_routing_function=custom, correction_bias=bias, routed_scaling_factor=family.get("scaling"),
-        fused_shared_experts_scaling_factor=1.0 if shared else None,
-        scoring_func=family["scoring"] if custom is None else "softmax")
-
-
-def vanilla_gate(cfg: TopKConfigStandIn, logits: Tensor) -> tuple[Tensor, Tensor]:
-    """The family's gate alone, as plain torch ops (no host read, no host-to-device copy: capturable).
-
-    logits  float [T, E] router logits.
-    Returns (ids int32 [T, cfg.top_k], weights float32 [T, cfg.top_k]): each token's routed experts by
-    the router's choice score (bias added, outside its best ``topk_group`` groups excluded), weighted by
-    the unbiased score, renormalised if the config says so, the scaling factor applied when it goes into
-    the weights, then the fused shared slots (ids E, E + 1, ...; weight 1 / scaling, or 1 when the
-    scaling is in the weights).
-    """
-    shared = cfg.num_shared_topk_slots
-    k = cfg.top_k - shared
-    if cfg.custom_routing_function is not None:
-        weights, ids = cfg.custom_routing_function(logits, logits, k, cfg.renormalize)
-        return ids.to(torch.int32), weights.float()
-    x = logits.float()
-    t, e = x.shape
-    bias = cfg.correction_bias
-    scores = torch.softmax(x, dim=-1) if cfg.scoring_func == "softmax" and bias is None else torch.sigmoid(x)
-    choice = scores if bias is None else scores + bias
-    if cfg.use_grouped_topk:
-        g, keep = int(cfg.num_expert_group), int(cfg.topk_group)
-        per_group = choice.view(t, g, e // g)
-        group_score = per_group.topk(2, dim=-1).values.sum(-1) if bias is not None else per_group.amax(-1)
-        kept = torch.zeros(t, g, dtype=torch.bool, device=x.device).scatter_(
-            1, group_score.topk(keep, dim=-1).indices, True)
-        choice = choice.masked_fill(~kept.unsqueeze(-1).expand(t, g, e // g).reshape(t, e), float("-inf"))
-    ids = choice.topk(k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if cfg.renormalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    factor = cfg.routed_scaling_factor
-    if factor and cfg.apply_routed_scaling_factor_on_output:
-        weights = weights * factor
-    ids = ids.to(torch.int32)
-    if shared:
-        weight = 1.0 if (cfg.apply_routed_scaling_factor_on_output or not factor) else 1.0 / factor
-        weight *= cfg.fused_shared_experts_scaling_factor or 1.0
-        slots = (torch.arange(shared, dtype=torch.int32, device=x.device) + e).expand(t, shared)
-        ids = torch.cat([ids, slots], dim=1)
-        weights = torch.cat([weights, torch.full((t, shared), weight, device=x.device)], dim=1)
-    return ids, weights
 
 
 # -- one served call ------------------------------------------------------------------------------
@@ -260,102 +140,9 @@ def _sigma(num_experts: int, top_k: int) -> float:
     return fit_sigma(num_experts, top_k)
 
 
-@contextlib.contextmanager
-def torch_backend() -> Iterator[str]:
-    """While inside: the adapter's ``decide`` routes on its torch backend, through whichever switch it
-    has (the config's ``backend`` field, or a ``backend`` argument); without a switch, the same path.
-    Yields the reference's description."""
-    from xshare.sglang import layer
-
-    original = getattr(layer, "decide", None)
-    sig = inspect.signature(original) if original is not None else None
-    if sig is not None and "backend" in sig.parameters:
-        def forced(*args: Any, **kwargs: Any) -> Any:
-            return original(*args, **{**kwargs, "backend": "torch"})
-
-        kind = "eager route, decide(backend='torch')"
-    elif sig is not None and "config" in sig.parameters and _config_has_backend():
-        def forced(*args: Any, **kwargs: Any) -> Any:
-            bound = sig.bind(*args, **kwargs)
-            bound.arguments["config"] = bound.arguments["config"].replace(backend="torch")
-            return original(*bound.args, **bound.kwargs)
-
-        kind = "eager route, decide with the config's backend 'torch'"
-    else:
-        yield "eager route (the same path, not captured)"
-        return
-    layer.decide = forced
-    try:
-        yield kind
-    finally:
-        layer.decide = original
-
-
-def served_backend(ctx: Context) -> str | None:
-    """The selector's ``backend`` setting of the served calls: the default on a GPU (what serving runs);
-    in CPU mode 'triton' (interpreted), what 'auto' picks for CUDA tensors, so that CI runs the path a GPU
-    serves. None where the config has no such setting (the default then)."""
-    return "triton" if ctx.cpu and _config_has_backend() else None
-
-
-def _config_has_backend() -> bool:
-    from xshare.selection import SelectorConfig
-
-    return any(f.name == "backend" for f in fields(SelectorConfig))
-
-
-def reference_kind() -> str:
-    with torch_backend() as kind:
-        return kind
-
-
-@contextlib.contextmanager
-def caught_log() -> Iterator[list[str]]:
-    """The plugin's warnings and errors while inside, kept (first line, 300 characters) instead of printed."""
-    messages: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage().splitlines()[0][:300])
-
-    logger = logging.getLogger("xshare.sglang")
-    handler, propagate = Keep(logging.WARNING), logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
-def compare(got: dict[str, Any] | None, ref: dict[str, Any] | None) -> list[str]:
-    """Differences between two ``route`` answers (empty: ids identical, weights within WEIGHT_TOL)."""
-    if ref is None:
-        return ["the eager reference left the call to SGLang"]
-    if got is None:
-        return ["the captured call left the call to SGLang"]
-    diffs = []
-    if sorted(got) != sorted(ref):
-        diffs.append(f"keys differ: {sorted(got)} vs {sorted(ref)}")
-    for key in ("topk_ids", "topk_weights"):
-        a, b = got.get(key), ref.get(key)
-        if a is None or b is None:
-            continue
-        if a.shape != b.shape or a.dtype != b.dtype:
-            diffs.append(f"{key}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}")
-        elif key == "topk_ids" and not torch.equal(a, b):
-            rows = (a != b).any(1).nonzero().flatten().tolist()
-            diffs.append(f"topk_ids differ in rows {rows[:8]}")
-        elif key == "topk_weights":
-            err = ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1.0)).max().item() if a.numel() else 0.0
-            if not err <= WEIGHT_TOL:
-                diffs.append(f"topk_weights differ by {err:.3g}")
-    return diffs
-
-
 def _settle() -> None:
-    with contextlib.suppress(Exception):
+    """Wait for the device after a failed capture; an error it raises again belongs to the row already failed."""
+    with contextlib.suppress(Exception):  # the capture's own error is the one the row reports
         torch.cuda.synchronize()
 
 
@@ -375,38 +162,6 @@ def _record(ctx: Context, sc: ServedCall) -> tuple[Callable[[], None] | None, Ca
         box[0] = sc.call()
 
     return replay, lambda: box[0], "cpu-call", None
-
-
-def _backend(sc: ServedCall) -> str | None:
-    """The backend that routed one call, if the adapter's decision says (``Decision.backend``, with
-    ``Decision.reason`` in brackets: why the torch reference routed where another backend was wanted;
-    ``c`` when the C fast path routed); None when it does not say."""
-    from xshare.sglang import layer
-
-    original = getattr(layer, "decide", None)
-    if original is None:
-        return None
-    seen: list[Any] = []
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        decision = original(*args, **kwargs)
-        seen.append(decision)
-        return decision
-
-    layer.decide = recording
-    try:
-        sc.call()
-    finally:
-        layer.decide = original
-    if not seen:
-        return None
-    backend = getattr(seen[-1], "backend", None)
-    if backend is None and getattr(seen[-1], "cpu", None) is not None:
-        backend = "c"
-    reason = getattr(seen[-1], "reason", None)
-    if backend is None:
-        return None
-    return f"{backend} ({reason})" if reason else str(backend)
 
 
 def _changed_rows(sc: ServedCall, answer: dict[str, Any] | None) -> int | None:
@@ -480,7 +235,7 @@ def measure(ctx: Context, sc: ServedCall) -> dict[str, Any]:
     with caught_log() as log:
         sc.runtime.push(ForwardState(mode="decode", capturing=True))
         try:
-            res["backend"] = _backend(sc)
+            res["backend"] = routed_backend(sc.call)
             before = sc.counters()
             replay, output, res["mode"], res["capture_error"] = _record(ctx, sc)
             res["fallback"] = dict(sc.counters() - before)
@@ -583,7 +338,7 @@ def part_served_path(ctx: Context) -> dict[str, Any]:
             vanilla_us, vanilla_mode = vanilla["seconds"] * 1e6, vanilla["mode"]
             served = measure(ctx, sc)
             del sc
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the row reports what raised; the other rows still run
             served = _failed(exc)
         row: dict[str, Any] = {
             "family": name, "batch": b, "experts": e, "top_k": k, "width": k + int(family.get("shared", 0)),

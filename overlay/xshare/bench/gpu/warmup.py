@@ -88,7 +88,7 @@ def warm(ctx: Context, parts: list[str]) -> dict[str, Any]:
         res.wait(timeout=0.3 * ctx.budget)
         done = sum(res.get(timeout=1)) if res.ready() else None
         status = "done" if res.ready() else "timed out"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a pool that fails is reported; the parts then compile for themselves
         done, status = None, f"failed: {type(exc).__name__}: {exc}"
     finally:
         if pool is not None:

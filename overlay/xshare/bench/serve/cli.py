@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xshare._io import help_epilog, usage_error
 from xshare.bench._common import write_json_atomic
 from xshare.bench.serve.client import Client
 from xshare.bench.serve.grid import (
@@ -28,11 +29,10 @@ from xshare.selection.config import parse_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = ("Example (the full sweep of docs/benchmark.md):\n"
+    help_epilog(p, ("Example (the full sweep of docs/benchmark.md):\n"
                 "  xshare bench serve --out results/serve\n"
                 "  xshare bench serve --policy xshare --budget 0.5 --problems 32 --rounds 1 --out /tmp/quick\n"
-                "See docs/benchmark.md.")
+                "See docs/benchmark.md."))
     p.add_argument("--out", required=True, metavar="DIR", help="directory for serve.json and the plots")
     p.add_argument("--model-dir", metavar="DIR", help="trained tiny model (default: the cache; built if missing)")
     p.add_argument("--url", metavar="URL",
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: exists and is not a directory")
     except ValueError as e:
-        print(f"xshare bench serve: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("xshare bench serve", e)
     out.mkdir(parents=True, exist_ok=True)
     srv = None
     t_start = time.monotonic()

@@ -25,8 +25,8 @@ routing inside it in two launches per MoE layer call (imported only when Triton 
 Every runtime setting is loaded from a device pointer (no host sync, CUDA-graph capturable); shapes
 are static. Keys: ``[usable:1][choice:32][engine pick:PB][E-1-index:IB]`` with the float's bits mapped
 to an order-preserving unsigned integer, so one max-reduction finds the next expert and ties resolve
-identically everywhere. Only Triton builtins are used (no helper ``@jit`` functions), so
-:func:`xshare._triton.interpreted` runs the kernels on CPU tensors.
+identically everywhere. Each kernel is a sequence of named ``@triton.jit`` helpers (inlined when compiled;
+Triton's own reduce combiners only), which :func:`xshare._triton.interpreted` runs on CPU tensors too.
 """
 
 from __future__ import annotations
@@ -34,9 +34,146 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from xshare._triton_ops import ordered, pop_best, round_as, routed_weights, row_count
+
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 _ADD = tl.standard._sum_combine
+
+
+# -- the gate kernel's pieces ------------------------------------------------------------------------------------
+@triton.jit
+def _scores(x, fin, SCORING: tl.constexpr, SP_ROUND: tl.constexpr):
+    """float32 [BT, BLOCK_E] scores of logits ``x``: 0 = softmax over the finite logits, 1 = sigmoid,
+    2 = sqrt(softplus) (softplus rounded by ``SP_ROUND`` first, as an eager gate in that dtype does)."""
+    if SCORING == 0:
+        xs = tl.where(fin, x, float("-inf"))
+        mx = tl.reduce(xs, 1, _MAX)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        ex = tl.where(fin, tl.exp(xs - mx[:, None]), 0.0)
+        den = tl.reduce(ex, 1, _ADD)
+        p = ex / tl.where(den > 0, den, 1.0)[:, None]
+    elif SCORING == 1:
+        z = tl.exp(-tl.abs(x))
+        p = tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+    else:  # sqrt(softplus(x)), softplus = x above 20 (torch's threshold), else log1p(exp(x)) done accurately
+        y = tl.exp(tl.minimum(x, 20.0))
+        u = 1.0 + y
+        lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+        sp = tl.where(x > 20.0, x, lp)
+        p = tl.sqrt(round_as(sp, SP_ROUND))
+    return p
+
+
+@triton.jit
+def _affinity_and_choice(x, p, fin, bias_ptr, offs_e, e_ok, MODE: tl.constexpr, GATE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, AFF_ROUND: tl.constexpr, CHOICE_ROUND: tl.constexpr):
+    """(affinity, choice score), float32 [BT, BLOCK_E]: the weight a routed expert gets and the score experts are
+    chosen by (plain layers: both the score; router specs: the score in the logits' dtype, and Llama-4's raw
+    logit or the score plus the correction bias, rounded as the family's gate rounds it)."""
+    if MODE == 0:
+        p = tl.where(fin, p, 0.0)
+        aff = p
+        choice = p
+    else:
+        aff = round_as(p, AFF_ROUND)
+        if GATE == 3:  # llama4: ranks on the raw logits
+            choice = x
+        elif HAS_BIAS:
+            b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+            if GATE == 2:
+                c = p + b[None, :]  # float32 sigmoid + bias
+            else:
+                c = aff + b[None, :]  # the score in the logits' dtype + bias
+            choice = round_as(c, CHOICE_ROUND)
+        else:
+            choice = aff
+    return aff, choice
+
+
+@triton.jit
+def _kept_groups(choice, m2, offs_e, BT: tl.constexpr, BLOCK_E: tl.constexpr, GATE: tl.constexpr,
+                 CHOICE_ROUND: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr):
+    """int32 [BT, BLOCK_E]: 1 where the expert's group is one of the token's ``TOPK_GROUP`` best groups (by the
+    best choice score in the group, or the sum of its two best; lower group index on ties)."""
+    gid = offs_e // GROUP_SIZE
+    offs_g = tl.arange(0, BLOCK_G)
+    gscore = tl.full([BT, BLOCK_G], float("-inf"), tl.float32)
+    for g in tl.static_range(NUM_GROUPS):
+        cg = tl.where((gid == g)[None, :] & m2, choice, float("-inf"))
+        m1 = tl.reduce(cg, 1, _MAX)
+        if GATE == 1:
+            s = m1
+        else:  # the sum of the group's two best choice scores (float32), in the choice dtype
+            first = tl.reduce(tl.where(cg == m1[:, None], offs_e[None, :], BLOCK_E), 1, _MIN)
+            m2nd = tl.reduce(tl.where(offs_e[None, :] == first[:, None], float("-inf"), cg), 1, _MAX)
+            s = round_as(m1 + m2nd, CHOICE_ROUND)
+        gscore = tl.where(offs_g[None, :] == g, s[:, None], gscore)
+    gscore = gscore + 0.0
+    gkey = tl.where(offs_g[None, :] < NUM_GROUPS, (ordered(gscore) << 8) | (255 - offs_g[None, :]), -1)
+    keep = tl.full([BT, BLOCK_G], 0, tl.int32)
+    for _ in tl.static_range(TOPK_GROUP):  # the kept groups: best group scores, lower index on ties
+        best = tl.reduce(gkey, 1, _MAX)
+        hit = gkey == best[:, None]
+        keep = tl.where(hit, 1, keep)
+        gkey = tl.where(hit, -1, gkey)
+    kept_e = tl.full([BT, BLOCK_E], 0, tl.int32)
+    for g in tl.static_range(NUM_GROUPS):
+        kg = tl.reduce(tl.where(offs_g[None, :] == g, keep, 0), 1, _MAX)
+        kept_e = tl.where((gid == g)[None, :], kg[:, None], kept_e)
+    return kept_e
+
+
+@triton.jit
+def _preference_keys(eids_ptr, stride_it, stride_ie, rows, r_ok, offs_e, usable, cord, m2, E: tl.constexpr,
+                     BT: tl.constexpr, BLOCK_E: tl.constexpr, PREF_W: tl.constexpr, IB: tl.constexpr,
+                     PB: tl.constexpr):
+    """int64 [BT, BLOCK_E] keys ``[usable:1][choice:32][engine pick:PB][E-1-index:IB]`` (-1 off the block)."""
+    pref = tl.full([BT, BLOCK_E], 0, tl.int64)
+    for j in tl.static_range(PREF_W):
+        idj = tl.load(eids_ptr + rows.to(tl.int64) * stride_it + j * stride_ie, mask=r_ok, other=-1).to(tl.int32)
+        pref = tl.where(offs_e[None, :] == idj[:, None], PREF_W - j, pref)
+    low = (E - 1 - offs_e).to(tl.int64)
+    key = (pref << IB) | low[None, :]
+    key = tl.where(usable, key | (cord << (PB + IB)) | (tl.full([BT, BLOCK_E], 1, tl.int64) << (32 + PB + IB)), key)
+    return tl.where(m2, key, -1)
+
+
+@triton.jit
+def _warm_up(key, usable, ex_row, k0, rows, BT: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr):
+    """(warm-up, top-k0 alone), int32 [BT, BLOCK_E]: each row's top-k0 experts by key (an exact row: its whole
+    top_k), and its top-k0 alone (a request's warm-up)."""
+    kk = key
+    warm = tl.full([BT, BLOCK_E], 0, tl.int32)
+    warm0 = tl.full([BT, BLOCK_E], 0, tl.int32)
+    for i in tl.static_range(TOP_K):
+        best = tl.reduce(kk, 1, _MAX)
+        hit = (kk == best[:, None]) & (best[:, None] >= 0)
+        first = ((rows * 0 + i) < k0)[:, None]
+        warm = tl.where(hit & (ex_row[:, None] | first) & usable, 1, warm)
+        warm0 = tl.where(hit & first & usable, 1, warm0)
+        kk = tl.where(hit, -1, kk)
+    return warm, warm0
+
+
+@triton.jit
+def _request_sums(groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, n, q, warm0, offs_e,
+                  e_ok, T, E: tl.constexpr, BT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per request (its first valid row leads it): marks the leader, adds the rows' fixed-point affinities ``q``
+    to the request's sums and their top-k0 to its warm-up union."""
+    offs_t = tl.arange(0, BLOCK_T)
+    g_all = tl.load(groups_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
+    v_all = (offs_t < T) & (offs_t.to(tl.int64) < n)
+    g_me = tl.load(groups_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+    same = (g_all[None, :] == g_me[:, None]) & v_all[None, :]
+    leader = tl.reduce(tl.where(same, offs_t[None, :], BLOCK_T), 1, _MIN)
+    tl.store(leader_ptr + rows, leader, mask=r_ok)
+    mine = valid & (leader < T)
+    tl.store(lead_ptr + leader, tl.full([BT], 1, tl.int8), mask=mine)
+    roff = leader[:, None].to(tl.int64) * E + offs_e[None, :]
+    tl.atomic_add(racc_ptr + roff, q, mask=mine[:, None] & e_ok[None, :])
+    tl.atomic_max(rwarm_ptr + roff, warm0, mask=mine[:, None] & e_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["T", "nt_val"])
@@ -58,71 +195,18 @@ def _gate_kernel(
     rows = pid * BT + tl.arange(0, BT)
     r_ok = rows < T
     m2 = r_ok[:, None] & e_ok[None, :]
-    if NT_MODE == 0:
-        n = T.to(tl.int64)
-    elif NT_MODE == 1:
-        n = nt_val.to(tl.int64)
-    else:
-        n = tl.load(nt_ptr).to(tl.int64)
+    n = row_count(T, nt_val, nt_ptr, NT_MODE)
     valid = r_ok & (rows.to(tl.int64) < n)
     x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + offs_e[None, :] * stride_le,
                 mask=m2, other=float("-inf")).to(tl.float32)
     fin = m2 & (x == x) & (tl.abs(x) != float("inf"))
 
-    # ---- scores (float32), as the family's gate computes them
-    if SCORING == 0:
-        xs = tl.where(fin, x, float("-inf"))
-        mx = tl.reduce(xs, 1, _MAX)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        ex = tl.where(fin, tl.exp(xs - mx[:, None]), 0.0)
-        den = tl.reduce(ex, 1, _ADD)
-        p = ex / tl.where(den > 0, den, 1.0)[:, None]
-    elif SCORING == 1:
-        z = tl.exp(-tl.abs(x))
-        p = tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
-    else:  # sqrt(softplus(x)), softplus = x above 20 (torch's threshold), else log1p(exp(x)) done accurately
-        y = tl.exp(tl.minimum(x, 20.0))
-        u = 1.0 + y
-        lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
-        sp = tl.where(x > 20.0, x, lp)
-        if SP_ROUND == 1:  # an eager gate in bfloat16 rounds softplus before the square root
-            _rb = sp.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-            sp = ((_rb + 0x7FFF + ((_rb >> 16) & 1)) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
-        elif SP_ROUND == 2:
-            sp = sp.to(tl.float16).to(tl.float32)
-        p = tl.sqrt(sp)
-    if MODE == 0:
-        p = tl.where(fin, p, 0.0)
-        aff = p
-        choice = p
-    else:
-        if AFF_ROUND == 1:
-            _rb = p.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-            aff = ((_rb + 0x7FFF + ((_rb >> 16) & 1)) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
-        elif AFF_ROUND == 2:
-            aff = p.to(tl.float16).to(tl.float32)
-        else:
-            aff = p
-        if GATE == 3:  # llama4: ranks on the raw logits
-            choice = x
-        elif HAS_BIAS:
-            b = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-            if GATE == 2:
-                c = p + b[None, :]  # float32 sigmoid + bias
-            else:
-                c = aff + b[None, :]  # the score in the logits' dtype + bias
-            if CHOICE_ROUND == 1:
-                _rb = c.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-                choice = ((_rb + 0x7FFF + ((_rb >> 16) & 1)) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
-            elif CHOICE_ROUND == 2:
-                choice = c.to(tl.float16).to(tl.float32)
-            else:
-                choice = c
-        else:
-            choice = aff
+    # ---- scores (float32), as the family's gate computes them; the affinity and the choice score
+    p = _scores(x, fin, SCORING, SP_ROUND)
+    aff, choice = _affinity_and_choice(x, p, fin, bias_ptr, offs_e, e_ok, MODE, GATE, HAS_BIAS, AFF_ROUND,
+                                       CHOICE_ROUND)
     choice = choice + 0.0  # -0.0 -> +0.0: equal values get equal keys
-    cbits = choice.to(tl.int32, bitcast=True)
-    cord = (cbits ^ ((cbits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # order-preserving, unsigned
+    cord = ordered(choice)  # order-preserving, unsigned
 
     # ---- usable experts: finite choice, and (grouped gates) inside the token's kept groups
     if MODE == 0:
@@ -130,49 +214,13 @@ def _gate_kernel(
     else:
         usable = m2 & (choice == choice) & (tl.abs(choice) != float("inf"))
         if NUM_GROUPS > 1 and TOPK_GROUP < NUM_GROUPS:
-            gid = offs_e // GROUP_SIZE
-            offs_g = tl.arange(0, BLOCK_G)
-            gscore = tl.full([BT, BLOCK_G], float("-inf"), tl.float32)
-            for g in tl.static_range(NUM_GROUPS):
-                cg = tl.where((gid == g)[None, :] & m2, choice, float("-inf"))
-                m1 = tl.reduce(cg, 1, _MAX)
-                if GATE == 1:
-                    s = m1
-                else:  # the sum of the group's two best choice scores (float32), in the choice dtype
-                    first = tl.reduce(tl.where(cg == m1[:, None], offs_e[None, :], BLOCK_E), 1, _MIN)
-                    m2nd = tl.reduce(tl.where(offs_e[None, :] == first[:, None], float("-inf"), cg), 1, _MAX)
-                    s = m1 + m2nd
-                    if CHOICE_ROUND == 1:
-                        _rb = s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-                        s = ((_rb + 0x7FFF + ((_rb >> 16) & 1)) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
-                    elif CHOICE_ROUND == 2:
-                        s = s.to(tl.float16).to(tl.float32)
-                gscore = tl.where(offs_g[None, :] == g, s[:, None], gscore)
-            gscore = gscore + 0.0
-            gbits = gscore.to(tl.int32, bitcast=True)
-            gord = (gbits ^ ((gbits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
-            gkey = tl.where(offs_g[None, :] < NUM_GROUPS, (gord << 8) | (255 - offs_g[None, :]), -1)
-            keep = tl.full([BT, BLOCK_G], 0, tl.int32)
-            for _ in tl.static_range(TOPK_GROUP):  # the kept groups: best group scores, lower index on ties
-                best = tl.reduce(gkey, 1, _MAX)
-                hit = gkey == best[:, None]
-                keep = tl.where(hit, 1, keep)
-                gkey = tl.where(hit, -1, gkey)
-            kept_e = tl.full([BT, BLOCK_E], 0, tl.int32)
-            for g in tl.static_range(NUM_GROUPS):
-                kg = tl.reduce(tl.where(offs_g[None, :] == g, keep, 0), 1, _MAX)
-                kept_e = tl.where((gid == g)[None, :], kg[:, None], kept_e)
+            kept_e = _kept_groups(choice, m2, offs_e, BT, BLOCK_E, GATE, CHOICE_ROUND, NUM_GROUPS, TOPK_GROUP,
+                                  GROUP_SIZE, BLOCK_G)
             usable = usable & (kept_e > 0)
 
     # ---- preference key: usable, choice, the engine's own pick order, lower index
-    pref = tl.full([BT, BLOCK_E], 0, tl.int64)
-    for j in tl.static_range(PREF_W):
-        idj = tl.load(eids_ptr + rows.to(tl.int64) * stride_it + j * stride_ie, mask=r_ok, other=-1).to(tl.int32)
-        pref = tl.where(offs_e[None, :] == idj[:, None], PREF_W - j, pref)
-    low = (E - 1 - offs_e).to(tl.int64)
-    key = (pref << IB) | low[None, :]
-    key = tl.where(usable, key | (cord << (PB + IB)) | (tl.full([BT, BLOCK_E], 1, tl.int64) << (32 + PB + IB)), key)
-    key = tl.where(m2, key, -1)
+    key = _preference_keys(eids_ptr, stride_it, stride_ie, rows, r_ok, offs_e, usable, cord, m2, E, BT, BLOCK_E,
+                           PREF_W, IB, PB)
     off2 = rows[:, None].to(tl.int64) * E + offs_e[None, :]
     tl.store(key_ptr + off2, key, mask=m2)
     tl.store(aff_ptr + off2, tl.where(usable, aff, 0.0), mask=m2)
@@ -183,83 +231,52 @@ def _gate_kernel(
         ex_row = (tl.load(exact_ptr + rows, mask=r_ok, other=0) != 0) & r_ok
     else:
         ex_row = rows < 0
-    kk = key
-    warm = tl.full([BT, BLOCK_E], 0, tl.int32)
-    warm0 = tl.full([BT, BLOCK_E], 0, tl.int32)  # the top-k0 alone (a request's warm-up)
-    for i in tl.static_range(TOP_K):
-        best = tl.reduce(kk, 1, _MAX)
-        hit = (kk == best[:, None]) & (best[:, None] >= 0)
-        first = ((rows * 0 + i) < k0)[:, None]
-        warm = tl.where(hit & (ex_row[:, None] | first) & usable, 1, warm)
-        warm0 = tl.where(hit & first & usable, 1, warm0)
-        kk = tl.where(hit, -1, kk)
+    warm, warm0 = _warm_up(key, usable, ex_row, k0, rows, BT, BLOCK_E, TOP_K)
     warm_col = tl.reduce(tl.where(valid[:, None], warm, 0), 0, _MAX).to(tl.int64)
     tl.atomic_max(warm_ptr + offs_e, warm_col, mask=e_ok)
     q = (tl.where(usable & valid[:, None], aff, 0.0) * 1073741824.0).to(tl.int64)
     tl.atomic_add(acc_ptr + offs_e, tl.reduce(q, 0, _ADD), mask=e_ok)
     if SPEC:  # per request (its first valid row leads it): its sums and its warm-up union
-        offs_t = tl.arange(0, BLOCK_T)
-        g_all = tl.load(groups_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
-        v_all = (offs_t < T) & (offs_t.to(tl.int64) < n)
-        g_me = tl.load(groups_ptr + rows, mask=r_ok, other=0).to(tl.int64)
-        same = (g_all[None, :] == g_me[:, None]) & v_all[None, :]
-        leader = tl.reduce(tl.where(same, offs_t[None, :], BLOCK_T), 1, _MIN)
-        tl.store(leader_ptr + rows, leader, mask=r_ok)
-        mine = valid & (leader < T)
-        tl.store(lead_ptr + leader, tl.full([BT], 1, tl.int8), mask=mine)
-        roff = leader[:, None].to(tl.int64) * E + offs_e[None, :]
-        tl.atomic_add(racc_ptr + roff, q, mask=mine[:, None] & e_ok[None, :])
-        tl.atomic_max(rwarm_ptr + roff, warm0, mask=mine[:, None] & e_ok[None, :])
+        _request_sums(groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, n, q, warm0,
+                      offs_e, e_ok, T, E, BT, BLOCK_T)
 
 
-@triton.jit(do_not_specialize=["T", "nt_val", "rsf"])
-def _route_kernel(
-    aff_ptr, key_ptr, acc_ptr, warm_ptr, gpu_ptr, eids_ptr, stride_it, stride_ie, exact_ptr,
-    nt_ptr, nt_val, enabled_ptr, budget_ptr, tau_ptr, cap_ptr, min_ptr, max_ptr, rsf,
-    ids_ptr, w_ptr, repl_ptr, set_ptr, active_ptr, short_ptr, bound_ptr,
-    leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, gbud_ptr,
-    T,
-    E: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    IB: tl.constexpr, PB: tl.constexpr, CH: tl.constexpr, MODE: tl.constexpr, VANILLA: tl.constexpr,
-    CAPPED: tl.constexpr, NUM_GPUS: tl.constexpr, BLOCK_G: tl.constexpr, RENORM: tl.constexpr,
-    SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr, NT_MODE: tl.constexpr, HAS_EXACT: tl.constexpr,
-    SPEC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_e = tl.arange(0, BLOCK_E)
-    e_ok = offs_e < E
-    low = (E - 1 - offs_e).to(tl.int64)
+# -- the route kernel's pieces ----------------------------------------------------------------------------------
+@triton.jit
+def _request_sets(leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, gbud_ptr, rows, r_ok, offs_e, e_ok, low, T,
+                  E: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr, IB: tl.constexpr):
+    """xshare_spec: each request's set S_r = its warm-up W_r and its best experts by the request's sums up to the
+    per-request budget. Returns (the union of the S_r [BLOCK_E], W = the union of the W_r [BLOCK_E], int32
+    [BT, BLOCK_E]: 1 where the expert is in the row's own request's set)."""
+    union = e_ok & False
+    forced = e_ok & False
+    my_leader = tl.load(leader_ptr + rows, mask=r_ok, other=-1)
+    own = tl.full([BT, BLOCK_E], 0, tl.int32)
+    m_r = tl.load(gbud_ptr).to(tl.int64)
+    for u in range(0, T):
+        if tl.load(lead_ptr + u) != 0:
+            q_r = tl.load(racc_ptr + u * E + offs_e, mask=e_ok, other=0)
+            w_r = (tl.load(rwarm_ptr + u * E + offs_e, mask=e_ok, other=0) > 0) & e_ok
+            key_r = tl.where(e_ok & ~w_r, (q_r << IB) | low, -1)
+            s_r = w_r
+            for _ in range(0, tl.maximum(m_r - tl.reduce(w_r.to(tl.int64), 0, _ADD), 0)):
+                best_r = tl.reduce(key_r, 0, _MAX)
+                hit_r = (key_r == best_r) & (key_r >= 0)
+                s_r = s_r | hit_r
+                key_r = tl.where(hit_r, -1, key_r)
+            union = union | s_r
+            forced = forced | w_r
+            own = tl.where((my_leader == u)[:, None] & s_r[None, :], 1, own)
+    return union, forced, own
 
-    # ---- the batch's set S (every program computes the same one; program 0 stores it)
-    rows = pid * BT + tl.arange(0, BT)
-    r_ok = rows < T
-    q = tl.load(acc_ptr + offs_e, mask=e_ok, other=0)
-    if SPEC:
-        # xshare_spec: each request's set S_r = its warm-up W_r and its best experts by the request's
-        # sums up to the per-request budget; the batch set is chosen inside their union, W = ∪ W_r
-        union = e_ok & False
-        forced = e_ok & False
-        my_leader = tl.load(leader_ptr + rows, mask=r_ok, other=-1)
-        own = tl.full([BT, BLOCK_E], 0, tl.int32)
-        m_r = tl.load(gbud_ptr).to(tl.int64)
-        for u in range(0, T):
-            if tl.load(lead_ptr + u) != 0:
-                q_r = tl.load(racc_ptr + u * E + offs_e, mask=e_ok, other=0)
-                w_r = (tl.load(rwarm_ptr + u * E + offs_e, mask=e_ok, other=0) > 0) & e_ok
-                key_r = tl.where(e_ok & ~w_r, (q_r << IB) | low, -1)
-                s_r = w_r
-                for _ in range(0, tl.maximum(m_r - tl.reduce(w_r.to(tl.int64), 0, _ADD), 0)):
-                    best_r = tl.reduce(key_r, 0, _MAX)
-                    hit_r = (key_r == best_r) & (key_r >= 0)
-                    s_r = s_r | hit_r
-                    key_r = tl.where(hit_r, -1, key_r)
-                union = union | s_r
-                forced = forced | w_r
-                own = tl.where((my_leader == u)[:, None] & s_r[None, :], 1, own)
-        cand = union & ~forced
-    else:
-        forced = (tl.load(warm_ptr + offs_e, mask=e_ok, other=0) > 0) & e_ok
-        cand = e_ok & ~forced
+
+@triton.jit
+def _expert_set(acc_ptr, warm_ptr, gpu_ptr, budget_ptr, tau_ptr, cap_ptr, q, forced, cand, offs_e, e_ok, low,
+                E: tl.constexpr, BLOCK_E: tl.constexpr, IB: tl.constexpr, CH: tl.constexpr, CAPPED: tl.constexpr,
+                NUM_GPUS: tl.constexpr, BLOCK_G: tl.constexpr, SPEC: tl.constexpr):
+    """(S [BLOCK_E], the budget stopped S short of the mass target): the forced experts, then the candidates in
+    order of their column sums up to the budget, within per-GPU caps (``CAPPED``) and while the better ones'
+    mass is short of the target; an expert's rank is the number of admitted candidates that beat it."""
     skey = tl.where(e_ok, (q << IB) | low, -1)
     budget = tl.load(budget_ptr).to(tl.int64)
     fill = tl.maximum(budget - tl.reduce(forced.to(tl.int64), 0, _ADD), 0)
@@ -312,15 +329,90 @@ def _route_kernel(
     # the budget stopped the set short of a mass target: more candidates needed than it left room for
     need = tl.reduce((adm_e & mass_ok).to(tl.int64), 0, _ADD)
     bound = (tau > 0) & (need > fill)
+    return in_set, bound
+
+
+@triton.jit
+def _route_in_set(key, aff, inside, own, m2, cols, E: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr,
+                  TOP_K: tl.constexpr, IB: tl.constexpr, PB: tl.constexpr, SPEC: tl.constexpr):
+    """``MODE`` 0 (plain layers): each row's top_k by (tier, key), tier 2 = inside S (and, ``SPEC``, inside its
+    request's set too). Returns (ids int32 [BT, BLOCK_K], weights float32 [BT, BLOCK_K])."""
+    out_ids = tl.full([BT, BLOCK_K], 0, tl.int32)
+    out_w = tl.full([BT, BLOCK_K], 0.0, tl.float32)
+    tier = inside.to(tl.int64)
+    if SPEC:  # inside its request's set too: preferred first
+        tier = tier + (inside & (own > 0)).to(tl.int64)
+    kk = tl.where(m2, key | (tier << (33 + PB + IB)), -1)
+    for i in tl.static_range(TOP_K):
+        kk, idx, w = pop_best(kk, aff, E, IB)
+        out_ids = tl.where(cols[None, :] == i, idx[:, None], out_ids)
+        out_w = tl.where(cols[None, :] == i, w[:, None], out_w)
+    return out_ids, out_w
+
+
+@triton.jit
+def _route_restricted(key, aff, inside, usable, app, m2, cols, low, offs_e, eids_ptr, stride_it, stride_ie, rows,
+                      r_ok, E: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr,
+                      IB: tl.constexpr, PB: tl.constexpr):
+    """``MODE`` 1 (router specs): a row whose usable experts S restricts is routed to its top_k candidates inside
+    S by choice score (index ascending on ties); every other row keeps the engine's ids. Returns (ids int32
+    [BT, BLOCK_K], weights float32 [BT, BLOCK_K], rows rerouted [BT], rows left short of top_k or empty [BT])."""
+    out_ids = tl.full([BT, BLOCK_K], 0, tl.int32)
+    out_w = tl.full([BT, BLOCK_K], 0.0, tl.float32)
+    ncand = tl.reduce(inside.to(tl.int32), 1, _ADD)
+    cut = app & (ncand < tl.reduce(usable.to(tl.int32), 1, _ADD))  # S drops an expert the row can use
+    empty = cut & (ncand == 0)
+    restricted = cut & (ncand > 0)
+    short = restricted & (ncand < TOP_K)
+    repl = restricted & (ncand >= TOP_K)
+    cord = (key >> (PB + IB)) & 0xFFFFFFFF
+    kk = tl.where(inside & m2, (cord << IB) | low[None, :], -1)
+    for i in tl.static_range(TOP_K):
+        kk, new_id, new_w = pop_best(kk, aff, E, IB)
+        eng = tl.load(eids_ptr + rows.to(tl.int64) * stride_it + i * stride_ie, mask=r_ok, other=-1).to(tl.int32)
+        eng_w = tl.reduce(tl.where(offs_e[None, :] == eng[:, None], aff, 0.0), 1, _ADD)
+        idx = tl.where(repl, new_id, eng)
+        w = tl.where(repl, new_w, eng_w)
+        out_ids = tl.where(cols[None, :] == i, idx[:, None], out_ids)
+        out_w = tl.where(cols[None, :] == i, w[:, None], out_w)
+    return out_ids, out_w, repl, short | empty
+
+
+@triton.jit(do_not_specialize=["T", "nt_val", "rsf"])
+def _route_kernel(
+    aff_ptr, key_ptr, acc_ptr, warm_ptr, gpu_ptr, eids_ptr, stride_it, stride_ie, exact_ptr,
+    nt_ptr, nt_val, enabled_ptr, budget_ptr, tau_ptr, cap_ptr, min_ptr, max_ptr, rsf,
+    ids_ptr, w_ptr, repl_ptr, set_ptr, active_ptr, short_ptr, bound_ptr,
+    leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, gbud_ptr,
+    T,
+    E: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    IB: tl.constexpr, PB: tl.constexpr, CH: tl.constexpr, MODE: tl.constexpr, VANILLA: tl.constexpr,
+    CAPPED: tl.constexpr, NUM_GPUS: tl.constexpr, BLOCK_G: tl.constexpr, RENORM: tl.constexpr,
+    SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr, NT_MODE: tl.constexpr, HAS_EXACT: tl.constexpr,
+    SPEC: tl.constexpr,
+):
+    # ---- the batch's set S (every program computes the same one; program 0 stores it)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    low = (E - 1 - offs_e).to(tl.int64)
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    r_ok = rows < T
+    q = tl.load(acc_ptr + offs_e, mask=e_ok, other=0)
+    if SPEC:  # the batch set is chosen inside the union of the requests' sets, W = the union of their warm-ups
+        union, forced, own = _request_sets(leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, gbud_ptr, rows, r_ok,
+                                           offs_e, e_ok, low, T, E, BT, BLOCK_E, IB)
+        cand = union & ~forced
+    else:
+        forced = (tl.load(warm_ptr + offs_e, mask=e_ok, other=0) > 0) & e_ok
+        cand = e_ok & ~forced
+        own = tl.full([BT, BLOCK_E], 0, tl.int32)  # (read only by xshare_spec)
+    in_set, bound = _expert_set(acc_ptr, warm_ptr, gpu_ptr, budget_ptr, tau_ptr, cap_ptr, q, forced, cand, offs_e,
+                                e_ok, low, E, BLOCK_E, IB, CH, CAPPED, NUM_GPUS, BLOCK_G, SPEC)
 
     # ---- each row's routing
     m2 = r_ok[:, None] & e_ok[None, :]
-    if NT_MODE == 0:
-        n = T.to(tl.int64)
-    elif NT_MODE == 1:
-        n = nt_val.to(tl.int64)
-    else:
-        n = tl.load(nt_ptr).to(tl.int64)
+    n = row_count(T, nt_val, nt_ptr, NT_MODE)
     valid = r_ok & (rows.to(tl.int64) < n)
     n_valid = tl.minimum(tl.maximum(n, 0), T)
     enabled = tl.load(enabled_ptr).to(tl.int32) != 0
@@ -339,53 +431,15 @@ def _route_kernel(
     usable = (key >= 0) & (((key >> (32 + PB + IB)) & 1) == 1)
     inside = usable & in_set[None, :] & app[:, None]
     cols = tl.arange(0, BLOCK_K)
-    out_ids = tl.full([BT, BLOCK_K], 0, tl.int32)
-    out_w = tl.full([BT, BLOCK_K], 0.0, tl.float32)
     if MODE == 0:
-        tier = inside.to(tl.int64)
-        if SPEC:  # inside its request's set too: preferred first
-            tier = tier + (inside & (own > 0)).to(tl.int64)
-        kk = tl.where(m2, key | (tier << (33 + PB + IB)), -1)
-        for i in tl.static_range(TOP_K):
-            best = tl.reduce(kk, 1, _MAX)
-            hit = kk == best[:, None]
-            idx = (E - 1 - (best & ((1 << IB) - 1))).to(tl.int32)
-            w = tl.reduce(tl.where(hit, aff, 0.0), 1, _ADD)
-            kk = tl.where(hit, -1, kk)
-            out_ids = tl.where(cols[None, :] == i, idx[:, None], out_ids)
-            out_w = tl.where(cols[None, :] == i, w[:, None], out_w)
+        out_ids, out_w = _route_in_set(key, aff, inside, own, m2, cols, E, BT, BLOCK_K, TOP_K, IB, PB, SPEC)
     else:
-        ncand = tl.reduce(inside.to(tl.int32), 1, _ADD)
-        cut = app & (ncand < tl.reduce(usable.to(tl.int32), 1, _ADD))  # S drops an expert the row can use
-        empty = cut & (ncand == 0)
-        restricted = cut & (ncand > 0)
-        short = restricted & (ncand < TOP_K)
-        repl = restricted & (ncand >= TOP_K)
-        cord = (key >> (PB + IB)) & 0xFFFFFFFF
-        kk = tl.where(inside & m2, (cord << IB) | low[None, :], -1)
-        for i in tl.static_range(TOP_K):
-            best = tl.reduce(kk, 1, _MAX)
-            hit = kk == best[:, None]
-            new_id = (E - 1 - (best & ((1 << IB) - 1))).to(tl.int32)
-            new_w = tl.reduce(tl.where(hit, aff, 0.0), 1, _ADD)
-            kk = tl.where(hit, -1, kk)
-            eng = tl.load(eids_ptr + rows.to(tl.int64) * stride_it + i * stride_ie, mask=r_ok, other=-1).to(tl.int32)
-            eng_w = tl.reduce(tl.where(offs_e[None, :] == eng[:, None], aff, 0.0), 1, _ADD)
-            idx = tl.where(repl, new_id, eng)
-            w = tl.where(repl, new_w, eng_w)
-            out_ids = tl.where(cols[None, :] == i, idx[:, None], out_ids)
-            out_w = tl.where(cols[None, :] == i, w[:, None], out_w)
+        out_ids, out_w, repl, short = _route_restricted(key, aff, inside, usable, app, m2, cols, low, offs_e,
+                                                        eids_ptr, stride_it, stride_ie, rows, r_ok, E, BT, BLOCK_K,
+                                                        TOP_K, IB, PB)
         tl.store(repl_ptr + rows, repl.to(tl.int8), mask=r_ok)
-        tl.atomic_add(short_ptr, tl.reduce(((short | empty) & valid).to(tl.int64), 0, _ADD))
-    if RENORM:
-        out_w = out_w / (tl.reduce(out_w, 1, _ADD) + 1e-20)[:, None]
-    if SCALE:
-        out_w = out_w * rsf
-        if SCALE_ROUND == 1:
-            _rb = out_w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-            out_w = ((_rb + 0x7FFF + ((_rb >> 16) & 1)) & 0xFFFF0000).to(tl.int32).to(tl.float32, bitcast=True)
-        elif SCALE_ROUND == 2:
-            out_w = out_w.to(tl.float16).to(tl.float32)
+        tl.atomic_add(short_ptr, tl.reduce((short & valid).to(tl.int64), 0, _ADD))
+    out_w = routed_weights(out_w, rsf, RENORM, SCALE, SCALE_ROUND)
     kmask = r_ok[:, None] & (cols[None, :] < TOP_K)
     out_off = rows[:, None].to(tl.int64) * TOP_K + cols[None, :]
     tl.store(ids_ptr + out_off, out_ids, mask=kmask)
