@@ -19,12 +19,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from conftest import DASHBOARD, alive, free_port, group_processes, require_binary, require_module, wait_targets_up
 from xshare.deploy.launcher import STANDIN_SERVER_CMD, LaunchConfig, LaunchError
+from xshare.sglang.server import processes
 
 # Ray must keep 127.0.0.1 as the cluster address (deployment.md §4.3): without this, ray.init(address=127.0.0.1:P)
 # is rewritten to the eth0 address and hangs. Read once, when ray is imported: set it before any import of ray.
@@ -86,17 +86,7 @@ def test_cli_rejects_reserved_flag():
 
 # -- real Ray cluster ---------------------------------------------------------------------------------
 def _ray_pids() -> set[int]:
-    out = set()
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"gcs_server" in cmd or b"raylet" in cmd:
-            out.add(int(p.name))
-    return out
+    return {pid for pid, cmd in processes("cmdline") if b"gcs_server" in cmd or b"raylet" in cmd}
 
 
 @pytest.fixture(scope="module")

@@ -317,16 +317,21 @@ def test_xshare_ep_placement_from_sglang_expert_location_metadata(monkeypatch, l
         rt.uninstall()
 
 
+def _decode_forward(runtime, logits, cfg):
+    """One decode forward of one MoE layer call, and its end (as the forward hook ends it)."""
+    state = rt.ForwardState(mode="decode")
+    runtime.push(state)
+    layer.route(runtime, call_args(logits), topk_config=cfg)
+    runtime.pop()
+    report.forward_ended(runtime, state)
+
+
 def test_coverage_per_layer_and_a_loud_warning_when_no_layer_selects(logits, caplog):
     unknown = topk_config(custom_routing_function=lambda *a: None)
     runtime = make_runtime()
     for _ in range(report.COVERAGE_CHECK_FORWARDS):
-        state = rt.ForwardState(mode="decode")
-        runtime.push(state)
-        layer.route(runtime, call_args(logits), topk_config=unknown)
-        runtime.pop()
         with caplog.at_level(logging.WARNING, logger="xshare.sglang"):
-            report.forward_ended(runtime, state)
+            _decode_forward(runtime, logits, unknown)
     assert runtime.stats.snapshot()["coverage"] == {"3": "unsupported_custom_routing_function"}
     warned = [r.getMessage() for r in caplog.records if "selected on no MoE layer" in r.getMessage()]
     assert len(warned) == 1 and "3: unsupported_custom_routing_function" in warned[0], warned
@@ -351,16 +356,9 @@ def test_coverage_per_layer_and_a_loud_warning_when_no_layer_selects(logits, cap
 def test_require_coverage_stops_after_the_first_decode_forward(logits):
     unknown = topk_config(custom_routing_function=lambda *a: None)
     runtime = make_runtime(require_coverage=True)
-    state = rt.ForwardState(mode="decode")
-    runtime.push(state)
-    layer.route(runtime, call_args(logits), topk_config=unknown)
-    runtime.pop()
     with pytest.raises(report.CoverageRefused, match="selected on no MoE layer"):
-        report.forward_ended(runtime, state)
+        _decode_forward(runtime, logits, unknown)
     # a batch below min_tokens is not a coverage problem at the first forward
     small = make_runtime(require_coverage=True, selector=SelectorConfig(policy="xshare", budget=4, min_tokens=64))
-    small.push(state)
-    layer.route(small, call_args(logits), topk_config=topk_config())
-    small.pop()
-    report.forward_ended(small, state)
+    _decode_forward(small, logits, topk_config())
     assert small.stats.snapshot()["skipped"] == {"batch_size": 1}

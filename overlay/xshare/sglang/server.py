@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def group_processes(pgid: int) -> list[int]:
-    """PIDs (alive, not zombies) whose process group is ``pgid`` (Linux /proc)."""
-    pids = []
+def processes(field: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, the bytes of ``/proc/<pid>/<field>``) of every process whose file can be read now (Linux)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            yield int(entry.name), (entry / field).read_bytes()
+        except OSError:  # the process ended, or its file is not ours to read
             continue
+
+
+def group_processes(pgid: int) -> list[int]:
+    """PIDs (alive, not zombies) whose process group is ``pgid`` (Linux /proc)."""
+    pids = []
+    for pid, raw in processes("stat"):
+        stat = raw.decode(errors="replace")
         fields = stat[stat.rindex(")") + 2:].split()
         state, pgrp = fields[0], int(fields[2])
         if pgrp == pgid and state != "Z":
-            pids.append(int(entry.name))
+            pids.append(pid)
     return pids
 
 
