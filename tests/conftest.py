@@ -116,6 +116,12 @@ def alive(pid: int) -> bool:
 
 
 # -- the tiny models ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A folder of the test module's own (stats files, traces, logs of its server)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The deterministic tiny Qwen3-MoE (random weights, 16 experts, top-4, 2 MoE layers), built once a session."""

@@ -382,12 +382,19 @@ def test_dashboard_sglang_metrics_exist_on_a_live_server(live_group):
     from xshare.deploy import promql
 
     _, started, _ = live_group
-    dash = json.loads(DASHBOARD.read_text())
-    exposed = set()
-    for url in started["node_urls"]:
-        exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
+    dash, exposed = _dashboard_and_exposed(started)
     assert any(n.startswith("sglang:") for n in exposed)
     assert promql.missing_metrics(dash, exposed, ("sglang:",)) == {}
+
+
+def _dashboard_and_exposed(started: dict) -> tuple[dict, set[str]]:
+    """The dashboard's JSON, and every metric name the group's nodes expose on /metrics."""
+    from xshare.deploy import promql
+
+    exposed: set[str] = set()
+    for url in started["node_urls"]:
+        exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
+    return json.loads(DASHBOARD.read_text()), exposed
 
 
 @pytest.mark.e2e
@@ -438,10 +445,7 @@ def test_dashboard_xshare_metrics_exist_on_a_live_server(live_group):
     from xshare.deploy import promql
 
     _, started, _ = live_group
-    dash = json.loads(DASHBOARD.read_text())
-    exposed = set()
-    for url in started["node_urls"]:
-        exposed |= promql.scrape_names(promql.scrape(url + "/metrics"))
+    dash, exposed = _dashboard_and_exposed(started)
     assert any(n.startswith("xshare:") for n in exposed), f"the group exports no xshare:* metrics: {sorted(exposed)}"
     missing = promql.missing_metrics(dash, exposed, ("xshare:",))
     # A labelled counter has no series until its first increment (prometheus_client's multiprocess mode writes

@@ -30,11 +30,6 @@ PROMPTS = [f"def {name}(x, y):\n    return" for name in ("add", "sub", "mul", "l
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xshare-e2e")
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model, workdir):
     with running(ServerProcess(
         tiny_model,

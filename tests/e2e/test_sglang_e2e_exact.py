@@ -28,11 +28,6 @@ EXACT = {"custom_params": {"xshare_exact": True}}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xshare-exact")
-
-
-@pytest.fixture(scope="module")
 def server(trained_model, workdir):
     with running(ServerProcess(
         trained_model,

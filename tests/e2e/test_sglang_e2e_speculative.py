@@ -33,11 +33,6 @@ IDENTITY = Setting("xshare_spec@E", True, "xshare_spec", budget=1.0, group_budge
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xshare-spec")
-
-
-@pytest.fixture(scope="module")
 def server(trained_model, workdir):
     require_binary("c++", "a C++ compiler: SGLang compiles NGRAM's corpus on first use")
     with running(ServerProcess(
