@@ -84,8 +84,9 @@ class SelectorKnobs:
         _check(config, self.num_experts, self.top_k)
 
     def update(self, config: SelectorConfig, *, enabled: bool = True) -> None:
-        """Write ``config``'s values into the tensors in place. ``config`` is trusted: it passed
-        :meth:`check` (or :meth:`create`'s) when it was set; every value is computed before any write."""
+        """Write ``config``'s values into the tensors in place, all or nothing: the fit to this layer
+        (:meth:`check`, two host comparisons) and every value come before any write."""
+        _check(config, self.num_experts, self.top_k)
         vals = _values(config, self.num_experts, self.top_k, enabled)
         for k, v in vals.items():
             getattr(self, k).fill_(v)
