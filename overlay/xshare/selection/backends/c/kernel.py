@@ -247,8 +247,8 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, engi
         if policy is None:
             raise ValueError(f"policy {config.policy!r} is not a set policy: the CPU kernel cannot route it")
         # the policy picks its set in torch, on the batch the reference builds; C routes
-        batch = prepare_batch(router_logits, top_k, config, num_tokens=None if num_tokens is None else n_valid,
-                              engine_ids=engine_ids, validate=False)
+        batch = prepare_batch(LayerCall(router_logits, top_k, engine_ids=engine_ids,
+                                        num_tokens=None if num_tokens is None else n_valid), config)
         if budget is not None or warmup_k is not None:
             batch = dataclasses.replace(batch, budget=m, warmup_k=k0)
         given_set = policy.batch_set(batch).contiguous()
