@@ -1,6 +1,6 @@
 """Argument checks of one layer call (ValueError naming the argument): every backend runs them
 before it routes. Shapes, types and devices are always checked; values that need a host sync (NaN /
-+inf logits) only when asked (``validate``)."""
++inf logits) only when the call asks (``LayerCall.validate``)."""
 
 from __future__ import annotations
 
