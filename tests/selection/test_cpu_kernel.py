@@ -5,6 +5,7 @@ figures as the adapter's torch path, and the serving adapter's fallback when it 
 """
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -142,6 +143,23 @@ def test_kernel_is_cached_by_source_hash(tmp_path, monkeypatch):
     assert lib.parent == tmp_path / "kernels" and lib.is_file()
     stamp = lib.stat().st_mtime_ns
     assert K._build(cc) == lib and lib.stat().st_mtime_ns == stamp  # built once
+
+
+def test_a_header_change_rebuilds_the_kernel(tmp_path, monkeypatch):
+    # the two C files include _cpu_common.h: an edit there must not load a library built from the old one
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in (*K.SOURCES, K.HEADER):
+        shutil.copy(path, src / path.name)
+    monkeypatch.setattr(K, "SOURCES", tuple(src / path.name for path in K.SOURCES))
+    monkeypatch.setattr(K, "HEADER", src / K.HEADER.name)
+    monkeypatch.setenv(K.CACHE_ENV, str(tmp_path / "cache"))
+    cc = K._compiler()
+    before = K._build(cc)
+    with open(src / K.HEADER.name, "a") as f:
+        f.write("/* edited */\n")
+    after = K._build(cc)
+    assert after != before and after.is_file() and before.is_file()
 
 
 def test_broken_compiler_is_reported_not_raised(tmp_path, monkeypatch):

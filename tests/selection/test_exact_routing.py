@@ -45,12 +45,12 @@ def test_exact_rows_are_forced_into_the_set_and_count_in_its_budget():
     exact = torch.zeros(T, dtype=torch.bool)
     exact[0] = True
     cfg = SelectorConfig(policy="xshare", budget=8, warmup_k=0)
-    batch = prepare_batch(logits, K, cfg, exact=exact)
+    batch = prepare_batch(LayerCall(logits, K, exact=exact), cfg)
     s = xshare_set(batch)
     own = torch.topk(logits[0], K).indices
     assert s[own].all() and int(s.sum()) == 8
     # under a mass target too: the forced experts are in, and tau is counted with them
-    tau = prepare_batch(logits, K, cfg.replace(budget=E, target_mass=0.3), exact=exact)
+    tau = prepare_batch(LayerCall(logits, K, exact=exact), cfg.replace(budget=E, target_mass=0.3))
     assert xshare_set(tau)[own].all()
 
 

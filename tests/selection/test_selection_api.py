@@ -8,6 +8,7 @@ from torch import Tensor
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs, available_policies, select
 from xshare.selection.backends.reference import prepare_batch
+from xshare.selection.call import LayerCall
 from xshare.selection.common import preference_rank
 
 POLICIES = available_policies()
@@ -253,7 +254,7 @@ def test_knobs_update_is_all_or_nothing():
 
 def test_prepare_batch_rank_is_preference_order():
     logits = torch.tensor([[0.0, 2.0, 2.0, float("-inf"), 1.0]])
-    b = prepare_batch(logits, 2, SelectorConfig(policy="topk", budget=1))
+    b = prepare_batch(LayerCall(logits, 2), SelectorConfig(policy="topk", budget=1))
     assert b.rank.tolist() == [[3, 0, 1, 4, 2]]  # ties: lower index first; unusable last
 
 

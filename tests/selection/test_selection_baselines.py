@@ -7,6 +7,7 @@ import torch
 
 from xshare.selection import SelectorConfig, select
 from xshare.selection.backends.reference import prepare_batch
+from xshare.selection.call import LayerCall
 from xshare.selection.policies.lynx import lynx_scores
 
 
@@ -73,7 +74,7 @@ def test_lynx_scores_follow_confidence_bins():
     logits = torch.tensor([[10.0, 0.0, 0.0, -5.0, -5.0, -5.0, -5.0, -5.0],
                            [0.0, 3.0, 2.9, 2.8, -5.0, -5.0, -5.0, -5.0]])
     cfg = SelectorConfig(policy="lynx", budget=2, extra={"lynx_alpha": 1.0, "lynx_beta": 3.0})
-    batch = prepare_batch(logits, 2, cfg)
+    batch = prepare_batch(LayerCall(logits, 2), cfg)
     score, forced = lynx_scores(batch)
     b = 2.0  # batch size
     # token 0 votes expert 0 at bin 0 and its second (expert 1, r = -10) at bin -3
@@ -93,7 +94,7 @@ def test_lynx_scores_follow_confidence_bins():
 def test_lynx_default_bins_from_sparsity():
     e, k = 64, 6
     logits = _logits(16, e, 3)
-    batch = prepare_batch(logits, k, SelectorConfig(policy="lynx", budget=16))
+    batch = prepare_batch(LayerCall(logits, k), SelectorConfig(policy="lynx", budget=16))
     score, _ = lynx_scores(batch)
     alpha = 1 / math.log(e / k)
     z = logits

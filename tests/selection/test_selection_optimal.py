@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from xshare.selection import Placement, SelectorConfig, select
 from xshare.selection.backends.reference import prepare_batch
+from xshare.selection.call import LayerCall
 from xshare.selection.policies.xshare import xshare_set
 from xshare.selection.policies.xshare_ep import xshare_ep_set
 from xshare.selection.policies.xshare_spec import xshare_spec_sets
@@ -78,7 +79,7 @@ def _check_routing(batch, routing, preferred_sets):
 def test_xshare_set_is_exact_optimum(inst):
     logits, top_k, warmup_k, budget, scoring = inst
     cfg = SelectorConfig(policy="xshare", budget=budget, warmup_k=warmup_k, scoring=scoring)
-    batch = prepare_batch(logits, top_k, cfg)
+    batch = prepare_batch(LayerCall(logits, top_k), cfg)
     s = xshare_set(batch)
     w = batch.warmup()
     gain = batch.column_sums()
@@ -98,7 +99,7 @@ def _ep_case(logits, top_k, warmup_k, budget, scoring, gpus, data, **cfg_kw):
     cfg = SelectorConfig(policy="xshare_ep", budget=budget, warmup_k=warmup_k, gpu_cap=cap, scoring=scoring,
                          **cfg_kw)
     placement = Placement.from_expert_gpu(expert_gpu, num_gpus=gpus)
-    batch = prepare_batch(logits, top_k, cfg, placement=placement)
+    batch = prepare_batch(LayerCall(logits, top_k, placement=placement), cfg)
     s = xshare_ep_set(batch)
     w = batch.warmup()
     c = cap if cap is not None else -(-budget // gpus)
@@ -132,7 +133,7 @@ def test_xshare_spec_sets_are_exact_optima(inst, data):
     groups = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=t, max_size=t)))
     m_r = data.draw(st.integers(1, e))
     cfg = SelectorConfig(policy="xshare_spec", budget=budget, group_budget=m_r, warmup_k=warmup_k, scoring=scoring)
-    batch = prepare_batch(logits, top_k, cfg, groups=groups)
+    batch = prepare_batch(LayerCall(logits, top_k, groups=groups), cfg)
     s_r, s = xshare_spec_sets(batch)
     own = batch.own_topk(warmup_k)
     for g in groups.unique().tolist():
@@ -291,7 +292,7 @@ def _check_fewest(gain, s, w, limit, tau, feasible=lambda s: True):
 def test_target_mass_set_is_the_fewest_experts_reaching_tau(inst, tau):
     logits, top_k, warmup_k, budget, scoring = inst
     cfg = SelectorConfig(policy="xshare", budget=budget, warmup_k=warmup_k, scoring=scoring, target_mass=tau)
-    batch = prepare_batch(logits, top_k, cfg)
+    batch = prepare_batch(LayerCall(logits, top_k), cfg)
     s = xshare_set(batch)
     w = batch.warmup()
     _check_fewest(batch.column_sums(), s, w, max(budget, int(w.sum())), tau)
@@ -314,10 +315,10 @@ def test_target_mass_stops_early_and_one_keeps_every_expert_with_mass():
     sizes = {}
     for tau in (0.5, 0.8, 0.95, 1.0):
         cfg = SelectorConfig(policy="xshare", budget=32, warmup_k=0, target_mass=tau)
-        sizes[tau] = int(xshare_set(prepare_batch(logits, 4, cfg)).sum())
+        sizes[tau] = int(xshare_set(prepare_batch(LayerCall(logits, 4), cfg)).sum())
     assert sizes[0.5] < sizes[0.8] < sizes[0.95] <= sizes[1.0] == 32
     capped = SelectorConfig(policy="xshare", budget=5, warmup_k=0, target_mass=0.95)
-    assert int(xshare_set(prepare_batch(logits, 4, capped)).sum()) == 5  # the budget still caps
+    assert int(xshare_set(prepare_batch(LayerCall(logits, 4), capped)).sum()) == 5  # the budget still caps
 
 
 def test_rows_of_one_request_get_one_set_even_on_exact_ties():
@@ -325,7 +326,7 @@ def test_rows_of_one_request_get_one_set_even_on_exact_ties():
     per-row matrix product summed in another order broke the tie differently on some rows)."""
     cfg = SelectorConfig(policy="xshare_spec", budget=1, group_budget=1, warmup_k=0)
     for groups in (torch.zeros(8, dtype=torch.long), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])):
-        batch = prepare_batch(torch.zeros(8, 5), 1, cfg, groups=groups)
+        batch = prepare_batch(LayerCall(torch.zeros(8, 5), 1, groups=groups), cfg)
         s_r, _ = xshare_spec_sets(batch)
         for g in groups.unique():
             rows = s_r[groups == g]

@@ -178,7 +178,7 @@ def test_on_the_traces_an_uncapped_target_is_reached_and_an_explicit_budget_is_c
     batches = _trace_batches(layer=5)
     for logits in batches:
         for cfg in (SelectorConfig(target_mass=tau), SelectorConfig(target_mass=tau, budget=24)):
-            b = prepare_batch(logits, K, cfg)
+            b = prepare_batch(LayerCall(logits, K), cfg)
             s = xshare_set(b)
             sums = b.column_sums()
             short = bool(sums[s].sum() < tau * sums.sum() * (1 - MASS_RTOL))

@@ -1,14 +1,14 @@
 """Argument checks of one layer call (ValueError naming the argument): every backend runs them
 before it routes. Shapes, types and devices are always checked; values that need a host sync (NaN /
-+inf logits) only when asked (``validate``)."""
++inf logits) only when the call asks (``LayerCall.validate``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from xshare.selection.call import LayerCall
 from xshare.selection.config import SelectorConfig
-from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import validate as validate_config
 from xshare.selection.types import Placement, as_placement, check_router_logits
 
@@ -37,21 +37,13 @@ def _check_args(
         raise ValueError(f"num_tokens must be an int or a 0-d tensor, got {type(num_tokens).__name__}")
 
 
-def check_inputs(
-    router_logits: Tensor,
-    top_k: int,
-    config: SelectorConfig,
-    *,
-    groups: Tensor | None = None,
-    placement: Placement | Tensor | None = None,
-    num_tokens: int | Tensor | None = None,
-    knobs: SelectorKnobs | None = None,
-    validate: bool = True,
-) -> Placement | None:
-    """Every check of a layer call's arguments (ValueError naming the argument); returns the
-    placement normalised to a :class:`Placement` on the logits' device. Value checks that need a
-    host sync (NaN / +inf logits) run only with ``validate``."""
-    _check_args(router_logits, top_k, config, groups, num_tokens)
+def check_inputs(call: LayerCall, config: SelectorConfig) -> Placement | None:
+    """Every check of a layer call's arguments (ValueError naming the argument): the logits, top_k,
+    ``config``, and the call's groups, num_tokens, knobs and placement; returns the placement
+    normalised to a :class:`Placement` on the logits' device. Value checks that need a host sync
+    (NaN / +inf logits) run only with ``call.validate``."""
+    router_logits, top_k, num_tokens, knobs = call.router_logits, call.top_k, call.num_tokens, call.knobs
+    _check_args(router_logits, top_k, config, call.groups, num_tokens)
     num_rows, num_experts = router_logits.shape
     device = router_logits.device
     if isinstance(num_tokens, Tensor) and (num_tokens.numel() != 1 or num_tokens.dtype.is_floating_point
@@ -64,12 +56,12 @@ def check_inputs(
         if knobs.budget.device != device:
             raise ValueError(f"knobs are on {knobs.budget.device}, router_logits on {device}")
     # A Placement passes through; a tensor is converted here (host work: build it once for serving).
-    placement = as_placement(placement, num_experts)
+    placement = as_placement(call.placement, num_experts)
     if placement is not None and placement.slot_gpu.device != device:
         placement = placement.to(device)
     if validate_config(config).needs_placement and placement is None:
         raise ValueError(f"placement is required by policy {config.policy!r}")
-    if validate and num_rows:
+    if call.validate and num_rows:
         if bool(torch.isnan(router_logits).any()):
             raise ValueError("router_logits contains NaN")
         if bool(torch.isposinf(router_logits).any()):

@@ -77,8 +77,9 @@ def _prepare(call: LayerCall, config: SelectorConfig) -> tuple[Batch, Tensor]:
     """This rank's batch and its float32 [2E] statistics (the all-reduce's input)."""
     if not get_policy(config.policy).global_stats:
         raise ValueError(f"global mode supports policies {', '.join(global_policies())}; got {config.policy!r}")
-    batch = prepare_batch(call.router_logits, call.top_k, config, placement=call.placement,
-                          num_tokens=call.num_tokens, engine_ids=call.engine_ids, validate=False)
+    # the group decides together: no request groups, device knobs or exact rows, no host-sync checks
+    rank_call = dataclasses.replace(call, groups=None, knobs=None, exact=None, validate=False)
+    batch = prepare_batch(rank_call, config)
     return batch, local_statistics(batch)
 
 

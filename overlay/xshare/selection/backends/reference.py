@@ -29,7 +29,7 @@ from xshare.selection.common import (
 from xshare.selection.config import SelectorConfig
 from xshare.selection.knobs import SelectorKnobs
 from xshare.selection.registry import get_policy
-from xshare.selection.types import Placement, Routing
+from xshare.selection.types import Routing
 
 
 def batch_settings(config: SelectorConfig, knobs: SelectorKnobs | None, num_experts: int,
@@ -55,30 +55,19 @@ def applies_on_device(config: SelectorConfig, knobs: SelectorKnobs | None, num_v
     return apply
 
 
-def prepare_batch(
-    router_logits: Tensor,
-    top_k: int,
-    config: SelectorConfig,
-    *,
-    groups: Tensor | None = None,
-    placement: Placement | Tensor | None = None,
-    num_tokens: int | Tensor | None = None,
-    knobs: SelectorKnobs | None = None,
-    engine_ids: Tensor | None = None,
-    validate: bool = True,
-    exact: Tensor | None = None,
-) -> Batch:
-    """Check the arguments (:func:`~xshare.selection.checks.check_inputs`) and build the :class:`Batch`
-    the policies see: float32 logits with -inf where unusable, gate scores, valid rows, the settings,
-    and each token's preference order (``engine_ids`` int [T, k] breaks exact ties, see
-    :mod:`xshare.selection.call`)."""
-    placement = check_inputs(router_logits, top_k, config, groups=groups, placement=placement,
-                             num_tokens=num_tokens, knobs=knobs, validate=validate)
+def prepare_batch(call: LayerCall, config: SelectorConfig) -> Batch:
+    """Check the call (:func:`~xshare.selection.checks.check_inputs`) and build the :class:`Batch`
+    the policies see: float32 logits with -inf where unusable, gate scores under ``config.scoring``,
+    valid rows, the settings (``call.knobs`` or the config's), the call's groups, placement and exact
+    rows, and each token's preference order (``call.engine_ids`` int [T, k] breaks exact ties, see
+    :mod:`xshare.selection.call`). ``call.layer`` is not read: ``config`` carries the layer's scoring."""
+    placement = check_inputs(call, config)
+    router_logits, top_k, groups, engine_ids = call.router_logits, call.top_k, call.groups, call.engine_ids
     num_rows, num_experts = router_logits.shape
     device = router_logits.device
     logits = router_logits.float()
     usable = torch.isfinite(logits)
-    valid = valid_rows(num_rows, num_tokens, device)
+    valid = valid_rows(num_rows, call.num_tokens, device)
     batch = Batch(
         logits=torch.where(usable, logits, torch.full_like(logits, float("-inf"))),
         scores=gate_scores(logits, usable, config.scoring),
@@ -88,8 +77,8 @@ def prepare_batch(
         config=config,
         groups=None if groups is None else groups.long(),
         placement=placement,
-        exact=check_exact(exact, num_rows, device),
-        **batch_settings(config, knobs, num_experts, top_k),
+        exact=check_exact(call.exact, num_rows, device),
+        **batch_settings(config, call.knobs, num_experts, top_k),
     )
     if engine_ids is not None:
         if not isinstance(engine_ids, Tensor) or engine_ids.ndim != 2 or engine_ids.shape[0] != num_rows:
@@ -147,9 +136,7 @@ def decide_plain(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[
     """The torch reference's decision for a plain layer call (``config`` with the layer's scoring
     applied): the batch in the engine's tie order, then the policy's routing (no host sync unless
     ``call.validate``)."""
-    batch = prepare_batch(call.router_logits, call.top_k, config, groups=call.groups, placement=call.placement,
-                          num_tokens=call.num_tokens, knobs=call.knobs, engine_ids=call.engine_ids,
-                          validate=call.validate, exact=call.exact)
+    batch = prepare_batch(call, config)
     if checkpoint is not None:
         checkpoint()
     return Decision(finish_routing(batch, num_tokens=call.num_tokens, knobs=call.knobs), config)

@@ -52,8 +52,7 @@ def router_batch(call: LayerCall, config: SelectorConfig, scores: GateScores | N
     spec.check(num_experts, call.top_k)
     config = layer_config(config, spec)
     groups = call.groups_for(get_policy(config.policy))
-    placement = check_inputs(logits, call.top_k, config, groups=groups, placement=call.placement,
-                             num_tokens=call.num_tokens, knobs=call.knobs, validate=call.validate)
+    placement = check_inputs(call, config)
     gs = scores if scores is not None else router_scores(logits, spec, exact=device.type == "cpu")
     usable = gs.reachable & torch.isfinite(gs.choice)
     valid = valid_rows(num_rows, call.num_tokens, device)

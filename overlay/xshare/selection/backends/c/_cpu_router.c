@@ -32,27 +32,14 @@
  * [T, top_k] (the engine's own on rows the policy did not change, as _decide_router returns them),
  * the replaced rows, S, the activated experts with and without the selector, and the counts.
  */
-#include <stdint.h>
 #include <stdlib.h>
 
-#define XR_OK 0
-#define XR_BAD_PREFER (-2)
-#define XR_BAD_ID (-3)
-#define XR_NO_MEMORY (-4)
+#include "_cpu_common.h"
 
 #define XR_PLAIN 0
 #define XR_GROUPED 1
 #define XR_BIASED 2
 #define XR_LLAMA4 3
-
-/* from _cpu_select.c (the same library): the engine's pick slots, the warm-up of a row, the fill by
- * column sum and a valid row's bookkeeping */
-int xshare_prefer_slots(int t, int E, int PK, const int32_t *prefer, int32_t *slot);
-void xshare_mark_first(int E, int kw, const float *key, const int32_t *slot, const uint8_t *usable,
-                       uint8_t *taken, uint8_t *in_set);
-void xshare_fill(int E, int budget, const double *colsum, uint8_t *taken, uint8_t *in_set);
-int xshare_row_figures(int t, int E, int K, int PK, const int32_t *out, const int32_t *p, uint8_t *active,
-                       uint8_t *vanilla_active, int64_t *a, int64_t *checksum, int64_t *changed);
 
 typedef struct {
     float v;
@@ -314,16 +301,16 @@ static int xr_row(int t, int E, int PK, const float *choice, const uint8_t *reac
         key[e] = usable[e] ? c[e] : -1.0f / 0.0f;
         slot[e] = PK;
     }
-    return xshare_prefer_slots(t, E, PK, prefer, slot); /* XR_OK or XR_BAD_PREFER: the same codes */
+    return xshare_prefer_slots(t, E, PK, prefer, slot); /* XS_OK or XS_BAD_PREFER */
 }
 
 /* torch.topk(values [R, n], k, sorted=sorted)'s indices [R, k] as this file computes them (for tests) */
 int xshare_cpu_topk(int R, int n, int k, int sorted, const float *values, int64_t *out) {
     xr_item *q = malloc(sizeof(xr_item) * (size_t)(n > 0 ? n : 1));
-    if (!q) return XR_NO_MEMORY;
+    if (!q) return XS_NO_MEMORY;
     for (int r = 0; r < R; r++) xr_topk(values + (int64_t)r * n, n, k, sorted, q, out + (int64_t)r * k);
     free(q);
-    return XR_OK;
+    return XS_OK;
 }
 
 /* The batch's gate scores for the column sums: masked[t, e] = affinity[t, e] on valid rows where e is
@@ -337,7 +324,7 @@ int xshare_cpu_router_scores(int T, int E, const float *choice, const uint8_t *r
         float *o = masked + (int64_t)t * E;
         for (int e = 0; e < E; e++) o[e] = (t < n_valid && (!r || r[e]) && xr_finite(c[e])) ? a[e] : 0.0f;
     }
-    return XR_OK;
+    return XS_OK;
 }
 
 /* Routing of one router-spec layer.
@@ -373,23 +360,18 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
     uint8_t *gkeep = malloc((size_t)(G > 0 ? G : 1));
     int64_t *a = malloc(sizeof(int64_t) * (size_t)(2 * K + 1));
     const float neg = -1.0f / 0.0f;
-    int status = XR_OK;
+    int status = XS_OK;
     if (!key || !row_key || !slot || !usable || !cand || !taken || !items || !gscore || !gpick || !gkeep || !a) {
-        status = XR_NO_MEMORY;
+        status = XS_NO_MEMORY;
         goto done;
     }
-    if (n_valid > T) n_valid = T;
-    if (n_valid < 0) n_valid = 0;
-    for (int e = 0; e < E; e++) in_set[e] = 0, active[e] = 0, vanilla_active[e] = 0;
-
-    if (apply && given_set != NULL) {
-        for (int e = 0; e < E; e++) in_set[e] = given_set[e] != 0;
-    } else if (apply) {
+    n_valid = xshare_start_route(T, n_valid, E, apply, given_set, in_set, active, vanilla_active);
+    if (apply && given_set == NULL) {
         for (int t = 0; t < n_valid; t++) { /* warm-up W: first k0 (exact rows: top_k) of valid rows, usable */
             int kw = (exact != NULL && exact[t]) ? K : k0;
             if (kw <= 0) continue;
             status = xr_row(t, E, PK, choice, reachable, prefer, key, slot, usable);
-            if (status != XR_OK) goto done;
+            if (status != XS_OK) goto done;
             xshare_mark_first(E, kw, key, slot, usable, taken, in_set);
         }
         xshare_fill(E, budget, colsum, taken, in_set); /* the best budget - |W| others by column sum */
@@ -401,7 +383,7 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
         const float *c = choice + (int64_t)t * E;
         const uint8_t *reach = reachable ? reachable + (int64_t)t * E : NULL;
         status = xr_row(t, E, PK, choice, reachable, prefer, key, slot, usable);
-        if (status != XR_OK) goto done;
+        if (status != XS_OK) goto done;
         int restricted = 0, is_short = 0;
         if (apply && t < n_valid && !(exact != NULL && exact[t])) { /* exact rows keep the engine's routing */
             int any = 0, all = 1;
@@ -453,14 +435,14 @@ int xshare_cpu_router(int T, int E, int K, int W, int PK, const float *choice, c
         for (int j = 0; j < K; j++) {
             out[j] = (restricted || p == NULL) ? (int32_t)rt[j] : p[j];
             if (out[j] < 0 || out[j] >= E) { /* an engine id out of range, on any row (torch's scatter) */
-                status = XR_BAD_ID;
+                status = XS_BAD_ID;
                 goto done;
             }
         }
         if (t >= n_valid) continue;
         short_rows += is_short;
         status = xshare_row_figures(t, E, K, PK, out, p, active, vanilla_active, a, &checksum, &changed);
-        if (status != XR_OK) goto done;
+        if (status != XS_OK) goto done;
     }
     counts[0] = changed;
     counts[1] = checksum;
@@ -522,13 +504,12 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
     xr_item *items = malloc(sizeof(xr_item) * (size_t)(G > 0 ? G : 1));
     float *w = malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
     float *acc = malloc(sizeof(float) * (size_t)(lanes > 0 ? lanes : 1));
-    int status = XR_OK;
+    int status = XS_OK;
     if (!choice || (G > 0 && !reach) || !colsum || !route || !gscore || !gpick || !items || !w || !acc) {
-        status = XR_NO_MEMORY;
+        status = XS_NO_MEMORY;
         goto done;
     }
-    if (n_valid > T) n_valid = T;
-    if (n_valid < 0) n_valid = 0;
+    n_valid = xs_valid_rows(n_valid, T);
     for (int64_t i = 0; i < n; i++) {
         float s = score[i];
         affinity[i] = round_aff ? xr_round_bf16(s) : s;
@@ -559,7 +540,7 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
     status = xshare_cpu_router(T, E, K, K, PK, choice, reach, colsum, prefer, n_valid, apply, budget, k0, NULL,
                                exact, gate, G, topk_group, gate == XR_GROUPED ? 0.0f : -1.0f / 0.0f, choice_bf16, 1,
                                route, ids, replaced, flags, flags + E, flags + 2 * E, counts);
-    if (status != XR_OK) goto done;
+    if (status != XS_OK) goto done;
     int64_t n_active = 0, n_vanilla = 0;
     for (int e = 0; e < E; e++) n_active += flags[E + e], n_vanilla += flags[2 * E + e];
     counts[3] = n_active;

@@ -19,14 +19,9 @@
  * and the figures the adapter records per call (activated experts with and without the selector,
  * changed rows, the order-sensitive checksum, and the metrics row of xshare.sglang.stats).
  */
-#include <stdint.h>
 #include <stdlib.h>
 
-#define XS_OK 0
-#define XS_BAD_PREFER (-2)
-#define XS_BAD_ID (-3)
-#define XS_NO_MEMORY (-4)
-#define XS_NOT_PLAIN (-5)
+#include "_cpu_common.h"
 
 /* key desc, then slot asc (engine's pick order; none = pk), then index asc */
 static int own_before(const float *key, const int32_t *slot, int a, int b) {
@@ -35,8 +30,8 @@ static int own_before(const float *key, const int32_t *slot, int a, int b) {
     return a < b;
 }
 
-/* Shared with _cpu_router.c (built into the same library): xshare_prefer_slots, xshare_mark_first,
- * xshare_fill, xshare_row_figures. */
+/* Shared with _cpu_router.c (built into the same library; declared in _cpu_common.h): xshare_prefer_slots,
+ * xshare_mark_first, xshare_fill, xshare_row_figures, xshare_start_route. */
 
 /* slot[] of row t from the engine's picks (slot[e] = PK for the others, set by the caller):
  * XS_OK, or XS_BAD_PREFER for an id above E (E itself is the shared slot, -1 none) */
@@ -78,6 +73,16 @@ void xshare_fill(int E, int budget, const double *colsum, uint8_t *taken, uint8_
         taken[best] = 1;
         in_set[best] = 1;
     }
+}
+
+/* The start of a routing call: the outputs in_set, active and vanilla_active [E] cleared, and S = given_set
+ * (another set policy's) when the policy applies and one is given. Returns n_valid clamped to [0, T]. */
+int xshare_start_route(int T, int n_valid, int E, int apply, const uint8_t *given_set, uint8_t *in_set,
+                       uint8_t *active, uint8_t *vanilla_active) {
+    for (int e = 0; e < E; e++) in_set[e] = 0, active[e] = 0, vanilla_active[e] = 0;
+    if (apply && given_set != NULL)
+        for (int e = 0; e < E; e++) in_set[e] = given_set[e] != 0;
+    return xs_valid_rows(n_valid, T);
 }
 
 static int routed_before(const uint8_t *tier, const float *key, const int32_t *slot, int a, int b) {
@@ -182,13 +187,8 @@ int xshare_cpu_route(int T, int E, int K, int PK, const float *logits, const flo
         status = XS_NO_MEMORY;
         goto done;
     }
-    if (n_valid > T) n_valid = T;
-    if (n_valid < 0) n_valid = 0;
-    for (int e = 0; e < E; e++) in_set[e] = 0, active[e] = 0, vanilla_active[e] = 0;
-
-    if (apply && given_set != NULL) {
-        for (int e = 0; e < E; e++) in_set[e] = given_set[e] != 0;
-    } else if (apply) {
+    n_valid = xshare_start_route(T, n_valid, E, apply, given_set, in_set, active, vanilla_active);
+    if (apply && given_set == NULL) {
         /* warm-up W: each valid row's first k0 positions of its own order, usable ones only */
         for (int t = 0; t < n_valid && k0 > 0; t++) {
             status = row_order(t, E, PK, logits, scores, prefer, key, slot, usable);
@@ -249,8 +249,7 @@ int xshare_cpu_figures(int T, int E, int K, int PK, int G, int layer, const floa
         free(hit);
         return XS_NO_MEMORY;
     }
-    if (n_valid > T) n_valid = T;
-    if (n_valid < 0) n_valid = 0;
+    n_valid = xs_valid_rows(n_valid, T);
     for (int g = 0; g < G; g++) gpu_active[g] = 0.0f, gpu_tokens[g] = 0.0f;
     int n_active = 0, n_vanilla = 0;
     for (int e = 0; e < E; e++) {

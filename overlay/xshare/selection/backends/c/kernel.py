@@ -8,10 +8,11 @@ model's expert loop saves. ``_cpu_select.c`` does the same decision in one pass 
 gate scores, the column sums and the renormalised weights stay in torch, so the result is the
 reference's bit for bit (tested against :func:`xshare.selection.select` with ``engine_ids``).
 
-The C file is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``)
-into ``$XSHARE_CACHE_DIR/kernels`` (default ``~/.cache/xshare/kernels``), named by the hash of the
-source and the compiler, and loaded with ctypes: no Python or torch headers, no build step at
-install time. Without a compiler :func:`cpu_kernel_available` is False (with the reason in
+The C files are compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``)
+into one library in ``$XSHARE_CACHE_DIR/kernels`` (default ``~/.cache/xshare/kernels``), named by the
+hash of the sources, their shared header ``_cpu_common.h`` and the compiler, and loaded with ctypes:
+no Python or torch headers, no build step at install time. Without a compiler
+:func:`cpu_kernel_available` is False (with the reason in
 :func:`cpu_kernel_problem`) and callers use the torch reference.
 
     from xshare.selection.backends.c.kernel import cpu_route, cpu_kernel_supports
@@ -48,6 +49,8 @@ from xshare.selection.types import Routing
 SOURCE = Path(__file__).with_name("_cpu_select.c")
 # every C file of the library: the plain kernel, and the router-spec one (xshare.selection.backends.c.router)
 SOURCES = (SOURCE, Path(__file__).with_name("_cpu_router.c"))
+# the header both include (return codes, the routines they share): hashed into the cache key with them
+HEADER = Path(__file__).with_name("_cpu_common.h")
 CACHE_ENV = "XSHARE_CACHE_DIR"
 _ERRORS = {-2: "engine_ids holds an expert id > E", -3: "an expert id is out of range", -4: "out of memory",
            -5: "NaN or +inf logits"}
@@ -74,7 +77,7 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join(path.read_bytes() for path in SOURCES)
+    src = b"".join(path.read_bytes() for path in (*SOURCES, HEADER))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(src + cc.encode() + version.encode()).hexdigest()[:16]
     out_dir = _cache_dir()
@@ -247,8 +250,8 @@ def cpu_route(router_logits: Tensor, top_k: int, config: SelectorConfig, *, engi
         if policy is None:
             raise ValueError(f"policy {config.policy!r} is not a set policy: the CPU kernel cannot route it")
         # the policy picks its set in torch, on the batch the reference builds; C routes
-        batch = prepare_batch(router_logits, top_k, config, num_tokens=None if num_tokens is None else n_valid,
-                              engine_ids=engine_ids, validate=False)
+        batch = prepare_batch(LayerCall(router_logits, top_k, engine_ids=engine_ids,
+                                        num_tokens=None if num_tokens is None else n_valid), config)
         if budget is not None or warmup_k is not None:
             batch = dataclasses.replace(batch, budget=m, warmup_k=k0)
         given_set = policy.batch_set(batch).contiguous()

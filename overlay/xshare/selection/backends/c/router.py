@@ -100,6 +100,19 @@ def _figure_probs(logits: Tensor, scores: GateScores, spec: RouterSpec, config: 
     return (torch.softmax(lg, dim=-1) if config.scoring == "softmax" else torch.sigmoid(lg)).contiguous()
 
 
+def _checked_rows(call: LayerCall, config: SelectorConfig) -> tuple[Tensor | None, int, bool]:
+    """What both C router paths check first (the spec against E and top_k, the call's arguments) and the
+    row facts they hand to C: the exact rows bool [T] (contiguous, or None), the number of valid rows, and
+    whether the policy applies (the config's batch-size range, not a vanilla policy)."""
+    num_rows, num_experts = call.router_logits.shape
+    call.layer.check(num_experts, call.top_k)
+    check_inputs(call, config)
+    exact = check_exact(call.exact, num_rows, call.router_logits.device)
+    exact = None if exact is None else exact.contiguous()  # held: C reads its memory
+    n_valid = num_rows if call.num_tokens is None else max(0, min(num_rows, int(call.num_tokens)))
+    return exact, n_valid, config.applies_to(n_valid) and not get_policy(config.policy).vanilla
+
+
 def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores) -> CpuRouterRouting:
     """The routing :func:`~xshare.selection.backends.reference_router.decide_router` gives ``call`` (same ids,
     column order and weights, replaced and short rows), for a call :func:`cpu_router_supports` accepts. ``config``
@@ -111,15 +124,9 @@ def cpu_router_route(call: LayerCall, config: SelectorConfig, scores: GateScores
     logits = call.router_logits
     num_rows, num_experts = logits.shape
     top_k = call.top_k
-    spec.check(num_experts, top_k)
-    check_inputs(logits, top_k, config, placement=call.placement, num_tokens=call.num_tokens, knobs=call.knobs,
-                 validate=False)
-    exact = check_exact(call.exact, num_rows, logits.device)
-    exact = None if exact is None else exact.contiguous()  # held: C reads its memory
+    exact, n_valid, apply = _checked_rows(call, config)
     lib = library()
     policy = get_policy(config.policy)
-    n_valid = num_rows if call.num_tokens is None else max(0, min(num_rows, int(call.num_tokens)))
-    apply = config.applies_to(n_valid) and not policy.vanilla
     choice = scores.choice.contiguous()
     grouped = spec.num_expert_group is not None
     reachable = scores.reachable.contiguous() if grouped else None
@@ -205,13 +212,7 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
     logits = call.router_logits
     num_rows, num_experts = logits.shape
     top_k = call.top_k
-    spec.check(num_experts, top_k)
-    check_inputs(logits, top_k, config, num_tokens=call.num_tokens, validate=False)
-    exact = check_exact(call.exact, num_rows, logits.device)
-    exact = None if exact is None else exact.contiguous()  # held: C reads its memory
-    policy = get_policy(config.policy)
-    n_valid = num_rows if call.num_tokens is None else max(0, min(num_rows, int(call.num_tokens)))
-    apply = config.applies_to(n_valid) and not policy.vanilla
+    exact, n_valid, apply = _checked_rows(call, config)
     biased = spec.gate == "biased_grouped"
     if biased:  # biased_grouped_topk: float32 sigmoid, the affinity rounded to the logits' dtype
         score = vector_sigmoid(logits.to(torch.float32))

@@ -59,8 +59,7 @@ def decide_fused(call: LayerCall, config: SelectorConfig) -> Decision:
     policy = get_policy(config.policy)
     if isinstance(layer, RouterSpec):
         layer.check(num_experts, call.top_k)
-    placement = check_inputs(logits, call.top_k, config, groups=call.groups, placement=call.placement,
-                             num_tokens=call.num_tokens, knobs=call.knobs, validate=call.validate)
+    placement = check_inputs(call, config)
     exact = check_exact(call.exact, num_rows, logits.device)
     res = fused_route(logits, call.top_k, layer, config, engine_ids=call.engine_ids, num_tokens=call.num_tokens,
                       knobs=call.knobs, placement=placement, exact=exact, groups=call.groups_for(policy))
