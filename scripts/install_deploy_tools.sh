@@ -9,10 +9,7 @@
 # Every version is pinned here. Run by scripts/bootstrap.sh (XSHARE_VENV set); idempotent: returns at once
 # when the stamp in the venv matches this script. Every pip call holds /tmp/xshare-pip.lock.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${XSHARE_VENV:-$root/.venv}"
-py="$venv/bin/python"
-cons="$root/requirements/constraints.txt"
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 stamp="$venv/.xshare-deploy-tools-stamp"
 
 PINS=(
@@ -35,7 +32,7 @@ if [ ! -x "$py" ]; then
   exit 1
 fi
 
-want="$(cat "${BASH_SOURCE[0]}" "$cons" | sha256sum | cut -d' ' -f1)"
+want="$(cat "${BASH_SOURCE[0]}" "$root/scripts/_venv.sh" "$cons" | sha256sum | cut -d' ' -f1)"
 check() {
   "$py" - <<'PY' 2>/dev/null
 import importlib.metadata as m
@@ -53,7 +50,7 @@ cargs=(-c "$cons")
 # Keep the versions the SGLang CPU test bed pins (shared dependencies such as protobuf, requests, jsonschema).
 [ -f "$root/requirements/sglang-cpu.txt" ] && cargs+=(-c "$root/requirements/sglang-cpu.txt")
 echo "install_deploy_tools: installing ${PINS[*]}" >&2
-flock /tmp/xshare-pip.lock "$py" -m pip --disable-pip-version-check install -q "${cargs[@]}" "${PINS[@]}"
+pip install -q "${cargs[@]}" "${PINS[@]}"
 check || { echo "install_deploy_tools: import check failed after install" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "install_deploy_tools: done in $(( $(date +%s) - start )) s" >&2

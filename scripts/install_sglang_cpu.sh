@@ -12,10 +12,7 @@
 # in the venv matches this script, the requirement files and the stand-ins.
 # Every pip call holds /tmp/xshare-pip.lock (other installs may run at the same time).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${XSHARE_VENV:-$root/.venv}"
-py="$venv/bin/python"
-cons="$root/requirements/constraints.txt"
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 reqs="$root/requirements/sglang-cpu.txt"
 shims="$root/overlay/cpu_shims"
 SGLANG_VERSION="0.5.23"
@@ -27,7 +24,7 @@ if [ ! -x "$py" ]; then
   exit 1
 fi
 
-want="$(cat "${BASH_SOURCE[0]}" "$reqs" "$cons" "$shims"/sgl_kernel/*.py "$shims"/xshare_cpu_fixes.* \
+want="$(cat "${BASH_SOURCE[0]}" "$root/scripts/_venv.sh" "$reqs" "$cons" "$shims"/sgl_kernel/*.py "$shims"/xshare_cpu_fixes.* \
   "$root"/patches/*.patch "$root"/patches/apply.sh | sha256sum | cut -d' ' -f1)"
 installed_version() {
   "$py" -c "import importlib.metadata as m; print(m.version('sglang'))" 2>/dev/null || true
@@ -38,7 +35,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ "$(installed_version)
 fi
 
 start=$(date +%s)
-pip() { flock /tmp/xshare-pip.lock "$py" -m pip --disable-pip-version-check "$@"; }
 echo "install_sglang_cpu: installing sglang $SGLANG_VERSION for the CPU into $venv" >&2
 pip install -q -c "$cons" "$(grep '^torch==' "$cons")"
 pip install -q -c "$cons" -r "$reqs"

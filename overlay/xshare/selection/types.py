@@ -84,10 +84,12 @@ class Placement:
 
     @property
     def num_experts(self) -> int:
+        """E: the logical experts (rows of ``replicas``)."""
         return int(self.replicas.shape[0])
 
     @property
     def num_slots(self) -> int:
+        """P: the physical slots, E plus the redundant replicas."""
         return int(self.slot_gpu.shape[0])
 
     @property

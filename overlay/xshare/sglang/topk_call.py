@@ -158,10 +158,12 @@ class TopkCall:
 
     @property
     def num_rows(self) -> int:
+        """T: the call's rows, this rank's tokens with any padding rows of a CUDA graph."""
         return int(self.topk_ids.shape[0])
 
     @property
     def num_experts(self) -> int:
+        """E: the layer's routed experts (the router logits' columns; fused shared experts are not among them)."""
         return int(self.router_logits.shape[1])
 
     @property
