@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xshare.selection import SelectorConfig
+from xshare.selection.backends.global_mode import global_policies
 from xshare.selection.registry import get_policy, validated
 from xshare.selection.schema import OPERATOR_FIELDS, Field, by_name, markdown_table
 
@@ -220,8 +221,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
     values = {f.name: _parse(f.name, raw, origin) for f in PLUGIN_FIELDS}
     selector = _selector_config(raw, origin)
     if values["deepep_mode"] == "global" and not get_policy(selector.policy).global_stats:
-        from xshare.selection.backends.global_mode import global_policies
-
         raise SettingError(
             f"{_where('deepep_mode', origin)}=global: supported only with policies {', '.join(global_policies())} "
             f"(the policy is {selector.policy!r}, set by {_where('policy', origin)})"
