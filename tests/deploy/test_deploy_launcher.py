@@ -97,9 +97,12 @@ def cluster():
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before this module set the variable
     before = _ray_pids()
-    c = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "include_dashboard": False,
-                                                      "num_cpus": 1, "num_gpus": 2})
-    c.add_node(node_ip_address="127.0.0.1", num_cpus=1, num_gpus=2)
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("XSHARE_")]:
+            mp.delenv(key)  # the nodes' servers see the settings a test hands them, not the caller's
+        c = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "include_dashboard": False,
+                                                          "num_cpus": 1, "num_gpus": 2})
+        c.add_node(node_ip_address="127.0.0.1", num_cpus=1, num_gpus=2)
     try:
         ray.init(address=c.address, log_to_driver=False)
         c.wait_for_nodes()
