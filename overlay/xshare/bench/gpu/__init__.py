@@ -4,7 +4,7 @@ For a machine with one CUDA GPU where only torch, triton and numpy are installed
 downloaded: every input is generated here or carried inside the repository. Five parts, in this
 order, the report rewritten after each so that a run cut off still leaves the first parts:
 
-1. **selector vs reference**: the fused Triton selector (``fused_select(backend='triton')``) against
+1. **selector vs reference**: the fused Triton selector (``select(backend='triton')``) against
    the torch reference ``select`` on the device, over the randomised cases of
    ``tests/selection/test_kernel_interpret.py`` (:mod:`xshare.selection.backends.triton.cases`: both policies the kernel
    implements, softmax and sigmoid routers, renormalisation on and off, plus the fixed cases), and
