@@ -54,6 +54,7 @@ def route(proc: ProcessState, args: dict[str, Any], topk_config: Any) -> dict[st
     if unsupported is not None:
         _leave_layer(proc, args, unsupported, global_mode)
         return None
+    assert call is not None  # read whenever its layer is not left to SGLang
     if not global_mode:
         reason = _call_refusal(proc, state, call)
         if reason is not None:
@@ -127,10 +128,10 @@ def _mode_applies(proc: ProcessState, state: ForwardState, global_mode: bool) ->
 
 
 def _read_call(proc: ProcessState, args: dict[str, Any], topk_config: Any, state: ForwardState,
-               global_mode: bool) -> tuple[TopkCall, str | None]:
+               global_mode: bool) -> tuple[TopkCall | None, str | None]:
     """The call read from SGLang's arguments, and why the selector leaves its layer to SGLang (None
     when it does not): a router it does not route, a router that does not fit the layer, exact rows it
-    cannot honour row by row."""
+    cannot honour row by row. The call is None only with a reason (a router not routed is not read)."""
     spec, unsupported = router_spec(topk_config)  # once per call: cached per layer
     call = TopkCall.read(args, topk_config) if unsupported is None else None
     if spec is not None and call is not None and call.logits_match():
@@ -141,10 +142,10 @@ def _read_call(proc: ProcessState, args: dict[str, Any], topk_config: Any, state
             proc.log_once("router_config", logging.WARNING, "xshare: layer router %s does not fit the layer: %s",
                           spec, exc)
     if unsupported is None and not proc.shared_rows and (state.exact_unknown
-                                                       or (global_mode and state.exact is not None)):
+                                                        or (global_mode and state.exact is not None)):
         # a request asked for exact routing and this call cannot honour it row by row: SGLang routes it all
         unsupported = "exact_rows_unknown" if state.exact_unknown else "exact_routing_global_mode"
-    return call, unsupported  # type: ignore[return-value]  # call is None only with a reason
+    return call, unsupported
 
 
 def _call_refusal(proc: ProcessState, state: ForwardState, call: TopkCall) -> str | None:
@@ -158,8 +159,6 @@ def _call_refusal(proc: ProcessState, state: ForwardState, call: TopkCall) -> st
     if not state.capturing and not proc.settings.selector.applies_to(call.num_rows):
         return "batch_size"
     return _unmapped_verify_rows(proc, state, call)
-
-
 
 
 def route_logits(proc: ProcessState, topk: Any, logits: torch.Tensor, top_k: int,
@@ -237,7 +236,7 @@ def _unmapped_verify_rows(proc: ProcessState, state: ForwardState, call: TopkCal
         return None
     if state.unmapped is not None:
         return state.unmapped
-    if state.capturing:  # the static layout, baked into the graph (runtime.group_ids)
+    if state.capturing:  # the static layout, baked into the graph (ProcessState.group_ids)
         return None
     if state.groups is None:
         return ROWS_UNKNOWN
@@ -250,7 +249,7 @@ def _leave_layer(proc: ProcessState, args: dict[str, Any], reason: str, global_m
     """A layer the selector leaves to SGLang for a reason of its own: said once, counted, noted in the
     coverage; in DeepEP global mode this rank still joins the group's all-reduce."""
     proc.log_once(f"unsupported:{reason}", logging.WARNING,
-                     "xshare: layer routing uses %s; the selector leaves such layers to SGLang", reason)
+                  "xshare: layer routing uses %s; the selector leaves such layers to SGLang", reason)
     proc.skip(f"unsupported_{reason}")
     proc.stats.note_layer(int(args.get("layer_id") or 0), f"unsupported_{reason}")
     if global_mode:
@@ -297,8 +296,8 @@ def _route(proc: ProcessState, call: TopkCall, state: ForwardState, global_mode:
     label = proc.stats.note_backend(call.layer_id, decision.backend, decision.reason)
     if decision.reason is not None and not decision.reason.startswith("c_"):
         proc.log_once(f"backend:{label}", logging.WARNING, "xshare: layer %d is routed by the torch reference, "
-                         "not the %s kernel (%s): counted per layer in /xshare/stats 'backends'", call.layer_id,
-                         "fused Triton" if device.type == "cuda" else "wanted", decision.reason)
+                      "not the %s kernel (%s): counted per layer in /xshare/stats 'backends'", call.layer_id,
+                      "fused Triton" if device.type == "cuda" else "wanted", decision.reason)
     report.first_applied(proc)
     if decision.replaced is not None:
         proc.stats.record_short_rows(decision.short_rows)
