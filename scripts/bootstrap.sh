@@ -9,7 +9,7 @@ venv="${XSHARE_VENV:-$root/.venv}"
 py="${XSHARE_PYTHON:-$(command -v python3.11 || command -v python3)}"
 cons="$root/requirements/constraints.txt"
 
-stamp_inputs=("$root/pyproject.toml" "$root/requirements/"*.txt "$root/scripts/bootstrap.sh")
+stamp_inputs=("$root/pyproject.toml" "$root/requirements/"*.txt "$root/scripts/bootstrap.sh" "$root/scripts/_venv.sh")
 for extra in "$root"/scripts/install_*.sh; do [ -e "$extra" ] && stamp_inputs+=("$extra"); done
 # What the install scripts copy or apply into site-packages (CPU stand-ins, SGLang patches).
 while IFS= read -r f; do stamp_inputs+=("$f"); done < <(find "$root/overlay/cpu_shims" "$root/patches" -type f \
