@@ -7,7 +7,8 @@ the JSON file named by ``XSHARE_CONFIG``); see :mod:`xshare.sglang.settings` and
 
 Modules, from the top (imports only point down; sglang is imported lazily, inside functions, so
 importing these never pulls it in):
-  plugin          register(): settings, the one table of hook registrations, admin routes
+  plugin          register(): settings, the table of a scheduler's hooks, the HTTP process's request
+                  check and admin routes
   hooks/          the functions SGLang calls: routing (one layer call), forward (the forward state),
                   model (load, EPLB), requests (exact-routing flags), binding (arguments by name)
   admin/          the admin endpoint (HTTP side, scheduler side, config messages)
