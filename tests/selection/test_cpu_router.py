@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import missing
+from conftest import missing, require_module
 from xshare.selection import SelectorConfig
 from xshare.selection.backends.c import kernel as K
 from xshare.selection.backends.c.router import cpu_router_route, cpu_router_supports
-from xshare.selection.decide import LayerCall, decide, layer_config
+from xshare.selection.decide import LayerCall, decide, gate_deferrable, layer_config
 from xshare.selection.routers.gate import reference_route, router_scores
 from xshare.selection.routers.spec import RouterSpec
 from xshare.sglang import layer
@@ -162,6 +162,85 @@ def test_served_path_is_the_torch_path(family, dtype):
         seen["replaced"] += int(got.replaced.sum())
         seen["kept"] += int((~got.replaced).sum())
     assert seen["replaced"] > 0 and seen["kept"] > 0, seen
+
+
+DEFERRED = [f for f in SERVED if not FAMILIES[f][0]().num_fused_shared_experts]
+
+
+def _sglang_gate(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang 0.5.23's own gate of a grouped / biased-grouped call on the CPU (weights, ids)."""
+    sg = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
+    spec, x = call.layer, call.router_logits
+    h = torch.zeros(x.shape[0], 4)
+    kw = dict(num_expert_group=spec.num_expert_group, topk_group=spec.topk_group,
+              routed_scaling_factor=spec.routed_scaling_factor,
+              apply_routed_scaling_factor_on_output=spec.scaling_in_weights)
+    if spec.gate == "biased_grouped":
+        return sg.biased_grouped_topk_gpu(h, x, spec.correction_bias, call.top_k, spec.renormalize, **kw)
+    return sg.grouped_topk_gpu(h, x, call.top_k, spec.renormalize, scoring_func=spec.scoring, **kw)
+
+
+@pytest.fixture
+def room_for_recompiles():
+    """SGLang's gates are compiled here for several configurations and dtypes; past Dynamo's limit (8) they
+    would silently run eagerly (other numerics than the compiled gate a server runs)."""
+    config = torch._dynamo.config
+    old = config.recompile_limit
+    config.recompile_limit = 64
+    yield
+    config.recompile_limit = old
+
+
+@pytest.mark.usefixtures("room_for_recompiles")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", DEFERRED)
+def test_deferred_gate_is_sglangs_gate(family, dtype):
+    """A call whose gate SGLang skipped (``engine_gate``: the served path computes the gate itself) gives
+    what the served path gives on SGLang's own gate outputs (SGLang's compiled CPU gate, run here): the
+    engine's picks are SGLang's ids in its column order, the outputs, routing, replaced rows and counts
+    are the same, bit for bit; and with a budget of E nothing changes, so the outputs are SGLang's."""
+    seen = {"replaced": 0, "kept": 0}
+    for seed in range(30):
+        call, cfg = _case(family, dtype, seed * 7919 + len(family))
+        if cfg.policy not in ("xshare", "topk"):
+            cfg = SelectorConfig(policy="xshare", budget=cfg.budget, warmup_k=cfg.warmup_k, min_tokens=cfg.min_tokens)
+        weights, ids = _sglang_gate(call)
+        given = dataclasses.replace(call, engine_ids=ids, engine_outputs=(ids, weights))
+        deferred = dataclasses.replace(call, engine_ids=None, engine_gate=True)
+        want = decide(given, cfg, cpu_kernel=True)
+        got = decide(deferred, cfg, cpu_kernel=True)
+        where = (family, dtype, seed, cfg)
+        assert got.backend == "c" and got.outputs is not None, where
+        assert torch.equal(got.cpu.engine_ids, ids), where
+        for a, b in zip(got.outputs, want.outputs, strict=True):
+            assert torch.equal(a, b), where
+        assert torch.equal(got.routing.topk_ids, want.routing.topk_ids), where
+        assert torch.equal(got.replaced, want.replaced), where
+        assert got.cpu.active_counts() == want.cpu.active_counts(), where
+        assert (got.cpu.changed_tokens, got.cpu.checksum) == (want.cpu.changed_tokens, want.cpu.checksum), where
+        whole = decide(deferred, cfg.replace(budget=call.router_logits.shape[1]), cpu_kernel=True)
+        assert torch.equal(whole.outputs[0], ids) and torch.equal(whole.outputs[1], weights), where
+        seen["replaced"] += int(got.replaced.sum())
+        seen["kept"] += int((~got.replaced).sum())
+    assert seen["replaced"] > 0 and seen["kept"] > 0, seen
+
+
+def test_a_deferred_gate_no_backend_computes_is_refused():
+    """A call without the engine's picks goes nowhere its gate is not computed: a fused shared slot (SGLang
+    draws its id), a policy the served path does not decide, the torch backend: ValueError, never a
+    routing from placeholder outputs."""
+    build, e, k = FAMILIES["auxfree_tiny"]
+    x = torch.randn(8, e)
+    call = LayerCall(x, k, build(), engine_gate=True)
+    assert gate_deferrable(call, SelectorConfig(budget=8), cpu_kernel=True)
+    shared = dataclasses.replace(call, layer=FAMILIES["deepseek_v3"][0](), router_logits=torch.randn(8, 64))
+    for c, cfg, kw in ((shared, SelectorConfig(budget=8), {}), (call, SelectorConfig(policy="lynx", budget=8), {}),
+                       (call, SelectorConfig(budget=8), {"backend": "torch"}),
+                       (call, SelectorConfig(budget=8, target_mass=0.9), {})):
+        assert not gate_deferrable(c, cfg, cpu_kernel=True, **kw)
+        with pytest.raises(ValueError, match="engine_gate"):
+            decide(c, cfg, cpu_kernel=True, **kw)
+    assert not gate_deferrable(call, SelectorConfig(budget=8), cpu_kernel=False)
 
 
 def test_served_path_declines_what_it_does_not_write():

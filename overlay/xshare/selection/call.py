@@ -69,6 +69,10 @@ class LayerCall:
                    their layout (``Decision.outputs``), or None.
     validate       also check values (NaN / +inf logits, placement ids): a host sync, so the serving
                    path leaves it False (:func:`xshare.selection.select` passes its own ``validate``).
+    engine_gate    the engine has not run its gate for this call (``engine_ids`` and ``engine_outputs``
+                   None): the backend computes the engine's picks and outputs itself, bitwise, and
+                   writes the replacement from them. Only a backend that implements the layer's gate
+                   takes such a call (:func:`xshare.selection.decide.gate_deferrable`); the others raise.
     """
 
     router_logits: Tensor
@@ -84,6 +88,7 @@ class LayerCall:
     exact: Tensor | None = None
     engine_outputs: tuple[Tensor, Tensor] | None = None
     validate: bool = False
+    engine_gate: bool = False
 
     def groups_for(self, policy: Policy) -> Tensor | None:
         """The request groups ``policy`` sees: the call's, when the policy uses them, else None."""

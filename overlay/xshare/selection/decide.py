@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Callable
 
 from xshare.selection.backends.c.kernel import cpu_kernel_supports, decide_cpu
-from xshare.selection.backends.c.router import decide_router_c
+from xshare.selection.backends.c.router import decide_router_c, served_supports
 from xshare.selection.backends.global_mode import decide_global
 from xshare.selection.backends.reference import decide_plain
 from xshare.selection.backends.reference_router import decide_router
@@ -94,6 +94,19 @@ def planned_backend(config: SelectorConfig, device_type: str, *, cpu_kernel: boo
     return want if reason is None else f"{want} ({reason})"
 
 
+def gate_deferrable(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
+                    backend: str | None = None) -> bool:
+    """Whether the backend :func:`choose_backend` picks for ``call`` computes the layer's gate itself, so
+    that the engine may skip its own (``call`` with ``engine_gate`` set, no engine picks or outputs): the
+    C kernel's served path of grouped and biased-grouped gates (:func:`~xshare.selection.backends.c.
+    router.served_supports`). Host values only."""
+    if not call.engine_gate or not isinstance(call.layer, RouterSpec) or plain_layer(call.layer) is not None:
+        return False
+    if choose_backend(call, config, cpu_kernel=cpu_kernel, backend=backend)[0] != "c":
+        return False
+    return served_supports(call, layer_config(config, call.layer))
+
+
 def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
            checkpoint: Callable[[], None] | None = None, backend: str | None = None) -> Decision:
     """The routing of one MoE layer call under ``config`` (the layer's scoring is applied here), by the
@@ -110,8 +123,12 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
     routers: DeepSeek-V3, GLM-4.5, Kimi-K2, DeepSeek-V2, Llama-4, sqrtsoftplus) is routed by
     :func:`~xshare.selection.backends.reference_router.decide_router` on the torch path.
 
-    Raises ValueError for a config or call the core cannot route; the caller falls back.
+    Raises ValueError for a config or call the core cannot route (among them a call with ``engine_gate``
+    that no backend's gate takes: :func:`gate_deferrable`); the caller falls back.
     """
+    if call.engine_gate and not gate_deferrable(call, config, cpu_kernel=cpu_kernel, backend=backend):
+        raise ValueError("engine_gate: the engine skipped its gate but no backend computes this layer's gate "
+                         "(the engine's picks are needed)")
     chosen, reason = choose_backend(call, config, cpu_kernel=cpu_kernel, backend=backend)
     if chosen == "triton":
         if checkpoint is not None:
@@ -147,5 +164,5 @@ def _decide_on_host(call: LayerCall, config: SelectorConfig, *, use_c: bool,
     return decide_plain(call, config, checkpoint)
 
 
-__all__ = ["BACKENDS", "Decision", "LayerCall", "LayerRouting", "choose_backend", "decide", "layer_config",
-           "planned_backend", "uses_cpu_kernel"]
+__all__ = ["BACKENDS", "Decision", "LayerCall", "LayerRouting", "choose_backend", "decide", "gate_deferrable",
+           "layer_config", "planned_backend", "uses_cpu_kernel"]

@@ -484,16 +484,34 @@ static float xr_lane_sum(const float *w, int K, int lanes, float *acc) {
  *   replaced rows overwritten: the affinities of the new experts, renormalised over the routed columns
  *   by the Inductor lane sum (`lanes`) plus `eps` when renorm, times `scale` when it is not 0 (the
  *   routed scaling factor SGLang folds into the weights).
+ * Deferred gate (src_ids NULL; OW = PK = K, prefer unused): SGLang's gate was not run, this call is
+ *   it: each row's picks are the unrestricted gate's (torch.topk of the group-masked choice scores with
+ *   `engine_sorted` as its sorted flag) into engine_out [T,K] i32, their weights as the replaced rows'
+ *   (the affinities, renormalised, scaled), and these outputs stand for SGLang's (biased_grouped_topk /
+ *   grouped_topk without fused shared slots return exactly them, float32 and int32).
  * Out: affinity [T,E] f32, ids [T,K] i32, replaced [T] u8, flags [3,E] u8 (S, active, vanilla active),
  *   counts [5] i64: changed rows, checksum, short rows, |active|, |vanilla active|.
  */
+/* the routed columns rt [K] of one row written as SGLang's gate writes them: ids, and the affinities
+ * renormalised by the Inductor lane sum (+ eps) when renorm, times scale when it is not 0 */
+static void xr_write_row(const int64_t *rt, const float *a, int K, int renorm, float eps, int lanes, float scale,
+                         float *w, float *acc, int32_t *di, float *dw) {
+    for (int j = 0; j < K; j++) w[j] = a[rt[j]];
+    float denom = renorm ? xr_lane_sum(w, K, lanes, acc) + eps : 1.0f;
+    for (int j = 0; j < K; j++) {
+        float x = renorm ? w[j] / denom : w[j];
+        di[j] = (int32_t)rt[j];
+        dw[j] = scale != 0.0f ? x * scale : x;
+    }
+}
+
 int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *score, const float *bias,
                              int round_aff, int choice_bf16, int gate, int G, int topk_group, const int32_t *prefer,
                              int n_valid, int apply, int budget, int k0, const uint8_t *exact,
                              const int32_t *src_ids, const float *src_w, int renorm, float eps, int lanes,
                              float scale, float sum_scale,
                              float *affinity, int32_t *ids, uint8_t *replaced, uint8_t *flags, int64_t *counts,
-                             int32_t *dst_ids, float *dst_w) {
+                             int32_t *dst_ids, float *dst_w, int engine_sorted, int32_t *engine_out) {
     int64_t n = (int64_t)T * E;
     float *choice = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
     uint8_t *reach = G > 0 ? malloc((size_t)(n > 0 ? n : 1)) : NULL;
@@ -504,8 +522,13 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
     xr_item *items = malloc(sizeof(xr_item) * (size_t)(G > 0 ? G : 1));
     float *w = malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
     float *acc = malloc(sizeof(float) * (size_t)(lanes > 0 ? lanes : 1));
+    int deferred = src_ids == NULL;
+    float *engine_w = deferred ? malloc(sizeof(float) * (size_t)(T > 0 ? T * (int64_t)K : 1)) : NULL;
+    float *row_key = deferred ? malloc(sizeof(float) * (size_t)(E > 0 ? E : 1)) : NULL;
+    xr_item *row_items = deferred ? malloc(sizeof(xr_item) * (size_t)(E > 0 ? E : 1)) : NULL;
     int status = XS_OK;
-    if (!choice || (G > 0 && !reach) || !colsum || !route || !gscore || !gpick || !items || !w || !acc) {
+    if (!choice || (G > 0 && !reach) || !colsum || !route || !gscore || !gpick || !items || !w || !acc
+        || (deferred && (!engine_w || !row_key || !row_items || !engine_out))) {
         status = XS_NO_MEMORY;
         goto done;
     }
@@ -525,6 +548,19 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
         for (int e = 0; e < E; e++) r[e] = 0;
         for (int j = 0; j < topk_group; j++)
             for (int e = 0; e < per_group; e++) r[gpick[j] * per_group + e] = 1;
+    }
+    if (deferred) { /* SGLang's gate: the unrestricted picks and their weights */
+        const float unreached = gate == XR_GROUPED ? 0.0f : -1.0f / 0.0f;
+        for (int t = 0; t < T; t++) {
+            const float *c = choice + (int64_t)t * E;
+            const uint8_t *r = reach ? reach + (int64_t)t * E : NULL;
+            for (int e = 0; e < E; e++) row_key[e] = (r && !r[e]) ? unreached : c[e];
+            int64_t *rt = route + (int64_t)t * K;
+            xr_topk(row_key, E, K, engine_sorted, row_items, rt);
+            xr_write_row(rt, affinity + (int64_t)t * E, K, renorm, eps, lanes, scale, w, acc,
+                         engine_out + (int64_t)t * K, engine_w + (int64_t)t * K);
+        }
+        prefer = engine_out, src_ids = engine_out, src_w = engine_w, PK = K, OW = K;
     }
     for (int e = 0; e < E; e++) colsum[e] = 0.0;
     if (apply) { /* the reference's fixed-point column sums (common.fixed_point_totals, units of 1/sum_scale) */
@@ -551,18 +587,14 @@ int xshare_cpu_router_served(int T, int E, int K, int OW, int PK, const float *s
         const int32_t *si = src_ids + (int64_t)t * OW;
         const float *sw = src_w + (int64_t)t * OW;
         for (int j = 0; j < OW; j++) di[j] = si[j], dw[j] = sw[j];
-        if (!replaced[t]) continue;
-        const int64_t *rt = route + (int64_t)t * K;
-        const float *a = affinity + (int64_t)t * E;
-        for (int j = 0; j < K; j++) w[j] = a[rt[j]];
-        float denom = renorm ? xr_lane_sum(w, K, lanes, acc) + eps : 1.0f;
-        for (int j = 0; j < K; j++) {
-            float x = renorm ? w[j] / denom : w[j];
-            di[j] = (int32_t)rt[j];
-            dw[j] = scale != 0.0f ? x * scale : x;
-        }
+        if (replaced[t])
+            xr_write_row(route + (int64_t)t * K, affinity + (int64_t)t * E, K, renorm, eps, lanes, scale, w, acc,
+                         di, dw);
     }
 done:
+    free(engine_w);
+    free(row_key);
+    free(row_items);
     free(choice);
     free(reach);
     free(colsum);

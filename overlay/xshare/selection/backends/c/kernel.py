@@ -140,7 +140,7 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     lib.xshare_cpu_router.restype = _I
     lib.xshare_cpu_router_served.argtypes = [_I, _I, _I, _I, _I, _P, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _I, _P,
                                              _P, _P, _I, ctypes.c_float, _I, ctypes.c_float, ctypes.c_float, _P, _P,
-                                             _P, _P, _P, _P, _P]
+                                             _P, _P, _P, _P, _P, _I, _P]
     lib.xshare_cpu_router_served.restype = _I
     return lib, None
 

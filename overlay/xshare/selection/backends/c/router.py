@@ -178,11 +178,17 @@ def served_supports(call: LayerCall, config: SelectorConfig) -> bool:
     weights' renormalising sum is emulated (:func:`~xshare.selection.routers.numerics.inductor_lanes`), ``xshare``
     (without a mass target) or ``topk``, no request groups, no DeepEP global mode, and SGLang's outputs
     (``call.engine_outputs``: int32 ids and float32 weights, contiguous, routed columns first) to write the
-    replacement in."""
+    replacement in, or none with ``call.engine_gate`` (the call computes SGLang's gate itself; no fused
+    shared slot, whose id SGLang draws at random)."""
     spec, logits = call.layer, call.router_logits
     if not isinstance(spec, RouterSpec) or spec.gate not in ("grouped", "biased_grouped"):
         return False
-    if call.all_reduce is not None or config.target_mass is not None or call.engine_outputs is None:
+    if call.all_reduce is not None or config.target_mass is not None:
+        return False
+    if call.engine_gate:  # this call is SGLang's gate: its torch gates without a fused shared slot
+        if call.engine_outputs is not None or call.engine_ids is not None or spec.num_fused_shared_experts:
+            return False
+    elif call.engine_outputs is None:
         return False
     if logits.device.type != "cpu" or logits.ndim != 2 or logits.dtype not in _CHOICE_DTYPES:
         return False
@@ -193,6 +199,8 @@ def served_supports(call: LayerCall, config: SelectorConfig) -> bool:
         return False
     if get_policy(config.policy).uses_groups() and call.groups is not None:
         return False
+    if call.engine_gate:
+        return True
     ids, weights = call.engine_outputs
     engine = call.engine_ids
     return (ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.device.type == "cpu"
@@ -222,9 +230,14 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
         score = compiled_score(logits, spec.scoring, True).to(torch.float32)
         bias, choice_bf16 = None, False
     score = score.contiguous()
-    pref = contiguous_int32(call.engine_ids)
-    src_ids, src_w = call.engine_outputs
-    dst_ids, dst_w = torch.empty_like(src_ids), torch.empty_like(src_w)
+    if call.engine_gate:  # SGLang's gate is this call: its picks are computed here (engine_out)
+        pref = torch.empty(num_rows, top_k, dtype=torch.int32)
+        src_ids = src_w = None
+        dst_ids, dst_w = torch.empty(num_rows, top_k, dtype=torch.int32), torch.empty(num_rows, top_k)
+    else:
+        pref = contiguous_int32(call.engine_ids)
+        src_ids, src_w = call.engine_outputs
+        dst_ids, dst_w = torch.empty_like(src_ids), torch.empty_like(src_w)
     affinity = torch.empty(num_rows, num_experts, dtype=torch.float32)
     ids = torch.empty(num_rows, top_k, dtype=torch.int32)
     replaced = torch.empty(num_rows, dtype=torch.bool)
@@ -232,12 +245,13 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
     counts = torch.empty(5, dtype=torch.int64)  # changed rows, checksum, short rows, |active|, |vanilla active|
     scale = spec.routed_scaling_factor if spec.scaling_in_weights else 0.0
     rc = library().xshare_cpu_router_served(
-        num_rows, num_experts, top_k, src_ids.shape[1], pref.shape[1], score.data_ptr(), ptr(bias),
+        num_rows, num_experts, top_k, dst_ids.shape[1], pref.shape[1], score.data_ptr(), ptr(bias),
         int(logits.dtype == torch.bfloat16), int(choice_bf16), _GATES[spec.gate], spec.num_expert_group or 0,
         spec.topk_group or 0, pref.data_ptr(), n_valid, int(apply), config.budget_for(num_experts), config.warmup_k,
-        ptr(exact), src_ids.data_ptr(), src_w.data_ptr(), int(spec.renormalize), RENORMALIZE_EPS,
+        ptr(exact), ptr(src_ids), ptr(src_w), int(spec.renormalize), RENORMALIZE_EPS,
         inductor_lanes(logits.device), scale, float(SUM_SCALE), affinity.data_ptr(), ids.data_ptr(),
-        replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(), dst_ids.data_ptr(), dst_w.data_ptr())
+        replaced.data_ptr(), flags.data_ptr(), counts.data_ptr(), dst_ids.data_ptr(), dst_w.data_ptr(),
+        0, ptr(pref if call.engine_gate else None))  # SGLang's gate sorts only with a fused shared slot
     if rc != 0:
         raise RuntimeError(kernel_error(rc))
     in_set, active, vanilla_active = flags.unbind(0)
