@@ -207,6 +207,32 @@ def test_numeric_helpers():
     torch.testing.assert_close(vector_sigmoid(y[:, :37]), y[:, :37].sigmoid(), rtol=2e-7, atol=0)
 
 
+def test_rounded_constants_are_torchs_casts_without_a_tensor():
+    """rounded() (the shared slot's constant weight) equals torch's cast of a Python float for every
+    float dtype, signed zeros, overflow and NaN included, and creates no tensor (it runs inside captured
+    calls)."""
+    import random
+
+    from xshare.selection.routers.numerics import rounded
+
+    rng = random.Random(0)
+    values = [0.0, -0.0, 1 / 3, 2.5, 1e-40, 1e40, -1e40, 65504.0, 65520.0, 3.3961775e38, math.inf, math.nan]
+    values += [rng.gauss(0, 1) * 10 ** rng.randint(-45, 39) for _ in range(3000)]
+    made = []
+    real = torch.tensor
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        want = [real(v, dtype=dtype).item() for v in values]
+        torch.tensor = lambda *a, **k: made.append(a) or real(*a, **k)  # noqa: B023
+        try:
+            got = [rounded(v, dtype) for v in values]
+        finally:
+            torch.tensor = real
+        for v, a, b in zip(values, got, want, strict=True):
+            assert (a == b and math.copysign(1, a) == math.copysign(1, b)) or (math.isnan(a) and math.isnan(b)), \
+                (dtype, v, a, b)
+    assert made == []
+
+
 @pytest.mark.parametrize("rows", [0, 1, 2])
 def test_tiny_batches_and_eager_mode(rows):
     """Empty and one-token batches; exact=False (eager softmax) picks the same experts here."""

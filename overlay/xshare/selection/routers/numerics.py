@@ -26,6 +26,8 @@ see docs/routers.md.
 from __future__ import annotations
 
 import functools
+import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +134,36 @@ def compiled_score(x: Tensor, scoring: str, exact: bool) -> Tensor:
     return vector_sigmoid(x.to(torch.float32)).to(x.dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def rounded(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (a host constant: computed once, never from device data)."""
-    return torch.tensor(value, dtype=dtype).item()
+    """``value`` rounded to ``dtype`` as ``torch.tensor(value, dtype=dtype)`` rounds it (to float32 first,
+    then to nearest even): a host constant computed in Python, never through a tensor (no tensor read
+    inside a captured call, even the first time)."""
+    return _rounded(float(value), math.copysign(1.0, value), dtype)
+
+
+def _float32(value: float) -> float:
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:  # beyond float32's range: a cast gives infinity
+        return math.copysign(math.inf, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded(value: float, sign: float, dtype: torch.dtype) -> float:
+    """:func:`rounded` (``sign`` keys -0.0 apart from 0.0 in the cache)."""
+    if dtype == torch.float64:
+        return value
+    single = _float32(value)
+    if dtype == torch.float32 or math.isnan(single) or math.isinf(single):
+        if dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return single
+    elif dtype == torch.float16:
+        try:
+            return struct.unpack("<e", struct.pack("<e", single))[0]
+        except OverflowError:
+            return math.copysign(math.inf, single)
+    elif dtype == torch.bfloat16:
+        bits = struct.unpack("<I", struct.pack("<f", single))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+    raise ValueError(f"rounded: unsupported dtype {dtype}")
