@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from xshare.selection import get_policy
+from xshare.selection import SelectorConfig, get_policy
 from xshare.selection.backends.global_mode import join_empty
-from xshare.selection.decide import Decision, decide, layer_config
+from xshare.selection.decide import Decision, LayerCall, decide, gate_deferrable, layer_config
 from xshare.selection.routers.spec import RouterSpec
+from xshare.sglang.deferred_gate import DeferredGate
 from xshare.sglang.observe import report
 from xshare.sglang.observe.record import record_call
 from xshare.sglang.state import EXACT_BUFFER_ROWS, ForwardState, ProcessState
@@ -32,9 +33,12 @@ from xshare.sglang.verify_layout import ROWS_MISMATCH, ROWS_UNKNOWN
 log = logging.getLogger("xshare.sglang")
 
 
-def route(proc: ProcessState, args: dict[str, Any], topk_config: Any) -> dict[str, Any] | None:
+def route(proc: ProcessState, args: dict[str, Any], topk_config: Any,
+          deferred: DeferredGate | None = None) -> dict[str, Any] | None:
     """Replacement arguments for one ``_post_process_topk_ids`` call (``args`` by parameter name), or None
-    to leave SGLang's routing unchanged. Never raises."""
+    to leave SGLang's routing unchanged. ``deferred``: SGLang skipped the call's gate (``topk_ids`` and
+    ``topk_weights`` are its placeholders): the backend computes the gate, or the gate runs here first
+    (:func:`_gate_call`); on None the caller runs it. Never raises."""
     proc.stats.count_call()
     state = proc.current
     capturing = state is not None and state.capturing
@@ -64,7 +68,7 @@ def route(proc: ProcessState, args: dict[str, Any], topk_config: Any) -> dict[st
     all_reduce = _counted(proc.all_reduce, joined) if global_mode else None
     try:
         t0 = time.perf_counter()
-        out = _route(proc, call, state, global_mode, offset, all_reduce)
+        out = _route(proc, call, state, global_mode, offset, all_reduce, deferred)
         if proc.observe and out is not None:
             proc.stats.record_seconds(time.perf_counter() - t0)
         return out
@@ -257,8 +261,35 @@ def _leave_layer(proc: ProcessState, args: dict[str, Any], reason: str, global_m
         join_empty(logits.shape[1], proc.all_reduce, logits.device)
 
 
+def may_defer_gate(proc: ProcessState, logits: torch.Tensor, shared: int, bias: torch.Tensor | None) -> bool:
+    """Whether SGLang may skip its grouped gate for this call (:mod:`xshare.sglang.deferred_gate`): the
+    selector on and this rank on its group's config, the C kernel on and built, CPU logits, no fused
+    shared slot, one bias vector (not per token), an eager forward of a mode the selector applies to
+    outside DeepEP global mode, a batch it may select for. Host values only. The routing hook still
+    checks the call itself and runs the gate where the backend does not compute it."""
+    s = proc.settings
+    if not s.enabled or not s.cpu_kernel or s.selector.backend not in ("auto", "c") or proc.diverged:
+        return False
+    if logits.device.type != "cpu" or logits.ndim != 2 or shared or (bias is not None and bias.ndim != 1):
+        return False
+    state = proc.current
+    if state is None or state.capturing or state.is_draft or state.mode not in proc.modes() or proc.global_mode():
+        return False
+    return s.selector.applies_to(int(logits.shape[0])) and proc.cpu_kernel_ready()
+
+
+def _gate_call(call: LayerCall, config: SelectorConfig, cpu_ok: bool, deferred: DeferredGate) -> LayerCall:
+    """The layer call without SGLang's picks where the backend computes the gate itself (the C served
+    path); else SGLang's gate runs now, into the placeholders the call reads, and the call is unchanged."""
+    gate = dataclasses.replace(call, engine_ids=None, engine_outputs=None, engine_gate=True)
+    if gate_deferrable(gate, config, cpu_kernel=cpu_ok):
+        return gate
+    deferred.fill()
+    return call
+
+
 def _route(proc: ProcessState, call: TopkCall, state: ForwardState, global_mode: bool,
-           offset: int = 0, all_reduce: Any = None) -> dict[str, Any]:
+           offset: int = 0, all_reduce: Any = None, deferred: DeferredGate | None = None) -> dict[str, Any]:
     s = proc.settings
     if call.num_token_non_padded is None and state.real_rows is not None and not global_mode:
         # SGLang masks no padding rows here (no EP, no DP gather): the count the plugin keeps for the graph,
@@ -286,6 +317,8 @@ def _route(proc: ProcessState, call: TopkCall, state: ForwardState, global_mode:
     exact = None if global_mode or proc.shared_rows else _exact_rows(proc, state, call, device, offset)
     base = call.layer_call(groups=groups, placement=placement, knobs=knobs, all_reduce=all_reduce, exact=exact)
     cpu_ok = (not global_mode and not state.capturing and device.type == "cpu" and proc.cpu_kernel_ready())
+    if deferred is not None:
+        base = _gate_call(base, config, cpu_ok, deferred)
     decision = decide(base, config, cpu_kernel=cpu_ok, checkpoint=lambda: proc.fault(s.fault_inject))
     if not (state.capturing and not stream_capturing(device)):  # SGLang's warm-up runs before a capture
         record_call(proc, call, decision, placement)  # (dummy batches) are not counted; the capture itself is

@@ -86,6 +86,7 @@ def scheduler_hooks() -> tuple[Hook, ...]:
         Hook(admin.GET_STATE_TARGET, admin.get_internal_state_hook, "AFTER"),
         Hook(admin.ON_IDLE_TARGET, admin.on_idle_hook, "AFTER"),
         Hook(routing.POST_PROCESS_TARGET, routing.post_process_topk_ids_hook, "AROUND"),
+        *(Hook(target, routing.gate_hook, "AROUND", lambda s: s.cpu_kernel) for target in routing.GATE_TARGETS),
         Hook(forward.FORWARD_TARGET, forward.model_runner_forward_hook, "AROUND"),
         Hook(forward.CAPTURE_TARGET, forward.capture_one_shape_hook, "AROUND"),
         Hook(model.LOAD_MODEL_TARGET, model.load_model_hook, "AFTER"),

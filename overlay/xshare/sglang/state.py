@@ -29,6 +29,7 @@ from xshare.selection import SelectorConfig
 from xshare.selection.backends.c.kernel import cpu_kernel_available, cpu_kernel_problem
 from xshare.selection.call import AllReduce
 from xshare.selection.knobs import SelectorKnobs
+from xshare.sglang.deferred_gate import DeferredGate
 from xshare.sglang.faults import FaultInjector
 from xshare.sglang.observe.stats import SelectorStats
 from xshare.sglang.observe.trace import TraceRecorder
@@ -99,6 +100,7 @@ class ForwardState:
     global_mode: str | None = None  # forward mode of the whole DP group (DeepEP global mode)
     global_rows: int | None = None  # rows of the whole DP group
     global_applies: bool = False
+    deferred_gate: DeferredGate | None = None  # the gate of the running layer call SGLang skipped (CPU)
 
 
 class ProcessState:

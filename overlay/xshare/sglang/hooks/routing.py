@@ -12,18 +12,24 @@ function with the replacement arguments it returns (or unchanged).
   Blackwell's ``flashinfer_trtllm`` runners route through ``select_experts`` instead of inside the
   MoE kernel;
 * ``sglang.srt.layers.moe.topk.TopK.empty_topk_output`` (AFTER, DeepEP global mode only): a
-  zero-token rank joins the layer's all-reduce.
+  zero-token rank joins the layer's all-reduce;
+* ``sglang.srt.layers.moe.topk.biased_grouped_topk`` and ``grouped_topk`` (AROUND), SGLang's grouped
+  gates as ``select_experts`` calls them: on the CPU, where the C served path computes the gate itself,
+  the gate is skipped for a call the selector will route (:mod:`xshare.sglang.deferred_gate`) and run
+  after all for a call it then leaves to SGLang.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from xshare.selection.backends.global_mode import join_empty
 from xshare.sglang import state as state_mod
+from xshare.sglang.deferred_gate import DeferredGate
 from xshare.sglang.hooks.binding import bind_arguments
-from xshare.sglang.layer import route, route_logits
+from xshare.sglang.layer import may_defer_gate, route, route_logits
 
 TOPK_MODULE = "sglang.srt.layers.moe.topk"
 POST_PROCESS_TARGET = f"{TOPK_MODULE}._post_process_topk_ids"
@@ -31,6 +37,7 @@ EMPTY_TOPK_TARGET = f"{TOPK_MODULE}.TopK.empty_topk_output"
 TRITON_ROUTING_TARGET = f"{TOPK_MODULE}.routing"
 TOPK_FORWARD_CUDA_TARGET = f"{TOPK_MODULE}.TopK.forward_cuda"
 BIND_RUNNER_TARGET = f"{TOPK_MODULE}.TopK.bind_runner_backend"
+GATE_TARGETS = (f"{TOPK_MODULE}.biased_grouped_topk", f"{TOPK_MODULE}.grouped_topk")
 
 
 # -- routing -------------------------------------------------------------------------------------
@@ -46,11 +53,59 @@ def post_process_topk_ids_hook(original: Any, *args: Any, **kwargs: Any) -> Any:
         runtime.stats.count_fallback("signature")
         runtime.log_once("signature", logging.ERROR, "xshare: cannot bind _post_process_topk_ids arguments: %s", exc)
         return original(*args, **kwargs)
-    changes = route(runtime, a, a.get("topk_config"))
+    state = runtime.current
+    deferred = None if state is None else state.deferred_gate
+    if deferred is not None:
+        state.deferred_gate = None
+        if not deferred.owns(a.get("topk_ids")):  # not the skipped gate's call: its outputs went elsewhere
+            deferred = None
+    changes = route(runtime, a, a.get("topk_config"), deferred)
     if not changes:
+        if deferred is not None:  # left to SGLang: its gate runs now, into the tensors it handed on
+            deferred.fill()
         return original(*args, **kwargs)
     a.update(changes)
     return original(**a)
+
+
+# -- SGLang's grouped gates on the CPU ------------------------------------------------------------
+def gate_hook(original: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND ``biased_grouped_topk(hidden_states, gating_output, correction_bias, topk, renormalize, ...)``
+    and ``grouped_topk(hidden_states, gating_output, topk, renormalize, ...)`` as ``select_experts`` calls
+    them: where the selector will route the call through a backend that computes the gate itself
+    (:func:`xshare.sglang.layer.may_defer_gate`), SGLang gets placeholder outputs and the routing hook,
+    next in the same ``select_experts`` call, either routes from the logits alone or runs this gate after
+    all (:class:`~xshare.sglang.deferred_gate.DeferredGate`). Anything else runs the gate as it is."""
+    runtime = state_mod.get()
+    state = None if runtime is None else runtime.current
+    if state is None or not _called_by_select_experts():
+        return original(*args, **kwargs)
+    try:
+        a = bind_arguments(original, args, kwargs)
+        logits = a["gating_output"]
+        defer = may_defer_gate(runtime, logits, a.get("num_fused_shared_experts") or 0, a.get("correction_bias"))
+    except Exception as exc:  # noqa: BLE001 - a signature of another SGLang: its gate runs as it is
+        runtime.log_once("gate_signature", logging.WARNING, "xshare: cannot read SGLang's gate arguments (%s); "
+                         "its gate runs before the selector", exc)
+        return original(*args, **kwargs)
+    if not defer:
+        return original(*args, **kwargs)
+    gate = DeferredGate(int(logits.shape[0]), int(a["topk"]), logits.device, lambda: original(*args, **kwargs))
+    state.deferred_gate = gate
+    return gate.outputs()
+
+
+def _called_by_select_experts() -> bool:
+    """Whether the gate runs inside SGLang's ``select_experts`` (which hands its outputs straight to the
+    routing hook): the caller of the hook registry's wrapper, or of this hook when called directly."""
+    frame = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "select_experts" and frame.f_globals.get("__name__") == TOPK_MODULE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # -- SGLang's triton_kernel MoE runner (GPT-OSS MXFP4 on Hopper) --------------------------------------
