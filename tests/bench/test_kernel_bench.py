@@ -80,7 +80,8 @@ def test_console_script_runs_a_point(tmp_path):
 @pytest.mark.parametrize("router", ["auxfree", "deepseek_v3"])
 def test_bench_selector_router_case(tmp_path, capsys, router):
     """--router times the biased grouped gate, the engine's torch path and its C path (same routing,
-    checked by the benchmark itself) on the model's shape."""
+    checked by the benchmark itself) on the model's shape, and the C path computing the gate itself where
+    SGLang's gate can be skipped (no fused shared slot)."""
     from xshare.selection.backends.c.kernel import cpu_kernel_available
 
     out = tmp_path / "router.json"
@@ -95,8 +96,11 @@ def test_bench_selector_router_case(tmp_path, capsys, router):
         assert p["topk_us"] > 0 and p["select_us"] > 0 and 4 <= p["active_select"] <= p["active_topk"]
         if cpu_kernel_available():
             assert p["cpu_us"] > 0 and 0 < p["cpu_share_of_layer"] < 1
+            # the served path that computes the gate itself: auxfree's gate (no shared slot) only
+            assert (p["gate_us"] is not None and p["gate_us"] > 0) == (router == "auxfree"), p
     if cpu_kernel_available():
-        assert "cpu_us" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "cpu_us" in printed and ("gate_us" in printed) == (router == "auxfree")
 
 
 def test_bench_selector_router_needs_whole_groups(tmp_path, capsys):

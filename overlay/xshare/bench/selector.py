@@ -32,6 +32,7 @@ memory as a real one would.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -242,6 +243,11 @@ def _point(b: int, e: int, k: int, args: argparse.Namespace, config: SelectorCon
             if not torch.equal(fast.routing.topk_ids, sel_ids.topk_ids):
                 raise RuntimeError(f"the C path's routing differs from the torch path's at B={b}, E={e}, k={k}")
             fns["cpu"], modes["cpu"] = (lambda: engine.decide(call, config, cpu_kernel=True)), "eager"
+        gate = dataclasses.replace(call, engine_ids=None, engine_outputs=None, engine_gate=True)
+        if spec is not None and engine.gate_deferrable(gate, config, cpu_kernel=True):  # the engine's gate skipped
+            if not torch.equal(engine.decide(gate, config, cpu_kernel=True).routing.topk_ids, sel_ids.topk_ids):
+                raise RuntimeError(f"the C path computing the gate routes otherwise at B={b}, E={e}, k={k}")
+            fns["gate"], modes["gate"] = (lambda: engine.decide(gate, config, cpu_kernel=True)), "eager"
     if w13 is not None and w2 is not None:
         x = torch.randn(b, args.hidden, generator=gen).to(device=device, dtype=dtype)
         fns["experts"] = lambda: moe_experts(x, top_ids, top_w, w13, w2)
@@ -256,6 +262,7 @@ def _point(b: int, e: int, k: int, args: argparse.Namespace, config: SelectorCon
         "select_us": t["select"] * 1e6,
         "kernel_us": t["kernel"] * 1e6 if "kernel" in t else None,
         "cpu_us": t["cpu"] * 1e6 if "cpu" in t else None,
+        "gate_us": t["gate"] * 1e6 if "gate" in t else None,  # the C path that computes the gate (served)
         "modes": modes,
         "select_over_topk": t["select"] / t["topk"],
     }
@@ -292,8 +299,9 @@ def _table(args: argparse.Namespace, points: list[dict[str, Any]]) -> tuple[list
     """(headers, rows) of the printed table: times per grid point, and the selector's share of the MoE layer."""
     has_kernel = any(p["kernel_us"] is not None for p in points)
     has_cpu = any(p["cpu_us"] is not None for p in points)
+    has_gate = any(p["gate_us"] is not None for p in points)
     headers = ["B", "E", "k", "topk_us", "select_us"] + (["kernel_us"] if has_kernel else []) \
-        + (["cpu_us"] if has_cpu else []) + ["sel/topk"]
+        + (["cpu_us"] if has_cpu else []) + (["gate_us"] if has_gate else []) + ["sel/topk"]
     if not args.no_experts:
         headers += ["experts_us", "experts_xs_us", "active", "share%"] + (["kshare%"] if has_kernel else []) \
             + (["cshare%"] if has_cpu else [])
@@ -304,6 +312,8 @@ def _table(args: argparse.Namespace, points: list[dict[str, Any]]) -> tuple[list
             r.append(_fmt(p["kernel_us"]))
         if has_cpu:
             r.append(_fmt(p["cpu_us"]))
+        if has_gate:
+            r.append(_fmt(p["gate_us"]))
         r.append(_fmt(p["select_over_topk"], ".2f"))
         if not args.no_experts:
             share = 100 * p["select_share_of_layer"]
