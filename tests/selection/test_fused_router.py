@@ -23,6 +23,7 @@ from conftest import require_module
 require_module("triton", "requirements/dev.txt")
 
 from xshare.selection import Placement, SelectorConfig, SelectorKnobs  # noqa: E402
+from xshare.selection.backends.reference import prepare_batch  # noqa: E402
 from xshare.selection.backends.triton.cases import make_logits  # noqa: E402
 from xshare.selection.decide import LayerCall, LayerRouting, choose_backend, decide  # noqa: E402
 from xshare.selection.routers.gate import reference_route  # noqa: E402
@@ -72,6 +73,7 @@ def _settings(rng: random.Random, experts: int, top_k: int) -> dict:
     cfg = {"policy": policy}
     if policy == "xshare_spec":
         cfg["group_budget"] = rng.choice([top_k, 2 * top_k, experts // 2])
+        cfg["anchor_k"] = rng.choice([None, None, 0, 1, top_k])
     if policy != "topk":
         cfg["budget"] = rng.choice([top_k, experts // 4, experts // 2, experts])
         cfg["warmup_k"] = rng.choice([0, 1, min(2, top_k)])
@@ -146,6 +148,37 @@ def test_kernel_equals_reference(family, dtype):
     for seed in range(8):
         call, cfg = _call(family, 1000 * seed + len(family), dtype)
         assert_same(call, cfg)
+
+
+@pytest.mark.parametrize("anchor", [None, 0, 2])
+@pytest.mark.parametrize("family", ["softmax", "deepseek_v3-biased-grouped"])
+def test_verify_batches_anchor_each_requests_first_row(family, anchor):
+    """xshare_spec on verify-shaped batches (requests of 4 rows, one of a single row, ids out of row order,
+    padding rows): the kernel equals the reference, and each multi-row request's first valid row keeps its
+    own top anchor_k experts (None: its whole top_k, i.e. its own routing) while a single-row request and
+    the other rows get only the warm-up (k0 = 0 here)."""
+    experts, top_k, build, grouped = FAMILIES[family]
+    gen = torch.Generator().manual_seed(7)
+    groups = torch.tensor([5, 5, 5, 5, 9, 9, 9, 9, 2, 4, 4, 4, 4, 1, 1, 1])
+    logits = make_logits(gen, groups.numel(), experts, "normal", masked=False)
+    layer = build(gen, False)
+    if grouped:
+        offsets = torch.stack([torch.randperm(layer.num_expert_group, generator=gen) for _ in range(groups.numel())])
+        logits = logits * 0.1 + offsets.float().repeat_interleave(experts // layer.num_expert_group, dim=1)
+    cfg = SelectorConfig(policy="xshare_spec", budget=top_k, group_budget=1, warmup_k=0, anchor_k=anchor)
+    call = LayerCall(router_logits=logits, top_k=top_k, layer=layer, engine_ids=_engine_ids(logits, top_k, layer),
+                     num_tokens=torch.tensor(13), groups=groups)  # rows 13-15: padding
+    assert_same(call, cfg)
+    ref = decide(call, cfg.replace(backend="torch")).routing
+    keep = top_k if anchor is None else anchor
+    if keep == top_k:  # the first rows of the multi-row requests keep their own routing
+        own = call.engine_ids.long().sort(dim=1).values
+        assert torch.equal(ref.topk_ids[[0, 4, 9]].long().sort(dim=1).values, own[[0, 4, 9]])
+    if isinstance(layer, LayerRouting):  # a plain gate: the policy ranks by the batch's own preference order
+        kept = prepare_batch(call, cfg).own_topk(keep)  # each row's top-keep
+        for first in (0, 4, 9):  # the anchors route over their own top-keep, all in the set
+            assert set(kept[first].nonzero().flatten().tolist()) <= set(ref.topk_ids[first].tolist()), first
+        assert not (kept[[0, 4, 9]].any(0) & ~ref.active).any()
 
 
 @pytest.mark.parametrize("family", ["softmax", "deepseek_v3-biased-grouped", "glm45-kimi-one-group"])

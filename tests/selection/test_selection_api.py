@@ -164,7 +164,7 @@ def test_budget_respected(policy):
     logits = _logits(32, 64, seed=7)
     vanilla = int(select(logits, 4, SelectorConfig(policy="topk", budget=1)).active.sum())
     for budget in (4, 8, 16, 24):
-        cfg = SelectorConfig(policy=policy, budget=budget, group_budget=64, warmup_k=0)
+        cfg = SelectorConfig(policy=policy, budget=budget, group_budget=64, warmup_k=0, anchor_k=0)
         r = select(logits, 4, cfg, **_kwargs(policy, 32, 64))
         if policy == "lynx":  # confident tokens' top-1 experts are kept on top of the budget
             forced = int(torch.topk(logits, 1, -1).indices.unique().numel())

@@ -132,10 +132,16 @@ def test_xshare_spec_sets_are_exact_optima(inst, data):
     t, e = logits.shape
     groups = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=t, max_size=t)))
     m_r = data.draw(st.integers(1, e))
-    cfg = SelectorConfig(policy="xshare_spec", budget=budget, group_budget=m_r, warmup_k=warmup_k, scoring=scoring)
+    anchor = data.draw(st.one_of(st.none(), st.integers(0, top_k)))
+    cfg = SelectorConfig(policy="xshare_spec", budget=budget, group_budget=m_r, warmup_k=warmup_k, scoring=scoring,
+                         anchor_k=anchor)
     batch = prepare_batch(LayerCall(logits, top_k, groups=groups), cfg)
     s_r, s = xshare_spec_sets(batch)
-    own = batch.own_topk(warmup_k)
+    own = batch.own_topk(warmup_k)  # W_r: the rows' top-k0, and a multi-row request's first row its top anchor_k
+    for g in groups.unique().tolist():
+        rows = (groups == g).nonzero().flatten()
+        if rows.numel() > 1:
+            own[rows[0]] = batch.own_topk(max(top_k if anchor is None else anchor, warmup_k))[rows[0]]
     for g in groups.unique().tolist():
         rows = groups == g
         assert (s_r[rows] == s_r[rows][0]).all()  # one set per request

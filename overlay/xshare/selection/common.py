@@ -243,6 +243,7 @@ class Batch:
     # experts are part of the warm-up W, so every set built on W contains them
     exact: Tensor | None = None
     group_budget: int | Tensor = 0  # m_r, resolved
+    anchor_k: int | Tensor = 0  # the first row of a multi-row request keeps its top anchor_k (resolved, >= k0)
     gpu_cap: int | Tensor = 0  # c; 0 = ceil(m / G)
     _rank: Tensor | None = field(default=None, repr=False)
     # bool 0-d, noted by a policy with a mass target as it builds its set (:meth:`note_cap_bound`):

@@ -53,6 +53,10 @@ class SelectorConfig:
                   given; None = the budget alone. Read by the policies with ``Policy.target_mass``.
     warmup_k      k0: every token's top-k0 experts are always kept (0 = no warm-up).
     group_budget  m_r: per-request budget of hierarchical policies (``xshare_spec``); None = top_k.
+    anchor_k      hierarchical policies: the first row of each request with several rows (in a verify
+                  batch, the accepted token: its output is kept whatever the drafts' fate) keeps its
+                  own top-anchor_k experts in its request's set; None = top_k (its own routing), 0 = its
+                  warm-up only, like the other rows.
     gpu_cap       c: per-GPU cap of GPU-aware policies; None = ceil(m / G).
     scoring       'softmax' | 'sigmoid': how router logits become gate scores.
     renormalize   renormalise each token's kept weights to sum to 1 (the model's norm_topk_prob).
@@ -69,6 +73,7 @@ class SelectorConfig:
     target_mass: Any = SELECTOR["target_mass"].default  # float | None, or per MoE layer
     warmup_k: int = SELECTOR["warmup_k"].default
     group_budget: int | float | None = SELECTOR["group_budget"].default
+    anchor_k: int | None = SELECTOR["anchor_k"].default
     gpu_cap: int | None = SELECTOR["gpu_cap"].default
     scoring: str = SELECTOR["scoring"].default
     renormalize: bool = SELECTOR["renormalize"].default
@@ -162,6 +167,10 @@ class SelectorConfig:
         if self.group_budget is None:
             return min(top_k, num_experts)
         return resolve_count(self.group_budget, num_experts)
+
+    def anchor_k_for(self, top_k: int) -> int:
+        """The experts the first row of a multi-row request keeps (default: top_k), at least the warm-up."""
+        return max(top_k if self.anchor_k is None else min(self.anchor_k, top_k), self.warmup_k)
 
     def applies_to(self, num_tokens: int) -> bool:
         """Whether a batch of ``num_tokens`` rows is inside [min_tokens, max_tokens]."""

@@ -29,6 +29,8 @@ def _check(config: SelectorConfig, num_experts: int, top_k: int) -> None:
         raise ValueError(f"top_k = {top_k} must be in [1, E = {num_experts}]")
     if config.warmup_k > top_k:
         raise ValueError(f"warmup_k = {config.warmup_k} exceeds top_k = {top_k}")
+    if config.anchor_k is not None and config.anchor_k > top_k:
+        raise ValueError(f"anchor_k = {config.anchor_k} exceeds top_k = {top_k}")
 
 
 def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool) -> dict[str, int | float | bool]:
@@ -39,6 +41,7 @@ def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool)
         "target_mass": 0.0 if config.target_mass is None else float(config.target_mass),
         "warmup_k": config.warmup_k,
         "group_budget": config.group_budget_for(num_experts, top_k),
+        "anchor_k": config.anchor_k_for(top_k),
         "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap,
         "min_tokens": config.min_tokens,
         "max_tokens": _NO_MAX if config.max_tokens is None else config.max_tokens,
@@ -48,14 +51,15 @@ def _values(config: SelectorConfig, num_experts: int, top_k: int, enabled: bool)
 @dataclass(frozen=True)
 class SelectorKnobs:
     """0-d device tensors: enabled (bool), budget m, target_mass tau (float32, 0 = off), warmup_k,
-    group_budget m_r, gpu_cap (0 = ceil(m/G)), min_tokens, max_tokens (int64). Created once per
-    (device, E, top_k); updated in place."""
+    group_budget m_r, anchor_k (resolved: what the first row of a multi-row request keeps), gpu_cap
+    (0 = ceil(m/G)), min_tokens, max_tokens (int64). Created once per (device, E, top_k); updated in place."""
 
     enabled: Tensor
     budget: Tensor
     target_mass: Tensor
     warmup_k: Tensor
     group_budget: Tensor
+    anchor_k: Tensor
     gpu_cap: Tensor
     min_tokens: Tensor
     max_tokens: Tensor

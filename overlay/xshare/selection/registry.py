@@ -174,7 +174,7 @@ def validate(config: SelectorConfig, model: ModelShape | None = None) -> Policy:
 
 def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
     """Raise ValueError naming the setting when ``config`` cannot apply to ``model``: the budget
-    (as resolved for E) in [top_k, E], warmup_k <= top_k, group_budget and gpu_cap <= E. The value
+    (as resolved for E) in [top_k, E], warmup_k and anchor_k <= top_k, group_budget and gpu_cap <= E. The value
     ranges of the schema (:data:`~xshare.selection.schema.INT_MAX`) are checked by the config itself."""
     from collections.abc import Mapping
 
@@ -189,6 +189,8 @@ def check_for_model(config: SelectorConfig, model: ModelShape) -> None:
                              + (f" (it resolves to {resolved})" if not isinstance(budget, int) else ""))
     if config.warmup_k > k:
         raise ValueError(f"warmup_k = {config.warmup_k} exceeds the model's top_k = {k}")
+    if config.anchor_k is not None and config.anchor_k > k:
+        raise ValueError(f"anchor_k = {config.anchor_k} exceeds the model's top_k = {k}")
     if isinstance(config.group_budget, int) and config.group_budget > e:
         raise ValueError(f"group_budget = {config.group_budget} exceeds the model's E = {e}")
     if config.gpu_cap is not None and config.gpu_cap > e:

@@ -344,6 +344,10 @@ SELECTOR_FIELDS: tuple[Field, ...] = (
           device=True, sweep=True),
     Field("group_budget", "count", None, "m_r: per-request budget of per-request policies (none = top_k)",
           optional=True, device=True, sweep=True),
+    Field("anchor_k", "int", None, "per-request policies: the first row of a request with several rows (in a "
+          "verify batch the accepted token, whose output is always kept) keeps its own top anchor_k experts "
+          "(none = top_k, its own routing; 0 = the warm-up, like the request's other rows)", minimum=0,
+          optional=True, device=True),
     Field("gpu_cap", "int", None, "c: per-GPU cap of GPU-aware policies (none = ceil(m / GPUs))", minimum=1,
           optional=True, device=True, sweep=True),
     Field("scoring", "choice", "softmax", "how router logits become gate scores (the layer's own)",

@@ -40,8 +40,10 @@ def batch_settings(config: SelectorConfig, knobs: SelectorKnobs | None, num_expe
         return {"budget": config.budget_for(num_experts), "warmup_k": config.warmup_k,
                 "target_mass": 0.0 if config.target_mass is None else float(config.target_mass),
                 "group_budget": config.group_budget_for(num_experts, top_k),
+                "anchor_k": config.anchor_k_for(top_k),
                 "gpu_cap": 0 if config.gpu_cap is None else config.gpu_cap}
-    return {k: getattr(knobs, k) for k in ("budget", "target_mass", "warmup_k", "group_budget", "gpu_cap")}
+    return {k: getattr(knobs, k) for k in ("budget", "target_mass", "warmup_k", "group_budget", "anchor_k",
+                                           "gpu_cap")}
 
 
 def applies_on_device(config: SelectorConfig, knobs: SelectorKnobs | None, num_valid: Tensor) -> Tensor:

@@ -141,16 +141,17 @@ def _preference_keys(eids_ptr, stride_it, stride_ie, rows, r_ok, offs_e, usable,
 
 
 @triton.jit
-def _warm_up(key, usable, ex_row, k0, rows, BT: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr):
-    """(warm-up, top-k0 alone), int32 [BT, BLOCK_E]: each row's top-k0 experts by key (an exact row: its whole
-    top_k), and its top-k0 alone (a request's warm-up)."""
+def _warm_up(key, usable, ex_row, k_row, BT: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr):
+    """(warm-up, top-k0 alone), int32 [BT, BLOCK_E]: each row's top-``k_row`` experts by key (``k_row`` int32
+    [BT]: k0, or a request's first row's anchor; an exact row: its whole top_k), and those alone (a request's
+    warm-up)."""
     kk = key
     warm = tl.full([BT, BLOCK_E], 0, tl.int32)
     warm0 = tl.full([BT, BLOCK_E], 0, tl.int32)
     for i in tl.static_range(TOP_K):
         best = tl.reduce(kk, 1, _MAX)
         hit = (kk == best[:, None]) & (best[:, None] >= 0)
-        first = ((rows * 0 + i) < k0)[:, None]
+        first = (k_row > i)[:, None]
         warm = tl.where(hit & (ex_row[:, None] | first) & usable, 1, warm)
         warm0 = tl.where(hit & first & usable, 1, warm0)
         kk = tl.where(hit, -1, kk)
@@ -158,19 +159,25 @@ def _warm_up(key, usable, ex_row, k0, rows, BT: tl.constexpr, BLOCK_E: tl.conste
 
 
 @triton.jit
-def _request_sums(groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, n, q, warm0, offs_e,
-                  e_ok, T, E: tl.constexpr, BT: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Per request (its first valid row leads it): marks the leader, adds the rows' fixed-point affinities ``q``
-    to the request's sums and their top-k0 to its warm-up union."""
+def _request_leaders(groups_ptr, rows, r_ok, n, T, BT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(leader, size), int32 [BT]: the first valid row of each row's request and the request's valid rows."""
     offs_t = tl.arange(0, BLOCK_T)
     g_all = tl.load(groups_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
     v_all = (offs_t < T) & (offs_t.to(tl.int64) < n)
     g_me = tl.load(groups_ptr + rows, mask=r_ok, other=0).to(tl.int64)
     same = (g_all[None, :] == g_me[:, None]) & v_all[None, :]
     leader = tl.reduce(tl.where(same, offs_t[None, :], BLOCK_T), 1, _MIN)
+    return leader, tl.reduce(same.to(tl.int32), 1, _ADD)
+
+
+@triton.jit
+def _request_sums(leader, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, q, warm0, offs_e,
+                  e_ok, T, E: tl.constexpr):
+    """Per request (its first valid row, ``leader``, leads it): marks the leader, adds the rows' fixed-point
+    affinities ``q`` to the request's sums and their warm-up to its warm-up union."""
     tl.store(leader_ptr + rows, leader, mask=r_ok)
     mine = valid & (leader < T)
-    tl.store(lead_ptr + leader, tl.full([BT], 1, tl.int8), mask=mine)
+    tl.store(lead_ptr + leader, (leader * 0 + 1).to(tl.int8), mask=mine)
     roff = leader[:, None].to(tl.int64) * E + offs_e[None, :]
     tl.atomic_add(racc_ptr + roff, q, mask=mine[:, None] & e_ok[None, :])
     tl.atomic_max(rwarm_ptr + roff, warm0, mask=mine[:, None] & e_ok[None, :])
@@ -179,7 +186,7 @@ def _request_sums(groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r
 @triton.jit(do_not_specialize=["T", "nt_val"])
 def _gate_kernel(
     logits_ptr, stride_lt, stride_le, bias_ptr, eids_ptr, stride_it, stride_ie, exact_ptr,
-    nt_ptr, nt_val, warmup_ptr,
+    nt_ptr, nt_val, warmup_ptr, anchor_ptr,
     aff_ptr, key_ptr, acc_ptr, warm_ptr, groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr,
     T,
     E: tl.constexpr, BLOCK_E: tl.constexpr, BT: tl.constexpr, TOP_K: tl.constexpr, PREF_W: tl.constexpr,
@@ -225,20 +232,24 @@ def _gate_kernel(
     tl.store(key_ptr + off2, key, mask=m2)
     tl.store(aff_ptr + off2, tl.where(usable, aff, 0.0), mask=m2)
 
-    # ---- warm-up union (valid rows' top-k0; exact rows' whole top_k) and the column sums
-    k0 = tl.load(warmup_ptr).to(tl.int32)
+    # ---- warm-up union (valid rows' top-k0; exact rows' whole top_k; xshare_spec: the first row of a
+    # multi-row request its top anchor_k) and the column sums
+    k_row = rows * 0 + tl.load(warmup_ptr).to(tl.int32)
+    if SPEC:
+        leader, size = _request_leaders(groups_ptr, rows, r_ok, n, T, BT, BLOCK_T)
+        k_row = tl.where(valid & (leader == rows) & (size > 1), tl.load(anchor_ptr).to(tl.int32), k_row)
     if HAS_EXACT:
         ex_row = (tl.load(exact_ptr + rows, mask=r_ok, other=0) != 0) & r_ok
     else:
         ex_row = rows < 0
-    warm, warm0 = _warm_up(key, usable, ex_row, k0, rows, BT, BLOCK_E, TOP_K)
+    warm, warm0 = _warm_up(key, usable, ex_row, k_row, BT, BLOCK_E, TOP_K)
     warm_col = tl.reduce(tl.where(valid[:, None], warm, 0), 0, _MAX).to(tl.int64)
     tl.atomic_max(warm_ptr + offs_e, warm_col, mask=e_ok)
     q = (tl.where(usable & valid[:, None], aff, 0.0) * 1073741824.0).to(tl.int64)
     tl.atomic_add(acc_ptr + offs_e, tl.reduce(q, 0, _ADD), mask=e_ok)
     if SPEC:  # per request (its first valid row leads it): its sums and its warm-up union
-        _request_sums(groups_ptr, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, n, q, warm0,
-                      offs_e, e_ok, T, E, BT, BLOCK_T)
+        _request_sums(leader, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, q, warm0, offs_e, e_ok,
+                      T, E)
 
 
 # -- the route kernel's pieces ----------------------------------------------------------------------------------

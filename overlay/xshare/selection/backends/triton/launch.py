@@ -209,7 +209,8 @@ def prepare_fused(
     gate_args = dict(
         common, **shared, logits_ptr=router_logits, stride_lt=router_logits.stride(0),
         stride_le=router_logits.stride(1), bias_ptr=layer.correction_bias if isinstance(layer, RouterSpec) else None,
-        warmup_ptr=knobs.warmup_k, PREF_W=_pref_width(engine_ids, top_k), groups_ptr=groups if spec else None,
+        warmup_ptr=knobs.warmup_k, anchor_ptr=knobs.anchor_k, PREF_W=_pref_width(engine_ids, top_k),
+        groups_ptr=groups if spec else None,
         BLOCK_T=_next_pow2(num_rows) if spec else 1,
         **{k: const[k] for k in ("SCORING", "GATE", "HAS_BIAS", "AFF_ROUND", "CHOICE_ROUND", "NUM_GROUPS",
                                  "TOPK_GROUP", "GROUP_SIZE", "BLOCK_G", "SP_ROUND")})
