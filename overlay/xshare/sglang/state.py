@@ -99,6 +99,9 @@ class ForwardState:
     global_mode: str | None = None  # forward mode of the whole DP group (DeepEP global mode)
     global_rows: int | None = None  # rows of the whole DP group
     global_applies: bool = False
+    # this rank's own facts of the forward could not be read: it keeps SGLang's routing for its rows (and,
+    # in DeepEP global mode, joins each layer's all-reduce with zeros where ``global_applies``)
+    undecided: bool = False
 
 
 class ProcessState:
