@@ -89,6 +89,17 @@ def test_a_drained_accumulator_keeps_what_lands_after_the_copy():
     assert [t.tolist() for t in snap.take()] == [[10, 10], [8.0]] and acc.tolist() == [0, 0]
 
 
+def test_a_copier_that_fails_drains_nothing():
+    def broken(copies: list[torch.Tensor]) -> Arrived:
+        raise RuntimeError("injected: the copy could not be issued")
+
+    snap = Snapshot(lambda device: broken)
+    acc = torch.tensor([5, 6])
+    with pytest.raises(RuntimeError, match="injected"):
+        snap.start([acc], [True])
+    assert acc.tolist() == [5, 6] and not snap.busy  # kept for the next snapshot
+
+
 def test_sources_on_several_devices_come_back_in_their_order():
     copiers = {"cpu": _SlowCopier(), "meta": lambda copies: Arrived([torch.zeros(c.shape) for c in copies])}
     snap = Snapshot(lambda device: copiers[device.type])

@@ -127,16 +127,14 @@ class Snapshot:
             by_device.setdefault(str(t.device), []).append(i)
         flight = []
         for key, positions in by_device.items():
-            copies = []
-            for i in positions:
-                copy = sources[i].clone()
-                if drain[i]:
-                    sources[i].sub_(copy)
-                copies.append(copy)
+            copies = [sources[i].clone() for i in positions]
             copier = self._copiers.get(key)
             if copier is None:
                 copier = self._copiers[key] = self._copier_for(sources[positions[0]].device)
             flight.append((positions, copier(copies)))
+            for i, copy in zip(positions, copies, strict=True):  # drained once the copy is on its way (a
+                if drain[i]:  # copier that fails drains nothing); later writes land after, in stream order
+                    sources[i].sub_(copy)
         self._flight, self._size = flight, len(sources)
         return True
 
