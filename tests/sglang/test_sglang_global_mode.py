@@ -163,22 +163,47 @@ def test_a_failing_router_layer_still_joins_the_group_all_reduce(bad):
     assert calls == [(2 * E,)]
 
 
+class _Batch:
+    """The fields of SGLang's ForwardBatch the forward hook reads, for one DP rank's decode batch of ``rows``
+    rows in a group of ``world`` such ranks. ``local_fails``: reading this rank's own forward mode raises (a
+    rank-local fact; the group's facts, its forward mode and the gathered row counts, still read)."""
+
+    def __init__(self, rows: int, world: int, local_fails: bool) -> None:
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        self.global_forward_mode = self._mode = ForwardMode.DECODE
+        self.global_num_tokens_cpu = [rows] * world
+        self.batch_size = rows
+        self.input_ids = torch.zeros(rows, dtype=torch.int64)
+        self.spec_info = self.rids = self.positions = None
+        self._fails = local_fails
+
+    @property
+    def forward_mode(self):  # noqa: ANN201
+        if self._fails:
+            raise RuntimeError("injected: this rank cannot read its own forward mode")
+        return self._mode
+
+
 def _adapter_worker(rank: int, world: int, init_file: str, fault: str, out_dir: str) -> None:
-    """One rank of a DeepEP global-mode group running the routing hook's path (a real ProcessState) over a few
-    layers, with ``fault`` injected on rank 1."""
+    """One rank of a DeepEP global-mode group running SGLang's forward through the plugin's forward hook (a
+    real ProcessState; the model: a few MoE layers, each calling the routing hook's path), with ``fault``
+    injected on rank 1."""
     from datetime import timedelta
+    from types import SimpleNamespace
 
     from xshare.sglang import layer as routing
     from xshare.sglang import state as rt
+    from xshare.sglang.hooks import forward as forward_hooks
     from xshare.sglang.settings import PluginSettings
 
     topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        runtime = rt.ProcessState(PluginSettings(enabled=True, deepep_mode="global",
+        runtime = rt.install(PluginSettings(enabled=True, deepep_mode="global",
                                             selector=SelectorConfig(policy="xshare", budget=5, warmup_k=1)))
-        runtime.scattered_input = True
+        runtime.scattered_input = True  # the process facts the hook reads from SGLang once (a2a backend)
         calls: list = []
         runtime.all_reduce = _recording_all_reduce(calls)
         if rank == 1 and fault == "diverged":  # off the group's config: it keeps SGLang's routing
@@ -191,24 +216,32 @@ def _adapter_worker(rank: int, world: int, init_file: str, fault: str, out_dir: 
         if rank == 1 and fault == "fault":  # fails after its part (XSHARE_FAULT_INJECT's checkpoint)
             runtime.settings = PluginSettings(enabled=True, deepep_mode="global", fault_inject="always",
                                               selector=runtime.settings.selector)
-        runtime.push(rt.ForwardState(mode="decode", global_mode="decode", global_applies=True))
         cfg = topk.TopKConfig(top_k=K, renormalize=True)
-        applied = []
-        for layer in range(LAYERS):
-            x = _logits(layer, 6, rank)
-            w, ids = torch.topk(torch.softmax(x, -1), K, dim=-1)
-            args = {"topk_ids": ids.to(torch.int32), "topk_weights": w / w.sum(-1, keepdim=True), "router_logits": x,
-                    "layer_id": layer, "num_token_non_padded": None}
-            applied.append(routing.route(runtime, args, cfg) is not None)
-        torch.save({"calls": calls, "applied": applied}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+        def model(_runner, _batch) -> list[bool]:  # the layers' routing calls of one forward
+            applied = []
+            for layer in range(LAYERS):
+                x = _logits(layer, 6, rank)
+                w, ids = torch.topk(torch.softmax(x, -1), K, dim=-1)
+                args = {"topk_ids": ids.to(torch.int32), "topk_weights": w / w.sum(-1, keepdim=True),
+                        "router_logits": x, "layer_id": layer, "num_token_non_padded": None}
+                applied.append(routing.route(runtime, args, cfg) is not None)
+            return applied
+
+        runner = SimpleNamespace(is_draft_worker=False, device="cpu")
+        batch = _Batch(6, world, local_fails=rank == 1 and fault == "forward_state")
+        applied = forward_hooks.model_runner_forward_hook(model, runner, batch)
+        torch.save({"calls": calls, "applied": applied, "skipped": dict(runtime.stats.skipped),
+                    "fallbacks": dict(runtime.stats.fallbacks)}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fault", ["none", "diverged", "raises", "fault"])
+@pytest.mark.parametrize("fault", ["none", "diverged", "raises", "fault", "forward_state"])
 def test_every_rank_joins_every_layers_all_reduce_whatever_its_own_path(tmp_path, fault):
-    """The routing hook in DeepEP global mode on 2 gloo ranks: a rank off its group's config, or one whose
-    own part fails before or after the all-reduce, keeps SGLang's routing but still joins each layer's
+    """SGLang's forward through the forward hook and the routing hook in DeepEP global mode on 2 gloo ranks:
+    a rank off its group's config, one whose own part fails before or after the all-reduce, or one that
+    cannot read its own part of the forward batch keeps SGLang's routing but still joins each layer's
     all-reduce exactly once, so its peer completes (a missing part would hang it until the timeout)."""
     mp.start_processes(_adapter_worker, args=(2, str(tmp_path / "init"), fault, str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
@@ -217,3 +250,7 @@ def test_every_rank_joins_every_layers_all_reduce_whatever_its_own_path(tmp_path
         assert out["calls"] == [(2 * E,)] * LAYERS
     assert outs[0]["applied"] == [True] * LAYERS
     assert outs[1]["applied"] == [fault == "none"] * LAYERS
+    assert outs[0]["skipped"] == {} and outs[0]["fallbacks"] == {}
+    if fault == "forward_state":  # the rank could not decide: counted per call, and the failed reading once
+        assert outs[1]["skipped"] == {"forward_state_failed": LAYERS}
+        assert outs[1]["fallbacks"] == {"forward_state": 1}

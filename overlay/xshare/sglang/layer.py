@@ -107,6 +107,10 @@ def _on(proc: ProcessState, args: dict[str, Any], state: ForwardState | None, to
     if state is None:
         proc.skip("no_forward_state")
         return False
+    if state.undecided:  # its own facts unread (the forward hook says why): its peers may still all-reduce
+        proc.skip("forward_state_failed")
+        _join_owed(proc, args, state, topk_config)
+        return False
     return True
 
 

@@ -101,6 +101,9 @@ class ForwardState:
     global_rows: int | None = None  # rows of the whole DP group
     global_applies: bool = False
     deferred_gate: DeferredGate | None = None  # the gate of the running layer call SGLang skipped (CPU)
+    # this rank's own facts of the forward could not be read: it keeps SGLang's routing for its rows (and,
+    # in DeepEP global mode, joins each layer's all-reduce with zeros where ``global_applies``)
+    undecided: bool = False
 
 
 class ProcessState:
@@ -153,6 +156,7 @@ class ProcessState:
         self.observe = False  # record the per-call metric window (set by enable_observability)
         self.flush_pending = False  # flush at the end of this forward (the first applied call asks)
         self.last_flush = 0  # the forward count at the last flush
+        self.idle_read = 0  # the forward count when the scheduler last went idle (report.scheduler_idle)
         if settings.trace_dir is not None:
             self.trace = TraceRecorder(settings.trace_dir, max_tokens=settings.trace_max_tokens,
                                        flush_tokens=settings.trace_flush_tokens, rank=rank)
@@ -349,14 +353,17 @@ class ProcessState:
         self.observe = True
         exporter.config_changed(self)
 
-    def flush_metrics(self) -> None:
-        """Drain the device window into the exporter (with the fold of the layer sums for the mass-cap
-        counter, the only host synchronisations of the metrics; after the forward, never inside it)."""
+    def flush_metrics(self, *, wait: bool = True) -> None:
+        """Collect the device figures (:meth:`SelectorStats.collect`) and hand the window to the exporter.
+        ``wait=False`` at a forward boundary while serving: nothing waits for the device, the flush
+        reports what the last arrived snapshot brought. ``wait=True`` (the default, for callers where no
+        forward runs: the scheduler idle, an admin change): exact, waiting for the device."""
         if self.metrics is None:
             return
         self.flush_pending = False
         self.last_flush = self.stats.forwards
         try:
+            self.stats.collect(wait=wait)
             self.metrics.flush(self)
         except Exception as exc:  # noqa: BLE001 - metrics never break serving
             self.log_once("metrics_flush", logging.ERROR, "xshare: metrics flush failed: %s", exc, exc_info=True)
@@ -410,11 +417,6 @@ class ProcessState:
 
     def record_summary(self, summary: dict[str, Any]) -> None:
         self.last_summary = summary
-
-    def flush_metrics_if_new(self) -> None:
-        """Flush the metrics window if forwards ran since the last flush (the scheduler went idle)."""
-        if self.observe and self.stats.forwards != self.last_flush:
-            self.flush_metrics()
 
     def count_config_change(self, result: str) -> None:
         if self.metrics is not None:

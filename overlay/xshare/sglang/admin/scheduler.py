@@ -37,7 +37,7 @@ from xshare.sglang.admin.common import (
 )
 from xshare.sglang.admin.config import config_of, settings_from_config
 from xshare.sglang.admin.target import AdminTarget
-from xshare.sglang.observe import metrics
+from xshare.sglang.observe import metrics, report
 from xshare.sglang.settings import PluginSettings
 
 log = logging.getLogger("xshare.sglang")
@@ -145,8 +145,8 @@ def _try_apply(runtime: AdminTarget, message: dict[str, Any]) -> str:
         return f"invalid on this rank: {exc}"
     old, old_version, old_source = runtime.settings, runtime.version, runtime.config_source
     try:
-        if runtime.observe:
-            runtime.flush_metrics()  # the window so far belongs to the old config
+        if runtime.observe:  # the window so far belongs to the old config: read exactly, waiting for the
+            runtime.flush_metrics(wait=True)  # device once (a rare change, made between batches)
         runtime.set_config(new, version, source=message.get("source", "admin change"))
         if fault == "raise":
             raise RuntimeError("raised in the apply step by XSHARE_FAULT_ADMIN (test fault injection)")
@@ -248,10 +248,12 @@ def get_internal_state_hook(result: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def on_idle_hook(result: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER ``Scheduler.on_idle``: flush a metrics window that has not been flushed yet (host check)."""
+    """AFTER ``Scheduler.on_idle``: the figures of the forwards since the last idle moment, read exactly,
+    into the metrics window and the stats file (:func:`xshare.sglang.observe.report.scheduler_idle`; a
+    host check when nothing ran)."""
     runtime = rt_mod.get()
     if runtime is not None:
-        runtime.flush_metrics_if_new()
+        report.scheduler_idle(runtime)
     return None
 
 

@@ -51,11 +51,8 @@ class AdminTarget(Protocol):
     def set_config(self, settings: PluginSettings, version: int, *, source: str = "admin change") -> None:
         """Apply a config (raises when it cannot be taken; nothing changes then)."""
 
-    def flush_metrics(self) -> None:
-        """Drain the metrics window so far into the exporter (nothing without one)."""
-
-    def flush_metrics_if_new(self) -> None:
-        """Flush the metrics window if forwards ran since the last flush."""
+    def flush_metrics(self, *, wait: bool = True) -> None:
+        """Drain the metrics window so far into the exporter (nothing without one); ``wait``: exact."""
 
     def enable_observability(self, exporter: Exporter) -> None:
         """Record the per-call window and flush it to ``exporter``."""

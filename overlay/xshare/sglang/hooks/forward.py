@@ -108,11 +108,12 @@ def _attention_dp_size() -> int:
         return 1
 
 
-def _forward_state(runtime: ProcessState, model_runner: Any, forward_batch: Any, *, capturing: bool) -> ForwardState:
-    mode = _mode_name(getattr(forward_batch, "forward_mode", None))
-    tpr = _tokens_per_req(forward_batch, mode)
-    state = ForwardState(mode=mode, is_draft=bool(getattr(model_runner, "is_draft_worker", False)),
-                         tokens_per_req=tpr, capturing=capturing)
+def _group_facts(runtime: ProcessState, model_runner: Any, forward_batch: Any, *, capturing: bool) -> ForwardState:
+    """The state with the facts every rank of the group reads alike (replicated fields of the batch: the
+    group's forward mode and row counts; the worker's kind): whether the group selects, and so joins each
+    layer's all-reduce, in DeepEP global mode. This rank's own facts follow (:func:`_rank_facts`)."""
+    state = ForwardState(mode="other", is_draft=bool(getattr(model_runner, "is_draft_worker", False)),
+                         capturing=capturing)
     if runtime.shared_rows:  # the MoE runs in the DP group's mode, over every DP rank's rows
         state.global_mode = _mode_name(getattr(forward_batch, "global_forward_mode", None)
                                        or getattr(forward_batch, "forward_mode", None))
@@ -126,6 +127,19 @@ def _forward_state(runtime: ProcessState, model_runner: Any, forward_batch: Any,
             applies = runtime.settings.selector.applies_to(rows)
         state.global_applies = applies
     return state
+
+
+def _rank_facts(runtime: ProcessState, state: ForwardState, forward_batch: Any) -> None:
+    """This rank's own facts of the forward, filled before the model runs: its forward mode, request ids
+    of its rows, the exact-routing mask, the real-row count; the trace's batch begun."""
+    state.mode = _mode_name(getattr(forward_batch, "forward_mode", None))
+    state.tokens_per_req = _tokens_per_req(forward_batch, state.mode)
+    _fill_groups(runtime, state, forward_batch)
+    _fill_exact(runtime, state, forward_batch)
+    _fill_real_rows(runtime, state, forward_batch)
+    if runtime.trace is not None and not state.is_draft and state.mode in runtime.modes():
+        runtime.trace.begin_forward(getattr(forward_batch, "rids", None), state.tokens_per_req,
+                                    getattr(forward_batch, "positions", None))
 
 
 def _fill_groups(runtime: ProcessState, state: ForwardState, forward_batch: Any) -> None:
@@ -187,17 +201,18 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
     state = None
     try:
         _init_process_facts(runtime, self)
-        state = _forward_state(runtime, self, forward_batch, capturing=False)
-        _fill_groups(runtime, state, forward_batch)
-        _fill_exact(runtime, state, forward_batch)
-        _fill_real_rows(runtime, state, forward_batch)
-        if runtime.trace is not None and not state.is_draft and state.mode in runtime.modes():
-            runtime.trace.begin_forward(getattr(forward_batch, "rids", None), state.tokens_per_req,
-                                        getattr(forward_batch, "positions", None))
+        state = _group_facts(runtime, self, forward_batch, capturing=False)
     except Exception as exc:  # noqa: BLE001 - the selector must never break a forward
-        runtime.stats.count_fallback("forward_state")
-        runtime.log_once("forward_state", logging.ERROR, "xshare: cannot read the forward batch: %s", exc,
-                         exc_info=True)
+        # The process's and the group's facts come from what every rank of the group holds alike (SGLang's
+        # set-up, the batch's replicated fields): if they cannot be read here, they cannot on any rank,
+        # so no rank routes this forward and none waits in an all-reduce (each call: no_forward_state).
+        _forward_state_failed(runtime, exc)
+    if state is not None:
+        try:
+            _rank_facts(runtime, state, forward_batch)
+        except Exception as exc:  # noqa: BLE001 - this rank cannot decide: SGLang's routing for its rows; in
+            _forward_state_failed(runtime, exc)  # DeepEP global mode it still joins each layer's all-reduce
+            state.undecided = True
     runtime.sync_knobs()  # a settings change reaches the device here, before this forward's kernels
     runtime.push(state)
     t0 = time.perf_counter()
@@ -215,6 +230,11 @@ def model_runner_forward_hook(original: Any, self: Any, forward_batch: Any, *arg
         except Exception as exc:  # noqa: BLE001 - the forward already ran: its bookkeeping never fails it
             runtime.log_once("forward_end", logging.ERROR, "xshare: end-of-forward bookkeeping failed: %s", exc,
                              exc_info=True)
+
+
+def _forward_state_failed(runtime: ProcessState, exc: Exception) -> None:
+    runtime.stats.count_fallback("forward_state")
+    runtime.log_once("forward_state", logging.ERROR, "xshare: cannot read the forward batch: %s", exc, exc_info=True)
 
 
 def moe_forward_hook(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -10,9 +10,9 @@ reads, and no process-local registry is involved (so a second exporter never cla
 Every series carries ``rank`` (the scheduler's TP rank). Recording never synchronises the device:
 the routing hook writes one row of figures per applied call into a device ring buffer, in the same
 device launch that adds the layer sums (:meth:`xshare.sglang.observe.stats.SelectorStats.record_call`);
-:meth:`Exporter.flush` drains it every
-``XSHARE_METRICS_FLUSH_EVERY`` forwards (default 16), after the first applied forward and when the
-scheduler goes idle.
+:meth:`Exporter.flush` drains what has reached the host of it every ``XSHARE_METRICS_FLUSH_EVERY``
+forwards (default 16), after the first applied forward (without waiting for the device: the figures
+of the last snapshot, one flush late on a GPU) and when the scheduler goes idle (exactly).
 
 Series budget (``XSHARE_METRICS_DETAIL``, docs/observability.md): a group of many ranks must not
 export ranks x layers x GPUs series. With the default ``group``, the routing distributions
@@ -224,14 +224,15 @@ class Exporter:
 
     # -- the window ----------------------------------------------------------------------------------
     def flush(self, state: ProcessState) -> None:
-        """Drain the state's metrics window (one device-to-host read) into the Prometheus series and the
-        last window's summary (``self.last``, handed to ``on_flush``)."""
+        """The state's metrics window, as far as its figures have reached the host (the caller collects
+        them first: :meth:`ProcessState.flush_metrics`), into the Prometheus series and the last window's
+        summary (``self.last``, handed to ``on_flush``). Reads host figures only."""
         stats = state.stats
-        rows = stats.drain_window()
+        rows = stats.drain_window(fresh=False)
         seconds = stats.drain_seconds()
         g = (rows.shape[1] - len(WINDOW_FIELDS)) // 2 if rows.numel() else 0
-        cap_bound = stats.cap_bound_calls()  # a device sum: read here, at the flush
-        modes = stats.mode_report(fold=False)  # the layer sums were just folded
+        cap_bound = stats.cap_bound_calls(stats.fold(fresh=False))
+        modes = stats.mode_report(fold=False)
         by_layer: dict[int, list[list[float]]] = defaultdict(list)
         all_rows = rows.tolist()
         for r in all_rows:

@@ -1,9 +1,10 @@
 """What a scheduler process reports about its selector, at the moments the hooks hand it: the end of
-each forward (the stats file, the metrics flush, the coverage check), the first applied call, the
-loaded model (start-up coverage, per-layer settings that must fit it).
+each forward (the stats file, the metrics flush, the coverage check), the scheduler going idle, the
+first applied call, the loaded model (start-up coverage, per-layer settings that must fit it).
 
-Reads the :class:`~xshare.sglang.state.ProcessState` it is given; writes only its counters, the
-stats file (``XSHARE_STATS_DIR``) and the log. Raises :class:`CoverageRefused` /
+Reads the :class:`~xshare.sglang.state.ProcessState` it is given and collects its device figures
+(waiting for the device only when the scheduler is idle, never at a forward's end); writes only its
+counters, the stats file (``XSHARE_STATS_DIR``) and the log. Raises :class:`CoverageRefused` /
 :class:`SettingsRefused` where the operator asked the scheduler to stop rather than serve without
 the selector (``XSHARE_REQUIRE_COVERAGE``, a per-layer setting that does not fit the model).
 """
@@ -39,7 +40,8 @@ class CoverageRefused(RuntimeError):
 
 def forward_ended(proc: ProcessState, state: ForwardState | None) -> None:
     """After one forward: counted; the coverage check after the first and the 32nd applicable forward;
-    the trace's batch ended; the stats file and the metrics window written when due."""
+    the trace's batch ended; the stats file and the metrics window written when due, from the device
+    figures collected without waiting (the last arrived snapshot: no forward is stalled)."""
     proc.stats.count_forward()
     if state is not None and state.mode in proc.modes() and not state.is_draft and not state.capturing:
         proc.applicable_forwards += 1
@@ -50,10 +52,29 @@ def forward_ended(proc: ProcessState, state: ForwardState | None) -> None:
     if proc.trace is not None and state is not None and not state.capturing:
         proc.trace.end_forward()
     s = proc.settings
-    if s.stats_dir is not None and proc.stats.forwards % s.stats_every == 0:
-        write_stats(proc)
+    stats_due = s.stats_dir is not None and proc.stats.forwards % s.stats_every == 0
     if proc.observe and (proc.flush_pending or proc.stats.forwards - proc.last_flush >= s.metrics_flush_every):
-        proc.flush_metrics()
+        proc.flush_metrics(wait=False)  # collects too
+    elif stats_due:
+        proc.stats.collect(wait=False)
+    if stats_due:
+        write_stats(proc)
+
+
+def scheduler_idle(proc: ProcessState) -> None:
+    """SGLang's scheduler went idle (``Scheduler.on_idle``: no batch to run, none in flight): when forwards
+    ran since it last was, the device figures are collected exactly, and the metrics window and the stats
+    file written from them. Waiting for the device is fine here: no forward is running, so it stalls
+    nothing (and on_idle is not reached while the overlap scheduler has a batch in flight)."""
+    if proc.stats.forwards == proc.idle_read:
+        return
+    proc.idle_read = proc.stats.forwards
+    if proc.observe:
+        proc.flush_metrics(wait=True)
+    else:
+        proc.stats.collect(wait=True)
+    if proc.settings.stats_dir is not None:
+        write_stats(proc)
 
 
 def check_coverage(proc: ProcessState, *, final: bool = True) -> str | None:
@@ -116,11 +137,12 @@ def startup_coverage(proc: ProcessState, statuses: dict[int, str], device_type: 
 
 
 def write_stats(proc: ProcessState) -> None:
-    """The counters as JSON in ``XSHARE_STATS_DIR/xshare-stats-<pid>.json`` (atomically replaced)."""
+    """The counters as JSON in ``XSHARE_STATS_DIR/xshare-stats-<pid>.json`` (atomically replaced): the
+    device figures as far as the last collect brought them (this reads host figures only)."""
     s = proc.settings
     if s.stats_dir is None:
         return
-    snap = proc.stats.snapshot()
+    snap = proc.stats.snapshot(fresh=False)
     snap.update({"rank": proc.rank, "settings": s.describe(), "enabled": s.enabled,
                  "policy": s.selector.policy, "budget": s.selector.to_dict()["budget"]})
     write_json_atomic(s.stats_dir / f"xshare-stats-{os.getpid()}.json", snap)

@@ -18,12 +18,12 @@ mode in ``modes`` (:meth:`SelectorStats.mode_report`), with the calls and skips 
 policies that group rows by request, the experts each request's rows used (:meth:`record_requests`).
 
 The CPU C kernel's calls (:meth:`SelectorStats.record_call_host`) add their host numbers into the
-same CPU buffers through numpy views (no tensor op). The host reads the buffers only outside the
-forward, at the existing flush points: :meth:`SelectorStats.snapshot` (the stats file, written from
-``xshare.sglang.observe.report.forward_ended`` every ``stats_every`` forwards) folds the layer sums into host totals and
-takes what it read off the device rows in place; :meth:`SelectorStats.drain_window` (the metrics
-flush, every ``metrics_flush_every`` forwards, when the scheduler goes idle, before an admin change)
-reads the ring rows written since the last drain. Each is one device-to-host transfer.
+same CPU buffers through numpy views (no tensor op). The host reads the buffers only through
+:meth:`SelectorStats.collect`: drained into a snapshot on the device in stream order, copied to the host
+asynchronously (:mod:`.snapshot`), added into :class:`~xshare.sglang.observe.totals.HostTotals`. Serving
+(``report.forward_ended``) collects without waiting, so what it reports lags by up to one snapshot; the
+readers (:meth:`fold`, :meth:`snapshot`, :meth:`drain_window`, :meth:`mode_report`) wait by default
+(``fresh``): exact, for callers where no forward runs (the scheduler idle, an admin change, tests).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xshare.sglang.observe.snapshot import Snapshot
 from xshare.sglang.observe.tally import LAYER_SUMS, WINDOW_FIELDS, Target, capturing, tally
+from xshare.sglang.observe.totals import HostTotals
 
 WINDOW_CAPACITY = 8192  # rows kept between two drains (older rows are dropped and counted)
 # Columns of a layer's sums row: tally()'s LAYER_SUMS, then counters added with SelectorStats.count_layer.
@@ -89,7 +91,9 @@ class SelectorStats:
         # layer sums (see the module docstring): device -> pages; (device, layer) -> (page, row, label)
         self._pages: dict[str, list[_Page]] = {}
         self._slots: dict[tuple[str, int], tuple[_Page, int, Tensor]] = {}
-        self._totals: dict[tuple[int, str], list[int]] = {}  # (layer, mode) -> sums folded to the host so far
+        self.totals = HostTotals()  # what the device figures brought to the host so far (collect)
+        self.transfers = Snapshot()  # the snapshot of the device figures in flight
+        self._flight: list[tuple[str, Any]] = []  # what each tensor of that snapshot is
         self.unrecorded = 0  # applied calls not recorded: their buffers would have been made under capture
         self._short_rows: Tensor | None = None  # router-spec rows that kept the engine's routing (device)
         self._cap_bound: Tensor | None = None  # calls whose budget stopped a mass target short (device)
@@ -105,8 +109,7 @@ class SelectorStats:
         self._window: Tensor | None = None
         self._window_idx: Tensor | None = None  # int64 device scalar: rows written so far
         self._window_host: Any = None  # (ring, index) numpy views when the ring is on the CPU
-        self._window_read = 0  # rows drained so far (host)
-        self.window_dropped = 0
+        self._window_read = 0  # rows collected so far (host)
         self._seconds: list[float] = []  # host-measured selector time per applied call
         # XSHARE_PROFILE: forward mode -> [forwards, forward seconds, MoE block calls, MoE seconds]
         self.profile: dict[str, list[float]] = {}
@@ -267,12 +270,10 @@ class SelectorStats:
         self._cap_bound += bound.to(torch.int64)
 
     def cap_bound_calls(self, sums: dict[int, dict[str, int]] | None = None) -> int:
-        """Applied calls so far whose budget stopped the mass target short: the layer sums' column
-        (``sums``: a :meth:`fold` just made, else one is made here) and :meth:`record_cap_bound`'s count
-        (synchronises; outside the forward)."""
+        """Applied calls whose budget stopped the mass target short: the layer sums' column (``sums``: a
+        :meth:`fold` just made, else a fresh one is made here) and :meth:`record_cap_bound`'s count."""
         layers = self.fold() if sums is None else sums
-        own = 0 if self._cap_bound is None else int(self._cap_bound.item())
-        return own + sum(v["mass_cap_bound"] for v in layers.values())
+        return self.totals.cap_bound + sum(v["mass_cap_bound"] for v in layers.values())
 
     def record_call_host(self, layer_id: int, active: int, vanilla_active: int, num_tokens: int,
                          changed_tokens: int = 0, checksum: int = 0, *, figures: Any = None,
@@ -314,13 +315,11 @@ class SelectorStats:
 
     def record_figures(self, row: Tensor) -> None:
         """Append one :func:`call_figures` row to the device ring buffer (no host synchronisation)."""
-        win = self._window
-        if win is None or win.shape[1] != row.shape[0] or win.device != row.device:
-            self._window = win = torch.zeros(WINDOW_CAPACITY, row.shape[0], dtype=torch.float32, device=row.device)
-            self._window_idx = torch.zeros((), dtype=torch.int64, device=row.device)
-            self._window_read = 0
+        if not self._window_for(row.device, row.shape[0]):
+            return
+        assert self._window is not None and self._window_idx is not None  # made by _window_for
         pos = torch.remainder(self._window_idx, WINDOW_CAPACITY).view(1)
-        win.index_copy_(0, pos, row.view(1, -1).to(torch.float32))
+        self._window.index_copy_(0, pos, row.view(1, -1).to(torch.float32))
         self._window_idx += 1
 
     def record_seconds(self, seconds: float) -> None:
@@ -328,96 +327,98 @@ class SelectorStats:
         if len(self._seconds) > WINDOW_CAPACITY:
             del self._seconds[: len(self._seconds) - WINDOW_CAPACITY]
 
-    def drain_window(self) -> Tensor:
-        """Rows recorded since the last drain, oldest first (float32 CPU [n, F]); synchronises once."""
-        if self._window is None or self._window_idx is None:
-            return torch.zeros(0, len(WINDOW_FIELDS))
-        written = int(self._window_idx.item())
-        start = self._window_read
-        if written - start > WINDOW_CAPACITY:
-            self.window_dropped += written - start - WINDOW_CAPACITY
-            start = written - WINDOW_CAPACITY
-        self._window_read = written
-        if written == start:
-            return torch.zeros(0, self._window.shape[1])
-        pos = torch.arange(start, written, device=self._window.device) % WINDOW_CAPACITY
-        return self._window.index_select(0, pos).cpu()
+    def drain_window(self, *, fresh: bool = True) -> Tensor:
+        """Rows recorded since the last drain, oldest first (float32 CPU [n, F]); ``fresh``: as :meth:`fold`."""
+        if fresh:
+            self.collect(wait=True)
+        return self.totals.take_rows(len(WINDOW_FIELDS) if self._window is None else self._window.shape[1])
+
+    @property
+    def window_dropped(self) -> int:
+        """Window rows dropped: more than :data:`WINDOW_CAPACITY` arrived between two drains."""
+        return self.totals.dropped
 
     def drain_seconds(self) -> list[float]:
         out, self._seconds = self._seconds, []
         return out
 
     # -- reading ----------------------------------------------------------------------------
-    def fold(self) -> dict[int, dict[str, int]]:
-        """The layer sums so far (layer -> :data:`LAYER_COLUMNS` -> int): each device page is read once
-        (one device-to-host transfer), added into the host totals, and what was read is subtracted from
-        the page in place (a write that lands between the two is kept for the next fold). Outside the
-        forward only; skipped for a page whose stream is capturing a CUDA graph."""
+    def collect(self, *, wait: bool) -> bool:
+        """Bring the device figures into :attr:`totals` (:mod:`.snapshot`). ``wait=False``, at a forward
+        boundary while serving: an arrived snapshot is added, and one is started when none is in flight;
+        nothing waits, so the totals lag by up to one snapshot (off CUDA none: a snapshot arrives as it
+        is made). ``wait=True``, only where no forward runs (the scheduler idle, an admin change, an
+        explicit read): waits; the totals then hold every figure so far. Returns whether they do."""
+        snap = self.transfers
+        if snap.busy:
+            if wait:
+                snap.wait()
+            if not snap.ready():
+                return False  # still on its way: what later forwards add stays on the device meanwhile
+            self._arrived()
+        kinds, sources = self._sources()
+        if not snap.start(sources, [not kind.startswith("window") for kind, _ in kinds]):
+            return not sources
+        self._flight = kinds
+        if wait:
+            snap.wait()
+        if snap.ready():
+            self._arrived()
+        return not snap.busy
+
+    def _arrived(self) -> None:
+        host = self.transfers.take()
+        self._window_read = self.totals.add_snapshot(self._flight, host, self._window, self._window_read)
+
+    def _sources(self) -> tuple[list[tuple[str, Any]], list[Tensor]]:
+        """What a snapshot copies: every device buffer of the figures."""
+        kinds: list[tuple[str, Any]] = []  # (kind, what it belongs to): HostTotals.add_snapshot reads them
+        tensors: list[Tensor] = []  # the ring and its index are copied, the others drained
         for pages in self._pages.values():
             for page in pages:
-                if capturing(page.sums.device):
-                    continue
-                host = page.sums.to("cpu", copy=True)
-                page.sums.sub_(host if page.host is not None else host.to(page.sums.device))
-                for key, values in zip(page.layers, host.tolist()[:len(page.layers)], strict=True):
-                    total = self._totals.setdefault(key, [0] * len(LAYER_COLUMNS))
-                    for i, v in enumerate(values):
-                        total[i] += v
-        out: dict[int, dict[str, int]] = {}
-        for (layer, _mode), total in self._totals.items():
-            row = out.setdefault(layer, dict.fromkeys(LAYER_COLUMNS, 0))
-            for name, v in zip(LAYER_COLUMNS, total, strict=True):
-                row[name] += v
-        return out
+                kinds.append(("sums", page))
+                tensors.append(page.sums)
+        for (_device, mode), acc in self._request_sums.items():
+            kinds.append(("requests", mode))
+            tensors.append(acc)
+        for kind, t in (("cap_bound", self._cap_bound), ("short_rows", self._short_rows)):
+            if t is not None:
+                kinds.append((kind, None))
+                tensors.append(t)
+        if self._window is not None and self._window_idx is not None:
+            kinds += [("window", self._window), ("window_idx", None)]
+            tensors += [self._window, self._window_idx]
+        return kinds, tensors
+
+    def fold(self, *, fresh: bool = True) -> dict[int, dict[str, int]]:
+        """The layer sums (layer -> :data:`LAYER_COLUMNS` -> int), summed over forward modes; ``fresh``:
+        collected first, waiting (:meth:`collect`), else as the last collect left them."""
+        if fresh:
+            self.collect(wait=True)
+        return self.totals.per_layer(LAYER_COLUMNS)
 
     def mode_report(self, fold: bool = True) -> dict[str, dict[str, Any]]:
-        """Per forward mode (outside the forward; ``fold=False`` when :meth:`fold` was just called):
-        ``calls`` (routing hook invocations), ``applied`` (calls the policy routed), ``skipped`` (reason
-        -> calls left to SGLang), ``activated`` / ``vanilla_activated`` (experts per applied layer call,
-        summed), their means per applied call, ``tokens``, per-layer means (``layers``) and, for policies
-        that group rows by request, ``requests`` (request-calls seen, mean and max experts a request's
-        rows used in one layer call, request-calls above the per-request budget)."""
+        """Per forward mode (``fold``: collected first, as :meth:`fold`): ``calls`` (routing hook
+        invocations), ``applied`` (calls the policy routed), ``skipped`` (reason -> calls left to SGLang),
+        ``activated`` / ``vanilla_activated`` (experts per applied layer call, summed), their means per
+        applied call, ``tokens``, per-layer means (``layers``) and, for policies that group rows by
+        request, ``requests`` (request-calls seen, mean and max experts a request's rows used in one layer
+        call, request-calls above the per-request budget)."""
         if fold:
-            self.fold()
-        modes = set(self.mode_calls) | {m for _, m in self._totals} | {m for _, m in self._request_sums}
-        report: dict[str, dict[str, Any]] = {}
+            self.collect(wait=True)
         with self._lock:
             skipped = {m: dict(c) for m, c in self.mode_skipped.items()}
-        for mode in sorted(modes):
-            layers: dict[str, dict[str, float]] = {}
-            sums = dict.fromkeys(("applied", "activated", "vanilla_activated", "tokens"), 0)
-            for (layer, m), total in sorted(self._totals.items()):
-                if m != mode:
-                    continue
-                v = dict(zip(LAYER_COLUMNS, total, strict=True))
-                n = max(v["calls"], 1)
-                layers[str(layer)] = {"calls": v["calls"], "activated": v["activated"],
-                                      "vanilla_activated": v["vanilla_activated"], "mean_activated": v["activated"] / n,
-                                      "mean_vanilla_activated": v["vanilla_activated"] / n}
-                sums["applied"] += v["calls"]
-                for name in ("activated", "vanilla_activated", "tokens"):
-                    sums[name] += v[name]
-            n = max(sums["applied"], 1)
-            entry: dict[str, Any] = {"calls": self.mode_calls.get(mode, 0), **sums,
-                                     "skipped": skipped.get(mode, {}),
-                                     "mean_activated": sums["activated"] / n,
-                                     "mean_vanilla_activated": sums["vanilla_activated"] / n, "layers": layers}
-            reqs = [acc for (_, m), acc in self._request_sums.items() if m == mode]
-            if reqs:
-                seen = sum(int(a[0]) for a in reqs)
-                entry["requests"] = {"request_calls": seen,
-                                     "mean_experts": sum(int(a[1]) for a in reqs) / max(seen, 1),
-                                     "max_experts": max(int(a[2]) for a in reqs)}
-                if mode in self._budgeted_modes:
-                    entry["requests"]["over_group_budget"] = sum(int(a[3]) for a in reqs)
-            report[mode] = entry
+        report: dict[str, dict[str, Any]] = {}
+        for mode in sorted(set(self.mode_calls) | self.totals.modes()):
+            figures = self.totals.mode_figures(mode, LAYER_COLUMNS, mode in self._budgeted_modes)
+            report[mode] = {"calls": self.mode_calls.get(mode, 0), "skipped": skipped.get(mode, {}), **figures}
         return report
 
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy of every counter (synchronises with the device: :meth:`fold`). ``applied``
+    def snapshot(self, *, fresh: bool = True) -> dict[str, Any]:
+        """A JSON-ready copy of every counter (``fresh``: collected first, as :meth:`fold`). ``applied``
         is the calls counted on the device (CUDA-graph replays included)."""
         layers = {}
-        sums = self.fold()
+        sums = self.fold(fresh=fresh)
         for layer_id in sorted(sums):
             vals: dict[str, Any] = dict(sums[layer_id])
             n = max(vals["calls"], 1)
@@ -437,7 +438,7 @@ class SelectorStats:
                 "skipped": dict(self.skipped),
                 "fallbacks": dict(self.fallbacks),
                 "fallbacks_total": sum(self.fallbacks.values()),
-                "short_rows": 0 if self._short_rows is None else int(self._short_rows.item()),
+                "short_rows": self.totals.short_rows,
                 "mass_cap_bound": self.cap_bound_calls(sums),
                 "coverage": {str(k): v for k, v in sorted(self.coverage.items())},
                 "backends": {str(k): v for k, v in sorted(self.backends.items())},
