@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from xshare._triton_ops import ordered, pop_best, round_as, routed_weights, row_count
+from xshare.selection.backends.triton._triton_requests import _request_leaders, _request_sets, _request_sums
 
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
@@ -158,31 +159,6 @@ def _warm_up(key, usable, ex_row, k_row, BT: tl.constexpr, BLOCK_E: tl.constexpr
     return warm, warm0
 
 
-@triton.jit
-def _request_leaders(groups_ptr, rows, r_ok, n, T, BT: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(leader, size), int32 [BT]: the first valid row of each row's request and the request's valid rows."""
-    offs_t = tl.arange(0, BLOCK_T)
-    g_all = tl.load(groups_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
-    v_all = (offs_t < T) & (offs_t.to(tl.int64) < n)
-    g_me = tl.load(groups_ptr + rows, mask=r_ok, other=0).to(tl.int64)
-    same = (g_all[None, :] == g_me[:, None]) & v_all[None, :]
-    leader = tl.reduce(tl.where(same, offs_t[None, :], BLOCK_T), 1, _MIN)
-    return leader, tl.reduce(same.to(tl.int32), 1, _ADD)
-
-
-@triton.jit
-def _request_sums(leader, leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, rows, r_ok, valid, q, warm0, offs_e,
-                  e_ok, T, E: tl.constexpr):
-    """Per request (its first valid row, ``leader``, leads it): marks the leader, adds the rows' fixed-point
-    affinities ``q`` to the request's sums and their warm-up to its warm-up union."""
-    tl.store(leader_ptr + rows, leader, mask=r_ok)
-    mine = valid & (leader < T)
-    tl.store(lead_ptr + leader, (leader * 0 + 1).to(tl.int8), mask=mine)
-    roff = leader[:, None].to(tl.int64) * E + offs_e[None, :]
-    tl.atomic_add(racc_ptr + roff, q, mask=mine[:, None] & e_ok[None, :])
-    tl.atomic_max(rwarm_ptr + roff, warm0, mask=mine[:, None] & e_ok[None, :])
-
-
 @triton.jit(do_not_specialize=["T", "nt_val"])
 def _gate_kernel(
     logits_ptr, stride_lt, stride_le, bias_ptr, eids_ptr, stride_it, stride_ie, exact_ptr,
@@ -253,34 +229,6 @@ def _gate_kernel(
 
 
 # -- the route kernel's pieces ----------------------------------------------------------------------------------
-@triton.jit
-def _request_sets(leader_ptr, lead_ptr, racc_ptr, rwarm_ptr, gbud_ptr, rows, r_ok, offs_e, e_ok, low, T,
-                  E: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr, IB: tl.constexpr):
-    """xshare_spec: each request's set S_r = its warm-up W_r and its best experts by the request's sums up to the
-    per-request budget. Returns (the union of the S_r [BLOCK_E], W = the union of the W_r [BLOCK_E], int32
-    [BT, BLOCK_E]: 1 where the expert is in the row's own request's set)."""
-    union = e_ok & False
-    forced = e_ok & False
-    my_leader = tl.load(leader_ptr + rows, mask=r_ok, other=-1)
-    own = tl.full([BT, BLOCK_E], 0, tl.int32)
-    m_r = tl.load(gbud_ptr).to(tl.int64)
-    for u in range(0, T):
-        if tl.load(lead_ptr + u) != 0:
-            q_r = tl.load(racc_ptr + u * E + offs_e, mask=e_ok, other=0)
-            w_r = (tl.load(rwarm_ptr + u * E + offs_e, mask=e_ok, other=0) > 0) & e_ok
-            key_r = tl.where(e_ok & ~w_r, (q_r << IB) | low, -1)
-            s_r = w_r
-            for _ in range(0, tl.maximum(m_r - tl.reduce(w_r.to(tl.int64), 0, _ADD), 0)):
-                best_r = tl.reduce(key_r, 0, _MAX)
-                hit_r = (key_r == best_r) & (key_r >= 0)
-                s_r = s_r | hit_r
-                key_r = tl.where(hit_r, -1, key_r)
-            union = union | s_r
-            forced = forced | w_r
-            own = tl.where((my_leader == u)[:, None] & s_r[None, :], 1, own)
-    return union, forced, own
-
-
 @triton.jit
 def _expert_set(acc_ptr, warm_ptr, gpu_ptr, budget_ptr, tau_ptr, cap_ptr, q, forced, cand, offs_e, e_ok, low,
                 E: tl.constexpr, BLOCK_E: tl.constexpr, IB: tl.constexpr, CH: tl.constexpr, CAPPED: tl.constexpr,
