@@ -45,12 +45,16 @@ def test_speculative_settings_add_the_per_request_policies():
     assert [x.name for x in s] == ["off", "xshare@0.5", "xshare_spec@0.5"]
     assert s[2].body() == {"enabled": True, "policy": "xshare_spec", "budget": 0.5, "warmup_k": 1, "group_budget": 6}
     assert "group_budget" not in s[1].body() and s[2].to_dict()["group_budget"] == 6
+    s = build_settings(["xshare", "xshare_spec"], [0.5], [1], include_topk=False, speculative=True, anchors=(0, None))
+    assert [x.name for x in s] == ["off", "xshare@0.5", "xshare_spec@0.5,a=0", "xshare_spec@0.5"]
+    assert s[2].body()["anchor_k"] == 0 and "anchor_k" not in s[3].body() and "anchor_k" not in s[1].body()
 
 
 @pytest.mark.parametrize("argv, named", [
     (["--speculative-num-draft-tokens", "4"], "needs --speculative-algorithm"),
     (["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "0"], "--speculative-num-draft-tokens"),
     (["--speculative-algorithm", "NGRAM", "--policy", "xshare_spec", "--group-budget", "0"], "--group-budget"),
+    (["--speculative-algorithm", "NGRAM", "--policy", "xshare_spec", "--anchor-k", "-1"], "--anchor-k"),
 ])
 def test_bad_speculative_arguments_are_refused(tmp_path, argv, named):
     out = tmp_path / "o"

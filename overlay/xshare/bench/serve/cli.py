@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-budget", metavar="M_R",
                    help="per-request budget of the per-request policies (xshare_spec): int or fraction of E "
                         "(default: the policy's, top_k)")
+    p.add_argument("--anchor-k", metavar="K", action="append", type=_anchor,
+                   help="the per-request policies' anchor_k (xshare_spec: what each request's first row keeps; "
+                        "repeatable, one setting per value; 'none' = the default, top_k)")
     p.add_argument("--speculative-algorithm", metavar="NAME",
                    help="speculative decoding in the server (passed to SGLang; NGRAM runs on the CPU test bed): "
                         "every decode forward is then a verify forward, and per-request policies can run")
@@ -66,6 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="server --dtype (default float32)")
     add_threads_argument(p)
     p.add_argument("--token", help="admin token for --url (default $XSHARE_ADMIN_TOKEN)")
+
+
+def _anchor(text: str) -> int | None:
+    """--anchor-k: an int >= 0, or 'none' (argparse names the flag on a ValueError)."""
+    if text.strip().lower() == "none":
+        return None
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def _check(args: argparse.Namespace) -> tuple[list[Setting], list[Any]]:
@@ -86,7 +99,8 @@ def _check(args: argparse.Namespace) -> tuple[list[Setting], list[Any]]:
     group_budget = None if args.group_budget is None else parse_count(args.group_budget, "--group-budget")
     settings = build_settings(args.policy or list(DEFAULT_POLICIES), budgets, k0, warmup_k=args.warmup_k,
                               include_topk=not args.no_topk, target_masses=masses,
-                              speculative=args.speculative_algorithm is not None, group_budget=group_budget)
+                              speculative=args.speculative_algorithm is not None, group_budget=group_budget,
+                              anchors=args.anchor_k or (None,))
     return settings, T.heldout(args.problems, seed=args.seed)
 
 

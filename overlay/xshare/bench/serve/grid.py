@@ -32,6 +32,7 @@ class Setting:
     warmup_k: int = 1
     target_mass: float | None = None
     group_budget: int | float | None = None
+    anchor_k: int | None = None
 
     def body(self) -> dict[str, Any]:
         """The ``PUT /xshare/config`` body."""
@@ -40,6 +41,8 @@ class Setting:
             body["target_mass"] = self.target_mass
         if self.group_budget is not None:
             body["group_budget"] = self.group_budget
+        if self.anchor_k is not None:
+            body["anchor_k"] = self.anchor_k
         return body
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +51,8 @@ class Setting:
                 "budget": self.budget if "budget" in knobs else None,
                 "warmup_k": self.warmup_k if "warmup_k" in knobs else None,
                 "target_mass": self.target_mass if "target_mass" in knobs else None,
-                "group_budget": self.group_budget if "group_budget" in knobs else None}
+                "group_budget": self.group_budget if "group_budget" in knobs else None,
+                "anchor_k": self.anchor_k if "group_budget" in knobs else None}
 
 
 def _fmt_budget(b: int | float) -> str:
@@ -58,12 +62,14 @@ def _fmt_budget(b: int | float) -> str:
 def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_k0: Sequence[int], *,
                    warmup_k: int = 1, include_topk: bool = True,
                    target_masses: Sequence[float] = (), speculative: bool = False,
-                   group_budget: int | float | None = None) -> list[Setting]:
+                   group_budget: int | float | None = None,
+                   anchors: Sequence[int | None] = (None,)) -> list[Setting]:
     """``off`` (always first), ``topk`` (optional), then each policy over its ``sweep_knob``: the
     budgets, or the warm-up values ``oea_k0``; a policy without one runs once. A policy with a mass
     target (``'target_mass' in Policy.knobs``) also runs at each of ``target_masses`` (budget 1.0 = E).
     ``speculative``: the server verifies drafts, so the per-request policies run too, with
-    ``group_budget`` (None: the policy's default)."""
+    ``group_budget`` (None: the policy's default), once per value of ``anchors`` (``anchor_k``; None: the
+    default, top_k)."""
     out = [Setting("off", False)]
     if include_topk:
         out.append(Setting("topk", True, "topk"))
@@ -72,13 +78,16 @@ def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_
             raise ValueError(f"--policy: {p!r} is not supported here; choose from {', '.join(supported(speculative))}"
                              + ("" if speculative else " (per-request policies need --speculative-algorithm)"))
         policy = get_policy(p)
-        groups = {"group_budget": group_budget} if "group_budget" in policy.knobs else {}
+        per_request = "group_budget" in policy.knobs
+        variants = [({"group_budget": group_budget, "anchor_k": a}, "" if a is None else f",a={a}")
+                    for a in (anchors if per_request else (None,))]
         if policy.vanilla:
             if not include_topk:
                 out.append(Setting(p, True, p))
             continue
         if policy.sweep_knob == "budget":
-            out.extend(Setting(f"{p}@{_fmt_budget(b)}", True, p, b, warmup_k, **groups) for b in budgets)
+            out.extend(Setting(f"{p}@{_fmt_budget(b)}{tag}", True, p, b, warmup_k, **(groups if per_request else {}))
+                       for b in budgets for groups, tag in variants)
         elif policy.sweep_knob == "warmup_k":
             out.extend(Setting(f"{p}@k0={k}", True, p, warmup_k=k) for k in oea_k0)
         else:
