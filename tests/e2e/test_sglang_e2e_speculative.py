@@ -5,10 +5,11 @@ before each run (``/flush_cache``), and the selector's figures read from the sta
 
 * With the selector off, greedy outputs are the model's; ``xshare_spec`` at budget and per-request budget E gives
   the same tokens (speculation on in both).
-* At the shipped speculative setting (``xshare_spec``, the default budget E/2 and per-request budget top_k) with 4
-  concurrent requests: every verify call applies, activated experts per verify layer fall below vanilla top-k's,
-  and no request's rows use more experts than the per-request budget (4 requests x 4 <= 16: the batch budget
-  never cuts a request's set).
+* At the shipped speculative setting (``xshare_spec``, the default budget E/2, per-request budget top_k, each
+  request anchored on its first row) with 4 concurrent requests: every verify call applies, activated experts per
+  verify layer fall below vanilla top-k's, and no request's rows use more experts than its bound max(m_r, |W_r|)
+  (the anchor's top_k and the 3 drafts' top-1: 7; 4 requests x 7 > 16 could be cut by the batch budget, which
+  only lowers it). Without the anchor (``anchor_k`` 0) no request uses more than m_r = top_k.
 """
 
 import concurrent.futures as cf
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.e2e
 
 CLIENTS = 4
 TOP_K = 4
-SHIPPED = Setting("xshare_spec", True, "xshare_spec", budget=0.5)  # group_budget: the default, top_k
+DRAFT = 4  # rows per request in a verify batch
+SHIPPED = Setting("xshare_spec", True, "xshare_spec", budget=0.5)  # group_budget and anchor_k: the defaults, top_k
+UNANCHORED = Setting("xshare_spec,a=0", True, "xshare_spec", budget=0.5, anchor_k=0)
 IDENTITY = Setting("xshare_spec@E", True, "xshare_spec", budget=1.0, group_budget=1.0)
 
 
@@ -65,9 +68,10 @@ def _run(server, workdir, setting):
 @pytest.fixture(scope="module")
 def runs(server, workdir):
     off = _run(server, workdir, Setting("off", False))
-    shipped = _run(server, workdir, SHIPPED)  # before the identity run: the per-request maximum is cumulative
+    unanchored = _run(server, workdir, UNANCHORED)  # first: the per-request maximum is cumulative
+    shipped = _run(server, workdir, SHIPPED)  # before the identity run, for the same reason
     identity = _run(server, workdir, IDENTITY)
-    return {"off": off, "shipped": shipped, "identity": identity}
+    return {"off": off, "unanchored": unanchored, "shipped": shipped, "identity": identity}
 
 
 def _delta(after, before, *keys):
@@ -104,10 +108,15 @@ def test_shipped_setting_applies_on_every_verify_call_and_activates_fewer_expert
 
 
 def test_per_request_budget_holds_per_request(runs):
-    _, _, after = runs["shipped"]
+    _, before, after = runs["unanchored"]
     req = after["requests"]
     assert req["request_calls"] > 0
-    assert req["over_group_budget"] == 0 and req["max_experts"] <= TOP_K, req
+    assert req["over_group_budget"] == 0 and req["max_experts"] <= TOP_K, req  # m_r = top_k
+    _, before, after = runs["shipped"]
+    req = after["requests"]
+    assert _delta(after, before, "requests", "request_calls") > 0
+    assert _delta(after, before, "requests", "over_group_budget") == 0, req
+    assert req["max_experts"] <= TOP_K + (DRAFT - 1) * 1, req  # the anchor's top_k and the drafts' top-1
 
 
 def test_admin_stats_report_the_verify_forwards(runs, server):

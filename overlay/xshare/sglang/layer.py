@@ -327,7 +327,8 @@ def _route(proc: ProcessState, call: TopkCall, state: ForwardState, global_mode:
     if not (state.capturing and not stream_capturing(device)):  # SGLang's warm-up runs before a capture
         record_call(proc, call, decision, placement)  # (dummy batches) are not counted; the capture itself is
         if groups is not None:
-            limit = config.group_budget_for(num_experts, call.top_k) if "group_budget" in policy.knobs else None
+            limit = _request_bound(config, num_experts, call.top_k, state.tokens_per_req) \
+                if "group_budget" in policy.knobs else None
             proc.stats.record_requests(groups, decision.routing.topk_ids, num_experts, limit)
     proc.stats.note_layer(call.layer_id, "selects")
     label = proc.stats.note_backend(call.layer_id, decision.backend, decision.reason)
@@ -339,6 +340,13 @@ def _route(proc: ProcessState, call: TopkCall, state: ForwardState, global_mode:
     if decision.replaced is not None:
         proc.stats.record_short_rows(decision.short_rows)
     return _replacement(call, decision, exact)
+
+
+def _request_bound(config: SelectorConfig, num_experts: int, top_k: int, rows: int) -> int:
+    """The most experts a request of ``rows`` rows may use under a per-request policy: max(m_r, |W_r|), W_r
+    its warm-up (each row's top-k0; a multi-row request's first row its top anchor_k)."""
+    warm = config.warmup_k if rows <= 1 else config.anchor_k_for(top_k) + (rows - 1) * config.warmup_k
+    return max(config.group_budget_for(num_experts, top_k), min(warm, num_experts))
 
 
 def _replacement(call: TopkCall, decision: Decision, exact: torch.Tensor | None) -> dict[str, Any]:
