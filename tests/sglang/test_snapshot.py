@@ -234,6 +234,18 @@ def _forward(runtime: rt.ProcessState, step: int) -> None:
     report.forward_ended(runtime, state)
 
 
+def _side_by_side(a: rt.ProcessState, b: rt.ProcessState, steps: range) -> None:
+    """The same forwards on two runtimes (one copier late, one at once)."""
+    for step in steps:
+        _forward(a, step)
+        _forward(b, step)
+
+
+def _late_pair() -> tuple[_SlowCopier, rt.ProcessState, rt.ProcessState]:
+    late = _SlowCopier()
+    return late, _runtime(late), _runtime()
+
+
 def _counters(snap: dict) -> dict:
     return {k: v for k, v in snap.items() if k not in ("pid", "time", "uptime_s")}
 
@@ -289,17 +301,12 @@ def test_a_flush_reports_what_the_previous_snapshot_brought():
 
 
 def test_a_snapshot_still_on_its_way_is_not_read_and_nothing_is_lost():
-    late = _SlowCopier()
-    a, b = _runtime(late), _runtime()
-    for step in range(12):
-        _forward(a, step)
-        _forward(b, step)
+    late, a, b = _late_pair()
+    _side_by_side(a, b, range(12))
     assert len(late.transfers) == 1 and not late.transfers[0].arrived  # started at the first flush, only
     assert [r.shape[0] for r in a.metrics.rows] == [0] * 4 and a.metrics.figures[-1]["layers"] == {}
     late.deliver()
-    for step in range(12, 15):  # up to the next flush: the first snapshot has arrived, the second starts
-        _forward(a, step)
-        _forward(b, step)
+    _side_by_side(a, b, range(12, 15))  # up to the next flush: the first snapshot has arrived, the second starts
     assert len(late.transfers) == 2 and len(a.metrics.rows) == 5
     assert a.metrics.rows[-1].shape[0] == 3 * len(LAYERS)  # forwards 0..2, drained at the first flush
     report.scheduler_idle(a)
@@ -309,11 +316,8 @@ def test_a_snapshot_still_on_its_way_is_not_read_and_nothing_is_lost():
 
 
 def test_an_admin_change_flushes_exactly_what_ran_under_the_old_config():
-    late = _SlowCopier()
-    a, b = _runtime(late), _runtime()
-    for step in range(5):
-        _forward(a, step)
-        _forward(b, step)
+    late, a, b = _late_pair()
+    _side_by_side(a, b, range(5))
     a.flush_metrics()  # the admin path, before it applies a change: waits for the device
     b.flush_metrics()
     assert a.metrics.figures[-1] == b.metrics.figures[-1]
