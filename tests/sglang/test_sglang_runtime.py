@@ -96,6 +96,45 @@ def test_shared_expert_columns_are_left_alone(logits):
     assert torch.unique(out["topk_ids"][:, :K]).numel() <= 4
 
 
+@pytest.fixture
+def installed():
+    """Install a process state the hooks find (uninstalled after the test)."""
+    yield lambda settings: rt.install(settings)
+    rt.uninstall()
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["draft_layers_off", "draft_layers_on"])
+def test_draft_model_layers_select_only_when_configured(logits, installed, on):
+    """A draft worker's forwards (SGLang's real ForwardMode through the forward hook) are counted as
+    ``draft_decode``; their MoE layers keep SGLang's routing (``draft_layer``) unless XSHARE_DRAFT_LAYERS,
+    and then select under their own mode, apart from the target's figures."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from xshare.sglang.hooks import forward
+
+    runtime = installed(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=4, warmup_k=0),
+                                       draft_layers=on))
+    runtime.scattered_input = False  # (process facts read once: no SGLang runtime context in a unit test)
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=logits.shape[0],
+                            input_ids=torch.zeros(logits.shape[0], dtype=torch.long))
+    seen = {}
+
+    def model_forward(self, fb):
+        seen["mode"] = runtime.current.mode
+        seen["out"] = layer.route(runtime, call_args(logits), topk_config=topk_config())
+
+    forward.model_runner_forward_hook(model_forward, SimpleNamespace(is_draft_worker=True, device="cpu"), batch)
+    assert seen["mode"] == "draft_decode"
+    modes = runtime.stats.mode_report()
+    if on:
+        assert seen["out"] is not None and runtime.stats.applied == 1
+        assert modes["draft_decode"]["applied"] == 1 and "decode" not in modes
+    else:
+        assert seen["out"] is None and runtime.stats.skipped["draft_layer"] == 1 and runtime.stats.applied == 0
+    forward.model_runner_forward_hook(model_forward, SimpleNamespace(is_draft_worker=False, device="cpu"), batch)
+    assert seen["mode"] == "decode" and seen["out"] is not None  # the target model selects either way
+
+
 @pytest.mark.parametrize(
     ("state", "cfg", "reason"),
     [

@@ -100,7 +100,7 @@ def _on(proc: ProcessState, args: dict[str, Any], state: ForwardState | None, to
                       "routing until the next config change", proc.group_rank)
         _join_owed(proc, args, state, topk_config)
         return False
-    if is_draft_layer(topk_config) or (state is not None and state.is_draft):
+    if (is_draft_layer(topk_config) or (state is not None and state.is_draft)) and not proc.settings.draft_layers:
         proc.skip("draft_layer")
         proc.stats.note_layer(int(args.get("layer_id") or 0), "draft_layer")
         return False

@@ -43,6 +43,9 @@ def _fault_check(value: str) -> str | None:
 PLUGIN_FIELDS: tuple[Field, ...] = (
     Field("enable", "bool", False, "turn the selector on", scope="plugin"),
     Field("apply_prefill", "bool", False, "also select on prefill (extend) batches", scope="plugin"),
+    Field("draft_layers", "bool", False, "speculative decoding: also select in the draft model's MoE layers (MTP / "
+          "EAGLE draft workers; their forwards counted as `draft_decode`, `draft_extend`); off: SGLang routes them "
+          "(skipped as `draft_layer`)", scope="plugin"),
     Field("deepep_mode", "choice", "local", "with an all-to-all MoE backend (DeepEP): per-rank sets (local) or "
           "one set per layer for the whole EP group (global)", choices=DEEPEP_MODES, scope="plugin"),
     Field("stats_dir", "path", None, "directory for the scheduler's stats file", optional=True, scope="plugin"),
@@ -101,6 +104,7 @@ class PluginSettings:
     enabled: bool = _default("enable")
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     apply_prefill: bool = _default("apply_prefill")
+    draft_layers: bool = _default("draft_layers")
     deepep_mode: str = _default("deepep_mode")
     stats_dir: Path | None = _default("stats_dir")
     stats_every: int = _default("stats_every")

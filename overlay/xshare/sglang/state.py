@@ -40,6 +40,7 @@ from xshare.sglang.settings import PluginSettings
 log = logging.getLogger("xshare.sglang")
 
 MODES_DEFAULT = ("decode", "target_verify")
+DRAFT_MODES = ("draft_decode", "draft_extend")  # a draft worker's forwards the selector takes with XSHARE_DRAFT_LAYERS
 # Rows of the persistent exact-routing buffer that CUDA graphs read (larger eager batches get their own).
 EXACT_BUFFER_ROWS = 8192
 
@@ -344,7 +345,9 @@ class ProcessState:
         return buf[:n]
 
     def modes(self) -> tuple[str, ...]:
-        return MODES_DEFAULT + (("extend",) if self.settings.apply_prefill else ())
+        s = self.settings
+        draft = (DRAFT_MODES + (("draft_prefill",) if s.apply_prefill else ())) if s.draft_layers else ()
+        return MODES_DEFAULT + (("extend",) if s.apply_prefill else ()) + draft
 
     # -- observability ------------------------------------------------------------------------------
     def enable_observability(self, exporter: MetricsSink) -> None:

@@ -40,7 +40,16 @@ CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.Deco
 MOE_FORWARD_TARGET = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.forward"
 
 
-def _mode_name(forward_mode: Any) -> str:
+def _mode_name(forward_mode: Any, *, draft: bool = False) -> str:
+    """The forward's mode as the plugin counts it; a draft worker's forwards are ``draft_decode``,
+    ``draft_extend`` (SGLang's DRAFT_EXTEND, after a verify) and ``draft_prefill`` (its own prefill)."""
+    name = _target_mode_name(forward_mode)
+    if draft and name in ("decode", "extend"):
+        return {"decode": "draft_decode", "extend": "draft_prefill"}[name]
+    return name
+
+
+def _target_mode_name(forward_mode: Any) -> str:
     if forward_mode is None:
         return "other"
     if forward_mode.is_target_verify():
@@ -132,7 +141,7 @@ def _group_facts(runtime: ProcessState, model_runner: Any, forward_batch: Any, *
 def _rank_facts(runtime: ProcessState, state: ForwardState, forward_batch: Any) -> None:
     """This rank's own facts of the forward, filled before the model runs: its forward mode, request ids
     of its rows, the exact-routing mask, the real-row count; the trace's batch begun."""
-    state.mode = _mode_name(getattr(forward_batch, "forward_mode", None))
+    state.mode = _mode_name(getattr(forward_batch, "forward_mode", None), draft=state.is_draft)
     state.tokens_per_req = _tokens_per_req(forward_batch, state.mode)
     _fill_groups(runtime, state, forward_batch)
     _fill_exact(runtime, state, forward_batch)
@@ -184,7 +193,8 @@ def _fill_real_rows(runtime: ProcessState, state: ForwardState, forward_batch: A
     """The forward's real rows (requests x tokens per request) into the device count a replayed graph
     reads where SGLang passes none (:meth:`ProcessState.real_rows_buffer`; a fill, no host-to-device copy).
     Eager forwards have no padding rows."""
-    if state.mode not in ("decode", "target_verify") or state.is_draft or runtime.shared_rows:
+    if state.mode not in ("decode", "target_verify", "draft_decode") or runtime.shared_rows \
+            or (state.is_draft and not runtime.settings.draft_layers):
         return  # (attention DP: the MoE rows are the DP group's, this rank's count is not theirs)
     device = getattr(getattr(forward_batch, "input_ids", None), "device", None)
     bs = getattr(forward_batch, "batch_size", None)
@@ -261,8 +271,9 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
     try:
         mr = getattr(self, "model_runner", None)
         _init_process_facts(runtime, mr)
-        mode = _mode_name(getattr(self, "capture_forward_mode", None))
-        state = ForwardState(mode=mode, is_draft=bool(getattr(mr, "is_draft_worker", False)),
+        draft = bool(getattr(mr, "is_draft_worker", False))
+        mode = _mode_name(getattr(self, "capture_forward_mode", None), draft=draft)
+        state = ForwardState(mode=mode, is_draft=draft,
                              tokens_per_req=int(getattr(self, "captured_req_width", 1) or 1), capturing=True)
         device = getattr(mr, "device", None)
         if device is not None:  # before SGLang starts capturing: buffers the graph reads are made now
