@@ -78,7 +78,9 @@ def gate_hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     all (:class:`~xshare.sglang.deferred_gate.DeferredGate`). Anything else runs the gate as it is."""
     runtime = state_mod.get()
     state = None if runtime is None else runtime.current
-    if state is None or not _called_by_select_experts():
+    logits = args[1] if len(args) > 1 else kwargs.get("gating_output")  # (hidden_states, gating_output, ...)
+    on_cpu = getattr(getattr(logits, "device", None), "type", None) == "cpu"  # GPU calls: nothing more read
+    if state is None or not on_cpu or not _called_by_select_experts():
         return original(*args, **kwargs)
     try:
         a = bind_arguments(original, args, kwargs)
