@@ -184,3 +184,21 @@ def test_a_gate_called_outside_select_experts_runs(hooked):
                                                     routed_scaling_factor=2.5)
     assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
     assert runtime.current.deferred_gate is None
+
+
+def test_a_gate_on_gpu_tensors_is_sglangs(hooked):
+    """Tensors off the CPU (``meta`` here, as on a GPU): the hook calls SGLang's gate at once, defers nothing."""
+    calls = []
+
+    def gate(hidden_states, gating_output, correction_bias, topk, renormalize, num_expert_group=None,
+             topk_group=None, num_fused_shared_experts=0, routed_scaling_factor=None,
+             apply_routed_scaling_factor_on_output=False):
+        calls.append(gating_output.device.type)
+        return "sglang's outputs"
+
+    runtime = rt.install(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=0.25)))
+    runtime.push(rt.ForwardState(mode="decode"))
+    x = torch.empty(T, 32, device="meta")
+    assert hooks.gate_hook(gate, torch.empty(T, 8, device="meta"), x, torch.zeros(32), 4, True, 8, 4) == \
+        "sglang's outputs"
+    assert calls == ["meta"] and runtime.current.deferred_gate is None
