@@ -196,9 +196,14 @@ def test_a_gate_on_gpu_tensors_is_sglangs(hooked):
         calls.append(gating_output.device.type)
         return "sglang's outputs"
 
+    scope = {"__name__": hooks.TOPK_MODULE, "hook": hooks.gate_hook, "gate": gate}
+    exec("def select_experts(*args):\n    return hook(gate, *args)", scope)  # a caller the hook takes for SGLang's
     runtime = rt.install(PluginSettings(enabled=True, selector=SelectorConfig(policy="xshare", budget=0.25)))
     runtime.push(rt.ForwardState(mode="decode"))
-    x = torch.empty(T, 32, device="meta")
-    assert hooks.gate_hook(gate, torch.empty(T, 8, device="meta"), x, torch.zeros(32), 4, True, 8, 4) == \
-        "sglang's outputs"
-    assert calls == ["meta"] and runtime.current.deferred_gate is None
+    for device in ("meta", "cpu"):
+        out = scope["select_experts"](torch.empty(T, 8, device=device), torch.zeros(T, 32, device=device),
+                                      torch.zeros(32), 4, True, 8, 4)
+        if device == "meta":
+            assert out == "sglang's outputs" and calls == ["meta"] and runtime.current.deferred_gate is None
+    assert calls == ["meta"]  # on the CPU the same call was deferred: SGLang's gate did not run
+    assert runtime.current.deferred_gate is not None and out == runtime.current.deferred_gate.outputs()
