@@ -36,6 +36,7 @@ from xshare.sglang.observe.trace import TraceRecorder
 from xshare.sglang.placement import PlacementCache
 from xshare.sglang.replicas import ReplicaPlanner
 from xshare.sglang.settings import PluginSettings
+from xshare.sglang.state_config import ConfigChanges
 
 log = logging.getLogger("xshare.sglang")
 
@@ -107,7 +108,7 @@ class ForwardState:
     undecided: bool = False
 
 
-class ProcessState:
+class ProcessState(ConfigChanges):
     """The state of one scheduler process. Create with :func:`install`; read with :func:`get`."""
 
     def __init__(self, settings: PluginSettings, *, rank: int = 0) -> None:
@@ -157,6 +158,7 @@ class ProcessState:
         self.observe = False  # record the per-call metric window (set by enable_observability)
         self.flush_pending = False  # flush at the end of this forward (the first applied call asks)
         self.last_flush = 0  # the forward count at the last flush
+        self.staged: tuple[PluginSettings, int, str, int] | None = None  # set_config(at_forward=): pending
         self.idle_read = 0  # the forward count when the scheduler last went idle (report.scheduler_idle)
         if settings.trace_dir is not None:
             self.trace = TraceRecorder(settings.trace_dir, max_tokens=settings.trace_max_tokens,
@@ -170,16 +172,20 @@ class ProcessState:
         so a replayed graph never switches budgets between its layers and every rank switches at the same
         step; a policy change takes effect in eager forwards and new captures."""
         with self._lock:
-            for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
-                knobs.check(self.layer_config(settings.selector, layer_id).replace(scoring=scoring,
-                                                                                   renormalize=renorm))
+            self.check_settings(settings)
             self.settings = settings
             self._knobs_dirty = True
+
+    def check_settings(self, settings: PluginSettings) -> None:
+        """ValueError unless every layer's device knobs can take ``settings`` (nothing changes)."""
+        for (_device, _e, _k, scoring, renorm, layer_id), knobs in self._knobs.items():
+            knobs.check(self.layer_config(settings.selector, layer_id).replace(scoring=scoring, renormalize=renorm))
 
     def sync_knobs(self) -> None:
         """Write the settings in force into every layer's device knobs, if they changed since the last
         write: at a forward boundary, outside any capture (a write captured into a graph would undo later
         changes on every replay)."""
+        self.promote_staged()
         if not self._knobs_dirty:
             return
         with self._lock:
@@ -371,18 +377,6 @@ class ProcessState:
         except Exception as exc:  # noqa: BLE001 - metrics never break serving
             self.log_once("metrics_flush", logging.ERROR, "xshare: metrics flush failed: %s", exc, exc_info=True)
 
-    def set_config(self, settings: PluginSettings, version: int, *, source: str = "admin change") -> None:
-        """Apply a config from the admin endpoint (at a forward-batch boundary) and report it. Raises
-        when the device knobs cannot take it (the caller goes back to the previous config)."""
-        self.update_settings(settings)
-        self.version = version
-        self.config_source = source
-        if self.metrics is not None:
-            try:
-                self.metrics.config_changed(self)
-            except Exception as exc:  # noqa: BLE001 - metrics never decide a change
-                self.log_once("metrics_config", logging.ERROR, "xshare: config metrics failed: %s", exc)
-
     # -- read by the routing decision (xshare.sglang.layer) -----------------------------------------
     def skip(self, reason: str) -> None:
         self.stats.count_skip(reason)
@@ -400,30 +394,6 @@ class ProcessState:
         self.log_once("cpu_kernel", logging.WARNING, "xshare: the CPU fast path is unavailable (%s); "
                       "the torch reference routes instead", cpu_kernel_problem())
         return False
-
-    # admin protocol
-    # The named changes xshare.sglang.admin makes to a runtime (xshare.sglang.admin.target.AdminTarget).
-    def mark_diverged(self) -> None:
-        self.diverged = True
-
-    def mark_converged(self) -> None:
-        self.diverged = False
-
-    def record_group_rank(self, rank: int) -> None:
-        self.group_rank = int(rank)
-
-    def record_group_view(self, statuses: list[dict[str, Any]]) -> None:
-        self.group_view = statuses
-
-    def set_channel_key(self, key: str) -> None:
-        self.channel_key = key
-
-    def record_summary(self, summary: dict[str, Any]) -> None:
-        self.last_summary = summary
-
-    def count_config_change(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.config_change(result)
 
 
 _STATE: ProcessState | None = None

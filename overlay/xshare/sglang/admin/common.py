@@ -33,6 +33,10 @@ GET_STATE_TARGET = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController.get_internal_state")
 ON_IDLE_TARGET = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 APPLY_TIMEOUT_S = 30.0
+# Ranks that route the same rows (attention DP over a TP MoE) receive a change in their own event loops, one
+# step apart or more: they switch at a forward count this far past the furthest rank's (about half a second
+# of decode steps, far beyond a message's delivery)
+ACTIVATION_MARGIN = 32
 MAX_BODY_BYTES = 16 * 1024  # a config is a few hundred bytes; larger bodies get 413
 # An oversized body is read and discarded before its 413 (so the client reads the reply), up to this
 # many bytes and while it keeps coming (a pause this long ends the wait).
@@ -70,9 +74,14 @@ def _sign(key: str, body: str) -> str:
     return hmac.new(key.encode(), body.encode(), hashlib.sha256).hexdigest()
 
 
-def encode_message(version: int, config: dict[str, Any], source: str, key: str) -> str:
-    body = json.dumps({"version": int(version), "config": config, "source": source}, sort_keys=True,
-                      separators=(",", ":"))
+def encode_message(version: int, config: dict[str, Any], source: str, key: str, *,
+                   at_forward: int | None = None) -> str:
+    """A signed config message; ``at_forward``: the ranks switch at that forward count (ranks that route shared
+    rows, :func:`xshare.sglang.admin.fanout.activation_forward`), None: at once."""
+    data = {"version": int(version), "config": config, "source": source}
+    if at_forward is not None:
+        data["at_forward"] = int(at_forward)
+    body = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return f"{CONTROL_KEY} {_sign(key, body)} {body}"
 
 
@@ -94,6 +103,9 @@ def decode_message(text: str, key: str, *, verify: bool) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not isinstance(
             data.get("version"), int):
         raise ValueError("malformed config message")
+    at = data.get("at_forward")
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
+        raise ValueError("malformed config message (at_forward)")
     return data
 
 

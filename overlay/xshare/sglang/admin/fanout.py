@@ -9,7 +9,7 @@ import asyncio
 from typing import Any
 
 from xshare.selection.types import ModelShape
-from xshare.sglang.admin.common import APPLY_TIMEOUT_S, VIEW_KEY, encode_message
+from xshare.sglang.admin.common import ACTIVATION_MARGIN, APPLY_TIMEOUT_S, VIEW_KEY, encode_message
 from xshare.sglang.admin.store import AdminState
 from xshare.sglang.model_shape import moe_layer_ids, moe_shape
 
@@ -51,12 +51,27 @@ async def group_state() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [ranks[k] for k in sorted(ranks)], sorted(stats, key=lambda s: s.get("rank", 0))
 
 
+def activation_forward(ranks: list[dict[str, Any]]) -> int | None:
+    """The forward count at which every rank switches to a new config, where ranks route shared rows
+    (attention DP over a TP MoE: every DP rank's event loop takes the message at its own step, and a step
+    routed under two configs would sum mismatched partials): :data:`ACTIVATION_MARGIN` past the furthest
+    rank's count (DP ranks run their forwards in lockstep); None (at once) where no rank does."""
+    if not any(r.get("shared_rows") for r in ranks):
+        return None
+    return max(int(r.get("forwards") or 0) for r in ranks) + ACTIVATION_MARGIN
+
+
 async def fan_out(state: AdminState, version: int, config: dict[str, Any], source: str) -> tuple[bool, str]:
     """Send one config to every rank (SGLang's control path) and check that every rank of the group
-    is on it: (True, '') or (False, why, naming the rank)."""
+    is on it: (True, '') or (False, why, naming the rank). Ranks that route shared rows switch at one
+    forward count (:func:`activation_forward`)."""
     from sglang.srt.managers.io_struct import SetInternalStateReq
 
-    key = encode_message(version, config, source, state.channel_key)
+    try:
+        at_forward = activation_forward((await group_state())[0])
+    except TimeoutError:
+        return False, f"the schedulers did not report their state within {APPLY_TIMEOUT_S:.0f} s"
+    key = encode_message(version, config, source, state.channel_key, at_forward=at_forward)
     try:
         replies = await asyncio.wait_for(
             _tokenizer_manager().set_internal_state(SetInternalStateReq(server_args={key: 1})), APPLY_TIMEOUT_S)

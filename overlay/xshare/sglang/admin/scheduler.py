@@ -122,9 +122,16 @@ def _gather(group: Any, item: dict[str, Any]) -> list[dict[str, Any]]:
 
 # -- the rank's state ------------------------------------------------------------------------------------
 def rank_status(runtime: AdminTarget, *, ok: bool = True, why: str = "") -> dict[str, Any]:
+    """This rank's state for the group view: a config staged for a later forward (``at_forward``) is reported
+    as the rank's config, with the forward count it takes effect at."""
+    staged = runtime.staged
+    settings, version, source = staged[:3] if staged is not None else \
+        (runtime.settings, runtime.version, runtime.config_source)
     return {"rank": runtime.group_rank, "tp_rank": runtime.rank, "pid": os.getpid(), "node": os.uname().nodename,
-            "version": runtime.version, "config": config_of(runtime.settings), "source": runtime.config_source,
-            "selecting": not runtime.diverged, "ok": ok, "why": why, "time": time.time()}
+            "version": version, "config": config_of(settings), "source": source,
+            "at_forward": None if staged is None else staged[3], "forwards": runtime.forwards,
+            "shared_rows": runtime.shared_rows, "selecting": not runtime.diverged, "ok": ok, "why": why,
+            "time": time.time()}
 
 
 def _try_apply(runtime: AdminTarget, message: dict[str, Any]) -> str:
@@ -147,7 +154,8 @@ def _try_apply(runtime: AdminTarget, message: dict[str, Any]) -> str:
     try:
         if runtime.observe:  # the window so far belongs to the old config: read exactly, waiting for the
             runtime.flush_metrics(wait=True)  # device once (a rare change, made between batches)
-        runtime.set_config(new, version, source=message.get("source", "admin change"))
+        runtime.set_config(new, version, source=message.get("source", "admin change"),
+                           at_forward=message.get("at_forward"))
         if fault == "raise":
             raise RuntimeError("raised in the apply step by XSHARE_FAULT_ADMIN (test fault injection)")
     except Exception as exc:  # noqa: BLE001 - the apply step never takes a scheduler down
@@ -177,6 +185,7 @@ def handle_message(runtime: AdminTarget, key: str) -> str | None:
     except ValueError as exc:
         why = f"message refused: {exc}"
     old = (runtime.settings, runtime.version, runtime.config_source)
+    staged = runtime.staged  # an earlier change the group took, not in force yet: kept if this one is refused
     if message is not None:
         why = _try_apply(runtime, message)
     group = control_group()
@@ -185,6 +194,8 @@ def handle_message(runtime: AdminTarget, key: str) -> str | None:
         failed = [s for s in statuses if not s["ok"]]
         if failed and message is not None and not why:  # applied here, refused elsewhere: go back
             _restore(runtime, *old)
+            if staged is not None:
+                runtime.set_config(*staged[:3], at_forward=staged[3])
         if failed:
             reasons = {s["rank"]: s["why"] for s in failed}
             statuses = [{**s, "ok": s["rank"] not in reasons, "why": reasons.get(s["rank"], "")}

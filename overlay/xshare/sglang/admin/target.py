@@ -48,8 +48,19 @@ class AdminTarget(Protocol):
     def capture_refusal(self, new: PluginSettings) -> str | None:
         """Why ``new`` cannot be applied under the captured CUDA graphs, or None."""
 
-    def set_config(self, settings: PluginSettings, version: int, *, source: str = "admin change") -> None:
-        """Apply a config (raises when it cannot be taken; nothing changes then)."""
+    @property
+    def staged(self) -> tuple[PluginSettings, int, str, int] | None: ...  # (settings, version, source, at forward)
+
+    @property
+    def forwards(self) -> int: ...  # the model forwards this rank ran
+
+    @property
+    def shared_rows(self) -> bool: ...  # routes rows its peers route too (attention DP over a TP MoE)
+
+    def set_config(self, settings: PluginSettings, version: int, *, source: str = "admin change",
+                   at_forward: int | None = None) -> None:
+        """Apply a config (raises when it cannot be taken; nothing changes then); ``at_forward``: checked now,
+        in force from that forward count on (staged until then)."""
 
     def flush_metrics(self, *, wait: bool = True) -> None:
         """Drain the metrics window so far into the exporter (nothing without one); ``wait``: exact."""
