@@ -254,3 +254,40 @@ def test_every_rank_joins_every_layers_all_reduce_whatever_its_own_path(tmp_path
     if fault == "forward_state":  # the rank could not decide: counted per call, and the failed reading once
         assert outs[1]["skipped"] == {"forward_state_failed": LAYERS}
         assert outs[1]["fallbacks"] == {"forward_state": 1}
+
+
+@pytest.mark.parametrize("in_graphs", [True, False])
+def test_captured_forwards_over_a_group_that_cannot_all_reduce_in_graphs_select_per_rank(in_graphs):
+    """An EP group without pynccl or the custom all-reduce (SGLang's ``moe_ep`` group when ep != tp) cannot
+    all-reduce inside a CUDA-graph capture: captured forwards then select over the rank's own rows (no
+    collective, alike on every rank, since every rank has the same group); eager ones over the group."""
+    from types import SimpleNamespace
+
+    from xshare.sglang import layer as routing
+    from xshare.sglang import state as rt
+    from xshare.sglang.hooks.forward import graph_capable
+    from xshare.sglang.settings import PluginSettings
+
+    topk = require_module("sglang.srt.layers.moe.topk", "scripts/install_sglang_cpu.sh")
+    assert graph_capable(SimpleNamespace(world_size=2, pynccl_comm=object(), ca_comm=None))
+    assert graph_capable(SimpleNamespace(world_size=1, pynccl_comm=None, ca_comm=None))
+    assert not graph_capable(SimpleNamespace(world_size=2, pynccl_comm=None, ca_comm=None))
+    runtime = rt.ProcessState(PluginSettings(enabled=True, deepep_mode="global",
+                                             selector=SelectorConfig(policy="xshare", budget=5, warmup_k=1)))
+    runtime.scattered_input = True
+    calls: list = []
+    runtime.all_reduce = lambda t: calls.append(tuple(t.shape)) or t
+    runtime.all_reduce_in_graphs = in_graphs
+    cfg = topk.TopKConfig(top_k=K, renormalize=True)
+    for capturing in (True, False):
+        runtime.push(rt.ForwardState(mode="decode", capturing=capturing, global_mode="decode",
+                                     global_applies=True, global_rows=8))
+        logits = _logits(0, 8, 3)
+        ids = torch.topk(logits, K).indices
+        before = len(calls)
+        out = routing.route(runtime, {"topk_ids": ids, "topk_weights": torch.ones(8, K), "router_logits": logits,
+                                      "layer_id": 0, "num_token_non_padded": None}, cfg)
+        runtime.pop()
+        assert out is not None  # selected either way
+        assert len(calls) - before == (1 if in_graphs or not capturing else 0), (capturing, calls)
+    assert calls == [(2 * E,)] * (2 if in_graphs else 1)  # the captured call all-reduced only where it can

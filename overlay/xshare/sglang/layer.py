@@ -47,7 +47,8 @@ def route(proc: ProcessState, args: dict[str, Any], topk_config: Any,
     if not _on(proc, args, state, topk_config, capturing):
         return None
     assert state is not None  # _on refuses a call without forward state
-    global_mode = proc.global_mode()
+    # DeepEP global mode; a captured forward over an EP group that cannot all-reduce in a graph: per rank
+    global_mode = proc.global_mode() and not (capturing and not proc.all_reduce_in_graphs)
     offset = 0
     if proc.two_batch_overlap:  # the call's first row in the forward (its micro-batch's)
         topk_ids = args.get("topk_ids")

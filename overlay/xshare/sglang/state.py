@@ -138,6 +138,8 @@ class ProcessState(ConfigChanges):
         self.placements = PlacementCache(lambda: self.settings.sim_gpus)
         # Set by the hooks once SGLang's runtime is up:
         self.all_reduce: AllReduce | None = None  # DeepEP global mode only
+        # ... and whether it can run inside a captured CUDA graph (else captured forwards select per rank)
+        self.all_reduce_in_graphs = True
         self.scattered_input: bool | None = None  # MoE rows are a DP-local shard (a2a backend)
         self.num_experts_hint: int | None = None
         self.moe_layers: tuple[int, ...] = ()  # the model's MoE layer ids (per-layer settings are indexed by them)

@@ -103,9 +103,23 @@ def _init_process_facts(runtime: ProcessState, model_runner: Any) -> None:
 
         group = get_moe_ep_group()
         runtime.all_reduce = group.all_reduce
+        runtime.all_reduce_in_graphs = graph_capable(group)
         log.info("xshare: DeepEP global mode: one all-reduce of 2E floats per MoE layer over the EP group")
+        if not runtime.all_reduce_in_graphs:
+            log.warning("xshare: DeepEP global mode: the EP group (--ep-size != --tp-size) has no pynccl or custom "
+                        "all-reduce, which a CUDA-graph capture needs: captured forwards select per rank (local), "
+                        "eager forwards over the whole group (--ep-size == --tp-size gives graphs global selection)")
     elif runtime.scattered_input:
         log.info("xshare: MoE rows are DP-local (a2a backend): per-rank local selection")
+
+
+def graph_capable(group: Any) -> bool:
+    """Whether SGLang's ``GroupCoordinator`` can all-reduce inside a captured CUDA graph: one rank, or a
+    pynccl or custom all-reduce communicator (SGLang builds its ``moe_ep`` group without either when
+    ``moe_ep_size != tp_size``; its graph capture uses them, not c10d's collectives)."""
+    if int(getattr(group, "world_size", 1) or 1) <= 1:
+        return True
+    return getattr(group, "pynccl_comm", None) is not None or getattr(group, "ca_comm", None) is not None
 
 
 def _attention_dp_size() -> int:
@@ -285,7 +299,7 @@ def capture_one_shape_hook(original: Any, self: Any, *args: Any, **kwargs: Any) 
                 state.real_rows = runtime.real_rows_buffer(device)
         if mode == "target_verify" and getattr(self, "ragged_verify_mode", None):
             state.unmapped = RAGGED_GRAPH  # per-replay row counts: no fixed row -> request map to capture
-        if runtime.scattered_input and runtime.all_reduce is not None:
+        if runtime.scattered_input and runtime.all_reduce is not None and runtime.all_reduce_in_graphs:
             state.global_mode, state.global_applies = mode, mode in runtime.modes() and not state.is_draft
     except Exception as exc:  # noqa: BLE001 - a capture never fails on the plugin: its calls keep SGLang's top-k
         runtime.log_once("capture_state", logging.ERROR, "xshare: cannot read the capture state: %s", exc)
