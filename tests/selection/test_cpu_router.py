@@ -183,7 +183,8 @@ def _sglang_gate(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture
 def room_for_recompiles():
     """SGLang's gates are compiled here for several configurations and dtypes; past Dynamo's limit (8) they
-    would silently run eagerly (other numerics than the compiled gate a server runs)."""
+    would silently run eagerly (other numerics than the compiled gate a server runs): Dynamo starts afresh."""
+    torch._dynamo.reset()
     config = torch._dynamo.config
     old = config.recompile_limit
     config.recompile_limit = 64

@@ -30,6 +30,19 @@ if not K.cpu_kernel_available():
 T = 20
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _room_for_recompiles():
+    """SGLang's gates are compiled here (and in earlier test files) for several configurations and dtypes;
+    past Dynamo's limit (8) they would silently run eagerly, with other numerics than the compiled gate a
+    server runs and the C path reproduces: Dynamo starts afresh here, with room."""
+    torch._dynamo.reset()  # a gate that reached the limit in an earlier test file runs eagerly until reset
+    config = torch._dynamo.config
+    old = config.recompile_limit
+    config.recompile_limit = 64
+    yield
+    config.recompile_limit = old
+
+
 def _config(family: str):  # noqa: ANN202
     """(SGLang TopKConfig, E) of one grouped router family."""
     g = torch.Generator().manual_seed(sum(map(ord, family)))
