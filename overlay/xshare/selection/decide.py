@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Callable
 
 from xshare.selection.backends.c.kernel import cpu_kernel_supports, decide_cpu
-from xshare.selection.backends.c.router import decide_router_c, served_supports
+from xshare.selection.backends.c.router import decide_router_c, decide_served, served_supports
 from xshare.selection.backends.global_mode import decide_global
 from xshare.selection.backends.reference import decide_plain
 from xshare.selection.backends.reference_router import decide_router
@@ -100,9 +100,13 @@ def gate_deferrable(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool
     that the engine may skip its own (``call`` with ``engine_gate`` set, no engine picks or outputs): the
     C kernel's served path of grouped and biased-grouped gates (:func:`~xshare.selection.backends.c.
     router.served_supports`). Host values only."""
-    if not call.engine_gate or not isinstance(call.layer, RouterSpec) or plain_layer(call.layer) is not None:
-        return False
-    if choose_backend(call, config, cpu_kernel=cpu_kernel, backend=backend)[0] != "c":
+    return _computes_gate(call, config, choose_backend(call, config, cpu_kernel=cpu_kernel, backend=backend)[0])
+
+
+def _computes_gate(call: LayerCall, config: SelectorConfig, chosen: str) -> bool:
+    """:func:`gate_deferrable` for the backend already chosen."""
+    if not call.engine_gate or chosen != "c" or not isinstance(call.layer, RouterSpec) \
+            or plain_layer(call.layer) is not None:
         return False
     return served_supports(call, layer_config(config, call.layer))
 
@@ -126,10 +130,12 @@ def decide(call: LayerCall, config: SelectorConfig, *, cpu_kernel: bool = False,
     Raises ValueError for a config or call the core cannot route (among them a call with ``engine_gate``
     that no backend's gate takes: :func:`gate_deferrable`); the caller falls back.
     """
-    if call.engine_gate and not gate_deferrable(call, config, cpu_kernel=cpu_kernel, backend=backend):
-        raise ValueError("engine_gate: the engine skipped its gate but no backend computes this layer's gate "
-                         "(the engine's picks are needed)")
     chosen, reason = choose_backend(call, config, cpu_kernel=cpu_kernel, backend=backend)
+    if call.engine_gate:  # the engine skipped its gate: only the C served path computes it
+        if not _computes_gate(call, config, chosen):
+            raise ValueError("engine_gate: the engine skipped its gate but no backend computes this layer's gate "
+                             "(the engine's picks are needed)")
+        return dataclasses.replace(decide_served(call, layer_config(config, call.layer), checkpoint), backend="c")
     if chosen == "triton":
         if checkpoint is not None:
             checkpoint()

@@ -270,6 +270,14 @@ def cpu_router_served(call: LayerCall, config: SelectorConfig) -> CpuRouterRouti
 
 
 
+def decide_served(call: LayerCall, config: SelectorConfig, checkpoint: Callable[[], None] | None = None) -> Decision:
+    """The served path's decision (:func:`cpu_router_served`) of a call :func:`served_supports` accepts."""
+    if checkpoint is not None:
+        checkpoint()
+    res = cpu_router_served(call, config)
+    return Decision(res.routing, config, cpu=res, replaced=res.replaced, short_rows=res.short_rows, outputs=res.outputs)
+
+
 def decide_router_c(call: LayerCall, config: SelectorConfig,
                     checkpoint: Callable[[], None] | None = None) -> tuple[Decision | None, GateScores | None]:
     """The C kernel's decision for a router-spec call (``config`` with the layer's scoring applied), or
@@ -277,11 +285,7 @@ def decide_router_c(call: LayerCall, config: SelectorConfig,
     scores. :func:`cpu_router_served` first (the gate's rest, the decision and the outputs in one C
     call), else :func:`cpu_router_route` on the gate's scores computed once here."""
     if served_supports(call, config):
-        if checkpoint is not None:
-            checkpoint()
-        res = cpu_router_served(call, config)
-        return Decision(res.routing, config, cpu=res, replaced=res.replaced, short_rows=res.short_rows,
-                        outputs=res.outputs), None
+        return decide_served(call, config, checkpoint), None
     scores = router_scores(call.router_logits, call.layer, exact=call.router_logits.device.type == "cpu")
     if not cpu_router_supports(call, config, scores):
         return None, scores
