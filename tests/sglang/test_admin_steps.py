@@ -82,7 +82,7 @@ def test_a_rank_past_the_step_switches_at_once_and_a_refused_change_keeps_the_st
     other = _rank(0)
     assert handle_message(other, _message(other, 40, budget=10)) is None and other.staged is not None
     assert handle_message(other, _message(other, 60, budget=6)) is not None  # refused on this rank
-    assert other.staged is not None and other.staged[0].selector.budget == 10  # the staged change stays
+    assert other.staged is not None and other.staged.settings.selector.budget == 10  # the staged change stays
 
 
 def test_no_shared_rows_no_step_and_bad_steps_are_refused():

@@ -36,7 +36,7 @@ from xshare.sglang.observe.trace import TraceRecorder
 from xshare.sglang.placement import PlacementCache
 from xshare.sglang.replicas import ReplicaPlanner
 from xshare.sglang.settings import PluginSettings
-from xshare.sglang.state_config import ConfigChanges
+from xshare.sglang.state_config import ConfigChanges, Staged
 
 log = logging.getLogger("xshare.sglang")
 
@@ -160,7 +160,7 @@ class ProcessState(ConfigChanges):
         self.observe = False  # record the per-call metric window (set by enable_observability)
         self.flush_pending = False  # flush at the end of this forward (the first applied call asks)
         self.last_flush = 0  # the forward count at the last flush
-        self.staged: tuple[PluginSettings, int, str, int] | None = None  # set_config(at_forward=): pending
+        self.staged: Staged | None = None  # set_config(at_forward=): taken, not in force yet
         self.idle_read = 0  # the forward count when the scheduler last went idle (report.scheduler_idle)
         if settings.trace_dir is not None:
             self.trace = TraceRecorder(settings.trace_dir, max_tokens=settings.trace_max_tokens,

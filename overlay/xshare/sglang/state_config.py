@@ -6,7 +6,7 @@ the same step), this rank on or off its group's config, the group's view, the ch
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from xshare.sglang.settings import PluginSettings
 
@@ -14,6 +14,15 @@ if TYPE_CHECKING:
     from xshare.sglang.observe.stats import SelectorStats
 
 log = logging.getLogger("xshare.sglang")
+
+
+class Staged(NamedTuple):
+    """A config checked and taken, in force from forward ``at_forward`` on."""
+
+    settings: PluginSettings
+    version: int
+    source: str
+    at_forward: int
 
 
 class ConfigChanges:
@@ -28,7 +37,7 @@ class ConfigChanges:
     group_view: list[dict[str, Any]] | None
     channel_key: str
     last_summary: dict[str, Any] | None
-    staged: tuple[PluginSettings, int, str, int] | None  # (settings, version, source, at forward) pending
+    staged: Staged | None  # a config taken, not in force yet
 
     @property
     def forwards(self) -> int:
@@ -44,7 +53,7 @@ class ConfigChanges:
         self.staged = None
         if at_forward is not None and self.stats.forwards < at_forward:
             self.check_settings(settings)
-            self.staged = (settings, version, source, int(at_forward))
+            self.staged = Staged(settings, version, source, int(at_forward))
             return
         if at_forward is not None and self.stats.forwards > at_forward:
             log.warning("xshare: config v%d reached rank %d %d forwards after the step its group switches at",
@@ -60,8 +69,9 @@ class ConfigChanges:
 
     def promote_staged(self) -> None:
         """At a forward boundary: the staged config, once this rank reaches its forward count."""
-        if self.staged is not None and self.stats.forwards >= self.staged[3]:
-            self.set_config(*self.staged[:2], source=self.staged[2])  # the step its group switches at
+        staged = self.staged
+        if staged is not None and self.stats.forwards >= staged.at_forward:  # the step its group switches at
+            self.set_config(staged.settings, staged.version, source=staged.source)
 
     def mark_diverged(self) -> None:
         self.diverged = True

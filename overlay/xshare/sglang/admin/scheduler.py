@@ -125,11 +125,11 @@ def rank_status(runtime: AdminTarget, *, ok: bool = True, why: str = "") -> dict
     """This rank's state for the group view: a config staged for a later forward (``at_forward``) is reported
     as the rank's config, with the forward count it takes effect at."""
     staged = runtime.staged
-    settings, version, source = staged[:3] if staged is not None else \
+    settings, version, source = (staged.settings, staged.version, staged.source) if staged is not None else \
         (runtime.settings, runtime.version, runtime.config_source)
     return {"rank": runtime.group_rank, "tp_rank": runtime.rank, "pid": os.getpid(), "node": os.uname().nodename,
             "version": version, "config": config_of(settings), "source": source,
-            "at_forward": None if staged is None else staged[3], "forwards": runtime.forwards,
+            "at_forward": None if staged is None else staged.at_forward, "forwards": runtime.forwards,
             "shared_rows": runtime.shared_rows, "selecting": not runtime.diverged, "ok": ok, "why": why,
             "time": time.time()}
 
@@ -195,7 +195,7 @@ def handle_message(runtime: AdminTarget, key: str) -> str | None:
         if failed and message is not None and not why:  # applied here, refused elsewhere: go back
             _restore(runtime, *old)
             if staged is not None:
-                runtime.set_config(*staged[:3], at_forward=staged[3])
+                runtime.set_config(staged.settings, staged.version, source=staged.source, at_forward=staged.at_forward)
         if failed:
             reasons = {s["rank"]: s["why"] for s in failed}
             statuses = [{**s, "ok": s["rank"] not in reasons, "why": reasons.get(s["rank"], "")}

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from xshare.sglang.observe.metrics import Exporter
 from xshare.sglang.settings import PluginSettings
+from xshare.sglang.state_config import Staged
 
 
 @runtime_checkable
@@ -49,7 +50,7 @@ class AdminTarget(Protocol):
         """Why ``new`` cannot be applied under the captured CUDA graphs, or None."""
 
     @property
-    def staged(self) -> tuple[PluginSettings, int, str, int] | None: ...  # (settings, version, source, at forward)
+    def staged(self) -> Staged | None: ...  # a config taken, in force from a later forward
 
     @property
     def forwards(self) -> int: ...  # the model forwards this rank ran
