@@ -78,15 +78,14 @@ def build_settings(policies: Sequence[str], budgets: Sequence[int | float], oea_
             raise ValueError(f"--policy: {p!r} is not supported here; choose from {', '.join(supported(speculative))}"
                              + ("" if speculative else " (per-request policies need --speculative-algorithm)"))
         policy = get_policy(p)
-        per_request = "group_budget" in policy.knobs
-        variants = [({"group_budget": group_budget, "anchor_k": a}, "" if a is None else f",a={a}")
-                    for a in (anchors if per_request else (None,))]
+        variants = [({"group_budget": group_budget, "anchor_k": a}, "" if a is None else f",a={a}") for a in anchors] \
+            if "group_budget" in policy.knobs else [({}, "")]
         if policy.vanilla:
             if not include_topk:
                 out.append(Setting(p, True, p))
             continue
         if policy.sweep_knob == "budget":
-            out.extend(Setting(f"{p}@{_fmt_budget(b)}{tag}", True, p, b, warmup_k, **(groups if per_request else {}))
+            out.extend(Setting(f"{p}@{_fmt_budget(b)}{tag}", True, p, b, warmup_k, **groups)
                        for b in budgets for groups, tag in variants)
         elif policy.sweep_knob == "warmup_k":
             out.extend(Setting(f"{p}@k0={k}", True, p, warmup_k=k) for k in oea_k0)
