@@ -40,13 +40,14 @@ CAPTURE_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.Deco
 MOE_FORWARD_TARGET = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.forward"
 
 
+_DRAFT_MODE_NAMES = {"decode": "draft_decode", "extend": "draft_prefill"}  # a draft worker's own names
+
+
 def _mode_name(forward_mode: Any, *, draft: bool = False) -> str:
     """The forward's mode as the plugin counts it; a draft worker's forwards are ``draft_decode``,
     ``draft_extend`` (SGLang's DRAFT_EXTEND, after a verify) and ``draft_prefill`` (its own prefill)."""
     name = _target_mode_name(forward_mode)
-    if draft and name in ("decode", "extend"):
-        return {"decode": "draft_decode", "extend": "draft_prefill"}[name]
-    return name
+    return _DRAFT_MODE_NAMES.get(name, name) if draft else name
 
 
 def _target_mode_name(forward_mode: Any) -> str:
